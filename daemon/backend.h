@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The compute backend interface: one ops table that the CPU backend
+ * (backend_cpu.c, always built, the reference) and the CUDA backend (gpu/,
+ * loaded at run time) fill.  A NULL entry means "not supported"; callers
+ * check.
+ */
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+
+/* One MoE layer's weights as a backend sees them.  Pointers are host memory
+ * owned by the engine; experts[j] is NULL when expert j is not resident. */
+struct moe_layer_weights {
+	const struct moe_model_config *cfg;
+	uint32_t layer;               /* the checkpoint's layer number */
+	const float *router;          /* [E][H] float32 */
+	const float *bias;            /* [E] or NULL (deepseek_v3 correction bias) */
+	const float *shared_gate;     /* [H] or NULL (qwen2_moe) */
+	const void *shared;           /* shared expert blob or NULL */
+	const void *const *experts;   /* [E] expert blobs (store layout) */
+};
+
+struct moe_backend_options {
+	uint32_t threads;             /* CPU worker threads; 0: one per online CPU */
+};
+
+struct moe_backend;
+
+struct moe_backend_ops {
+	const char *name;
+
+	/* Set up be->priv.  Required.  -ENODEV with a reason in @err when the
+	 * backend cannot run here (no device, no driver). */
+	int (*init)(struct moe_backend *be, const struct moe_backend_options *opt,
+		    struct moe_err *err);
+	/* Free be->priv.  Required. */
+	void (*fini)(struct moe_backend *be);
+
+	/*
+	 * Router for @n tokens x[n][H] (float32): logits in float32, then the
+	 * selection rule of cfg (ARCHITECTURE.md 4.1).  Writes ids[n][k]
+	 * (expert indices, in selection order: best first, ties to the lower
+	 * index) and w[n][k] (final combine weights).  Required.
+	 */
+	int (*route)(struct moe_backend *be, const struct moe_layer_weights *lw,
+		     const float *x, size_t n, int32_t *ids, float *w);
+
+	/*
+	 * out[n][H] = sum_s w[t][s] * expert_{ids[t][s]}(x[t]) + shared(x[t]),
+	 * summed in slot order s = 0..kk-1, then the shared part.  @kk is the
+	 * number of slots per token (cfg->top_k normally; more for the dense
+	 * comparison).  Every expert named in @ids must be resident.  Output
+	 * bits of a token do not depend on the other tokens.  Required.
+	 */
+	int (*experts)(struct moe_backend *be, const struct moe_layer_weights *lw,
+		       const float *x, size_t n, uint32_t kk, const int32_t *ids,
+		       const float *w, float *out);
+};
+
+struct moe_backend {
+	const struct moe_backend_ops *ops;
+	void *priv;
+	char reason[256];   /* why "auto" fell back to the CPU, empty otherwise */
+};
+
+extern const struct moe_backend_ops moe_backend_cpu_ops;
+
+/*
+ * Open backend @name: "cpu", "cuda" or "auto" (CUDA when a device is usable,
+ * else the CPU; be->reason then says why).  "cuda" without a usable device
+ * fails with -ENODEV and the reason.
+ */
+int moe_backend_open(const char *name, const struct moe_backend_options *opt,
+		     struct moe_backend **ret, struct moe_err *err);
+
+/* Close a backend; NULL is fine. */
+void moe_backend_close(struct moe_backend *be);
+
+#endif

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: MIT */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+
+#include "dtype.h"
+
+size_t moe_dtype_size(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32: return 4;
+	case MOE_DTYPE_BF16: return 2;
+	case MOE_DTYPE_F16: return 2;
+	default: return 0;
+	}
+}
+
+const char *moe_dtype_name(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32: return "f32";
+	case MOE_DTYPE_BF16: return "bf16";
+	case MOE_DTYPE_F16: return "f16";
+	default: return "?";
+	}
+}
+
+const char *moe_dtype_st_name(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32: return "F32";
+	case MOE_DTYPE_BF16: return "BF16";
+	case MOE_DTYPE_F16: return "F16";
+	default: return "?";
+	}
+}
+
+int moe_dtype_parse(const char *name, enum moe_dtype *ret)
+{
+	static const struct { const char *name; enum moe_dtype t; } names[] = {
+		{ "f32", MOE_DTYPE_F32 }, { "F32", MOE_DTYPE_F32 },
+		{ "float32", MOE_DTYPE_F32 }, { "fp32", MOE_DTYPE_F32 },
+		{ "bf16", MOE_DTYPE_BF16 }, { "BF16", MOE_DTYPE_BF16 },
+		{ "bfloat16", MOE_DTYPE_BF16 },
+		{ "f16", MOE_DTYPE_F16 }, { "F16", MOE_DTYPE_F16 },
+		{ "float16", MOE_DTYPE_F16 }, { "fp16", MOE_DTYPE_F16 },
+	};
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (strcmp(name, names[i].name) == 0) {
+			*ret = names[i].t;
+			return 0;
+		}
+	return -EINVAL;
+}
+
+float moe_f16_to_f32(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+	uint32_t exp = (h >> 10) & 0x1fu;
+	uint32_t man = h & 0x3ffu;
+	uint32_t u;
+	float f;
+
+	if (exp == 0) {
+		/* zero or subnormal: man * 2^-24, exact in float32 */
+		f = ldexpf((float)man, -24);
+		return sign ? -f : f;
+	}
+	if (exp == 31)
+		u = sign | 0x7f800000u | (man << 13);
+	else
+		u = sign | ((exp + 112) << 23) | (man << 13);
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+uint16_t moe_f32_to_f16(float f)
+{
+	uint32_t u, sign, exp, man;
+
+	memcpy(&u, &f, sizeof(u));
+	sign = (u >> 16) & 0x8000u;
+	exp = (u >> 23) & 0xffu;
+	man = u & 0x7fffffu;
+	if (exp == 0xff)                        /* Inf or NaN */
+		return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0));
+	int e = (int)exp - 127 + 15;
+	if (e >= 31)                            /* overflow to Inf */
+		return (uint16_t)(sign | 0x7c00u);
+	if (e <= 0) {                           /* subnormal or zero */
+		if (e < -10)
+			return (uint16_t)sign;
+		man |= 0x800000u;
+		uint32_t shift = (uint32_t)(14 - e);
+		uint32_t half = 1u << (shift - 1);
+		uint32_t rest = man & ((1u << shift) - 1);
+		uint32_t r = man >> shift;
+		if (rest > half || (rest == half && (r & 1u)))
+			r++;
+		return (uint16_t)(sign | r);
+	}
+	uint32_t r = ((uint32_t)e << 10) | (man >> 13);
+	uint32_t rest = man & 0x1fffu;
+	if (rest > 0x1000u || (rest == 0x1000u && (r & 1u)))
+		r++;                            /* may carry into Inf: correct */
+	return (uint16_t)(sign | r);
+}
+
+void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n)
+{
+	const uint16_t *h = src;
+
+	switch (t) {
+	case MOE_DTYPE_F32:
+		memcpy(dst, src, n * sizeof(float));
+		break;
+	case MOE_DTYPE_BF16:
+		for (size_t i = 0; i < n; i++)
+			dst[i] = moe_bf16_to_f32(h[i]);
+		break;
+	case MOE_DTYPE_F16:
+		for (size_t i = 0; i < n; i++)
+			dst[i] = moe_f16_to_f32(h[i]);
+		break;
+	default:
+		break;
+	}
+}
+
+void moe_dtype_from_f32(enum moe_dtype t, const float *src, void *dst, size_t n)
+{
+	uint16_t *h = dst;
+
+	switch (t) {
+	case MOE_DTYPE_F32:
+		memcpy(dst, src, n * sizeof(float));
+		break;
+	case MOE_DTYPE_BF16:
+		for (size_t i = 0; i < n; i++)
+			h[i] = moe_f32_to_bf16(src[i]);
+		break;
+	case MOE_DTYPE_F16:
+		for (size_t i = 0; i < n; i++)
+			h[i] = moe_f32_to_f16(src[i]);
+		break;
+	default:
+		break;
+	}
+}

@@ -1,0 +1,4 @@
+/* SPDX-License-Identifier: MIT */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+#endif

@@ -1,0 +1,147 @@
+/* SPDX-License-Identifier: MIT */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "err.h"
+#include "model.h"
+
+static const char *const arch_names[MOE_ARCH_COUNT] = {
+	[MOE_ARCH_MIXTRAL] = "mixtral",
+	[MOE_ARCH_QWEN2_MOE] = "qwen2_moe",
+	[MOE_ARCH_QWEN3_MOE] = "qwen3_moe",
+	[MOE_ARCH_OLMOE] = "olmoe",
+	[MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
+	[MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+};
+
+const char *moe_arch_name(enum moe_arch a)
+{
+	if ((unsigned)a >= MOE_ARCH_COUNT)
+		return NULL;
+	return arch_names[a];
+}
+
+int moe_arch_parse(const char *model_type, enum moe_arch *ret)
+{
+	for (int i = 0; i < MOE_ARCH_COUNT; i++)
+		if (strcmp(model_type, arch_names[i]) == 0) {
+			*ret = (enum moe_arch)i;
+			return 0;
+		}
+	return -EINVAL;
+}
+
+const char *moe_act_name(enum moe_act a)
+{
+	switch (a) {
+	case MOE_ACT_SILU: return "silu";
+	case MOE_ACT_GELU: return "gelu";
+	case MOE_ACT_GELU_TANH: return "gelu_pytorch_tanh";
+	case MOE_ACT_RELU: return "relu";
+	}
+	return "?";
+}
+
+int moe_act_parse(const char *name, enum moe_act *ret)
+{
+	if (!strcmp(name, "silu") || !strcmp(name, "swish"))
+		*ret = MOE_ACT_SILU;
+	else if (!strcmp(name, "gelu"))
+		*ret = MOE_ACT_GELU;
+	else if (!strcmp(name, "gelu_pytorch_tanh") || !strcmp(name, "gelu_new") ||
+		 !strcmp(name, "gelu_fast"))
+		*ret = MOE_ACT_GELU_TANH;
+	else if (!strcmp(name, "relu"))
+		*ret = MOE_ACT_RELU;
+	else
+		return -EINVAL;
+	return 0;
+}
+
+/* Bounds that keep every size product far from 64-bit overflow and reject
+ * nonsense early; real models are well inside them. */
+#define MOE_MAX_HIDDEN       (1u << 17)  /* 131072 */
+#define MOE_MAX_INTERMEDIATE (1u << 19)
+#define MOE_MAX_EXPERTS      4096u
+#define MOE_MAX_LAYERS       1024u
+
+int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *err)
+{
+	if ((unsigned)c->arch >= MOE_ARCH_COUNT)
+		return moe_err_set(err, -EINVAL, "model_type: invalid architecture %d", (int)c->arch);
+	if (c->hidden_size == 0 || c->hidden_size > MOE_MAX_HIDDEN)
+		return moe_err_set(err, -EINVAL, "hidden_size %u is out of range 1..%u",
+				   c->hidden_size, MOE_MAX_HIDDEN);
+	if (c->moe_intermediate_size == 0 || c->moe_intermediate_size > MOE_MAX_INTERMEDIATE)
+		return moe_err_set(err, -EINVAL, "moe_intermediate_size %u is out of range 1..%u",
+				   c->moe_intermediate_size, MOE_MAX_INTERMEDIATE);
+	if (c->num_experts == 0 || c->num_experts > MOE_MAX_EXPERTS)
+		return moe_err_set(err, -EINVAL, "number of experts %u is out of range 1..%u",
+				   c->num_experts, MOE_MAX_EXPERTS);
+	if (c->top_k == 0 || c->top_k > c->num_experts)
+		return moe_err_set(err, -EINVAL, "top_k %u must be in 1..%u (the number of experts)",
+				   c->top_k, c->num_experts);
+	if (c->num_hidden_layers == 0 || c->num_hidden_layers > MOE_MAX_LAYERS)
+		return moe_err_set(err, -EINVAL, "num_hidden_layers %u is out of range 1..%u",
+				   c->num_hidden_layers, MOE_MAX_LAYERS);
+	if (c->n_group == 0 || c->num_experts % c->n_group)
+		return moe_err_set(err, -EINVAL, "n_group %u must divide the %u experts",
+				   c->n_group, c->num_experts);
+	if (c->topk_group == 0 || c->topk_group > c->n_group)
+		return moe_err_set(err, -EINVAL, "topk_group %u must be in 1..n_group (%u)",
+				   c->topk_group, c->n_group);
+	if ((uint64_t)c->topk_group * (c->num_experts / c->n_group) < c->top_k)
+		return moe_err_set(err, -EINVAL,
+				   "topk_group %u groups of %u experts hold fewer than top_k %u experts",
+				   c->topk_group, c->num_experts / c->n_group, c->top_k);
+	if (c->topk_method == MOE_TOPK_NOAUX_TC && c->num_experts / c->n_group < 2)
+		return moe_err_set(err, -EINVAL, "noaux_tc routing needs at least 2 experts per group");
+	if (c->shared_intermediate_size > MOE_MAX_INTERMEDIATE * 16u)
+		return moe_err_set(err, -EINVAL, "shared expert intermediate size %u is too large",
+				   c->shared_intermediate_size);
+	if (!(c->routed_scaling_factor > 0.0f) || c->routed_scaling_factor > 1e6f)
+		return moe_err_set(err, -EINVAL, "routed_scaling_factor %g must be positive and finite",
+				   (double)c->routed_scaling_factor);
+	if (moe_dtype_size(c->weight_dtype) == 0)
+		return moe_err_set(err, -EINVAL, "invalid weight dtype %d", (int)c->weight_dtype);
+	return 0;
+}
+
+uint64_t moe_expert_bytes(const struct moe_model_config *c)
+{
+	uint64_t m = c->gated ? 3 : 2;
+
+	return m * c->hidden_size * c->moe_intermediate_size * moe_dtype_size(c->weight_dtype);
+}
+
+uint64_t moe_shared_bytes(const struct moe_model_config *c)
+{
+	uint64_t m = c->gated ? 3 : 2;
+
+	return m * c->hidden_size * c->shared_intermediate_size * moe_dtype_size(c->weight_dtype);
+}
+
+bool moe_layer_rule_is_moe(const struct moe_layer_rule *r, uint32_t layer)
+{
+	if (layer >= r->num_hidden_layers)
+		return false;
+	switch (r->arch) {
+	case MOE_ARCH_MIXTRAL:
+	case MOE_ARCH_OLMOE:
+		return true;
+	case MOE_ARCH_QWEN2_MOE:
+	case MOE_ARCH_QWEN3_MOE:
+		for (uint32_t i = 0; i < r->n_mlp_only; i++)
+			if (r->mlp_only_layers[i] == layer)
+				return false;
+		return r->decoder_sparse_step > 0 && (layer + 1) % r->decoder_sparse_step == 0;
+	case MOE_ARCH_DEEPSEEK_V2:
+	case MOE_ARCH_DEEPSEEK_V3:
+		return layer >= r->first_k_dense_replace && r->moe_layer_freq > 0 &&
+		       layer % r->moe_layer_freq == 0;
+	default:
+		return false;
+	}
+}

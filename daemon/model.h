@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The description of an MoE model as moed serves it: architecture, shapes,
+ * routing rule and expert activation.  Filled from a Hugging Face
+ * config.json (hfmodel.c), stored in the .moe header (store.c), used by the
+ * router and the backends.  See ARCHITECTURE.md section 4.1.
+ */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "dtype.h"
+
+/* Values are stored in .moe files: never renumber. */
+enum moe_arch {
+	MOE_ARCH_MIXTRAL = 0,
+	MOE_ARCH_QWEN2_MOE = 1,
+	MOE_ARCH_QWEN3_MOE = 2,
+	MOE_ARCH_OLMOE = 3,
+	MOE_ARCH_DEEPSEEK_V2 = 4,
+	MOE_ARCH_DEEPSEEK_V3 = 5,
+	MOE_ARCH_COUNT
+};
+
+/* How router logits become probabilities.  Stored: never renumber. */
+enum moe_scoring {
+	MOE_SCORING_SOFTMAX = 0,
+	MOE_SCORING_SIGMOID = 1,
+};
+
+/*
+ * How experts are selected.  Stored: never renumber.
+ *  GREEDY:        plain top-k of the scores.
+ *  GROUP_LIMITED: deepseek_v2 "group_limited_greedy": a group's score is its
+ *                 max; keep topk_group groups; top-k inside them.
+ *  NOAUX_TC:      deepseek_v3: select on score + correction bias; a group's
+ *                 score is the sum of its two highest biased scores; keep
+ *                 topk_group groups (others -inf); weights are unbiased.
+ */
+enum moe_topk_method {
+	MOE_TOPK_GREEDY = 0,
+	MOE_TOPK_GROUP_LIMITED = 1,
+	MOE_TOPK_NOAUX_TC = 2,
+};
+
+/* Expert activation.  Stored: never renumber. */
+enum moe_act {
+	MOE_ACT_SILU = 0,       /* silu(x) = x * sigmoid(x) */
+	MOE_ACT_GELU = 1,       /* exact erf GELU */
+	MOE_ACT_GELU_TANH = 2,  /* tanh approximation ("gelu_pytorch_tanh") */
+	MOE_ACT_RELU = 3,
+};
+
+/*
+ * After the top-k weights are chosen:
+ *   if (norm_topk_prob && top_k > 1 [deepseek] / norm_topk_prob [others])
+ *           w /= sum(w) + norm_eps
+ *   w *= routed_scaling_factor
+ * mixtral: norm_topk_prob = true, norm_eps = 0, scaling 1.
+ * qwen/olmoe: norm_topk_prob from config (default false), eps 0, scaling 1.
+ * deepseek_v2: scaling applies only when not normalised (router.c knows).
+ */
+struct moe_model_config {
+	enum moe_arch arch;
+	uint32_t hidden_size;            /* H */
+	uint32_t moe_intermediate_size;  /* I of one routed expert */
+	uint32_t num_experts;            /* E routed experts per MoE layer */
+	uint32_t top_k;                  /* k experts per token */
+	uint32_t num_hidden_layers;      /* layers in the checkpoint */
+	uint32_t n_group;                /* expert groups (1: no grouping) */
+	uint32_t topk_group;             /* groups kept */
+	uint32_t n_shared_experts;       /* deepseek: count; qwen2_moe: 1 if any */
+	uint32_t shared_intermediate_size; /* total I of the shared expert(s), 0: none */
+	enum moe_scoring scoring;
+	enum moe_topk_method topk_method;
+	bool norm_topk_prob;
+	bool shared_gate;                /* qwen2_moe: sigmoid(shared_expert_gate . x) */
+	bool has_bias;                   /* deepseek_v3: e_score_correction_bias */
+	bool gated;                      /* down(act(gate x) * up x); false: down(act(up x)) */
+	enum moe_act act;
+	float routed_scaling_factor;     /* 1.0 unless the config says otherwise */
+	enum moe_dtype weight_dtype;     /* dtype of expert weights in the store */
+};
+
+/*
+ * Which checkpoint layers are MoE layers (ARCHITECTURE.md 4.1):
+ *  mixtral, olmoe: all.
+ *  qwen2_moe, qwen3_moe: L not in mlp_only_layers and (L+1) % decoder_sparse_step == 0.
+ *  deepseek_v2/v3: L >= first_k_dense_replace and L % moe_layer_freq == 0.
+ * Layers >= num_hidden_layers (DeepSeek-V3's MTP layer) never are.
+ */
+struct moe_layer_rule {
+	enum moe_arch arch;
+	uint32_t num_hidden_layers;
+	uint32_t decoder_sparse_step;    /* qwen: default 1 */
+	uint32_t first_k_dense_replace;  /* deepseek: default 0 */
+	uint32_t moe_layer_freq;         /* deepseek: default 1 */
+	uint32_t n_mlp_only;             /* qwen: length of mlp_only_layers */
+	const uint32_t *mlp_only_layers;
+};
+
+bool moe_layer_rule_is_moe(const struct moe_layer_rule *r, uint32_t layer);
+
+/* Lower-case model_type string: "mixtral", "qwen2_moe", ...; NULL if invalid. */
+const char *moe_arch_name(enum moe_arch a);
+
+/* Parse a Hugging Face model_type.  0 and *ret, or -EINVAL. */
+int moe_arch_parse(const char *model_type, enum moe_arch *ret);
+
+/* Name of an activation as config.json spells it ("silu", "gelu", ...). */
+const char *moe_act_name(enum moe_act a);
+
+/* Parse a hidden_act value ("silu", "swish", "gelu", "gelu_pytorch_tanh",
+ * "gelu_new", "relu").  0 and *ret, or -EINVAL. */
+int moe_act_parse(const char *name, enum moe_act *ret);
+
+/*
+ * Check the shape and routing fields for consistency (k <= E, groups divide
+ * E, k <= topk_group * E/n_group, sizes nonzero and bounded...).  Returns 0
+ * or -EINVAL with a message naming the field.
+ */
+struct moe_err;
+int moe_model_config_validate(const struct moe_model_config *cfg, struct moe_err *err);
+
+/* Bytes of one routed expert's weights (gate, up, down), unpadded. */
+uint64_t moe_expert_bytes(const struct moe_model_config *cfg);
+
+/* Bytes of the shared expert(s) weights, 0 when none. */
+uint64_t moe_shared_bytes(const struct moe_model_config *cfg);
+
+#endif

@@ -1,0 +1,189 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The .moe model store: moed's own file format, built for paging experts
+ * with O_DIRECT reads.  Written by `moectl pack`, documented in moe-store(5).
+ *
+ * Layout (all integers little-endian, all offsets absolute, 64-bit):
+ *
+ *   [0, 4096)            struct moe_store_header
+ *   [4096, ...)          layer table: num_moe_layers x struct moe_store_layer
+ *                        expert checksum table: num_moe_layers x num_experts
+ *                        uint64 XXH3-64 values (layer-major)
+ *   then per MoE layer, in layer order:
+ *     router region      (4096-aligned) float32 router [E][H]; then float32
+ *                        correction bias [E] if has_bias; then float32
+ *                        shared-expert gate [H] if shared_gate
+ *     shared blob        (4096-aligned, only with shared experts) gate [Is][H],
+ *                        up [Is][H], down [H][Is] in the weight dtype
+ *                        (no gate when !gated)
+ *     experts            (expert_align-aligned) expert j at
+ *                        experts_offset + j * expert_stride: gate [I][H],
+ *                        up [I][H], down [H][I] in the weight dtype, rows
+ *                        contiguous (no gate when !gated), zero padding to
+ *                        expert_stride.
+ *
+ * Checksums are XXH3-64 (seed 0): the header's over its 4096 bytes with
+ * header_checksum zeroed; each table's over the table; the router region's
+ * and each blob's over its unpadded bytes.  The router is always float32 (a
+ * bf16/fp16 router converts exactly) so logits are computed in float32.
+ */
+#ifndef MOE_STORE_H
+#define MOE_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+
+#define MOE_STORE_MAGIC "MOESTOR1"     /* 8 bytes, no NUL */
+#define MOE_STORE_VERSION 1            /* readers refuse a different version */
+#define MOE_STORE_HEADER_SIZE 4096
+#define MOE_STORE_MIN_ALIGN 4096u      /* O_DIRECT-safe on every device we know */
+#define MOE_STORE_HUGE_ALIGN (2u << 20) /* experts of >= 2 MiB: huge-page aligned */
+
+struct moe_store_header {
+	char magic[8];                  /* MOE_STORE_MAGIC */
+	uint32_t version;               /* MOE_STORE_VERSION */
+	uint32_t header_size;           /* MOE_STORE_HEADER_SIZE */
+	uint64_t file_size;             /* whole file; shorter on disk = truncated */
+	uint64_t header_checksum;       /* XXH3-64 of the header, this field 0 */
+
+	/* the model (struct moe_model_config) */
+	char model_type[32];            /* NUL-terminated, e.g. "deepseek_v3" */
+	uint32_t arch;                  /* enum moe_arch */
+	uint32_t hidden_size;
+	uint32_t moe_intermediate_size;
+	uint32_t num_experts;
+	uint32_t top_k;
+	uint32_t num_hidden_layers;
+	uint32_t n_group;
+	uint32_t topk_group;
+	uint32_t n_shared_experts;
+	uint32_t shared_intermediate_size;
+	uint32_t scoring;               /* enum moe_scoring */
+	uint32_t topk_method;           /* enum moe_topk_method */
+	uint32_t norm_topk_prob;        /* 0/1 */
+	uint32_t shared_gate;           /* 0/1 */
+	uint32_t has_bias;              /* 0/1 */
+	uint32_t gated;                 /* 0/1 */
+	uint32_t act;                   /* enum moe_act */
+	uint32_t weight_dtype;          /* enum moe_dtype */
+	float routed_scaling_factor;
+	uint32_t num_moe_layers;
+
+	/* layout */
+	uint64_t expert_align;          /* 4096, or 2 MiB for experts >= 2 MiB */
+	uint64_t expert_bytes;          /* unpadded bytes of one expert */
+	uint64_t expert_stride;         /* expert_bytes rounded up to expert_align */
+	uint64_t layer_table_offset;
+	uint64_t layer_table_checksum;
+	uint64_t expert_sums_offset;    /* uint64[num_moe_layers * num_experts] */
+	uint64_t expert_sums_checksum;
+
+	char source[512];               /* checkpoint directory pack read (info) */
+	char source_dtype[8];           /* checkpoint dtype of the experts (info) */
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8];
+};
+_Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
+
+#define MOE_STORE_LAYER_HAS_SHARED (1u << 0)
+
+struct moe_store_layer {
+	uint32_t layer;                 /* the checkpoint's layer number L */
+	uint32_t flags;                 /* MOE_STORE_LAYER_* */
+	uint64_t router_offset;         /* router region, 4096-aligned */
+	uint64_t router_bytes;
+	uint64_t router_checksum;
+	uint64_t shared_offset;         /* 0 when no shared expert */
+	uint64_t shared_bytes;
+	uint64_t shared_checksum;
+	uint64_t experts_offset;        /* expert_align-aligned */
+	uint8_t reserved[64];
+};
+_Static_assert(sizeof(struct moe_store_layer) == 128, "store layer entry is 128 bytes");
+
+/* An open store.  Fields are read-only for users. */
+struct moe_store {
+	int fd;
+	char *path;
+	struct moe_store_header hdr;
+	struct moe_model_config cfg;
+	struct moe_store_layer *layers;     /* hdr.num_moe_layers entries */
+	uint64_t *expert_sums;              /* num_moe_layers * num_experts */
+};
+
+/*
+ * Open and validate a store: magic, version, header and table checksums,
+ * every offset and size inside the file, model fields (validate).  Blob
+ * checksums are checked when blobs are read, or by moe_store_verify().
+ * Errors name the file and what is wrong.
+ */
+int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err);
+
+/* Close a store; NULL is fine. */
+void moe_store_close(struct moe_store *s);
+
+/* Index of checkpoint layer @layer in s->layers, or -ENOENT. */
+int moe_store_layer_index(const struct moe_store *s, uint32_t layer);
+
+/*
+ * Read the router region of layer index @li: router [E*H] float32 (required),
+ * bias [E] (has_bias), shared gate [H] (shared_gate); pointers for absent
+ * parts may be NULL.  Verifies the checksum: -EIO with layer named.
+ */
+int moe_store_read_router(const struct moe_store *s, uint32_t li, float *router,
+			  float *bias, float *shared_gate, struct moe_err *err);
+
+/* Read the shared expert blob of layer index @li (shared_bytes) into @buf;
+ * verifies the checksum (-EIO). */
+int moe_store_read_shared(const struct moe_store *s, uint32_t li, void *buf, struct moe_err *err);
+
+/* Read expert @expert of layer index @li (expert_bytes) into @buf; verifies
+ * its checksum: -EIO naming layer and expert on mismatch or short read. */
+int moe_store_read_expert(const struct moe_store *s, uint32_t li, uint32_t expert,
+			  void *buf, struct moe_err *err);
+
+/*
+ * Check every checksum in the file.  @on_bad (may be NULL) is called with a
+ * one-line message for each bad blob; @progress (may be NULL) with bytes
+ * done and total.  Returns the number of bad blobs (0: all good) or a
+ * negative errno when the file cannot be read.
+ */
+int moe_store_verify(const struct moe_store *s,
+		     void (*on_bad)(void *ctx, const char *msg),
+		     void (*progress)(void *ctx, uint64_t done, uint64_t total),
+		     void *ctx, struct moe_err *err);
+
+/* Writer, used by pack.  Offsets are all computed at open. */
+struct moe_store_writer;
+
+/*
+ * Create @path (written as @path.tmp, renamed by finish) for @cfg with the
+ * MoE layers @layers[0..n_layers).  @source is recorded as information.
+ */
+int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
+			  uint32_t n_layers, const uint32_t *layers,
+			  const char *source, const char *source_dtype,
+			  struct moe_store_writer **ret, struct moe_err *err);
+
+/* Router of layer index @li: router [E*H], bias [E] or NULL, shared gate [H] or NULL. */
+int moe_store_writer_put_router(struct moe_store_writer *w, uint32_t li, const float *router,
+				const float *bias, const float *shared_gate, struct moe_err *err);
+
+/* Shared expert blob (moe_shared_bytes) of layer index @li. */
+int moe_store_writer_put_shared(struct moe_store_writer *w, uint32_t li, const void *blob,
+				struct moe_err *err);
+
+/* Routed expert blob (moe_expert_bytes) of layer index @li, expert @expert. */
+int moe_store_writer_put_expert(struct moe_store_writer *w, uint32_t li, uint32_t expert,
+				const void *blob, struct moe_err *err);
+
+/* Write the tables and header, fsync, rename into place.  Fails with -EINVAL
+ * if any part was not put.  Frees @w in every case. */
+int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err);
+
+/* Give up: remove the temporary file and free @w; NULL is fine. */
+void moe_store_writer_abort(struct moe_store_writer *w);
+
+#endif
