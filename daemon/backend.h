@@ -36,7 +36,8 @@ struct moe_backend_ops {
 	const char *name;
 
 	/* Set up be->priv.  Required.  -ENODEV with a reason in @err when the
-	 * backend cannot run here (no device, no driver). */
+	 * backend cannot run here (no device, no driver).  A module whose
+	 * compute entries are NULL is called with be == NULL only to say why. */
 	int (*init)(struct moe_backend *be, const struct moe_backend_options *opt,
 		    struct moe_err *err);
 	/* Free be->priv.  Required. */
@@ -66,6 +67,7 @@ struct moe_backend_ops {
 struct moe_backend {
 	const struct moe_backend_ops *ops;
 	void *priv;
+	void *handle;       /* dlopen handle of a module backend, or NULL */
 	char reason[256];   /* why "auto" fell back to the CPU, empty otherwise */
 };
 

@@ -1,2 +1,476 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * The CPU backend: the reference every other backend is tested against.
+ *
+ * A forward runs as a few parallel loops over a thread pool:
+ *   route:   logits = X W_g^T (tasks: token chunk x block of experts), then
+ *            selection per token (router.c);
+ *   experts: tokens grouped by expert (a counting sort, token order kept),
+ *            phase A: h = act(gate x) * (up x) per (expert, block of rows),
+ *            phase B: y = down h          per (expert, block of rows),
+ *            combine: out[t] = sum_s w[t][s] y[t][s] + shared, per token.
+ * Every output element is written by exactly one task, with the canonical
+ * order of kernels.h, and the combine sums slots in a fixed order, so the
+ * result does not depend on the thread count or on the other tokens.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "kernels.h"
+#include "router.h"
+#include "threadpool.h"
+
+/* Rows of gate/up per phase-A task: 2 x 16 rows of a 7168-wide bf16 expert
+ * is 460 KB, which stays in L2 while all of the expert's tokens pass. */
+#define ROWS_A 16
+/* Rows of down per phase-B task. */
+#define ROWS_B 32
+/* Tokens per chunk inside a phase-A task (multiple of every kernel's CMAX),
+ * bounds the per-worker scratch. */
+#define TOKENS_A 48
+/* Router: tokens per task, experts per task. */
+#define ROUTE_TOKENS 16
+#define ROUTE_EXPERTS 64
+/* Tokens per combine / selection task. */
+#define COMBINE_TOKENS 8
+
+/* A growable scratch buffer. */
+struct buf {
+	void *p;
+	size_t cap;
+};
+
+static void *buf_get(struct buf *b, size_t bytes)
+{
+	if (bytes > b->cap) {
+		void *n;
+		size_t cap = bytes + bytes / 4;
+		if (posix_memalign(&n, 64, cap))
+			return NULL;
+		free(b->p);
+		b->p = n;
+		b->cap = cap;
+	}
+	return b->p;
+}
+
+struct worker_scratch {
+	float g[TOKENS_A * ROWS_A];
+	float u[TOKENS_A * ROWS_A];
+	struct buf sel;           /* router selection scratch */
+};
+
+struct cpu {
+	struct moe_threadpool *pool;
+	uint32_t nworkers;
+	struct worker_scratch *ws;
+	struct buf xptr, logits, hbuf, ybuf, hptr, order, pos, tasks, sh_h, sh_y, sh_hptr;
+};
+
+/* ------------------------------------------------------------------------ */
+/* route                                                                     */
+
+struct route_job {
+	const struct moe_layer_weights *lw;
+	const float *const *xs;
+	size_t n;
+	float *logits;              /* [n][E] */
+	int32_t *ids;
+	float *w;
+	struct cpu *cpu;
+	size_t expert_blocks;
+};
+
+static void route_logits_task(void *ctx, size_t task, uint32_t worker)
+{
+	struct route_job *j = ctx;
+	const struct moe_model_config *c = j->lw->cfg;
+	size_t tb = task / j->expert_blocks, eb = task % j->expert_blocks;
+	size_t t0 = tb * ROUTE_TOKENS, e0 = eb * ROUTE_EXPERTS;
+	size_t nt = j->n - t0 < ROUTE_TOKENS ? j->n - t0 : ROUTE_TOKENS;
+	size_t ne = c->num_experts - e0 < ROUTE_EXPERTS ? c->num_experts - e0 : ROUTE_EXPERTS;
+
+	(void)worker;
+	moe_kern_dot_rows(MOE_DTYPE_F32, j->lw->router + e0 * c->hidden_size, c->hidden_size,
+			  c->hidden_size, ne, j->xs + t0, nt, j->logits + t0 * c->num_experts + e0,
+			  c->num_experts);
+}
+
+static void route_select_task(void *ctx, size_t task, uint32_t worker)
+{
+	struct route_job *j = ctx;
+	const struct moe_model_config *c = j->lw->cfg;
+	double *scratch = j->cpu->ws[worker].sel.p;
+	size_t t0 = task * COMBINE_TOKENS, t1 = t0 + COMBINE_TOKENS < j->n ? t0 + COMBINE_TOKENS : j->n;
+
+	for (size_t t = t0; t < t1; t++)
+		moe_router_select(c, j->logits + t * c->num_experts, j->lw->bias, scratch,
+				  j->ids + t * c->top_k, j->w + t * c->top_k);
+}
+
+static int cpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
+		     size_t n, int32_t *ids, float *w)
+{
+	struct cpu *cpu = be->priv;
+	const struct moe_model_config *c = lw->cfg;
+	struct route_job j = { .lw = lw, .n = n, .ids = ids, .w = w, .cpu = cpu };
+	const float **xs;
+
+	if (n == 0)
+		return 0;
+	xs = buf_get(&cpu->xptr, n * sizeof(*xs));
+	j.logits = buf_get(&cpu->logits, n * c->num_experts * sizeof(float));
+	if (!xs || !j.logits)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < cpu->nworkers; i++)
+		if (!buf_get(&cpu->ws[i].sel, 3 * (size_t)c->num_experts * sizeof(double)))
+			return -ENOMEM;
+	for (size_t t = 0; t < n; t++)
+		xs[t] = x + t * c->hidden_size;
+	j.xs = xs;
+	j.expert_blocks = (c->num_experts + ROUTE_EXPERTS - 1) / ROUTE_EXPERTS;
+	moe_threadpool_run(cpu->pool, ((n + ROUTE_TOKENS - 1) / ROUTE_TOKENS) * j.expert_blocks,
+			   route_logits_task, &j);
+	moe_threadpool_run(cpu->pool, (n + COMBINE_TOKENS - 1) / COMBINE_TOKENS, route_select_task, &j);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* experts                                                                   */
+
+/* One unit of phase A or B: rows [r0, r1) of one expert (or the shared one). */
+struct task {
+	int32_t expert;             /* -1: the shared expert */
+	uint32_t r0, r1;
+};
+
+struct expert_job {
+	const struct moe_layer_weights *lw;
+	struct cpu *cpu;
+	const float *x;
+	size_t n;
+	uint32_t kk;
+	const int32_t *ids;
+	const float *w;
+	float *out;
+	size_t *first;              /* [E + 1]: expert e owns sorted rows first[e]..first[e+1] */
+	const float **xptr;         /* [n*kk] token vector of each sorted row */
+	const float **hptr;         /* [n*kk] intermediate vector of each sorted row */
+	uint32_t *pos;              /* [n*kk] (t, s) -> sorted row */
+	float *h;                   /* [n*kk][I] */
+	float *y;                   /* [n*kk][H] */
+	/* shared expert */
+	const float **sh_xptr;      /* [n] */
+	const float **sh_hptr;      /* [n] */
+	float *sh_h;                /* [n][Is] */
+	float *sh_y;                /* [n][H] */
+	struct task *tasks;
+};
+
+static float act(enum moe_act a, float v)
+{
+	switch (a) {
+	case MOE_ACT_SILU:
+		return v / (1.0f + expf(-v));
+	case MOE_ACT_GELU:
+		return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+	case MOE_ACT_GELU_TANH:
+		return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+	case MOE_ACT_RELU:
+		return v > 0.0f ? v : 0.0f;
+	}
+	return v;
+}
+
+/* Where the expert's matrices start in its blob (store.h layout). */
+static void expert_parts(const struct moe_model_config *c, const void *blob, uint32_t I,
+			 const void **gate, const void **up, const void **down)
+{
+	size_t m = (size_t)I * c->hidden_size * moe_dtype_size(c->weight_dtype);
+	const char *b = blob;
+
+	if (c->gated) {
+		*gate = b;
+		*up = b + m;
+		*down = b + 2 * m;
+	} else {
+		*gate = NULL;
+		*up = b;
+		*down = b + m;
+	}
+}
+
+static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
+{
+	struct expert_job *j = ctx;
+	const struct moe_model_config *c = j->lw->cfg;
+	const struct task *t = &j->tasks[ti];
+	struct worker_scratch *ws = &j->cpu->ws[worker];
+	const void *gate, *up, *down, *blob;
+	const float *const *xs;
+	uint32_t I, H = c->hidden_size, nr = t->r1 - t->r0;
+	size_t es = moe_dtype_size(c->weight_dtype), ntok;
+	float *h;
+
+	if (t->expert < 0) {
+		blob = j->lw->shared;
+		I = c->shared_intermediate_size;
+		xs = j->sh_xptr;
+		ntok = j->n;
+		h = j->sh_h;
+	} else {
+		blob = j->lw->experts[t->expert];
+		I = c->moe_intermediate_size;
+		xs = j->xptr + j->first[t->expert];
+		ntok = j->first[t->expert + 1] - j->first[t->expert];
+		h = j->h + j->first[t->expert] * I;
+	}
+	expert_parts(c, blob, I, &gate, &up, &down);
+	for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
+		size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
+
+		moe_kern_dot_rows(c->weight_dtype, (const char *)up + (size_t)t->r0 * H * es, H, H, nr,
+				  xs + c0, nc, ws->u, ROWS_A);
+		if (gate)
+			moe_kern_dot_rows(c->weight_dtype, (const char *)gate + (size_t)t->r0 * H * es, H,
+					  H, nr, xs + c0, nc, ws->g, ROWS_A);
+		for (size_t i = 0; i < nc; i++) {
+			float *hr = h + (c0 + i) * I + t->r0;
+			const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
+			if (gate)
+				for (uint32_t r = 0; r < nr; r++)
+					hr[r] = act(c->act, gr[r]) * ur[r];
+			else
+				for (uint32_t r = 0; r < nr; r++)
+					hr[r] = act(c->act, ur[r]);
+		}
+	}
+}
+
+static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
+{
+	struct expert_job *j = ctx;
+	const struct moe_model_config *c = j->lw->cfg;
+	const struct task *t = &j->tasks[ti];
+	const void *gate, *up, *down, *blob;
+	const float *const *hs;
+	uint32_t I, H = c->hidden_size;
+	size_t es = moe_dtype_size(c->weight_dtype), ntok;
+	float *y;
+
+	(void)worker;
+	if (t->expert < 0) {
+		blob = j->lw->shared;
+		I = c->shared_intermediate_size;
+		hs = j->sh_hptr;
+		ntok = j->n;
+		y = j->sh_y;
+	} else {
+		blob = j->lw->experts[t->expert];
+		I = c->moe_intermediate_size;
+		hs = j->hptr + j->first[t->expert];
+		ntok = j->first[t->expert + 1] - j->first[t->expert];
+		y = j->y + j->first[t->expert] * H;
+	}
+	expert_parts(c, blob, I, &gate, &up, &down);
+	moe_kern_dot_rows(c->weight_dtype, (const char *)down + (size_t)t->r0 * I * es, I, I,
+			  t->r1 - t->r0, hs, ntok, y + t->r0, H);
+}
+
+static void combine_task(void *ctx, size_t task, uint32_t worker)
+{
+	struct expert_job *j = ctx;
+	const struct moe_model_config *c = j->lw->cfg;
+	uint32_t H = c->hidden_size, kk = j->kk;
+	size_t t0 = task * COMBINE_TOKENS, t1 = t0 + COMBINE_TOKENS < j->n ? t0 + COMBINE_TOKENS : j->n;
+
+	(void)worker;
+	for (size_t t = t0; t < t1; t++) {
+		float *o = j->out + t * H;
+		float sg = 1.0f;
+
+		memset(o, 0, H * sizeof(float));
+		for (uint32_t s = 0; s < kk; s++) {
+			const float *y = j->y + (size_t)j->pos[t * kk + s] * H;
+			float ws = j->w[t * kk + s];
+			for (uint32_t i = 0; i < H; i++)
+				o[i] += ws * y[i];
+		}
+		if (!j->sh_y)
+			continue;
+		if (j->lw->shared_gate) {
+			const float *xt = j->x + t * H;
+			float g;
+			moe_kern_dot_rows(MOE_DTYPE_F32, j->lw->shared_gate, H, H, 1, &xt, 1, &g, 1);
+			sg = 1.0f / (1.0f + expf(-g));
+		}
+		const float *sy = j->sh_y + t * H;
+		for (uint32_t i = 0; i < H; i++)
+			o[i] += sg * sy[i];
+	}
+}
+
+static size_t add_tasks(struct task *tasks, size_t nt, int32_t expert, uint32_t rows, uint32_t block)
+{
+	for (uint32_t r = 0; r < rows; r += block) {
+		tasks[nt].expert = expert;
+		tasks[nt].r0 = r;
+		tasks[nt].r1 = r + block < rows ? r + block : rows;
+		nt++;
+	}
+	return nt;
+}
+
+static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
+		       size_t n, uint32_t kk, const int32_t *ids, const float *w, float *out)
+{
+	struct cpu *cpu = be->priv;
+	const struct moe_model_config *c = lw->cfg;
+	uint32_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	uint32_t Is = c->shared_intermediate_size;
+	bool shared = lw->shared && Is > 0;
+	size_t rows = n * kk, n_tasks, ntA = 0, max_tasks;
+	struct expert_job j = { .lw = lw, .cpu = cpu, .x = x, .n = n, .kk = kk, .ids = ids,
+				.w = w, .out = out };
+	size_t *first, *fill;
+	uint32_t *order;
+
+	if (n == 0)
+		return 0;
+	first = calloc(2 * ((size_t)E + 1), sizeof(size_t));
+	if (!first)
+		return -ENOMEM;
+	fill = first + E + 1;
+	max_tasks = (size_t)E * ((H + ROWS_B - 1) / ROWS_B + (I + ROWS_A - 1) / ROWS_A) +
+		    (shared ? (Is + ROWS_A - 1) / ROWS_A + (H + ROWS_B - 1) / ROWS_B : 0);
+	j.xptr = buf_get(&cpu->xptr, rows * sizeof(*j.xptr));
+	j.hptr = buf_get(&cpu->hptr, rows * sizeof(*j.hptr));
+	order = buf_get(&cpu->order, rows * sizeof(*order));
+	j.pos = buf_get(&cpu->pos, rows * sizeof(*j.pos));
+	j.h = buf_get(&cpu->hbuf, rows * I * sizeof(float));
+	j.y = buf_get(&cpu->ybuf, rows * H * sizeof(float));
+	j.tasks = buf_get(&cpu->tasks, max_tasks * sizeof(*j.tasks));
+	if (!j.xptr || !j.hptr || !order || !j.pos || !j.h || !j.y || !j.tasks)
+		goto nomem;
+	if (shared) {
+		j.sh_h = buf_get(&cpu->sh_h, n * Is * sizeof(float));
+		j.sh_y = buf_get(&cpu->sh_y, n * H * sizeof(float));
+		j.sh_hptr = buf_get(&cpu->sh_hptr, 2 * n * sizeof(*j.sh_hptr));
+		if (!j.sh_h || !j.sh_y || !j.sh_hptr)
+			goto nomem;
+		j.sh_xptr = j.sh_hptr + n;
+		for (size_t t = 0; t < n; t++) {
+			j.sh_xptr[t] = x + t * H;
+			j.sh_hptr[t] = j.sh_h + t * Is;
+		}
+	}
+
+	/* group (token, slot) rows by expert, tokens in order inside each */
+	for (size_t i = 0; i < rows; i++)
+		first[ids[i] + 1]++;
+	for (uint32_t e = 0; e < E; e++)
+		first[e + 1] += first[e];
+	memcpy(fill, first, E * sizeof(size_t));
+	for (size_t i = 0; i < rows; i++) {
+		size_t p = fill[ids[i]]++;
+		order[p] = (uint32_t)i;
+		j.pos[i] = (uint32_t)p;
+	}
+	for (size_t p = 0; p < rows; p++) {
+		j.xptr[p] = x + (size_t)(order[p] / kk) * H;
+		j.hptr[p] = j.h + p * I;
+	}
+	j.first = first;
+
+	/* phase A: gate/up of every active expert and the shared one */
+	if (shared)
+		ntA = add_tasks(j.tasks, ntA, -1, Is, ROWS_A);
+	for (uint32_t e = 0; e < E; e++)
+		if (first[e + 1] > first[e])
+			ntA = add_tasks(j.tasks, ntA, (int32_t)e, I, ROWS_A);
+	moe_threadpool_run(cpu->pool, ntA, phase_a_task, &j);
+
+	/* phase B: down */
+	n_tasks = 0;
+	if (shared)
+		n_tasks = add_tasks(j.tasks, n_tasks, -1, H, ROWS_B);
+	for (uint32_t e = 0; e < E; e++)
+		if (first[e + 1] > first[e])
+			n_tasks = add_tasks(j.tasks, n_tasks, (int32_t)e, H, ROWS_B);
+	moe_threadpool_run(cpu->pool, n_tasks, phase_b_task, &j);
+
+	moe_threadpool_run(cpu->pool, (n + COMBINE_TOKENS - 1) / COMBINE_TOKENS, combine_task, &j);
+	free(first);
+	return 0;
+nomem:
+	free(first);
+	return -ENOMEM;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static void bufs_free(struct cpu *cpu)
+{
+	struct buf *all[] = { &cpu->xptr, &cpu->logits, &cpu->hbuf, &cpu->ybuf, &cpu->hptr,
+			      &cpu->order, &cpu->pos, &cpu->tasks, &cpu->sh_h, &cpu->sh_y,
+			      &cpu->sh_hptr };
+
+	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+		free(all[i]->p);
+	for (uint32_t i = 0; cpu->ws && i < cpu->nworkers; i++)
+		free(cpu->ws[i].sel.p);
+}
+
+static void cpu_fini(struct moe_backend *be)
+{
+	struct cpu *cpu = be->priv;
+
+	if (!cpu)
+		return;
+	moe_threadpool_free(cpu->pool);
+	bufs_free(cpu);
+	free(cpu->ws);
+	free(cpu);
+	be->priv = NULL;
+}
+
+static int cpu_init(struct moe_backend *be, const struct moe_backend_options *opt,
+		    struct moe_err *err)
+{
+	struct cpu *cpu;
+	int r;
+
+	if (!be)
+		return 0;
+	cpu = calloc(1, sizeof(*cpu));
+	if (!cpu)
+		return moe_err_set(err, -ENOMEM, "CPU backend: out of memory");
+	r = moe_threadpool_new(opt ? opt->threads : 0, &cpu->pool);
+	if (r < 0) {
+		free(cpu);
+		return moe_err_set(err, r, "CPU backend: cannot start worker threads: %s", strerror(-r));
+	}
+	cpu->nworkers = moe_threadpool_size(cpu->pool);
+	cpu->ws = calloc(cpu->nworkers, sizeof(*cpu->ws));
+	if (!cpu->ws) {
+		moe_threadpool_free(cpu->pool);
+		free(cpu);
+		return moe_err_set(err, -ENOMEM, "CPU backend: out of memory");
+	}
+	be->priv = cpu;
+	return 0;
+}
+
+const struct moe_backend_ops moe_backend_cpu_ops = {
+	.name = "cpu",
+	.init = cpu_init,
+	.fini = cpu_fini,
+	.route = cpu_route,
+	.experts = cpu_experts,
+};

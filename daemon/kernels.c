@@ -1,2 +1,390 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * CPU kernels: blocks of weight-row x token dot products (see kernels.h for
+ * the canonical accumulation order that makes results batch invariant).
+ *
+ * Each instruction set has one tile function, inlined with constant row
+ * count R, token count C and dtype, so every accumulator lives in a
+ * register.  A call walks the tokens in chunks of CMAX and, for each chunk,
+ * the rows in groups of RMAX (then single rows): the chunk's token vectors
+ * stay in L1 while the weight rows stream past them.
+ */
 #include "config.h"
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------------ */
+/* Scalar: 8 emulated lanes, same structure as the vector code.              */
+
+#define SC_W 8
+
+static ALWAYS_INLINE float sc_load(enum moe_dtype dt, const void *W, size_t i)
+{
+	switch (dt) {
+	case MOE_DTYPE_BF16: return moe_bf16_to_f32(((const uint16_t *)W)[i]);
+	case MOE_DTYPE_F16: return moe_f16_to_f32(((const uint16_t *)W)[i]);
+	default: return ((const float *)W)[i];
+	}
+}
+
+static float sc_hsum(const float *a)
+{
+	float b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
+	float c0 = b0 + b2, c1 = b1 + b3;
+
+	return c0 + c1;
+}
+
+static void dot_rows_scalar(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+			    const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	size_t es = moe_dtype_size(dt);
+
+	for (size_t c = 0; c < nt; c++) {
+		const float *x = xs[c];
+
+		for (size_t r = 0; r < nr; r++) {
+			const char *row = (const char *)W + r * ldw * es;
+			float acc[SC_W] = { 0 };
+			size_t k = 0;
+
+			for (; k + SC_W <= K; k += SC_W)
+				for (int l = 0; l < SC_W; l++)
+					acc[l] = __builtin_fmaf(sc_load(dt, row, k + (size_t)l), x[k + (size_t)l], acc[l]);
+			for (int l = 0; k + (size_t)l < K; l++)
+				acc[l] = __builtin_fmaf(sc_load(dt, row, k + (size_t)l), x[k + (size_t)l], acc[l]);
+			y[c * ldy + r] = sc_hsum(acc);
+		}
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX2 + FMA + F16C: 8 lanes, tiles of up to 4 rows x 2 tokens.              */
+
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX2_RMAX 4
+#define AVX2_CMAX 2
+
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_widen(enum moe_dtype dt, __m128i h)
+{
+	if (dt == MOE_DTYPE_BF16)
+		return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+	return _mm256_cvtph_ps(h);
+}
+
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_w(enum moe_dtype dt, const void *p)
+{
+	if (dt == MOE_DTYPE_F32)
+		return _mm256_loadu_ps(p);
+	return avx2_widen(dt, _mm_loadu_si128(p));
+}
+
+/* Masked tail: the first n (< 8) elements, zeros after. */
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_w_tail(enum moe_dtype dt, const void *p, size_t n)
+{
+	if (dt == MOE_DTYPE_F32) {
+		float t[8] = { 0 };
+		memcpy(t, p, n * sizeof(float));
+		return _mm256_loadu_ps(t);
+	}
+	uint16_t t[8] = { 0 };
+	memcpy(t, p, n * sizeof(uint16_t));
+	return avx2_widen(dt, _mm_loadu_si128((const __m128i *)t));
+}
+
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x_tail(const float *p, size_t n)
+{
+	float t[8] = { 0 };
+
+	memcpy(t, p, n * sizeof(float));
+	return _mm256_loadu_ps(t);
+}
+
+AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
+{
+	__m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+
+	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+AVX2_TARGET static ALWAYS_INLINE void
+avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
+	  const float *const *xs, float *y, size_t ldy)
+{
+	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
+	__m256 acc[AVX2_RMAX][AVX2_CMAX];
+	const char *row[AVX2_RMAX];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		row[r] = (const char *)W + (size_t)r * ldw * es;
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			acc[r][c] = _mm256_setzero_ps();
+	}
+	for (; k + 8 <= K; k += 8) {
+		__m256 w[AVX2_RMAX];
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = avx2_load_w(dt, row[r] + k * es);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++) {
+			__m256 xv = _mm256_loadu_ps(xs[c] + k);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
+		}
+	}
+	if (k < K) {
+		__m256 w[AVX2_RMAX];
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = avx2_load_w_tail(dt, row[r] + k * es, K - k);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++) {
+			__m256 xv = avx2_load_x_tail(xs[c] + k, K - k);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			y[(size_t)c * ldy + (size_t)r] = avx2_hsum(acc[r][c]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX-512: 16 lanes, tiles of up to 4 rows x 6 tokens (24 accumulators, 4  */
+/* weight and 1 token register of the 32).                                   */
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define AVX512_RMAX 4
+#define AVX512_CMAX 6
+
+AVX512_TARGET static ALWAYS_INLINE __m512 avx512_widen(enum moe_dtype dt, __m256i h)
+{
+	if (dt == MOE_DTYPE_BF16)
+		return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+	return _mm512_cvtph_ps(h);
+}
+
+AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_w(enum moe_dtype dt, const void *p, __mmask16 m,
+							 int masked)
+{
+	if (dt == MOE_DTYPE_F32)
+		return masked ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+	return avx512_widen(dt, masked ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(p));
+}
+
+AVX512_TARGET static ALWAYS_INLINE float avx512_hsum(__m512 v)
+{
+	__m256 lo = _mm512_castps512_ps256(v);
+	__m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+	__m256 s = _mm256_add_ps(lo, hi);
+	__m128 a = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+
+	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+AVX512_TARGET static ALWAYS_INLINE void
+avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
+	    const float *const *xs, float *y, size_t ldy)
+{
+	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
+	__m512 acc[AVX512_RMAX][AVX512_CMAX];
+	const char *row[AVX512_RMAX];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		row[r] = (const char *)W + (size_t)r * ldw * es;
+#pragma GCC unroll 6
+		for (int c = 0; c < C; c++)
+			acc[r][c] = _mm512_setzero_ps();
+	}
+	for (; k + 16 <= K; k += 16) {
+		__m512 w[AVX512_RMAX];
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = avx512_load_w(dt, row[r] + k * es, 0, 0);
+#pragma GCC unroll 6
+		for (int c = 0; c < C; c++) {
+			__m512 xv = _mm512_loadu_ps(xs[c] + k);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
+		}
+	}
+	if (k < K) {
+		__mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+		__m512 w[AVX512_RMAX];
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = avx512_load_w(dt, row[r] + k * es, m, 1);
+#pragma GCC unroll 6
+		for (int c = 0; c < C; c++) {
+			__m512 xv = _mm512_maskz_loadu_ps(m, xs[c] + k);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+		for (int c = 0; c < C; c++)
+			y[(size_t)c * ldy + (size_t)r] = avx512_hsum(acc[r][c]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Drivers: one per instruction set and dtype, with constant tile shapes.    */
+
+/* Walk tokens in chunks of CMAX and rows in groups of RMAX, then the leftover
+ * rows one by one; the switch makes the token count of each tile constant. */
+#define DEFINE_DRIVER(isa, TARGET, DT, dtname, RMAX, CMAX)                              \
+	TARGET static void dot_rows_##isa##_##dtname(const void *W, size_t ldw, size_t K,    \
+						     size_t nr, const float *const *xs,      \
+						     size_t nt, float *y, size_t ldy)        \
+	{                                                                               \
+		size_t es = moe_dtype_size(DT);                                         \
+		for (size_t c0 = 0; c0 < nt; c0 += CMAX) {                              \
+			size_t nc = nt - c0 < CMAX ? nt - c0 : CMAX;                    \
+			const float *const *xc = xs + c0;                               \
+			float *yc = y + c0 * ldy;                                       \
+			size_t r = 0;                                                   \
+			for (; r + RMAX <= nr; r += RMAX) {                             \
+				const void *Wr = (const char *)W + r * ldw * es;        \
+				switch (nc) {                                           \
+				DRIVER_CASES_##isa(Wr, RMAX)                            \
+				}                                                       \
+			}                                                               \
+			for (; r < nr; r++) {                                           \
+				const void *Wr = (const char *)W + r * ldw * es;        \
+				switch (nc) {                                           \
+				DRIVER_CASES_##isa(Wr, 1)                               \
+				}                                                       \
+			}                                                               \
+		}                                                                       \
+	}
+
+#define TILE_CASE(isa, Wr, R, C) \
+	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy); break;
+#define DRIVER_CASES_avx2(Wr, R) TILE_CASE(avx2, Wr, R, 1) TILE_CASE(avx2, Wr, R, 2)
+#define DRIVER_CASES_avx512(Wr, R) \
+	TILE_CASE(avx512, Wr, R, 1) TILE_CASE(avx512, Wr, R, 2) TILE_CASE(avx512, Wr, R, 3) \
+	TILE_CASE(avx512, Wr, R, 4) TILE_CASE(avx512, Wr, R, 5) TILE_CASE(avx512, Wr, R, 6)
+
+#define DT_CUR MOE_DTYPE_F32
+DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_F32, f32, AVX2_RMAX, AVX2_CMAX)
+DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_F32, f32, AVX512_RMAX, AVX512_CMAX)
+#undef DT_CUR
+#define DT_CUR MOE_DTYPE_BF16
+DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_BF16, bf16, AVX2_RMAX, AVX2_CMAX)
+DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_BF16, bf16, AVX512_RMAX, AVX512_CMAX)
+#undef DT_CUR
+#define DT_CUR MOE_DTYPE_F16
+DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_F16, f16, AVX2_RMAX, AVX2_CMAX)
+DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_F16, f16, AVX512_RMAX, AVX512_CMAX)
+#undef DT_CUR
+
+static void dot_rows_avx2(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+			  const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	switch (dt) {
+	case MOE_DTYPE_F32: dot_rows_avx2_f32(W, ldw, K, nr, xs, nt, y, ldy); break;
+	case MOE_DTYPE_BF16: dot_rows_avx2_bf16(W, ldw, K, nr, xs, nt, y, ldy); break;
+	case MOE_DTYPE_F16: dot_rows_avx2_f16(W, ldw, K, nr, xs, nt, y, ldy); break;
+	default: break;
+	}
+}
+
+static void dot_rows_avx512(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+			    const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	switch (dt) {
+	case MOE_DTYPE_F32: dot_rows_avx512_f32(W, ldw, K, nr, xs, nt, y, ldy); break;
+	case MOE_DTYPE_BF16: dot_rows_avx512_bf16(W, ldw, K, nr, xs, nt, y, ldy); break;
+	case MOE_DTYPE_F16: dot_rows_avx512_f16(W, ldw, K, nr, xs, nt, y, ldy); break;
+	default: break;
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+
+static const char *const isa_names[MOE_KERN_ISA_COUNT] = { "scalar", "avx2", "avx512" };
+
+const char *moe_kern_isa_name(enum moe_kern_isa isa)
+{
+	return (unsigned)isa < MOE_KERN_ISA_COUNT ? isa_names[isa] : "?";
+}
+
+moe_kern_dot_rows_fn moe_kern_get(enum moe_kern_isa isa)
+{
+	__builtin_cpu_init();
+	switch (isa) {
+	case MOE_KERN_SCALAR:
+		return dot_rows_scalar;
+	case MOE_KERN_AVX2:
+		if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+			return dot_rows_avx2;
+		return NULL;
+	case MOE_KERN_AVX512:
+		if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+		    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+			return dot_rows_avx512;
+		return NULL;
+	default:
+		return NULL;
+	}
+}
+
+static pthread_once_t pick_once = PTHREAD_ONCE_INIT;
+static moe_kern_dot_rows_fn active_fn;
+static enum moe_kern_isa active_isa;
+
+static void pick(void)
+{
+	const char *want = getenv("MOE_KERNEL");
+
+	for (int i = MOE_KERN_ISA_COUNT - 1; i >= 0; i--) {
+		moe_kern_dot_rows_fn fn = moe_kern_get((enum moe_kern_isa)i);
+		if (!fn)
+			continue;
+		if (want && *want && strcmp(want, isa_names[i]) != 0)
+			continue;
+		active_fn = fn;
+		active_isa = (enum moe_kern_isa)i;
+		return;
+	}
+	/* $MOE_KERNEL named something this CPU cannot run: take the best */
+	for (int i = MOE_KERN_ISA_COUNT - 1; i >= 0; i--)
+		if ((active_fn = moe_kern_get((enum moe_kern_isa)i))) {
+			active_isa = (enum moe_kern_isa)i;
+			return;
+		}
+}
+
+enum moe_kern_isa moe_kern_active(void)
+{
+	pthread_once(&pick_once, pick);
+	return active_isa;
+}
+
+void moe_kern_dot_rows(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+		       const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	pthread_once(&pick_once, pick);
+	active_fn(dt, W, ldw, K, nr, xs, nt, y, ldy);
+}
