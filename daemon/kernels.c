@@ -119,7 +119,7 @@ AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
 
 AVX2_TARGET static ALWAYS_INLINE void
 avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
-	  const float *const *xs, float *y, size_t ldy)
+	  const float *const *xs, float *y, size_t ldy, const char *pf)
 {
 	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
 	__m256 acc[AVX2_RMAX][AVX2_CMAX];
@@ -134,6 +134,10 @@ avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
 	}
 	for (; k + 8 <= K; k += 8) {
 		__m256 w[AVX2_RMAX];
+		if (pf && (k * es) % 64 == 0)
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				_mm_prefetch(pf + (size_t)r * ldw * es + k * es, _MM_HINT_T0);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
 			w[r] = avx2_load_w(dt, row[r] + k * es);
@@ -201,7 +205,7 @@ AVX512_TARGET static ALWAYS_INLINE float avx512_hsum(__m512 v)
 
 AVX512_TARGET static ALWAYS_INLINE void
 avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
-	    const float *const *xs, float *y, size_t ldy)
+	  const float *const *xs, float *y, size_t ldy, const char *pf)
 {
 	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
 	__m512 acc[AVX512_RMAX][AVX512_CMAX];
@@ -216,6 +220,10 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 	}
 	for (; k + 16 <= K; k += 16) {
 		__m512 w[AVX512_RMAX];
+		if (pf && (k * es) % 64 == 0)
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				_mm_prefetch(pf + (size_t)r * ldw * es + k * es, _MM_HINT_T0);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
 			w[r] = avx512_load_w(dt, row[r] + k * es, 0, 0);
@@ -266,12 +274,15 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 			size_t r = 0;                                                   \
 			for (; r + RMAX <= nr; r += RMAX) {                             \
 				const void *Wr = (const char *)W + r * ldw * es;        \
+				/* the next rows, fetched while these compute */        \
+				const char *pf = (const char *)Wr + RMAX * ldw * es;    \
 				switch (nc) {                                           \
 				DRIVER_CASES_##isa(Wr, RMAX)                            \
 				}                                                       \
 			}                                                               \
 			for (; r < nr; r++) {                                           \
 				const void *Wr = (const char *)W + r * ldw * es;        \
+				const char *pf = NULL;                                  \
 				switch (nc) {                                           \
 				DRIVER_CASES_##isa(Wr, 1)                               \
 				}                                                       \
@@ -280,7 +291,7 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 	}
 
 #define TILE_CASE(isa, Wr, R, C) \
-	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy); break;
+	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy, C <= 2 ? pf : NULL); break;
 #define DRIVER_CASES_avx2(Wr, R) TILE_CASE(avx2, Wr, R, 1) TILE_CASE(avx2, Wr, R, 2)
 #define DRIVER_CASES_avx512(Wr, R) \
 	TILE_CASE(avx512, Wr, R, 1) TILE_CASE(avx512, Wr, R, 2) TILE_CASE(avx512, Wr, R, 3) \
