@@ -1,6 +1,428 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * moectl pack, inspect, verify: the .moe store commands (moe-store(5)).
+ */
 #include "config.h"
+
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
 #include "moectl.h"
-int cmd_pack(int argc, char **argv) { (void)argc; (void)argv; return moectl_fail("pack: not built yet"); }
-int cmd_inspect(int argc, char **argv) { (void)argc; (void)argv; return moectl_fail("inspect: not built yet"); }
-int cmd_verify(int argc, char **argv) { (void)argc; (void)argv; return moectl_fail("verify: not built yet"); }
+#include "pack.h"
+#include "store.h"
+
+/* getopt_long with our own messages: one "moectl: ..." line, exit 1. */
+static int bad_option(const char *cmd, int argc, char **argv)
+{
+	const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "?";
+
+	if (optopt && optopt != '?' && strncmp(arg, "--", 2))
+		return moectl_fail("%s: unknown option or missing value: '-%c' (see moectl %s --help)",
+				   cmd, optopt, cmd);
+	return moectl_fail("%s: unknown option or missing value: '%s' (see moectl %s --help)",
+			   cmd, arg, cmd);
+}
+
+static void human_size(char *buf, size_t len, uint64_t n)
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
+	double v = (double)n;
+	int u = 0;
+
+	while (v >= 1024 && u < 5) {
+		v /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, len, "%" PRIu64 " B", n);
+	else
+		snprintf(buf, len, "%.1f %s", v, units[u]);
+}
+
+/* --- pack ------------------------------------------------------------------- */
+
+static void pack_usage(FILE *f)
+{
+	fputs("usage: moectl pack HF_DIR -o STORE [--dtype bf16|f16|f32]\n"
+	      "\n"
+	      "Pack the MoE layers of the Hugging Face checkpoint in HF_DIR (config.json and\n"
+	      "model.safetensors or its shards) into the .moe store STORE (see moe-store(5)).\n"
+	      "\n"
+	      "  -o, --output STORE   the store to write (written as STORE.tmp, then renamed)\n"
+	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32\n"
+	      "                       (default: keep the checkpoint's dtype)\n"
+	      "  -h, --help           show this help\n", f);
+}
+
+static void pack_progress(void *ctx, uint64_t done, uint64_t total, const char *what)
+{
+	(void)what;
+	moectl_progress(ctx, done, total);
+}
+
+int cmd_pack(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "output", required_argument, NULL, 'o' },
+		{ "dtype", required_argument, NULL, 'd' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct moe_pack_options po = { .dtype = -1 };
+	struct moectl_progress prog;
+	struct moe_err err = { 0 };
+	struct moe_store *s = NULL;
+	const char *out = NULL, *dir;
+	char size[32];
+	double t0;
+	int c;
+
+	optind = 1;
+	opterr = 0;
+	/* GNU getopt permutes: options may come before or after HF_DIR */
+	while ((c = getopt_long(argc, argv, "ho:", opts, NULL)) != -1) {
+		switch (c) {
+		case 'o':
+			out = optarg;
+			break;
+		case 'd': {
+			enum moe_dtype t;
+
+			if (moe_dtype_parse(optarg, &t) < 0)
+				return moectl_fail("pack: --dtype: '%s' is not one of bf16, f16, f32", optarg);
+			po.dtype = (int)t;
+			break;
+		}
+		case 'h':
+			pack_usage(stdout);
+			return 0;
+		default:
+			return bad_option("pack", argc, argv);
+		}
+	}
+	dir = optind < argc ? argv[optind++] : NULL;
+	if (optind < argc)
+		return moectl_fail("pack: unexpected argument '%s' (see moectl pack --help)", argv[optind]);
+	if (!dir)
+		return moectl_fail("pack: missing HF_DIR (see moectl pack --help)");
+	if (!out)
+		return moectl_fail("pack: missing -o STORE (see moectl pack --help)");
+
+	moectl_progress_init(&prog, "pack");
+	po.progress = pack_progress;
+	po.ctx = &prog;
+	t0 = moectl_now();
+	if (moe_pack(dir, out, &po, &err) < 0) {
+		moectl_progress_done(&prog);
+		return moectl_fail_err(&err);
+	}
+	moectl_progress_done(&prog);
+	if (moe_store_open(out, &s, &err) < 0)
+		return moectl_fail_err(&err);
+	human_size(size, sizeof(size), s->hdr.file_size);
+	printf("packed %" PRIu32 " MoE layers x %" PRIu32 " experts%s (%s) into %s: %s in %.2f s\n",
+	       s->hdr.num_moe_layers, s->cfg.num_experts,
+	       s->cfg.shared_intermediate_size ? " + shared" : "",
+	       moe_dtype_name(s->cfg.weight_dtype), out, size, moectl_now() - t0);
+	moe_store_close(s);
+	return 0;
+}
+
+/* --- inspect ------------------------------------------------------------------ */
+
+static const char *scoring_name(enum moe_scoring s)
+{
+	return s == MOE_SCORING_SIGMOID ? "sigmoid" : "softmax";
+}
+
+static const char *topk_method_name(enum moe_topk_method t)
+{
+	switch (t) {
+	case MOE_TOPK_GREEDY: return "greedy";
+	case MOE_TOPK_GROUP_LIMITED: return "group_limited_greedy";
+	case MOE_TOPK_NOAUX_TC: return "noaux_tc";
+	}
+	return "?";
+}
+
+/* "1-3, 5, 7-9" */
+static void layer_ranges(const struct moe_store *s, char *buf, size_t len)
+{
+	size_t o = 0;
+
+	buf[0] = '\0';
+	for (uint32_t i = 0; i < s->hdr.num_moe_layers && o < len;) {
+		uint32_t j = i;
+
+		while (j + 1 < s->hdr.num_moe_layers && s->layers[j + 1].layer == s->layers[j].layer + 1)
+			j++;
+		if (j == i)
+			o += (size_t)snprintf(buf + o, len - o, "%s%" PRIu32, i ? ", " : "", s->layers[i].layer);
+		else
+			o += (size_t)snprintf(buf + o, len - o, "%s%" PRIu32 "-%" PRIu32, i ? ", " : "",
+					      s->layers[i].layer, s->layers[j].layer);
+		i = j + 1;
+	}
+}
+
+struct sizes {
+	uint64_t experts, routers, shared;
+};
+
+static void store_sizes(const struct moe_store *s, struct sizes *z)
+{
+	memset(z, 0, sizeof(*z));
+	for (uint32_t i = 0; i < s->hdr.num_moe_layers; i++) {
+		z->routers += s->layers[i].router_bytes;
+		z->shared += s->layers[i].shared_bytes;
+		z->experts += s->hdr.expert_stride * s->cfg.num_experts;
+	}
+}
+
+/* The shortest decimal that reads back as @f: 0.1f prints as 0.1, not as
+ * 0.10000000149011612. */
+static double float_for_json(float f)
+{
+	char buf[32];
+
+	snprintf(buf, sizeof(buf), "%.9g", (double)f);
+	for (int prec = 1; prec <= 9; prec++) {
+		snprintf(buf, sizeof(buf), "%.*g", prec, (double)f);
+		if ((float)strtod(buf, NULL) == f)
+			break;
+	}
+	return strtod(buf, NULL);
+}
+
+static int inspect_json(const char *path, const struct moe_store *s)
+{
+	const struct moe_model_config *c = &s->cfg;
+	const struct moe_store_header *h = &s->hdr;
+	json_t *root, *layers, *sizes;
+	struct sizes z;
+	char *text;
+
+	store_sizes(s, &z);
+	layers = json_array();
+	for (uint32_t i = 0; layers && i < h->num_moe_layers; i++)
+		json_array_append_new(layers, json_integer(s->layers[i].layer));
+	sizes = json_pack("{s:I,s:I,s:I,s:I}", "file", (json_int_t)h->file_size,
+			  "experts", (json_int_t)z.experts, "routers", (json_int_t)z.routers,
+			  "shared", (json_int_t)z.shared);
+	root = json_pack("{s:s,s:i,s:s,s:s,s:s,"
+			 "s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
+			 "s:s,s:s,s:b,s:f,s:b,s:b,s:b,s:s,s:s,"
+			 "s:o,s:I,s:I,s:I,s:o}",
+			 "path", path, "version", (int)h->version, "model_type", h->model_type,
+			 "source", h->source, "source_dtype", h->source_dtype,
+			 "hidden_size", (json_int_t)c->hidden_size,
+			 "moe_intermediate_size", (json_int_t)c->moe_intermediate_size,
+			 "num_experts", (json_int_t)c->num_experts,
+			 "top_k", (json_int_t)c->top_k,
+			 "num_hidden_layers", (json_int_t)c->num_hidden_layers,
+			 "n_group", (json_int_t)c->n_group,
+			 "topk_group", (json_int_t)c->topk_group,
+			 "n_shared_experts", (json_int_t)c->n_shared_experts,
+			 "shared_intermediate_size", (json_int_t)c->shared_intermediate_size,
+			 "scoring", scoring_name(c->scoring),
+			 "topk_method", topk_method_name(c->topk_method),
+			 "norm_topk_prob", (int)c->norm_topk_prob,
+			 "routed_scaling_factor", float_for_json(c->routed_scaling_factor),
+			 "has_bias", (int)c->has_bias,
+			 "shared_gate", (int)c->shared_gate,
+			 "gated", (int)c->gated,
+			 "act", moe_act_name(c->act),
+			 "weight_dtype", moe_dtype_name(c->weight_dtype),
+			 "moe_layers", layers,
+			 "expert_bytes", (json_int_t)h->expert_bytes,
+			 "expert_stride", (json_int_t)h->expert_stride,
+			 "expert_align", (json_int_t)h->expert_align,
+			 "sizes", sizes);
+	if (!root)
+		return moectl_fail("inspect: out of memory");
+	text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
+	json_decref(root);
+	if (!text)
+		return moectl_fail("inspect: out of memory");
+	puts(text);
+	free(text);
+	return 0;
+}
+
+static void inspect_text(const char *path, const struct moe_store *s)
+{
+	const struct moe_model_config *c = &s->cfg;
+	const struct moe_store_header *h = &s->hdr;
+	char a[32], b[32], d[32], e[32], ranges[4096];
+	struct sizes z;
+
+	store_sizes(s, &z);
+	human_size(a, sizeof(a), h->file_size);
+	printf("store:        %s (format version %" PRIu32 ", %s)\n", path, h->version, a);
+	printf("model_type:   %s\n", h->model_type);
+	printf("source:       %s (%s)\n", h->source[0] ? h->source : "?",
+	       h->source_dtype[0] ? h->source_dtype : "?");
+	printf("hidden_size:  %" PRIu32 "\n", c->hidden_size);
+	printf("experts:      %" PRIu32 " routed, top %" PRIu32 ", intermediate %" PRIu32 "\n",
+	       c->num_experts, c->top_k, c->moe_intermediate_size);
+	if (c->shared_intermediate_size)
+		printf("shared:       %" PRIu32 " expert%s, intermediate %" PRIu32 "%s\n", c->n_shared_experts,
+		       c->n_shared_experts == 1 ? "" : "s", c->shared_intermediate_size,
+		       c->shared_gate ? ", sigmoid gate" : "");
+	else
+		printf("shared:       none\n");
+	printf("expert FFN:   %s%s, %s\n", c->gated ? "gated " : "plain ", moe_act_name(c->act),
+	       moe_dtype_name(c->weight_dtype));
+	printf("routing:      %s, %s", scoring_name(c->scoring), topk_method_name(c->topk_method));
+	if (c->n_group > 1)
+		printf(" (%" PRIu32 " groups, keep %" PRIu32 ")", c->n_group, c->topk_group);
+	if (c->has_bias)
+		printf(", correction bias");
+	printf(", norm_topk_prob %s, routed_scaling_factor %g\n", c->norm_topk_prob ? "true" : "false",
+	       (double)c->routed_scaling_factor);
+	layer_ranges(s, ranges, sizeof(ranges));
+	printf("layers:       %" PRIu32 " MoE of %" PRIu32 ": %s\n", h->num_moe_layers,
+	       c->num_hidden_layers, ranges);
+	printf("expert blob:  %" PRIu64 " bytes, stride %" PRIu64 ", aligned to %" PRIu64 "\n",
+	       h->expert_bytes, h->expert_stride, h->expert_align);
+	human_size(a, sizeof(a), z.experts);
+	human_size(b, sizeof(b), z.routers);
+	human_size(d, sizeof(d), z.shared);
+	human_size(e, sizeof(e), h->file_size);
+	printf("sizes:        experts %s, routers %s, shared %s, file %s\n", a, b, d, e);
+}
+
+static void inspect_usage(FILE *f)
+{
+	fputs("usage: moectl inspect STORE [--json]\n"
+	      "\n"
+	      "Describe the .moe store STORE: model, shapes, routing rule, dtype, MoE layers,\n"
+	      "expert blob layout and sizes.  The header and tables are checked; the blobs\n"
+	      "are not (moectl verify checks them).\n"
+	      "\n"
+	      "  --json      print a JSON object instead\n"
+	      "  -h, --help  show this help\n", f);
+}
+
+/* Shared by inspect and verify: STORE and flags in any order. */
+static int parse_store_args(const char *cmd, int argc, char **argv, bool allow_json,
+			    const char **ret_path, bool *ret_json, void (*usage)(FILE *))
+{
+	const char *path = NULL;
+	bool json = false;
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+			usage(stdout);
+			return 0;
+		} else if (allow_json && !strcmp(argv[i], "--json")) {
+			json = true;
+		} else if (!strcmp(argv[i], "--")) {
+			if (i + 1 < argc && !path)
+				path = argv[++i];
+		} else if (argv[i][0] == '-') {
+			return moectl_fail("%s: unknown option '%s' (see moectl %s --help)", cmd, argv[i], cmd);
+		} else if (path) {
+			return moectl_fail("%s: unexpected argument '%s' (see moectl %s --help)", cmd, argv[i], cmd);
+		} else {
+			path = argv[i];
+		}
+	}
+	if (!path)
+		return moectl_fail("%s: missing STORE (see moectl %s --help)", cmd, cmd);
+	*ret_path = path;
+	*ret_json = json;
+	return -1;      /* go on */
+}
+
+int cmd_inspect(int argc, char **argv)
+{
+	struct moe_err err = { 0 };
+	struct moe_store *s;
+	const char *path = NULL;
+	bool json = false;
+	int r;
+
+	r = parse_store_args("inspect", argc, argv, true, &path, &json, inspect_usage);
+	if (r >= 0)
+		return r;
+	if (moe_store_open(path, &s, &err) < 0)
+		return moectl_fail_err(&err);
+	if (json)
+		r = inspect_json(path, s);
+	else
+		inspect_text(path, s), r = 0;
+	moe_store_close(s);
+	if (fflush(stdout) != 0 && r == 0)
+		r = moectl_fail("inspect: writing to stdout failed");
+	return r;
+}
+
+/* --- verify ------------------------------------------------------------------- */
+
+static void verify_usage(FILE *f)
+{
+	fputs("usage: moectl verify STORE\n"
+	      "\n"
+	      "Check every checksum of the .moe store STORE: header, tables, every router\n"
+	      "region, shared expert and expert blob.  Prints \"OK: N blobs verified\", or one\n"
+	      "line per bad blob on stderr and exits with status 1.\n"
+	      "\n"
+	      "  -h, --help  show this help\n", f);
+}
+
+struct verify_ctx {
+	struct moectl_progress prog;
+	int n_bad;
+};
+
+static void verify_bad(void *ctx, const char *msg)
+{
+	struct verify_ctx *v = ctx;
+
+	if (v->prog.tty && v->prog.last_pct >= 0)
+		fputc('\n', stderr);       /* leave the bar's line */
+	v->prog.last_pct = -1;
+	moectl_fail("%s", msg);
+	v->n_bad++;
+}
+
+static void verify_progress(void *ctx, uint64_t done, uint64_t total)
+{
+	struct verify_ctx *v = ctx;
+
+	moectl_progress(&v->prog, done, total);
+}
+
+int cmd_verify(int argc, char **argv)
+{
+	struct moe_err err = { 0 };
+	struct verify_ctx v;
+	struct moe_store *s;
+	const char *path = NULL;
+	bool json;
+	int r;
+
+	r = parse_store_args("verify", argc, argv, false, &path, &json, verify_usage);
+	if (r >= 0)
+		return r;
+	if (moe_store_open(path, &s, &err) < 0)
+		return moectl_fail_err(&err);
+	memset(&v, 0, sizeof(v));
+	moectl_progress_init(&v.prog, "verify");
+	r = moe_store_verify(s, verify_bad, verify_progress, &v, &err);
+	moectl_progress_done(&v.prog);
+	if (r < 0) {
+		moe_store_close(s);
+		return moectl_fail_err(&err);
+	}
+	if (r == 0)
+		printf("OK: %" PRIu64 " blobs verified\n", moe_store_blob_count(s));
+	moe_store_close(s);
+	return r == 0 ? 0 : 1;
+}

@@ -1,2 +1,798 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * Hugging Face config.json and checkpoint layout (ARCHITECTURE.md 4.1).
+ *
+ * config.json field names differ per model_type; each architecture has a
+ * small parse function that reads its names and sets the routing rule.
+ * Tensor names are built in one place (layer_prefix, expert names) so that
+ * the packer and the messages agree on them.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "hfmodel.h"
+
+#define MAX_NAME 256
+
+const char *moe_hf_supported_types(void)
+{
+	return "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3";
+}
+
+const char *moe_hf_part_name(enum moe_hf_part part)
+{
+	switch (part) {
+	case MOE_HF_GATE: return "gate";
+	case MOE_HF_UP: return "up";
+	case MOE_HF_DOWN: return "down";
+	}
+	return "?";
+}
+
+/* --- config.json ------------------------------------------------------------ */
+
+static const char *json_type_name(const json_t *v)
+{
+	switch (json_typeof(v)) {
+	case JSON_OBJECT: return "an object";
+	case JSON_ARRAY: return "an array";
+	case JSON_STRING: return "a string";
+	case JSON_INTEGER: return "an integer";
+	case JSON_REAL: return "a number with a fraction";
+	case JSON_TRUE:
+	case JSON_FALSE: return "a boolean";
+	case JSON_NULL: return "null";
+	}
+	return "?";
+}
+
+/* The field @key of @root; NULL when absent or null (null means "the
+ * default" in transformers' configs). */
+static json_t *field(json_t *root, const char *key)
+{
+	json_t *v = json_object_get(root, key);
+
+	return v && !json_is_null(v) ? v : NULL;
+}
+
+static int missing(const char *file, const char *key, const char *type, struct moe_err *err)
+{
+	return moe_err_set(err, -EINVAL, "%s: missing field '%s' (required for model_type %s)",
+			   file, key, type);
+}
+
+/* Unsigned 32-bit integer field; @required, or *ret = @def when absent. */
+static int get_u32(json_t *root, const char *file, const char *type, const char *key,
+		   bool required, uint32_t def, uint32_t *ret, struct moe_err *err)
+{
+	json_t *v = field(root, key);
+	json_int_t i;
+
+	if (!v) {
+		if (required)
+			return missing(file, key, type, err);
+		*ret = def;
+		return 0;
+	}
+	if (!json_is_integer(v))
+		return moe_err_set(err, -EINVAL, "%s: field '%s' must be an integer, not %s",
+				   file, key, json_type_name(v));
+	i = json_integer_value(v);
+	if (i < 0 || i > (json_int_t)UINT32_MAX)
+		return moe_err_set(err, -EINVAL, "%s: field '%s' = %" JSON_INTEGER_FORMAT
+				   " is out of range 0..%" PRIu32, file, key, i, UINT32_MAX);
+	*ret = (uint32_t)i;
+	return 0;
+}
+
+static int get_bool(json_t *root, const char *file, const char *key, bool def, bool *ret,
+		    struct moe_err *err)
+{
+	json_t *v = field(root, key);
+
+	if (!v) {
+		*ret = def;
+		return 0;
+	}
+	if (!json_is_boolean(v))
+		return moe_err_set(err, -EINVAL, "%s: field '%s' must be true or false, not %s",
+				   file, key, json_type_name(v));
+	*ret = json_is_true(v);
+	return 0;
+}
+
+static int get_float(json_t *root, const char *file, const char *key, float def, float *ret,
+		     struct moe_err *err)
+{
+	json_t *v = field(root, key);
+
+	if (!v) {
+		*ret = def;
+		return 0;
+	}
+	if (!json_is_number(v))
+		return moe_err_set(err, -EINVAL, "%s: field '%s' must be a number, not %s",
+				   file, key, json_type_name(v));
+	*ret = (float)json_number_value(v);
+	return 0;
+}
+
+/* String field; *ret = @def when absent (may be NULL: then required). */
+static int get_str(json_t *root, const char *file, const char *type, const char *key,
+		   const char *def, const char **ret, struct moe_err *err)
+{
+	json_t *v = field(root, key);
+
+	if (!v) {
+		if (!def)
+			return missing(file, key, type, err);
+		*ret = def;
+		return 0;
+	}
+	if (!json_is_string(v))
+		return moe_err_set(err, -EINVAL, "%s: field '%s' must be a string, not %s",
+				   file, key, json_type_name(v));
+	*ret = json_string_value(v);
+	return 0;
+}
+
+/* qwen's mlp_only_layers: an array of layer numbers, default empty. */
+static int get_layer_list(json_t *root, const char *file, const char *key,
+			  struct moe_hf_config *hc, struct moe_err *err)
+{
+	json_t *v = field(root, key), *e;
+	size_t i;
+
+	if (!v)
+		return 0;
+	if (!json_is_array(v))
+		return moe_err_set(err, -EINVAL, "%s: field '%s' must be an array of layer numbers, not %s",
+				   file, key, json_type_name(v));
+	if (json_array_size(v) == 0)
+		return 0;
+	if (json_array_size(v) > UINT32_MAX / 2)
+		return moe_err_set(err, -EINVAL, "%s: field '%s' is too long", file, key);
+	hc->mlp_only_layers = calloc(json_array_size(v), sizeof(uint32_t));
+	if (!hc->mlp_only_layers)
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", file);
+	json_array_foreach(v, i, e) {
+		if (!json_is_integer(e) || json_integer_value(e) < 0 ||
+		    json_integer_value(e) > (json_int_t)UINT32_MAX)
+			return moe_err_set(err, -EINVAL, "%s: field '%s' item %zu must be a layer number",
+					   file, key, i);
+		hc->mlp_only_layers[i] = (uint32_t)json_integer_value(e);
+	}
+	hc->rule.n_mlp_only = (uint32_t)json_array_size(v);
+	hc->rule.mlp_only_layers = hc->mlp_only_layers;
+	return 0;
+}
+
+/* Everything a per-architecture parser needs. */
+struct parse_ctx {
+	json_t *root;
+	const char *file;
+	const char *type;
+	struct moe_hf_config *hc;
+	struct moe_err *err;
+};
+
+#define U32(key, req, def, dst) do {                                                   \
+		int r_ = get_u32(p->root, p->file, p->type, key, req, def, dst, p->err);  \
+		if (r_ < 0)                                                              \
+			return r_;                                                       \
+	} while (0)
+#define BOOL(key, def, dst) do {                                                       \
+		int r_ = get_bool(p->root, p->file, key, def, dst, p->err);              \
+		if (r_ < 0)                                                              \
+			return r_;                                                       \
+	} while (0)
+
+static int parse_mixtral(struct parse_ctx *p)
+{
+	struct moe_model_config *c = &p->hc->cfg;
+
+	U32("num_local_experts", true, 0, &c->num_experts);
+	U32("num_experts_per_tok", true, 0, &c->top_k);
+	U32("intermediate_size", true, 0, &c->moe_intermediate_size);
+	c->norm_topk_prob = true;
+	return 0;
+}
+
+static int parse_qwen(struct parse_ctx *p, bool shared)
+{
+	struct moe_hf_config *hc = p->hc;
+	struct moe_model_config *c = &hc->cfg;
+
+	U32("num_experts", true, 0, &c->num_experts);
+	U32("num_experts_per_tok", true, 0, &c->top_k);
+	U32("moe_intermediate_size", true, 0, &c->moe_intermediate_size);
+	U32("decoder_sparse_step", false, 1, &hc->rule.decoder_sparse_step);
+	BOOL("norm_topk_prob", false, &c->norm_topk_prob);
+	if (hc->rule.decoder_sparse_step == 0)
+		return moe_err_set(p->err, -EINVAL, "%s: field 'decoder_sparse_step' must be at least 1",
+				   p->file);
+	if (shared) {
+		U32("shared_expert_intermediate_size", true, 0, &c->shared_intermediate_size);
+		if (c->shared_intermediate_size) {
+			c->n_shared_experts = 1;
+			c->shared_gate = true;
+		}
+	}
+	return get_layer_list(p->root, p->file, "mlp_only_layers", hc, p->err);
+}
+
+static int parse_olmoe(struct parse_ctx *p)
+{
+	struct moe_model_config *c = &p->hc->cfg;
+
+	U32("num_experts", true, 0, &c->num_experts);
+	U32("num_experts_per_tok", true, 0, &c->top_k);
+	U32("intermediate_size", true, 0, &c->moe_intermediate_size);
+	BOOL("norm_topk_prob", false, &c->norm_topk_prob);
+	return 0;
+}
+
+static int parse_deepseek(struct parse_ctx *p, bool v3)
+{
+	struct moe_hf_config *hc = p->hc;
+	struct moe_model_config *c = &hc->cfg;
+	const char *method, *scoring;
+	uint64_t shared;
+	int r;
+
+	U32("n_routed_experts", true, 0, &c->num_experts);
+	U32("num_experts_per_tok", true, 0, &c->top_k);
+	U32("moe_intermediate_size", true, 0, &c->moe_intermediate_size);
+	U32("n_shared_experts", false, 0, &c->n_shared_experts);
+	U32("n_group", false, 1, &c->n_group);
+	U32("topk_group", false, 1, &c->topk_group);
+	U32("first_k_dense_replace", false, 0, &hc->rule.first_k_dense_replace);
+	U32("moe_layer_freq", false, 1, &hc->rule.moe_layer_freq);
+	BOOL("norm_topk_prob", v3, &c->norm_topk_prob);
+	r = get_float(p->root, p->file, "routed_scaling_factor", v3 ? 2.5f : 1.0f,
+		      &c->routed_scaling_factor, p->err);
+	if (r < 0)
+		return r;
+	if (hc->rule.moe_layer_freq == 0)
+		return moe_err_set(p->err, -EINVAL, "%s: field 'moe_layer_freq' must be at least 1", p->file);
+
+	r = get_str(p->root, p->file, p->type, "scoring_func", v3 ? "sigmoid" : "softmax", &scoring, p->err);
+	if (r < 0)
+		return r;
+	if (strcmp(scoring, v3 ? "sigmoid" : "softmax"))
+		return moe_err_set(p->err, -EINVAL, "%s: scoring_func '%s' is not supported for %s (only '%s')",
+				   p->file, scoring, p->type, v3 ? "sigmoid" : "softmax");
+	c->scoring = v3 ? MOE_SCORING_SIGMOID : MOE_SCORING_SOFTMAX;
+
+	r = get_str(p->root, p->file, p->type, "topk_method", v3 ? "noaux_tc" : "greedy", &method, p->err);
+	if (r < 0)
+		return r;
+	if (v3 && !strcmp(method, "noaux_tc")) {
+		c->topk_method = MOE_TOPK_NOAUX_TC;
+		c->has_bias = true;
+	} else if (!v3 && !strcmp(method, "greedy")) {
+		c->topk_method = MOE_TOPK_GREEDY;
+	} else if (!v3 && !strcmp(method, "group_limited_greedy")) {
+		c->topk_method = MOE_TOPK_GROUP_LIMITED;
+	} else {
+		return moe_err_set(p->err, -EINVAL, "%s: topk_method '%s' is not supported for %s (only %s)",
+				   p->file, method, p->type,
+				   v3 ? "'noaux_tc'" : "'greedy' and 'group_limited_greedy'");
+	}
+	if (c->topk_method == MOE_TOPK_GREEDY) {
+		/* n_group/topk_group only matter when grouping */
+		c->n_group = 1;
+		c->topk_group = 1;
+	}
+	shared = (uint64_t)c->n_shared_experts * c->moe_intermediate_size;
+	if (shared > UINT32_MAX)
+		return moe_err_set(p->err, -EINVAL, "%s: n_shared_experts x moe_intermediate_size overflows",
+				   p->file);
+	c->shared_intermediate_size = (uint32_t)shared;
+	return 0;
+}
+
+#undef U32
+#undef BOOL
+
+void moe_hf_config_free(struct moe_hf_config *hc)
+{
+	if (!hc)
+		return;
+	free(hc->moe_layers);
+	free(hc->mlp_only_layers);
+	free(hc);
+}
+
+static int config_from_json(const char *file, json_t *root, struct moe_hf_config *hc,
+			    struct moe_err *err)
+{
+	struct moe_model_config *c = &hc->cfg;
+	struct parse_ctx p = { .root = root, .file = file, .hc = hc, .err = err };
+	const char *type, *act;
+	uint32_t n;
+	int r;
+
+	if (!json_is_object(root))
+		return moe_err_set(err, -EINVAL, "%s: expected a JSON object, found %s", file,
+				   json_type_name(root));
+	r = get_str(root, file, "any", "model_type", NULL, &type, err);
+	if (r < 0)
+		return r;
+	p.type = type;
+	if (moe_arch_parse(type, &c->arch) < 0)
+		return moe_err_set(err, -EINVAL, "%s: model_type '%s' is not supported (supported: %s)",
+				   file, type, moe_hf_supported_types());
+
+	/* defaults shared by every architecture; parsers override */
+	c->n_group = 1;
+	c->topk_group = 1;
+	c->scoring = MOE_SCORING_SOFTMAX;
+	c->topk_method = MOE_TOPK_GREEDY;
+	c->routed_scaling_factor = 1.0f;
+	c->gated = true;
+	c->weight_dtype = MOE_DTYPE_BF16;
+	hc->rule.arch = c->arch;
+	hc->rule.decoder_sparse_step = 1;
+	hc->rule.moe_layer_freq = 1;
+
+	r = get_u32(root, file, type, "hidden_size", true, 0, &c->hidden_size, err);
+	if (r == 0)
+		r = get_u32(root, file, type, "num_hidden_layers", true, 0, &c->num_hidden_layers, err);
+	if (r == 0)
+		r = get_str(root, file, type, "hidden_act", "silu", &act, err);
+	if (r < 0)
+		return r;
+	if (moe_act_parse(act, &c->act) < 0)
+		return moe_err_set(err, -EINVAL, "%s: hidden_act '%s' is not supported "
+				   "(silu, swish, gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu)",
+				   file, act);
+
+	switch (c->arch) {
+	case MOE_ARCH_MIXTRAL: r = parse_mixtral(&p); break;
+	case MOE_ARCH_QWEN2_MOE: r = parse_qwen(&p, true); break;
+	case MOE_ARCH_QWEN3_MOE: r = parse_qwen(&p, false); break;
+	case MOE_ARCH_OLMOE: r = parse_olmoe(&p); break;
+	case MOE_ARCH_DEEPSEEK_V2: r = parse_deepseek(&p, false); break;
+	case MOE_ARCH_DEEPSEEK_V3: r = parse_deepseek(&p, true); break;
+	default: r = -EINVAL; break;
+	}
+	if (r < 0)
+		return r;
+	r = moe_model_config_validate(c, err);
+	if (r < 0)
+		return moe_err_prefix(err, r, "%s", file);
+
+	hc->rule.num_hidden_layers = c->num_hidden_layers;
+	hc->moe_layers = calloc(c->num_hidden_layers, sizeof(uint32_t));
+	if (!hc->moe_layers)
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", file);
+	n = 0;
+	for (uint32_t l = 0; l < c->num_hidden_layers; l++)
+		if (moe_layer_rule_is_moe(&hc->rule, l))
+			hc->moe_layers[n++] = l;
+	hc->n_moe_layers = n;
+	if (n == 0)
+		return moe_err_set(err, -EINVAL, "%s: none of the %" PRIu32 " layers is an MoE layer",
+				   file, c->num_hidden_layers);
+	return 0;
+}
+
+int moe_hf_config_parse(const char *name, const char *text, struct moe_hf_config **ret,
+			struct moe_err *err)
+{
+	struct moe_hf_config *hc;
+	json_error_t jerr;
+	json_t *root;
+	int r;
+
+	root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
+	if (!root)
+		return moe_err_set(err, -EINVAL, "%s: bad JSON at line %d, column %d: %s", name,
+				   jerr.line, jerr.column, jerr.text);
+	hc = calloc(1, sizeof(*hc));
+	if (!hc) {
+		json_decref(root);
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", name);
+	}
+	r = config_from_json(name, root, hc, err);
+	json_decref(root);
+	if (r < 0) {
+		moe_hf_config_free(hc);
+		return r;
+	}
+	*ret = hc;
+	return 0;
+}
+
+int moe_hf_config_load(const char *dir, struct moe_hf_config **ret, struct moe_err *err)
+{
+	struct moe_hf_config *hc;
+	json_error_t jerr;
+	struct stat st;
+	char *path;
+	json_t *root;
+	int r;
+
+	if (stat(dir, &st) < 0)
+		return moe_err_set(err, -errno, "%s: %s", dir, strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return moe_err_set(err, -ENOTDIR, "%s: not a checkpoint directory", dir);
+	if (asprintf(&path, "%s/config.json", dir) < 0)
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", dir);
+	if (stat(path, &st) < 0) {
+		r = moe_err_set(err, -errno, "%s: %s (not a Hugging Face checkpoint?)", path,
+				strerror(errno));
+		free(path);
+		return r;
+	}
+	root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+	if (!root) {
+		r = moe_err_set(err, -EINVAL, "%s: bad JSON at line %d, column %d: %s", path,
+				jerr.line, jerr.column, jerr.text);
+		free(path);
+		return r;
+	}
+	hc = calloc(1, sizeof(*hc));
+	if (!hc) {
+		json_decref(root);
+		free(path);
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", dir);
+	}
+	r = config_from_json(path, root, hc, err);
+	json_decref(root);
+	free(path);
+	if (r < 0) {
+		moe_hf_config_free(hc);
+		return r;
+	}
+	*ret = hc;
+	return 0;
+}
+
+/* --- tensors ------------------------------------------------------------------ */
+
+void moe_hf_model_close(struct moe_hf_model *m)
+{
+	if (!m)
+		return;
+	if (m->layers && m->hc)
+		for (uint32_t i = 0; i < m->hc->n_moe_layers; i++)
+			free(m->layers[i].experts);
+	free(m->layers);
+	moe_st_checkpoint_close(m->ckpt);
+	moe_hf_config_free(m->hc);
+	free(m->dir);
+	free(m);
+}
+
+static void shape_str(char *buf, size_t len, uint32_t ndim, const uint64_t *shape)
+{
+	size_t o = 0;
+
+	o += (size_t)snprintf(buf + o, len - o, "[");
+	for (uint32_t i = 0; i < ndim && o < len; i++)
+		o += (size_t)snprintf(buf + o, len - o, "%s%" PRIu64, i ? ", " : "", shape[i]);
+	if (o < len)
+		snprintf(buf + o, len - o, "]");
+}
+
+static const char *tensor_file(const struct moe_hf_model *m, const struct moe_st_tensor *t)
+{
+	return t->file < m->ckpt->n_files ? m->ckpt->files[t->file].path : m->dir;
+}
+
+/* Where a missing tensor should have been, for the message. */
+static int missing_tensor(const struct moe_hf_model *m, const char *name, struct moe_err *err)
+{
+	char *index;
+	int sharded;
+
+	if (asprintf(&index, "%s/model.safetensors.index.json", m->dir) < 0)
+		return moe_err_set(err, -ENOENT, "tensor '%s' not found in %s", name, m->dir);
+	sharded = access(index, F_OK) == 0;
+	if (sharded)
+		moe_err_set(err, -ENOENT, "tensor '%s' not found: %s names no shard for it", name, index);
+	else if (m->ckpt->n_files == 1)
+		moe_err_set(err, -ENOENT, "tensor '%s' not found in %s", name, m->ckpt->files[0].path);
+	else
+		moe_err_set(err, -ENOENT, "tensor '%s' not found in checkpoint %s", name, m->dir);
+	free(index);
+	return -ENOENT;
+}
+
+/* Is @t a float type we serve?  FP8 gets its own message. */
+static int check_dtype(const struct moe_hf_model *m, const struct moe_st_tensor *t,
+		       struct moe_err *err)
+{
+	char scale[MAX_NAME + 16];
+
+	snprintf(scale, sizeof(scale), "%s_scale_inv", t->name);
+	if (!strncmp(t->st_dtype, "F8", 2) || moe_st_find(m->ckpt, scale))
+		return moe_err_set(err, -ENOTSUP, "FP8 block-quantized weights are not supported yet: "
+				   "tensor '%s' in %s is %s%s (convert the checkpoint to bf16 first)",
+				   t->name, tensor_file(m, t), t->st_dtype,
+				   moe_st_find(m->ckpt, scale) ? " with a weight_scale_inv" : "");
+	if (t->dtype < 0 || moe_dtype_size((enum moe_dtype)t->dtype) == 0)
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s has dtype %s; moed reads F32, BF16 and F16",
+				   t->name, tensor_file(m, t), t->st_dtype);
+	return 0;
+}
+
+/* Find @name, check dtype and that its shape is exactly @shape. */
+static int need(const struct moe_hf_model *m, const char *name, uint32_t ndim,
+		const uint64_t *shape, const struct moe_st_tensor **ret, struct moe_err *err)
+{
+	const struct moe_st_tensor *t = moe_st_find(m->ckpt, name);
+	char want[128], got[128];
+	bool same;
+	int r;
+
+	if (!t)
+		return missing_tensor(m, name, err);
+	r = check_dtype(m, t, err);
+	if (r < 0)
+		return r;
+	same = t->ndim == ndim;
+	for (uint32_t i = 0; same && i < ndim; i++)
+		same = t->shape[i] == shape[i];
+	if (!same) {
+		shape_str(want, sizeof(want), ndim, shape);
+		shape_str(got, sizeof(got), t->ndim, t->shape);
+		return moe_err_set(err, -EINVAL, "tensor '%s' in %s has shape %s, expected %s from config.json",
+				   name, tensor_file(m, t), got, want);
+	}
+	*ret = t;
+	return 0;
+}
+
+static int need2(const struct moe_hf_model *m, const char *name, uint64_t a, uint64_t b,
+		 const struct moe_st_tensor **ret, struct moe_err *err)
+{
+	uint64_t shape[2] = { a, b };
+
+	return need(m, name, 2, shape, ret, err);
+}
+
+/* Name of part @part of routed expert @j under @prefix (per-expert layout). */
+static void expert_name(const struct moe_hf_model *m, const char *prefix, uint32_t j,
+			enum moe_hf_part part, char *buf, size_t len)
+{
+	static const char *const hf[3] = { "gate_proj", "up_proj", "down_proj" };
+	static const char *const mixtral[3] = { "w1", "w3", "w2" };
+
+	snprintf(buf, len, "%sexperts.%" PRIu32 ".%s.weight", prefix, j,
+		 m->cfg.arch == MOE_ARCH_MIXTRAL ? mixtral[part] : hf[part]);
+}
+
+static void shared_name(const struct moe_hf_model *m, const char *prefix, enum moe_hf_part part,
+			char *buf, size_t len)
+{
+	static const char *const hf[3] = { "gate_proj", "up_proj", "down_proj" };
+
+	snprintf(buf, len, "%s%s.%s.weight", prefix,
+		 m->cfg.arch == MOE_ARCH_QWEN2_MOE ? "shared_expert" : "shared_experts", hf[part]);
+}
+
+/* Pick the prefix of layer @L: "model.layers.L.mlp." or, for mixtral,
+ * "model.layers.L.block_sparse_moe." when that is where its router is. */
+static void layer_prefix(const struct moe_hf_model *m, uint32_t L, char *buf, size_t len)
+{
+	char name[MAX_NAME];
+
+	if (m->cfg.arch == MOE_ARCH_MIXTRAL) {
+		snprintf(buf, len, "model.layers.%" PRIu32 ".block_sparse_moe.", L);
+		snprintf(name, sizeof(name), "%sgate.weight", buf);
+		if (moe_st_find(m->ckpt, name))
+			return;
+		snprintf(name, sizeof(name), "model.layers.%" PRIu32 ".mlp.gate.weight", L);
+		if (!moe_st_find(m->ckpt, name))
+			return;          /* the message will name block_sparse_moe */
+	}
+	snprintf(buf, len, "model.layers.%" PRIu32 ".mlp.", L);
+}
+
+/* First pass: the layout of each layer and whether any expert has a gate. */
+static void find_layout(struct moe_hf_model *m, uint64_t *ret_gates)
+{
+	char name[MAX_NAME];
+	uint64_t gates = 0;
+
+	for (uint32_t i = 0; i < m->hc->n_moe_layers; i++) {
+		struct moe_hf_layer *hl = &m->layers[i];
+		const struct moe_st_tensor *t;
+
+		hl->layer = m->hc->moe_layers[i];
+		layer_prefix(m, hl->layer, hl->prefix, sizeof(hl->prefix));
+		snprintf(name, sizeof(name), "%sexperts.gate_up_proj", hl->prefix);
+		if (moe_st_find(m->ckpt, name)) {
+			hl->fused = true;
+			gates += m->cfg.num_experts;
+			continue;
+		}
+		snprintf(name, sizeof(name), "%sexperts.up_proj", hl->prefix);
+		t = moe_st_find(m->ckpt, name);
+		if (t && t->ndim == 3) {
+			hl->fused = true;       /* fused plain experts: up [E, I, H] */
+			continue;
+		}
+		for (uint32_t j = 0; j < m->cfg.num_experts; j++) {
+			expert_name(m, hl->prefix, j, MOE_HF_GATE, name, sizeof(name));
+			if (moe_st_find(m->ckpt, name))
+				gates++;
+		}
+	}
+	*ret_gates = gates;
+}
+
+/* Track the experts' dtype: the first tensor sets it, others may differ
+ * (recorded for pack to refuse or convert). */
+static void note_dtype(struct moe_hf_model *m, const struct moe_st_tensor *t, bool *seen)
+{
+	if (!*seen) {
+		m->expert_dtype = (enum moe_dtype)t->dtype;
+		*seen = true;
+	} else if ((enum moe_dtype)t->dtype != m->expert_dtype && !m->mixed_tensor[0]) {
+		snprintf(m->mixed_tensor, sizeof(m->mixed_tensor), "%s", t->name);
+		m->mixed_dtype = (enum moe_dtype)t->dtype;
+	}
+}
+
+static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *seen,
+		       struct moe_err *err)
+{
+	const struct moe_model_config *c = &m->cfg;
+	uint64_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	uint64_t Is = c->shared_intermediate_size;
+	char name[MAX_NAME];
+	int r;
+
+	snprintf(name, sizeof(name), "%sgate.weight", hl->prefix);
+	r = need2(m, name, E, H, &hl->router, err);
+	if (r < 0)
+		return r;
+	if (c->has_bias) {
+		uint64_t shape[1] = { E };
+
+		snprintf(name, sizeof(name), "%sgate.e_score_correction_bias", hl->prefix);
+		r = need(m, name, 1, shape, &hl->bias, err);
+		if (r < 0)
+			return r;
+	}
+	if (c->shared_gate) {
+		snprintf(name, sizeof(name), "%sshared_expert_gate.weight", hl->prefix);
+		r = need2(m, name, 1, H, &hl->shared_gate, err);
+		if (r < 0)
+			return r;
+	}
+	if (Is) {
+		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
+			shared_name(m, hl->prefix, (enum moe_hf_part)p, name, sizeof(name));
+			r = p == MOE_HF_DOWN ? need2(m, name, H, Is, &hl->shared[p], err)
+					     : need2(m, name, Is, H, &hl->shared[p], err);
+			if (r < 0)
+				return r;
+			note_dtype(m, hl->shared[p], seen);
+		}
+	}
+	if (hl->fused) {
+		uint64_t gu[3] = { E, c->gated ? 2 * I : I, H }, dn[3] = { E, H, I };
+
+		snprintf(name, sizeof(name), "%sexperts.%s", hl->prefix, c->gated ? "gate_up_proj" : "up_proj");
+		r = need(m, name, 3, gu, &hl->gate_up, err);
+		if (r < 0)
+			return r;
+		note_dtype(m, hl->gate_up, seen);
+		snprintf(name, sizeof(name), "%sexperts.down_proj", hl->prefix);
+		r = need(m, name, 3, dn, &hl->down, err);
+		if (r < 0)
+			return r;
+		note_dtype(m, hl->down, seen);
+		return 0;
+	}
+	hl->experts = calloc(E * 3, sizeof(*hl->experts));
+	if (!hl->experts)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	for (uint32_t j = 0; j < E; j++)
+		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
+			const struct moe_st_tensor **t = &hl->experts[(uint64_t)j * 3 + (uint64_t)p];
+
+			expert_name(m, hl->prefix, j, (enum moe_hf_part)p, name, sizeof(name));
+			r = p == MOE_HF_DOWN ? need2(m, name, H, I, t, err) : need2(m, name, I, H, t, err);
+			if (r < 0)
+				return r;
+			note_dtype(m, *t, seen);
+		}
+	return 0;
+}
+
+int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err *err)
+{
+	struct moe_hf_model *m;
+	uint64_t gates = 0;
+	bool seen = false;
+	int r;
+
+	m = calloc(1, sizeof(*m));
+	if (!m || !(m->dir = strdup(dir))) {
+		free(m);
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	}
+	r = moe_hf_config_load(dir, &m->hc, err);
+	if (r < 0)
+		goto fail;
+	m->cfg = m->hc->cfg;
+	r = moe_st_checkpoint_open(dir, &m->ckpt, err);
+	if (r < 0)
+		goto fail;
+	m->layers = calloc(m->hc->n_moe_layers, sizeof(*m->layers));
+	if (!m->layers) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	find_layout(m, &gates);
+	/* Gated unless no expert anywhere has a gate; if any has one, every one
+	 * must, and check_layer names the first without. */
+	m->cfg.gated = gates > 0;
+	for (uint32_t i = 0; i < m->hc->n_moe_layers; i++) {
+		r = check_layer(m, &m->layers[i], &seen, err);
+		if (r < 0)
+			goto fail;
+	}
+	m->cfg.weight_dtype = m->expert_dtype;
+	*ret = m;
+	return 0;
+fail:
+	moe_hf_model_close(m);
+	return r;
+}
+
+int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expert,
+			enum moe_hf_part part, struct moe_hf_slice *ret)
+{
+	const struct moe_model_config *c = &m->cfg;
+	const struct moe_hf_layer *hl;
+	struct moe_hf_slice s;
+	uint64_t mat, es;
+
+	if (li >= m->hc->n_moe_layers || (part == MOE_HF_GATE && !c->gated) || part > MOE_HF_DOWN)
+		return -ENOENT;
+	hl = &m->layers[li];
+	memset(&s, 0, sizeof(s));
+	if (expert == UINT32_MAX) {
+		if (!c->shared_intermediate_size)
+			return -ENOENT;
+		s.t = hl->shared[part];
+		s.nbytes = s.t->nbytes;
+		s.n_elems = (uint64_t)c->hidden_size * c->shared_intermediate_size;
+	} else if (expert >= c->num_experts) {
+		return -ENOENT;
+	} else if (hl->fused) {
+		s.t = part == MOE_HF_DOWN ? hl->down : hl->gate_up;
+		es = moe_dtype_size((enum moe_dtype)s.t->dtype);
+		s.n_elems = (uint64_t)c->hidden_size * c->moe_intermediate_size;
+		mat = s.n_elems * es;
+		if (part == MOE_HF_DOWN || !c->gated)
+			s.offset = expert * mat;
+		else
+			s.offset = (2 * (uint64_t)expert + (part == MOE_HF_UP)) * mat;
+		s.nbytes = mat;
+	} else {
+		s.t = hl->experts[(uint64_t)expert * 3 + part];
+		s.nbytes = s.t->nbytes;
+		s.n_elems = (uint64_t)c->hidden_size * c->moe_intermediate_size;
+	}
+	s.dtype = (enum moe_dtype)s.t->dtype;
+	*ret = s;
+	return 0;
+}

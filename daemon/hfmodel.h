@@ -1,4 +1,117 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * Hugging Face checkpoints as moed reads them: config.json -> struct
+ * moe_model_config and the list of MoE layers; the names, shapes and places
+ * of the tensors each MoE layer needs (per-expert or transformers-v5 fused
+ * layout).  See ARCHITECTURE.md 4.1 and moe-store(5).
+ */
 #ifndef MOE_HFMODEL_H
 #define MOE_HFMODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+#include "safetensors.h"
+
+/*
+ * What config.json says.  cfg.gated is true and cfg.weight_dtype is
+ * MOE_DTYPE_BF16 here: neither is in config.json, both come from the
+ * checkpoint (moe_hf_model_open).
+ */
+struct moe_hf_config {
+	struct moe_model_config cfg;
+	struct moe_layer_rule rule;       /* rule.mlp_only_layers points into this struct */
+	uint32_t n_moe_layers;
+	uint32_t *moe_layers;             /* checkpoint layer numbers, increasing */
+	uint32_t *mlp_only_layers;        /* owned; rule.mlp_only_layers */
+};
+
+/*
+ * Parse @dir/config.json.  Errors name the file and the field: missing file,
+ * bad JSON (with line and column), missing or ill-typed field, unknown
+ * model_type (the supported ones are listed), values out of range
+ * (moe_model_config_validate).  Optional fields take the defaults of
+ * transformers' config class, except n_group/topk_group: absent means no
+ * grouping (1).
+ */
+int moe_hf_config_load(const char *dir, struct moe_hf_config **ret, struct moe_err *err);
+
+/* As moe_hf_config_load, from a JSON text; @name is used in messages. */
+int moe_hf_config_parse(const char *name, const char *json, struct moe_hf_config **ret,
+			struct moe_err *err);
+
+void moe_hf_config_free(struct moe_hf_config *hc);
+
+/* The parts of a gated expert, in blob order (no GATE when !gated). */
+enum moe_hf_part {
+	MOE_HF_GATE = 0,   /* [I][H] */
+	MOE_HF_UP = 1,     /* [I][H] */
+	MOE_HF_DOWN = 2,   /* [H][I] */
+};
+
+/* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint. */
+struct moe_hf_slice {
+	const struct moe_st_tensor *t;
+	uint64_t offset;                  /* inside the tensor's data */
+	uint64_t nbytes;
+	uint64_t n_elems;
+	enum moe_dtype dtype;
+};
+
+/* Where one MoE layer's tensors are. */
+struct moe_hf_layer {
+	uint32_t layer;                   /* checkpoint layer number */
+	bool fused;                       /* transformers v5 fused experts */
+	char prefix[64];                  /* "model.layers.L.mlp." (or block_sparse_moe.) */
+	const struct moe_st_tensor *router;       /* [E, H] */
+	const struct moe_st_tensor *bias;         /* [E] (has_bias) */
+	const struct moe_st_tensor *shared_gate;  /* [1, H] (shared_gate) */
+	const struct moe_st_tensor *shared[3];    /* [Is,H] [Is,H] [H,Is] by part */
+	const struct moe_st_tensor *gate_up;      /* fused: [E, 2I, H] ([E, I, H] up when plain) */
+	const struct moe_st_tensor *down;         /* fused: [E, H, I] */
+	const struct moe_st_tensor **experts;     /* per expert: [E * 3] by part, unfused */
+};
+
+/* A checkpoint opened for packing: config plus every tensor located and
+ * checked. */
+struct moe_hf_model {
+	char *dir;
+	struct moe_hf_config *hc;
+	struct moe_model_config cfg;      /* hc->cfg with gated set from the tensors */
+	struct moe_st_checkpoint *ckpt;
+	struct moe_hf_layer *layers;      /* hc->n_moe_layers */
+	enum moe_dtype expert_dtype;      /* dtype of the first expert tensor */
+	char mixed_tensor[256];           /* first expert tensor in another dtype, "" if none */
+	enum moe_dtype mixed_dtype;
+};
+
+/*
+ * Open config.json and the safetensors files of @dir and check every tensor
+ * the MoE layers need: present (a missing one is named with the file or
+ * checkpoint that should hold it), shape exact (expected and found shown),
+ * dtype F32, BF16 or F16 (FP8 block-quantized checkpoints are refused by
+ * name).  Experts are gated unless no expert of any layer has a gate tensor.
+ * Experts in more than one dtype are allowed here (mixed_tensor says so);
+ * moe_pack refuses them unless asked to convert.
+ */
+int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err *err);
+
+void moe_hf_model_close(struct moe_hf_model *m);
+
+/*
+ * Where part @part of expert @expert of layer index @li lies (@expert ==
+ * UINT32_MAX: the shared expert).  Returns 0, or -ENOENT for the gate of a
+ * plain expert or a shared expert the model does not have.
+ */
+int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expert,
+			enum moe_hf_part part, struct moe_hf_slice *ret);
+
+/* "gate", "up", "down" as Hugging Face names the projections. */
+const char *moe_hf_part_name(enum moe_hf_part part);
+
+/* The supported model_type values, comma-separated (for messages). */
+const char *moe_hf_supported_types(void);
+
 #endif

@@ -1,2 +1,232 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * Hugging Face checkpoint -> .moe store.
+ *
+ * hfmodel.c has already found and checked every tensor; here each MoE
+ * layer's router becomes float32, and each expert's gate, up and down
+ * matrices are streamed (in bounded chunks, converted when the dtype
+ * changes) into one contiguous blob that the store writer places and
+ * checksums.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hfmodel.h"
+#include "pack.h"
+#include "store.h"
+
+/* Elements converted per step: bounds the staging buffers (16 MiB of
+ * float32) whatever the tensor size. */
+#define CHUNK_ELEMS ((uint64_t)4 << 20)
+
+struct packer {
+	const struct moe_pack_options *opt;
+	struct moe_hf_model *m;
+	uint8_t *stage;                  /* source bytes awaiting conversion */
+	float *fbuf;                     /* float32 between source and target */
+	uint64_t done, total;            /* source bytes, for progress */
+	char what[64];
+};
+
+/* Copy @s (n_elems of its dtype) to @dst as @to, converting in chunks. */
+static int copy_slice(struct packer *pk, const struct moe_hf_slice *s, void *dst,
+		      enum moe_dtype to, struct moe_err *err)
+{
+	size_t es_src = moe_dtype_size(s->dtype), es_dst = moe_dtype_size(to);
+	uint8_t *out = dst;
+	int r;
+
+	for (uint64_t i = 0; i < s->n_elems;) {
+		uint64_t k = s->n_elems - i < CHUNK_ELEMS ? s->n_elems - i : CHUNK_ELEMS;
+		uint64_t off = s->offset + i * es_src;
+		uint8_t *d = out + i * es_dst;
+
+		if (s->dtype == to) {
+			r = moe_st_read(pk->m->ckpt, s->t, off, d, k * es_src, err);
+		} else {
+			r = moe_st_read(pk->m->ckpt, s->t, off, pk->stage, k * es_src, err);
+			if (r == 0 && to == MOE_DTYPE_F32) {
+				moe_dtype_to_f32(s->dtype, pk->stage, (float *)(void *)d, (size_t)k);
+			} else if (r == 0) {
+				moe_dtype_to_f32(s->dtype, pk->stage, pk->fbuf, (size_t)k);
+				moe_dtype_from_f32(to, pk->fbuf, d, (size_t)k);
+			}
+		}
+		if (r < 0)
+			return r;
+		i += k;
+		pk->done += k * es_src;
+		if (pk->opt && pk->opt->progress)
+			pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+	}
+	return 0;
+}
+
+static int copy_tensor_f32(struct packer *pk, const struct moe_st_tensor *t, float *dst,
+			   uint64_t n_elems, struct moe_err *err)
+{
+	struct moe_hf_slice s = {
+		.t = t, .offset = 0, .nbytes = t->nbytes, .n_elems = n_elems,
+		.dtype = (enum moe_dtype)t->dtype,
+	};
+
+	return copy_slice(pk, &s, dst, MOE_DTYPE_F32, err);
+}
+
+/* One expert (@expert, or UINT32_MAX for the shared one) into @blob:
+ * gate, up, down back to back in the store's dtype. */
+static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t *blob,
+		       enum moe_dtype to, struct moe_err *err)
+{
+	uint64_t pos = 0;
+	int r;
+
+	for (int p = pk->m->cfg.gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
+		struct moe_hf_slice s;
+
+		r = moe_hf_expert_slice(pk->m, li, expert, (enum moe_hf_part)p, &s);
+		if (r < 0)
+			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
+					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
+		r = copy_slice(pk, &s, blob + pos, to, err);
+		if (r < 0)
+			return r;
+		pos += s.n_elems * moe_dtype_size(to);
+	}
+	return 0;
+}
+
+/* Bytes pack reads from the checkpoint: the total for progress. */
+static uint64_t source_bytes(const struct moe_hf_model *m)
+{
+	const struct moe_model_config *c = &m->cfg;
+	uint64_t total = 0;
+
+	for (uint32_t li = 0; li < m->hc->n_moe_layers; li++) {
+		const struct moe_hf_layer *hl = &m->layers[li];
+
+		total += hl->router->nbytes;
+		if (hl->bias)
+			total += hl->bias->nbytes;
+		if (hl->shared_gate)
+			total += hl->shared_gate->nbytes;
+		for (uint32_t j = 0; j <= c->num_experts; j++) {
+			uint32_t e = j == c->num_experts ? UINT32_MAX : j;   /* last: shared */
+			struct moe_hf_slice sl;
+
+			for (int p = MOE_HF_GATE; p <= MOE_HF_DOWN; p++)
+				if (moe_hf_expert_slice(m, li, e, (enum moe_hf_part)p, &sl) == 0)
+					total += sl.nbytes;
+		}
+	}
+	return total;
+}
+
+int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options *opt,
+	     struct moe_err *err)
+{
+	struct packer pk = { .opt = opt };
+	struct moe_store_writer *w = NULL;
+	struct moe_model_config cfg;
+	enum moe_dtype to;
+	float *router = NULL, *bias = NULL, *sgate = NULL;
+	uint8_t *blob = NULL, *shared = NULL;
+	char *source = NULL;
+	uint64_t E, H;
+	int r;
+
+	r = moe_hf_model_open(hf_dir, &pk.m, err);
+	if (r < 0)
+		return r;
+	cfg = pk.m->cfg;
+	E = cfg.num_experts;
+	H = cfg.hidden_size;
+	if (opt && opt->dtype >= 0) {
+		if (opt->dtype >= MOE_DTYPE_COUNT) {
+			r = moe_err_set(err, -EINVAL, "invalid target dtype %d", opt->dtype);
+			goto out;
+		}
+		to = (enum moe_dtype)opt->dtype;
+	} else if (pk.m->mixed_tensor[0]) {
+		r = moe_err_set(err, -EINVAL, "%s: expert weights come in more than one dtype (%s, and %s in "
+				"tensor '%s'); choose one with --dtype", hf_dir,
+				moe_dtype_name(pk.m->expert_dtype), moe_dtype_name(pk.m->mixed_dtype),
+				pk.m->mixed_tensor);
+		goto out;
+	} else {
+		to = pk.m->expert_dtype;
+	}
+	cfg.weight_dtype = to;
+
+	source = realpath(hf_dir, NULL);
+	r = moe_store_writer_open(out, &cfg, pk.m->hc->n_moe_layers, pk.m->hc->moe_layers,
+				  source ? source : hf_dir,
+				  pk.m->mixed_tensor[0] ? "mixed" : moe_dtype_name(pk.m->expert_dtype),
+				  &w, err);
+	if (r < 0)
+		goto out;
+
+	router = malloc(E * H * sizeof(float));
+	bias = malloc(E * sizeof(float));
+	sgate = malloc(H * sizeof(float));
+	pk.fbuf = malloc(CHUNK_ELEMS * sizeof(float));
+	pk.stage = malloc(CHUNK_ELEMS * sizeof(float));
+	/* 4096-aligned like the reader's buffers; the writer does not need it */
+	if (posix_memalign((void **)&blob, 4096, moe_expert_bytes(&cfg) ? moe_expert_bytes(&cfg) : 1))
+		blob = NULL;
+	if (cfg.shared_intermediate_size &&
+	    posix_memalign((void **)&shared, 4096, moe_shared_bytes(&cfg)))
+		shared = NULL;
+	if (!router || !bias || !sgate || !pk.fbuf || !pk.stage || !blob ||
+	    (cfg.shared_intermediate_size && !shared)) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+
+	pk.total = source_bytes(pk.m);
+	for (uint32_t li = 0; li < pk.m->hc->n_moe_layers; li++) {
+		const struct moe_hf_layer *hl = &pk.m->layers[li];
+
+		snprintf(pk.what, sizeof(pk.what), "layer %" PRIu32, hl->layer);
+		r = copy_tensor_f32(&pk, hl->router, router, E * H, err);
+		if (r == 0 && cfg.has_bias)
+			r = copy_tensor_f32(&pk, hl->bias, bias, E, err);
+		if (r == 0 && cfg.shared_gate)
+			r = copy_tensor_f32(&pk, hl->shared_gate, sgate, H, err);
+		if (r == 0)
+			r = moe_store_writer_put_router(w, li, router, cfg.has_bias ? bias : NULL,
+							cfg.shared_gate ? sgate : NULL, err);
+		if (r == 0 && cfg.shared_intermediate_size) {
+			r = copy_expert(&pk, li, UINT32_MAX, shared, to, err);
+			if (r == 0)
+				r = moe_store_writer_put_shared(w, li, shared, err);
+		}
+		for (uint32_t j = 0; r == 0 && j < E; j++) {
+			r = copy_expert(&pk, li, j, blob, to, err);
+			if (r == 0)
+				r = moe_store_writer_put_expert(w, li, j, blob, err);
+		}
+		if (r < 0)
+			goto out;
+	}
+	r = moe_store_writer_finish(w, err);
+	w = NULL;
+out:
+	moe_store_writer_abort(w);
+	moe_hf_model_close(pk.m);
+	free(source);
+	free(router);
+	free(bias);
+	free(sgate);
+	free(pk.fbuf);
+	free(pk.stage);
+	free(blob);
+	free(shared);
+	return r;
+}

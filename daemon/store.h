@@ -144,6 +144,28 @@ int moe_store_read_shared(const struct moe_store *s, uint32_t li, void *buf, str
 int moe_store_read_expert(const struct moe_store *s, uint32_t li, uint32_t expert,
 			  void *buf, struct moe_err *err);
 
+/* Absolute file offset of expert @expert of layer index @li (no checks: the
+ * caller keeps li < num_moe_layers and expert < num_experts).  The blob is
+ * expert_bytes long, padded with zeros to expert_stride; offset and stride
+ * are multiples of expert_align, so one O_DIRECT read of expert_stride
+ * bytes brings it in. */
+uint64_t moe_store_expert_offset(const struct moe_store *s, uint32_t li, uint32_t expert);
+
+/* Verify the checksum of expert @expert of layer index @li already in @buf
+ * (its first expert_bytes bytes), e.g. after an O_DIRECT read by the pager.
+ * 0, or -EIO naming the store, layer and expert. */
+int moe_store_check_expert(const struct moe_store *s, uint32_t li, uint32_t expert,
+			   const void *buf, struct moe_err *err);
+
+/* XXH3-64 (seed 0) of @len bytes: the checksum every part of a store uses. */
+uint64_t moe_store_checksum(const void *buf, uint64_t len);
+
+/* The expert_align a writer picks for experts of @expert_bytes. */
+uint64_t moe_store_expert_align_for(uint64_t expert_bytes);
+
+/* Number of checksummed blobs (routers, shared experts, experts). */
+uint64_t moe_store_blob_count(const struct moe_store *s);
+
 /*
  * Check every checksum in the file.  @on_bad (may be NULL) is called with a
  * one-line message for each bad blob; @progress (may be NULL) with bytes

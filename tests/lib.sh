@@ -1,2 +1,98 @@
-#!/bin/sh
-exit 77
+# SPDX-License-Identifier: MIT
+# Helpers for the shell tests (POSIX sh).  Source it first:
+#
+#	. "${top_srcdir:-.}/tests/lib.sh"
+#
+# It checks $MOECTL (skips the test, exit 77, when the binary is missing),
+# makes a temporary directory $T removed at exit (kept when MOE_TEST_KEEP is
+# set), and gives:
+#
+#	fail MSG...          print "FAIL: MSG" on stderr and exit 1
+#	skip MSG...          print "SKIP: MSG" and exit 77
+#	run CMD...           run CMD, its stdout in $T/out, stderr in $T/err,
+#	                     exit status in $rc; a crash (status >= 128) fails
+#	expect_ok CMD...     run CMD; fail unless it exits 0
+#	expect_fail CMD...   run CMD; fail unless it exits non-zero without a
+#	                     crash and says something on stderr
+#	expect_msg PATTERN   fail unless the last command's stderr matches the
+#	                     extended regular expression PATTERN
+#	expect_out PATTERN   the same for its stdout
+#	expect_one_line      fail unless the last command's stderr is one line
+#	gen_model DIR ARGS.. moectl gen-model ARGS -o DIR, failing on error
+#
+# Exit status: 0 pass, 1 fail, 77 skip (automake's convention).
+
+
+: "${MOECTL:=${top_builddir:-.}/client/moectl}"
+if [ ! -x "$MOECTL" ]; then
+	echo "SKIP: moectl not found at $MOECTL" >&2
+	exit 77
+fi
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/moe-sh.XXXXXX") || exit 1
+moe_cleanup() {
+	if [ -n "${MOE_TEST_KEEP:-}" ]; then
+		echo "kept $T" >&2
+	else
+		rm -rf "$T"
+	fi
+}
+trap moe_cleanup EXIT
+trap 'exit 1' INT TERM HUP
+
+LAST_CMD=
+
+fail() {
+	echo "FAIL: $*" >&2
+	if [ -n "$LAST_CMD" ] && [ -f "$T/err" ]; then
+		echo "  last command: $LAST_CMD (exit $rc)" >&2
+		sed 's/^/  stderr: /' "$T/err" >&2
+	fi
+	exit 1
+}
+
+skip() {
+	echo "SKIP: $*" >&2
+	exit 77
+}
+
+run() {
+	LAST_CMD="$*"
+	rc=0
+	"$@" >"$T/out" 2>"$T/err" || rc=$?
+	if [ "$rc" -ge 128 ]; then
+		fail "crashed (exit $rc): $*"
+	fi
+	return 0
+}
+
+expect_ok() {
+	run "$@"
+	[ "$rc" -eq 0 ] || fail "expected success: $*"
+}
+
+expect_fail() {
+	run "$@"
+	[ "$rc" -ne 0 ] || fail "expected failure: $*"
+	[ -s "$T/err" ] || fail "failed without a message on stderr: $*"
+}
+
+expect_msg() {
+	grep -Eq -- "$1" "$T/err" || fail "stderr does not match '$1'"
+}
+
+expect_out() {
+	grep -Eq -- "$1" "$T/out" || fail "stdout does not match '$1'"
+}
+
+expect_one_line() {
+	n=$(wc -l <"$T/err")
+	[ "$n" -eq 1 ] || fail "expected one line on stderr, got $n"
+}
+
+gen_model() {
+	dir=$1
+	shift
+	"$MOECTL" gen-model "$@" -o "$dir" >"$T/gen.out" 2>&1 ||
+		{ cat "$T/gen.out" >&2; fail "gen-model $* -o $dir"; }
+}
