@@ -1,1 +1,108 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
+#
+# moed quick start: generate a small DeepSeek-V3-shaped checkpoint, pack it
+# into a .moe store, run one of its MoE layers on batches of 1, 16 and 256
+# random tokens, and compare with the same layer computing every expert.
+#
+#   ./demo.sh                  after a build in the source tree
+#   BUILD_DIR=../build ./demo.sh
+#   DEMO_DIR=/scratch ./demo.sh  where the temporary files go (default /tmp);
+#                                about 1.7 GB, removed at the end
+#
+# Exits non-zero if any step fails.
+
+set -u
+
+src=$(cd "$(dirname "$0")" && pwd)
+BUILD_DIR=${BUILD_DIR:-$src}
+MOECTL=${MOECTL:-$BUILD_DIR/client/moectl}
+REPEAT=${REPEAT:-5}   # runs per batch: the first loads the experts, the best of the rest is shown
+
+die() {
+	echo "demo: $*" >&2
+	exit 1
+}
+
+[ "$REPEAT" -ge 2 ] 2>/dev/null || die "REPEAT must be at least 2"
+[ -x "$MOECTL" ] || die "no moectl at $MOECTL: build first (./configure && make), or set BUILD_DIR"
+
+parent=${DEMO_DIR:-${TMPDIR:-/tmp}}
+mkdir -p "$parent" || die "cannot create $parent"
+avail=$(df -Pk "$parent" | awk 'NR == 2 { print $4 }')
+[ "${avail:-0}" -gt 1800000 ] || die "$parent has $((${avail:-0} / 1024)) MB free; the demo needs 1.8 GB (set DEMO_DIR)"
+work=$(mktemp -d "$parent/moed-demo-XXXXXX") || die "cannot create a directory in $parent"
+trap 'rm -rf "$work"' EXIT
+trap 'exit 1' HUP INT TERM
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# run LOG CMD...: run a step, keep its output in LOG, stop the demo if it fails.
+run() {
+	log=$1
+	shift
+	if ! "$@" >"$log" 2>&1; then
+		sed 's/^/  | /' "$log" >&2
+		die "failed: $*"
+	fi
+}
+
+# field LOG PATTERN: the first number after PATTERN in LOG.
+field() {
+	sed -n "s/.*$2 *\([0-9][0-9.]*\).*/\1/p" "$1" | head -n 1
+}
+
+# The shape.  DeepSeek-V3 itself: hidden 7168, 256 experts of 2048, top-8 in
+# 4 of 8 groups, 1 shared expert: 44 MB per expert in bf16, too much for a
+# demo.  This keeps the routing and the shared expert and shrinks the rest.
+H=2048 I=512 E=64 K=8 G=8 KG=4 SHARED=1 LAYERS=3 LAYER=1
+
+echo "moed demo: one MoE layer of a small DeepSeek-V3-shaped model"
+echo "model: deepseek_v3 layout, hidden $H, $E routed experts (intermediate $I) + $SHARED shared,"
+echo "       top-$K in $KG of $G groups, sigmoid routing with correction bias, bf16 weights,"
+echo "       $LAYERS layers (layer 0 dense); DeepSeek-V3 itself: hidden 7168, 256 experts of 2048"
+
+t0=$(now)
+run "$work/gen.log" "$MOECTL" gen-model --arch deepseek_v3 --layers $LAYERS --first-dense 1 \
+	--hidden $H --moe-intermediate $I --intermediate $((2 * I)) --experts $E --top-k $K \
+	--groups $G --topk-group $KG --shared-experts $SHARED --vocab 1024 --mtp-layers 0 \
+	--seed 1 -o "$work/hf"
+echo "[1/4] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
+
+t0=$(now)
+run "$work/pack.log" "$MOECTL" pack "$work/hf" -o "$work/model.moe"
+rm -rf "$work/hf"
+run "$work/verify.log" "$MOECTL" verify "$work/model.moe"
+echo "[2/4] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
+
+echo "[3/4] forward, layer $LAYER (first run reads the experts it needs from the store;"
+echo "      then the best of $((REPEAT - 1)) runs):"
+printf '      %6s  %12s  %12s  %10s\n' tokens "first run" "per batch" "tokens/s"
+for T in 1 16 256; do
+	run "$work/fwd$T.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER \
+		--random-input $T --repeat "$REPEAT" --stats --top 8
+	first=$(field "$work/fwd$T.log" "first run:")
+	best=$(field "$work/fwd$T.log" "ms mean,")
+	[ -n "$first" ] && [ -n "$best" ] || die "no timing in the output of forward ($work/fwd$T.log)"
+	awk -v t=$T -v f="$first" -v b="$best" \
+		'BEGIN { printf "      %6d  %9.1f ms  %9.2f ms  %10.0f\n", t, f, b, t / (b / 1e3) }'
+done
+backend=$(sed -n 's/^backend: \([a-z]*\).*/\1/p' "$work/fwd256.log")
+echo "      (backend: ${backend:-?}; $(nproc 2>/dev/null || echo ?) CPUs)"
+echo "      load of the $E experts for the 256-token batch (tokens per expert, busiest first):"
+sed -n '/^expert load/,/^imbalance/p' "$work/fwd256.log" | sed '1d; s/^ *//; s/^/        /'
+
+run "$work/dense.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER \
+	--random-input 256 --repeat "$REPEAT" --stats --all-experts
+dense=$(field "$work/dense.log" "ms mean,")
+[ -n "$dense" ] || die "no timing in the output of forward --all-experts"
+awk -v e=$E -v d="$dense" 'BEGIN {
+	printf "[4/4] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
+}'
+awk -v s="$best" -v d="$dense" -v e=$E -v k=$K -v sh=$SHARED 'BEGIN {
+	printf "      top-%d of %d experts: %.1fx faster than computing every expert\n", k, e, d / s
+	printf "      (ideal %.1fx: %d instead of %d expert FFNs per token, counting the shared one)\n",
+		(e + sh) / (k + sh), k + sh, e + sh
+}'
+echo "done; removing $work"

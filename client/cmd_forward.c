@@ -1,4 +1,551 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * moectl forward: run one MoE layer on a batch read from an .npy file.
+ *
+ * With --model STORE the layer runs in this process through the engine
+ * (the same code moed uses); through the daemon comes with the daemon.
+ * The input is float32 [T,H] or [B,S,H] (bfloat16 with --dtype bf16); the
+ * output has the input's shape and dtype.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "engine.h"
 #include "moectl.h"
-int cmd_forward(int argc, char **argv) { (void)argc; (void)argv; return moectl_fail("forward: not built yet"); }
+#include "npy.h"
+
+#define FWD_MAX_REPEAT 1000000u
+#define FWD_MAX_THREADS 4096u
+#define FWD_MAX_RANDOM_TOKENS (1u << 24)  /* --random-input: 16M tokens is plenty */
+#define FWD_HIST_WIDTH 30                  /* characters of the longest bar */
+#define FWD_HIST_ALL_MAX 64                /* show every expert up to this many */
+#define FWD_HIST_TOP 32                    /* otherwise the busiest this many */
+
+static void usage(FILE *f)
+{
+	fputs("usage: moectl forward --model STORE --layer L (--input IN.npy | --random-input T)\n"
+	      "                      [--output OUT.npy] [options]\n"
+	      "\n"
+	      "Run MoE layer L (the checkpoint's layer number) on a batch of hidden states.\n"
+	      "The input is float32 of shape [T,H] or [B,S,H] with H the model's hidden size;\n"
+	      "the output has the same shape and dtype.\n"
+	      "\n"
+	      "  --model STORE        run in this process on a .moe store (no daemon)\n"
+	      "  --layer L            the MoE layer to run\n"
+	      "  --input IN.npy       the hidden states\n"
+	      "  --random-input T     instead of --input: T tokens uniform in [-1, 1)\n"
+	      "                       from a fixed generator (see --seed), shape [T,H]\n"
+	      "  --seed N             seed of --random-input (default 1)\n"
+	      "  --save-input IN.npy  with --random-input, also write the input it made\n"
+	      "  --output OUT.npy     where to write the result\n"
+	      "  --dtype f32|bf16     activation dtype (default f32); bf16 input and output\n"
+	      "                       are raw bfloat16 words ('<u2'), computed in float32\n"
+	      "  --routing-out R.npz  save the routing: \"ids\" int32 [T,k], \"weights\" float32 [T,k]\n"
+	      "  --threads N          CPU threads (default: one per online CPU)\n"
+	      "  --backend B          auto, cpu or cuda (default auto)\n"
+	      "  --repeat N           run the layer N times (timing; the output is the last run's)\n"
+	      "  --stats              print throughput and the per-expert load on stdout\n"
+	      "  --top N              with --stats, show only the N busiest experts\n"
+	      "  --all-experts        every expert for every token with weight 1/E: the dense\n"
+	      "                       comparison for timing; the output is not the model's\n"
+	      "  -h, --help           this text\n"
+	      "\n"
+	      "At least one of --output, --routing-out or --stats is needed.\n", f);
+}
+
+struct fwd_args {
+	const char *model;
+	const char *input;
+	const char *output;
+	const char *routing_out;
+	const char *save_input;
+	const char *backend;
+	uint64_t layer;
+	uint64_t random_tokens;
+	uint64_t seed;
+	uint64_t threads;
+	uint64_t repeat;
+	uint64_t top;
+	bool have_layer;
+	bool have_random;
+	bool bf16;
+	bool stats;
+	bool all_experts;
+};
+
+enum {
+	OPT_MODEL = 256, OPT_LAYER, OPT_INPUT, OPT_RANDOM, OPT_SEED, OPT_SAVE_INPUT, OPT_OUTPUT, OPT_DTYPE,
+	OPT_ROUTING, OPT_THREADS, OPT_BACKEND, OPT_REPEAT, OPT_STATS, OPT_TOP, OPT_ALL,
+};
+
+static const struct option long_opts[] = {
+	{ "model", required_argument, NULL, OPT_MODEL },
+	{ "layer", required_argument, NULL, OPT_LAYER },
+	{ "input", required_argument, NULL, OPT_INPUT },
+	{ "random-input", required_argument, NULL, OPT_RANDOM },
+	{ "seed", required_argument, NULL, OPT_SEED },
+	{ "save-input", required_argument, NULL, OPT_SAVE_INPUT },
+	{ "output", required_argument, NULL, OPT_OUTPUT },
+	{ "dtype", required_argument, NULL, OPT_DTYPE },
+	{ "routing-out", required_argument, NULL, OPT_ROUTING },
+	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "backend", required_argument, NULL, OPT_BACKEND },
+	{ "repeat", required_argument, NULL, OPT_REPEAT },
+	{ "stats", no_argument, NULL, OPT_STATS },
+	{ "top", required_argument, NULL, OPT_TOP },
+	{ "all-experts", no_argument, NULL, OPT_ALL },
+	{ "help", no_argument, NULL, 'h' },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* Returns 0, 1 (error, already reported) or -1 (--help: exit 0). */
+static int parse_args(int argc, char **argv, struct fwd_args *a)
+{
+	int c;
+
+	memset(a, 0, sizeof(*a));
+	a->repeat = 1;
+	a->seed = 1;
+	opterr = 0;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "+:h", long_opts, NULL)) != -1) {
+		switch (c) {
+		case OPT_MODEL:
+			a->model = optarg;
+			break;
+		case OPT_LAYER:
+			if (moectl_parse_u64("--layer", optarg, 0, UINT32_MAX, &a->layer) < 0)
+				return 1;
+			a->have_layer = true;
+			break;
+		case OPT_INPUT:
+			a->input = optarg;
+			break;
+		case OPT_RANDOM:
+			if (moectl_parse_u64("--random-input", optarg, 1, FWD_MAX_RANDOM_TOKENS,
+					     &a->random_tokens) < 0)
+				return 1;
+			a->have_random = true;
+			break;
+		case OPT_SEED:
+			if (moectl_parse_u64("--seed", optarg, 0, UINT64_MAX, &a->seed) < 0)
+				return 1;
+			break;
+		case OPT_SAVE_INPUT:
+			a->save_input = optarg;
+			break;
+		case OPT_OUTPUT:
+			a->output = optarg;
+			break;
+		case OPT_DTYPE:
+			if (!strcmp(optarg, "f32") || !strcmp(optarg, "float32"))
+				a->bf16 = false;
+			else if (!strcmp(optarg, "bf16") || !strcmp(optarg, "bfloat16"))
+				a->bf16 = true;
+			else
+				return moectl_fail("forward: --dtype must be f32 or bf16, not '%s'", optarg);
+			break;
+		case OPT_ROUTING:
+			a->routing_out = optarg;
+			break;
+		case OPT_THREADS:
+			if (moectl_parse_u64("--threads", optarg, 1, FWD_MAX_THREADS, &a->threads) < 0)
+				return 1;
+			break;
+		case OPT_BACKEND:
+			if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "cuda"))
+				return moectl_fail("forward: --backend must be auto, cpu or cuda, not '%s'",
+						   optarg);
+			a->backend = optarg;
+			break;
+		case OPT_REPEAT:
+			if (moectl_parse_u64("--repeat", optarg, 1, FWD_MAX_REPEAT, &a->repeat) < 0)
+				return 1;
+			break;
+		case OPT_STATS:
+			a->stats = true;
+			break;
+		case OPT_TOP:
+			if (moectl_parse_u64("--top", optarg, 1, UINT32_MAX, &a->top) < 0)
+				return 1;
+			break;
+		case OPT_ALL:
+			a->all_experts = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return -1;
+		case ':':
+			return moectl_fail("forward: %s needs a value", argv[optind - 1]);
+		default:
+			return moectl_fail("forward: unknown option '%s' (see moectl forward --help)",
+					   argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		return moectl_fail("forward: unexpected argument '%s' (see moectl forward --help)",
+				   argv[optind]);
+	if (!a->model)
+		return moectl_fail("forward through the daemon is not available yet; use --model STORE");
+	if (!a->have_layer)
+		return moectl_fail("forward: --layer L is required");
+	if (!a->input == !a->have_random)
+		return moectl_fail("forward: give exactly one of --input IN.npy and --random-input T");
+	if (!a->output && !a->routing_out && !a->stats && !a->save_input)
+		return moectl_fail("forward: nothing to do: give --output, --routing-out or --stats");
+	if (a->save_input && !a->have_random)
+		return moectl_fail("forward: --save-input only goes with --random-input");
+	if (a->routing_out && a->all_experts)
+		return moectl_fail("forward: --routing-out records the model's routing; drop --all-experts");
+	return 0;
+}
+
+/* The input as float32 [T][H] plus the shape to give the output. */
+struct fwd_input {
+	uint32_t ndim;
+	uint64_t shape[MOE_NPY_MAX_DIMS];
+	uint64_t tokens;
+	float *x;
+};
+
+static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_input *in)
+{
+	struct moe_err err = { 0 };
+	struct moe_npy arr = { 0 };
+	const char *want = a->bf16 ? "bfloat16" : "float32";
+	uint64_t n;
+
+	if (a->have_random) {
+		uint64_t s = a->seed;
+
+		in->ndim = 2;
+		in->shape[0] = a->random_tokens;
+		in->shape[1] = hidden;
+		in->tokens = a->random_tokens;
+		n = in->tokens * hidden;
+		in->x = malloc(n * sizeof(float));
+		if (!in->x)
+			return moectl_fail("forward: out of memory for %" PRIu64 " input tokens", in->tokens);
+		for (uint64_t i = 0; i < n; i++) {
+			/* splitmix64, top 24 bits as a uniform float in [-1, 1) */
+			uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+
+			z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+			z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+			z ^= z >> 31;
+			in->x[i] = (float)((double)(z >> 40) / (double)(1u << 23) - 1.0);
+			if (a->bf16)
+				in->x[i] = moe_bf16_to_f32(moe_f32_to_bf16(in->x[i]));
+		}
+		return 0;
+	}
+
+	if (moe_npy_read(a->input, &arr, &err) < 0)
+		return moectl_fail_err(&err);
+	if (arr.type == MOE_NPY_I32) {
+		moe_npy_free(&arr);
+		return moectl_fail("%s: dtype '<i4' is not supported: use float32 ('<f4') or bfloat16 (--dtype bf16)",
+				   a->input);
+	}
+	if (arr.type == MOE_NPY_BF16 && !a->bf16) {
+		moe_npy_free(&arr);
+		return moectl_fail("%s: the input is bfloat16 but the activation dtype is float32: pass --dtype bf16",
+				   a->input);
+	}
+	if (arr.type == MOE_NPY_F32 && a->bf16) {
+		moe_npy_free(&arr);
+		return moectl_fail("%s: the input is float32 but --dtype bf16 was given: pass a bfloat16 ('<u2') array or drop --dtype bf16",
+				   a->input);
+	}
+	if (arr.ndim != 2 && arr.ndim != 3) {
+		char dims[MOE_NPY_MAX_DIMS * 24 + 8];
+		size_t len = 0;
+
+		for (uint32_t i = 0; i < arr.ndim; i++)
+			len += (size_t)snprintf(dims + len, sizeof(dims) - len, "%s%" PRIu64,
+						i ? ", " : "", arr.shape[i]);
+		dims[len] = '\0';
+		moe_npy_free(&arr);
+		return moectl_fail("%s: expected a %s array of shape [T,H] or [B,S,H], got shape (%s)",
+				   a->input, want, dims);
+	}
+	if (arr.shape[arr.ndim - 1] != hidden) {
+		uint64_t h = arr.shape[arr.ndim - 1];
+
+		moe_npy_free(&arr);
+		return moectl_fail("%s: hidden size %" PRIu64 " does not match the model's %" PRIu32,
+				   a->input, h, hidden);
+	}
+	in->ndim = arr.ndim;
+	memcpy(in->shape, arr.shape, sizeof(in->shape));
+	in->tokens = arr.count / hidden;
+	if (arr.type == MOE_NPY_F32) {
+		in->x = arr.data;
+		return 0;
+	}
+	n = arr.count;
+	in->x = malloc((n ? n : 1) * sizeof(float));
+	if (!in->x) {
+		moe_npy_free(&arr);
+		return moectl_fail("forward: out of memory for %" PRIu64 " input tokens", in->tokens);
+	}
+	for (uint64_t i = 0; i < n; i++)
+		in->x[i] = moe_bf16_to_f32(((const uint16_t *)arr.data)[i]);
+	moe_npy_free(&arr);
+	return 0;
+}
+
+/* Write @n values of @data with the input's shape, in the activation dtype. */
+static int write_array(const struct fwd_args *a, const char *path, const struct fwd_input *in,
+		       const float *data, uint64_t n)
+{
+	struct moe_err err = { 0 };
+	uint16_t *b;
+	int r;
+
+	if (!a->bf16)
+		r = moe_npy_write(path, MOE_NPY_F32, in->ndim, in->shape, data, &err);
+	else {
+		b = malloc((n ? n : 1) * sizeof(*b));
+		if (!b)
+			return moectl_fail("forward: out of memory for the output");
+		for (uint64_t i = 0; i < n; i++)
+			b[i] = moe_f32_to_bf16(data[i]);
+		r = moe_npy_write(path, MOE_NPY_BF16, in->ndim, in->shape, b, &err);
+		free(b);
+	}
+	return r < 0 ? moectl_fail_err(&err) : 0;
+}
+
+struct load_row {
+	uint32_t expert;
+	uint64_t count;
+};
+
+static int by_count_desc(const void *pa, const void *pb)
+{
+	const struct load_row *x = pa, *y = pb;
+
+	if (x->count != y->count)
+		return x->count < y->count ? 1 : -1;
+	return x->expert < y->expert ? -1 : x->expert > y->expert;
+}
+
+static void print_bar_row(uint32_t expert, int width, uint64_t count, uint64_t max, uint64_t total)
+{
+	int fill = max ? (int)((double)FWD_HIST_WIDTH * (double)count / (double)max + 0.5) : 0;
+	char bar[FWD_HIST_WIDTH + 1];
+
+	for (int i = 0; i < FWD_HIST_WIDTH; i++)
+		bar[i] = i < fill ? '#' : ' ';
+	bar[FWD_HIST_WIDTH] = '\0';
+	printf("  expert %*" PRIu32 " |%s| %8" PRIu64 " %5.1f%%\n", width, expert, bar, count,
+	       total ? 100.0 * (double)count / (double)total : 0.0);
+}
+
+/* The per-expert load histogram and the imbalance ratio. */
+static int print_load(const struct fwd_args *a, struct moe_engine *e, uint32_t layer)
+{
+	const struct moe_model_config *cfg = moe_engine_config(e);
+	uint32_t ne = cfg->num_experts, shown, idle = 0;
+	uint64_t *counts = calloc(ne, sizeof(*counts));
+	struct load_row *rows = calloc(ne, sizeof(*rows));
+	uint64_t total = 0, max = 0, min = UINT64_MAX;
+	bool sorted, per_run;
+	int width = 1, r;
+
+	if (!counts || !rows) {
+		free(counts);
+		free(rows);
+		return moectl_fail("forward: out of memory");
+	}
+	r = moe_engine_expert_load(e, layer, counts);
+	if (r < 0) {
+		free(counts);
+		free(rows);
+		return moectl_fail("forward: no expert load for layer %" PRIu32 ": %s", layer,
+				   strerror(-r));
+	}
+	for (uint32_t j = 0; j < ne; j++) {
+		rows[j].expert = j;
+		rows[j].count = counts[j];
+		total += counts[j];
+		max = counts[j] > max ? counts[j] : max;
+		min = counts[j] < min ? counts[j] : min;
+		idle += counts[j] == 0;
+	}
+	for (uint32_t v = ne ? ne - 1 : 0; v >= 10; v /= 10)
+		width++;
+
+	/* Every run routes the same tokens the same way, so the totals are
+	 * multiples of the run count: show one run's load. */
+	per_run = a->repeat > 1;
+	for (uint32_t j = 0; per_run && j < ne; j++)
+		per_run = counts[j] % a->repeat == 0;
+	if (per_run) {
+		for (uint32_t j = 0; j < ne; j++)
+			rows[j].count /= a->repeat;
+		total /= a->repeat;
+		max /= a->repeat;
+		min /= a->repeat;
+	}
+
+	shown = a->top ? (uint32_t)(a->top < ne ? a->top : ne)
+		       : ne <= FWD_HIST_ALL_MAX ? ne : FWD_HIST_TOP;
+	sorted = shown < ne;
+	if (sorted)
+		qsort(rows, ne, sizeof(*rows), by_count_desc);
+	printf("expert load, layer %" PRIu32 " (tokens routed to each expert%s%s):\n", layer,
+	       per_run ? " in one run" : a->repeat > 1 ? ", summed over the runs" : "",
+	       sorted ? ", busiest first" : "");
+	for (uint32_t i = 0; i < shown; i++)
+		print_bar_row(rows[i].expert, width, rows[i].count, max, total);
+	if (shown < ne) {
+		uint64_t rest = 0, rest_max = 0, rest_min = UINT64_MAX;
+
+		for (uint32_t i = shown; i < ne; i++) {
+			rest += rows[i].count;
+			rest_max = rows[i].count > rest_max ? rows[i].count : rest_max;
+			rest_min = rows[i].count < rest_min ? rows[i].count : rest_min;
+		}
+		printf("  ... %" PRIu32 " other experts: %" PRIu64 " tokens (%.1f%%), %" PRIu64
+		       " to %" PRIu64 " each\n", ne - shown, rest,
+		       total ? 100.0 * (double)rest / (double)total : 0.0, rest_min, rest_max);
+	}
+	if (total)
+		printf("imbalance: max/mean %.2f (max %" PRIu64 ", mean %.1f, min %" PRIu64
+		       "; %" PRIu32 " of %" PRIu32 " experts idle)\n",
+		       (double)max / ((double)total / ne), max, (double)total / ne, min, idle, ne);
+	else
+		printf("imbalance: no tokens routed\n");
+	free(counts);
+	free(rows);
+	return 0;
+}
+
+int cmd_forward(int argc, char **argv)
+{
+	struct moe_engine_options eo = { 0 };
+	struct moe_engine *e = NULL;
+	struct moe_err err = { 0 };
+	struct fwd_input in = { 0 };
+	const struct moe_model_config *cfg;
+	const struct moe_backend *be;
+	struct fwd_args a;
+	float *out = NULL, *w = NULL;
+	int32_t *ids = NULL;
+	uint64_t n, nk;
+	double first = 0, rest = 0, rest_min = 0;
+	unsigned flags;
+	int r, status = 1;
+
+	r = parse_args(argc, argv, &a);
+	if (r)
+		return r < 0 ? 0 : r;
+
+	eo.backend = a.backend;
+	eo.threads = (uint32_t)a.threads;
+	r = moe_engine_open(a.model, &eo, &e, &err);
+	if (r < 0)
+		return moectl_fail_err(&err);
+	cfg = moe_engine_config(e);
+	if (load_input(&a, cfg->hidden_size, &in))
+		goto out;
+
+	n = in.tokens * cfg->hidden_size;
+	if (a.save_input && write_array(&a, a.save_input, &in, in.x, n))
+		goto out;
+	nk = in.tokens * cfg->top_k;
+	out = malloc((n ? n : 1) * sizeof(*out));
+	if (a.routing_out) {
+		ids = malloc((nk ? nk : 1) * sizeof(*ids));
+		w = malloc((nk ? nk : 1) * sizeof(*w));
+	}
+	if (!out || (a.routing_out && (!ids || !w))) {
+		moectl_fail("forward: out of memory for %" PRIu64 " tokens", in.tokens);
+		goto out;
+	}
+
+	flags = a.all_experts ? MOE_FWD_ALL_EXPERTS : 0;
+	for (uint64_t i = 0; i < a.repeat; i++) {
+		double t0 = moectl_now(), dt;
+
+		moe_err_clear(&err);
+		r = moe_engine_forward(e, (uint32_t)a.layer, in.x, in.tokens, out, ids, w, flags, &err);
+		if (r < 0) {
+			moectl_fail_err(&err);
+			goto out;
+		}
+		dt = moectl_now() - t0;
+		if (i == 0) {
+			first = dt;
+		} else {
+			rest += dt;
+			rest_min = i == 1 || dt < rest_min ? dt : rest_min;
+		}
+	}
+
+	if (a.output && write_array(&a, a.output, &in, out, n))
+		goto out;
+	if (a.routing_out) {
+		struct moe_npz_entry ent[2] = {
+			{ .name = "ids", .type = MOE_NPY_I32, .ndim = 2,
+			  .shape = { in.tokens, cfg->top_k }, .data = ids },
+			{ .name = "weights", .type = MOE_NPY_F32, .ndim = 2,
+			  .shape = { in.tokens, cfg->top_k }, .data = w },
+		};
+
+		if (moe_npz_write(a.routing_out, ent, 2, &err) < 0) {
+			moectl_fail_err(&err);
+			goto out;
+		}
+	}
+
+	if (a.stats) {
+		be = moe_engine_backend(e);
+		printf("layer %" PRIu64 " of a %s model: %" PRIu64 " tokens x hidden %" PRIu32 ", ",
+		       a.layer, moe_arch_name(cfg->arch), in.tokens, cfg->hidden_size);
+		if (a.all_experts)
+			printf("all %" PRIu32 " experts per token (dense comparison, not the model's output)\n",
+			       cfg->num_experts);
+		else
+			printf("top-%" PRIu32 " of %" PRIu32 " experts\n", cfg->top_k, cfg->num_experts);
+		printf("backend: %s%s%s%s\n", be && be->ops ? be->ops->name : "?",
+		       be && be->reason[0] ? " (" : "", be ? be->reason : "",
+		       be && be->reason[0] ? ")" : "");
+		printf("first run: %.2f ms (includes reading the experts it needs from the store)\n",
+		       first * 1e3);
+		if (a.repeat > 1) {
+			double mean = rest / (double)(a.repeat - 1);
+
+			printf("later runs: %.3f ms mean, %.3f ms min over %" PRIu64 " runs\n",
+			       mean * 1e3, rest_min * 1e3, a.repeat - 1);
+			printf("tokens/s: %.0f (mean over runs 2-%" PRIu64
+			       "; the first run, which loads experts, is excluded)\n",
+			       mean > 0 ? (double)in.tokens / mean : 0.0, a.repeat);
+		} else {
+			printf("tokens/s: %.0f (one run, including loading experts; use --repeat N for the steady state)\n",
+			       first > 0 ? (double)in.tokens / first : 0.0);
+		}
+		if (a.all_experts)
+			printf("expert load: every expert sees every token (--all-experts)\n");
+		else if (print_load(&a, e, (uint32_t)a.layer))
+			goto out;
+	}
+	status = 0;
+out:
+	free(in.x);
+	free(out);
+	free(ids);
+	free(w);
+	moe_engine_close(e);
+	return status;
+}

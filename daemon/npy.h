@@ -7,6 +7,7 @@
 #ifndef MOE_NPY_H
 #define MOE_NPY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -28,16 +29,32 @@ struct moe_npy {
 };
 
 /*
- * Read @path.  Errors name the file: not an .npy, unsupported dtype (named),
- * Fortran order, truncated data, sizes that overflow.
+ * Read @path.  Accepted descr values: float32 '<f4' ('=f4', 'f4'); bfloat16
+ * '<u2', '|V2', '<V2', 'bfloat16', '<bf16' or the one-field list
+ * [('', '<V2')]; int32 '<i4'.  Errors name the file: not an .npy (-EINVAL),
+ * unsupported dtype or Fortran order (-ENOTSUP, dtype named), truncated data
+ * or bytes after it (-EINVAL, expected and actual sizes), sizes that
+ * overflow (-EOVERFLOW).  On success *ret owns a malloc'ed data buffer.
  */
 int moe_npy_read(const char *path, struct moe_npy *ret, struct moe_err *err);
 
-/* Write an array; written to @path.tmp and renamed. */
+/*
+ * Write an array as a version 1.0 .npy (header padded to 64 bytes, as numpy
+ * does; bfloat16 as '<u2'); written to @path.tmp and renamed.
+ */
 int moe_npy_write(const char *path, enum moe_npy_type type, uint32_t ndim,
 		  const uint64_t *shape, const void *data, struct moe_err *err);
 
-/* Free the data of @a (the struct itself is the caller's). */
+/* Bytes per element of @t (4, 2, 4); 0 for an invalid value. */
+size_t moe_npy_type_size(enum moe_npy_type t);
+
+/* The descr moe_npy_write puts in the header: "<f4", "<u2", "<i4"; NULL if invalid. */
+const char *moe_npy_type_descr(enum moe_npy_type t);
+
+/* "float32", "bfloat16", "int32"; "?" if invalid. */
+const char *moe_npy_type_name(enum moe_npy_type t);
+
+/* Free the data of @a (the struct itself is the caller's); NULL is fine. */
 void moe_npy_free(struct moe_npy *a);
 
 /* An array to put in an .npz archive under @name ("ids" -> "ids.npy"). */
@@ -49,7 +66,11 @@ struct moe_npz_entry {
 	const void *data;
 };
 
-/* Write an uncompressed .npz (zip, stored, CRC-32 from zlib), as np.savez. */
+/*
+ * Write an uncompressed .npz (zip, stored, CRC-32 from zlib), as np.savez,
+ * via @path.tmp and rename.  Zip64 is not written: an archive of 4 GiB or
+ * more is refused with -EFBIG before anything is written.
+ */
 int moe_npz_write(const char *path, const struct moe_npz_entry *entries, uint32_t n,
 		  struct moe_err *err);
 

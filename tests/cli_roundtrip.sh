@@ -1,2 +1,241 @@
 #!/bin/sh
-exit 77
+# SPDX-License-Identifier: MIT
+#
+# The model path end to end through the moectl binary: for each of the six
+# architectures gen-model -> pack -> inspect (and --json) -> verify ->
+# forward ([T,H] and [B,S,H], float32 and bfloat16, --routing-out), then
+# the ways forward must refuse its input: wrong dtype, wrong hidden size,
+# truncated .npy, layer out of range, a dense DeepSeek layer, a corrupted
+# expert blob.  Every refusal must be a clean exit (not a crash) with one
+# line that names the problem.
+#
+# Environment: MOECTL (the binary), top_builddir, top_srcdir (from make check).
+# Exit 0 pass, 1 fail, 77 skip.
+
+set -u
+
+MOECTL=${MOECTL:-${top_builddir:-.}/client/moectl}
+if [ ! -x "$MOECTL" ]; then
+	echo "SKIP: no moectl at $MOECTL"
+	exit 77
+fi
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/moe-roundtrip-XXXXXX") || exit 1
+trap 'rm -rf "$T"' EXIT
+trap 'exit 1' HUP INT TERM
+
+fail() {
+	echo "FAIL: $*" >&2
+	exit 1
+}
+
+# ok CMD...: CMD must succeed; its output is left in $T/out.
+ok() {
+	"$@" >"$T/out" 2>&1
+	st=$?
+	if [ "$st" -ne 0 ]; then
+		cat "$T/out" >&2
+		fail "exit status $st from: $*"
+	fi
+}
+
+# refuses TEXT CMD...: CMD must fail cleanly (status 1-127, so a crash fails
+# the test) with one line "moectl: ..." on stderr containing TEXT.
+refuses() {
+	text=$1
+	shift
+	"$@" >"$T/out" 2>"$T/stderr"
+	st=$?
+	[ "$st" -ne 0 ] || fail "succeeded but should have failed: $*"
+	[ "$st" -lt 128 ] || { cat "$T/stderr" >&2; fail "crashed (status $st): $*"; }
+	grep -F -e "$text" "$T/stderr" >/dev/null || {
+		cat "$T/stderr" >&2
+		fail "the message of '$*' does not say '$text'"
+	}
+	[ "$(wc -l <"$T/stderr")" -eq 1 ] || { cat "$T/stderr" >&2; fail "more than one line from: $*"; }
+	grep '^moectl: ' "$T/stderr" >/dev/null || fail "message not prefixed 'moectl: ': $*"
+}
+
+# ---- .npy by hand --------------------------------------------------------------
+
+# npy_offset FILE: where the data of a version 1.0 .npy starts.
+npy_offset() {
+	set -- $(od -An -tu1 -j8 -N2 "$1")
+	echo $((10 + $1 + 256 * $2))
+}
+
+# npy_header FILE: the header dict of an .npy, on one line.
+npy_header() {
+	head -c "$(npy_offset "$1")" "$1" | tail -c +11 | tr -d '\n'
+}
+
+# npy_shape FILE: the shape tuple, e.g. "(2, 3, 64)".
+npy_shape() {
+	npy_header "$1" | sed -n "s/.*'shape': *\(([0-9, ]*)\).*/\1/p"
+}
+
+# npy_with_header SRC DST DICT: DST = a v1.0 header with DICT + SRC's data.
+npy_with_header() {
+	dict=$3
+	len=$((${#dict} + 11))
+	pad=$(((64 - len % 64) % 64))
+	hl=$((len + pad - 10))
+	{
+		printf '\223NUMPY\001\000'
+		printf "\\$(printf %03o $((hl % 256)))\\$(printf %03o $((hl / 256)))"
+		printf '%s' "$dict"
+		i=0
+		while [ "$i" -lt "$pad" ]; do printf ' '; i=$((i + 1)); done
+		printf '\n'
+		tail -c +"$(($(npy_offset "$1") + 1))" "$1"
+	} >"$2"
+}
+
+# same_data A B: the two .npy files hold the same bytes after their headers.
+same_data() {
+	tail -c +"$(($(npy_offset "$1") + 1))" "$1" >"$T/a.bin"
+	tail -c +"$(($(npy_offset "$2") + 1))" "$2" >"$T/b.bin"
+	cmp -s "$T/a.bin" "$T/b.bin"
+}
+
+# ---- the store -----------------------------------------------------------------
+
+# json_num FILE KEY: the first number after "KEY": in FILE.
+json_num() {
+	tr ',{}[]' '\n\n\n\n\n' <"$1" | sed -n "s/^[[:space:]]*\"$2\"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p" | head -n 1
+}
+
+# ---- every architecture ----------------------------------------------------------
+
+for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3; do
+	d=$T/$arch
+	mkdir "$d" || fail "mkdir $d"
+	ok "$MOECTL" gen-model --arch "$arch" --seed 7 -o "$d/hf"
+	ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+	ok "$MOECTL" inspect "$d/model.moe"
+	grep -F "$arch" "$T/out" >/dev/null || fail "inspect does not name $arch"
+	ok "$MOECTL" inspect --json "$d/model.moe"
+	cp "$T/out" "$d/inspect.json"
+	head -c 1 "$d/inspect.json" | grep '{' >/dev/null || fail "inspect --json is not a JSON object"
+	grep -F "\"$arch\"" "$d/inspect.json" >/dev/null || fail "inspect --json does not name $arch"
+	top_k=$(json_num "$d/inspect.json" top_k)
+	[ -n "$top_k" ] || fail "$arch: no top_k in inspect --json"
+	ok "$MOECTL" verify "$d/model.moe"
+
+	# run the last MoE layer
+	L=$(tr -d ' \n' <"$d/inspect.json" | sed -n 's/.*"moe_layers":\[\([0-9,]*\)\].*/\1/p')
+	L=${L##*,}
+	[ -n "$L" ] || fail "$arch: no moe_layers in inspect --json"
+
+	ok "$MOECTL" forward --model "$d/model.moe" --layer "$L" --random-input 6 --seed 3 \
+		--save-input "$d/in.npy" --output "$d/out.npy" --routing-out "$d/r.npz" --threads 2
+	shape=$(npy_shape "$d/out.npy")
+	H=$(echo "$shape" | sed -n 's/^(6, \([0-9]*\))$/\1/p')
+	[ -n "$H" ] || fail "$arch: output shape $shape is not (6, H)"
+	[ "$(npy_shape "$d/in.npy")" = "$shape" ] || fail "$arch: input and output shapes differ"
+
+	# the routing: a zip holding ids.npy [6,k] int32 and weights.npy [6,k] float32
+	[ "$(od -An -c -N4 "$d/r.npz" | tr -d ' ')" = 'PK003004' ] || fail "$arch: r.npz is not a zip"
+	tr -c '[:print:]' '\n' <"$d/r.npz" >"$T/strings"
+	grep -F "ids.npy" "$T/strings" >/dev/null || fail "$arch: no ids.npy in r.npz"
+	grep -F "weights.npy" "$T/strings" >/dev/null || fail "$arch: no weights.npy in r.npz"
+	grep -F "{'descr': '<i4', 'fortran_order': False, 'shape': (6, $top_k), }" "$T/strings" \
+		>/dev/null || fail "$arch: ids in r.npz are not int32 [6,$top_k]"
+	grep -F "{'descr': '<f4', 'fortran_order': False, 'shape': (6, $top_k), }" "$T/strings" \
+		>/dev/null || fail "$arch: weights in r.npz are not float32 [6,$top_k]"
+	if command -v unzip >/dev/null 2>&1; then
+		unzip -tq "$d/r.npz" >/dev/null 2>&1 || fail "$arch: unzip -t rejects r.npz"
+	fi
+
+	# the same tokens from a file, and shaped [B,S,H]: the same bits
+	ok "$MOECTL" forward --model "$d/model.moe" --layer "$L" --input "$d/in.npy" \
+		--output "$d/out2.npy" --threads 1
+	cmp -s "$d/out.npy" "$d/out2.npy" || fail "$arch: --input gives other bits than --random-input"
+	npy_with_header "$d/in.npy" "$d/in3.npy" \
+		"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, $H), }"
+	ok "$MOECTL" forward --model "$d/model.moe" --layer "$L" --input "$d/in3.npy" \
+		--output "$d/out3.npy"
+	[ "$(npy_shape "$d/out3.npy")" = "(2, 3, $H)" ] || fail "$arch: [B,S,H] output has shape $(npy_shape "$d/out3.npy")"
+	same_data "$d/out.npy" "$d/out3.npy" || fail "$arch: [B,S,H] output differs from [T,H]"
+
+	# bfloat16 in, bfloat16 out
+	ok "$MOECTL" forward --model "$d/model.moe" --layer "$L" --random-input 4 --dtype bf16 \
+		--save-input "$d/in16.npy" --output "$d/out16.npy"
+	npy_header "$d/out16.npy" | grep -F "'<u2'" >/dev/null || fail "$arch: bf16 output is not '<u2'"
+	[ "$(npy_shape "$d/out16.npy")" = "(4, $H)" ] || fail "$arch: bf16 output shape"
+	ok "$MOECTL" forward --model "$d/model.moe" --layer "$L" --input "$d/in16.npy" --dtype bf16 \
+		--output "$d/out16b.npy"
+	cmp -s "$d/out16.npy" "$d/out16b.npy" || fail "$arch: bf16 from a file differs"
+done
+
+# ---- what forward refuses --------------------------------------------------------
+# A DeepSeek-V3 model whose layer 0 is dense.
+
+d=$T/refusals
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --arch deepseek_v3 --layers 3 --first-dense 1 --seed 9 -o "$d/hf"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+S=$d/model.moe
+ok "$MOECTL" forward --model "$S" --layer 1 --random-input 4 --save-input "$d/in.npy" --output "$d/out.npy"
+H=$(npy_shape "$d/in.npy" | sed -n 's/^(4, \([0-9]*\))$/\1/p')
+[ -n "$H" ] || fail "no hidden size from $(npy_shape "$d/in.npy")"
+
+# --help, --stats, --all-experts
+ok "$MOECTL" forward --help
+grep -F "usage: moectl forward" "$T/out" >/dev/null || fail "forward --help prints no usage"
+ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --repeat 3 --stats
+for text in "tokens/s:" "runs 2-3" "expert load, layer 1" "imbalance: max/mean"; do
+	grep -F "$text" "$T/out" >/dev/null || { cat "$T/out" >&2; fail "forward --stats does not print '$text'"; }
+done
+ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --all-experts --output "$d/dense.npy"
+[ "$(npy_shape "$d/dense.npy")" = "(4, $H)" ] || fail "--all-experts output shape"
+cmp -s "$d/dense.npy" "$d/out.npy" && fail "--all-experts gives the same output as top-k routing"
+
+refuses "forward through the daemon is not available yet" \
+	"$MOECTL" forward --layer 1 --input "$d/in.npy" --output "$d/o.npy"
+refuses "is float32 but --dtype bf16" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --output "$d/o.npy" --dtype bf16
+ok "$MOECTL" forward --model "$S" --layer 1 --random-input 4 --dtype bf16 --save-input "$d/in16.npy"
+refuses "is bfloat16 but the activation dtype is float32" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in16.npy" --output "$d/o.npy"
+npy_with_header "$d/in.npy" "$d/f8.npy" "{'descr': '<f8', 'fortran_order': False, 'shape': (2, $H), }"
+refuses "f8.npy: dtype '<f8' is not supported: use float32 ('<f4') or bfloat16 (--dtype bf16)" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/f8.npy" --output "$d/o.npy"
+npy_with_header "$d/in.npy" "$d/half.npy" "{'descr': '<f4', 'fortran_order': False, 'shape': (8, $((H / 2))), }"
+refuses "half.npy: hidden size $((H / 2)) does not match the model's $H" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/half.npy" --output "$d/o.npy"
+head -c $(($(wc -c <"$d/in.npy") - 6)) "$d/in.npy" >"$d/trunc.npy"
+refuses "trunc.npy: truncated" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/trunc.npy" --output "$d/o.npy"
+refuses "layer 3 is out of range" \
+	"$MOECTL" forward --model "$S" --layer 3 --input "$d/in.npy" --output "$d/o.npy"
+refuses "layer 0 is a dense layer" \
+	"$MOECTL" forward --model "$S" --layer 0 --input "$d/in.npy" --output "$d/o.npy"
+[ ! -e "$d/o.npy" ] || fail "a refused forward left an output file"
+
+# A corrupted expert: flip bytes inside the blob of the expert layer 1's first
+# token is routed to, at the offset inspect --json gives.
+ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --routing-out "$d/r.npz"
+ok "$MOECTL" inspect --json "$S"
+cp "$T/out" "$d/inspect.json"
+off=$(json_num "$d/inspect.json" experts_offset)
+if [ -z "$off" ]; then
+	# inspect --json without per-layer offsets: the first entry of the layer
+	# table (moe-store(5): its offset at byte 168 of the header, the entry's
+	# experts_offset at byte 56 of it), little-endian
+	le64() { od -An -tu1 -j"$2" -N8 "$1" | awk '{ v = 0; for (i = NF; i >= 1; i--) v = v * 256 + $i; printf "%.0f\n", v }'; }
+	off=$(le64 "$S" $(($(le64 "$S" 168) + 56)))
+fi
+[ -n "$off" ] && [ "$off" -gt 0 ] || fail "no expert offset for layer 1"
+# Expert 0 of the first MoE layer (layer 1); --all-experts makes sure it is read.
+printf '\377\377\377\377\377\377\377\377' |
+	dd of="$S" bs=1 seek=$((off + 100)) count=8 conv=notrunc 2>/dev/null || fail "dd"
+refuses "layer 1 expert 0" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --output "$d/o.npy" --all-experts
+refuses "checksum" \
+	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --output "$d/o.npy" --all-experts
+"$MOECTL" verify "$S" >"$T/out" 2>&1
+st=$?
+[ "$st" -ne 0 ] && [ "$st" -lt 128 ] || fail "verify of a corrupted store: status $st"
+
+exit 0
