@@ -41,22 +41,49 @@ struct moe_gen_options {
 	bool fused_experts;              /* transformers v5 fused gate_up_proj/down_proj */
 	uint64_t shard_bytes;            /* shard above this size; 0: 5 GB default */
 	float weight_scale;              /* std of the random weights; 0: a default */
+
+	/*
+	 * Added after the first version; a zero keeps the meaning it had
+	 * before (a default, or "none").  They shape only tensors the packer
+	 * ignores (attention) or the routing method.
+	 */
+	const char *topk_method;         /* deepseek_v2: "greedy" | "group_limited_greedy";
+					    NULL: the architecture's default */
+	uint32_t head_dim;               /* qwen3_moe; 0: a default */
+	uint32_t q_lora_rank;            /* deepseek MLA; 0: none (plain q_proj) */
+	uint32_t kv_lora_rank;           /* deepseek MLA; 0: a default */
+	uint32_t qk_nope_head_dim, qk_rope_head_dim, v_head_dim; /* deepseek; 0: defaults */
+	uint32_t num_nextn_predict_layers; /* deepseek_v3 MTP layers (0 or 1), written as
+					      layer num_layers, as the real checkpoint has */
 };
 
 /*
  * Fill @opt with the named preset's shapes ("tiny", "small", "deepseek-v3",
  * "deepseek-v2-lite", "qwen3-30b-a3b", "qwen2-57b-a14b", "mixtral-8x7b",
- * "olmoe-1b-7b"), which also sets arch.  -EINVAL with a message listing the
- * presets when @name is unknown.
+ * "olmoe-1b-7b"), which also sets arch.  "tiny" and "small" have no
+ * architecture of their own: they use the arch already in @opt.  Every
+ * field of @opt is reset (seed 0, bf16, ...), so set other options after.
+ * The real presets keep the real vocabulary and layer count: lower
+ * num_layers and vocab_size afterwards for a smaller file.  -EINVAL with a
+ * message listing the presets when @name is unknown; @opt is untouched then.
  */
 int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err *err);
 
-/* Defaults for @arch at a tiny size (what gen-model uses without a preset). */
+/* Defaults for @arch at a tiny size (what gen-model uses without a preset):
+ * every field of @opt is set. */
 void moe_gen_defaults(enum moe_arch arch, struct moe_gen_options *opt);
 
 /*
  * Write the checkpoint into directory @dir (created if missing; existing
- * checkpoint files in it are replaced).  Progress callback may be NULL.
+ * config.json, model.safetensors, model.safetensors.index.json and
+ * model-NNNNN-of-NNNNN.safetensors in it are replaced).  Checks the options
+ * first (k <= experts, groups divide experts, options that the architecture
+ * has no field for...): -EINVAL with a one-line message naming the option.
+ * @progress (may be NULL) is called from the calling thread with the bytes
+ * of tensor data generated so far (at most 8 MB ahead of the disk: one
+ * writer thread writes while the caller's thread generates) and the total.
+ * Same options and seed: the same bytes.  On failure the shard being
+ * written is removed; config.json and earlier shards stay.
  */
 int moe_gen_model(const struct moe_gen_options *opt, const char *dir,
 		  void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
