@@ -203,21 +203,33 @@ static int inspect_json(const char *path, const struct moe_store *s)
 {
 	const struct moe_model_config *c = &s->cfg;
 	const struct moe_store_header *h = &s->hdr;
-	json_t *root, *layers, *sizes;
+	json_t *root, *layers, *layout, *sizes;
 	struct sizes z;
 	char *text;
 
 	store_sizes(s, &z);
 	layers = json_array();
-	for (uint32_t i = 0; layers && i < h->num_moe_layers; i++)
-		json_array_append_new(layers, json_integer(s->layers[i].layer));
+	layout = json_array();
+	for (uint32_t i = 0; layers && layout && i < h->num_moe_layers; i++) {
+		const struct moe_store_layer *l = &s->layers[i];
+
+		json_array_append_new(layers, json_integer(l->layer));
+		/* where each part lies, for tools and tests that read the file */
+		json_array_append_new(layout, json_pack("{s:I,s:I,s:I,s:I,s:I,s:I}",
+			"layer", (json_int_t)l->layer,
+			"router_offset", (json_int_t)l->router_offset,
+			"router_bytes", (json_int_t)l->router_bytes,
+			"shared_offset", (json_int_t)l->shared_offset,
+			"shared_bytes", (json_int_t)l->shared_bytes,
+			"experts_offset", (json_int_t)l->experts_offset));
+	}
 	sizes = json_pack("{s:I,s:I,s:I,s:I}", "file", (json_int_t)h->file_size,
 			  "experts", (json_int_t)z.experts, "routers", (json_int_t)z.routers,
 			  "shared", (json_int_t)z.shared);
 	root = json_pack("{s:s,s:i,s:s,s:s,s:s,"
 			 "s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
 			 "s:s,s:s,s:b,s:f,s:b,s:b,s:b,s:s,s:s,"
-			 "s:o,s:I,s:I,s:I,s:o}",
+			 "s:o,s:o,s:I,s:I,s:I,s:o}",
 			 "path", path, "version", (int)h->version, "model_type", h->model_type,
 			 "source", h->source, "source_dtype", h->source_dtype,
 			 "hidden_size", (json_int_t)c->hidden_size,
@@ -239,6 +251,7 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "act", moe_act_name(c->act),
 			 "weight_dtype", moe_dtype_name(c->weight_dtype),
 			 "moe_layers", layers,
+			 "layers", layout,
 			 "expert_bytes", (json_int_t)h->expert_bytes,
 			 "expert_stride", (json_int_t)h->expert_stride,
 			 "expert_align", (json_int_t)h->expert_align,
