@@ -219,13 +219,6 @@ ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --routing-out "$
 ok "$MOECTL" inspect --json "$S"
 cp "$T/out" "$d/inspect.json"
 off=$(json_num "$d/inspect.json" experts_offset)
-if [ -z "$off" ]; then
-	# inspect --json without per-layer offsets: the first entry of the layer
-	# table (moe-store(5): its offset at byte 168 of the header, the entry's
-	# experts_offset at byte 56 of it), little-endian
-	le64() { od -An -tu1 -j"$2" -N8 "$1" | awk '{ v = 0; for (i = NF; i >= 1; i--) v = v * 256 + $i; printf "%.0f\n", v }'; }
-	off=$(le64 "$S" $(($(le64 "$S" 168) + 56)))
-fi
 [ -n "$off" ] && [ "$off" -gt 0 ] || fail "no expert offset for layer 1"
 # Expert 0 of the first MoE layer (layer 1); --all-experts makes sure it is read.
 printf '\377\377\377\377\377\377\377\377' |
