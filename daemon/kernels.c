@@ -291,7 +291,7 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 	}
 
 #define TILE_CASE(isa, Wr, R, C) \
-	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy, C <= 2 ? pf : NULL); break;
+	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy, pf); break;
 #define DRIVER_CASES_avx2(Wr, R) TILE_CASE(avx2, Wr, R, 1) TILE_CASE(avx2, Wr, R, 2)
 #define DRIVER_CASES_avx512(Wr, R) \
 	TILE_CASE(avx512, Wr, R, 1) TILE_CASE(avx512, Wr, R, 2) TILE_CASE(avx512, Wr, R, 3) \

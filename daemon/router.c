@@ -149,9 +149,13 @@ void moe_router_select(const struct moe_model_config *cfg, const float *logits,
 			w[s] = (float)(v * cfg->routed_scaling_factor);
 		}
 		break;
+	case MOE_ARCH_MIXTRAL:
+		/* mixtral always renormalises, whatever the flag says */
+		for (uint32_t s = 0; s < k; s++)
+			w[s] = (float)(p[ids[s]] / sum);
+		break;
 	default:
-		/* mixtral always renormalises (norm_topk_prob is set for it);
-		 * qwen and olmoe when the config says so */
+		/* qwen and olmoe renormalise when the config says so */
 		for (uint32_t s = 0; s < k; s++)
 			w[s] = (float)(cfg->norm_topk_prob ? p[ids[s]] / sum : p[ids[s]]);
 		break;

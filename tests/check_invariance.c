@@ -1,2 +1,343 @@
-/* placeholder */
-int main(void) { return 77; }
+/* SPDX-License-Identifier: MIT */
+/*
+ * Determinism and batch invariance through the engine on the CPU backend
+ * (ARCHITECTURE.md section 5): a token's output bits and routing do not
+ * depend on its position in the batch, on the other tokens in it, on the
+ * batch size, on the run, or on the number of worker threads.  Compared
+ * with memcmp: "close" is not invariant.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine.h"
+#include "err.h"
+#include "genmodel.h"
+#include "model.h"
+#include "pack.h"
+#include "testutil.h"
+
+/* The MoE layer every model below has (deepseek's layer 0 is dense). */
+#define LAYER 1u
+
+struct model {
+	const char *what;
+	char *dir;
+	char store[4096];
+	uint32_t H, k;
+};
+
+/*
+ * Generate and pack one of the invariance models, in the test's own process
+ * (Check forks each test; a directory made in the parent would be removed
+ * by the first child's exit handlers).
+ *  0: deepseek_v3, bf16 weights, H = 200 (not a multiple of 16), grouped,
+ *     one shared expert;
+ *  1: mixtral, f32 weights, H = 72, I = 44.
+ */
+static void model_make(struct model *m, int which)
+{
+	struct moe_gen_options opt;
+	struct moe_pack_options popt = { .dtype = -1 };
+	struct moe_err err = {0};
+	int rc;
+
+	memset(m, 0, sizeof(*m));
+	if (which == 0) {
+		moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &opt);
+		opt.arch = MOE_ARCH_DEEPSEEK_V3;
+		opt.dtype = MOE_DTYPE_BF16;
+		opt.hidden_size = 200;
+		opt.moe_intermediate_size = 32;
+		opt.num_experts = 32;
+		opt.top_k = 4;
+		opt.n_group = 4;
+		opt.topk_group = 2;
+		opt.n_shared_experts = 1;
+		opt.routed_scaling_factor = 2.5f;
+		opt.norm_topk_prob = 1;
+		opt.intermediate_size = 64;
+		opt.first_k_dense_replace = 1;
+		m->what = "deepseek_v3/bf16/H200";
+	} else {
+		moe_gen_defaults(MOE_ARCH_MIXTRAL, &opt);
+		opt.arch = MOE_ARCH_MIXTRAL;
+		opt.dtype = MOE_DTYPE_F32;
+		opt.hidden_size = 72;
+		opt.moe_intermediate_size = 44;
+		opt.num_experts = 8;
+		opt.top_k = 2;
+		opt.n_group = 1;
+		opt.topk_group = 1;
+		opt.n_shared_experts = 0;
+		m->what = "mixtral/f32/H72";
+	}
+	opt.seed = 77 + (uint64_t)which;
+	opt.num_layers = 2;
+	opt.vocab_size = 64;
+	opt.num_attention_heads = 4;
+	opt.num_key_value_heads = 2;
+	opt.shard_bytes = 0;
+	m->H = opt.hidden_size;
+	m->k = opt.top_k;
+	m->dir = moe_test_tmpdir("invariance");
+	rc = moe_gen_model(&opt, m->dir, NULL, NULL, &err);
+	ck_assert_msg(rc == 0, "%s: gen-model failed: %d %s", m->what, rc, err.msg);
+	snprintf(m->store, sizeof(m->store), "%s/model.moe", m->dir);
+	rc = moe_pack(m->dir, m->store, &popt, &err);
+	ck_assert_msg(rc == 0, "%s: pack failed: %d %s", m->what, rc, err.msg);
+}
+
+static void model_free(struct model *m)
+{
+	moe_test_rm_rf(m->dir);
+	free(m->dir);
+}
+
+static struct moe_engine *engine_open(const struct model *m, uint32_t threads)
+{
+	struct moe_engine_options eopt = { .backend = "cpu", .threads = threads };
+	struct moe_err err = {0};
+	struct moe_engine *e;
+	int rc = moe_engine_open(m->store, &eopt, &e, &err);
+
+	ck_assert_msg(rc == 0, "%s: engine open (threads %u) failed: %d %s", m->what, threads, rc,
+		      err.msg);
+	return e;
+}
+
+/* Outputs of one forward call, owned. */
+struct result {
+	size_t n;
+	float *out;
+	int32_t *ids;
+	float *w;
+};
+
+static struct result run(struct moe_engine *e, const struct model *m, const float *x, size_t n)
+{
+	struct result r = {
+		.n = n,
+		.out = malloc(sizeof(float) * n * m->H),
+		.ids = malloc(sizeof(int32_t) * n * m->k),
+		.w = malloc(sizeof(float) * n * m->k),
+	};
+	struct moe_err err = {0};
+	int rc;
+
+	ck_assert(r.out && r.ids && r.w);
+	rc = moe_engine_forward(e, LAYER, x, n, r.out, r.ids, r.w, 0, &err);
+	ck_assert_msg(rc == 0, "%s: forward of %zu tokens failed: %d %s", m->what, n, rc, err.msg);
+	return r;
+}
+
+static void result_free(struct result *r)
+{
+	free(r->out);
+	free(r->ids);
+	free(r->w);
+}
+
+/* Token @i of @got must equal token @j of @want, bit for bit. */
+static void assert_same_token(const struct model *m, const struct result *got, size_t i,
+			      const struct result *want, size_t j, const char *how)
+{
+	const float *a = got->out + i * m->H, *b = want->out + j * m->H;
+
+	if (memcmp(a, b, sizeof(float) * m->H) != 0) {
+		uint32_t h = 0;
+
+		while (h < m->H && !memcmp(a + h, b + h, sizeof(float)))
+			h++;
+		ck_abort_msg("%s: %s: token at %zu of %zu differs from the reference run "
+			     "(token %zu of %zu): out[%u] = %.9g vs %.9g", m->what, how, i, got->n,
+			     j, want->n, h, (double)a[h], (double)b[h]);
+	}
+	ck_assert_msg(!memcmp(got->ids + i * m->k, want->ids + j * m->k, sizeof(int32_t) * m->k),
+		      "%s: %s: token at %zu: expert ids differ (first %d vs %d)", m->what, how, i,
+		      got->ids[i * m->k], want->ids[j * m->k]);
+	ck_assert_msg(!memcmp(got->w + i * m->k, want->w + j * m->k, sizeof(float) * m->k),
+		      "%s: %s: token at %zu: routing weights differ (first %.9g vs %.9g)", m->what,
+		      how, i, (double)got->w[i * m->k], (double)want->w[j * m->k]);
+}
+
+static float *random_tokens(size_t n, uint32_t H, uint64_t seed)
+{
+	float *x = malloc(sizeof(float) * n * H);
+
+	ck_assert_ptr_nonnull(x);
+	for (size_t i = 0; i < n * H; i++)
+		x[i] = (float)moe_test_randf(&seed);
+	return x;
+}
+
+START_TEST(token_output_is_independent_of_position_and_batch_mates)
+{
+	static const size_t mates[] = { 2, 17, 256, 4096 };
+	struct model m;
+
+	model_make(&m, _i);
+	struct moe_engine *e = engine_open(&m, 2);
+	float *probe = random_tokens(1, m.H, 1234);
+	struct result alone = run(e, &m, probe, 1);
+
+	for (size_t s = 0; s < sizeof(mates) / sizeof(mates[0]); s++) {
+		size_t n = mates[s] + 1;
+		/* positions: first, one in, the middle, the last */
+		size_t pos[] = { 0, 1, n / 2, n - 1 };
+
+		for (size_t p = 0; p < 4; p++) {
+			/* different batch mates for every position */
+			float *x = random_tokens(n, m.H, 1000 * s + p + 1);
+			char how[96];
+			struct result r;
+
+			memcpy(x + pos[p] * m.H, probe, sizeof(float) * m.H);
+			r = run(e, &m, x, n);
+			snprintf(how, sizeof(how), "with %zu other tokens, at position %zu", n - 1,
+				 pos[p]);
+			assert_same_token(&m, &r, pos[p], &alone, 0, how);
+			result_free(&r);
+			free(x);
+		}
+	}
+	/* a batch made only of copies of the token: every copy is the same */
+	{
+		size_t n = 33;
+		float *x = malloc(sizeof(float) * n * m.H);
+		struct result r;
+
+		for (size_t t = 0; t < n; t++)
+			memcpy(x + t * m.H, probe, sizeof(float) * m.H);
+		r = run(e, &m, x, n);
+		for (size_t t = 0; t < n; t++)
+			assert_same_token(&m, &r, t, &alone, 0, "in a batch of 33 copies of itself");
+		result_free(&r);
+		free(x);
+	}
+	result_free(&alone);
+	free(probe);
+	moe_engine_close(e);
+	model_free(&m);
+}
+END_TEST
+
+START_TEST(every_token_of_a_batch_matches_the_same_token_in_sub_batches)
+{
+	/* one batch of 300, then the same tokens in pieces of 1, 17, 45, 237 */
+	static const size_t pieces[] = { 1, 17, 45, 237 };
+	struct model m;
+
+	model_make(&m, _i);
+	struct moe_engine *e = engine_open(&m, 2);
+	float *x = random_tokens(300, m.H, 99);
+	struct result all = run(e, &m, x, 300);
+	size_t at = 0;
+
+	for (size_t p = 0; p < sizeof(pieces) / sizeof(pieces[0]); p++) {
+		struct result r = run(e, &m, x + at * m.H, pieces[p]);
+		char how[64];
+
+		snprintf(how, sizeof(how), "in a piece of %zu tokens", pieces[p]);
+		for (size_t t = 0; t < pieces[p]; t++)
+			assert_same_token(&m, &r, t, &all, at + t, how);
+		at += pieces[p];
+		result_free(&r);
+	}
+	ck_assert_uint_eq(at, 300);
+	result_free(&all);
+	free(x);
+	moe_engine_close(e);
+	model_free(&m);
+}
+END_TEST
+
+START_TEST(repeated_runs_give_identical_bits)
+{
+	struct model m;
+
+	model_make(&m, _i);
+	struct moe_engine *e = engine_open(&m, 2);
+	float *x = random_tokens(256, m.H, 7);
+	struct result first = run(e, &m, x, 256);
+
+	for (int rep = 0; rep < 3; rep++) {
+		struct result r = run(e, &m, x, 256);
+
+		for (size_t t = 0; t < 256; t++)
+			assert_same_token(&m, &r, t, &first, t, "run again");
+		result_free(&r);
+	}
+	/* and through a second engine on the same store */
+	{
+		struct moe_engine *e2 = engine_open(&m, 2);
+		struct result r = run(e2, &m, x, 256);
+
+		for (size_t t = 0; t < 256; t++)
+			assert_same_token(&m, &r, t, &first, t, "in a second engine");
+		result_free(&r);
+		moe_engine_close(e2);
+	}
+	result_free(&first);
+	free(x);
+	moe_engine_close(e);
+	model_free(&m);
+}
+END_TEST
+
+START_TEST(thread_count_does_not_change_output_bits)
+{
+	static const uint32_t threads[] = { 2, 3, 4 };
+	struct model m;
+
+	model_make(&m, _i);
+	float *x = random_tokens(300, m.H, 8);
+	struct moe_engine *e1 = engine_open(&m, 1);
+	struct result one = run(e1, &m, x, 300);
+
+	moe_engine_close(e1);
+	for (size_t i = 0; i < sizeof(threads) / sizeof(threads[0]); i++) {
+		struct moe_engine *e = engine_open(&m, threads[i]);
+		struct result r = run(e, &m, x, 300);
+		char how[48];
+
+		snprintf(how, sizeof(how), "with %u threads instead of 1", threads[i]);
+		for (size_t t = 0; t < 300; t++)
+			assert_same_token(&m, &r, t, &one, t, how);
+		result_free(&r);
+		moe_engine_close(e);
+	}
+	result_free(&one);
+	free(x);
+	model_free(&m);
+}
+END_TEST
+
+static Suite *invariance_suite(void)
+{
+	Suite *s = suite_create("invariance");
+	TCase *tc = tcase_create("cpu");
+
+	/* each test runs for model 0 (deepseek_v3 bf16) and 1 (mixtral f32) */
+	tcase_set_timeout(tc, 300);
+	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 2);
+	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 2);
+	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 2);
+	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 2);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(invariance_suite());
+	int failed;
+
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? 1 : 0;
+}

@@ -1,2 +1,935 @@
 /* SPDX-License-Identifier: MIT */
+/*
+ * The float64 reference (see ref.h).  Written from ARCHITECTURE.md 4.1 and
+ * the upstream model code, not from the engine: keep it that way, or the
+ * suites stop being a second opinion.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "ref.h"
+#include "safetensors.h"
+
+/* ---- scalar helpers ---------------------------------------------------- */
+
+double ref_bf16_to_double(uint16_t h)
+{
+	/* bfloat16 is the top half of a binary32: sign, 8-bit exponent, 7-bit
+	 * fraction.  Decode the fields rather than reinterpret the bits. */
+	int sign = (h >> 15) & 1;
+	int exp = (h >> 7) & 0xff;
+	int frac = h & 0x7f;
+	double v;
+
+	if (exp == 0xff)
+		v = frac ? NAN : INFINITY;
+	else if (exp == 0)
+		v = ldexp((double)frac, -126 - 7);
+	else
+		v = ldexp((double)(frac | 0x80), exp - 127 - 7);
+	return sign ? -v : v;
+}
+
+double ref_f16_to_double(uint16_t h)
+{
+	int sign = (h >> 15) & 1;
+	int exp = (h >> 10) & 0x1f;
+	int frac = h & 0x3ff;
+	double v;
+
+	if (exp == 0x1f)
+		v = frac ? NAN : INFINITY;
+	else if (exp == 0)
+		v = ldexp((double)frac, -14 - 10);
+	else
+		v = ldexp((double)(frac | 0x400), exp - 15 - 10);
+	return sign ? -v : v;
+}
+
+float ref_round_bf16(float f)
+{
+	/* Round the significand to 8 bits (nearest, ties to even) with frexp
+	 * arithmetic in double, which is exact for these magnitudes. */
+	double m, r;
+	int e;
+
+	if (isnan(f) || isinf(f) || f == 0.0f)
+		return f;
+	m = frexp((double)f, &e);          /* |m| in [0.5, 1) */
+	if (e < -125) {
+		/* bf16 subnormals: a fixed quantum of 2^-133 */
+		r = nearbyint(ldexp((double)f, 133));
+		return (float)ldexp(r, -133);
+	}
+	r = nearbyint(ldexp(m, 8));        /* default rounding mode: ties to even */
+	return (float)ldexp(r, e - 8);     /* overflow rounds to inf as bf16 does */
+}
+
+double ref_act(enum moe_act act, double v)
+{
+	switch (act) {
+	case MOE_ACT_SILU:
+		return v / (1.0 + exp(-v));
+	case MOE_ACT_GELU:
+		return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+	case MOE_ACT_GELU_TANH:
+		return 0.5 * v * (1.0 + tanh(sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+	case MOE_ACT_RELU:
+		return v > 0.0 ? v : 0.0;
+	}
+	return NAN;
+}
+
+static double sigmoid(double v)
+{
+	return 1.0 / (1.0 + exp(-v));
+}
+
+double ref_rel_l2(const float *got, const double *want, size_t n)
+{
+	double num = 0.0, den = 0.0;
+
+	for (size_t i = 0; i < n; i++) {
+		double d = (double)got[i] - want[i];
+
+		num += d * d;
+		den += want[i] * want[i];
+	}
+	if (isnan(num))
+		return INFINITY;
+	return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+int ref_routing_diff(uint32_t k, const int32_t *ids, const float *w, const int32_t *ref_ids,
+		     const double *ref_w, double rtol, char *msg, size_t msglen)
+{
+	for (uint32_t s = 0; s < k; s++) {
+		uint32_t g;
+
+		for (g = 0; g < k; g++)
+			if (ids[g] == ref_ids[s])
+				break;
+		if (g == k) {
+			size_t off = (size_t)snprintf(msg, msglen, "reference chose expert %d (slot %u), "
+						      "not among the experts chosen:", ref_ids[s], s);
+
+			for (g = 0; g < k && off < msglen; g++)
+				off += (size_t)snprintf(msg + off, msglen - off, " %d", ids[g]);
+			return -1;
+		}
+		if (!(fabs((double)w[g] - ref_w[s]) <= rtol * fabs(ref_w[s]) + 1e-30)) {
+			snprintf(msg, msglen, "expert %d weight %.9g, reference %.9g (rtol %g)",
+				 ref_ids[s], (double)w[g], ref_w[s], rtol);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* ---- routing ----------------------------------------------------------- */
+
+/* Index of the largest of v[0..n) with used[i] false and v[i] not -inf;
+ * ties to the lower index; -1 when none is left. */
+static int argmax_unused(const double *v, const bool *used, int n)
+{
+	int best = -1;
+
+	for (int i = 0; i < n; i++) {
+		if (used[i] || v[i] == -INFINITY)
+			continue;
+		if (best < 0 || v[i] > v[best])
+			best = i;
+	}
+	return best;
+}
+
+void ref_route_logits(const struct ref_routing *r, const double *logits, const double *bias,
+		      int32_t *ids, double *w, double *margin)
+{
+	int E = (int)r->num_experts, k = (int)r->top_k;
+	double *p = malloc(sizeof(double) * (size_t)E);     /* weight source */
+	double *sel = malloc(sizeof(double) * (size_t)E);   /* selection score */
+	bool *used = calloc((size_t)E, sizeof(bool));
+	double gmargin = INFINITY, kmargin = INFINITY, sum = 0.0;
+
+	if (!p || !sel || !used)
+		abort();
+
+	if (r->arch == MOE_ARCH_DEEPSEEK_V3) {
+		for (int i = 0; i < E; i++) {
+			p[i] = sigmoid(logits[i]);
+			sel[i] = p[i] + (bias ? bias[i] : 0.0);
+		}
+	} else {
+		double mx = -INFINITY, z = 0.0;
+
+		for (int i = 0; i < E; i++)
+			if (logits[i] > mx)
+				mx = logits[i];
+		for (int i = 0; i < E; i++) {
+			p[i] = exp(logits[i] - mx);
+			z += p[i];
+		}
+		for (int i = 0; i < E; i++) {
+			p[i] /= z;
+			sel[i] = p[i];
+		}
+	}
+
+	/* Group-limited selection: deepseek_v2 group_limited_greedy (group
+	 * score = max) and deepseek_v3 noaux_tc (sum of the two highest). */
+	bool grouped = (r->arch == MOE_ARCH_DEEPSEEK_V2 && r->group_limited) ||
+		       r->arch == MOE_ARCH_DEEPSEEK_V3;
+	if (grouped && r->n_group > 1 && r->topk_group < r->n_group) {
+		int G = (int)r->n_group, gs = E / G;
+		double *gscore = malloc(sizeof(double) * (size_t)G);
+		bool *kept = calloc((size_t)G, sizeof(bool));
+		double last_kept = INFINITY, first_dropped = -INFINITY;
+
+		if (!gscore || !kept)
+			abort();
+		for (int g = 0; g < G; g++) {
+			const double *s = sel + (size_t)g * gs;
+
+			if (r->arch == MOE_ARCH_DEEPSEEK_V3) {
+				double a = -INFINITY, b = -INFINITY;   /* a >= b */
+
+				for (int j = 0; j < gs; j++) {
+					if (s[j] > a) {
+						b = a;
+						a = s[j];
+					} else if (s[j] > b) {
+						b = s[j];
+					}
+				}
+				gscore[g] = a + b;
+			} else {
+				double a = -INFINITY;
+
+				for (int j = 0; j < gs; j++)
+					if (s[j] > a)
+						a = s[j];
+				gscore[g] = a;
+			}
+		}
+		for (uint32_t t = 0; t < r->topk_group; t++) {
+			int best = argmax_unused(gscore, kept, G);
+
+			kept[best] = true;
+			last_kept = gscore[best];
+		}
+		for (int g = 0; g < G; g++)
+			if (!kept[g] && gscore[g] > first_dropped)
+				first_dropped = gscore[g];
+		gmargin = last_kept - first_dropped;
+		/* The experts of dropped groups cannot be chosen (-inf, as in
+		 * DeepSeek's inference/model.py). */
+		for (int g = 0; g < G; g++)
+			if (!kept[g])
+				for (int j = 0; j < gs; j++)
+					sel[(size_t)g * gs + j] = -INFINITY;
+		free(gscore);
+		free(kept);
+	}
+
+	for (int s = 0; s < k; s++) {
+		int best = argmax_unused(sel, used, E);
+
+		if (best < 0)
+			abort();    /* fewer candidates than k: the config is invalid */
+		used[best] = true;
+		ids[s] = best;
+		w[s] = p[best];
+		sum += p[best];
+	}
+	{
+		int next = argmax_unused(sel, used, E);
+
+		if (next >= 0)
+			kmargin = sel[ids[k - 1]] - sel[next];
+	}
+
+	switch (r->arch) {
+	case MOE_ARCH_MIXTRAL:
+		for (int s = 0; s < k; s++)
+			w[s] /= sum;
+		break;
+	case MOE_ARCH_QWEN2_MOE:
+	case MOE_ARCH_QWEN3_MOE:
+	case MOE_ARCH_OLMOE:
+		if (r->norm_topk_prob)
+			for (int s = 0; s < k; s++)
+				w[s] /= sum;
+		break;
+	case MOE_ARCH_DEEPSEEK_V2:
+		if (k > 1 && r->norm_topk_prob)
+			for (int s = 0; s < k; s++)
+				w[s] /= sum + 1e-20;
+		else
+			for (int s = 0; s < k; s++)
+				w[s] *= r->routed_scaling_factor;
+		break;
+	case MOE_ARCH_DEEPSEEK_V3:
+		if (k > 1 && r->norm_topk_prob)
+			for (int s = 0; s < k; s++)
+				w[s] /= sum + 1e-20;
+		for (int s = 0; s < k; s++)
+			w[s] *= r->routed_scaling_factor;
+		break;
+	default:
+		abort();
+	}
+	*margin = gmargin < kmargin ? gmargin : kmargin;
+	free(p);
+	free(sel);
+	free(used);
+}
+
+void ref_route_f32(const struct ref_routing *r, const float *router, const float *bias,
+		   uint32_t hidden, const float *x, int32_t *ids, double *w, double *margin)
+{
+	uint32_t E = r->num_experts;
+	double *logits = malloc(sizeof(double) * E);
+	double *b = bias ? malloc(sizeof(double) * E) : NULL;
+
+	if (!logits || (bias && !b))
+		abort();
+	for (uint32_t e = 0; e < E; e++) {
+		double s = 0.0;
+
+		for (uint32_t h = 0; h < hidden; h++)
+			s += (double)router[(size_t)e * hidden + h] * (double)x[h];
+		logits[e] = s;
+		if (b)
+			b[e] = bias[e];
+	}
+	ref_route_logits(r, logits, b, ids, w, margin);
+	free(logits);
+	free(b);
+}
+
+/* ---- the expert FFN and the layer -------------------------------------- */
+
+void ref_expert(enum moe_act act, uint32_t hidden, uint32_t inter, const double *gate,
+		const double *up, const double *down, const double *x, double *tmp, double *out)
+{
+	for (uint32_t i = 0; i < inter; i++) {
+		double u = 0.0, g = 0.0;
+
+		for (uint32_t h = 0; h < hidden; h++)
+			u += up[(size_t)i * hidden + h] * x[h];
+		if (gate) {
+			for (uint32_t h = 0; h < hidden; h++)
+				g += gate[(size_t)i * hidden + h] * x[h];
+			tmp[i] = ref_act(act, g) * u;
+		} else {
+			tmp[i] = ref_act(act, u);
+		}
+	}
+	for (uint32_t h = 0; h < hidden; h++) {
+		double s = 0.0;
+
+		for (uint32_t i = 0; i < inter; i++)
+			s += down[(size_t)h * inter + i] * tmp[i];
+		out[h] = s;
+	}
+}
+
+/* out[H] += sigmoid-gated (qwen2_moe) or plain shared expert(s) of x. */
+static void add_shared(const struct ref_layer *l, const double *xd, double *tmp, double *y,
+		       double *out)
+{
+	uint32_t H = l->hidden;
+	double g = 1.0;
+
+	if (!l->shared_inter)
+		return;
+	ref_expert(l->act, H, l->shared_inter, l->sh_gate, l->sh_up, l->sh_down, xd, tmp, y);
+	if (l->sh_gate_vec) {
+		double s = 0.0;
+
+		for (uint32_t h = 0; h < H; h++)
+			s += l->sh_gate_vec[h] * xd[h];
+		g = sigmoid(s);
+	}
+	for (uint32_t h = 0; h < H; h++)
+		out[h] += g * y[h];
+}
+
+void ref_layer_forward_dense(const struct ref_layer *l, const float *x, double *out)
+{
+	uint32_t H = l->hidden, I = l->inter, E = l->routing.num_experts;
+	uint32_t tmpn = I > l->shared_inter ? I : l->shared_inter;
+	double *xd = malloc(sizeof(double) * H);
+	double *y = malloc(sizeof(double) * H);
+	double *tmp = malloc(sizeof(double) * tmpn);
+	size_t esz = (size_t)I * H;
+
+	if (!xd || !y || !tmp)
+		abort();
+	for (uint32_t h = 0; h < H; h++) {
+		xd[h] = x[h];
+		out[h] = 0.0;
+	}
+	for (uint32_t j = 0; j < E; j++) {
+		ref_expert(l->act, H, I, l->gate ? l->gate + j * esz : NULL, l->up + j * esz,
+			   l->down + j * esz, xd, tmp, y);
+		for (uint32_t h = 0; h < H; h++)
+			out[h] += y[h] / E;
+	}
+	add_shared(l, xd, tmp, y, out);
+	free(xd);
+	free(y);
+	free(tmp);
+}
+
+void ref_layer_forward(const struct ref_layer *l, const float *x, double *out,
+		       int32_t *ids, double *w, double *margin)
+{
+	uint32_t H = l->hidden, I = l->inter, k = l->routing.top_k, E = l->routing.num_experts;
+	uint32_t tmpn = I > l->shared_inter ? I : l->shared_inter;
+	double *xd = malloc(sizeof(double) * H);
+	double *y = malloc(sizeof(double) * H);
+	double *tmp = malloc(sizeof(double) * tmpn);
+	double *logits = malloc(sizeof(double) * E);
+
+	if (!xd || !y || !tmp || !logits)
+		abort();
+	for (uint32_t h = 0; h < H; h++) {
+		xd[h] = x[h];
+		out[h] = 0.0;
+	}
+	for (uint32_t e = 0; e < E; e++) {
+		double s = 0.0;
+
+		for (uint32_t h = 0; h < H; h++)
+			s += l->router[(size_t)e * H + h] * xd[h];
+		logits[e] = s;
+	}
+	ref_route_logits(&l->routing, logits, l->bias, ids, w, margin);
+
+	size_t esz = (size_t)I * H;
+	for (uint32_t s = 0; s < k; s++) {
+		size_t j = (size_t)ids[s];
+
+		ref_expert(l->act, H, I, l->gate ? l->gate + j * esz : NULL, l->up + j * esz,
+			   l->down + j * esz, xd, tmp, y);
+		for (uint32_t h = 0; h < H; h++)
+			out[h] += w[s] * y[h];
+	}
+	add_shared(l, xd, tmp, y, out);
+	free(xd);
+	free(y);
+	free(tmp);
+	free(logits);
+}
+
+void ref_layer_free(struct ref_layer *l)
+{
+	if (!l)
+		return;
+	free(l->router);
+	free(l->bias);
+	free(l->gate);
+	free(l->up);
+	free(l->down);
+	free(l->sh_gate);
+	free(l->sh_up);
+	free(l->sh_down);
+	free(l->sh_gate_vec);
+	free(l);
+}
+
+/* ---- loading a checkpoint ---------------------------------------------- */
+
+struct loader {
+	struct moe_st_checkpoint *ck;
+	char *msg;
+	size_t msglen;
+};
+
+__attribute__((format(printf, 3, 4)))
+static int fail(struct loader *ld, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(ld->msg, ld->msglen, fmt, ap);
+	va_end(ap);
+	return code;
+}
+
+static const struct moe_st_tensor *find(struct loader *ld, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static const struct moe_st_tensor *find(struct loader *ld, const char *fmt, ...)
+{
+	char name[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(name, sizeof(name), fmt, ap);
+	va_end(ap);
+	return moe_st_find(ld->ck, name);
+}
+
+/*
+ * Decode @count elements of tensor @t starting at element @first into
+ * dst[0..count), checking that the tensor has @nelem elements in all.
+ */
+static int read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
+		      uint64_t first, uint64_t count, double *dst)
+{
+	struct moe_err err = {0};
+	uint64_t have = 1, esz;
+	unsigned char *buf;
+	int rc;
+
+	for (uint32_t d = 0; d < t->ndim; d++)
+		have *= t->shape[d];
+	if (have != nelem)
+		return fail(ld, -EINVAL, "%s: %llu elements, expected %llu", t->name,
+			    (unsigned long long)have, (unsigned long long)nelem);
+	if (!strcmp(t->st_dtype, "F32"))
+		esz = 4;
+	else if (!strcmp(t->st_dtype, "BF16") || !strcmp(t->st_dtype, "F16"))
+		esz = 2;
+	else
+		return fail(ld, -EINVAL, "%s: dtype %s is not one the reference reads",
+			    t->name, t->st_dtype);
+	if (t->nbytes != nelem * esz)
+		return fail(ld, -EINVAL, "%s: %llu bytes for %llu elements of %s", t->name,
+			    (unsigned long long)t->nbytes, (unsigned long long)nelem, t->st_dtype);
+	buf = malloc(count * esz);
+	if (!buf)
+		return fail(ld, -ENOMEM, "out of memory");
+	rc = moe_st_read(ld->ck, t, first * esz, buf, count * esz, &err);
+	if (rc < 0) {
+		free(buf);
+		return fail(ld, rc, "%s", err.msg);
+	}
+	for (uint64_t i = 0; i < count; i++) {
+		const unsigned char *b = buf + i * esz;
+
+		if (esz == 4) {
+			/* little-endian binary32, decoded field by field */
+			uint32_t u = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 |
+				     (uint32_t)b[3] << 24;
+			int sign = u >> 31, e = (int)((u >> 23) & 0xff);
+			uint32_t f = u & 0x7fffffu;
+			double v;
+
+			if (e == 0xff)
+				v = f ? NAN : INFINITY;
+			else if (e == 0)
+				v = ldexp((double)f, -126 - 23);
+			else
+				v = ldexp((double)(f | 0x800000u), e - 127 - 23);
+			dst[i] = sign ? -v : v;
+		} else {
+			uint16_t h = (uint16_t)(b[0] | b[1] << 8);
+
+			dst[i] = t->st_dtype[0] == 'B' ? ref_bf16_to_double(h) : ref_f16_to_double(h);
+		}
+	}
+	free(buf);
+	return 0;
+}
+
+/* Allocate and read a whole tensor of @nelem elements. */
+static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
+		       double **ret)
+{
+	double *d = malloc(sizeof(double) * (nelem ? nelem : 1));
+	int rc;
+
+	if (!d)
+		return fail(ld, -ENOMEM, "out of memory");
+	rc = read_elems(ld, t, nelem, 0, nelem, d);
+	if (rc < 0) {
+		free(d);
+		return rc;
+	}
+	*ret = d;
+	return 0;
+}
+
+static int json_u32(json_t *cfg, const char *key, uint32_t dflt, uint32_t *ret)
+{
+	json_t *v = json_object_get(cfg, key);
+
+	if (!v || json_is_null(v)) {
+		*ret = dflt;
+		return 0;
+	}
+	if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+	    json_integer_value(v) > (json_int_t)UINT32_MAX)
+		return -EINVAL;
+	*ret = (uint32_t)json_integer_value(v);
+	return 0;
+}
+
+static bool json_bool(json_t *cfg, const char *key, bool dflt)
+{
+	json_t *v = json_object_get(cfg, key);
+
+	if (!v || !json_is_boolean(v))
+		return dflt;
+	return json_is_true(v);
+}
+
+static double json_num(json_t *cfg, const char *key, double dflt)
+{
+	json_t *v = json_object_get(cfg, key);
+
+	if (!v || !json_is_number(v))
+		return dflt;
+	return json_number_value(v);
+}
+
+static const char *json_str(json_t *cfg, const char *key, const char *dflt)
+{
+	json_t *v = json_object_get(cfg, key);
+
+	if (!v || !json_is_string(v))
+		return dflt;
+	return json_string_value(v);
+}
+
+/* The routing rule and activation of config.json, with Hugging Face's
+ * defaults for absent fields. */
+static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *l)
+{
+	static const struct { const char *name; enum moe_arch arch; } archs[] = {
+		{ "mixtral", MOE_ARCH_MIXTRAL }, { "qwen2_moe", MOE_ARCH_QWEN2_MOE },
+		{ "qwen3_moe", MOE_ARCH_QWEN3_MOE }, { "olmoe", MOE_ARCH_OLMOE },
+		{ "deepseek_v2", MOE_ARCH_DEEPSEEK_V2 }, { "deepseek_v3", MOE_ARCH_DEEPSEEK_V3 },
+	};
+	struct ref_routing *r = &l->routing;
+	char path[4096];
+	json_error_t jerr;
+	const char *mt, *act, *method;
+	json_t *cfg;
+	bool found = false;
+	int rc = 0;
+
+	snprintf(path, sizeof(path), "%s/config.json", hf_dir);
+	cfg = json_load_file(path, 0, &jerr);
+	if (!cfg)
+		return fail(ld, -EINVAL, "%s: %s", path, jerr.text);
+	mt = json_str(cfg, "model_type", "");
+	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++)
+		if (!strcmp(mt, archs[i].name)) {
+			r->arch = archs[i].arch;
+			found = true;
+		}
+	if (!found) {
+		rc = fail(ld, -EINVAL, "%s: model_type \"%s\" unknown to the reference", path, mt);
+		goto out;
+	}
+
+	act = json_str(cfg, "hidden_act", "silu");
+	if (!strcmp(act, "silu") || !strcmp(act, "swish"))
+		l->act = MOE_ACT_SILU;
+	else if (!strcmp(act, "gelu"))
+		l->act = MOE_ACT_GELU;
+	else if (!strcmp(act, "gelu_pytorch_tanh") || !strcmp(act, "gelu_new") ||
+		 !strcmp(act, "gelu_fast"))
+		l->act = MOE_ACT_GELU_TANH;
+	else if (!strcmp(act, "relu"))
+		l->act = MOE_ACT_RELU;
+	else {
+		rc = fail(ld, -EINVAL, "%s: hidden_act \"%s\" unknown to the reference", path, act);
+		goto out;
+	}
+
+	r->n_group = 1;
+	r->topk_group = 1;
+	r->group_limited = false;
+	r->routed_scaling_factor = 1.0;
+	switch (r->arch) {
+	case MOE_ARCH_MIXTRAL:
+		rc = json_u32(cfg, "num_local_experts", 8, &r->num_experts);
+		rc = rc ? rc : json_u32(cfg, "num_experts_per_tok", 2, &r->top_k);
+		r->norm_topk_prob = true;
+		break;
+	case MOE_ARCH_QWEN2_MOE:
+	case MOE_ARCH_QWEN3_MOE:
+	case MOE_ARCH_OLMOE:
+		rc = json_u32(cfg, "num_experts", 60, &r->num_experts);
+		rc = rc ? rc : json_u32(cfg, "num_experts_per_tok", 4, &r->top_k);
+		r->norm_topk_prob = json_bool(cfg, "norm_topk_prob", false);
+		break;
+	case MOE_ARCH_DEEPSEEK_V2:
+	case MOE_ARCH_DEEPSEEK_V3: {
+		bool v3 = r->arch == MOE_ARCH_DEEPSEEK_V3;
+
+		rc = json_u32(cfg, "n_routed_experts", v3 ? 256 : 64, &r->num_experts);
+		rc = rc ? rc : json_u32(cfg, "num_experts_per_tok", v3 ? 8 : 6, &r->top_k);
+		rc = rc ? rc : json_u32(cfg, "n_group", v3 ? 8 : 1, &r->n_group);
+		rc = rc ? rc : json_u32(cfg, "topk_group", v3 ? 4 : 1, &r->topk_group);
+		r->norm_topk_prob = json_bool(cfg, "norm_topk_prob", v3);
+		r->routed_scaling_factor = json_num(cfg, "routed_scaling_factor", v3 ? 2.5 : 1.0);
+		method = json_str(cfg, "topk_method", v3 ? "noaux_tc" : "greedy");
+		if (v3 && strcmp(method, "noaux_tc")) {
+			rc = fail(ld, -EINVAL, "%s: topk_method \"%s\" for deepseek_v3", path, method);
+			goto out;
+		}
+		if (!v3) {
+			if (!strcmp(method, "group_limited_greedy"))
+				r->group_limited = true;
+			else if (strcmp(method, "greedy") && strcmp(method, "gready")) {
+				rc = fail(ld, -EINVAL, "%s: topk_method \"%s\" unknown to the reference",
+					  path, method);
+				goto out;
+			}
+		}
+		if (strcmp(json_str(cfg, "scoring_func", v3 ? "sigmoid" : "softmax"),
+			   v3 ? "sigmoid" : "softmax")) {
+			rc = fail(ld, -EINVAL, "%s: unexpected scoring_func", path);
+			goto out;
+		}
+		break;
+	}
+	default:
+		break;
+	}
+	if (rc < 0) {
+		rc = fail(ld, rc, "%s: a size field is not a non-negative integer", path);
+		goto out;
+	}
+	if (r->num_experts == 0 || r->num_experts > REF_MAX_EXPERTS || r->top_k == 0 ||
+	    r->top_k > r->num_experts || r->n_group == 0 || r->num_experts % r->n_group ||
+	    r->topk_group == 0 || r->topk_group > r->n_group ||
+	    r->topk_group * (r->num_experts / r->n_group) < r->top_k)
+		rc = fail(ld, -EINVAL, "%s: routing fields out of range for the reference", path);
+out:
+	json_decref(cfg);
+	return rc;
+}
+
+/* Shape check: tensor @t is [a, b] (or [a, b, c] when c != 0). */
+static bool shape_is(const struct moe_st_tensor *t, uint64_t a, uint64_t b, uint64_t c)
+{
+	if (c)
+		return t->ndim == 3 && t->shape[0] == a && t->shape[1] == b && t->shape[2] == c;
+	return t->ndim == 2 && t->shape[0] == a && t->shape[1] == b;
+}
+
+/* A dense gated-or-plain MLP under @pfx: {gate,up,down}_proj (or w1/w3/w2). */
+static int read_mlp(struct loader *ld, const char *pfx, bool mixtral_names, uint32_t H,
+		    uint32_t *ret_inter, bool *ret_gated, double **g, double **u, double **d)
+{
+	const char *gn = mixtral_names ? "w1" : "gate_proj";
+	const char *un = mixtral_names ? "w3" : "up_proj";
+	const char *dn = mixtral_names ? "w2" : "down_proj";
+	const struct moe_st_tensor *tg = find(ld, "%s%s.weight", pfx, gn);
+	const struct moe_st_tensor *tu = find(ld, "%s%s.weight", pfx, un);
+	const struct moe_st_tensor *td = find(ld, "%s%s.weight", pfx, dn);
+	uint32_t I;
+	int rc;
+
+	if (!tu || !td)
+		return fail(ld, -ENOENT, "%s%s.weight or %s.weight: not in the checkpoint", pfx, un, dn);
+	if (tu->ndim != 2 || tu->shape[1] != H || tu->shape[0] == 0 || tu->shape[0] > (1u << 20))
+		return fail(ld, -EINVAL, "%s: bad shape", tu->name);
+	I = (uint32_t)tu->shape[0];
+	if (!shape_is(td, H, I, 0) || (tg && !shape_is(tg, I, H, 0)))
+		return fail(ld, -EINVAL, "%s: shapes disagree with %s", pfx, tu->name);
+	*g = NULL;
+	if (tg && (rc = read_tensor(ld, tg, (uint64_t)I * H, g)) < 0)
+		return rc;
+	if ((rc = read_tensor(ld, tu, (uint64_t)I * H, u)) < 0 ||
+	    (rc = read_tensor(ld, td, (uint64_t)H * I, d)) < 0)
+		return rc;
+	*ret_inter = I;
+	*ret_gated = tg != NULL;
+	return 0;
+}
+
+static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx, bool mixtral,
+			struct ref_layer *l)
+{
+	uint32_t E = l->routing.num_experts, H = l->hidden;
+	const struct moe_st_tensor *fgu = find(ld, "%sexperts.gate_up_proj", pfx);
+	const struct moe_st_tensor *fd = find(ld, "%sexperts.down_proj", pfx);
+	int rc;
+
+	if (!fgu && alt_pfx) {
+		fgu = find(ld, "%sexperts.gate_up_proj", alt_pfx);
+		fd = find(ld, "%sexperts.down_proj", alt_pfx);
+	}
+	if (fgu) {
+		/* transformers v5 fused layout: gate_up_proj [E, 2I, H] gate rows
+		 * first, down_proj [E, H, I] */
+		uint32_t I;
+
+		if (!fd)
+			return fail(ld, -ENOENT, "%s: fused down_proj missing", fgu->name);
+		if (fgu->ndim != 3 || fgu->shape[0] != E || fgu->shape[2] != H ||
+		    fgu->shape[1] % 2 || fgu->shape[1] == 0)
+			return fail(ld, -EINVAL, "%s: bad fused shape", fgu->name);
+		I = (uint32_t)(fgu->shape[1] / 2);
+		if (!shape_is(fd, E, H, I))
+			return fail(ld, -EINVAL, "%s: bad fused shape", fd->name);
+		size_t esz = (size_t)I * H;
+		l->inter = I;
+		l->gated = true;
+		l->gate = malloc(sizeof(double) * esz * E);
+		l->up = malloc(sizeof(double) * esz * E);
+		if (!l->gate || !l->up)
+			return fail(ld, -ENOMEM, "out of memory");
+		for (uint32_t j = 0; j < E; j++) {
+			if ((rc = read_elems(ld, fgu, (uint64_t)E * 2 * esz, (uint64_t)j * 2 * esz,
+					     esz, l->gate + j * esz)) < 0 ||
+			    (rc = read_elems(ld, fgu, (uint64_t)E * 2 * esz,
+					     (uint64_t)j * 2 * esz + esz, esz, l->up + j * esz)) < 0)
+				return rc;
+		}
+		snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", fgu->st_dtype);
+		return read_tensor(ld, fd, (uint64_t)E * esz, &l->down);
+	}
+
+	for (uint32_t j = 0; j < E; j++) {
+		char epfx[512];
+		double *g, *u, *d;
+		uint32_t I;
+		bool gated;
+
+		snprintf(epfx, sizeof(epfx), "%sexperts.%u.", pfx, j);
+		if ((rc = read_mlp(ld, epfx, mixtral, H, &I, &gated, &g, &u, &d)) < 0)
+			return rc;
+		if (j == 0) {
+			const struct moe_st_tensor *t = find(ld, "%s%s.weight", epfx,
+							     mixtral ? "w3" : "up_proj");
+
+			snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", t->st_dtype);
+			l->inter = I;
+			l->gated = gated;
+			l->up = malloc(sizeof(double) * (size_t)E * I * H);
+			l->down = malloc(sizeof(double) * (size_t)E * I * H);
+			l->gate = gated ? malloc(sizeof(double) * (size_t)E * I * H) : NULL;
+			if (!l->up || !l->down || (gated && !l->gate)) {
+				free(g);
+				free(u);
+				free(d);
+				return fail(ld, -ENOMEM, "out of memory");
+			}
+		}
+		if (I != l->inter || gated != l->gated) {
+			free(g);
+			free(u);
+			free(d);
+			return fail(ld, -EINVAL, "%s: differs in shape from expert 0", epfx);
+		}
+		size_t esz = (size_t)I * H;
+		if (gated)
+			memcpy(l->gate + j * esz, g, sizeof(double) * esz);
+		memcpy(l->up + j * esz, u, sizeof(double) * esz);
+		memcpy(l->down + j * esz, d, sizeof(double) * esz);
+		free(g);
+		free(u);
+		free(d);
+	}
+	return 0;
+}
+
+int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
+		   char *msg, size_t msglen)
+{
+	struct loader ld = { .msg = msg, .msglen = msglen };
+	struct ref_layer *l = calloc(1, sizeof(*l));
+	struct moe_err err = {0};
+	const struct moe_st_tensor *t;
+	char pfx[256], alt[256];
+	bool mixtral;
+	uint32_t E, H;
+	int rc;
+
+	if (!l)
+		return fail(&ld, -ENOMEM, "out of memory");
+	l->layer = layer;
+	if ((rc = read_config(&ld, hf_dir, l)) < 0)
+		goto bad;
+	rc = moe_st_checkpoint_open(hf_dir, &ld.ck, &err);
+	if (rc < 0) {
+		rc = fail(&ld, rc, "%s", err.msg);
+		goto bad;
+	}
+	mixtral = l->routing.arch == MOE_ARCH_MIXTRAL;
+	snprintf(pfx, sizeof(pfx), "model.layers.%u.%s", layer, mixtral ? "block_sparse_moe." : "mlp.");
+	snprintf(alt, sizeof(alt), "model.layers.%u.mlp.", layer);
+	E = l->routing.num_experts;
+
+	t = find(&ld, "%sgate.weight", pfx);
+	if (!t && mixtral)
+		t = find(&ld, "%sgate.weight", alt);
+	if (!t) {
+		rc = fail(&ld, -ENOENT, "%sgate.weight: not in the checkpoint", pfx);
+		goto bad;
+	}
+	if (t->ndim != 2 || t->shape[0] != E || t->shape[1] == 0 || t->shape[1] > (1u << 20)) {
+		rc = fail(&ld, -EINVAL, "%s: shape is not [%u, H]", t->name, E);
+		goto bad;
+	}
+	H = l->hidden = (uint32_t)t->shape[1];
+	if ((rc = read_tensor(&ld, t, (uint64_t)E * H, &l->router)) < 0)
+		goto bad;
+
+	if (l->routing.arch == MOE_ARCH_DEEPSEEK_V3) {
+		t = find(&ld, "%sgate.e_score_correction_bias", pfx);
+		if (!t) {
+			rc = fail(&ld, -ENOENT, "%sgate.e_score_correction_bias: missing", pfx);
+			goto bad;
+		}
+		if ((rc = read_tensor(&ld, t, E, &l->bias)) < 0)
+			goto bad;
+	}
+
+	if ((rc = read_experts(&ld, pfx, mixtral ? alt : NULL, mixtral, l)) < 0)
+		goto bad;
+
+	if (l->routing.arch == MOE_ARCH_QWEN2_MOE) {
+		char spfx[300];
+
+		snprintf(spfx, sizeof(spfx), "%sshared_expert.", pfx);
+		t = find(&ld, "%sup_proj.weight", spfx);
+		if (t) {
+			if ((rc = read_mlp(&ld, spfx, false, H, &l->shared_inter, &l->shared_gated,
+					   &l->sh_gate, &l->sh_up, &l->sh_down)) < 0)
+				goto bad;
+			t = find(&ld, "%sshared_expert_gate.weight", pfx);
+			if (!t) {
+				rc = fail(&ld, -ENOENT, "%sshared_expert_gate.weight: missing", pfx);
+				goto bad;
+			}
+			if ((rc = read_tensor(&ld, t, H, &l->sh_gate_vec)) < 0)
+				goto bad;
+		}
+	} else if (l->routing.arch == MOE_ARCH_DEEPSEEK_V2 ||
+		   l->routing.arch == MOE_ARCH_DEEPSEEK_V3) {
+		char spfx[300];
+
+		snprintf(spfx, sizeof(spfx), "%sshared_experts.", pfx);
+		t = find(&ld, "%sup_proj.weight", spfx);
+		if (t && (rc = read_mlp(&ld, spfx, false, H, &l->shared_inter, &l->shared_gated,
+					&l->sh_gate, &l->sh_up, &l->sh_down)) < 0)
+			goto bad;
+	}
+	moe_st_checkpoint_close(ld.ck);
+	*ret = l;
+	return 0;
+bad:
+	if (ld.ck)
+		moe_st_checkpoint_close(ld.ck);
+	ref_layer_free(l);
+	return rc;
+}
