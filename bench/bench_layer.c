@@ -212,18 +212,26 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
 	void **experts = calloc(E, sizeof(void *));
 	float *router = xalloc((size_t)E * H * sizeof(float));
 	float *bias = c->has_bias ? xalloc(E * sizeof(float)) : NULL;
-	void *shared = sbytes ? xalloc(sbytes) : NULL;
+	void *shared = NULL;
 	uint64_t s = 1234;
 	double t0 = now();
 
 	rc_up->k = H;
 	rc_down->k = Im;
+	/* weights made in the store's layout, then put in the backend's
+	 * resident layout as the engine does when it loads them */
+	void *staging = xalloc(ebytes > sbytes ? ebytes : sbytes);
 	for (uint32_t e = 0; e < E; e++) {
-		experts[e] = xalloc(ebytes);
-		fill_bf16(experts[e], ebytes / 2, 1000 + e);
+		fill_bf16(staging, ebytes / 2, 1000 + e);
+		experts[e] = xalloc(be->ops->blob_bytes(c, Im));
+		be->ops->blob_prepare(c, Im, staging, experts[e]);
 	}
-	if (shared)
-		fill_bf16(shared, sbytes / 2, 999);
+	if (sbytes) {
+		fill_bf16(staging, sbytes / 2, 999);
+		shared = xalloc(be->ops->blob_bytes(c, c->shared_intermediate_size));
+		be->ops->blob_prepare(c, c->shared_intermediate_size, staging, shared);
+	}
+	free(staging);
 	for (size_t i = 0; i < (size_t)E * H; i++)
 		router[i] = rngf(&s) * 2.0f / sqrtf((float)H);
 	for (uint32_t e = 0; bias && e < E; e++)

@@ -15,7 +15,9 @@
 #include "model.h"
 
 /* One MoE layer's weights as a backend sees them.  Pointers are host memory
- * owned by the engine; experts[j] is NULL when expert j is not resident. */
+ * owned by the engine; experts[j] is NULL when expert j is not resident.
+ * Expert and shared blobs are in the backend's resident layout (see
+ * blob_prepare below). */
 struct moe_layer_weights {
 	const struct moe_model_config *cfg;
 	uint32_t layer;               /* the checkpoint's layer number */
@@ -62,6 +64,18 @@ struct moe_backend_ops {
 	int (*experts)(struct moe_backend *be, const struct moe_layer_weights *lw,
 		       const float *x, size_t n, uint32_t kk, const int32_t *ids,
 		       const float *w, float *out);
+
+	/*
+	 * Optional: the backend's resident layout of an expert blob.
+	 * blob_bytes gives the size of an expert of intermediate size @inter
+	 * (a routed expert's, or the shared expert's) in that layout;
+	 * blob_prepare converts a blob read from the store into it.  Both NULL:
+	 * experts are used in the store's layout.  The weights in
+	 * moe_layer_weights are always in the resident layout.
+	 */
+	uint64_t (*blob_bytes)(const struct moe_model_config *cfg, uint32_t inter);
+	void (*blob_prepare)(const struct moe_model_config *cfg, uint32_t inter, const void *src,
+			     void *dst);
 };
 
 struct moe_backend {

@@ -194,11 +194,37 @@ static float act(enum moe_act a, float v)
 	return v;
 }
 
-/* Where the expert's matrices start in its blob (store.h layout). */
+/*
+ * The resident layout of an expert: gate [I][H], up [I][H], down [H][I]
+ * (no gate when !gated), each matrix in the packed layout of kernels.h,
+ * so that a tile streams one sequential run of memory.
+ */
+static uint64_t cpu_blob_bytes(const struct moe_model_config *c, uint32_t I)
+{
+	uint64_t es = moe_dtype_size(c->weight_dtype);
+	uint64_t in = (uint64_t)I * moe_kern_packed_ld(c->hidden_size) * es;
+
+	return (c->gated ? 2 : 1) * in + (uint64_t)c->hidden_size * moe_kern_packed_ld(I) * es;
+}
+
+static void cpu_blob_prepare(const struct moe_model_config *c, uint32_t I, const void *src, void *dst)
+{
+	size_t es = moe_dtype_size(c->weight_dtype), H = c->hidden_size;
+	size_t in_store = (size_t)I * H * es, in_packed = (size_t)I * moe_kern_packed_ld(H) * es;
+	const char *s = src;
+	char *d = dst;
+	int nin = c->gated ? 2 : 1;
+
+	for (int m = 0; m < nin; m++)
+		moe_kern_pack(c->weight_dtype, s + m * in_store, I, H, d + m * in_packed);
+	moe_kern_pack(c->weight_dtype, s + nin * in_store, H, I, d + nin * in_packed);
+}
+
+/* Where the expert's matrices start in its resident blob. */
 static void expert_parts(const struct moe_model_config *c, const void *blob, uint32_t I,
 			 const void **gate, const void **up, const void **down)
 {
-	size_t m = (size_t)I * c->hidden_size * moe_dtype_size(c->weight_dtype);
+	size_t m = (size_t)I * moe_kern_packed_ld(c->hidden_size) * moe_dtype_size(c->weight_dtype);
 	const char *b = blob;
 
 	if (c->gated) {
@@ -222,6 +248,7 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 	const float *const *xs;
 	uint32_t I, H = c->hidden_size;
 	size_t es = moe_dtype_size(c->weight_dtype), ntok;
+	size_t ldh = moe_kern_packed_ld(H) * es;     /* bytes per packed row */
 	float *h;
 
 	if (t->expert < 0) {
@@ -244,11 +271,11 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 		for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
 			size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
 
-			moe_kern_dot_rows(c->weight_dtype, (const char *)up + (size_t)b0 * H * es, H, H,
-					  nr, xs + c0, nc, ws->u, ROWS_A);
+			moe_kern_dot_rows_packed(c->weight_dtype, (const char *)up + b0 * ldh, H, nr,
+						 xs + c0, nc, ws->u, ROWS_A);
 			if (gate)
-				moe_kern_dot_rows(c->weight_dtype, (const char *)gate + (size_t)b0 * H * es,
-						  H, H, nr, xs + c0, nc, ws->g, ROWS_A);
+				moe_kern_dot_rows_packed(c->weight_dtype, (const char *)gate + b0 * ldh, H,
+							 nr, xs + c0, nc, ws->g, ROWS_A);
 			for (size_t i = 0; i < nc; i++) {
 				float *hr = h + (c0 + i) * I + b0;
 				const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
@@ -292,8 +319,9 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_B) {
 		uint32_t nr = t->r1 - b0 < ROWS_B ? t->r1 - b0 : ROWS_B;
 
-		moe_kern_dot_rows(c->weight_dtype, (const char *)down + (size_t)b0 * I * es, I, I, nr,
-				  hs, ntok, y + b0, H);
+		moe_kern_dot_rows_packed(c->weight_dtype,
+					 (const char *)down + b0 * moe_kern_packed_ld(I) * es, I, nr,
+					 hs, ntok, y + b0, H);
 	}
 }
 
@@ -505,4 +533,6 @@ const struct moe_backend_ops moe_backend_cpu_ops = {
 	.fini = cpu_fini,
 	.route = cpu_route,
 	.experts = cpu_experts,
+	.blob_bytes = cpu_blob_bytes,
+	.blob_prepare = cpu_blob_prepare,
 };

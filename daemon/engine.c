@@ -28,6 +28,8 @@ struct moe_engine {
 	struct moe_backend *backend;
 	const struct moe_model_config *cfg;
 	struct engine_layer *layers;    /* one per MoE layer of the store */
+	void *staging;                  /* a blob in store layout, before blob_prepare */
+	size_t staging_bytes;
 	int32_t *ids;                   /* scratch routing for callers passing NULL */
 	float *w;
 	size_t route_cap;               /* entries in ids/w */
@@ -54,6 +56,7 @@ void moe_engine_close(struct moe_engine *e)
 		for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++)
 			layer_free(&e->layers[i], e->cfg->num_experts);
 	free(e->layers);
+	free(e->staging);
 	free(e->ids);
 	free(e->w);
 	moe_backend_close(e->backend);
@@ -161,6 +164,54 @@ static void *blob_alloc(uint64_t bytes)
 	return p;
 }
 
+/*
+ * Read a blob of intermediate size @I (@store_bytes in the store) with
+ * @read, in the backend's resident layout: directly when the backend uses
+ * the store's layout, else through the staging buffer and blob_prepare.
+ * Returns the new blob in *ret.
+ */
+static int blob_load(struct moe_engine *e, uint32_t I, uint64_t store_bytes,
+		     int (*read)(const struct moe_store *s, uint32_t li, uint32_t x, void *buf,
+				 struct moe_err *err),
+		     uint32_t li, uint32_t x, void **ret, struct moe_err *err)
+{
+	const struct moe_backend_ops *ops = e->backend->ops;
+	uint64_t bytes = ops->blob_prepare ? ops->blob_bytes(e->cfg, I) : store_bytes;
+	void *blob = blob_alloc(bytes), *dst = blob;
+	int r;
+
+	if (!blob)
+		return -ENOMEM;
+	if (ops->blob_prepare) {
+		if (e->staging_bytes < store_bytes) {
+			free(e->staging);
+			e->staging = blob_alloc(store_bytes);
+			e->staging_bytes = e->staging ? store_bytes : 0;
+			if (!e->staging) {
+				free(blob);
+				return -ENOMEM;
+			}
+		}
+		dst = e->staging;
+	}
+	r = read(e->store, li, x, dst, err);
+	if (r < 0) {
+		free(blob);
+		return r;
+	}
+	if (ops->blob_prepare)
+		ops->blob_prepare(e->cfg, I, e->staging, blob);
+	*ret = blob;
+	return 0;
+}
+
+static int read_shared(const struct moe_store *s, uint32_t li, uint32_t x, void *buf,
+		       struct moe_err *err)
+{
+	(void)x;
+	return moe_store_read_shared(s, li, buf, err);
+}
+
 static int layer_load(struct moe_engine *e, uint32_t li, struct moe_err *err)
 {
 	const struct moe_model_config *c = e->cfg;
@@ -181,10 +232,10 @@ static int layer_load(struct moe_engine *e, uint32_t li, struct moe_err *err)
 	if (r < 0)
 		goto fail;
 	if (e->store->layers[li].flags & MOE_STORE_LAYER_HAS_SHARED) {
-		l->shared = blob_alloc(e->store->layers[li].shared_bytes);
-		if (!l->shared)
+		r = blob_load(e, c->shared_intermediate_size, e->store->layers[li].shared_bytes,
+			      read_shared, li, 0, &l->shared, err);
+		if (r == -ENOMEM)
 			goto nomem;
-		r = moe_store_read_shared(e->store, li, l->shared, err);
 		if (r < 0)
 			goto fail;
 	}
@@ -215,17 +266,14 @@ static int experts_load(struct moe_engine *e, uint32_t li, const int32_t *ids, s
 
 		if (l->experts[x])
 			continue;
-		l->experts[x] = blob_alloc(e->store->hdr.expert_bytes);
-		if (!l->experts[x])
+		/* on failure the expert stays absent: the next request reads it again */
+		r = blob_load(e, e->cfg->moe_intermediate_size, e->store->hdr.expert_bytes,
+			      moe_store_read_expert, li, x, &l->experts[x], err);
+		if (r == -ENOMEM)
 			return moe_err_set(err, -ENOMEM, "out of memory loading layer %u expert %u",
 					   e->store->layers[li].layer, x);
-		r = moe_store_read_expert(e->store, li, x, l->experts[x], err);
-		if (r < 0) {
-			/* not resident: the next request reads it again */
-			free(l->experts[x]);
-			l->experts[x] = NULL;
+		if (r < 0)
 			return r;
-		}
 	}
 	return 0;
 }

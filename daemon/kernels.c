@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,11 @@
 #include "kernels.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Element offset of column k of row 0 of a packed group; row r of the group
+ * is MOE_KERN_CHUNK elements further (kernels.h). */
+#define PACKED_OFF(k) \
+	(((k) / MOE_KERN_CHUNK) * (MOE_KERN_GROUP * MOE_KERN_CHUNK) + (k) % MOE_KERN_CHUNK)
 
 /* ------------------------------------------------------------------------ */
 /* Scalar: 8 emulated lanes, same structure as the vector code.              */
@@ -44,27 +50,50 @@ static float sc_hsum(const float *a)
 	return c0 + c1;
 }
 
-static void dot_rows_scalar(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
-			    const float *const *xs, size_t nt, float *y, size_t ldy)
+static ALWAYS_INLINE void dot_rows_scalar(enum moe_dtype dt, int packed, const void *W, size_t ldw,
+					   size_t K, size_t nr, const float *const *xs, size_t nt,
+					   float *y, size_t ldy)
 {
-	size_t es = moe_dtype_size(dt);
+	size_t es = moe_dtype_size(dt), full = packed ? nr / MOE_KERN_GROUP * MOE_KERN_GROUP : 0;
 
 	for (size_t c = 0; c < nt; c++) {
 		const float *x = xs[c];
 
 		for (size_t r = 0; r < nr; r++) {
-			const char *row = (const char *)W + r * ldw * es;
 			float acc[SC_W] = { 0 };
+			const char *base;
 			size_t k = 0;
 
+			/* element k of row r is at base + idx(k) elements */
+#define SC_IDX(k) (r < full ? PACKED_OFF(k) : (k))
+			if (r < full)
+				base = (const char *)W + ((r / MOE_KERN_GROUP) * MOE_KERN_GROUP * ldw +
+							  (r % MOE_KERN_GROUP) * MOE_KERN_CHUNK) * es;
+			else
+				base = (const char *)W + r * ldw * es;
 			for (; k + SC_W <= K; k += SC_W)
 				for (int l = 0; l < SC_W; l++)
-					acc[l] = __builtin_fmaf(sc_load(dt, row, k + (size_t)l), x[k + (size_t)l], acc[l]);
+					acc[l] = __builtin_fmaf(sc_load(dt, base, SC_IDX(k + (size_t)l)),
+								x[k + (size_t)l], acc[l]);
 			for (int l = 0; k + (size_t)l < K; l++)
-				acc[l] = __builtin_fmaf(sc_load(dt, row, k + (size_t)l), x[k + (size_t)l], acc[l]);
+				acc[l] = __builtin_fmaf(sc_load(dt, base, SC_IDX(k + (size_t)l)),
+							x[k + (size_t)l], acc[l]);
+#undef SC_IDX
 			y[c * ldy + r] = sc_hsum(acc);
 		}
 	}
+}
+
+static void dot_rows_scalar_0(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+			      const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	dot_rows_scalar(dt, 0, W, ldw, K, nr, xs, nt, y, ldy);
+}
+
+static void dot_rows_scalar_1(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
+			      const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	dot_rows_scalar(dt, 1, W, ldw, K, nr, xs, nt, y, ldy);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -118,8 +147,8 @@ AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
 }
 
 AVX2_TARGET static ALWAYS_INLINE void
-avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
-	  const float *const *xs, float *y, size_t ldy, const char *pf)
+avx2_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t ldw, size_t K,
+	  const float *const *xs, float *y, size_t ldy)
 {
 	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
 	__m256 acc[AVX2_RMAX][AVX2_CMAX];
@@ -127,20 +156,17 @@ avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
-		row[r] = (const char *)W + (size_t)r * ldw * es;
+		row[r] = (const char *)W + (size_t)r * (packed ? MOE_KERN_CHUNK : ldw) * es;
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm256_setzero_ps();
 	}
 	for (; k + 8 <= K; k += 8) {
 		__m256 w[AVX2_RMAX];
-		if (pf && (k * es) % 64 == 0)
-#pragma GCC unroll 4
-			for (int r = 0; r < R; r++)
-				_mm_prefetch(pf + (size_t)r * ldw * es + k * es, _MM_HINT_T0);
+		size_t off = packed ? PACKED_OFF(k) * es : k * es;
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx2_load_w(dt, row[r] + k * es);
+			w[r] = avx2_load_w(dt, row[r] + off);
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++) {
 			__m256 xv = _mm256_loadu_ps(xs[c] + k);
@@ -151,9 +177,10 @@ avx2_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
 	}
 	if (k < K) {
 		__m256 w[AVX2_RMAX];
+		size_t off = packed ? PACKED_OFF(k) * es : k * es;
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx2_load_w_tail(dt, row[r] + k * es, K - k);
+			w[r] = avx2_load_w_tail(dt, row[r] + off, K - k);
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++) {
 			__m256 xv = avx2_load_x_tail(xs[c] + k, K - k);
@@ -204,8 +231,8 @@ AVX512_TARGET static ALWAYS_INLINE float avx512_hsum(__m512 v)
 }
 
 AVX512_TARGET static ALWAYS_INLINE void
-avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K,
-	  const float *const *xs, float *y, size_t ldy, const char *pf)
+avx512_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t ldw, size_t K,
+	    const float *const *xs, float *y, size_t ldy)
 {
 	size_t es = dt == MOE_DTYPE_F32 ? 4 : 2, k = 0;
 	__m512 acc[AVX512_RMAX][AVX512_CMAX];
@@ -213,20 +240,17 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
-		row[r] = (const char *)W + (size_t)r * ldw * es;
+		row[r] = (const char *)W + (size_t)r * (packed ? MOE_KERN_CHUNK : ldw) * es;
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm512_setzero_ps();
 	}
 	for (; k + 16 <= K; k += 16) {
 		__m512 w[AVX512_RMAX];
-		if (pf && (k * es) % 64 == 0)
-#pragma GCC unroll 4
-			for (int r = 0; r < R; r++)
-				_mm_prefetch(pf + (size_t)r * ldw * es + k * es, _MM_HINT_T0);
+		size_t off = packed ? PACKED_OFF(k) * es : k * es;
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx512_load_w(dt, row[r] + k * es, 0, 0);
+			w[r] = avx512_load_w(dt, row[r] + off, 0, 0);
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
 			__m512 xv = _mm512_loadu_ps(xs[c] + k);
@@ -238,9 +262,10 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 	if (k < K) {
 		__mmask16 m = (__mmask16)((1u << (K - k)) - 1);
 		__m512 w[AVX512_RMAX];
+		size_t off = packed ? PACKED_OFF(k) * es : k * es;
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx512_load_w(dt, row[r] + k * es, m, 1);
+			w[r] = avx512_load_w(dt, row[r] + off, m, 1);
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
 			__m512 xv = _mm512_maskz_loadu_ps(m, xs[c] + k);
@@ -259,12 +284,14 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 /* ------------------------------------------------------------------------ */
 /* Drivers: one per instruction set and dtype, with constant tile shapes.    */
 
-/* Walk tokens in chunks of CMAX and rows in groups of RMAX, then the leftover
- * rows one by one; the switch makes the token count of each tile constant. */
-#define DEFINE_DRIVER(isa, TARGET, DT, dtname, RMAX, CMAX)                              \
-	TARGET static void dot_rows_##isa##_##dtname(const void *W, size_t ldw, size_t K,    \
-						     size_t nr, const float *const *xs,      \
-						     size_t nt, float *y, size_t ldy)        \
+/* Walk tokens in chunks of CMAX and rows in groups of RMAX (= the packing
+ * group), then the leftover rows one by one; the switch makes the token
+ * count of each tile constant.  PACKED: full groups are interleaved
+ * (kernels.h), leftover rows plain with stride ldw (= the padded K). */
+#define DEFINE_DRIVER(isa, TARGET, DT, dtname, PACKED, RMAX, CMAX)                      \
+	TARGET static void dot_rows_##isa##_##dtname##_##PACKED(                         \
+		const void *W, size_t ldw, size_t K, size_t nr, const float *const *xs,  \
+		size_t nt, float *y, size_t ldy)                                         \
 	{                                                                               \
 		size_t es = moe_dtype_size(DT);                                         \
 		for (size_t c0 = 0; c0 < nt; c0 += CMAX) {                              \
@@ -274,63 +301,58 @@ avx512_tile(enum moe_dtype dt, int R, int C, const void *W, size_t ldw, size_t K
 			size_t r = 0;                                                   \
 			for (; r + RMAX <= nr; r += RMAX) {                             \
 				const void *Wr = (const char *)W + r * ldw * es;        \
-				/* the next rows, fetched while these compute */        \
-				const char *pf = (const char *)Wr + RMAX * ldw * es;    \
 				switch (nc) {                                           \
-				DRIVER_CASES_##isa(Wr, RMAX)                            \
+				DRIVER_CASES_##isa(Wr, PACKED, RMAX)                    \
 				}                                                       \
 			}                                                               \
 			for (; r < nr; r++) {                                           \
 				const void *Wr = (const char *)W + r * ldw * es;        \
-				const char *pf = NULL;                                  \
 				switch (nc) {                                           \
-				DRIVER_CASES_##isa(Wr, 1)                               \
+				DRIVER_CASES_##isa(Wr, 0, 1)                            \
 				}                                                       \
 			}                                                               \
 		}                                                                       \
 	}
 
-#define TILE_CASE(isa, Wr, R, C) \
-	case C: isa##_tile(DT_CUR, R, C, Wr, ldw, K, xc, yc + r, ldy, pf); break;
-#define DRIVER_CASES_avx2(Wr, R) TILE_CASE(avx2, Wr, R, 1) TILE_CASE(avx2, Wr, R, 2)
-#define DRIVER_CASES_avx512(Wr, R) \
-	TILE_CASE(avx512, Wr, R, 1) TILE_CASE(avx512, Wr, R, 2) TILE_CASE(avx512, Wr, R, 3) \
-	TILE_CASE(avx512, Wr, R, 4) TILE_CASE(avx512, Wr, R, 5) TILE_CASE(avx512, Wr, R, 6)
+#define TILE_CASE(isa, Wr, P, R, C) \
+	case C: isa##_tile(DT_CUR, P, R, C, Wr, ldw, K, xc, yc + r, ldy); break;
+#define DRIVER_CASES_avx2(Wr, P, R) TILE_CASE(avx2, Wr, P, R, 1) TILE_CASE(avx2, Wr, P, R, 2)
+#define DRIVER_CASES_avx512(Wr, P, R) \
+	TILE_CASE(avx512, Wr, P, R, 1) TILE_CASE(avx512, Wr, P, R, 2) TILE_CASE(avx512, Wr, P, R, 3) \
+	TILE_CASE(avx512, Wr, P, R, 4) TILE_CASE(avx512, Wr, P, R, 5) TILE_CASE(avx512, Wr, P, R, 6)
+
+#define DEFINE_DRIVERS(DT, dtname)                                                       \
+	DEFINE_DRIVER(avx2, AVX2_TARGET, DT, dtname, 0, AVX2_RMAX, AVX2_CMAX)            \
+	DEFINE_DRIVER(avx2, AVX2_TARGET, DT, dtname, 1, AVX2_RMAX, AVX2_CMAX)            \
+	DEFINE_DRIVER(avx512, AVX512_TARGET, DT, dtname, 0, AVX512_RMAX, AVX512_CMAX)    \
+	DEFINE_DRIVER(avx512, AVX512_TARGET, DT, dtname, 1, AVX512_RMAX, AVX512_CMAX)
 
 #define DT_CUR MOE_DTYPE_F32
-DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_F32, f32, AVX2_RMAX, AVX2_CMAX)
-DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_F32, f32, AVX512_RMAX, AVX512_CMAX)
+DEFINE_DRIVERS(MOE_DTYPE_F32, f32)
 #undef DT_CUR
 #define DT_CUR MOE_DTYPE_BF16
-DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_BF16, bf16, AVX2_RMAX, AVX2_CMAX)
-DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_BF16, bf16, AVX512_RMAX, AVX512_CMAX)
+DEFINE_DRIVERS(MOE_DTYPE_BF16, bf16)
 #undef DT_CUR
 #define DT_CUR MOE_DTYPE_F16
-DEFINE_DRIVER(avx2, AVX2_TARGET, MOE_DTYPE_F16, f16, AVX2_RMAX, AVX2_CMAX)
-DEFINE_DRIVER(avx512, AVX512_TARGET, MOE_DTYPE_F16, f16, AVX512_RMAX, AVX512_CMAX)
+DEFINE_DRIVERS(MOE_DTYPE_F16, f16)
 #undef DT_CUR
 
-static void dot_rows_avx2(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
-			  const float *const *xs, size_t nt, float *y, size_t ldy)
-{
-	switch (dt) {
-	case MOE_DTYPE_F32: dot_rows_avx2_f32(W, ldw, K, nr, xs, nt, y, ldy); break;
-	case MOE_DTYPE_BF16: dot_rows_avx2_bf16(W, ldw, K, nr, xs, nt, y, ldy); break;
-	case MOE_DTYPE_F16: dot_rows_avx2_f16(W, ldw, K, nr, xs, nt, y, ldy); break;
-	default: break;
+#define DEFINE_DISPATCH(isa, P)                                                         \
+	static void dot_rows_##isa##_##P(enum moe_dtype dt, const void *W, size_t ldw, size_t K, \
+					 size_t nr, const float *const *xs, size_t nt,   \
+					 float *y, size_t ldy)                           \
+	{                                                                               \
+		switch (dt) {                                                           \
+		case MOE_DTYPE_F32: dot_rows_##isa##_f32_##P(W, ldw, K, nr, xs, nt, y, ldy); break; \
+		case MOE_DTYPE_BF16: dot_rows_##isa##_bf16_##P(W, ldw, K, nr, xs, nt, y, ldy); break; \
+		case MOE_DTYPE_F16: dot_rows_##isa##_f16_##P(W, ldw, K, nr, xs, nt, y, ldy); break; \
+		default: break;                                                         \
+		}                                                                       \
 	}
-}
-
-static void dot_rows_avx512(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
-			    const float *const *xs, size_t nt, float *y, size_t ldy)
-{
-	switch (dt) {
-	case MOE_DTYPE_F32: dot_rows_avx512_f32(W, ldw, K, nr, xs, nt, y, ldy); break;
-	case MOE_DTYPE_BF16: dot_rows_avx512_bf16(W, ldw, K, nr, xs, nt, y, ldy); break;
-	case MOE_DTYPE_F16: dot_rows_avx512_f16(W, ldw, K, nr, xs, nt, y, ldy); break;
-	default: break;
-	}
-}
+DEFINE_DISPATCH(avx2, 0)
+DEFINE_DISPATCH(avx2, 1)
+DEFINE_DISPATCH(avx512, 0)
+DEFINE_DISPATCH(avx512, 1)
 
 /* ------------------------------------------------------------------------ */
 
@@ -341,47 +363,55 @@ const char *moe_kern_isa_name(enum moe_kern_isa isa)
 	return (unsigned)isa < MOE_KERN_ISA_COUNT ? isa_names[isa] : "?";
 }
 
-moe_kern_dot_rows_fn moe_kern_get(enum moe_kern_isa isa)
+static bool isa_usable(enum moe_kern_isa isa)
 {
 	__builtin_cpu_init();
 	switch (isa) {
 	case MOE_KERN_SCALAR:
-		return dot_rows_scalar;
+		return true;
 	case MOE_KERN_AVX2:
-		if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-			return dot_rows_avx2;
-		return NULL;
+		return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 	case MOE_KERN_AVX512:
-		if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-		    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-			return dot_rows_avx512;
-		return NULL;
+		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+		       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
 	default:
-		return NULL;
+		return false;
 	}
 }
 
+static const moe_kern_dot_rows_fn kernels[MOE_KERN_ISA_COUNT][2] = {
+	[MOE_KERN_SCALAR] = { dot_rows_scalar_0, dot_rows_scalar_1 },
+	[MOE_KERN_AVX2] = { dot_rows_avx2_0, dot_rows_avx2_1 },
+	[MOE_KERN_AVX512] = { dot_rows_avx512_0, dot_rows_avx512_1 },
+};
+
+moe_kern_dot_rows_fn moe_kern_get(enum moe_kern_isa isa)
+{
+	return isa_usable(isa) ? kernels[isa][0] : NULL;
+}
+
+moe_kern_dot_rows_fn moe_kern_get_packed(enum moe_kern_isa isa)
+{
+	return isa_usable(isa) ? kernels[isa][1] : NULL;
+}
+
 static pthread_once_t pick_once = PTHREAD_ONCE_INIT;
-static moe_kern_dot_rows_fn active_fn;
 static enum moe_kern_isa active_isa;
 
 static void pick(void)
 {
 	const char *want = getenv("MOE_KERNEL");
 
-	for (int i = MOE_KERN_ISA_COUNT - 1; i >= 0; i--) {
-		moe_kern_dot_rows_fn fn = moe_kern_get((enum moe_kern_isa)i);
-		if (!fn)
-			continue;
-		if (want && *want && strcmp(want, isa_names[i]) != 0)
-			continue;
-		active_fn = fn;
-		active_isa = (enum moe_kern_isa)i;
-		return;
-	}
+	active_isa = MOE_KERN_SCALAR;
+	for (int i = MOE_KERN_ISA_COUNT - 1; i >= 0; i--)
+		if (isa_usable((enum moe_kern_isa)i) &&
+		    (!want || !*want || !strcmp(want, isa_names[i]))) {
+			active_isa = (enum moe_kern_isa)i;
+			return;
+		}
 	/* $MOE_KERNEL named something this CPU cannot run: take the best */
 	for (int i = MOE_KERN_ISA_COUNT - 1; i >= 0; i--)
-		if ((active_fn = moe_kern_get((enum moe_kern_isa)i))) {
+		if (isa_usable((enum moe_kern_isa)i)) {
 			active_isa = (enum moe_kern_isa)i;
 			return;
 		}
@@ -397,5 +427,41 @@ void moe_kern_dot_rows(enum moe_dtype dt, const void *W, size_t ldw, size_t K, s
 		       const float *const *xs, size_t nt, float *y, size_t ldy)
 {
 	pthread_once(&pick_once, pick);
-	active_fn(dt, W, ldw, K, nr, xs, nt, y, ldy);
+	kernels[active_isa][0](dt, W, ldw, K, nr, xs, nt, y, ldy);
+}
+
+void moe_kern_dot_rows_packed(enum moe_dtype dt, const void *Wp, size_t K, size_t nr,
+			      const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	pthread_once(&pick_once, pick);
+	kernels[active_isa][1](dt, Wp, moe_kern_packed_ld(K), K, nr, xs, nt, y, ldy);
+}
+
+size_t moe_kern_packed_ld(size_t K)
+{
+	return (K + MOE_KERN_CHUNK - 1) / MOE_KERN_CHUNK * MOE_KERN_CHUNK;
+}
+
+void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void *dst)
+{
+	size_t es = moe_dtype_size(dt), ld = moe_kern_packed_ld(K);
+	size_t full = N / MOE_KERN_GROUP * MOE_KERN_GROUP;
+	const char *s = src;
+	char *d = dst;
+
+	memset(dst, 0, N * ld * es);     /* the padding columns are zeros */
+	for (size_t r = 0; r < N; r++) {
+		const char *row = s + r * K * es;
+
+		if (r >= full) {
+			memcpy(d + r * ld * es, row, K * es);
+			continue;
+		}
+		char *g = d + ((r / MOE_KERN_GROUP) * MOE_KERN_GROUP * ld +
+			       (r % MOE_KERN_GROUP) * MOE_KERN_CHUNK) * es;
+		for (size_t k = 0; k < K; k += MOE_KERN_CHUNK) {
+			size_t n = K - k < MOE_KERN_CHUNK ? K - k : MOE_KERN_CHUNK;
+			memcpy(g + PACKED_OFF(k) * es, row + k * es, n * es);
+		}
+	}
 }

@@ -131,6 +131,61 @@ START_TEST(token_order_in_batch_does_not_change_bits)
 }
 END_TEST
 
+/* The packed layout gives the plain kernel's bits, for every instruction
+ * set, dtype, K tail and row count (groups and leftover rows). */
+START_TEST(packed_layout_gives_the_same_bits_as_row_major)
+{
+	static const size_t Ks[] = { 5, 16, 23, 64, 129 };
+	static const size_t Ns[] = { 1, 3, 4, 9, 16, 18 };
+	uint64_t seed = 77;
+
+	for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
+		moe_kern_dot_rows_fn plain = moe_kern_get((enum moe_kern_isa)isa);
+		moe_kern_dot_rows_fn packed = moe_kern_get_packed((enum moe_kern_isa)isa);
+
+		if (!plain)
+			continue;
+		ck_assert_ptr_nonnull(packed);
+		for (int dt = 0; dt < MOE_DTYPE_COUNT; dt++)
+			for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
+				for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++) {
+					size_t K = Ks[ki], N = Ns[ni], nt = 7, ld = moe_kern_packed_ld(K);
+					void *W = make_weights((enum moe_dtype)dt, N, K, &seed);
+					void *P = malloc(N * ld * moe_dtype_size((enum moe_dtype)dt));
+					float *x = malloc(nt * K * sizeof(float));
+					float y1[18 * 7], y2[18 * 7];
+					const float *xs[7];
+
+					for (size_t i = 0; i < nt * K; i++)
+						x[i] = (float)moe_test_randf(&seed);
+					for (size_t t = 0; t < nt; t++)
+						xs[t] = x + t * K;
+					moe_kern_pack((enum moe_dtype)dt, W, N, K, P);
+					plain((enum moe_dtype)dt, W, K, K, N, xs, nt, y1, N);
+					packed((enum moe_dtype)dt, P, ld, K, N, xs, nt, y2, N);
+					ck_assert_msg(memcmp(y1, y2, N * nt * sizeof(float)) == 0,
+						      "%s %s K=%zu N=%zu: packed differs from row-major",
+						      moe_kern_isa_name((enum moe_kern_isa)isa),
+						      moe_dtype_name((enum moe_dtype)dt), K, N);
+					/* a group-aligned slice of the rows, as tasks use them */
+					if (N > 4) {
+						packed((enum moe_dtype)dt,
+						       (char *)P + 4 * ld * moe_dtype_size((enum moe_dtype)dt),
+						       ld, K, N - 4, xs, nt, y2, N);
+						for (size_t t = 0; t < nt; t++)
+							ck_assert_msg(memcmp(y1 + t * N + 4, y2 + t * N,
+									     (N - 4) * sizeof(float)) == 0,
+								      "%s K=%zu N=%zu: slice from row 4 differs",
+								      moe_kern_isa_name((enum moe_kern_isa)isa), K, N);
+					}
+					free(W);
+					free(P);
+					free(x);
+				}
+	}
+}
+END_TEST
+
 static Suite *kernels_suite(void)
 {
 	Suite *s = suite_create("kernels");
@@ -140,6 +195,7 @@ static Suite *kernels_suite(void)
 	tcase_add_test(tc, scalar_is_always_available);
 	tcase_add_test(tc, every_isa_matches_float64_and_is_tile_invariant);
 	tcase_add_test(tc, token_order_in_batch_does_not_change_bits);
+	tcase_add_test(tc, packed_layout_gives_the_same_bits_as_row_major);
 	suite_add_tcase(s, tc);
 	return s;
 }
