@@ -23,6 +23,26 @@
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/*
+ * How far ahead of the current position a packed tile prefetches its own
+ * stream.  The hardware prefetchers do not keep up here: streaming one
+ * core's packed rows at 4 tokens per tile ran at 10 GB/s (what the
+ * out-of-order window alone keeps in flight) against 45 GB/s with the rows
+ * in L2.  Measured on the layer shapes (K = 7168, bf16, one thread),
+ * GFLOP/s at 1 / 4 / 8 tokens per tile: no prefetch 21 / 39 / 68;
+ * 1 KB 17 / 53 / 83; 2 KB 21 / 70 / 100; 4 KB 24 / 73 / 109; 8 KB
+ * 23 / 77 / 104.
+ */
+#define PREFETCH_AHEAD 4096
+
+/* Prefetch @bytes (a multiple of 64) starting at @p. */
+static ALWAYS_INLINE void prefetch_span(const char *p, size_t bytes)
+{
+#pragma GCC unroll 4
+	for (size_t i = 0; i < bytes; i += 64)
+		_mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 /* Element offset of column k of row 0 of a packed group; row r of the group
  * is MOE_KERN_CHUNK elements further (kernels.h). */
 #define PACKED_OFF(k) \
@@ -164,6 +184,10 @@ avx2_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t ldw
 	for (; k + 8 <= K; k += 8) {
 		__m256 w[AVX2_RMAX];
 		size_t off = packed ? PACKED_OFF(k) * es : k * es;
+		if (packed && R == MOE_KERN_GROUP)   /* this half of the group's block, ahead */
+			prefetch_span(row[0] + (k / MOE_KERN_CHUNK) * MOE_KERN_GROUP * MOE_KERN_CHUNK * es +
+				      (k % MOE_KERN_CHUNK) * MOE_KERN_GROUP * es + PREFETCH_AHEAD,
+				      MOE_KERN_GROUP * 8 * es);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
 			w[r] = avx2_load_w(dt, row[r] + off);
@@ -248,6 +272,8 @@ avx512_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t l
 	for (; k + 16 <= K; k += 16) {
 		__m512 w[AVX512_RMAX];
 		size_t off = packed ? PACKED_OFF(k) * es : k * es;
+		if (packed && R == MOE_KERN_GROUP)   /* the group's block, ahead */
+			prefetch_span(row[0] + off + PREFETCH_AHEAD, MOE_KERN_GROUP * 16 * es);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
 			w[r] = avx512_load_w(dt, row[r] + off, 0, 0);
@@ -369,11 +395,15 @@ static bool isa_usable(enum moe_kern_isa isa)
 	switch (isa) {
 	case MOE_KERN_SCALAR:
 		return true;
+	/* f16c too: a hypervisor may hide it while showing AVX2 or AVX-512,
+	 * and both paths widen fp16 with it */
 	case MOE_KERN_AVX2:
-		return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+		return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+		       __builtin_cpu_supports("f16c");
 	case MOE_KERN_AVX512:
 		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-		       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+		       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+		       __builtin_cpu_supports("f16c");
 	default:
 		return false;
 	}
