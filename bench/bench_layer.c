@@ -20,7 +20,9 @@
  *              at 512 tokens, because sgemm is poor at a few rows and a
  *              roofline must bound the time from below, not excuse it.
  *
- * Prints tokens/s and roofline/achieved (1.0 = at the limit).  Timing only:
+ * Prints tokens/s and roofline/achieved time (1.0 = at the limit; above 1
+ * means faster than the anchor, possible where OpenBLAS's kernel is not
+ * the machine's best, e.g. AVX2 code on an AVX-512 CPU).  Timing only:
  * never part of make check.
  */
 #include "config.h"
@@ -202,7 +204,7 @@ struct shape {
 	struct moe_model_config cfg;
 };
 
-static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
+static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe_threadpool *pool,
 		      const uint32_t *batches, size_t n_batches, double budget_s)
 {
 	const struct moe_model_config *c = &sh->cfg;
@@ -240,8 +242,8 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
 	printf("\n%s: hidden %u, %u experts of %u (bf16, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
 	       sh->name, H, E, Im, (double)ebytes / 1e6, k,
 	       sbytes ? ", 1 shared expert" : "", now() - t0);
-	printf("  %6s %10s %10s %9s %10s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
-	       "experts", "MB read", "roof ms", "bound", "achieved/roofline");
+	printf("  %6s %10s %10s %9s %10s %8s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
+	       "experts", "MB read", "GB/s bw", "roof ms", "bound", "roofline/achieved");
 
 	struct moe_layer_weights lw = {
 		.cfg = c, .router = router, .bias = bias, .shared = shared,
@@ -257,6 +259,9 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
 		double ratios[64], times[64], roofs[64], mbs[64], touched[64];
 		int iters = 0, compute_bound = 0;
 		double spent = 0;
+		/* the anchor, measured just before this batch size: the machine's
+		 * bandwidth drifts over minutes on a shared host */
+		double bw = probe_bandwidth(pool, (size_t)1 << 30);
 
 		/* one warm-up, then timed iterations, each on a fresh batch */
 		for (int it = -1; it < 64 && (it < 3 || spent < budget_s); it++) {
@@ -311,8 +316,8 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
 					t = touched[i]; touched[i] = touched[j]; touched[j] = t;
 				}
 		int m = iters / 2;
-		printf("  %6u %10.1f %10.2f %9.0f %10.0f %10.2f %8s  %.2f\n", n, n / times[m],
-		       times[m] * 1e3, touched[m], mbs[m], roofs[m] * 1e3,
+		printf("  %6u %10.1f %10.2f %9.0f %10.0f %8.1f %10.2f %8s  %.2f\n", n, n / times[m],
+		       times[m] * 1e3, touched[m], mbs[m], bw / 1e9, roofs[m] * 1e3,
 		       compute_bound * 2 > iters ? "compute" : "memory", ratios[m]);
 		fflush(stdout);
 		free(x);
@@ -329,6 +334,19 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, double bw,
 	free(shared);
 	free(rc_up);
 	free(rc_down);
+}
+
+/* A numeric option in [lo, hi], or exit with a message. */
+static long num_arg(char opt, const char *s, long lo, long hi)
+{
+	char *end;
+	long v = strtol(s, &end, 10);
+
+	if (*s == '\0' || *end || v < lo || v > hi) {
+		fprintf(stderr, "bench_layer: -%c: expected a number in %ld..%ld, got '%s'\n", opt, lo, hi, s);
+		exit(2);
+	}
+	return v;
 }
 
 int main(int argc, char **argv)
@@ -349,19 +367,29 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "t:d:qs:b:")) != -1) {
 		switch (opt) {
-		case 't': bo.threads = (uint32_t)atoi(optarg); break;
-		case 'd': ds_experts = (uint32_t)atoi(optarg); break;
+		case 't': bo.threads = (uint32_t)num_arg('t', optarg, 1, 1024); break;
+		case 'd': ds_experts = (uint32_t)num_arg('d', optarg, 8, 256); break;
 		case 'q': quick = true; break;
-		case 's': only = optarg; break;
+		case 's':
+			only = optarg;
+			if (strcmp(only, "qwen") && strcmp(only, "deepseek")) {
+				fprintf(stderr, "bench_layer: -s: qwen or deepseek, not '%s'\n", only);
+				return 2;
+			}
+			break;
 		case 'b':
 			if (n_sel < 8)
-				sel_batches[n_sel++] = (uint32_t)atoi(optarg);
+				sel_batches[n_sel++] = (uint32_t)num_arg('b', optarg, 1, 4096);
 			break;
 		default:
 			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
 				"[-s qwen|deepseek] [-b TOKENS]...\n");
 			return 2;
 		}
+	}
+	if (ds_experts % 8) {
+		fprintf(stderr, "bench_layer: -d: DeepSeek-V3's 8 expert groups need a multiple of 8\n");
+		return 2;
 	}
 	const uint32_t *bl = n_sel ? sel_batches : batches;
 	size_t nb = n_sel ? n_sel : sizeof(batches) / sizeof(batches[0]);
@@ -376,13 +404,12 @@ int main(int argc, char **argv)
 	}
 	openblas_set_num_threads((int)moe_threadpool_size(pool));
 
-	double bw = probe_bandwidth(pool, (size_t)2 << 30);
 	printf("moed CPU layer benchmark: %u threads, kernel %s, OpenBLAS %s\n",
 	       moe_threadpool_size(pool), moe_kern_isa_name(moe_kern_active()), openblas_get_config());
-	printf("anchors (same run): read bandwidth %.1f GB/s (2 GiB, all threads, read only);\n"
-	       "  sgemm on each expert GEMM shape (m x %d x hidden/intermediate, hot operands)\n",
-	       bw / 1e9, RATE_N);
-	moe_threadpool_free(pool);
+	printf("anchors (same run): read bandwidth (1 GiB, huge pages, all threads, read only,\n"
+	       "  best of 5, measured before each batch size: column 'GB/s bw'); OpenBLAS sgemm\n"
+	       "  on each expert GEMM shape (m x %d x hidden or intermediate, hot operands,\n"
+	       "  the better of m = the expert's tokens and m = 512)\n", RATE_N);
 
 	struct shape qwen = { "Qwen3-30B-A3B layer", {
 		.arch = MOE_ARCH_QWEN3_MOE, .hidden_size = 2048, .moe_intermediate_size = 768,
@@ -401,9 +428,10 @@ int main(int argc, char **argv)
 		printf("  (DeepSeek-V3 with %u of its 256 experts: %u x 88 MB must fit in RAM)\n",
 		       ds_experts, ds_experts);
 	if (!only || !strcmp(only, "qwen"))
-		run_shape(&qwen, be, bw, bl, nb, budget);
+		run_shape(&qwen, be, pool, bl, nb, budget);
 	if (!only || !strcmp(only, "deepseek"))
-		run_shape(&ds, be, bw, bl, nb, budget);
+		run_shape(&ds, be, pool, bl, nb, budget);
+	moe_threadpool_free(pool);
 	moe_backend_close(be);
 	return 0;
 }
