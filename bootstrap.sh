@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # bootstrap.sh: from a fresh clone to a running demo or a full test run.
 #
 #   ./bootstrap.sh demo    install what is missing, build, run the demo

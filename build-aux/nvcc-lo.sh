@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # nvcc-lo.sh NVCC OUT.lo SRC.cu FLAGS...
 # Compile a CUDA source into a libtool object: nvcc rejects libtool's bare
 # -fPIC, so compile the PIC object ourselves and write the .lo text file that

@@ -58,7 +58,7 @@ static void usage(FILE *f)
 	      "                       comparison for timing; the output is not the model's\n"
 	      "  -h, --help           this text\n"
 	      "\n"
-	      "At least one of --output, --routing-out or --stats is needed.\n", f);
+	      "At least one of --output, --routing-out, --stats or --save-input is needed.\n", f);
 }
 
 struct fwd_args {
@@ -200,7 +200,7 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 	if (!a->input == !a->have_random)
 		return moectl_fail("forward: give exactly one of --input IN.npy and --random-input T");
 	if (!a->output && !a->routing_out && !a->stats && !a->save_input)
-		return moectl_fail("forward: nothing to do: give --output, --routing-out or --stats");
+		return moectl_fail("forward: nothing to do: give --output, --routing-out, --stats or --save-input");
 	if (a->save_input && !a->have_random)
 		return moectl_fail("forward: --save-input only goes with --random-input");
 	if (a->routing_out && a->all_experts)

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include "config.h"
 
+#include <limits.h>
 #include <string.h>
 
 #include "moeclient.h"
@@ -9,6 +10,8 @@
 
 MOE_EXPORT const char *moe_strerror(int err)
 {
+	if (err == INT_MIN)     /* -INT_MIN overflows */
+		return "Unknown error";
 	if (err < 0)
 		err = -err;
 	switch (err) {

@@ -2,9 +2,9 @@
 /*
  * libmoeclient: the client library of moed.
  *
- * This first version carries the error codes and their messages, shared by
- * moectl and the daemon; the session, ring and tensor calls come with the
- * daemon (see libmoeclient(3)).  Every function returns 0 or a positive
+ * This first version carries the error codes and their messages; the
+ * session, ring and tensor calls come with the daemon (see
+ * libmoeclient(3)).  Every function returns 0 or a positive
  * value on success and a negative errno on failure; the library never logs,
  * never exits and never raises signals.
  */
