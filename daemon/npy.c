@@ -34,6 +34,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "io.h"
 #include "npy.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -96,27 +97,6 @@ void moe_npy_free(struct moe_npy *a)
 }
 
 /* ---- low-level I/O -------------------------------------------------------- */
-
-/* Read exactly @len bytes at @off; returns the bytes read (short at EOF) or -errno. */
-static int64_t pread_full(int fd, void *buf, uint64_t len, uint64_t off)
-{
-	uint64_t done = 0;
-
-	while (done < len) {
-		size_t chunk = len - done > (1u << 30) ? (1u << 30) : (size_t)(len - done);
-		ssize_t r = pread(fd, (char *)buf + done, chunk, (off_t)(off + done));
-
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			break;
-		done += (uint64_t)r;
-	}
-	return (int64_t)done;
-}
 
 static int write_full(int fd, const void *buf, uint64_t len)
 {
@@ -504,7 +484,7 @@ int moe_npy_read(const char *path, struct moe_npy *ret, struct moe_err *err)
 		goto out;
 	}
 
-	got = pread_full(fd, pre, sizeof(pre), 0);
+	got = moe_pread_full(fd, pre, sizeof(pre), 0);
 	if (got < 0) {
 		r = moe_err_set(err, (int)got, "%s: %s", path, strerror((int)-got));
 		goto out;
@@ -540,7 +520,7 @@ int moe_npy_read(const char *path, struct moe_npy *ret, struct moe_err *err)
 		r = moe_err_set(err, -ENOMEM, "%s: out of memory", path);
 		goto out;
 	}
-	got = pread_full(fd, text, hlen, data_off);
+	got = moe_pread_full(fd, text, hlen, data_off);
 	if (got < 0) {
 		r = moe_err_set(err, (int)got, "%s: %s", path, strerror((int)-got));
 		goto out;
@@ -587,7 +567,7 @@ int moe_npy_read(const char *path, struct moe_npy *ret, struct moe_err *err)
 		r = moe_err_set(err, -ENOMEM, "%s: out of memory for %" PRIu64 " bytes", path, bytes);
 		goto out;
 	}
-	got = pread_full(fd, a.data, bytes, data_off);
+	got = moe_pread_full(fd, a.data, bytes, data_off);
 	if (got < 0) {
 		r = moe_err_set(err, (int)got, "%s: %s", path, strerror((int)-got));
 		goto out;

@@ -21,6 +21,7 @@
 
 #include <jansson.h>
 
+#include "io.h"
 #include "safetensors.h"
 
 /* The official implementation refuses headers above 100 MB; a real header
@@ -80,27 +81,6 @@ static int ckpt_add_file(struct moe_st_checkpoint *c, const char *path, struct m
 	f->size = (uint64_t)st.st_size;
 	c->n_files++;
 	return 0;
-}
-
-/* pread exactly @len bytes; returns the count read (short only at EOF) or -errno. */
-static int64_t pread_full(int fd, void *buf, uint64_t len, uint64_t off)
-{
-	uint64_t done = 0;
-
-	while (done < len) {
-		size_t want = len - done > (1u << 30) ? (1u << 30) : (size_t)(len - done);
-		ssize_t n = pread(fd, (char *)buf + done, want, (off_t)(off + done));
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			break;
-		done += (uint64_t)n;
-	}
-	return (int64_t)done;
 }
 
 static int st_dtype_lookup(const char *name, unsigned *ret_bits, int *ret_dtype)
@@ -255,7 +235,7 @@ static int parse_file_header(struct moe_st_checkpoint *c, uint32_t fi, struct mo
 	if (f->size < 8)
 		return moe_err_set(err, -EINVAL, "%s: truncated: %" PRIu64 " bytes, too short for a safetensors header",
 				   f->path, f->size);
-	n = pread_full(f->fd, lenbuf, 8, 0);
+	n = moe_pread_full(f->fd, lenbuf, 8, 0);
 	if (n != 8)
 		return moe_err_set(err, n < 0 ? (int)n : -EIO, "%s: cannot read the header length: %s",
 				   f->path, n < 0 ? strerror((int)-n) : "short read");
@@ -278,7 +258,7 @@ static int parse_file_header(struct moe_st_checkpoint *c, uint32_t fi, struct mo
 	if (!hdr)
 		return moe_err_set(err, -ENOMEM, "%s: out of memory for a %" PRIu64 "-byte header",
 				   f->path, hlen);
-	n = pread_full(f->fd, hdr, hlen, 8);
+	n = moe_pread_full(f->fd, hdr, hlen, 8);
 	if (n < 0 || (uint64_t)n != hlen) {
 		r = moe_err_set(err, n < 0 ? (int)n : -EIO, "%s: cannot read the header: %s", f->path,
 				n < 0 ? strerror((int)-n) : "short read");
@@ -570,7 +550,7 @@ int moe_st_read(const struct moe_st_checkpoint *c, const struct moe_st_tensor *t
 		return moe_err_set(err, -EINVAL,
 				   "%s: tensor '%s': read of %" PRIu64 " bytes at %" PRIu64
 				   " is outside its %" PRIu64 " bytes", f->path, t->name, len, off, t->nbytes);
-	n = pread_full(f->fd, buf, len, t->offset + off);
+	n = moe_pread_full(f->fd, buf, len, t->offset + off);
 	if (n < 0)
 		return moe_err_set(err, (int)n, "%s: tensor '%s': %s", f->path, t->name, strerror((int)-n));
 	if ((uint64_t)n != len)

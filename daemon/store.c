@@ -22,6 +22,7 @@
 
 #include <xxhash.h>
 
+#include "io.h"
 #include "store.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -67,52 +68,11 @@ static bool is_pow2(uint64_t v)
 /* pread exactly @len bytes at @off; -EIO on end of file. */
 static int pread_full(int fd, void *buf, uint64_t len, uint64_t off)
 {
-	uint8_t *p = buf;
+	int64_t n = moe_pread_full(fd, buf, len, off);
 
-	while (len > 0) {
-		size_t n = len > IO_CHUNK ? IO_CHUNK : (size_t)len;
-		ssize_t r;
-
-		if (off > (uint64_t)INT64_MAX)
-			return -EOVERFLOW;
-		r = pread(fd, p, n, (off_t)off);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			return -EIO;
-		p += r;
-		off += (uint64_t)r;
-		len -= (uint64_t)r;
-	}
-	return 0;
-}
-
-static int pwrite_full(int fd, const void *buf, uint64_t len, uint64_t off)
-{
-	const uint8_t *p = buf;
-
-	while (len > 0) {
-		size_t n = len > IO_CHUNK ? IO_CHUNK : (size_t)len;
-		ssize_t r;
-
-		if (off > (uint64_t)INT64_MAX)
-			return -EOVERFLOW;
-		r = pwrite(fd, p, n, (off_t)off);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (r == 0)
-			return -EIO;
-		p += r;
-		off += (uint64_t)r;
-		len -= (uint64_t)r;
-	}
-	return 0;
+	if (n < 0)
+		return (int)n;
+	return (uint64_t)n == len ? 0 : -EIO;
 }
 
 uint64_t moe_store_checksum(const void *buf, uint64_t len)
@@ -937,7 +897,7 @@ static int writer_check_li(struct moe_store_writer *w, uint32_t li, struct moe_e
 static int writer_put(struct moe_store_writer *w, const char *what, uint32_t li,
 		      const void *buf, uint64_t len, uint64_t off, struct moe_err *err)
 {
-	int r = pwrite_full(w->fd, buf, len, off);
+	int r = moe_pwrite_full(w->fd, buf, len, off);
 
 	if (r < 0)
 		return moe_err_set(err, r, "%s: layer %" PRIu32 " %s: %s", w->tmp_path,
@@ -1087,12 +1047,12 @@ int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err)
 	h->header_checksum = 0;
 	h->header_checksum = header_checksum(h);
 
-	r = pwrite_full(w->fd, w->layers, table_bytes, h->layer_table_offset);
+	r = moe_pwrite_full(w->fd, w->layers, table_bytes, h->layer_table_offset);
 	if (r == 0)
-		r = pwrite_full(w->fd, w->expert_sums, n_sums * sizeof(uint64_t), h->expert_sums_offset);
+		r = moe_pwrite_full(w->fd, w->expert_sums, n_sums * sizeof(uint64_t), h->expert_sums_offset);
 	/* the header last: a store cut short by a crash has no valid header */
 	if (r == 0)
-		r = pwrite_full(w->fd, h, sizeof(*h), 0);
+		r = moe_pwrite_full(w->fd, h, sizeof(*h), 0);
 	if (r == 0 && fsync(w->fd) < 0)
 		r = -errno;
 	if (r < 0) {
