@@ -20,7 +20,7 @@
 enum gen_opt {
 	O_ARCH, O_PRESET, O_LAYERS, O_HIDDEN, O_MOE_I, O_I, O_EXPERTS, O_TOPK, O_GROUPS, O_TOPK_GROUP,
 	O_SHARED, O_SHARED_I, O_FIRST_DENSE, O_SPARSE_STEP, O_VOCAB, O_DTYPE, O_SEED, O_NORM,
-	O_SCALING, O_ACT, O_PLAIN, O_FUSED, O_TOPK_METHOD, O_SHARD_MB, O_MTP, O_OUTPUT, O_HELP,
+	O_SCALING, O_ACT, O_PLAIN, O_FUSED, O_TOPK_METHOD, O_SHARD_MB, O_MTP, O_SKEW, O_OUTPUT, O_HELP,
 };
 
 static const struct {
@@ -53,6 +53,7 @@ static const struct {
 	{ "--topk-method", O_TOPK_METHOD, true },
 	{ "--shard-mb", O_SHARD_MB, true },
 	{ "--mtp-layers", O_MTP, true },
+	{ "--router-skew", O_SKEW, true },
 	{ "-o", O_OUTPUT, true },
 	{ "--output", O_OUTPUT, true },
 	{ "--help", O_HELP, false },
@@ -95,6 +96,11 @@ static void gen_usage(FILE *f)
 	      "                          up_proj; down_proj)\n"
 	      "  --topk-method M         deepseek_v2: greedy or group_limited_greedy\n"
 	      "  --mtp-layers 0|1        deepseek_v3 multi-token-prediction layer (default 1)\n"
+	      "  --router-skew S         route unevenly, as trained models do: in each layer the\n"
+	      "                          expert of popularity rank r (random per layer) gets\n"
+	      "                          ~ (r + E/16)^-S of the load; S from 0 (default, the\n"
+	      "                          routing of before) to 10; 1: max/mean load about 5\n"
+	      "                          with 128 experts, top-8\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
@@ -175,6 +181,18 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 		if (errno || end == v || *end || !isfinite(f) || f <= 0 || f > 1e6)
 			return moectl_fail("%s: expected a positive number, got '%s'", name, v), -EINVAL;
 		o->routed_scaling_factor = (float)f;
+		return 0;
+	}
+	case O_SKEW: {
+		char *end;
+		double f;
+
+		errno = 0;
+		f = strtod(v, &end);
+		if (errno || end == v || *end || !isfinite(f) || f < 0 || f > MOE_GEN_MAX_ROUTER_SKEW)
+			return moectl_fail("%s: expected a number from 0 to %g, got '%s'", name,
+					   (double)MOE_GEN_MAX_ROUTER_SKEW, v), -EINVAL;
+		o->router_skew = (float)f;
 		return 0;
 	}
 	case O_ACT: {

@@ -231,6 +231,7 @@ struct gen_dims {
 	const char *act, *topk_method;
 	uint64_t shard_bytes;
 	float wscale;
+	float skew;                      /* router_skew; 0: routers as they were */
 	struct moe_layer_rule rule;
 };
 
@@ -286,6 +287,11 @@ static int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, stru
 	d->shard_bytes = o->shard_bytes ? o->shard_bytes : GEN_DEFAULT_SHARD;
 	d->wscale = o->weight_scale;
 	d->mtp = o->num_nextn_predict_layers;
+	d->skew = o->router_skew;
+	/* Written so that NaN fails too. */
+	if (!(d->skew >= 0.0f && d->skew <= MOE_GEN_MAX_ROUTER_SKEW))
+		return moe_err_set(err, -EINVAL, "router_skew %g: expected a number from 0 to %g",
+				   (double)d->skew, (double)MOE_GEN_MAX_ROUTER_SKEW);
 
 	/* Options the architecture has no config field for are refused rather
 	 * than silently dropped. */
@@ -441,6 +447,7 @@ static int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, stru
 enum gen_fill {
 	FILL_RANDOM,     /* uniform, std given */
 	FILL_ONES,       /* norm weights */
+	FILL_ROUTER,     /* FILL_RANDOM, row j times row_scale[j] (router_skew) */
 };
 
 struct gen_tensor {
@@ -452,6 +459,7 @@ struct gen_tensor {
 	float amp;       /* half-width of the uniform distribution */
 	uint64_t nbytes;
 	uint32_t shard;
+	float *row_scale; /* FILL_ROUTER: [shape[0]], set by plan_skew; owned */
 };
 
 struct gen_plan {
@@ -509,8 +517,10 @@ static void plan_add(struct gen_plan *p, enum moe_dtype dt, enum gen_fill fill, 
 
 static void plan_free(struct gen_plan *p)
 {
-	for (size_t i = 0; i < p->n; i++)
+	for (size_t i = 0; i < p->n; i++) {
 		free(p->t[i].name);
+		free(p->t[i].row_scale);
+	}
 	free(p->t);
 }
 
@@ -598,7 +608,9 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 	float s_in = std_fanin(d, d->H, 1.0f), s_out = std_fanin(d, d->I, 1.0f);
 	char prefix[96];
 
-	MAT(p, d, std_fanin(d, d->H, 2.0f), d->E, d->H, "model.layers.%u.%s.gate.weight", l, blk);
+	/* Without skew, FILL_RANDOM: the bytes the generator wrote before the option. */
+	plan_add(p, d->dtype, d->skew > 0.0f ? FILL_ROUTER : FILL_RANDOM, std_fanin(d, d->H, 2.0f), 2,
+		 SHAPE(d->E, d->H), "model.layers.%u.%s.gate.weight", l, blk);
 	if (d->arch == MOE_ARCH_DEEPSEEK_V3)
 		/* F32 in the released checkpoint too, whatever the weights are. */
 		plan_add(p, MOE_DTYPE_F32, FILL_RANDOM, 0.05f / 1.7320508f, 1, SHAPE(d->E),
@@ -763,6 +775,22 @@ static inline uint16_t bf16_rne(float v)
 	return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* Element @i of @out in @dt, rounded as the vector paths round. */
+static inline void gen_store(enum moe_dtype dt, void *out, size_t i, float v)
+{
+	switch (dt) {
+	case MOE_DTYPE_BF16:
+		((uint16_t *)out)[i] = bf16_rne(v);
+		break;
+	case MOE_DTYPE_F16:
+		((uint16_t *)out)[i] = moe_f32_to_f16(v);
+		break;
+	default:
+		((float *)out)[i] = v;
+		break;
+	}
+}
+
 /*
  * Elements [first, first + count) of tensor @t into @out; the range must not
  * cross a multiple of 2^32 elements.  Element i is
@@ -782,6 +810,18 @@ static void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first,
 				((float *)out)[i] = 1.0f;
 			else
 				((uint16_t *)out)[i] = t->dtype == MOE_DTYPE_BF16 ? 0x3f80 : 0x3c00;
+		}
+		return;
+	}
+	if (t->fill == FILL_ROUTER) {
+		/* gen1 is what gen4 computes, so row j is the unskewed row
+		 * times its factor, rounded once.  Routers are small: scalar. */
+		uint64_t cols = t->shape[1];
+
+		for (i = 0; i < count; i++) {
+			float f = t->row_scale[(first + i) / cols];
+
+			gen_store(t->dtype, out, i, gen1(x0 + (uint32_t)i, scale) * f);
 		}
 		return;
 	}
@@ -822,6 +862,114 @@ static void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first,
 		break;
 	}
 	}
+}
+
+/* -------------------------------------------------------- router skew */
+
+/*
+ * Why row scales: the router is a linear map without a bias, and test
+ * inputs (forward --random-input, a layer's input plus a small change) are
+ * roughly symmetric around zero, so no weight can make an expert popular
+ * for every token: top-k(-x) is the bottom-k of x.  What a row's norm does
+ * set is how often its logit clears the top-k threshold.  With logits
+ * f_j * g_j, g_j ~ N(0, s^2), and the k-th largest logit taken as a
+ * constant T, expert j is chosen with probability Q(T / (f_j s)), Q the
+ * normal tail; so f_j = 1 / Qinv(p_j) (up to a common factor) asks for
+ * probability p_j.  The targets p_j follow a Zipf-Mandelbrot curve over
+ * the popularity rank, (r + E/16)^-S: the offset keeps the head from being
+ * a handful of experts, so S = 1 gives a max/mean load of about 5 at 128
+ * or 256 experts, top-8, and a long smooth tail.  deepseek_v3's
+ * e_score_correction_bias, which could favour experts for every token, is
+ * left as it is: the real one is trained to even the load out.
+ */
+
+/* The offset of the Zipf-Mandelbrot curve, as a fraction of the experts. */
+#define GEN_SKEW_OFFSET_DIV 16.0
+/* The most tokens one expert is asked for: symmetric inputs allow under
+ * 1/2, and the row scale for 1/2 is infinite. */
+#define GEN_SKEW_PMAX 0.45
+/* Qinv is searched in [0, 8]: Q(8) = 6e-16, below any target p. */
+#define GEN_SKEW_ZMAX 8.0
+/* Tells the key of the popularity order from the key of the values. */
+#define GEN_SKEW_SALT 0x5a1f0c0ffee5eedull
+
+/* The z with P(N(0,1) > z) = @p, 0 < p <= 1/2; bisection to double
+ * precision (60 halvings of [0, 8]). */
+static double gauss_tail_inv(double p)
+{
+	double lo = 0.0, hi = GEN_SKEW_ZMAX;
+
+	for (int i = 0; i < 60; i++) {
+		double mid = 0.5 * (lo + hi);
+
+		if (0.5 * erfc(mid * 0.70710678118654752440) > p)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return 0.5 * (lo + hi);
+}
+
+/* Unnormalised scale of the expert of popularity rank @r (0: hottest). */
+static double skew_raw(uint32_t r, uint32_t E, uint32_t k, double S, double zipf_sum)
+{
+	double p = k * pow(r + 1 + E / GEN_SKEW_OFFSET_DIV, -S) / zipf_sum;
+
+	return 1.0 / gauss_tail_inv(p < GEN_SKEW_PMAX ? p : GEN_SKEW_PMAX);
+}
+
+/*
+ * The row factors of one router [E, H] into @f[E]: a popularity order from
+ * @key (Fisher-Yates), scales from skew_raw, normalised to an RMS of 1 so
+ * that the router's overall scale stays what it is without skew.
+ */
+static int skew_factors(uint32_t E, uint32_t k, double S, uint64_t key, float *f)
+{
+	uint32_t *order = malloc(E * sizeof(*order));   /* order[r]: expert of rank r */
+	double zipf_sum = 0, sq = 0, rms;
+
+	if (!order)
+		return -ENOMEM;
+	for (uint32_t j = 0; j < E; j++)
+		order[j] = j;
+	for (uint32_t j = E - 1; j > 0; j--) {
+		uint32_t i = (uint32_t)(mix64(key + j) % (j + 1));
+		uint32_t t = order[i];
+
+		order[i] = order[j];
+		order[j] = t;
+	}
+	for (uint32_t r = 0; r < E; r++)
+		zipf_sum += pow(r + 1 + E / GEN_SKEW_OFFSET_DIV, -S);
+	for (uint32_t r = 0; r < E; r++) {
+		double v = skew_raw(r, E, k, S, zipf_sum);
+
+		sq += v * v;
+	}
+	rms = sqrt(sq / E);
+	for (uint32_t r = 0; r < E; r++)
+		f[order[r]] = (float)(skew_raw(r, E, k, S, zipf_sum) / rms);
+	free(order);
+	return 0;
+}
+
+/* The row factors of every FILL_ROUTER tensor of @p; each layer has its
+ * own popularity order, keyed by the seed and the tensor name. */
+static int plan_skew(struct gen_plan *p, const struct gen_dims *d, uint64_t seed, struct moe_err *err)
+{
+	for (size_t i = 0; i < p->n; i++) {
+		struct gen_tensor *t = &p->t[i];
+		uint32_t E = (uint32_t)t->shape[0];
+
+		if (t->fill != FILL_ROUTER)
+			continue;
+		t->row_scale = malloc(E * sizeof(*t->row_scale));
+		if (!t->row_scale ||
+		    skew_factors(E, d->k, d->skew, mix64(tensor_key(seed, t->name) ^ GEN_SKEW_SALT),
+				 t->row_scale) < 0)
+			return moe_err_set(err, -ENOMEM, "%s: out of memory", t->name);
+	}
+	return 0;
 }
 
 /* ------------------------------------------------------------ writing */
@@ -1275,6 +1423,11 @@ int moe_gen_model(const struct moe_gen_options *opt, const char *dir,
 	r = plan_build(&plan, &d, err);
 	if (r < 0)
 		return r;
+	r = plan_skew(&plan, &d, opt->seed, err);
+	if (r < 0) {
+		plan_free(&plan);
+		return r;
+	}
 	buf[0] = malloc(GEN_CHUNK);
 	buf[1] = malloc(GEN_CHUNK);
 	if (!buf[0] || !buf[1])

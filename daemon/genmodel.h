@@ -55,7 +55,16 @@ struct moe_gen_options {
 	uint32_t qk_nope_head_dim, qk_rope_head_dim, v_head_dim; /* deepseek; 0: defaults */
 	uint32_t num_nextn_predict_layers; /* deepseek_v3 MTP layers (0 or 1), written as
 					      layer num_layers, as the real checkpoint has */
+	float router_skew;               /* Zipf exponent of the expert popularity, 0 to
+					    MOE_GEN_MAX_ROUTER_SKEW; 0: none (uniform routing) */
 };
+
+/*
+ * Largest router_skew.  Past about 3 little changes: the hottest experts
+ * already get nearly all that a router without a bias can give an expert
+ * of inputs symmetric around zero, half of the tokens.
+ */
+#define MOE_GEN_MAX_ROUTER_SKEW 10.0f
 
 /*
  * Fill @opt with the named preset's shapes ("tiny", "small", "deepseek-v3",
@@ -84,6 +93,14 @@ void moe_gen_defaults(enum moe_arch arch, struct moe_gen_options *opt);
  * writer thread writes while the caller's thread generates) and the total.
  * Same options and seed: the same bytes.  On failure the shard being
  * written is removed; config.json and earlier shards stay.
+ *
+ * With router_skew S > 0 the routing of every MoE layer is made uneven the
+ * way trained models route: the rows of the router (gate.weight) are scaled
+ * so that, for inputs symmetric around zero, the expert of popularity rank
+ * r (a random order per layer, from the seed) is chosen with a probability
+ * roughly proportional to (r + E/16)^-S, a Zipf-Mandelbrot profile.
+ * Nothing else changes: config.json stays the architecture's, and S = 0
+ * writes the same bytes as before the option existed.
  */
 int moe_gen_model(const struct moe_gen_options *opt, const char *dir,
 		  void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
