@@ -108,6 +108,7 @@ static const struct {
 	{ "inspect", cmd_inspect, "describe a store" },
 	{ "verify", cmd_verify, "check every checksum of a store" },
 	{ "forward", cmd_forward, "run an MoE layer on a .npy batch" },
+	{ "trace-sim", cmd_trace_sim, "compare cache policies on a routing trace" },
 };
 
 static void usage(FILE *f)
