@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "dtype.h"
 #include "engine.h"
@@ -56,6 +57,25 @@ static void usage(FILE *f)
 	      "  --top N              with --stats, show only the N busiest experts\n"
 	      "  --all-experts        every expert for every token with weight 1/E: the dense\n"
 	      "                       comparison for timing; the output is not the model's\n"
+	      "\n"
+	      "Expert cache and paging (see moed.conf(5) for the same settings in moed):\n"
+	      "  --layer all          every MoE layer in order, each one's input the previous\n"
+	      "                       input plus its output (a residual stream); the output is\n"
+	      "                       the last layer's input plus its output\n"
+	      "  --host-cache-mb N    host budget for weights (routers, shared experts and the\n"
+	      "                       routed-expert cache); default: no limit\n"
+	      "  --policy P           eviction policy: auto (= freq), freq or lru\n"
+	      "  --pin L:E            keep expert E (or * for all) of layer L resident;\n"
+	      "                       repeatable\n"
+	      "  --pin-hot N          keep the N experts with the most load so far resident\n"
+	      "  --prefetch           after routing layer L, predict layer L+1's experts with\n"
+	      "                       its router and read them ahead\n"
+	      "  --queue-depth N      pager reads in flight (default 32)\n"
+	      "  --chunk-kb N         pager read size in KiB (default 1024)\n"
+	      "  --trace-out FILE     record the experts each batch uses (moe-trace(5))\n"
+	      "  --inject-fault KIND:L:E[:N]\n"
+	      "                       testing: fail the next N (default 1) reads of expert E\n"
+	      "                       of layer L; KIND io or checksum\n"
 	      "  -h, --help           this text\n"
 	      "\n"
 	      "At least one of --output, --routing-out, --stats or --save-input is needed.\n", f);
@@ -79,11 +99,25 @@ struct fwd_args {
 	bool bf16;
 	bool stats;
 	bool all_experts;
+	bool all_layers;
+	bool prefetch;
+	uint64_t host_mb;
+	uint64_t pin_hot;
+	uint64_t queue_depth;
+	uint64_t chunk_kb;
+	const char *policy;
+	const char *trace_out;
+	const char *pins[257];
+	uint32_t npins;
+	enum moe_pager_fault fault;
+	uint64_t fault_layer, fault_expert, fault_count;
 };
 
 enum {
 	OPT_MODEL = 256, OPT_LAYER, OPT_INPUT, OPT_RANDOM, OPT_SEED, OPT_SAVE_INPUT, OPT_OUTPUT, OPT_DTYPE,
 	OPT_ROUTING, OPT_THREADS, OPT_BACKEND, OPT_REPEAT, OPT_STATS, OPT_TOP, OPT_ALL,
+	OPT_HOST_MB, OPT_POLICY, OPT_PIN, OPT_PIN_HOT, OPT_PREFETCH, OPT_QD, OPT_CHUNK, OPT_TRACE,
+	OPT_FAULT,
 };
 
 static const struct option long_opts[] = {
@@ -102,6 +136,15 @@ static const struct option long_opts[] = {
 	{ "stats", no_argument, NULL, OPT_STATS },
 	{ "top", required_argument, NULL, OPT_TOP },
 	{ "all-experts", no_argument, NULL, OPT_ALL },
+	{ "host-cache-mb", required_argument, NULL, OPT_HOST_MB },
+	{ "policy", required_argument, NULL, OPT_POLICY },
+	{ "pin", required_argument, NULL, OPT_PIN },
+	{ "pin-hot", required_argument, NULL, OPT_PIN_HOT },
+	{ "prefetch", no_argument, NULL, OPT_PREFETCH },
+	{ "queue-depth", required_argument, NULL, OPT_QD },
+	{ "chunk-kb", required_argument, NULL, OPT_CHUNK },
+	{ "trace-out", required_argument, NULL, OPT_TRACE },
+	{ "inject-fault", required_argument, NULL, OPT_FAULT },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -122,10 +165,62 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			a->model = optarg;
 			break;
 		case OPT_LAYER:
-			if (moectl_parse_u64("--layer", optarg, 0, UINT32_MAX, &a->layer) < 0)
+			if (!strcmp(optarg, "all"))
+				a->all_layers = true;
+			else if (moectl_parse_u64("--layer", optarg, 0, UINT32_MAX, &a->layer) < 0)
 				return 1;
 			a->have_layer = true;
 			break;
+		case OPT_HOST_MB:
+			if (moectl_parse_u64("--host-cache-mb", optarg, 1, UINT64_MAX >> 20, &a->host_mb) < 0)
+				return 1;
+			break;
+		case OPT_POLICY:
+			if (strcmp(optarg, "auto") && strcmp(optarg, "freq") && strcmp(optarg, "lru"))
+				return moectl_fail("forward: --policy must be auto, freq or lru, not '%s'", optarg);
+			a->policy = optarg;
+			break;
+		case OPT_PIN:
+			if (a->npins >= 256)
+				return moectl_fail("forward: more than 256 --pin options; use L:* for whole layers");
+			a->pins[a->npins++] = optarg;
+			break;
+		case OPT_PIN_HOT:
+			if (moectl_parse_u64("--pin-hot", optarg, 0, UINT32_MAX, &a->pin_hot) < 0)
+				return 1;
+			break;
+		case OPT_PREFETCH:
+			a->prefetch = true;
+			break;
+		case OPT_QD:
+			if (moectl_parse_u64("--queue-depth", optarg, 1, 256, &a->queue_depth) < 0)
+				return 1;
+			break;
+		case OPT_CHUNK:
+			if (moectl_parse_u64("--chunk-kb", optarg, 64, 4096, &a->chunk_kb) < 0)
+				return 1;
+			if (a->chunk_kb % 4)
+				return moectl_fail("forward: --chunk-kb must be a multiple of 4, not %" PRIu64,
+						   a->chunk_kb);
+			break;
+		case OPT_TRACE:
+			a->trace_out = optarg;
+			break;
+		case OPT_FAULT: {
+			char kind[16];
+			unsigned long long l, x, cnt = 1;
+			int got = sscanf(optarg, "%15[a-z]:%llu:%llu:%llu", kind, &l, &x, &cnt);
+
+			if (got < 3 || (strcmp(kind, "io") && strcmp(kind, "checksum")) || l > UINT32_MAX ||
+			    x > UINT32_MAX || cnt == 0 || cnt > UINT32_MAX)
+				return moectl_fail("forward: --inject-fault wants io:L:E[:N] or checksum:L:E[:N], not '%s'",
+						   optarg);
+			a->fault = strcmp(kind, "io") ? MOE_FAULT_CHECKSUM : MOE_FAULT_IO;
+			a->fault_layer = l;
+			a->fault_expert = x;
+			a->fault_count = cnt;
+			break;
+		}
 		case OPT_INPUT:
 			a->input = optarg;
 			break;
@@ -205,6 +300,8 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 		return moectl_fail("forward: --save-input only goes with --random-input");
 	if (a->routing_out && a->all_experts)
 		return moectl_fail("forward: --routing-out records the model's routing; drop --all-experts");
+	if (a->all_layers && a->routing_out)
+		return moectl_fail("forward: --routing-out is for one layer; drop it or give --layer L");
 	return 0;
 }
 
@@ -431,6 +528,103 @@ static int print_load(const struct fwd_args *a, struct moe_engine *e, uint32_t l
 	return 0;
 }
 
+/* Every MoE layer in order on a residual stream: x <- x + moe_L(x). */
+static int forward_all(struct moe_engine *e, const struct fwd_input *in, float *out, unsigned flags,
+		       struct moe_err *err)
+{
+	const struct moe_store *st = moe_engine_store(e);
+	uint64_t n = in->tokens * moe_engine_config(e)->hidden_size;
+	float *x = malloc((n ? n : 1) * sizeof(*x));
+	int r = 0;
+
+	if (!x)
+		return moe_err_set(err, -ENOMEM, "out of memory for %" PRIu64 " tokens", in->tokens);
+	memcpy(x, in->x, n * sizeof(*x));
+	for (uint32_t li = 0; li < st->hdr.num_moe_layers && r == 0; li++) {
+		r = moe_engine_forward(e, st->layers[li].layer, x, in->tokens, out, NULL, NULL, flags, err);
+		for (uint64_t i = 0; r == 0 && i < n; i++)
+			x[i] += out[i];
+	}
+	if (r == 0)
+		memcpy(out, x, n * sizeof(*x));
+	free(x);
+	return r;
+}
+
+static double pct(uint64_t a, uint64_t b)
+{
+	return b ? 100.0 * (double)a / (double)b : 0.0;
+}
+
+static void print_layer_row(const char *name, const struct moe_engine_layer_stats *l)
+{
+	printf("  %-6s %9" PRIu64 " %9" PRIu64 " %6.1f%% %7" PRIu64 " %9.1f %9" PRIu64 " %9.2f",
+	       name, l->host_hits, l->host_misses, pct(l->host_hits, l->host_hits + l->host_misses),
+	       l->loads, (double)l->load_bytes / 1048576.0, l->evictions, (double)l->stall_ns / 1e6);
+	if (l->predicted || l->prefetches)
+		printf(" %6.1f%% %6.1f%% %6" PRIu64 "/%-6" PRIu64, pct(l->predicted_hit, l->predicted),
+		       pct(l->predicted_hit, l->needed), l->prefetch_used, l->prefetches);
+	printf("\n");
+}
+
+/* The expert cache and pager figures. */
+static void print_cache(struct moe_engine *e, bool per_layer)
+{
+	const struct moe_store *s = moe_engine_store(e);
+	uint32_t L = s->hdr.num_moe_layers;
+	struct moe_engine_layer_stats *ls = calloc(L, sizeof(*ls));
+	struct moe_engine_stats st;
+	const struct moe_engine_layer_stats *t = &st.total;
+	const struct moe_pager_stats *p = &st.pager;
+	struct rusage ru;
+	double busy, gb;
+
+	moe_engine_get_stats(e, &st, ls);
+	busy = (double)p->busy_ns / 1e9;
+	gb = (double)p->bytes / 1e9;
+	printf("host cache: ");
+	if (st.host_budget)
+		printf("budget %" PRIu64 " MiB = %" PRIu64 " MiB routers and shared experts + %" PRIu32
+		       " slots of %.1f MiB", st.host_budget >> 20, st.host_fixed >> 20, st.slots,
+		       (double)st.slot_bytes / 1048576.0);
+	else
+		printf("no budget (%" PRIu32 " slots of %.1f MiB, every expert fits)", st.slots,
+		       (double)st.slot_bytes / 1048576.0);
+	printf(", %" PRIu32 " in use, %" PRIu32 " pinned, policy %s\n", st.slots_used, st.pinned, st.policy);
+	printf("device cache: none (CPU backend)\n");
+	printf("pager: %s, staging in %s, ring %s; %" PRIu64 " blobs (%" PRIu64 " prefetched, %" PRIu64
+	       " failed), %.1f MiB, %.0f MB/s while busy\n",
+	       p->direct ? "O_DIRECT" : "buffered (page cache)", p->hugepages ? "huge pages" : "small pages",
+	       p->ring_flags & (1u << 13) ? "single-issuer+defer-taskrun" :
+	       p->ring_flags & (1u << 12) ? "single-issuer" : "plain",
+	       p->loads, p->prefetch_loads, p->failed, (double)p->bytes / 1048576.0,
+	       busy > 0 ? (double)p->bytes / busy / 1e6 : 0.0);
+	printf("pager CPU: I/O thread %.3f s (%.3f s/GB), checksums and layout %.3f s (%.3f s/GB)\n",
+	       (double)p->io_cpu_ns / 1e9, gb > 0 ? (double)p->io_cpu_ns / 1e9 / gb : 0.0,
+	       (double)p->verify_cpu_ns / 1e9, gb > 0 ? (double)p->verify_cpu_ns / 1e9 / gb : 0.0);
+	printf("  %-6s %9s %9s %7s %7s %9s %9s %9s", "layer", "hits", "misses", "hit", "loads", "MiB read",
+	       "evicted", "stall ms");
+	if (t->predicted || t->prefetches)
+		printf(" %7s %7s %13s", "prec", "recall", "pf used/made");
+	printf("\n");
+	if (per_layer && ls)
+		for (uint32_t i = 0; i < L; i++) {
+			char name[16];
+
+			if (!ls[i].forwards)
+				continue;
+			snprintf(name, sizeof(name), "%" PRIu32, s->layers[i].layer);
+			print_layer_row(name, &ls[i]);
+		}
+	print_layer_row("total", t);
+	if (getrusage(RUSAGE_SELF, &ru) == 0)
+		printf("peak resident memory: %.1f MiB (weights: %.1f MiB in the host cache and %.1f MiB "
+		       "always resident; pager staging %.0f MiB)\n", (double)ru.ru_maxrss / 1024.0,
+		       (double)st.slots_used * (double)st.slot_bytes / 1048576.0,
+		       (double)st.host_fixed / 1048576.0, (double)st.pager.staging_bytes / 1048576.0);
+	free(ls);
+}
+
 int cmd_forward(int argc, char **argv)
 {
 	struct moe_engine_options eo = { 0 };
@@ -453,10 +647,28 @@ int cmd_forward(int argc, char **argv)
 
 	eo.backend = a.backend;
 	eo.threads = (uint32_t)a.threads;
+	eo.host_bytes = a.host_mb << 20;
+	eo.policy = a.policy;
+	eo.pin = a.npins ? a.pins : NULL;
+	eo.pin_hot = (uint32_t)a.pin_hot;
+	eo.prefetch = a.prefetch;
+	eo.pager.queue_depth = (uint32_t)a.queue_depth;
+	eo.pager.chunk_kb = (uint32_t)a.chunk_kb;
+	eo.log = moectl_log;
 	r = moe_engine_open(a.model, &eo, &e, &err);
 	if (r < 0)
 		return moectl_fail_err(&err);
 	cfg = moe_engine_config(e);
+	if (a.trace_out && moe_engine_trace(e, a.trace_out, &err) < 0) {
+		moectl_fail_err(&err);
+		goto out;
+	}
+	if (a.fault && moe_engine_inject_fault(e, a.fault, (uint32_t)a.fault_layer, (uint32_t)a.fault_expert,
+					       (uint32_t)a.fault_count) < 0) {
+		moectl_fail("forward: --inject-fault: layer %" PRIu64 " is not an MoE layer or expert %" PRIu64
+			    " is out of range", a.fault_layer, a.fault_expert);
+		goto out;
+	}
 	if (load_input(&a, cfg->hidden_size, &in))
 		goto out;
 
@@ -479,7 +691,10 @@ int cmd_forward(int argc, char **argv)
 		double t0 = moectl_now(), dt;
 
 		moe_err_clear(&err);
-		r = moe_engine_forward(e, (uint32_t)a.layer, in.x, in.tokens, out, ids, w, flags, &err);
+		if (a.all_layers)
+			r = forward_all(e, &in, out, flags, &err);
+		else
+			r = moe_engine_forward(e, (uint32_t)a.layer, in.x, in.tokens, out, ids, w, flags, &err);
 		if (r < 0) {
 			moectl_fail_err(&err);
 			goto out;
@@ -511,8 +726,13 @@ int cmd_forward(int argc, char **argv)
 
 	if (a.stats) {
 		be = moe_engine_backend(e);
-		printf("layer %" PRIu64 " of a %s model: %" PRIu64 " tokens x hidden %" PRIu32 ", ",
-		       a.layer, moe_arch_name(cfg->arch), in.tokens, cfg->hidden_size);
+		if (a.all_layers)
+			printf("all %" PRIu32 " MoE layers of a %s model: %" PRIu64 " tokens x hidden %" PRIu32 ", ",
+			       moe_engine_store(e)->hdr.num_moe_layers, moe_arch_name(cfg->arch), in.tokens,
+			       cfg->hidden_size);
+		else
+			printf("layer %" PRIu64 " of a %s model: %" PRIu64 " tokens x hidden %" PRIu32 ", ",
+			       a.layer, moe_arch_name(cfg->arch), in.tokens, cfg->hidden_size);
 		if (a.all_experts)
 			printf("all %" PRIu32 " experts per token (dense comparison, not the model's output)\n",
 			       cfg->num_experts);
@@ -537,8 +757,9 @@ int cmd_forward(int argc, char **argv)
 		}
 		if (a.all_experts)
 			printf("expert load: every expert sees every token (--all-experts)\n");
-		else if (print_load(&a, e, (uint32_t)a.layer))
+		else if (!a.all_layers && print_load(&a, e, (uint32_t)a.layer))
 			goto out;
+		print_cache(e, a.all_layers);
 	}
 	status = 0;
 out:

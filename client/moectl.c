@@ -33,6 +33,15 @@ int moectl_fail_err(const struct moe_err *err)
 	return moectl_fail("%s", err->msg[0] ? err->msg : strerror(-err->code));
 }
 
+void moectl_log(void *ctx, int level, const char *msg)
+{
+	(void)ctx;
+	/* errors also come back as the failing call's status and message,
+	 * which moectl prints once: only warnings are shown here */
+	if (level == 4)
+		fprintf(stderr, "moectl: warning: %s\n", msg);
+}
+
 double moectl_now(void)
 {
 	struct timespec ts;

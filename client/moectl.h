@@ -24,6 +24,9 @@ int moectl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print "moectl: <err->msg>" on stderr; returns 1. */
 int moectl_fail_err(const struct moe_err *err);
 
+/* The engine's log callback: warnings as "moectl: warning: <msg>" on stderr. */
+void moectl_log(void *ctx, int level, const char *msg);
+
 /*
  * A progress bar on stderr when stderr is a terminal, nothing otherwise.
  * moectl_progress is shaped to be passed as a callback with a struct

@@ -8,6 +8,7 @@
 #ifndef MOE_BACKEND_H
 #define MOE_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -76,6 +77,34 @@ struct moe_backend_ops {
 	uint64_t (*blob_bytes)(const struct moe_model_config *cfg, uint32_t inter);
 	void (*blob_prepare)(const struct moe_model_config *cfg, uint32_t inter, const void *src,
 			     void *dst);
+	/*
+	 * Optional, with blob_prepare: convert the bytes [off, off + len) of a
+	 * blob in the store's layout (@src points at byte off; off and len are
+	 * multiples of the element size) into their places in @dst, the whole
+	 * blob in the resident layout.  The pager hands chunks over as they
+	 * arrive; any split gives the bytes blob_prepare gives.
+	 */
+	void (*blob_prepare_range)(const struct moe_model_config *cfg, uint32_t inter,
+				   const void *src, uint64_t off, uint64_t len, void *dst);
+
+	/*
+	 * Optional split form of experts(), so that the experts already
+	 * resident compute while the others load: experts_begin takes the
+	 * call's arguments (no expert weights are read); experts_run computes
+	 * the rows of the experts e with ready[e] != 0 (and the shared expert
+	 * when @shared), with @lw's pointers for those experts valid for the
+	 * duration of the call; it is called as often as needed, each expert
+	 * and the shared one in exactly one call; experts_end writes the
+	 * output (and must follow a successful begin, even after a failure,
+	 * with @abandon true to only free).  The output bits are those of
+	 * experts().  One split call at a time per backend.
+	 */
+	int (*experts_begin)(struct moe_backend *be, const struct moe_layer_weights *lw,
+			     const float *x, size_t n, uint32_t kk, const int32_t *ids,
+			     const float *w, float *out);
+	int (*experts_run)(struct moe_backend *be, const struct moe_layer_weights *lw,
+			   const uint8_t *ready, bool shared);
+	int (*experts_end)(struct moe_backend *be, bool abandon);
 };
 
 struct moe_backend {

@@ -76,7 +76,8 @@ struct cpu {
 	struct moe_threadpool *pool;
 	uint32_t nworkers;
 	struct worker_scratch *ws;
-	struct buf xptr, logits, hbuf, ybuf, hptr, order, pos, tasks, sh_h, sh_y, sh_hptr;
+	struct buf xptr, rxptr, logits, hbuf, ybuf, hptr, order, pos, tasks, sh_h, sh_y, sh_hptr;
+	struct expert_job *cur;   /* the split call in progress (cur->first != NULL) */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -130,7 +131,7 @@ static int cpu_route(struct moe_backend *be, const struct moe_layer_weights *lw,
 
 	if (n == 0)
 		return 0;
-	xs = buf_get(&cpu->xptr, n * sizeof(*xs));
+	xs = buf_get(&cpu->rxptr, n * sizeof(*xs));   /* not xptr: a split experts call may be in progress */
 	j.logits = buf_get(&cpu->logits, n * c->num_experts * sizeof(float));
 	if (!xs || !j.logits)
 		return -ENOMEM;
@@ -382,48 +383,47 @@ static size_t add_tasks(struct task *tasks, size_t nt, int32_t expert, uint32_t 
 	return nt;
 }
 
-static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
-		       size_t n, uint32_t kk, const int32_t *ids, const float *w, float *out)
+static int cpu_experts_begin(struct moe_backend *be, const struct moe_layer_weights *lw,
+			     const float *x, size_t n, uint32_t kk, const int32_t *ids,
+			     const float *w, float *out)
 {
 	struct cpu *cpu = be->priv;
 	const struct moe_model_config *c = lw->cfg;
 	uint32_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
 	uint32_t Is = c->shared_intermediate_size;
 	bool shared = lw->shared && Is > 0;
-	size_t rows = n * kk, n_tasks, ntA = 0, max_tasks, active = 0;
-	uint32_t rows_a, rows_b;
-	struct expert_job j = { .lw = lw, .cpu = cpu, .x = x, .n = n, .kk = kk, .ids = ids,
-				.w = w, .out = out };
+	size_t rows = n * kk, max_tasks;
+	struct expert_job *j = cpu->cur;
 	size_t *first, *fill;
 	uint32_t *order;
 
-	if (n == 0)
-		return 0;
+	*j = (struct expert_job){ .lw = lw, .cpu = cpu, .x = x, .n = n, .kk = kk, .ids = ids,
+				  .w = w, .out = out };
 	first = calloc(2 * ((size_t)E + 1), sizeof(size_t));
 	if (!first)
 		return -ENOMEM;
 	fill = first + E + 1;
 	max_tasks = (size_t)E * ((H + ROWS_B - 1) / ROWS_B + (I + ROWS_A - 1) / ROWS_A) +
 		    (shared ? (Is + ROWS_A - 1) / ROWS_A + (H + ROWS_B - 1) / ROWS_B : 0);
-	j.xptr = buf_get(&cpu->xptr, rows * sizeof(*j.xptr));
-	j.hptr = buf_get(&cpu->hptr, rows * sizeof(*j.hptr));
+	j->xptr = buf_get(&cpu->xptr, rows * sizeof(*j->xptr));
+	j->hptr = buf_get(&cpu->hptr, rows * sizeof(*j->hptr));
 	order = buf_get(&cpu->order, rows * sizeof(*order));
-	j.pos = buf_get(&cpu->pos, rows * sizeof(*j.pos));
-	j.h = buf_get(&cpu->hbuf, rows * I * sizeof(float));
-	j.y = buf_get(&cpu->ybuf, rows * H * sizeof(float));
-	j.tasks = buf_get(&cpu->tasks, max_tasks * sizeof(*j.tasks));
-	if (!j.xptr || !j.hptr || !order || !j.pos || !j.h || !j.y || !j.tasks)
+	j->pos = buf_get(&cpu->pos, rows * sizeof(*j->pos));
+	j->h = buf_get(&cpu->hbuf, rows * I * sizeof(float));
+	j->y = buf_get(&cpu->ybuf, rows * H * sizeof(float));
+	j->tasks = buf_get(&cpu->tasks, max_tasks * sizeof(*j->tasks));
+	if (!j->xptr || !j->hptr || !order || !j->pos || !j->h || !j->y || !j->tasks)
 		goto nomem;
 	if (shared) {
-		j.sh_h = buf_get(&cpu->sh_h, n * Is * sizeof(float));
-		j.sh_y = buf_get(&cpu->sh_y, n * H * sizeof(float));
-		j.sh_hptr = buf_get(&cpu->sh_hptr, 2 * n * sizeof(*j.sh_hptr));
-		if (!j.sh_h || !j.sh_y || !j.sh_hptr)
+		j->sh_h = buf_get(&cpu->sh_h, n * Is * sizeof(float));
+		j->sh_y = buf_get(&cpu->sh_y, n * H * sizeof(float));
+		j->sh_hptr = buf_get(&cpu->sh_hptr, 2 * n * sizeof(*j->sh_hptr));
+		if (!j->sh_h || !j->sh_y || !j->sh_hptr)
 			goto nomem;
-		j.sh_xptr = j.sh_hptr + n;
+		j->sh_xptr = j->sh_hptr + n;
 		for (size_t t = 0; t < n; t++) {
-			j.sh_xptr[t] = x + t * H;
-			j.sh_hptr[t] = j.sh_h + t * Is;
+			j->sh_xptr[t] = x + t * H;
+			j->sh_hptr[t] = j->sh_h + t * Is;
 		}
 	}
 
@@ -436,48 +436,127 @@ static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *l
 	for (size_t i = 0; i < rows; i++) {
 		size_t p = fill[ids[i]]++;
 		order[p] = (uint32_t)i;
-		j.pos[i] = (uint32_t)p;
+		j->pos[i] = (uint32_t)p;
 	}
 	for (size_t p = 0; p < rows; p++) {
-		j.xptr[p] = x + (size_t)(order[p] / kk) * H;
-		j.hptr[p] = j.h + p * I;
+		j->xptr[p] = x + (size_t)(order[p] / kk) * H;
+		j->hptr[p] = j->h + p * I;
 	}
-	j.first = first;
-	for (uint32_t e = 0; e < E; e++)
-		active += first[e + 1] > first[e];
-	rows_a = task_rows(active * I + (shared ? Is : 0), cpu->nworkers, ROWS_A);
-	rows_b = task_rows((active + shared) * H, cpu->nworkers, ROWS_B);
-
-	/* phase A: gate/up of every active expert and the shared one */
-	if (shared)
-		ntA = add_tasks(j.tasks, ntA, -1, Is, rows_a);
-	for (uint32_t e = 0; e < E; e++)
-		if (first[e + 1] > first[e])
-			ntA = add_tasks(j.tasks, ntA, (int32_t)e, I, rows_a);
-	moe_threadpool_run(cpu->pool, ntA, phase_a_task, &j);
-
-	/* phase B: down */
-	n_tasks = 0;
-	if (shared)
-		n_tasks = add_tasks(j.tasks, n_tasks, -1, H, rows_b);
-	for (uint32_t e = 0; e < E; e++)
-		if (first[e + 1] > first[e])
-			n_tasks = add_tasks(j.tasks, n_tasks, (int32_t)e, H, rows_b);
-	moe_threadpool_run(cpu->pool, n_tasks, phase_b_task, &j);
-
-	moe_threadpool_run(cpu->pool, (n + COMBINE_TOKENS - 1) / COMBINE_TOKENS, combine_task, &j);
-	free(first);
+	j->first = first;
 	return 0;
 nomem:
 	free(first);
+	j->first = NULL;
 	return -ENOMEM;
+}
+
+static int cpu_experts_run(struct moe_backend *be, const struct moe_layer_weights *lw,
+			   const uint8_t *ready, bool with_shared)
+{
+	struct cpu *cpu = be->priv;
+	struct expert_job *j = cpu->cur;
+	const struct moe_model_config *c = lw->cfg;
+	uint32_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	uint32_t Is = c->shared_intermediate_size;
+	bool shared = with_shared && lw->shared && Is > 0;
+	size_t *first = j->first, ntA = 0, n_tasks = 0, active = 0;
+	uint32_t rows_a, rows_b;
+
+	if (!first)
+		return -EINVAL;
+	j->lw = lw;
+	for (uint32_t e = 0; e < E; e++)
+		active += ready[e] && first[e + 1] > first[e];
+	if (!active && !shared)
+		return 0;
+	rows_a = task_rows(active * I + (shared ? Is : 0), cpu->nworkers, ROWS_A);
+	rows_b = task_rows((active + shared) * H, cpu->nworkers, ROWS_B);
+
+	/* phase A: gate/up of every expert of this run and the shared one */
+	if (shared)
+		ntA = add_tasks(j->tasks, ntA, -1, Is, rows_a);
+	for (uint32_t e = 0; e < E; e++)
+		if (ready[e] && first[e + 1] > first[e])
+			ntA = add_tasks(j->tasks, ntA, (int32_t)e, I, rows_a);
+	moe_threadpool_run(cpu->pool, ntA, phase_a_task, j);
+
+	/* phase B: down */
+	if (shared)
+		n_tasks = add_tasks(j->tasks, n_tasks, -1, H, rows_b);
+	for (uint32_t e = 0; e < E; e++)
+		if (ready[e] && first[e + 1] > first[e])
+			n_tasks = add_tasks(j->tasks, n_tasks, (int32_t)e, H, rows_b);
+	moe_threadpool_run(cpu->pool, n_tasks, phase_b_task, j);
+	return 0;
+}
+
+static int cpu_experts_end(struct moe_backend *be, bool abandon)
+{
+	struct cpu *cpu = be->priv;
+	struct expert_job *j = cpu->cur;
+
+	if (!j->first)
+		return -EINVAL;
+	if (!abandon)
+		moe_threadpool_run(cpu->pool, (j->n + COMBINE_TOKENS - 1) / COMBINE_TOKENS,
+				   combine_task, j);
+	free(j->first);
+	j->first = NULL;
+	return 0;
+}
+
+static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
+		       size_t n, uint32_t kk, const int32_t *ids, const float *w, float *out)
+{
+	struct cpu *cpu = be->priv;
+	uint8_t *all;
+	int r;
+
+	if (n == 0)
+		return 0;
+	all = malloc(lw->cfg->num_experts);
+	if (!all)
+		return -ENOMEM;
+	memset(all, 1, lw->cfg->num_experts);
+	r = cpu_experts_begin(be, lw, x, n, kk, ids, w, out);
+	if (r == 0)
+		r = cpu_experts_run(be, lw, all, true);
+	if (r == 0 || cpu->cur->first)
+		cpu_experts_end(be, r < 0);
+	free(all);
+	return r;
+}
+
+static void cpu_blob_prepare_range(const struct moe_model_config *c, uint32_t I, const void *src,
+				   uint64_t off, uint64_t len, void *dst)
+{
+	uint64_t es = moe_dtype_size(c->weight_dtype), H = c->hidden_size;
+	uint64_t in_store = (uint64_t)I * H * es, in_packed = (uint64_t)I * moe_kern_packed_ld(H) * es;
+	uint32_t nin = c->gated ? 2 : 1;
+	const char *s = src;
+	char *d = dst;
+
+	/* the matrices of the blob, in store order: [gate], up, down */
+	for (uint32_t m = 0; m <= nin && len; m++) {
+		uint64_t m0 = m * in_store, m1 = m0 + in_store;  /* down has the same byte size */
+		uint64_t a = off > m0 ? off : m0, b = off + len < m1 ? off + len : m1;
+
+		if (a >= b)
+			continue;
+		if (m < nin)
+			moe_kern_pack_range(c->weight_dtype, s + (a - off), I, H, (a - m0) / es,
+					    (b - a) / es, d + m * in_packed);
+		else
+			moe_kern_pack_range(c->weight_dtype, s + (a - off), H, I, (a - m0) / es,
+					    (b - a) / es, d + nin * in_packed);
+	}
 }
 
 /* ------------------------------------------------------------------------ */
 
 static void bufs_free(struct cpu *cpu)
 {
-	struct buf *all[] = { &cpu->xptr, &cpu->logits, &cpu->hbuf, &cpu->ybuf, &cpu->hptr,
+	struct buf *all[] = { &cpu->xptr, &cpu->rxptr, &cpu->logits, &cpu->hbuf, &cpu->ybuf, &cpu->hptr,
 			      &cpu->order, &cpu->pos, &cpu->tasks, &cpu->sh_h, &cpu->sh_y,
 			      &cpu->sh_hptr };
 
@@ -495,6 +574,9 @@ static void cpu_fini(struct moe_backend *be)
 		return;
 	moe_threadpool_free(cpu->pool);
 	bufs_free(cpu);
+	if (cpu->cur)
+		free(cpu->cur->first);
+	free(cpu->cur);
 	free(cpu->ws);
 	free(cpu);
 	be->priv = NULL;
@@ -518,7 +600,10 @@ static int cpu_init(struct moe_backend *be, const struct moe_backend_options *op
 	}
 	cpu->nworkers = moe_threadpool_size(cpu->pool);
 	cpu->ws = calloc(cpu->nworkers, sizeof(*cpu->ws));
-	if (!cpu->ws) {
+	cpu->cur = calloc(1, sizeof(*cpu->cur));
+	if (!cpu->ws || !cpu->cur) {
+		free(cpu->cur);
+		free(cpu->ws);
 		moe_threadpool_free(cpu->pool);
 		free(cpu);
 		return moe_err_set(err, -ENOMEM, "CPU backend: out of memory");
@@ -535,4 +620,8 @@ const struct moe_backend_ops moe_backend_cpu_ops = {
 	.experts = cpu_experts,
 	.blob_bytes = cpu_blob_bytes,
 	.blob_prepare = cpu_blob_prepare,
+	.blob_prepare_range = cpu_blob_prepare_range,
+	.experts_begin = cpu_experts_begin,
+	.experts_run = cpu_experts_run,
+	.experts_end = cpu_experts_end,
 };

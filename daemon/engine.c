@@ -1,17 +1,25 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The engine: routes a batch, brings in the experts it needs from the store
- * (checksums verified), and runs the layer on the backend.
+ * The engine: routes a batch, finds its experts in the host tier of the
+ * expert cache or has the pager read them, computes the resident ones while
+ * the others arrive, and runs the layer on the backend.
  */
 #include "config.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
+#include "cache.h"
 #include "engine.h"
+#include "trace.h"
+
+#define HUGE_2M (2u << 20)
+#define PIN_HOT_EVERY 64          /* forwards between choices of the hottest experts */
 
 struct engine_layer {
 	bool loaded;                /* router (and shared expert) read */
@@ -19,8 +27,21 @@ struct engine_layer {
 	float *bias;                /* [E] or NULL */
 	float *shared_gate;         /* [H] or NULL */
 	void *shared;               /* shared blob or NULL */
-	void **experts;             /* [E], NULL until first needed */
 	uint64_t *load;             /* [E] tokens routed to each expert */
+	uint8_t *predicted;         /* [E] the last prediction for this layer, or NULL */
+	bool have_prediction;
+	struct moe_engine_layer_stats st;
+};
+
+/* A host-tier slot and the read that fills it. */
+struct slot {
+	struct moe_pager_load ld;
+	struct moe_engine *e;
+	uint8_t *mem;
+	uint32_t key;
+	bool inflight;              /* ld submitted and not yet reaped */
+	bool waited;                /* a forward waits for it and settles it itself */
+	bool prefetched;            /* filled by a prefetch and not used since */
 };
 
 struct moe_engine {
@@ -33,79 +54,52 @@ struct moe_engine {
 	int32_t *ids;                   /* scratch routing for callers passing NULL */
 	float *w;
 	size_t route_cap;               /* entries in ids/w */
+
+	/* the host tier */
+	struct moe_cache *host;
+	enum moe_cache_policy policy;
+	uint8_t *arena;                 /* slots * slot_bytes */
+	size_t arena_len;
+	uint64_t slot_bytes, budget, fixed;
+	uint32_t nslots;
+	struct slot *slots;
+	uint32_t *inflight;             /* slots with a read in flight */
+	uint32_t ninflight;
+	uint32_t pin_hot;
+	uint64_t forwards;
+
+	/* per forward scratch, [E] or [slots] */
+	uint8_t *need, *ready;
+	uint32_t *uniq, *deferred, *pending;
+	const void **ptrs;
+	struct moe_pager_load **waitv;
+	int32_t *pred_ids;
+	float *pred_w;
+	size_t pred_cap;
+
+	struct moe_pager *pager;
+	bool prefetch;
+	struct moe_trace_writer *trace;
+	moe_log_fn log;
+	void *log_ctx;
 };
 
-static void layer_free(struct engine_layer *l, uint32_t E)
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void layer_free(struct engine_layer *l)
 {
 	free(l->router);
 	free(l->bias);
 	free(l->shared_gate);
 	free(l->shared);
-	if (l->experts)
-		for (uint32_t e = 0; e < E; e++)
-			free(l->experts[e]);
-	free(l->experts);
 	free(l->load);
-}
-
-void moe_engine_close(struct moe_engine *e)
-{
-	if (!e)
-		return;
-	if (e->layers)
-		for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++)
-			layer_free(&e->layers[i], e->cfg->num_experts);
-	free(e->layers);
-	free(e->staging);
-	free(e->ids);
-	free(e->w);
-	moe_backend_close(e->backend);
-	moe_store_close(e->store);
-	free(e);
-}
-
-int moe_engine_open(const char *store_path, const struct moe_engine_options *opt,
-		    struct moe_engine **ret, struct moe_err *err)
-{
-	struct moe_backend_options bo = { .threads = opt ? opt->threads : 0 };
-	struct moe_engine *e;
-	int r;
-
-	e = calloc(1, sizeof(*e));
-	if (!e)
-		return moe_err_set(err, -ENOMEM, "out of memory");
-	r = moe_store_open(store_path, &e->store, err);
-	if (r < 0)
-		goto fail;
-	e->cfg = &e->store->cfg;
-	e->layers = calloc(e->store->hdr.num_moe_layers, sizeof(*e->layers));
-	if (!e->layers) {
-		r = moe_err_set(err, -ENOMEM, "out of memory");
-		goto fail;
-	}
-	r = moe_backend_open(opt && opt->backend ? opt->backend : "auto", &bo, &e->backend, err);
-	if (r < 0)
-		goto fail;
-	*ret = e;
-	return 0;
-fail:
-	moe_engine_close(e);
-	return r;
-}
-
-const struct moe_model_config *moe_engine_config(const struct moe_engine *e)
-{
-	return e->cfg;
-}
-
-const struct moe_store *moe_engine_store(const struct moe_engine *e)
-{
-	return e->store;
-}
-
-const struct moe_backend *moe_engine_backend(const struct moe_engine *e)
-{
-	return e->backend;
+	free(l->predicted);
 }
 
 /* "1-3, 5, 7-9": the MoE layers, for error messages. */
@@ -223,10 +217,7 @@ static int layer_load(struct moe_engine *e, uint32_t li, struct moe_err *err)
 	l->router = malloc((size_t)c->num_experts * c->hidden_size * sizeof(float));
 	l->bias = c->has_bias ? malloc(c->num_experts * sizeof(float)) : NULL;
 	l->shared_gate = c->shared_gate ? malloc(c->hidden_size * sizeof(float)) : NULL;
-	l->experts = l->experts ? l->experts : calloc(c->num_experts, sizeof(void *));
-	l->load = l->load ? l->load : calloc(c->num_experts, sizeof(uint64_t));
-	if (!l->router || (c->has_bias && !l->bias) || (c->shared_gate && !l->shared_gate) ||
-	    !l->experts || !l->load)
+	if (!l->router || (c->has_bias && !l->bias) || (c->shared_gate && !l->shared_gate))
 		goto nomem;
 	r = moe_store_read_router(e->store, li, l->router, l->bias, l->shared_gate, err);
 	if (r < 0)
@@ -234,6 +225,10 @@ static int layer_load(struct moe_engine *e, uint32_t li, struct moe_err *err)
 	if (e->store->layers[li].flags & MOE_STORE_LAYER_HAS_SHARED) {
 		r = blob_load(e, c->shared_intermediate_size, e->store->layers[li].shared_bytes,
 			      read_shared, li, 0, &l->shared, err);
+		/* the staging copy is needed only while a layer comes in */
+		free(e->staging);
+		e->staging = NULL;
+		e->staging_bytes = 0;
 		if (r == -ENOMEM)
 			goto nomem;
 		if (r < 0)
@@ -254,39 +249,440 @@ fail:
 	return r;
 }
 
-/* Read every expert named in ids[0..count) that is not resident yet. */
-static int experts_load(struct moe_engine *e, uint32_t li, const int32_t *ids, size_t count,
-			struct moe_err *err)
+
+/* ------------------------------------------------------------------ the host tier */
+
+static uint32_t key_of(const struct moe_engine *e, uint32_t li, uint32_t x)
 {
-	struct engine_layer *l = &e->layers[li];
+	return li * e->cfg->num_experts + x;
+}
 
-	for (size_t i = 0; i < count; i++) {
-		uint32_t x = (uint32_t)ids[i];
-		int r;
+/* The pager's sink: a chunk of the blob into the slot, in the backend's layout. */
+static void slot_sink(void *ctx, const void *chunk, uint64_t off, uint64_t len)
+{
+	struct slot *s = ctx;
+	struct moe_engine *e = s->e;
+	const struct moe_backend_ops *ops = e->backend->ops;
 
-		if (l->experts[x])
-			continue;
-		/* on failure the expert stays absent: the next request reads it again */
-		r = blob_load(e, e->cfg->moe_intermediate_size, e->store->hdr.expert_bytes,
-			      moe_store_read_expert, li, x, &l->experts[x], err);
-		if (r == -ENOMEM)
-			return moe_err_set(err, -ENOMEM, "out of memory loading layer %u expert %u",
-					   e->store->layers[li].layer, x);
+	if (ops->blob_prepare_range)
+		ops->blob_prepare_range(e->cfg, e->cfg->moe_intermediate_size, chunk, off, len, s->mem);
+	else
+		memcpy(s->mem + off, chunk, len);
+}
+
+static int slot_read(struct moe_engine *e, uint32_t si, uint32_t key, bool prefetch)
+{
+	struct slot *s = &e->slots[si];
+	uint32_t E = e->cfg->num_experts;
+	int r;
+
+	s->key = key;
+	s->prefetched = prefetch;
+	s->ld = (struct moe_pager_load){ .li = key / E, .expert = key % E, .prefetch = prefetch,
+					 .sink = slot_sink, .sink_ctx = s };
+	r = moe_pager_submit(e->pager, &s->ld);
+	if (r < 0)
+		return r;
+	s->inflight = true;
+	e->inflight[e->ninflight++] = si;
+	if (prefetch)
+		e->layers[key / E].st.prefetches++;
+	return 0;
+}
+
+/* Settle a read that is done: the expert is resident, or (failed) gone. */
+static void slot_reaped(struct moe_engine *e, uint32_t si)
+{
+	struct slot *s = &e->slots[si];
+	struct engine_layer *l = &e->layers[s->key / e->cfg->num_experts];
+
+	if (!s->inflight)
+		return;
+	for (uint32_t i = 0; i < e->ninflight; i++)
+		if (e->inflight[i] == si) {
+			e->inflight[i] = e->inflight[--e->ninflight];
+			break;
+		}
+	s->inflight = false;
+	l->st.loads++;
+	if (s->ld.status == 0) {
+		l->st.load_bytes += e->store->hdr.expert_bytes;
+		moe_cache_loaded(e->host, s->key);
+	} else {
+		l->st.load_failures++;
+		moe_cache_remove(e->host, s->key);
+	}
+}
+
+/* Reap every read that has finished. */
+static void reap(struct moe_engine *e)
+{
+	for (uint32_t i = 0; i < e->ninflight;) {
+		uint32_t si = e->inflight[i];
+
+		if (!e->slots[si].waited &&
+		    __atomic_load_n(&e->slots[si].ld.status, __ATOMIC_ACQUIRE) != MOE_PAGER_PENDING)
+			slot_reaped(e, si);      /* moves the last entry here */
+		else
+			i++;
+	}
+}
+
+/* A slot for @key (ABSENT): -ENOSPC when every slot is pinned, in use or loading. */
+static int slot_take(struct moe_engine *e, uint32_t key)
+{
+	uint32_t victim = MOE_CACHE_NONE;
+	int si = moe_cache_insert(e->host, key, &victim);
+
+	if (si >= 0 && victim != MOE_CACHE_NONE)
+		e->layers[victim / e->cfg->num_experts].st.evictions++;
+	return si;
+}
+
+static int pin_parse(struct moe_engine *e, const char *spec, struct moe_err *err)
+{
+	uint32_t E = e->cfg->num_experts;
+	unsigned long layer, x = 0;
+	bool all = false;
+	char *end;
+	int li, r;
+
+	errno = 0;
+	layer = strtoul(spec, &end, 10);
+	if (end == spec || *end != ':' || errno || layer > UINT32_MAX)
+		return moe_err_set(err, -EINVAL, "pin \"%s\": expected LAYER:EXPERT or LAYER:*", spec);
+	if (strcmp(end + 1, "*") == 0) {
+		all = true;
+	} else {
+		const char *xs = end + 1;
+
+		x = strtoul(xs, &end, 10);
+		if (end == xs || *end || errno || x >= E)
+			return moe_err_set(err, -EINVAL, "pin \"%s\": expert must be * or 0-%u", spec, E - 1);
+	}
+	li = find_layer(e, (uint32_t)layer, err);
+	if (li < 0)
+		return moe_err_prefix(err, li, "pin \"%s\"", spec);
+	for (uint32_t i = all ? 0 : (uint32_t)x; i < (all ? E : (uint32_t)x + 1); i++) {
+		r = moe_cache_pin(e->host, key_of(e, (uint32_t)li, i), true);
 		if (r < 0)
-			return r;
+			return moe_err_set(err, r, "pin \"%s\": more pinned experts than the %u slots of the host budget",
+					   spec, e->nslots);
 	}
 	return 0;
+}
+
+/* Bytes that are always resident: routers, biases, shared gates, shared experts. */
+static uint64_t fixed_bytes(const struct moe_engine *e)
+{
+	const struct moe_model_config *c = e->cfg;
+	const struct moe_backend_ops *ops = e->backend->ops;
+	uint64_t per = (uint64_t)c->num_experts * c->hidden_size * 4 +
+		       (c->has_bias ? c->num_experts * 4u : 0) + (c->shared_gate ? c->hidden_size * 4u : 0);
+	uint64_t total = 0;
+
+	for (uint32_t li = 0; li < e->store->hdr.num_moe_layers; li++) {
+		total += per;
+		if (e->store->layers[li].flags & MOE_STORE_LAYER_HAS_SHARED)
+			total += ops->blob_prepare ? ops->blob_bytes(c, c->shared_intermediate_size)
+						   : e->store->layers[li].shared_bytes;
+	}
+	return total;
+}
+
+static int host_setup(struct moe_engine *e, const struct moe_engine_options *opt, struct moe_err *err)
+{
+	const struct moe_model_config *c = e->cfg;
+	const struct moe_backend_ops *ops = e->backend->ops;
+	uint32_t E = c->num_experts, L = e->store->hdr.num_moe_layers;
+	uint64_t blob = ops->blob_prepare ? ops->blob_bytes(c, c->moe_intermediate_size)
+					  : e->store->hdr.expert_bytes;
+	uint64_t all = (uint64_t)E * L, n;
+	int r;
+
+	if (ops->blob_prepare && !ops->blob_prepare_range)
+		return moe_err_set(err, -EINVAL, "backend %s converts experts but not in pieces", ops->name);
+	e->slot_bytes = (blob + 4095) / 4096 * 4096;
+	if (e->slot_bytes >= HUGE_2M)
+		e->slot_bytes = (e->slot_bytes + HUGE_2M - 1) / HUGE_2M * HUGE_2M;
+	e->fixed = fixed_bytes(e);
+	e->budget = opt ? opt->host_bytes : 0;
+	if (e->budget) {
+		if (e->budget < e->fixed + e->slot_bytes)
+			return moe_err_set(err, -EINVAL,
+					   "a host budget of %" PRIu64 " MiB is too small for %s: the routers and shared "
+					   "experts need %" PRIu64 " MiB and one routed expert %" PRIu64 " MiB "
+					   "(at least %" PRIu64 " MiB)", e->budget >> 20, e->store->path,
+					   e->fixed >> 20, (e->slot_bytes + (1u << 20) - 1) >> 20,
+					   (e->fixed + e->slot_bytes + (1u << 20) - 1) >> 20);
+		n = (e->budget - e->fixed) / e->slot_bytes;
+	} else {
+		n = all;
+	}
+	if (n > all)
+		n = all;
+	if (n > UINT32_MAX - 1)
+		return moe_err_set(err, -EINVAL, "%s: too many experts", e->store->path);
+	e->nslots = (uint32_t)n;
+	r = moe_cache_new(L, E, e->nslots, e->policy, &e->host, err);
+	if (r < 0)
+		return r;
+	e->arena_len = (size_t)(e->nslots * e->slot_bytes);
+	/* address space only: pages come in as slots fill, so the budget bounds
+	 * what is resident and an unlimited budget costs nothing up front */
+	e->arena = mmap(NULL, e->arena_len + HUGE_2M, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (e->arena == MAP_FAILED) {
+		e->arena = NULL;
+		return moe_err_set(err, -ENOMEM, "cannot reserve %zu MiB for the host cache", e->arena_len >> 20);
+	}
+	{
+		/* place the slots on a 2 MiB boundary for transparent huge pages */
+		uint8_t *base = e->arena;
+		uintptr_t a = ((uintptr_t)base + HUGE_2M - 1) & ~((uintptr_t)HUGE_2M - 1);
+		size_t head = a - (uintptr_t)base;
+
+		if (head)
+			munmap(base, head);
+		munmap((uint8_t *)a + e->arena_len, HUGE_2M - head);
+		e->arena = (uint8_t *)a;
+		if (e->arena_len)
+			madvise(e->arena, e->arena_len, MADV_HUGEPAGE);   /* advice only */
+	}
+	e->slots = calloc(e->nslots ? e->nslots : 1, sizeof(*e->slots));
+	e->inflight = calloc(e->nslots ? e->nslots : 1, sizeof(*e->inflight));
+	e->need = calloc(2 * (size_t)E, 1);
+	e->uniq = calloc(3 * (size_t)E, sizeof(uint32_t));
+	e->ptrs = calloc(E, sizeof(*e->ptrs));
+	e->waitv = calloc(E, sizeof(*e->waitv));
+	if (!e->slots || !e->inflight || !e->need || !e->uniq || !e->ptrs || !e->waitv)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	e->ready = e->need + E;
+	e->deferred = e->uniq + E;
+	e->pending = e->uniq + 2 * (size_t)E;
+	for (uint32_t i = 0; i < e->nslots; i++) {
+		e->slots[i].e = e;
+		e->slots[i].mem = e->arena + (size_t)i * e->slot_bytes;
+	}
+	return 0;
+}
+
+/* Read the explicitly pinned experts now, as prefetches. */
+static void pins_warm(struct moe_engine *e)
+{
+	uint32_t keys = e->cfg->num_experts * e->store->hdr.num_moe_layers;
+
+	for (uint32_t k = 0; k < keys; k++) {
+		int si;
+
+		if (!moe_cache_pinned(e->host, k) || moe_cache_state(e->host, k) != MOE_CACHE_ABSENT)
+			continue;
+		si = slot_take(e, k);
+		if (si < 0)
+			break;
+		if (slot_read(e, (uint32_t)si, k, true) < 0)
+			moe_cache_remove(e->host, k);
+	}
+}
+
+/* ------------------------------------------------------------------ open and close */
+
+void moe_engine_close(struct moe_engine *e)
+{
+	if (!e)
+		return;
+	/* stop the reads first: they write into the slots */
+	moe_pager_close(e->pager);
+	if (e->trace)
+		moe_trace_close_write(e->trace, NULL);
+	if (e->layers)
+		for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++)
+			layer_free(&e->layers[i]);
+	free(e->layers);
+	if (e->arena)
+		munmap(e->arena, e->arena_len);
+	moe_cache_free(e->host);
+	free(e->slots);
+	free(e->inflight);
+	free(e->need);
+	free(e->uniq);
+	free(e->ptrs);
+	free(e->waitv);
+	free(e->pred_ids);
+	free(e->pred_w);
+	free(e->staging);
+	free(e->ids);
+	free(e->w);
+	moe_backend_close(e->backend);
+	moe_store_close(e->store);
+	free(e);
+}
+
+int moe_engine_open(const char *store_path, const struct moe_engine_options *opt,
+		    struct moe_engine **ret, struct moe_err *err)
+{
+	struct moe_backend_options bo = { .threads = opt ? opt->threads : 0 };
+	struct moe_pager_options po = opt ? opt->pager : (struct moe_pager_options){ 0 };
+	struct moe_engine *e;
+	int r;
+
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	if (opt) {
+		e->log = opt->log;
+		e->log_ctx = opt->log_ctx;
+		e->prefetch = opt->prefetch;
+		e->pin_hot = opt->pin_hot;
+	}
+	e->policy = MOE_CACHE_FREQ;
+	if (opt && opt->policy && moe_cache_policy_parse(opt->policy, &e->policy) < 0) {
+		free(e);
+		return moe_err_set(err, -EINVAL, "unknown cache policy \"%s\" (auto, lru, freq)", opt->policy);
+	}
+	r = moe_store_open(store_path, &e->store, err);
+	if (r < 0)
+		goto fail;
+	e->cfg = &e->store->cfg;
+	e->layers = calloc(e->store->hdr.num_moe_layers, sizeof(*e->layers));
+	if (!e->layers) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++) {
+		e->layers[i].load = calloc(e->cfg->num_experts, sizeof(uint64_t));
+		e->layers[i].predicted = calloc(e->cfg->num_experts, 1);
+		if (!e->layers[i].load || !e->layers[i].predicted) {
+			r = moe_err_set(err, -ENOMEM, "out of memory");
+			goto fail;
+		}
+	}
+	r = moe_backend_open(opt && opt->backend ? opt->backend : "auto", &bo, &e->backend, err);
+	if (r < 0)
+		goto fail;
+	r = host_setup(e, opt, err);
+	if (r < 0)
+		goto fail;
+	if (!po.log) {
+		po.log = e->log;
+		po.log_ctx = e->log_ctx;
+	}
+	r = moe_pager_open(e->store, &po, &e->pager, err);
+	if (r < 0)
+		goto fail;
+	for (const char *const *p = opt ? opt->pin : NULL; p && *p; p++) {
+		r = pin_parse(e, *p, err);
+		if (r < 0)
+			goto fail;
+	}
+	pins_warm(e);
+	*ret = e;
+	return 0;
+fail:
+	moe_engine_close(e);
+	return r;
+}
+
+const struct moe_model_config *moe_engine_config(const struct moe_engine *e)
+{
+	return e->cfg;
+}
+
+const struct moe_store *moe_engine_store(const struct moe_engine *e)
+{
+	return e->store;
+}
+
+const struct moe_backend *moe_engine_backend(const struct moe_engine *e)
+{
+	return e->backend;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+static int route_grow(struct moe_engine *e, size_t need, size_t n, struct moe_err *err)
+{
+	if (need <= e->route_cap)
+		return 0;
+	int32_t *ni = realloc(e->ids, need * sizeof(*ni));
+	if (ni)
+		e->ids = ni;
+	float *nw = ni ? realloc(e->w, need * sizeof(*nw)) : NULL;
+	if (!ni || !nw)
+		return moe_err_set(err, -ENOMEM, "out of memory for %zu tokens", n);
+	e->w = nw;
+	e->route_cap = need;
+	return 0;
+}
+
+/*
+ * Predict the experts of the MoE layer after @li from this batch's input
+ * and prefetch those not resident, into free or evictable slots.
+ */
+static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size_t n)
+{
+	const struct moe_model_config *c = e->cfg;
+	uint32_t nl = li + 1, E = c->num_experts, k = c->top_k, budget;
+	struct engine_layer *l;
+	struct moe_layer_weights lw;
+
+	if (nl >= e->store->hdr.num_moe_layers || layer_load(e, nl, NULL) < 0)
+		return;
+	if (n * k > e->pred_cap) {
+		int32_t *pi = realloc(e->pred_ids, n * k * sizeof(*pi));
+		if (pi)
+			e->pred_ids = pi;
+		float *pw = pi ? realloc(e->pred_w, n * k * sizeof(*pw)) : NULL;
+		if (!pi || !pw)
+			return;
+		e->pred_w = pw;
+		e->pred_cap = n * k;
+	}
+	l = &e->layers[nl];
+	lw = (struct moe_layer_weights){ .cfg = c, .layer = e->store->layers[nl].layer,
+					 .router = l->router, .bias = l->bias };
+	if (e->backend->ops->route(e->backend, &lw, x, n, e->pred_ids, e->pred_w) < 0)
+		return;
+	memset(l->predicted, 0, E);
+	for (size_t i = 0; i < n * k; i++)
+		l->predicted[e->pred_ids[i]] = 1;
+	for (uint32_t x2 = 0; x2 < E; x2++)
+		l->st.predicted += l->predicted[x2];
+	l->have_prediction = true;
+	/* prefetches may take at most half the slots, so that they never crowd
+	 * out what the current batches need */
+	budget = e->nslots / 2;
+	for (uint32_t x2 = 0; x2 < E && budget; x2++) {
+		uint32_t key = key_of(e, nl, x2);
+		int si;
+
+		if (!l->predicted[x2])
+			continue;
+		if (moe_cache_state(e->host, key) != MOE_CACHE_ABSENT)
+			continue;
+		si = slot_take(e, key);
+		if (si < 0)
+			break;
+		if (slot_read(e, (uint32_t)si, key, true) < 0) {
+			moe_cache_remove(e->host, key);
+			break;
+		}
+		budget--;
+	}
 }
 
 int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
 		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err)
 {
 	const struct moe_model_config *c = e->cfg;
+	const struct moe_backend_ops *ops = e->backend->ops;
 	struct moe_layer_weights lw;
 	struct engine_layer *l;
-	uint32_t k = c->top_k, kk = k;
-	size_t need;
-	int li, r;
+	uint32_t k = c->top_k, kk = k, E = c->num_experts;
+	uint32_t nu = 0, nd = 0, np = 0;
+	uint64_t t0 = now_ns(), stall = 0;
+	bool shared_done = false, begun = false;
+	int li, r, fail = 0;
 
 	li = find_layer(e, layer, err);
 	if (li < 0)
@@ -298,24 +694,15 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 		return r;
 	l = &e->layers[li];
 	if (flags & MOE_FWD_ALL_EXPERTS)
-		kk = c->num_experts;
-	need = n * (kk > k ? kk : k);
-	if (need > e->route_cap) {
-		int32_t *ni = realloc(e->ids, need * sizeof(*ni));
-		if (ni)
-			e->ids = ni;
-		float *nw = ni ? realloc(e->w, need * sizeof(*nw)) : NULL;
-		if (!ni || !nw)
-			return moe_err_set(err, -ENOMEM, "out of memory for %zu tokens", n);
-		e->w = nw;
-		e->route_cap = need;
-	}
+		kk = E;
+	r = route_grow(e, n * (kk > k ? kk : k), n, err);
+	if (r < 0)
+		return r;
 	lw = (struct moe_layer_weights){
 		.cfg = c, .layer = layer, .router = l->router, .bias = l->bias,
-		.shared_gate = l->shared_gate, .shared = l->shared,
-		.experts = (const void *const *)l->experts,
+		.shared_gate = l->shared_gate, .shared = l->shared, .experts = e->ptrs,
 	};
-	r = e->backend->ops->route(e->backend, &lw, x, n, e->ids, e->w);
+	r = ops->route(e->backend, &lw, x, n, e->ids, e->w);
 	if (r < 0)
 		return moe_err_set(err, r, "layer %u: routing failed: %s", layer, strerror(-r));
 	for (size_t i = 0; i < n * k; i++)
@@ -332,12 +719,235 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 				e->w[t * kk + s] = 1.0f / (float)kk;
 			}
 	}
-	r = experts_load(e, (uint32_t)li, e->ids, n * kk, err);
-	if (r < 0)
-		return r;
-	r = e->backend->ops->experts(e->backend, &lw, x, n, kk, e->ids, e->w, out);
+
+	/* the experts this batch needs, ascending */
+	memset(e->need, 0, 2 * (size_t)E);   /* need and ready */
+	for (size_t i = 0; i < n * kk; i++)
+		e->need[e->ids[i]] = 1;
+	for (uint32_t x2 = 0; x2 < E; x2++)
+		if (e->need[x2])
+			e->uniq[nu++] = x2;
+	l->st.forwards++;
+	l->st.tokens += n;
+	if (e->trace) {
+		r = moe_trace_write(e->trace, (uint32_t)li, e->uniq, nu, err);
+		if (r < 0) {
+			moe_trace_close_write(e->trace, NULL);
+			e->trace = NULL;
+			return r;
+		}
+	}
+	if (l->have_prediction) {
+		for (uint32_t i = 0; i < nu; i++)
+			l->st.predicted_hit += l->predicted[e->uniq[i]];
+		l->st.needed += nu;
+		l->have_prediction = false;
+	}
+	if (e->pin_hot && ++e->forwards % PIN_HOT_EVERY == 1)
+		moe_cache_pin_hottest(e->host, e->pin_hot);
+
+	/* what is resident computes now; the rest is read, or waits for a slot */
+	reap(e);
+	for (uint32_t i = 0; i < nu; i++) {
+		uint32_t x2 = e->uniq[i], key = key_of(e, (uint32_t)li, x2);
+		enum moe_cache_state st = moe_cache_access(e->host, key);
+		uint32_t si = moe_cache_slot(e->host, key);
+
+		if (st == MOE_CACHE_RESIDENT) {
+			l->st.host_hits++;
+			moe_cache_ref(e->host, key);
+			e->ready[x2] = 1;
+			e->ptrs[x2] = e->slots[si].mem;
+		} else {
+			l->st.host_misses++;
+			if (st == MOE_CACHE_LOADING) {
+				moe_cache_ref(e->host, key);
+				moe_pager_promote(e->pager, &e->slots[si].ld);
+				e->slots[si].waited = true;
+				e->pending[np++] = x2;
+			} else {
+				e->deferred[nd++] = x2;
+			}
+		}
+		if (si != MOE_CACHE_NONE && e->slots[si].prefetched) {
+			e->slots[si].prefetched = false;
+			l->st.prefetch_used++;
+		}
+	}
+
+	r = ops->experts_begin(e->backend, &lw, x, n, kk, e->ids, e->w, out);
 	if (r < 0)
 		return moe_err_set(err, r, "layer %u: expert computation failed: %s", layer, strerror(-r));
+	begun = true;
+	for (bool predicted = false;;) {
+		/* start reads for the deferred experts while slots can be had */
+		while (nd && !fail) {
+			uint32_t x2 = e->deferred[nd - 1], key = key_of(e, (uint32_t)li, x2);
+			int si = slot_take(e, key);
+
+			if (si < 0)
+				break;
+			r = slot_read(e, (uint32_t)si, key, false);
+			if (r < 0) {
+				moe_cache_remove(e->host, key);
+				fail = moe_err_set(err, r, "layer %u expert %u: %s", layer, x2, e->slots[si].ld.msg);
+				break;
+			}
+			moe_cache_ref(e->host, key);
+			e->slots[si].waited = true;
+			e->pending[np++] = x2;
+			nd--;
+		}
+		if (e->prefetch && !predicted && !nd) {
+			predict_next(e, (uint32_t)li, x, n);
+			predicted = true;
+		}
+		/* compute what is ready */
+		bool any = false;
+		for (uint32_t i = 0; i < nu; i++)
+			any |= e->ready[e->uniq[i]] == 1;
+		bool progressed = any;
+		if (!fail && (any || !shared_done)) {
+			r = ops->experts_run(e->backend, &lw, e->ready, !shared_done);
+			if (r < 0) {
+				fail = moe_err_set(err, r, "layer %u: expert computation failed: %s", layer,
+						   strerror(-r));
+			}
+			shared_done = true;
+		}
+		for (uint32_t i = 0; i < nu; i++) {
+			uint32_t x2 = e->uniq[i];
+
+			if (e->ready[x2] == 1 && !fail) {
+				e->ready[x2] = 0;     /* computed */
+				moe_cache_unref(e->host, key_of(e, (uint32_t)li, x2));
+			}
+		}
+		if (fail || (!np && !nd))
+			break;
+		/* computing freed slots: give them to the deferred experts first */
+		if (progressed && nd && !np)
+			continue;
+		/* wait for a read: one of ours, or with every slot busy, any */
+		uint64_t w0 = now_ns();
+		if (np) {
+			for (uint32_t i = 0; i < np; i++)
+				e->waitv[i] = &e->slots[moe_cache_slot(e->host, key_of(e, (uint32_t)li,
+											e->pending[i]))].ld;
+			moe_pager_wait_any(e->pager, e->waitv, np);
+		} else if (e->ninflight) {
+			for (uint32_t i = 0; i < e->ninflight; i++)
+				e->waitv[i] = &e->slots[e->inflight[i]].ld;
+			moe_pager_wait_any(e->pager, e->waitv, e->ninflight);
+		} else {
+			fail = moe_err_set(err, -ENOSPC,
+					   "layer %u: no host-cache slot can be freed for expert %u (%u slots, all pinned?)",
+					   layer, e->deferred[nd - 1], e->nslots);
+			break;
+		}
+		stall += now_ns() - w0;
+		/* settle what arrived */
+		for (uint32_t i = 0; i < np;) {
+			uint32_t x2 = e->pending[i], key = key_of(e, (uint32_t)li, x2);
+			uint32_t si = moe_cache_slot(e->host, key);
+			struct slot *s = &e->slots[si];
+
+			if (__atomic_load_n(&s->ld.status, __ATOMIC_ACQUIRE) == MOE_PAGER_PENDING) {
+				i++;
+				continue;
+			}
+			e->pending[i] = e->pending[--np];
+			s->waited = false;
+			moe_cache_unref(e->host, key);
+			if (s->ld.status == 0) {
+				slot_reaped(e, si);
+				moe_cache_ref(e->host, key);
+				e->ready[x2] = 1;
+				e->ptrs[x2] = s->mem;
+			} else {
+				if (!fail)
+					fail = moe_err_set(err, s->ld.status, "%s", s->ld.msg);
+				slot_reaped(e, si);
+			}
+		}
+		reap(e);
+	}
+	/* on failure: what is still loading stays as a prefetch would; what
+	 * was waiting for a slot is simply not read */
+	for (uint32_t i = 0; i < np; i++) {
+		uint32_t key = key_of(e, (uint32_t)li, e->pending[i]);
+
+		e->slots[moe_cache_slot(e->host, key)].waited = false;
+		moe_cache_unref(e->host, key);
+	}
+	for (uint32_t i = 0; i < nu; i++)
+		if (e->ready[e->uniq[i]] == 1)
+			moe_cache_unref(e->host, key_of(e, (uint32_t)li, e->uniq[i]));
+	if (begun)
+		ops->experts_end(e->backend, fail != 0);
+	l->st.stall_ns += stall;
+	l->st.busy_ns += now_ns() - t0;
+	return fail;
+}
+
+/* ------------------------------------------------------------------ figures */
+
+static void stats_add(struct moe_engine_layer_stats *a, const struct moe_engine_layer_stats *b)
+{
+	const uint64_t *s = (const uint64_t *)b;
+	uint64_t *d = (uint64_t *)a;
+
+	for (size_t i = 0; i < sizeof(*a) / sizeof(uint64_t); i++)
+		d[i] += s[i];
+}
+
+void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
+			  struct moe_engine_layer_stats *layers)
+{
+	memset(st, 0, sizeof(*st));
+	reap(e);
+	for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++) {
+		stats_add(&st->total, &e->layers[i].st);
+		if (layers)
+			layers[i] = e->layers[i].st;
+	}
+	st->host_budget = e->budget;
+	st->host_fixed = e->fixed;
+	st->slot_bytes = e->slot_bytes;
+	st->slots = e->nslots;
+	st->slots_used = moe_cache_used(e->host);
+	st->policy = moe_cache_policy_name(e->policy);
+	{
+		uint32_t keys = e->cfg->num_experts * e->store->hdr.num_moe_layers;
+
+		for (uint32_t k = 0; k < keys; k++)
+			st->pinned += moe_cache_pinned(e->host, k);
+	}
+	moe_pager_get_stats(e->pager, &st->pager);
+}
+
+int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err)
+{
+	int r = 0;
+
+	if (e->trace) {
+		r = moe_trace_close_write(e->trace, err);
+		e->trace = NULL;
+	}
+	if (path && r == 0)
+		r = moe_trace_open_write(path, e->store->hdr.num_moe_layers, e->cfg->num_experts,
+					 &e->trace, err);
+	return r;
+}
+
+int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32_t layer,
+			    uint32_t expert, uint32_t count)
+{
+	int li = moe_store_layer_index(e->store, layer);
+
+	if (li < 0 || expert >= e->cfg->num_experts)
+		return -EINVAL;
+	moe_pager_inject(e->pager, f, (uint32_t)li, expert, count);
 	return 0;
 }
 
@@ -347,9 +957,6 @@ int moe_engine_expert_load(const struct moe_engine *e, uint32_t layer, uint64_t 
 
 	if (li < 0)
 		return -ENOENT;
-	if (e->layers[li].load)
-		memcpy(counts, e->layers[li].load, e->cfg->num_experts * sizeof(uint64_t));
-	else
-		memset(counts, 0, e->cfg->num_experts * sizeof(uint64_t));
+	memcpy(counts, e->layers[li].load, e->cfg->num_experts * sizeof(uint64_t));
 	return 0;
 }

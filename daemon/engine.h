@@ -1,10 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The engine: a store, a backend, and the layers' weights it has loaded.
- * moed, `moectl forward --model` and the tests all run MoE layers through
- * it.  Experts are read from the store when a batch first needs them (each
- * blob's checksum verified) and stay resident; the expert cache and paging
- * replace that in the cache issue.
+ * The engine: a store, a backend, an expert cache and a pager.  moed,
+ * `moectl forward --model` and the tests all run MoE layers through it.
+ *
+ * Memory: every MoE layer's router (and correction bias, shared-expert
+ * gate) and shared experts are always resident once the layer is first
+ * used; routed experts live in the host tier, a fixed array of equal slots
+ * (the host budget minus the always-resident part, divided by one expert's
+ * size), and come in from the store through the io_uring pager when a
+ * batch needs them, while the experts already resident compute.  When a
+ * batch needs more experts than there are slots it runs in waves.  The
+ * eviction policy (cache.h) picks which resident expert makes room.
+ * Optionally, after routing layer L the engine routes the same input with
+ * layer L+1's router and prefetches the experts that predicts.
  *
  * Not thread-safe: one caller at a time per engine.
  */
@@ -17,11 +25,56 @@
 #include "backend.h"
 #include "err.h"
 #include "model.h"
+#include "pager.h"
 #include "store.h"
 
 struct moe_engine_options {
 	const char *backend;   /* "auto", "cpu", "cuda"; NULL: "auto" */
 	uint32_t threads;      /* CPU threads; 0: one per online CPU */
+	uint64_t host_bytes;   /* host budget for weights: routers, shared experts
+				* and the routed-expert slots; 0: no limit */
+	const char *policy;    /* eviction: "auto" (= "freq"), "lru", "freq"; NULL: auto */
+	const char *const *pin;  /* NULL-terminated "L:E" / "L:*" (checkpoint layer L)
+				  * experts never evicted, loaded at open; may be NULL */
+	uint32_t pin_hot;      /* also keep the N experts with the most observed load
+				* pinned (re-chosen every 64 forwards) */
+	bool prefetch;         /* predict layer L+1's experts after routing L */
+	struct moe_pager_options pager;
+	moe_log_fn log;        /* log lines (pager warnings, failed reads); may be NULL */
+	void *log_ctx;
+};
+
+/* Figures of one MoE layer, or of all (moe_engine_stats.total). */
+struct moe_engine_layer_stats {
+	uint64_t forwards;       /* moe_engine_forward calls */
+	uint64_t tokens;
+	uint64_t host_hits;      /* expert uses (one per expert per batch) found resident */
+	uint64_t host_misses;    /* expert uses that had to wait for the store */
+	uint64_t device_hits;    /* the device tier (the CUDA backend fills it; 0 here) */
+	uint64_t device_misses;
+	uint64_t loads;          /* blobs read by the pager for this layer */
+	uint64_t load_bytes;
+	uint64_t load_failures;  /* I/O errors and checksum mismatches */
+	uint64_t evictions;      /* experts of this layer evicted */
+	uint64_t stall_ns;       /* time a forward waited for reads */
+	uint64_t busy_ns;        /* time in moe_engine_forward */
+	uint64_t prefetches;     /* experts prefetched into this layer */
+	uint64_t prefetch_used;  /* of which used by a batch before eviction */
+	uint64_t predicted;      /* experts predicted for this layer */
+	uint64_t predicted_hit;  /* of which the batch then used */
+	uint64_t needed;         /* experts used by batches that had a prediction */
+};
+
+struct moe_engine_stats {
+	struct moe_engine_layer_stats total;
+	uint64_t host_budget;    /* bytes; 0: no limit */
+	uint64_t host_fixed;     /* routers and shared experts of every MoE layer */
+	uint64_t slot_bytes;     /* one routed expert in the host tier */
+	uint32_t slots;          /* routed-expert slots in the host tier */
+	uint32_t slots_used;
+	uint32_t pinned;
+	const char *policy;
+	struct moe_pager_stats pager;
 };
 
 /* Forward flags. */
@@ -42,11 +95,28 @@ const struct moe_backend *moe_engine_backend(const struct moe_engine *e);
  * Run MoE layer @layer (the checkpoint's number) on @n tokens x[n][H]
  * float32, writing out[n][H].  @ids and @w (n*k each, may be NULL) receive
  * the routing.  Errors: -ENOENT for a layer that is not an MoE layer of the
- * model (message says which are), -EIO for an expert that fails its
- * checksum (message names layer and expert), -ENOMEM.
+ * model (message says which are), -EIO for an expert that cannot be read
+ * or fails its checksum (message names layer and expert; the next forward
+ * that needs it reads it again), -ENOMEM.
  */
 int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
 		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err);
+
+/*
+ * The cache and pager figures: totals in *st, and per MoE layer (store
+ * order, hdr.num_moe_layers entries) in @layers if not NULL.
+ */
+void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
+			  struct moe_engine_layer_stats *layers);
+
+/* Write a routing trace (moe-trace(5)) of every forward from now on to
+ * @path; NULL stops and closes it.  Errors name the file. */
+int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err);
+
+/* Fault injection for tests: the next @count reads of expert @expert of
+ * checkpoint layer @layer fail (I/O error or checksum mismatch). */
+int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32_t layer,
+			    uint32_t expert, uint32_t count);
 
 /*
  * Tokens routed to each expert of @layer since open, into counts[E].

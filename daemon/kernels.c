@@ -495,3 +495,46 @@ void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void 
 		}
 	}
 }
+
+void moe_kern_pack_range(enum moe_dtype dt, const void *src, size_t N, size_t K, size_t e0,
+			 size_t ne, void *dst)
+{
+	size_t es = moe_dtype_size(dt), ld = moe_kern_packed_ld(K);
+	size_t full = N / MOE_KERN_GROUP * MOE_KERN_GROUP, e1 = e0 + ne;
+	const char *s = src;
+	char *d = dst;
+
+	for (size_t e = e0; e < e1;) {
+		size_t r = e / K, k = e % K, kb = K - k < e1 - e ? K : k + (e1 - e);
+
+		if (r >= full) {
+			memcpy(d + (r * ld + k) * es, s + (e - e0) * es, (kb - k) * es);
+			if (kb == K)
+				memset(d + (r * ld + K) * es, 0, (ld - K) * es);
+		} else {
+			char *g = d + ((r / MOE_KERN_GROUP) * MOE_KERN_GROUP * ld +
+				       (r % MOE_KERN_GROUP) * MOE_KERN_CHUNK) * es;
+			const char *sr = s + (e - e0 - k) * es;   /* element q of the row is sr[q * es] */
+			size_t q = k;
+
+			/* whole chunks with constant-size copies (inlined moves), ends apart */
+			if (q % MOE_KERN_CHUNK == 0 && es == 2)
+				for (; q + MOE_KERN_CHUNK <= kb; q += MOE_KERN_CHUNK)
+					memcpy(g + PACKED_OFF(q) * 2, sr + q * 2, MOE_KERN_CHUNK * 2);
+			else if (q % MOE_KERN_CHUNK == 0 && es == 4)
+				for (; q + MOE_KERN_CHUNK <= kb; q += MOE_KERN_CHUNK)
+					memcpy(g + PACKED_OFF(q) * 4, sr + q * 4, MOE_KERN_CHUNK * 4);
+			while (q < kb) {
+				size_t qe = (q / MOE_KERN_CHUNK + 1) * MOE_KERN_CHUNK;
+
+				if (qe > kb)
+					qe = kb;
+				memcpy(g + PACKED_OFF(q) * es, sr + q * es, (qe - q) * es);
+				q = qe;
+			}
+			if (kb == K && ld > K)
+				memset(g + PACKED_OFF(K) * es, 0, (ld - K) * es);
+		}
+		e += kb - k;
+	}
+}

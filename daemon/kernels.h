@@ -69,6 +69,12 @@ size_t moe_kern_packed_ld(size_t K);
  * N * moe_kern_packed_ld(K) elements. */
 void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void *dst);
 
+/* The same for the elements [e0, e0 + ne) (row-major order) of the matrix
+ * only, @src pointing at element e0: a matrix that arrives in pieces is
+ * packed piece by piece, in any order, to the same bytes. */
+void moe_kern_pack_range(enum moe_dtype dt, const void *src, size_t N, size_t K, size_t e0,
+			 size_t ne, void *dst);
+
 /*
  * dot_rows on rows [0, nr) of a packed matrix starting at @Wp, which must
  * be the start of a group (row index a multiple of MOE_KERN_GROUP); @nr

@@ -23,7 +23,7 @@
 /* Spins before a worker sleeps: ~50-100 us on current cores, longer than the
  * gap between two loops of one forward, far shorter than a client's think
  * time. */
-#define POOL_SPIN 20000
+#define POOL_SPIN 4000
 
 struct moe_threadpool {
 	uint32_t n;                   /* workers including the caller */

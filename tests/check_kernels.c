@@ -186,6 +186,54 @@ START_TEST(packed_layout_gives_the_same_bits_as_row_major)
 }
 END_TEST
 
+
+/* Packing a matrix piece by piece, in pieces cut anywhere between elements
+ * and handed over in any order, gives the bytes of packing it whole (the
+ * pager converts experts chunk by chunk as they arrive). */
+START_TEST(packing_in_pieces_gives_the_same_bytes)
+{
+	static const size_t Ks[] = { 16, 72, 200, 513 }, Ns[] = { 1, 4, 7, 33 };
+	static const enum moe_dtype dts[] = { MOE_DTYPE_BF16, MOE_DTYPE_F16, MOE_DTYPE_F32 };
+	uint64_t seed = 31;
+
+	for (size_t di = 0; di < 3; di++)
+		for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++)
+			for (size_t ni = 0; ni < sizeof(Ns) / sizeof(Ns[0]); ni++) {
+				size_t K = Ks[ki], N = Ns[ni], es = moe_dtype_size(dts[di]);
+				size_t total = N * K, bytes = N * moe_kern_packed_ld(K) * es;
+				unsigned char *W = malloc(total * es), *whole = malloc(bytes),
+					      *pieces = malloc(bytes);
+				size_t cuts[12], nc = 0;
+
+				ck_assert(W && whole && pieces);
+				for (size_t i = 0; i < total * es; i++)
+					W[i] = (unsigned char)moe_test_rand(&seed);
+				moe_kern_pack(dts[di], W, N, K, whole);
+				memset(pieces, 0xee, bytes);   /* padding must be written, not assumed */
+				cuts[nc++] = 0;
+				for (int c = 0; c < 9; c++)
+					cuts[nc++] = moe_test_rand(&seed) % (total + 1);
+				cuts[nc++] = total;
+				for (size_t a = 0; a < nc; a++)       /* sort */
+					for (size_t b = a + 1; b < nc; b++)
+						if (cuts[b] < cuts[a]) {
+							size_t t = cuts[a];
+							cuts[a] = cuts[b];
+							cuts[b] = t;
+						}
+				for (size_t p = nc - 1; p-- > 0;)     /* last piece first */
+					if (cuts[p + 1] > cuts[p])
+						moe_kern_pack_range(dts[di], W + cuts[p] * es, N, K, cuts[p],
+								    cuts[p + 1] - cuts[p], pieces);
+				ck_assert_msg(memcmp(whole, pieces, bytes) == 0,
+					      "dtype %d, %zu x %zu: pieces differ from the whole", (int)dts[di], N, K);
+				free(W);
+				free(whole);
+				free(pieces);
+			}
+}
+END_TEST
+
 static Suite *kernels_suite(void)
 {
 	Suite *s = suite_create("kernels");
@@ -196,6 +244,7 @@ static Suite *kernels_suite(void)
 	tcase_add_test(tc, every_isa_matches_float64_and_is_tile_invariant);
 	tcase_add_test(tc, token_order_in_batch_does_not_change_bits);
 	tcase_add_test(tc, packed_layout_gives_the_same_bits_as_row_major);
+	tcase_add_test(tc, packing_in_pieces_gives_the_same_bytes);
 	suite_add_tcase(s, tc);
 	return s;
 }

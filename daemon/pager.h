@@ -1,0 +1,130 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The pager: reads expert blobs from the store with io_uring and O_DIRECT
+ * into staging buffers registered with the ring, verifies each blob's
+ * checksum as its chunks arrive, and hands the chunks to a sink that puts
+ * them where the expert will live (a host-cache slot, in the backend's
+ * layout; later a device copy).
+ *
+ * One I/O thread owns one ring (IORING_SETUP_SINGLE_ISSUER and
+ * DEFER_TASKRUN when the kernel has them; never SQPOLL).  Blobs are read
+ * in chunks of chunk_kb with at most queue_depth chunks in flight (into
+ * twice as many staging slots, so that chunks waiting to be verified do
+ * not hold reads back); demand
+ * loads go before prefetches, and prefetches never hold more than
+ * prefetch_max_kb in flight.  Chunks of one blob are checked and handed to
+ * the sink in order, on a second thread (the verify thread), so the I/O
+ * thread only drives the ring.
+ *
+ * The store is opened a second time with O_DIRECT (alignment from
+ * statx(STATX_DIOALIGN) where the kernel reports it); when the filesystem
+ * refuses O_DIRECT the pager reads through the page cache instead and says
+ * so once through the log callback.
+ *
+ * Thread-safety: every function but open and close may be called from
+ * any thread; a load's sink runs on the verify thread.
+ */
+#ifndef MOE_PAGER_H
+#define MOE_PAGER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "store.h"
+
+/* Where the chunks of a blob go: @len bytes of the blob at offset @off
+ * (chunks arrive in order; @len stops at the blob's unpadded size). */
+typedef void (*moe_pager_sink_fn)(void *ctx, const void *chunk, uint64_t off, uint64_t len);
+
+/* Log lines (one line, no newline): level 3 error, 4 warning, 6 info. */
+typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
+
+/* Fault injection (tests): fail the next @count reads of blob (@li,
+ * @expert) with an I/O error or a checksum mismatch. */
+enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM };
+
+struct moe_pager_options {
+	uint32_t queue_depth;       /* chunks in flight (1..256; 0: 32) */
+	uint32_t chunk_kb;          /* chunk size in KiB (64..4096, 4 KiB multiple; 0: 1024) */
+	uint32_t prefetch_max_kb;   /* prefetch bytes in flight (0: half the in-flight bytes) */
+	bool buffered;              /* never try O_DIRECT (tests, tmpfs) */
+	moe_log_fn log;             /* may be NULL */
+	void *log_ctx;
+};
+
+/* Load states, in struct moe_pager_load.status. */
+#define MOE_PAGER_PENDING 1
+
+struct moe_pager_load {
+	/* set by the caller */
+	uint32_t li;                /* store layer index */
+	uint32_t expert;            /* expert index; UINT32_MAX: the layer's shared expert */
+	bool prefetch;              /* lower priority, capped in flight */
+	moe_pager_sink_fn sink;
+	void *sink_ctx;
+	/* set by the pager */
+	int status;                 /* MOE_PAGER_PENDING, 0, or -EIO/-ENOMEM */
+	uint64_t submit_ns, done_ns;  /* CLOCK_MONOTONIC */
+	char msg[256];              /* why it failed (names layer and expert) */
+	void *priv;                 /* pager-internal */
+};
+
+struct moe_pager_stats {
+	uint64_t loads;             /* blobs completed (good or bad) */
+	uint64_t prefetch_loads;    /* of which prefetches */
+	uint64_t failed;            /* blobs failed (I/O error or checksum) */
+	uint64_t bytes;             /* bytes read from the store */
+	uint64_t busy_ns;           /* time with at least one read in flight */
+	uint64_t io_cpu_ns;         /* the I/O thread's CPU time (ring work only) */
+	uint64_t verify_cpu_ns;     /* the verify thread's: checksums and the sinks */
+	uint64_t max_inflight;      /* most bytes ever in flight */
+	uint64_t staging_bytes;     /* staging buffers (2 x queue_depth x chunk) */
+	bool direct;                /* O_DIRECT in use */
+	bool hugepages;             /* staging in huge pages (hugetlb or THP) */
+	uint32_t ring_flags;        /* IORING_SETUP_* the ring got */
+	uint32_t dio_mem_align, dio_offset_align;  /* from statx, 0 if unknown */
+};
+
+struct moe_pager;
+
+/*
+ * Start a pager for the open store @s (its path is opened again, with
+ * O_DIRECT).  Errors name the file and what failed (io_uring setup, buffer
+ * registration, memory lock limits).
+ */
+int moe_pager_open(const struct moe_store *s, const struct moe_pager_options *opt,
+		   struct moe_pager **ret, struct moe_err *err);
+
+/* Stop the I/O thread after the reads in flight, fail queued loads with
+ * -ECANCELED, free everything.  NULL is fine. */
+void moe_pager_close(struct moe_pager *p);
+
+/*
+ * Queue @ld (which must stay valid until its status is no longer
+ * MOE_PAGER_PENDING).  A demand load queued while prefetches wait goes
+ * first.  Returns 0.
+ */
+int moe_pager_submit(struct moe_pager *p, struct moe_pager_load *ld);
+
+/* Make a queued prefetch a demand load (it was needed after all). */
+void moe_pager_promote(struct moe_pager *p, struct moe_pager_load *ld);
+
+/* Wait until @ld is done; returns its status.  A failed load's message
+ * (layer, expert, reason) is in @err. */
+int moe_pager_wait(struct moe_pager *p, struct moe_pager_load *ld, struct moe_err *err);
+
+/*
+ * Wait until any of @lds[0..n) that is still pending completes (or return
+ * at once if one already has); returns the index of a completed one or
+ * -EINVAL if none is pending.
+ */
+int moe_pager_wait_any(struct moe_pager *p, struct moe_pager_load *const *lds, uint32_t n);
+
+/* Fault injection for tests. */
+void moe_pager_inject(struct moe_pager *p, enum moe_pager_fault f, uint32_t li, uint32_t expert,
+		      uint32_t count);
+
+void moe_pager_get_stats(struct moe_pager *p, struct moe_pager_stats *st);
+
+#endif
