@@ -53,6 +53,8 @@ static void usage(FILE *f)
 	      "  --threads N          CPU threads (default: one per online CPU)\n"
 	      "  --backend B          auto, cpu or cuda (default auto)\n"
 	      "  --repeat N           run the layer N times (timing; the output is the last run's)\n"
+	      "  --fresh-input        with --random-input and --repeat, a new batch every run\n"
+	      "                       (seeds N, N+1, ...), as a cache sees in service\n"
 	      "  --stats              print throughput and the per-expert load on stdout\n"
 	      "  --top N              with --stats, show only the N busiest experts\n"
 	      "  --all-experts        every expert for every token with weight 1/E: the dense\n"
@@ -101,6 +103,7 @@ struct fwd_args {
 	bool all_experts;
 	bool all_layers;
 	bool prefetch;
+	bool fresh;
 	uint64_t host_mb;
 	uint64_t pin_hot;
 	uint64_t queue_depth;
@@ -117,7 +120,7 @@ enum {
 	OPT_MODEL = 256, OPT_LAYER, OPT_INPUT, OPT_RANDOM, OPT_SEED, OPT_SAVE_INPUT, OPT_OUTPUT, OPT_DTYPE,
 	OPT_ROUTING, OPT_THREADS, OPT_BACKEND, OPT_REPEAT, OPT_STATS, OPT_TOP, OPT_ALL,
 	OPT_HOST_MB, OPT_POLICY, OPT_PIN, OPT_PIN_HOT, OPT_PREFETCH, OPT_QD, OPT_CHUNK, OPT_TRACE,
-	OPT_FAULT,
+	OPT_FAULT, OPT_FRESH,
 };
 
 static const struct option long_opts[] = {
@@ -145,6 +148,7 @@ static const struct option long_opts[] = {
 	{ "chunk-kb", required_argument, NULL, OPT_CHUNK },
 	{ "trace-out", required_argument, NULL, OPT_TRACE },
 	{ "inject-fault", required_argument, NULL, OPT_FAULT },
+	{ "fresh-input", no_argument, NULL, OPT_FRESH },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -191,6 +195,9 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			break;
 		case OPT_PREFETCH:
 			a->prefetch = true;
+			break;
+		case OPT_FRESH:
+			a->fresh = true;
 			break;
 		case OPT_QD:
 			if (moectl_parse_u64("--queue-depth", optarg, 1, 256, &a->queue_depth) < 0)
@@ -300,6 +307,8 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 		return moectl_fail("forward: --save-input only goes with --random-input");
 	if (a->routing_out && a->all_experts)
 		return moectl_fail("forward: --routing-out records the model's routing; drop --all-experts");
+	if (a->fresh && !a->have_random)
+		return moectl_fail("forward: --fresh-input only goes with --random-input");
 	if (a->all_layers && a->routing_out)
 		return moectl_fail("forward: --routing-out is for one layer; drop it or give --layer L");
 	return 0;
@@ -313,6 +322,24 @@ struct fwd_input {
 	float *x;
 };
 
+/* @n floats uniform in [-1, 1) from @seed (bf16-representable with @bf16). */
+static void random_fill(float *x, uint64_t n, uint64_t seed, bool bf16)
+{
+	uint64_t s = seed;
+
+	for (uint64_t i = 0; i < n; i++) {
+		/* splitmix64, top 24 bits as a uniform float in [-1, 1) */
+		uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+		z ^= z >> 31;
+		x[i] = (float)((double)(z >> 40) / (double)(1u << 23) - 1.0);
+		if (bf16)
+			x[i] = moe_bf16_to_f32(moe_f32_to_bf16(x[i]));
+	}
+}
+
 static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_input *in)
 {
 	struct moe_err err = { 0 };
@@ -321,8 +348,6 @@ static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_inpu
 	uint64_t n;
 
 	if (a->have_random) {
-		uint64_t s = a->seed;
-
 		in->ndim = 2;
 		in->shape[0] = a->random_tokens;
 		in->shape[1] = hidden;
@@ -331,17 +356,7 @@ static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_inpu
 		in->x = malloc(n * sizeof(float));
 		if (!in->x)
 			return moectl_fail("forward: out of memory for %" PRIu64 " input tokens", in->tokens);
-		for (uint64_t i = 0; i < n; i++) {
-			/* splitmix64, top 24 bits as a uniform float in [-1, 1) */
-			uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-
-			z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-			z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-			z ^= z >> 31;
-			in->x[i] = (float)((double)(z >> 40) / (double)(1u << 23) - 1.0);
-			if (a->bf16)
-				in->x[i] = moe_bf16_to_f32(moe_f32_to_bf16(in->x[i]));
-		}
+		random_fill(in->x, n, a->seed, a->bf16);
 		return 0;
 	}
 
@@ -691,6 +706,8 @@ int cmd_forward(int argc, char **argv)
 		double t0 = moectl_now(), dt;
 
 		moe_err_clear(&err);
+		if (a.fresh && i > 0)
+			random_fill(in.x, n, a.seed + i, a.bf16);
 		if (a.all_layers)
 			r = forward_all(e, &in, out, flags, &err);
 		else

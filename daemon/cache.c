@@ -507,6 +507,28 @@ int moe_cache_insert(struct moe_cache *c, uint32_t key, uint32_t *victim)
 	return (int)slot;
 }
 
+bool moe_cache_admits(const struct moe_cache *c, uint32_t key)
+{
+	const struct entry *v;
+	struct entry k;
+
+	if (key >= c->n_keys || c->e[key].state != MOE_CACHE_ABSENT)
+		return false;
+	if (c->n_free)
+		return true;
+	if (!c->heap_n)
+		return false;
+	v = &c->e[c->heap[0]];
+	k = c->e[key];
+	if (c->policy == MOE_CACHE_FREQ && !c->recency) {
+		uint32_t windows = c->epoch - k.epoch;
+
+		k.freq = windows >= 32 ? 0 : k.freq >> windows;
+		return v->freq < k.freq;
+	}
+	return v->stamp < k.stamp;
+}
+
 void moe_cache_loaded(struct moe_cache *c, uint32_t key)
 {
 	if (key >= c->n_keys || c->e[key].state != MOE_CACHE_LOADING)

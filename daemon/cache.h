@@ -110,6 +110,14 @@ enum moe_cache_state moe_cache_access(struct moe_cache *c, uint32_t key);
  */
 int moe_cache_insert(struct moe_cache *c, uint32_t key, uint32_t *victim);
 
+/*
+ * Would a speculative insert of @key (ABSENT) be worth it: a slot is free,
+ * or the entry the policy would evict is strictly colder than @key (a
+ * lower aged count under FREQ, an older last use under LRU)?  Prefetches
+ * ask first, so that a guess never pushes out an expert that is used more.
+ */
+bool moe_cache_admits(const struct moe_cache *c, uint32_t key);
+
 /* The pager filled @key's slot: LOADING -> RESIDENT. */
 void moe_cache_loaded(struct moe_cache *c, uint32_t key);
 

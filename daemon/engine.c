@@ -658,8 +658,8 @@ static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size
 
 		if (!l->predicted[x2])
 			continue;
-		if (moe_cache_state(e->host, key) != MOE_CACHE_ABSENT)
-			continue;
+		if (!moe_cache_admits(e->host, key))
+			continue;     /* resident, loading, or not worth its victim */
 		si = slot_take(e, key);
 		if (si < 0)
 			break;
