@@ -3,7 +3,9 @@
 #
 # moed quick start: generate a small DeepSeek-V3-shaped checkpoint, pack it
 # into a .moe store, run one of its MoE layers on batches of 1, 16 and 256
-# random tokens, and compare with the same layer computing every expert.
+# random tokens, compare with the same layer computing every expert, and run
+# every MoE layer with only a quarter of the model in memory, the rest paged
+# in from the store, with and without prefetching.
 #
 #   ./demo.sh                  after a build in the source tree
 #   BUILD_DIR=../build ./demo.sh
@@ -64,22 +66,23 @@ H=2048 I=512 E=64 K=8 G=8 KG=4 SHARED=1 LAYERS=3 LAYER=1
 echo "moed demo: one MoE layer of a small DeepSeek-V3-shaped model"
 echo "model: deepseek_v3 layout, hidden $H, $E routed experts (intermediate $I) + $SHARED shared,"
 echo "       top-$K in $KG of $G groups, sigmoid routing with correction bias, bf16 weights,"
-echo "       $LAYERS layers (layer 0 dense); DeepSeek-V3 itself: hidden 7168, 256 experts of 2048"
+echo "       $LAYERS layers (layer 0 dense), skewed routing as trained models have (--router-skew 1);"
+echo "       DeepSeek-V3 itself: hidden 7168, 256 experts of 2048"
 
 t0=$(now)
 run "$work/gen.log" "$MOECTL" gen-model --arch deepseek_v3 --layers $LAYERS --first-dense 1 \
 	--hidden $H --moe-intermediate $I --intermediate $((2 * I)) --experts $E --top-k $K \
 	--groups $G --topk-group $KG --shared-experts $SHARED --vocab 1024 --mtp-layers 0 \
-	--seed 1 -o "$work/hf"
-echo "[1/4] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
+	--router-skew 1 --seed 1 -o "$work/hf"
+echo "[1/5] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
 
 t0=$(now)
 run "$work/pack.log" "$MOECTL" pack "$work/hf" -o "$work/model.moe"
 rm -rf "$work/hf"
 run "$work/verify.log" "$MOECTL" verify "$work/model.moe"
-echo "[2/4] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
+echo "[2/5] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
 
-echo "[3/4] forward, layer $LAYER (first run reads the experts it needs from the store;"
+echo "[3/5] forward, layer $LAYER (first run reads the experts it needs from the store;"
 echo "      then the best of $((REPEAT - 1)) runs):"
 printf '      %6s  %12s  %12s  %10s\n' tokens "first run" "per batch" "tokens/s"
 for T in 1 16 256; do
@@ -101,11 +104,34 @@ run "$work/dense.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER
 dense=$(field "$work/dense.log" "ms mean,")
 [ -n "$dense" ] || die "no timing in the output of forward --all-experts"
 awk -v e=$E -v d="$dense" 'BEGIN {
-	printf "[4/4] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
+	printf "[4/5] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
 }'
 awk -v s="$best" -v d="$dense" -v e=$E -v k=$K -v sh=$SHARED 'BEGIN {
 	printf "      top-%d of %d experts: %.1fx faster than computing every expert\n", k, e, d / s
 	printf "      (ideal %.1fx: %d instead of %d expert FFNs per token, counting the shared one)\n",
 		(e + sh) / (k + sh), k + sh, e + sh
 }'
+# Paging: a third of the routed experts fit in the host cache.
+store_mb=$(( $(wc -c <"$work/model.moe") / 1048576 ))
+budget=$(( store_mb / 3 ))
+echo "[5/5] every MoE layer on 4-token batches (40 different ones, after a first one that"
+echo "      fills the cache) with a host budget of $budget MiB, a third of the $store_mb MiB store:"
+echo "      the rest is read from the store with io_uring while resident experts compute"
+printf '      %-12s %9s %8s %10s %10s %9s %15s\n' prefetch "ms/batch" "hit" "MiB read" "stall ms" "MB/s" "prec/recall"
+for pf in off on; do
+	opt=
+	[ $pf = on ] && opt=--prefetch
+	# shellcheck disable=SC2086
+	run "$work/page$pf.log" "$MOECTL" forward --model "$work/model.moe" --layer all \
+		--random-input 4 --repeat 41 --fresh-input --host-cache-mb $budget $opt --stats
+	ms=$(field "$work/page$pf.log" "later runs:")
+	bw=$(sed -n 's/.* \([0-9][0-9]*\) MB\/s while busy.*/\1/p' "$work/page$pf.log")
+	awk -v pf=$pf -v ms="$ms" -v bw="${bw:-0}" '$1 == "total" {
+		prec = NF >= 10 ? $9 " / " $10 : "-"
+		printf "      %-12s %9.1f %8s %10.0f %10.0f %9d %15s\n", pf, ms, $4, $6, $8, bw, prec
+	}' "$work/page$pf.log"
+done
+sed -n 's/^pager: /      pager: /p; s/^peak resident memory: /      peak resident memory: /p' "$work/pageon.log"
+echo "      (hit: experts a batch found in memory; stall: time waiting for reads, all batches;"
+echo "       precision / recall: how well layer L's input predicts layer L+1's experts)"
 echo "done; removing $work"

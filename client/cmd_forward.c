@@ -75,6 +75,7 @@ static void usage(FILE *f)
 	      "  --queue-depth N      pager reads in flight (default 32)\n"
 	      "  --chunk-kb N         pager read size in KiB (default 1024)\n"
 	      "  --trace-out FILE     record the experts each batch uses (moe-trace(5))\n"
+	      "  --stats-json FILE    write the cache and pager figures as JSON (- for stdout)\n"
 	      "  --inject-fault KIND:L:E[:N]\n"
 	      "                       testing: fail the next N (default 1) reads of expert E\n"
 	      "                       of layer L; KIND io or checksum\n"
@@ -110,6 +111,7 @@ struct fwd_args {
 	uint64_t chunk_kb;
 	const char *policy;
 	const char *trace_out;
+	const char *stats_json;
 	const char *pins[257];
 	uint32_t npins;
 	enum moe_pager_fault fault;
@@ -120,7 +122,7 @@ enum {
 	OPT_MODEL = 256, OPT_LAYER, OPT_INPUT, OPT_RANDOM, OPT_SEED, OPT_SAVE_INPUT, OPT_OUTPUT, OPT_DTYPE,
 	OPT_ROUTING, OPT_THREADS, OPT_BACKEND, OPT_REPEAT, OPT_STATS, OPT_TOP, OPT_ALL,
 	OPT_HOST_MB, OPT_POLICY, OPT_PIN, OPT_PIN_HOT, OPT_PREFETCH, OPT_QD, OPT_CHUNK, OPT_TRACE,
-	OPT_FAULT, OPT_FRESH,
+	OPT_FAULT, OPT_FRESH, OPT_STATS_JSON,
 };
 
 static const struct option long_opts[] = {
@@ -149,6 +151,7 @@ static const struct option long_opts[] = {
 	{ "trace-out", required_argument, NULL, OPT_TRACE },
 	{ "inject-fault", required_argument, NULL, OPT_FAULT },
 	{ "fresh-input", no_argument, NULL, OPT_FRESH },
+	{ "stats-json", required_argument, NULL, OPT_STATS_JSON },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
 };
@@ -198,6 +201,9 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			break;
 		case OPT_FRESH:
 			a->fresh = true;
+			break;
+		case OPT_STATS_JSON:
+			a->stats_json = optarg;
 			break;
 		case OPT_QD:
 			if (moectl_parse_u64("--queue-depth", optarg, 1, 256, &a->queue_depth) < 0)
@@ -301,7 +307,7 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 		return moectl_fail("forward: --layer L is required");
 	if (!a->input == !a->have_random)
 		return moectl_fail("forward: give exactly one of --input IN.npy and --random-input T");
-	if (!a->output && !a->routing_out && !a->stats && !a->save_input)
+	if (!a->output && !a->routing_out && !a->stats && !a->save_input && !a->stats_json)
 		return moectl_fail("forward: nothing to do: give --output, --routing-out, --stats or --save-input");
 	if (a->save_input && !a->have_random)
 		return moectl_fail("forward: --save-input only goes with --random-input");
@@ -777,6 +783,17 @@ int cmd_forward(int argc, char **argv)
 		else if (!a.all_layers && print_load(&a, e, (uint32_t)a.layer))
 			goto out;
 		print_cache(e, a.all_layers);
+	}
+	if (a.stats_json) {
+		char *js = moe_engine_stats_json(e);
+		FILE *f = strcmp(a.stats_json, "-") ? fopen(a.stats_json, "w") : stdout;
+
+		if (!js || !f || fprintf(f, "%s\n", js) < 0 || (f != stdout && fclose(f) != 0)) {
+			moectl_fail("forward: cannot write %s: %s", a.stats_json, js ? strerror(errno) : "out of memory");
+			free(js);
+			goto out;
+		}
+		free(js);
 	}
 	status = 0;
 out:

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <jansson.h>
 
 #include "cache.h"
 #include "engine.h"
@@ -777,9 +778,10 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 
 	r = ops->experts_begin(e->backend, &lw, x, n, kk, e->ids, e->w, out);
 	if (r < 0)
-		return moe_err_set(err, r, "layer %u: expert computation failed: %s", layer, strerror(-r));
-	begun = true;
-	for (bool predicted = false;;) {
+		fail = moe_err_set(err, r, "layer %u: expert computation failed: %s", layer, strerror(-r));
+	else
+		begun = true;
+	for (bool predicted = false; begun;) {
 		/* start reads for the deferred experts while slots can be had */
 		while (nd && !fail) {
 			uint32_t x2 = e->deferred[nd - 1], key = key_of(e, (uint32_t)li, x2);
@@ -924,6 +926,68 @@ void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
 			st->pinned += moe_cache_pinned(e->host, k);
 	}
 	moe_pager_get_stats(e->pager, &st->pager);
+}
+
+static json_t *layer_json(const struct moe_engine_layer_stats *l)
+{
+	json_t *o = json_object();
+
+	json_object_set_new(o, "forwards", json_integer((json_int_t)l->forwards));
+	json_object_set_new(o, "tokens", json_integer((json_int_t)l->tokens));
+	json_object_set_new(o, "host", json_pack("{s:I,s:I}", "hits", (json_int_t)l->host_hits,
+						 "misses", (json_int_t)l->host_misses));
+	json_object_set_new(o, "device", json_pack("{s:I,s:I}", "hits", (json_int_t)l->device_hits,
+						   "misses", (json_int_t)l->device_misses));
+	json_object_set_new(o, "loads", json_integer((json_int_t)l->loads));
+	json_object_set_new(o, "bytes_read", json_integer((json_int_t)l->load_bytes));
+	json_object_set_new(o, "load_failures", json_integer((json_int_t)l->load_failures));
+	json_object_set_new(o, "evictions", json_integer((json_int_t)l->evictions));
+	json_object_set_new(o, "stall_ns", json_integer((json_int_t)l->stall_ns));
+	json_object_set_new(o, "busy_ns", json_integer((json_int_t)l->busy_ns));
+	json_object_set_new(o, "prefetch", json_pack("{s:I,s:I,s:I,s:I,s:I}",
+		"made", (json_int_t)l->prefetches, "used", (json_int_t)l->prefetch_used,
+		"predicted", (json_int_t)l->predicted, "predicted_hit", (json_int_t)l->predicted_hit,
+		"needed", (json_int_t)l->needed));
+	return o;
+}
+
+char *moe_engine_stats_json(struct moe_engine *e)
+{
+	uint32_t L = e->store->hdr.num_moe_layers;
+	struct moe_engine_layer_stats *ls = calloc(L ? L : 1, sizeof(*ls));
+	struct moe_engine_stats st;
+	json_t *root, *layers;
+	char *text;
+
+	if (!ls)
+		return NULL;
+	moe_engine_get_stats(e, &st, ls);
+	root = json_object();
+	json_object_set_new(root, "host_cache", json_pack("{s:I,s:I,s:I,s:i,s:i,s:i,s:s}",
+		"budget_bytes", (json_int_t)st.host_budget, "fixed_bytes", (json_int_t)st.host_fixed,
+		"slot_bytes", (json_int_t)st.slot_bytes, "slots", (int)st.slots,
+		"slots_used", (int)st.slots_used, "pinned", (int)st.pinned, "policy", st.policy));
+	json_object_set_new(root, "pager", json_pack("{s:b,s:b,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+		"direct", st.pager.direct, "hugepages", st.pager.hugepages, "ring_flags", (int)st.pager.ring_flags,
+		"loads", (json_int_t)st.pager.loads, "prefetch_loads", (json_int_t)st.pager.prefetch_loads,
+		"failed", (json_int_t)st.pager.failed, "bytes", (json_int_t)st.pager.bytes,
+		"busy_ns", (json_int_t)st.pager.busy_ns, "io_cpu_ns", (json_int_t)st.pager.io_cpu_ns,
+		"verify_cpu_ns", (json_int_t)st.pager.verify_cpu_ns,
+		"max_inflight_bytes", (json_int_t)st.pager.max_inflight,
+		"staging_bytes", (json_int_t)st.pager.staging_bytes));
+	json_object_set_new(root, "total", layer_json(&st.total));
+	layers = json_array();
+	for (uint32_t i = 0; i < L; i++) {
+		json_t *o = layer_json(&ls[i]);
+
+		json_object_set_new(o, "layer", json_integer(e->store->layers[i].layer));
+		json_array_append_new(layers, o);
+	}
+	json_object_set_new(root, "layers", layers);
+	text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	json_decref(root);
+	free(ls);
+	return text;
 }
 
 int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err)

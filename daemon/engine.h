@@ -109,6 +109,11 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
 			  struct moe_engine_layer_stats *layers);
 
+/* The same figures as a JSON object (what moed's stats command serves):
+ * "host_cache", "pager", "total" and "layers" (one object per MoE layer
+ * with its "layer" number).  A malloc'ed string, or NULL without memory. */
+char *moe_engine_stats_json(struct moe_engine *e);
+
 /* Write a routing trace (moe-trace(5)) of every forward from now on to
  * @path; NULL stops and closes it.  Errors name the file. */
 int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err);

@@ -52,6 +52,14 @@ done
 [ "$full_peak" -gt $(( budget + 48 + 32 )) ] ||
 	fail "the unbounded run's peak ($full_peak MiB) does not exceed the bound: the check proves nothing"
 
+# ---- the figures as JSON --------------------------------------------------------------
+expect_ok "$MOECTL" forward --model "$T/m.moe" --layer all --random-input 8 --host-cache-mb "$budget" \
+	--stats-json "$T/stats.json"
+for key in '"host_cache"' '"pager"' '"total"' '"layers"' '"evictions"' '"stall_ns"' '"bytes_read"'; do
+	grep -q "$key" "$T/stats.json" || fail "no $key in forward --stats-json"
+done
+[ "$(grep -c '"layer":' "$T/stats.json")" -eq 6 ] || fail "--stats-json should list 6 layers"
+
 # ---- traces -------------------------------------------------------------------------
 expect_ok "$MOECTL" forward --model "$T/m.moe" --layer all --random-input 8 --repeat 3 \
 	--trace-out "$T/trace.txt" --host-cache-mb "$budget" --stats
