@@ -613,9 +613,10 @@ static void print_cache(struct moe_engine *e, bool per_layer)
 		       (double)st.slot_bytes / 1048576.0);
 	printf(", %" PRIu32 " in use, %" PRIu32 " pinned, policy %s\n", st.slots_used, st.pinned, st.policy);
 	printf("device cache: none (CPU backend)\n");
-	printf("pager: %s, staging in %s, ring %s; %" PRIu64 " blobs (%" PRIu64 " prefetched, %" PRIu64
+	printf("pager: %s, staging in %s%s, ring %s; %" PRIu64 " blobs (%" PRIu64 " prefetched, %" PRIu64
 	       " failed), %.1f MiB, %.0f MB/s while busy\n",
 	       p->direct ? "O_DIRECT" : "buffered (page cache)", p->hugepages ? "huge pages" : "small pages",
+	       p->fixed_buffers ? " (fixed buffers)" : " (not registered: RLIMIT_MEMLOCK?)",
 	       p->ring_flags & (1u << 13) ? "single-issuer+defer-taskrun" :
 	       p->ring_flags & (1u << 12) ? "single-issuer" : "plain",
 	       p->loads, p->prefetch_loads, p->failed, (double)p->bytes / 1048576.0,

@@ -967,8 +967,9 @@ char *moe_engine_stats_json(struct moe_engine *e)
 		"budget_bytes", (json_int_t)st.host_budget, "fixed_bytes", (json_int_t)st.host_fixed,
 		"slot_bytes", (json_int_t)st.slot_bytes, "slots", (int)st.slots,
 		"slots_used", (int)st.slots_used, "pinned", (int)st.pinned, "policy", st.policy));
-	json_object_set_new(root, "pager", json_pack("{s:b,s:b,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
-		"direct", st.pager.direct, "hugepages", st.pager.hugepages, "ring_flags", (int)st.pager.ring_flags,
+	json_object_set_new(root, "pager", json_pack("{s:b,s:b,s:b,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+		"direct", st.pager.direct, "hugepages", st.pager.hugepages,
+		"fixed_buffers", st.pager.fixed_buffers, "ring_flags", (int)st.pager.ring_flags,
 		"loads", (json_int_t)st.pager.loads, "prefetch_loads", (json_int_t)st.pager.prefetch_loads,
 		"failed", (json_int_t)st.pager.failed, "bytes", (json_int_t)st.pager.bytes,
 		"busy_ns", (json_int_t)st.pager.busy_ns, "io_cpu_ns", (json_int_t)st.pager.io_cpu_ns,

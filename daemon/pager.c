@@ -650,7 +650,7 @@ static int open_store(struct moe_pager *p, struct moe_err *err)
 				if (sx.stx_dio_offset_align == 0 || sx.stx_dio_mem_align == 0 ||
 				    sx.stx_dio_offset_align > MOE_STORE_MIN_ALIGN ||
 				    sx.stx_dio_mem_align > 4096) {
-					plog(p, 4, "%s: O_DIRECT needs %u-byte offsets and %u-byte buffers here "
+					plog(p, 5, "%s: O_DIRECT needs %u-byte offsets and %u-byte buffers here "
 					     "(statx), which the store's %u-byte layout cannot meet: reading "
 					     "through the page cache", path, sx.stx_dio_offset_align,
 					     sx.stx_dio_mem_align, MOE_STORE_MIN_ALIGN);
@@ -666,7 +666,7 @@ static int open_store(struct moe_pager *p, struct moe_err *err)
 		} else if (errno != EINVAL) {
 			return moe_err_set(err, -errno, "%s: cannot open for paging: %s", path, strerror(errno));
 		} else {
-			plog(p, 4, "%s: the filesystem refuses O_DIRECT: reading experts through the page cache",
+			plog(p, 5, "%s: the filesystem refuses O_DIRECT: reading experts through the page cache",
 			     path);
 		}
 	}
@@ -817,9 +817,9 @@ int moe_pager_open(const struct moe_store *s, const struct moe_pager_options *op
 	r = io_uring_register_buffers(&p->ring, iov, p->nstage);
 	free(iov);
 	if (r == 0)
-		p->fixed = true;
+		p->fixed = p->st.fixed_buffers = true;
 	else
-		plog(p, 4, "%s: cannot register %" PRIu64 " MiB of staging buffers with io_uring (%s%s): "
+		plog(p, 5, "%s: cannot register %" PRIu64 " MiB of staging buffers with io_uring (%s%s): "
 		     "using unregistered buffers", s->path, p->nstage * p->chunk >> 20, strerror(-r),
 		     r == -ENOMEM ? "; RLIMIT_MEMLOCK too low? LimitMEMLOCK= in the unit raises it" : "");
 	r = pthread_create(&p->thread, NULL, io_thread_start, p);

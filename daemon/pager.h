@@ -37,7 +37,8 @@
  * (chunks arrive in order; @len stops at the blob's unpadded size). */
 typedef void (*moe_pager_sink_fn)(void *ctx, const void *chunk, uint64_t off, uint64_t len);
 
-/* Log lines (one line, no newline): level 3 error, 4 warning, 6 info. */
+/* Log lines (one line, no newline): level 3 error, 5 notice (a fallback
+ * that costs speed, not correctness: no O_DIRECT, no fixed buffers). */
 typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
 
 /* Fault injection (tests): fail the next @count reads of blob (@li,
@@ -82,6 +83,7 @@ struct moe_pager_stats {
 	uint64_t staging_bytes;     /* staging buffers (2 x queue_depth x chunk) */
 	bool direct;                /* O_DIRECT in use */
 	bool hugepages;             /* staging in huge pages (hugetlb or THP) */
+	bool fixed_buffers;         /* staging registered with the ring */
 	uint32_t ring_flags;        /* IORING_SETUP_* the ring got */
 	uint32_t dio_mem_align, dio_offset_align;  /* from statx, 0 if unknown */
 };
