@@ -20,6 +20,7 @@
 
 #include "dtype.h"
 #include "engine.h"
+#include "moeclient.h"
 #include "moectl.h"
 #include "npy.h"
 
@@ -39,7 +40,8 @@ static void usage(FILE *f)
 	      "The input is float32 of shape [T,H] or [B,S,H] with H the model's hidden size;\n"
 	      "the output has the same shape and dtype.\n"
 	      "\n"
-	      "  --model STORE        run in this process on a .moe store (no daemon)\n"
+	      "  --model STORE        run in this process on a .moe store; without it the\n"
+	      "                       layer runs in moed (moectl --socket PATH, $MOED_SOCKET)\n"
 	      "  --layer L            the MoE layer to run\n"
 	      "  --input IN.npy       the hidden states\n"
 	      "  --random-input T     instead of --input: T tokens uniform in [-1, 1)\n"
@@ -301,8 +303,11 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 	if (optind < argc)
 		return moectl_fail("forward: unexpected argument '%s' (see moectl forward --help)",
 				   argv[optind]);
-	if (!a->model)
-		return moectl_fail("forward through the daemon is not available yet; use --model STORE");
+	if (!a->model && (a->host_mb || a->policy || a->npins || a->pin_hot || a->prefetch || a->queue_depth ||
+			  a->chunk_kb || a->trace_out || a->stats_json || a->fault || a->all_experts || a->threads ||
+			  a->backend))
+		return moectl_fail("forward: the cache, pager, backend and timing options go with --model; "
+				   "through moed they are moed's (moed.conf(5))");
 	if (!a->have_layer)
 		return moectl_fail("forward: --layer L is required");
 	if (!a->input == !a->have_random)
@@ -647,6 +652,131 @@ static void print_cache(struct moe_engine *e, bool per_layer)
 	free(ls);
 }
 
+/* The error of a libmoeclient call, with what was being done. */
+static int client_fail(const char *what, int r)
+{
+	const char *path = getenv("MOED_SOCKET");
+
+	return moectl_fail("forward: %s (moed at %s): %s", what, path && *path ? path : MOE_DEFAULT_SOCKET,
+			   moe_strerror(r));
+}
+
+/* forward through moed: the same bits as --model. */
+static int forward_daemon(const struct fwd_args *a)
+{
+	struct moe_client *c = NULL;
+	struct moe_model_info info;
+	struct fwd_input in = { 0 };
+	uint64_t n, nk;
+	float *out = NULL, *w = NULL, *x = NULL;
+	int32_t *ids = NULL;
+	uint16_t *b16 = NULL;
+	double first = 0, rest = 0;
+	int r, status = 1;
+
+	r = moe_client_connect(NULL, NULL, &c);
+	if (r < 0)
+		return client_fail("cannot connect", r);
+	moe_client_info(c, &info);
+	if (load_input(a, info.hidden_size, &in))
+		goto out;
+	n = in.tokens * info.hidden_size;
+	nk = in.tokens * info.top_k;
+	if (a->save_input && write_array(a, a->save_input, &in, in.x, n))
+		goto out;
+	out = malloc((n ? n : 1) * sizeof(*out));
+	x = malloc((n ? n : 1) * sizeof(*x));
+	b16 = a->bf16 ? malloc((n ? n : 1) * sizeof(*b16)) : NULL;
+	if (a->routing_out) {
+		ids = malloc((nk ? nk : 1) * sizeof(*ids));
+		w = malloc((nk ? nk : 1) * sizeof(*w));
+	}
+	if (!out || !x || (a->bf16 && !b16) || (a->routing_out && (!ids || !w))) {
+		moectl_fail("forward: out of memory for %" PRIu64 " tokens", in.tokens);
+		goto out;
+	}
+	for (uint64_t rep = 0; rep < a->repeat; rep++) {
+		double t0 = moectl_now(), dt;
+		uint32_t nl = a->all_layers ? info.num_moe_layers : 1;
+
+		if (a->fresh && rep > 0)
+			random_fill(in.x, n, a->seed + rep, a->bf16);
+		memcpy(x, in.x, n * sizeof(*x));
+		for (uint32_t l = 0; l < nl; l++) {
+			uint32_t layer = a->all_layers ? info.moe_layers[l] : (uint32_t)a->layer;
+
+			if (a->bf16 && !a->all_layers) {
+				/* bfloat16 on the wire: the input is bf16-exact, the output rounds as --model's
+				 * (a residual stream stays float32 between layers, as with --model) */
+				for (uint64_t i = 0; i < n; i++)
+					b16[i] = moe_f32_to_bf16(x[i]);
+				r = moe_client_forward(c, layer, MOE_BF16, b16, b16, in.tokens, ids, w);
+				for (uint64_t i = 0; r == 0 && i < n; i++)
+					out[i] = moe_bf16_to_f32(b16[i]);
+			} else {
+				r = moe_client_forward(c, layer, MOE_F32, x, out, in.tokens, ids, w);
+			}
+			if (r < 0) {
+				char what[64];
+
+				snprintf(what, sizeof(what), "layer %u", layer);
+				client_fail(what, r);
+				goto out;
+			}
+			if (a->all_layers) {
+				for (uint64_t i = 0; i < n; i++)
+					x[i] += out[i];
+			}
+		}
+		if (a->all_layers)
+			memcpy(out, x, n * sizeof(*x));
+		dt = moectl_now() - t0;
+		if (rep == 0)
+			first = dt;
+		else
+			rest += dt;
+	}
+	if (a->output && write_array(a, a->output, &in, out, n))
+		goto out;
+	if (a->routing_out) {
+		struct moe_err err = { 0 };
+		struct moe_npz_entry ent[2] = {
+			{ .name = "ids", .type = MOE_NPY_I32, .ndim = 2,
+			  .shape = { in.tokens, info.top_k }, .data = ids },
+			{ .name = "weights", .type = MOE_NPY_F32, .ndim = 2,
+			  .shape = { in.tokens, info.top_k }, .data = w },
+		};
+
+		if (moe_npz_write(a->routing_out, ent, 2, &err) < 0) {
+			moectl_fail_err(&err);
+			goto out;
+		}
+	}
+	if (a->stats) {
+		printf("%s of a %s model through moed (backend %s): %" PRIu64 " tokens x hidden %" PRIu32 "\n",
+		       a->all_layers ? "every MoE layer" : "one layer", info.model_type, info.backend, in.tokens,
+		       info.hidden_size);
+		printf("first run: %.3f ms\n", first * 1e3);
+		if (a->repeat > 1) {
+			double mean = rest / (double)(a->repeat - 1);
+
+			printf("later runs: %.3f ms mean over %" PRIu64 " runs\n", mean * 1e3, a->repeat - 1);
+			printf("tokens/s: %.0f\n", mean > 0 ? (double)in.tokens / mean : 0.0);
+		}
+		printf("(moectl stats shows moed's expert load, cache and pager figures)\n");
+	}
+	status = 0;
+out:
+	free(in.x);
+	free(out);
+	free(x);
+	free(b16);
+	free(ids);
+	free(w);
+	moe_client_disconnect(c);
+	return status;
+}
+
 int cmd_forward(int argc, char **argv)
 {
 	struct moe_engine_options eo = { 0 };
@@ -666,6 +796,8 @@ int cmd_forward(int argc, char **argv)
 	r = parse_args(argc, argv, &a);
 	if (r)
 		return r < 0 ? 0 : r;
+	if (!a.model)
+		return forward_daemon(&a);
 
 	eo.backend = a.backend;
 	eo.threads = (uint32_t)a.threads;

@@ -118,6 +118,9 @@ static const struct {
 	{ "verify", cmd_verify, "check every checksum of a store" },
 	{ "forward", cmd_forward, "run an MoE layer on a .npy batch" },
 	{ "trace-sim", cmd_trace_sim, "compare cache policies on a routing trace" },
+	{ "info", cmd_info, "what moed serves" },
+	{ "stats", cmd_stats, "moed's load, cache, pager and latency figures" },
+	{ "bench", cmd_bench, "load moed from several client processes" },
 };
 
 static void usage(FILE *f)

@@ -17,6 +17,9 @@ int cmd_inspect(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_trace_sim(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_stats(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
 
 /* Print "moectl: <msg>" on stderr; returns 1 (the exit status). */
 int moectl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

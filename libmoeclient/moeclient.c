@@ -1,10 +1,22 @@
 /* SPDX-License-Identifier: MIT */
 #include "config.h"
 
+#include <errno.h>
 #include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
 
+#include "futex.h"
 #include "moeclient.h"
+#include "proto.h"
 
 #define MOE_EXPORT __attribute__((visibility("default")))
 
@@ -33,4 +45,756 @@ MOE_EXPORT const char *moe_strerror(int err)
 MOE_EXPORT int moe_version(void)
 {
 	return MOE_VERSION_MAJOR * 10000 + MOE_VERSION_MINOR * 100 + MOE_VERSION_PATCH;
+}
+
+/* ------------------------------------------------------------------ sessions */
+
+#define HELLO_TIMEOUT_MS 10000    /* moed answers a HELLO at once; this is for a stuck one */
+#define WAIT_SLICE_NS 100000000u  /* a sleeper looks at the daemon's health this often */
+#define SPIN_NS 20000u            /* poll the completion ring this long before sleeping */
+#define TAG_SYNC (1ull << 63)     /* user_data of moe_client_forward's own requests */
+#define ARENA_ALIGN 64u
+
+struct extent {
+	uint64_t off, len;
+};
+
+struct moe_client {
+	int fd;
+	uint8_t *seg;
+	size_t seg_bytes;
+	struct moe_seg_header *hdr;
+	struct moe_sqe *sq;
+	struct moe_cqe *cq;
+	uint8_t *arena;
+	uint64_t arena_bytes;
+	uint32_t sq_entries, cq_entries;
+	struct moe_msg_welcome *w;
+	uint32_t *layers;
+
+	pthread_mutex_t sq_lock;      /* submitters */
+	pthread_mutex_t cq_lock;      /* reapers; stash */
+	pthread_mutex_t arena_lock;   /* the allocator */
+	pthread_mutex_t ctl_lock;     /* the control socket (stats) */
+	uint32_t sleepers;            /* threads asleep on client_futex (cq_lock) */
+	uint64_t sync_seq;
+
+	/* completions reaped but not yet returned (cq_lock) */
+	struct moe_completion *stash;
+	size_t nstash, capstash;
+
+	/* the arena: free extents, sorted; live allocations */
+	struct extent *free_ext, *used;
+	size_t nfree, capfree, nused, capused;
+};
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int io_wait(int fd, short ev, int ms)
+{
+	struct pollfd p = { fd, ev, 0 };
+	int r;
+
+	do
+		r = poll(&p, 1, ms);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	return r == 0 ? -ETIMEDOUT : 0;
+}
+
+static int send_full(int fd, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				int r = io_wait(fd, POLLOUT, HELLO_TIMEOUT_MS);
+				if (r < 0)
+					return r;
+				continue;
+			}
+			return -errno;
+		}
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Read exactly @len bytes (and a passed fd, if any, into *fd_out). */
+static int recv_full(int fd, void *buf, size_t len, int *fd_out)
+{
+	uint8_t *p = buf;
+
+	while (len) {
+		union {
+			char b[CMSG_SPACE(sizeof(int))];
+			struct cmsghdr align;
+		} u;
+		struct iovec iov = { p, len };
+		struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
+				    .msg_controllen = sizeof(u.b) };
+		ssize_t n;
+		int r = io_wait(fd, POLLIN, HELLO_TIMEOUT_MS);
+
+		if (r < 0)
+			return r;
+		n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -ECONNRESET;
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm))
+			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+				int got;
+
+				memcpy(&got, CMSG_DATA(cm), sizeof(int));
+				if (fd_out && *fd_out < 0)
+					*fd_out = got;
+				else
+					close(got);
+			}
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int ctl_send(struct moe_client *c, uint32_t type, const void *payload, uint32_t len)
+{
+	struct moe_msg_header h = { .magic = MOE_MSG_MAGIC, .type = type, .len = len };
+	int r = send_full(c->fd, &h, sizeof(h));
+
+	if (r == 0 && len)
+		r = send_full(c->fd, payload, len);
+	return r;
+}
+
+static void client_free(struct moe_client *c)
+{
+	if (c->seg)
+		munmap(c->seg, c->seg_bytes);
+	if (c->fd >= 0)
+		close(c->fd);
+	pthread_mutex_destroy(&c->sq_lock);
+	pthread_mutex_destroy(&c->cq_lock);
+	pthread_mutex_destroy(&c->arena_lock);
+	pthread_mutex_destroy(&c->ctl_lock);
+	free(c->w);
+	free(c->layers);
+	free(c->stash);
+	free(c->free_ext);
+	free(c->used);
+	free(c);
+}
+
+/* Check the segment the daemon describes against what was mapped. */
+static int segment_check(struct moe_client *c)
+{
+	const struct moe_seg_header *h = c->hdr;
+	uint64_t sq_end, cq_end;
+
+	if (h->magic != MOE_SEG_MAGIC || h->version != MOE_PROTO_VERSION || h->segment_bytes != c->seg_bytes)
+		return -MOE_E_PROTO;
+	if (!h->sq_entries || (h->sq_entries & (h->sq_entries - 1)) || !h->cq_entries ||
+	    (h->cq_entries & (h->cq_entries - 1)) || h->cq_entries < h->sq_entries)
+		return -MOE_E_PROTO;
+	sq_end = h->sq_off + (uint64_t)h->sq_entries * sizeof(struct moe_sqe);
+	cq_end = h->cq_off + (uint64_t)h->cq_entries * sizeof(struct moe_cqe);
+	if (h->sq_off < MOE_SEG_HEADER_SIZE || sq_end > h->cq_off || cq_end > h->arena_off ||
+	    h->arena_off % ARENA_ALIGN || h->arena_off > c->seg_bytes || h->arena_bytes > c->seg_bytes - h->arena_off)
+		return -MOE_E_PROTO;
+	c->sq = (struct moe_sqe *)(c->seg + h->sq_off);
+	c->cq = (struct moe_cqe *)(c->seg + h->cq_off);
+	c->sq_entries = h->sq_entries;
+	c->cq_entries = h->cq_entries;
+	c->arena = c->seg + h->arena_off;
+	c->arena_bytes = h->arena_bytes;
+	return 0;
+}
+
+MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_client_options *opt,
+				  struct moe_client **ret)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	struct moe_msg_hello hello = { .version = MOE_PROTO_VERSION };
+	struct moe_msg_header h;
+	struct moe_client *c;
+	int segfd = -1, r;
+
+	if (!ret)
+		return -EINVAL;
+	if (!socket_path)
+		socket_path = getenv("MOED_SOCKET");
+	if (!socket_path || !*socket_path)
+		socket_path = MOE_DEFAULT_SOCKET;
+	if (strlen(socket_path) >= sizeof(a.sun_path))
+		return -ENAMETOOLONG;
+	strcpy(a.sun_path, socket_path);
+	if (opt) {
+		hello.arena_bytes = opt->arena_bytes;
+		hello.sq_entries = opt->sq_entries;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	pthread_mutex_init(&c->sq_lock, NULL);
+	pthread_mutex_init(&c->cq_lock, NULL);
+	pthread_mutex_init(&c->arena_lock, NULL);
+	pthread_mutex_init(&c->ctl_lock, NULL);
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c->fd < 0) {
+		r = -errno;
+		goto fail;
+	}
+	if (connect(c->fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		r = -errno;
+		goto fail;
+	}
+	r = ctl_send(c, MOE_MSG_HELLO, &hello, sizeof(hello));
+	if (r < 0)
+		goto fail;
+	/* the memfd rides with the message's first bytes */
+	r = recv_full(c->fd, &h, sizeof(h), &segfd);
+	if (r < 0)
+		goto fail;
+	if (h.magic != MOE_MSG_MAGIC || h.type != MOE_MSG_WELCOME || h.len != sizeof(struct moe_msg_welcome)) {
+		r = -MOE_E_PROTO;
+		goto fail;
+	}
+	c->w = calloc(1, sizeof(*c->w));
+	if (!c->w) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	r = recv_full(c->fd, c->w, sizeof(*c->w), &segfd);
+	if (r < 0)
+		goto fail;
+	if (c->w->status < 0) {
+		r = c->w->status;
+		goto fail;
+	}
+	if (segfd < 0 || c->w->version != MOE_PROTO_VERSION || !c->w->segment_bytes ||
+	    c->w->num_moe_layers > MOE_INFO_MAX_LAYERS) {
+		r = -MOE_E_PROTO;
+		goto fail;
+	}
+	c->seg_bytes = (size_t)c->w->segment_bytes;
+	c->seg = mmap(NULL, c->seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, segfd, 0);
+	close(segfd);
+	segfd = -1;
+	if (c->seg == MAP_FAILED) {
+		c->seg = NULL;
+		r = -errno;
+		goto fail;
+	}
+	c->hdr = (struct moe_seg_header *)c->seg;
+	r = segment_check(c);
+	if (r < 0)
+		goto fail;
+	c->layers = malloc((c->w->num_moe_layers ? c->w->num_moe_layers : 1) * sizeof(uint32_t));
+	c->free_ext = malloc(sizeof(*c->free_ext));
+	if (!c->layers || !c->free_ext) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	memcpy(c->layers, c->w->moe_layers, c->w->num_moe_layers * sizeof(uint32_t));
+	c->free_ext[0] = (struct extent){ 0, c->arena_bytes / ARENA_ALIGN * ARENA_ALIGN };
+	c->nfree = c->capfree = 1;
+	*ret = c;
+	return 0;
+fail:
+	if (segfd >= 0)
+		close(segfd);
+	client_free(c);
+	return r;
+}
+
+MOE_EXPORT void moe_client_disconnect(struct moe_client *c)
+{
+	if (c)
+		client_free(c);
+}
+
+MOE_EXPORT int moe_client_info(struct moe_client *c, struct moe_model_info *ret)
+{
+	if (!c || !ret)
+		return -EINVAL;
+	memset(ret, 0, sizeof(*ret));
+	memcpy(ret->model_type, c->w->model_type, sizeof(ret->model_type));
+	ret->model_type[sizeof(ret->model_type) - 1] = '\0';
+	memcpy(ret->backend, c->w->backend, sizeof(ret->backend));
+	ret->backend[sizeof(ret->backend) - 1] = '\0';
+	ret->hidden_size = c->w->hidden_size;
+	ret->moe_intermediate_size = c->w->moe_intermediate_size;
+	ret->num_experts = c->w->num_experts;
+	ret->top_k = c->w->top_k;
+	ret->num_hidden_layers = c->w->num_hidden_layers;
+	ret->num_moe_layers = c->w->num_moe_layers;
+	ret->moe_layers = c->layers;
+	ret->weight_dtype = c->w->weight_dtype;
+	ret->n_shared_experts = c->w->n_shared_experts;
+	ret->max_tokens = c->w->max_tokens;
+	ret->arena_bytes = c->arena_bytes;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ the arena */
+
+static int ext_push(struct extent **a, size_t *n, size_t *cap, size_t at, struct extent e)
+{
+	if (*n == *cap) {
+		size_t nc = *cap ? 2 * *cap : 8;
+		struct extent *na = realloc(*a, nc * sizeof(*na));
+
+		if (!na)
+			return -ENOMEM;
+		*a = na;
+		*cap = nc;
+	}
+	memmove(*a + at + 1, *a + at, (*n - at) * sizeof(**a));
+	(*a)[at] = e;
+	(*n)++;
+	return 0;
+}
+
+static void ext_del(struct extent *a, size_t *n, size_t at)
+{
+	memmove(a + at, a + at + 1, (*n - at - 1) * sizeof(*a));
+	(*n)--;
+}
+
+MOE_EXPORT int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret)
+{
+	uint64_t len;
+	int r = -ENOMEM;
+
+	if (!c || !ret || bytes == 0)
+		return -EINVAL;
+	if (bytes > c->arena_bytes)
+		return -ENOMEM;
+	len = (bytes + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+	pthread_mutex_lock(&c->arena_lock);
+	for (size_t i = 0; i < c->nfree; i++) {
+		struct extent *f = &c->free_ext[i];
+		size_t at = 0;
+
+		if (f->len < len)
+			continue;
+		while (at < c->nused && c->used[at].off < f->off)
+			at++;
+		r = ext_push(&c->used, &c->nused, &c->capused, at, (struct extent){ f->off, len });
+		if (r < 0)
+			break;
+		*ret = c->arena + f->off;
+		f->off += len;
+		f->len -= len;
+		if (!f->len)
+			ext_del(c->free_ext, &c->nfree, i);
+		break;
+	}
+	pthread_mutex_unlock(&c->arena_lock);
+	return r;
+}
+
+MOE_EXPORT int moe_client_free(struct moe_client *c, void *p)
+{
+	uint64_t off;
+	size_t lo = 0, hi, at;
+	struct extent e;
+	int r = 0;
+
+	if (!p)
+		return 0;
+	if (!c || (uint8_t *)p < c->arena || (uint8_t *)p >= c->arena + c->arena_bytes)
+		return -EINVAL;
+	off = (uint64_t)((uint8_t *)p - c->arena);
+	pthread_mutex_lock(&c->arena_lock);
+	hi = c->nused;
+	while (lo < hi) {           /* used[] is sorted by offset */
+		size_t mid = (lo + hi) / 2;
+
+		if (c->used[mid].off < off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo == c->nused || c->used[lo].off != off) {
+		pthread_mutex_unlock(&c->arena_lock);
+		return -EINVAL;
+	}
+	e = c->used[lo];
+	ext_del(c->used, &c->nused, lo);
+	/* back into the free list, merged with its neighbours */
+	for (at = 0; at < c->nfree && c->free_ext[at].off < e.off; at++)
+		;
+	if (at > 0 && c->free_ext[at - 1].off + c->free_ext[at - 1].len == e.off) {
+		c->free_ext[at - 1].len += e.len;
+		if (at < c->nfree && e.off + e.len == c->free_ext[at].off) {
+			c->free_ext[at - 1].len += c->free_ext[at].len;
+			ext_del(c->free_ext, &c->nfree, at);
+		}
+	} else if (at < c->nfree && e.off + e.len == c->free_ext[at].off) {
+		c->free_ext[at].off = e.off;
+		c->free_ext[at].len += e.len;
+	} else {
+		r = ext_push(&c->free_ext, &c->nfree, &c->capfree, at, e);
+	}
+	pthread_mutex_unlock(&c->arena_lock);
+	return r;
+}
+
+/* ------------------------------------------------------------------ requests */
+
+static bool in_arena(const struct moe_client *c, const void *p, uint64_t len)
+{
+	const uint8_t *b = p;
+
+	return b >= c->arena && b <= c->arena + c->arena_bytes &&
+	       len <= (uint64_t)(c->arena + c->arena_bytes - b);
+}
+
+static bool is_moe_layer(const struct moe_client *c, uint32_t layer)
+{
+	for (uint32_t i = 0; i < c->w->num_moe_layers; i++)
+		if (c->layers[i] == layer)
+			return true;
+	return false;
+}
+
+/* Has moed closed the session's segment?  A memory read: submit's check. */
+static int segment_state(struct moe_client *c)
+{
+	return __atomic_load_n(&c->hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING ? -ESHUTDOWN : 0;
+}
+
+/* Is the session over? -ESHUTDOWN, -ECONNRESET or 0 (one poll() call:
+ * waiters look before they sleep, not submitters). */
+static int session_state(struct moe_client *c)
+{
+	struct pollfd p = { c->fd, POLLRDHUP, 0 };
+
+	if (__atomic_load_n(&c->hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING)
+		return -ESHUTDOWN;
+	if (poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+		return -ECONNRESET;
+	return 0;
+}
+
+static int submit_locked(struct moe_client *c, const struct moe_request *q, uint64_t user_data)
+{
+	uint64_t H = c->w->hidden_size, k = c->w->top_k, es, bytes;
+	uint32_t tail = c->hdr->sq_tail, head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
+	struct moe_sqe *e;
+	int r;
+
+	if (q->dtype != MOE_F32 && q->dtype != MOE_BF16)
+		return -EINVAL;
+	if (q->tokens == 0 || q->tokens > c->w->max_tokens)
+		return -E2BIG;
+	if (!is_moe_layer(c, q->layer))
+		return -MOE_E_LAYER;
+	es = q->dtype == MOE_F32 ? 4 : 2;
+	bytes = q->tokens * H * es;
+	if (!in_arena(c, q->input, bytes) || !in_arena(c, q->output, bytes))
+		return -EFAULT;
+	if ((q->weights && !q->ids) ||
+	    (q->ids && (!q->weights || !in_arena(c, q->ids, q->tokens * k * 4) ||
+			!in_arena(c, q->weights, q->tokens * k * 4))))
+		return q->ids && q->weights ? -EFAULT : -EINVAL;
+	r = segment_state(c);
+	if (r < 0)
+		return r;
+	if (tail - head >= c->sq_entries)
+		return -EAGAIN;
+	e = &c->sq[tail & (c->sq_entries - 1)];
+	*e = (struct moe_sqe){
+		.user_data = user_data, .opcode = MOE_OP_FORWARD, .layer = q->layer, .dtype = q->dtype,
+		.tokens = q->tokens, .in_off = (uint64_t)((const uint8_t *)q->input - c->arena),
+		.out_off = (uint64_t)((uint8_t *)q->output - c->arena),
+	};
+	if (q->ids) {
+		e->flags = MOE_SQE_ROUTING;
+		e->ids_off = (uint64_t)((uint8_t *)q->ids - c->arena);
+		e->weights_off = (uint64_t)((uint8_t *)q->weights - c->arena);
+	}
+	/* the entry, then the tail (release); then, if the daemon may sleep, wake it */
+	__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	moe_futex_kick(&c->hdr->daemon_futex, &c->hdr->daemon_wait, 1);
+	return 0;
+}
+
+MOE_EXPORT int moe_client_submit(struct moe_client *c, const struct moe_request *req)
+{
+	int r;
+
+	if (!c || !req)
+		return -EINVAL;
+	if (req->user_data & TAG_SYNC)
+		return -EINVAL;      /* the top bit is moe_client_forward's */
+	pthread_mutex_lock(&c->sq_lock);
+	r = submit_locked(c, req, req->user_data);
+	pthread_mutex_unlock(&c->sq_lock);
+	return r;
+}
+
+MOE_EXPORT int moe_client_nop(struct moe_client *c, uint64_t user_data)
+{
+	uint32_t tail, head;
+	int r;
+
+	if (!c || (user_data & TAG_SYNC))
+		return -EINVAL;
+	pthread_mutex_lock(&c->sq_lock);
+	tail = c->hdr->sq_tail;
+	head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
+	r = segment_state(c);
+	if (r == 0 && tail - head >= c->sq_entries)
+		r = -EAGAIN;
+	if (r == 0) {
+		c->sq[tail & (c->sq_entries - 1)] = (struct moe_sqe){ .user_data = user_data, .opcode = MOE_OP_NOP };
+		__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		moe_futex_kick(&c->hdr->daemon_futex, &c->hdr->daemon_wait, 1);
+	}
+	pthread_mutex_unlock(&c->sq_lock);
+	return r;
+}
+
+/* Move every completion in the ring to the stash (cq_lock held). */
+static int reap(struct moe_client *c)
+{
+	uint32_t head = c->hdr->cq_head, tail = __atomic_load_n(&c->hdr->cq_tail, __ATOMIC_ACQUIRE);
+
+	if (tail - head > c->cq_entries)
+		return -MOE_E_PROTO;
+	if (c->nstash + (tail - head) > c->capstash) {
+		size_t cap = c->nstash + (tail - head) + 16;
+		struct moe_completion *n = realloc(c->stash, cap * sizeof(*n));
+
+		if (!n)
+			return -ENOMEM;
+		c->stash = n;
+		c->capstash = cap;
+	}
+	for (; head != tail; head++) {
+		const struct moe_cqe *e = &c->cq[head & (c->cq_entries - 1)];
+
+		c->stash[c->nstash++] = (struct moe_completion){ e->user_data, e->res };
+	}
+	__atomic_store_n(&c->hdr->cq_head, head, __ATOMIC_RELEASE);
+	return 0;
+}
+
+/* Take a stashed completion: @want's, or with ANY the first that is not
+ * moe_client_forward's (cq_lock held). */
+#define ANY UINT64_MAX
+static bool unstash(struct moe_client *c, uint64_t want, struct moe_completion *ret)
+{
+	for (size_t i = 0; i < c->nstash; i++) {
+		uint64_t u = c->stash[i].user_data;
+
+		if (want == ANY ? !(u & TAG_SYNC) : u == want) {
+			*ret = c->stash[i];
+			memmove(c->stash + i, c->stash + i + 1, (c->nstash - i - 1) * sizeof(*c->stash));
+			c->nstash--;
+			return true;
+		}
+	}
+	return false;
+}
+
+static int wait_for(struct moe_client *c, uint64_t want, struct moe_completion *ret, int timeout_ms)
+{
+	uint64_t t0 = mono_ns(), limit = timeout_ms < 0 ? UINT64_MAX : (uint64_t)timeout_ms * 1000000u;
+	int r = 0;
+
+	pthread_mutex_lock(&c->cq_lock);
+	for (;;) {
+		uint64_t now, left;
+		uint32_t val;
+
+		r = reap(c);
+		if (r < 0)
+			break;
+		if (unstash(c, want, ret)) {
+			r = 0;
+			break;
+		}
+		now = mono_ns();
+		if (now - t0 < SPIN_NS && limit) {
+			/* a completion is usually microseconds away: poll before sleeping
+			 * (longer spins or sched_yield() lost more than they won on a
+			 * 2-core machine, where the spinner takes a core from moed) */
+			pthread_mutex_unlock(&c->cq_lock);
+			__builtin_ia32_pause();
+			pthread_mutex_lock(&c->cq_lock);
+			continue;
+		}
+		r = session_state(c);
+		if (r < 0) {
+			/* what the daemon completed before it went still counts */
+			if (reap(c) == 0 && unstash(c, want, ret))
+				r = 0;
+			break;
+		}
+		if (now - t0 >= limit) {
+			r = timeout_ms == 0 ? -EAGAIN : -ETIMEDOUT;
+			break;
+		}
+		left = limit - (now - t0);
+		/* sleep: flag, fence, look once more, then wait on the word */
+		val = __atomic_load_n(&c->hdr->client_futex, __ATOMIC_ACQUIRE);
+		if (c->sleepers++ == 0)
+			__atomic_store_n(&c->hdr->client_wait, 1, __ATOMIC_RELAXED);
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&c->hdr->cq_tail, __ATOMIC_ACQUIRE) == c->hdr->cq_head) {
+			pthread_mutex_unlock(&c->cq_lock);
+			moe_futex_wait(&c->hdr->client_futex, val, left < WAIT_SLICE_NS ? left : WAIT_SLICE_NS);
+			pthread_mutex_lock(&c->cq_lock);
+		}
+		if (--c->sleepers == 0)
+			__atomic_store_n(&c->hdr->client_wait, 0, __ATOMIC_RELAXED);
+	}
+	pthread_mutex_unlock(&c->cq_lock);
+	return r;
+}
+
+MOE_EXPORT int moe_client_wait(struct moe_client *c, struct moe_completion *ret, int timeout_ms)
+{
+	if (!c || !ret)
+		return -EINVAL;
+	return wait_for(c, ANY, ret, timeout_ms);
+}
+
+MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t dtype, const void *input,
+				  void *output, uint64_t tokens, int32_t *ids, float *weights)
+{
+	uint64_t H, k, es, per, done = 0, piece;
+	uint8_t *in = NULL, *out = NULL;
+	int32_t *aids = NULL;
+	float *aw = NULL;
+	int r = 0;
+
+	if (!c || !input || !output || (weights && !ids) || (dtype != MOE_F32 && dtype != MOE_BF16))
+		return -EINVAL;
+	if (!is_moe_layer(c, layer))
+		return -MOE_E_LAYER;
+	H = c->w->hidden_size;
+	k = c->w->top_k;
+	es = dtype == MOE_F32 ? 4 : 2;
+	per = 2 * H * es + (ids ? 2 * k * 4 : 0) + 4 * ARENA_ALIGN / 64;
+	/* the piece: what the limits allow and half the arena holds (others use it too) */
+	piece = c->w->max_tokens;
+	if (piece > c->arena_bytes / 2 / per)
+		piece = c->arena_bytes / 2 / per;
+	if (piece == 0)
+		return -ENOMEM;
+	if (piece > tokens)
+		piece = tokens;
+	if ((r = moe_client_alloc(c, piece * H * es, (void **)&in)) < 0 ||
+	    (r = moe_client_alloc(c, piece * H * es, (void **)&out)) < 0 ||
+	    (ids && ((r = moe_client_alloc(c, piece * k * 4, (void **)&aids)) < 0 ||
+		     (r = moe_client_alloc(c, piece * k * 4, (void **)&aw)) < 0)))
+		goto out;
+	while (done < tokens) {
+		uint64_t n = tokens - done < piece ? tokens - done : piece;
+		struct moe_request q = { .layer = layer, .dtype = dtype, .tokens = n, .input = in,
+					 .output = out, .ids = aids, .weights = aw };
+		struct moe_completion cq;
+		uint64_t tag;
+
+		memcpy(in, (const uint8_t *)input + done * H * es, n * H * es);
+		pthread_mutex_lock(&c->sq_lock);
+		tag = TAG_SYNC | ++c->sync_seq;
+		do {
+			r = submit_locked(c, &q, tag);
+			if (r == -EAGAIN) {
+				/* the ring is full of others' requests: let them drain */
+				pthread_mutex_unlock(&c->sq_lock);
+				usleep(50);
+				pthread_mutex_lock(&c->sq_lock);
+			}
+		} while (r == -EAGAIN);
+		pthread_mutex_unlock(&c->sq_lock);
+		if (r < 0)
+			goto out;
+		r = wait_for(c, tag, &cq, -1);
+		if (r < 0)
+			goto out;
+		if (cq.res < 0) {
+			r = cq.res;
+			goto out;
+		}
+		memcpy((uint8_t *)output + done * H * es, out, n * H * es);
+		if (ids) {
+			memcpy(ids + done * k, aids, n * k * 4);
+			if (weights)
+				memcpy(weights + done * k, aw, n * k * 4);
+		}
+		done += n;
+	}
+out:
+	moe_client_free(c, in);
+	moe_client_free(c, out);
+	moe_client_free(c, aids);
+	moe_client_free(c, aw);
+	return r;
+}
+
+MOE_EXPORT int moe_client_stats(struct moe_client *c, char **ret)
+{
+	struct moe_msg_header h;
+	char *text;
+	int r;
+
+	if (!c || !ret)
+		return -EINVAL;
+	pthread_mutex_lock(&c->ctl_lock);
+	r = ctl_send(c, MOE_MSG_STATS, NULL, 0);
+	if (r == 0)
+		r = recv_full(c->fd, &h, sizeof(h), NULL);
+	if (r == 0 && (h.magic != MOE_MSG_MAGIC || h.type != MOE_MSG_STATS || h.len > MOE_MSG_MAX))
+		r = -MOE_E_PROTO;
+	if (r < 0) {
+		pthread_mutex_unlock(&c->ctl_lock);
+		return r;
+	}
+	text = malloc((size_t)h.len + 1);
+	if (!text) {
+		/* the payload must still be read, or the stream is out of step */
+		char sink[4096];
+		for (uint32_t left = h.len; left && r == 0;) {
+			uint32_t n = left < sizeof(sink) ? left : sizeof(sink);
+			r = recv_full(c->fd, sink, n, NULL);
+			left -= n;
+		}
+		pthread_mutex_unlock(&c->ctl_lock);
+		return -ENOMEM;
+	}
+	r = recv_full(c->fd, text, h.len, NULL);
+	pthread_mutex_unlock(&c->ctl_lock);
+	if (r < 0) {
+		free(text);
+		return r;
+	}
+	text[h.len] = '\0';
+	*ret = text;
+	return 0;
 }

@@ -2,14 +2,23 @@
 /*
  * libmoeclient: the client library of moed.
  *
- * This first version carries the error codes and their messages; the
- * session, ring and tensor calls come with the daemon (see
- * libmoeclient(3)).  Every function returns 0 or a positive
- * value on success and a negative errno on failure; the library never logs,
- * never exits and never raises signals.
+ * A process connects to moed's unix socket, gets a shared-memory segment
+ * (an arena for its tensors and a pair of rings), places hidden states in
+ * the arena, submits requests and waits for their completions; or calls
+ * moe_client_forward(), which does all of that with copies.  See
+ * libmoeclient(3).
+ *
+ * Every function returns 0 or a positive value on success and a negative
+ * errno (or -MOE_E_*) on failure; the library never logs, never exits and
+ * never raises signals.  A handle may be used from several threads: the
+ * calls on it are serialised where they must be (see libmoeclient(3),
+ * THREAD SAFETY); one handle per thread avoids the waiting.
  */
 #ifndef MOECLIENT_H
 #define MOECLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,6 +49,126 @@ const char *moe_strerror(int err);
 
 /* The library's version as MAJOR * 10000 + MINOR * 100 + PATCH. */
 int moe_version(void);
+
+/* The socket moed listens on unless told otherwise; $MOED_SOCKET overrides it. */
+#define MOE_DEFAULT_SOCKET "/run/moed/moed.sock"
+
+/* Activation dtypes of a request. */
+enum moe_dtype_act {
+	MOE_F32 = 0,        /* float32 */
+	MOE_BF16 = 1,       /* bfloat16 (uint16_t words) */
+};
+
+struct moe_client;          /* a session with moed */
+
+struct moe_client_options {
+	uint64_t arena_bytes;   /* shared arena wanted; 0: the daemon's default */
+	uint32_t sq_entries;    /* requests in flight, a power of two; 0: default (64) */
+	uint32_t reserved[5];   /* zero */
+};
+
+/* What moed serves. */
+struct moe_model_info {
+	char model_type[32];            /* "deepseek_v3", ... */
+	char backend[16];               /* "cpu", "cuda" */
+	uint32_t hidden_size;
+	uint32_t moe_intermediate_size;
+	uint32_t num_experts;
+	uint32_t top_k;
+	uint32_t num_hidden_layers;
+	uint32_t num_moe_layers;
+	const uint32_t *moe_layers;     /* [num_moe_layers], the checkpoint's numbers;
+					 * valid until moe_client_disconnect() */
+	uint32_t weight_dtype;          /* 0 float32, 1 float16, 2 bfloat16 */
+	uint32_t n_shared_experts;
+	uint32_t max_tokens;            /* tokens per request */
+	uint64_t arena_bytes;           /* the session's arena */
+};
+
+/* A request: the tensors live in the arena (moe_client_alloc). */
+struct moe_request {
+	uint32_t layer;                 /* an MoE layer, the checkpoint's number */
+	uint32_t dtype;                 /* enum moe_dtype_act of input and output */
+	uint64_t tokens;                /* 1..max_tokens */
+	const void *input;              /* [tokens][hidden_size] */
+	void *output;                   /* [tokens][hidden_size] */
+	int32_t *ids;                   /* [tokens][top_k] chosen experts, or NULL */
+	float *weights;                 /* [tokens][top_k] their weights, or NULL (with ids) */
+	uint64_t user_data;             /* given back in the completion */
+};
+
+struct moe_completion {
+	uint64_t user_data;
+	int res;                        /* 0, or a negative errno / -MOE_E_* */
+};
+
+/*
+ * Connect to moed at @socket_path (NULL: $MOED_SOCKET, else
+ * MOE_DEFAULT_SOCKET) and set up the session's segment.  @opt may be NULL.
+ * Errors: -ENOENT / -ECONNREFUSED (no moed there), -EACCES (the socket's
+ * permissions or moed's access lists refuse this user), -EUSERS (moed
+ * serves its maximum of clients), -MOE_E_PROTO, -ETIMEDOUT, -ENOMEM.
+ * *ret is set only on success.
+ */
+int moe_client_connect(const char *socket_path, const struct moe_client_options *opt,
+		       struct moe_client **ret);
+
+/* End the session: requests in flight are abandoned, the arena is gone.
+ * NULL is fine. */
+void moe_client_disconnect(struct moe_client *c);
+
+/* The model and the session's limits, into *ret. */
+int moe_client_info(struct moe_client *c, struct moe_model_info *ret);
+
+/*
+ * @bytes of the arena, 64-byte aligned, into *ret; -ENOMEM when the arena
+ * has no room.  Free with moe_client_free().
+ */
+int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret);
+
+/* Give back what moe_client_alloc() gave; NULL is fine; -EINVAL for any
+ * other pointer. */
+int moe_client_free(struct moe_client *c, void *p);
+
+/*
+ * Queue @req.  Errors: -EFAULT (a tensor not inside the arena), -EINVAL
+ * (dtype, or weights without ids), -E2BIG (tokens beyond max_tokens),
+ * -MOE_E_LAYER (not an MoE layer), -EAGAIN (the ring is full: reap
+ * completions first), -ESHUTDOWN / -ECONNRESET (moed stopped or the
+ * session ended).  The tensors must stay untouched until the completion.
+ */
+int moe_client_submit(struct moe_client *c, const struct moe_request *req);
+
+/*
+ * Queue a request that does nothing: it completes with res 0 and
+ * @user_data as soon as moed looks at the ring (a health check, and the
+ * measure of a ring round trip).  Errors as moe_client_submit().
+ */
+int moe_client_nop(struct moe_client *c, uint64_t user_data);
+
+/*
+ * The next completion into *ret, waiting at most @timeout_ms (-1: no
+ * limit; 0: do not wait).  Returns 0 with *ret set (its res says how the
+ * request went), -ETIMEDOUT (-EAGAIN with 0), -ESHUTDOWN / -ECONNRESET.
+ */
+int moe_client_wait(struct moe_client *c, struct moe_completion *ret, int timeout_ms);
+
+/*
+ * Run MoE layer @layer on @tokens rows of @input (any memory; @dtype),
+ * writing @output and, if not NULL, @ids and @weights ([tokens][top_k]):
+ * copies through the arena, in pieces if needed, and waits.  The output
+ * bits are those of the same tokens in any other batch.  Returns 0 or the
+ * error of moe_client_submit() or of the request.
+ */
+int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t dtype, const void *input,
+		       void *output, uint64_t tokens, int32_t *ids, float *weights);
+
+/*
+ * moed's figures as a JSON text (the daemon's load, cache and pager
+ * figures, latency percentiles, per-client counters) into *ret, which the
+ * caller frees with free().
+ */
+int moe_client_stats(struct moe_client *c, char **ret);
 
 #ifdef __cplusplus
 }

@@ -191,8 +191,8 @@ ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --all-experts --
 [ "$(npy_shape "$d/dense.npy")" = "(4, $H)" ] || fail "--all-experts output shape"
 cmp -s "$d/dense.npy" "$d/out.npy" && fail "--all-experts gives the same output as top-k routing"
 
-refuses "forward through the daemon is not available yet" \
-	"$MOECTL" forward --layer 1 --input "$d/in.npy" --output "$d/o.npy"
+refuses "cannot connect (moed at $d/no.sock)" \
+	"$MOECTL" --socket "$d/no.sock" forward --layer 1 --input "$d/in.npy" --output "$d/o.npy"
 refuses "is float32 but --dtype bf16" \
 	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --output "$d/o.npy" --dtype bf16
 ok "$MOECTL" forward --model "$S" --layer 1 --random-input 4 --dtype bf16 --save-input "$d/in16.npy"

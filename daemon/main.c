@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * moed: serve the MoE layers of a model store to local processes.  The
+ * command line; everything else is in server.c and the engine.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "log.h"
+#include "server.h"
+
+static void usage(FILE *f)
+{
+	fputs("usage: moed [options]\n"
+	      "\n"
+	      "Serve the Mixture-of-Experts layers of a model store to local processes\n"
+	      "through libmoeclient.  Runs in the foreground; stop it with SIGTERM,\n"
+	      "reload its configuration with SIGHUP.\n"
+	      "\n"
+	      "  -c, --config FILE     the configuration (default " MOED_CONFIG_FILE ";\n"
+	      "                        a missing default file means the built-in defaults)\n"
+	      "  -m, --model STORE     the .moe store to serve (config: model)\n"
+	      "  -s, --socket PATH     the unix socket (config: socket.path)\n"
+	      "  -b, --backend B       auto, cpu or cuda (config: backend)\n"
+	      "  -l, --log-level L     emerg .. debug (config: log.level)\n"
+	      "  -o, --set NAME=VALUE  any other setting of moed.conf(5), e.g. cache.host_mb=8192\n"
+	      "      --check-config    check the configuration, print it, exit\n"
+	      "  -h, --help            this text\n"
+	      "  -V, --version         the version\n", f);
+}
+
+enum { OPT_CHECK = 256 };
+
+static const struct option long_opts[] = {
+	{ "config", required_argument, NULL, 'c' },
+	{ "model", required_argument, NULL, 'm' },
+	{ "socket", required_argument, NULL, 's' },
+	{ "backend", required_argument, NULL, 'b' },
+	{ "log-level", required_argument, NULL, 'l' },
+	{ "set", required_argument, NULL, 'o' },
+	{ "check-config", no_argument, NULL, OPT_CHECK },
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ NULL, 0, NULL, 0 },
+};
+
+
+int main(int argc, char **argv)
+{
+	struct moed_override ov[64];
+	size_t nov = 0;
+	const char *config_path = NULL;
+	bool check = false, explicit_config = false;
+	struct moed_config *cfg = NULL;
+	struct moed_server *srv = NULL;
+	struct moe_err err = { 0 };
+	int c, r, status = 1;
+
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":c:m:s:b:l:o:hV", long_opts, NULL)) != -1) {
+		const char *name = NULL;
+
+		switch (c) {
+		case 'c':
+			config_path = optarg;
+			explicit_config = true;
+			continue;
+		case 'm': name = "model"; break;
+		case 's': name = "socket.path"; break;
+		case 'b': name = "backend"; break;
+		case 'l': name = "log.level"; break;
+		case 'o': {
+			char *eq = strchr(optarg, '=');
+
+			if (!eq || eq == optarg) {
+				fprintf(stderr, "moed: --set wants NAME=VALUE, not '%s'\n", optarg);
+				return 2;
+			}
+			if (nov == sizeof(ov) / sizeof(ov[0])) {
+				fprintf(stderr, "moed: too many --set options\n");
+				return 2;
+			}
+			*eq = '\0';
+			ov[nov++] = (struct moed_override){ optarg, eq + 1 };
+			continue;
+		}
+		case OPT_CHECK:
+			check = true;
+			continue;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case 'V':
+			printf("moed %s\n", PACKAGE_VERSION);
+			return 0;
+		case ':':
+			fprintf(stderr, "moed: %s needs a value\n", argv[optind - 1]);
+			return 2;
+		default:
+			fprintf(stderr, "moed: unknown option '%s' (see moed --help)\n", argv[optind - 1]);
+			return 2;
+		}
+		if (nov == sizeof(ov) / sizeof(ov[0])) {
+			fprintf(stderr, "moed: too many options\n");
+			return 2;
+		}
+		ov[nov++] = (struct moed_override){ name, optarg };
+	}
+	if (optind < argc) {
+		fprintf(stderr, "moed: unexpected argument '%s' (see moed --help)\n", argv[optind]);
+		return 2;
+	}
+
+	if (!config_path)
+		config_path = MOED_CONFIG_FILE;
+	r = moed_config_load(config_path, &cfg, &err);
+	if (r == -ENOENT && !explicit_config) {
+		/* no file at the default place: the built-in defaults */
+		config_path = NULL;
+		r = moed_config_defaults(&cfg, &err);
+	}
+	if (r < 0) {
+		fprintf(stderr, "moed: %s\n", err.msg);
+		return 1;
+	}
+	for (size_t i = 0; i < nov; i++) {
+		r = moed_config_set(cfg, ov[i].name, ov[i].value, &err);
+		if (r < 0) {
+			fprintf(stderr, "moed: command line: %s\n", err.msg);
+			moed_config_free(cfg);
+			return 1;
+		}
+	}
+	if (check) {
+		char *dump = moed_config_dump(cfg);
+
+		printf("# %s: OK\n%s", config_path ? config_path : "built-in defaults", dump ? dump : "");
+		free(dump);
+		moed_config_free(cfg);
+		return 0;
+	}
+	moed_log_set_level(cfg->log.level);
+
+	r = moed_server_new(cfg, config_path, ov, nov, &srv, &err);   /* takes cfg */
+	if (r < 0) {
+		log_error("%s", err.msg);
+		return 1;
+	}
+	status = moed_server_run(srv);
+	moed_server_free(srv);
+	log_info("stopped");
+	return status;
+}

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The moed server: the control thread (socket, sessions, signals, systemd
+ * notifications) and the data-plane thread (rings, batching across
+ * clients, the engine).  main.c parses the command line and runs it.
+ */
+#ifndef MOED_SERVER_H
+#define MOED_SERVER_H
+
+#include "conf.h"
+#include "err.h"
+
+struct moed_server;
+
+/* A command-line setting (moed --set NAME=VALUE and the like), applied
+ * over the file at start and again at every reload. */
+struct moed_override {
+	const char *name;
+	const char *value;
+};
+
+/*
+ * Open the model (the engine), then the socket: the one systemd passed
+ * (socket activation, sd_listen_fds) or cfg->socket.path bound here.
+ * @config_path is re-read on SIGHUP (NULL: nothing to reload), with the
+ * @nov overrides @ov (copied) applied over it.  Takes ownership of @cfg.
+ * Errors name the file or socket.
+ */
+int moed_server_new(struct moed_config *cfg, const char *config_path, const struct moed_override *ov,
+		    size_t nov, struct moed_server **ret, struct moe_err *err);
+
+/* Serve until SIGTERM or SIGINT; returns the exit status (0 after a clean
+ * stop). */
+int moed_server_run(struct moed_server *s);
+
+/* NULL is fine. */
+void moed_server_free(struct moed_server *s);
+
+#endif

@@ -1,0 +1,161 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The wire protocol between moed and libmoeclient: the control messages on
+ * the unix socket and the layout of a client's shared-memory segment.
+ * Internal to the project (not installed); both sides include it, so the
+ * two can never disagree on a layout.  Everything is little-endian,
+ * fixed-width and naturally aligned; a version in the HELLO and in the
+ * segment header lets either side refuse what it does not know.
+ *
+ * Control (unix stream socket, one connection per session):
+ *   client -> daemon  MOE_MSG_HELLO   struct moe_msg_hello
+ *   daemon -> client  MOE_MSG_WELCOME struct moe_msg_welcome, with the
+ *                     segment's memfd as SCM_RIGHTS (or status < 0, no fd)
+ *   client -> daemon  MOE_MSG_STATS   no payload
+ *   daemon -> client  MOE_MSG_STATS   JSON text (not NUL-terminated)
+ * Every message starts with struct moe_msg_header; len counts the payload.
+ * Closing the socket ends the session; tensors never cross it.
+ *
+ * Segment (a sealed memfd the daemon creates, mapped by both):
+ *   [0, 4096)              struct moe_seg_header (ring indices, wakeup words)
+ *   [sq_off, +sq_entries)  struct moe_sqe ring, written by the client
+ *   [cq_off, +cq_entries)  struct moe_cqe ring, written by the daemon
+ *   [arena_off, +arena)    the arena: the client's tensors; descriptors
+ *                          carry offsets into it, never pointers
+ *
+ * Rings (as io_uring's): single producer, single consumer, free-running
+ * uint32 indices (entry = ring[index & (entries - 1)]); the producer writes
+ * the entry, then stores tail with release; the consumer loads tail with
+ * acquire, reads the entries, then stores head with release.  The daemon
+ * never trusts what the client wrote: it keeps its own copy of the SQ head
+ * and CQ tail, reads the SQ tail once per pass and refuses it if it is more
+ * than sq_entries ahead, copies each descriptor before checking it.
+ *
+ * Wakeups (io_uring's SQPOLL protocol, with futexes): a sleeper sets its
+ * need-wakeup flag, issues a full fence, checks for work once more, then
+ * FUTEX_WAITs on its futex word with the value read before the flag; a
+ * producer publishes, issues a full fence, and if the flag is set
+ * increments the futex word and FUTEX_WAKEs it.  So an idle side costs
+ * nothing and a busy one no system call per request.
+ */
+#ifndef MOE_PROTO_H
+#define MOE_PROTO_H
+
+#include <stdint.h>
+
+#define MOE_PROTO_VERSION 1
+#define MOE_MSG_MAGIC 0x4d4f4521u          /* "!EOM" on the wire: "MOE!" read as LE */
+#define MOE_SEG_MAGIC 0x5345474du          /* "MGES": "MSEG" */
+#define MOE_SEG_HEADER_SIZE 4096u
+#define MOE_MSG_MAX (1u << 20)             /* largest control payload (stats JSON) */
+
+enum moe_msg_type {
+	MOE_MSG_HELLO = 1,
+	MOE_MSG_WELCOME = 2,
+	MOE_MSG_STATS = 3,
+};
+
+struct moe_msg_header {
+	uint32_t magic;                 /* MOE_MSG_MAGIC */
+	uint32_t type;                  /* enum moe_msg_type */
+	uint32_t len;                   /* payload bytes that follow */
+	uint32_t reserved;
+};
+
+struct moe_msg_hello {
+	uint32_t version;               /* MOE_PROTO_VERSION */
+	uint32_t flags;                 /* none yet: 0 */
+	uint64_t arena_bytes;           /* wanted; 0: the daemon's default */
+	uint32_t sq_entries;            /* wanted, power of two; 0: default */
+	uint32_t reserved[9];
+};
+
+#define MOE_INFO_MAX_LAYERS 256     /* MoE layers listed in the WELCOME */
+
+struct moe_msg_welcome {
+	int32_t status;                 /* 0, or a negative errno / -MOE_E_* (no fd then) */
+	uint32_t version;               /* the daemon's MOE_PROTO_VERSION */
+	uint64_t segment_bytes;         /* size of the memfd */
+	uint32_t client_id;             /* the daemon's number for this session */
+	uint32_t reserved0;
+	/* the model */
+	char model_type[32];            /* NUL-terminated */
+	char backend[16];               /* "cpu", "cuda" */
+	uint32_t hidden_size;
+	uint32_t moe_intermediate_size;
+	uint32_t num_experts;
+	uint32_t top_k;
+	uint32_t num_hidden_layers;
+	uint32_t num_moe_layers;        /* entries of moe_layers used (at most MOE_INFO_MAX_LAYERS) */
+	uint32_t weight_dtype;          /* enum moe_dtype of the daemon (0 f32, 1 f16, 2 bf16) */
+	uint32_t n_shared_experts;
+	uint32_t max_tokens;            /* per request */
+	uint32_t reserved1[7];
+	uint32_t moe_layers[MOE_INFO_MAX_LAYERS];
+	char message[256];              /* why, when status < 0 */
+};
+
+/* Activation dtypes of a request. */
+enum moe_act_dtype { MOE_ACT_F32 = 0, MOE_ACT_BF16 = 1 };
+
+enum moe_opcode {
+	MOE_OP_NOP = 0,                 /* completes at once with res 0 (ring round trips) */
+	MOE_OP_FORWARD = 1,             /* one MoE layer on tokens x hidden */
+};
+
+#define MOE_SQE_ROUTING (1u << 0)   /* write ids (int32 [T][k]) and weights (float [T][k]) */
+
+/* A submission: 64 bytes.  Offsets are into the arena. */
+struct moe_sqe {
+	uint64_t user_data;             /* echoed in the completion */
+	uint32_t opcode;                /* enum moe_opcode */
+	uint32_t flags;                 /* MOE_SQE_* */
+	uint32_t layer;                 /* the checkpoint's layer number */
+	uint32_t dtype;                 /* enum moe_act_dtype of in and out */
+	uint64_t tokens;
+	uint64_t in_off;                /* tokens x hidden activations */
+	uint64_t out_off;               /* the same size */
+	uint64_t ids_off;               /* with MOE_SQE_ROUTING */
+	uint64_t weights_off;           /* with MOE_SQE_ROUTING */
+};
+_Static_assert(sizeof(struct moe_sqe) == 64, "an SQE is 64 bytes");
+
+/* A completion: 16 bytes. */
+struct moe_cqe {
+	uint64_t user_data;
+	int32_t res;                    /* 0, or a negative errno / -MOE_E_* */
+	uint32_t flags;                 /* none yet */
+};
+_Static_assert(sizeof(struct moe_cqe) == 16, "a CQE is 16 bytes");
+
+/* The segment header.  Each index and wakeup word has its own cache line:
+ * the two sides write different ones. */
+struct moe_seg_header {
+	uint32_t magic;                 /* MOE_SEG_MAGIC */
+	uint32_t version;               /* MOE_PROTO_VERSION */
+	uint64_t segment_bytes;
+	uint32_t sq_entries;            /* power of two */
+	uint32_t cq_entries;            /* power of two, >= sq_entries */
+	uint64_t sq_off, cq_off;
+	uint64_t arena_off, arena_bytes;
+	uint8_t pad0[64 - 48];
+
+	_Alignas(64) uint32_t sq_tail;  /* client: next SQE to fill */
+	_Alignas(64) uint32_t sq_head;  /* daemon: SQEs it has taken (information) */
+	_Alignas(64) uint32_t cq_tail;  /* daemon: next CQE it fills */
+	_Alignas(64) uint32_t cq_head;  /* client: CQEs it has consumed */
+
+	/* the daemon sleeps on daemon_futex when daemon_wait is set */
+	_Alignas(64) uint32_t daemon_futex;
+	uint32_t daemon_wait;
+	/* the client sleeps on client_futex when client_wait is set */
+	_Alignas(64) uint32_t client_futex;
+	uint32_t client_wait;
+	_Alignas(64) uint32_t daemon_state; /* MOE_SEG_* set by the daemon */
+};
+_Static_assert(sizeof(struct moe_seg_header) <= MOE_SEG_HEADER_SIZE, "segment header fits its page");
+
+#define MOE_SEG_SERVING 0
+#define MOE_SEG_CLOSED 1            /* the daemon stopped serving this segment */
+
+#endif
