@@ -19,6 +19,7 @@ set -u
 src=$(cd "$(dirname "$0")" && pwd)
 BUILD_DIR=${BUILD_DIR:-$src}
 MOECTL=${MOECTL:-$BUILD_DIR/client/moectl}
+MOED=${MOED:-$BUILD_DIR/daemon/moed}
 REPEAT=${REPEAT:-5}   # runs per batch: the first loads the experts, the best of the rest is shown
 
 die() {
@@ -28,13 +29,15 @@ die() {
 
 [ "$REPEAT" -ge 2 ] 2>/dev/null || die "REPEAT must be at least 2"
 [ -x "$MOECTL" ] || die "no moectl at $MOECTL: build first (./configure && make), or set BUILD_DIR"
+[ -x "$MOED" ] || die "no moed at $MOED: build first (./configure && make), or set BUILD_DIR"
 
 parent=${DEMO_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$parent" || die "cannot create $parent"
 avail=$(df -Pk "$parent" | awk 'NR == 2 { print $4 }')
 [ "${avail:-0}" -gt 1800000 ] || die "$parent has $((${avail:-0} / 1024)) MB free; the demo needs 1.8 GB (set DEMO_DIR)"
 work=$(mktemp -d "$parent/moed-demo-XXXXXX") || die "cannot create a directory in $parent"
-trap 'rm -rf "$work"' EXIT
+moed_pid=
+trap '[ -n "$moed_pid" ] && kill "$moed_pid" 2>/dev/null; rm -rf "$work"' EXIT
 trap 'exit 1' HUP INT TERM
 
 now() { date +%s.%N; }
@@ -74,15 +77,15 @@ run "$work/gen.log" "$MOECTL" gen-model --arch deepseek_v3 --layers $LAYERS --fi
 	--hidden $H --moe-intermediate $I --intermediate $((2 * I)) --experts $E --top-k $K \
 	--groups $G --topk-group $KG --shared-experts $SHARED --vocab 1024 --mtp-layers 0 \
 	--router-skew 1 --seed 1 -o "$work/hf"
-echo "[1/5] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
+echo "[1/6] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
 
 t0=$(now)
 run "$work/pack.log" "$MOECTL" pack "$work/hf" -o "$work/model.moe"
 rm -rf "$work/hf"
 run "$work/verify.log" "$MOECTL" verify "$work/model.moe"
-echo "[2/5] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
+echo "[2/6] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
 
-echo "[3/5] forward, layer $LAYER (first run reads the experts it needs from the store;"
+echo "[3/6] forward, layer $LAYER (first run reads the experts it needs from the store;"
 echo "      then the best of $((REPEAT - 1)) runs):"
 printf '      %6s  %12s  %12s  %10s\n' tokens "first run" "per batch" "tokens/s"
 for T in 1 16 256; do
@@ -104,7 +107,7 @@ run "$work/dense.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER
 dense=$(field "$work/dense.log" "ms mean,")
 [ -n "$dense" ] || die "no timing in the output of forward --all-experts"
 awk -v e=$E -v d="$dense" 'BEGIN {
-	printf "[4/5] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
+	printf "[4/6] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
 }'
 awk -v s="$best" -v d="$dense" -v e=$E -v k=$K -v sh=$SHARED 'BEGIN {
 	printf "      top-%d of %d experts: %.1fx faster than computing every expert\n", k, e, d / s
@@ -114,7 +117,7 @@ awk -v s="$best" -v d="$dense" -v e=$E -v k=$K -v sh=$SHARED 'BEGIN {
 # Paging: a third of the routed experts fit in the host cache.
 store_mb=$(( $(wc -c <"$work/model.moe") / 1048576 ))
 budget=$(( store_mb / 3 ))
-echo "[5/5] every MoE layer on 4-token batches (40 different ones, after a first one that"
+echo "[5/6] every MoE layer on 4-token batches (40 different ones, after a first one that"
 echo "      fills the cache) with a host budget of $budget MiB, a third of the $store_mb MiB store:"
 echo "      the rest is read from the store with io_uring while resident experts compute"
 printf '      %-12s %9s %8s %10s %10s %9s %15s\n' prefetch "ms/batch" "hit" "MiB read" "stall ms" "MB/s" "prec/recall"
@@ -134,4 +137,46 @@ done
 sed -n 's/^pager: /      pager: /p; s/^peak resident memory: /      peak resident memory: /p' "$work/pageon.log"
 echo "      (hit: experts a batch found in memory; stall: time waiting for reads, all batches;"
 echo "       precision / recall: how well layer L's input predicts layer L+1's experts)"
+
+# The daemon: one resident copy of the model served to several processes.
+cat >"$work/moed.conf" <<EOF
+model = "$work/model.moe";
+socket = { path = "$work/moed.sock"; group = ""; };
+cache = { host_mb = $((store_mb + 64)); };
+EOF
+"$MOED" --config "$work/moed.conf" >"$work/moed.log" 2>&1 &
+moed_pid=$!
+i=0
+until "$MOECTL" --socket "$work/moed.sock" info >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 300 ] || ! kill -0 "$moed_pid" 2>/dev/null; then
+		sed 's/^/  | /' "$work/moed.log" >&2
+		die "moed did not start"
+	fi
+	sleep 0.1
+done
+echo "[6/6] moed serving the store on $work/moed.sock (pid $moed_pid); clients are"
+echo "      separate processes that share its one copy of the experts and its batches"
+run "$work/same1.log" "$MOECTL" --socket "$work/moed.sock" forward --layer $LAYER --random-input 16 \
+	--output "$work/d.npy"
+run "$work/same2.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER --random-input 16 \
+	--output "$work/m.npy"
+cmp -s "$work/d.npy" "$work/m.npy" || die "moed's output differs from the in-process forward"
+echo "      moectl forward through moed gives the same bits as in-process: yes"
+printf '      %8s %12s %12s %10s %10s\n' clients "tokens/s" "requests/s" "p50 us" "p99 us"
+for n in 1 4; do
+	run "$work/bench$n.log" "$MOECTL" --socket "$work/moed.sock" bench --clients $n --tokens 4 \
+		--layer $LAYER --duration 2 --warmup 0.5 --json
+	sed -n 's/.*"tokens_per_s": \([0-9.]*\).*"p50": \([0-9.]*\), "p90": [0-9.]*, "p99": \([0-9.]*\).*/\1 \2 \3/p' \
+		"$work/bench$n.log" | awk -v n=$n '{ printf "      %8d %12.0f %12.0f %10.1f %10.1f\n", n, $1, $1 / 4, $2, $3 }'
+done
+echo "      (each client sends 4-token requests to layer $LAYER back to back for 2 s)"
+run "$work/stats.log" "$MOECTL" --socket "$work/moed.sock" stats
+echo "      moectl stats:"
+sed -n '1,12p' "$work/stats.log" | sed 's/^/        /'
+kill "$moed_pid"
+wait "$moed_pid" || die "moed did not stop cleanly (log: $work/moed.log)"
+moed_pid=
+echo "      moed stopped cleanly on SIGTERM"
 echo "done; removing $work"
+

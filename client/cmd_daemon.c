@@ -54,7 +54,7 @@ static int parse_json_flag(const char *cmd, int argc, char **argv, bool *json)
 
 int cmd_info(int argc, char **argv)
 {
-	static const char *const dtypes[] = { "f32", "f16", "bf16" };
+	static const char *const dtypes[] = { "f32", "bf16", "f16" };   /* moe-store(5)'s numbers */
 	struct moe_client *c;
 	struct moe_model_info in;
 	bool json;

@@ -21,8 +21,11 @@
 #include "engine.h"
 #include "err.h"
 
-/* The file moed reads without --config. */
+/* The file moed reads without --config: $(sysconfdir)/moed/moed.conf,
+ * set by the build (Makefile.am). */
+#ifndef MOED_CONFIG_FILE
 #define MOED_CONFIG_FILE "/etc/moed/moed.conf"
+#endif
 
 struct moed_config {
 	char *path;            /* the file it came from, or NULL for defaults */

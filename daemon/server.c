@@ -137,6 +137,7 @@ struct moed_server {
 	uint64_t stats_gen;              /* bumped (under lock) with each snapshot */
 	char *stats_json;                /* the latest snapshot (under lock) */
 	atomic_uint live_clients;
+	_Atomic uint64_t heartbeat;      /* the data thread's last sign of life (ns) */
 
 	pthread_t data_thread;
 	bool data_ok;
@@ -890,11 +891,13 @@ static void sessions_update(struct moed_server *s)
 }
 
 /* Sleep until a client submits, a session comes or goes, or we are asked
- * for something.  The wakeup protocol of proto.h. */
-static void data_sleep(struct moed_server *s)
+ * for something.  The wakeup protocol of proto.h; @own is the wake word as
+ * read before this pass looked at the sessions, so that a wake in between
+ * is not lost. */
+static void data_sleep(struct moed_server *s, uint32_t own)
 {
 	struct futex_waitv wv[FUTEX_WAITV_MAX];
-	uint32_t n = 0, own = atomic_load(&s->wake_word);
+	uint32_t n = 0;
 	struct timespec ts;
 	bool work = false;
 
@@ -946,8 +949,12 @@ static void drain(struct moed_server *s)
 				complete(s, c, c->sq[(c->sq_head + i) & (c->sq_entries - 1)].user_data, -ESHUTDOWN);
 			c->sq_head += n < space ? n : space;
 		}
-		__atomic_store_n(&c->hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
+		/* the completions first, then the state, so that a client that sees
+		 * the session closed has every answer already */
 		publish(c);
+		__atomic_store_n(&c->hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
+		atomic_thread_fence(memory_order_seq_cst);
+		moe_futex_kick(&c->hdr->client_futex, &c->hdr->client_wait, INT_MAX);
 	}
 }
 
@@ -957,8 +964,11 @@ static void *data_main(void *arg)
 	uint64_t idle_since = 0;
 
 	s->started_ns = s->tps_t0 = now_ns();
+	atomic_store(&s->heartbeat, s->started_ns);
 	while (!atomic_load(&s->stop)) {
-		uint32_t max_tokens, batch_max;
+		uint32_t max_tokens, batch_max, own = atomic_load(&s->wake_word);
+
+		atomic_store(&s->heartbeat, now_ns());
 		size_t nreq = 0, cap = 0;
 		uint64_t t0 = now_ns();
 		bool any = false;
@@ -981,10 +991,10 @@ static void *data_main(void *arg)
 			if (!idle_since)
 				idle_since = t0;
 			if (t0 - idle_since < IDLE_SPIN_NS) {
-				__builtin_ia32_pause();
+				moe_cpu_relax();
 				continue;
 			}
-			data_sleep(s);
+			data_sleep(s, own);
 			continue;
 		}
 		idle_since = 0;
@@ -998,7 +1008,7 @@ static void *data_main(void *arg)
 		}
 		if (grow((void **)&s->reqs, &s->reqs_cap, cap, sizeof(struct req)) < 0) {
 			log_error("out of memory for %zu requests", cap);
-			data_sleep(s);
+			data_sleep(s, own);
 			continue;
 		}
 		/* one pass: what every client has submitted right now */
@@ -1027,6 +1037,8 @@ static void *data_main(void *arg)
 			if (!c->kicked)
 				publish(c);
 	}
+	/* sessions handed over just now are drained too: nothing goes unanswered */
+	sessions_update(s);
 	drain(s);
 	return NULL;
 }
@@ -1306,8 +1318,18 @@ static void status_tick(struct moed_server *s)
 	notify(msg);
 #ifdef HAVE_SYSTEMD
 	uint64_t usec;
-	if (sd_watchdog_enabled(0, &usec) > 0)
-		notify("WATCHDOG=1");
+	/* only while the data thread shows life: a hung engine or a stuck
+	 * device call must trip WatchdogSec (it wakes at least once a second
+	 * when idle; a batch longer than half the watchdog time counts as hung) */
+	if (sd_watchdog_enabled(0, &usec) > 0) {
+		uint64_t age = now_ns() - atomic_load(&s->heartbeat);
+
+		if (age < usec * 1000 / 2)
+			notify("WATCHDOG=1");
+		else
+			log_warning("the data thread has shown no sign of life for %.1f s: not telling the "
+				    "watchdog", (double)age / 1e9);
+	}
 #endif
 }
 
@@ -1323,10 +1345,10 @@ int moed_server_run(struct moed_server *s)
 		return 1;
 	}
 	s->data_ok = true;
-	log_info("serving %s (%s, %u MoE layers, backend %s) on %s%s", s->cfg->model,
+	log_info("serving %s (%s, %u MoE layers, backend %s) on %s", s->cfg->model,
 		 moe_engine_store(s->engine)->hdr.model_type, moe_engine_store(s->engine)->hdr.num_moe_layers,
-		 moe_engine_backend(s->engine)->ops->name, s->cfg->socket.path,
-		 s->socket_activated ? " (socket activation)" : "");
+		 moe_engine_backend(s->engine)->ops->name,
+		 s->socket_activated ? "the socket systemd passed (socket activation)" : s->cfg->socket.path);
 	notify("READY=1");
 	status_tick(s);
 	while (running) {

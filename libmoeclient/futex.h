@@ -13,6 +13,18 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A spin-wait hint to the CPU. */
+static inline void moe_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#else
+	__asm__ __volatile__("" ::: "memory");
+#endif
+}
+
 /* Sleep while *@word == @val, at most @timeout_ns (0: no limit).  0 when
  * woken or the value differed, -ETIMEDOUT, -EINTR. */
 static inline int moe_futex_wait(uint32_t *word, uint32_t val, uint64_t timeout_ns)

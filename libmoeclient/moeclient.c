@@ -267,12 +267,17 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 		goto fail;
 	}
 	r = ctl_send(c, MOE_MSG_HELLO, &hello, sizeof(hello));
-	if (r < 0)
-		goto fail;
-	/* the memfd rides with the message's first bytes */
-	r = recv_full(c->fd, &h, sizeof(h), &segfd);
-	if (r < 0)
-		goto fail;
+	/* the memfd rides with the message's first bytes; a refusal (moed sends
+	 * it and closes without reading our HELLO) is read even when the HELLO
+	 * could not be sent */
+	{
+		int rr = recv_full(c->fd, &h, sizeof(h), &segfd);
+
+		if (rr < 0) {
+			r = r < 0 ? r : rr;
+			goto fail;
+		}
+	}
 	if (h.magic != MOE_MSG_MAGIC || h.type != MOE_MSG_WELCOME || h.len != sizeof(struct moe_msg_welcome)) {
 		r = -MOE_E_PROTO;
 		goto fail;
@@ -282,9 +287,17 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 		r = -ENOMEM;
 		goto fail;
 	}
-	r = recv_full(c->fd, c->w, sizeof(*c->w), &segfd);
-	if (r < 0)
-		goto fail;
+	{
+		int rs = r;
+
+		r = recv_full(c->fd, c->w, sizeof(*c->w), &segfd);
+		if (r < 0)
+			goto fail;
+		if (c->w->status >= 0 && rs < 0) {
+			r = rs;
+			goto fail;
+		}
+	}
 	if (c->w->status < 0) {
 		r = c->w->status;
 		goto fail;
@@ -643,7 +656,7 @@ static int wait_for(struct moe_client *c, uint64_t want, struct moe_completion *
 			 * (longer spins or sched_yield() lost more than they won on a
 			 * 2-core machine, where the spinner takes a core from moed) */
 			pthread_mutex_unlock(&c->cq_lock);
-			__builtin_ia32_pause();
+			moe_cpu_relax();
 			pthread_mutex_lock(&c->cq_lock);
 			continue;
 		}
@@ -708,11 +721,32 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 		return -ENOMEM;
 	if (piece > tokens)
 		piece = tokens;
-	if ((r = moe_client_alloc(c, piece * H * es, (void **)&in)) < 0 ||
-	    (r = moe_client_alloc(c, piece * H * es, (void **)&out)) < 0 ||
-	    (ids && ((r = moe_client_alloc(c, piece * k * 4, (void **)&aids)) < 0 ||
-		     (r = moe_client_alloc(c, piece * k * 4, (void **)&aw)) < 0)))
-		goto out;
+	/* the arena is shared by the handle's threads: take smaller pieces, down
+	 * to one token, and then wait for room, rather than fail */
+	for (;;) {
+		if ((r = moe_client_alloc(c, piece * H * es, (void **)&in)) == 0 &&
+		    (r = moe_client_alloc(c, piece * H * es, (void **)&out)) == 0 &&
+		    (!ids || ((r = moe_client_alloc(c, piece * k * 4, (void **)&aids)) == 0 &&
+			      (r = moe_client_alloc(c, piece * k * 4, (void **)&aw)) == 0)))
+			break;
+		moe_client_free(c, in);
+		moe_client_free(c, out);
+		moe_client_free(c, aids);
+		moe_client_free(c, aw);
+		in = out = NULL;
+		aids = NULL;
+		aw = NULL;
+		if (r != -ENOMEM)
+			return r;
+		if (piece > 1) {
+			piece /= 2;
+			continue;
+		}
+		r = session_state(c);
+		if (r < 0)
+			return r;
+		usleep(100);
+	}
 	while (done < tokens) {
 		uint64_t n = tokens - done < piece ? tokens - done : piece;
 		struct moe_request q = { .layer = layer, .dtype = dtype, .tokens = n, .input = in,
@@ -726,8 +760,18 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 		do {
 			r = submit_locked(c, &q, tag);
 			if (r == -EAGAIN) {
-				/* the ring is full of others' requests: let them drain */
+				/* the ring is full: move finished completions to the stash
+				 * (moed takes no more while its completion ring is full),
+				 * then let the others' requests drain */
 				pthread_mutex_unlock(&c->sq_lock);
+				pthread_mutex_lock(&c->cq_lock);
+				int rr = reap(c);
+				pthread_mutex_unlock(&c->cq_lock);
+				if (rr < 0) {
+					r = rr;
+					pthread_mutex_lock(&c->sq_lock);
+					break;
+				}
 				usleep(50);
 				pthread_mutex_lock(&c->sq_lock);
 			}

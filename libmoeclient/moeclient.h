@@ -79,9 +79,10 @@ struct moe_model_info {
 	uint32_t num_moe_layers;
 	const uint32_t *moe_layers;     /* [num_moe_layers], the checkpoint's numbers;
 					 * valid until moe_client_disconnect() */
-	uint32_t weight_dtype;          /* 0 float32, 1 float16, 2 bfloat16 */
+	uint32_t weight_dtype;          /* 0 float32, 1 bfloat16, 2 float16 (as moe-store(5)) */
 	uint32_t n_shared_experts;
-	uint32_t max_tokens;            /* tokens per request */
+	uint32_t max_tokens;            /* tokens per request: moed's limit, lowered to
+					 * what this session's arena holds */
 	uint64_t arena_bytes;           /* the session's arena */
 };
 
@@ -93,7 +94,7 @@ struct moe_request {
 	const void *input;              /* [tokens][hidden_size] */
 	void *output;                   /* [tokens][hidden_size] */
 	int32_t *ids;                   /* [tokens][top_k] chosen experts, or NULL */
-	float *weights;                 /* [tokens][top_k] their weights, or NULL (with ids) */
+	float *weights;                 /* [tokens][top_k] their weights; both or neither */
 	uint64_t user_data;             /* given back in the completion */
 };
 
@@ -105,10 +106,13 @@ struct moe_completion {
 /*
  * Connect to moed at @socket_path (NULL: $MOED_SOCKET, else
  * MOE_DEFAULT_SOCKET) and set up the session's segment.  @opt may be NULL.
- * Errors: -ENOENT / -ECONNREFUSED (no moed there), -EACCES (the socket's
- * permissions or moed's access lists refuse this user), -EUSERS (moed
- * serves its maximum of clients), -MOE_E_PROTO, -ETIMEDOUT, -ENOMEM.
- * *ret is set only on success.
+ * Errors: -ENOENT / -ECONNREFUSED (no moed there), -ENAMETOOLONG, -EACCES
+ * (the socket's permissions or moed's access lists refuse this user),
+ * -EUSERS (moed serves its maximum of clients), -EINVAL (@ret NULL, or
+ * sq_entries not a power of two up to 4096), -E2BIG / -ENOSPC (the arena
+ * asked for does not fit moed's limits.segment_mb), -MOE_E_PROTO,
+ * -ETIMEDOUT, -ECONNRESET / -EPIPE (moed went away), -ENOMEM.  *ret is
+ * set only on success.
  */
 int moe_client_connect(const char *socket_path, const struct moe_client_options *opt,
 		       struct moe_client **ret);
@@ -122,17 +126,20 @@ int moe_client_info(struct moe_client *c, struct moe_model_info *ret);
 
 /*
  * @bytes of the arena, 64-byte aligned, into *ret; -ENOMEM when the arena
- * has no room.  Free with moe_client_free().
+ * has no room, -EINVAL for 0 bytes or NULL.  Free with moe_client_free().
  */
 int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret);
 
 /* Give back what moe_client_alloc() gave; NULL is fine; -EINVAL for any
- * other pointer. */
+ * other pointer; -ENOMEM (the block stays lost until disconnect) when the
+ * free list cannot grow. */
 int moe_client_free(struct moe_client *c, void *p);
 
 /*
  * Queue @req.  Errors: -EFAULT (a tensor not inside the arena), -EINVAL
- * (dtype, or weights without ids), -E2BIG (tokens beyond max_tokens),
+ * (NULL, dtype, ids without weights or weights without ids, bit 63 of
+ * user_data set: that bit is moe_client_forward's), -E2BIG (tokens 0 or
+ * beyond max_tokens),
  * -MOE_E_LAYER (not an MoE layer), -EAGAIN (the ring is full: reap
  * completions first), -ESHUTDOWN / -ECONNRESET (moed stopped or the
  * session ended).  The tensors must stay untouched until the completion.
@@ -147,8 +154,8 @@ int moe_client_submit(struct moe_client *c, const struct moe_request *req);
 int moe_client_nop(struct moe_client *c, uint64_t user_data);
 
 /*
- * The next completion into *ret, waiting at most @timeout_ms (-1: no
- * limit; 0: do not wait).  Returns 0 with *ret set (its res says how the
+ * The next completion of moe_client_submit() or moe_client_nop() into
+ * *ret, waiting at most @timeout_ms (negative: no limit; 0: do not wait).  Returns 0 with *ret set (its res says how the
  * request went), -ETIMEDOUT (-EAGAIN with 0), -ESHUTDOWN / -ECONNRESET.
  */
 int moe_client_wait(struct moe_client *c, struct moe_completion *ret, int timeout_ms);
