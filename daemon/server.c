@@ -138,6 +138,8 @@ struct moed_server {
 	char *stats_json;                /* the latest snapshot (under lock) */
 	atomic_uint live_clients;
 	_Atomic uint64_t heartbeat;      /* the data thread's last sign of life (ns) */
+	uint64_t watchdog_ns;            /* WatchdogSec, 0 without a watchdog */
+	uint64_t slice_ns;               /* the data thread sleeps at most this long */
 
 	pthread_t data_thread;
 	bool data_ok;
@@ -237,12 +239,14 @@ static int segment_make(struct moed_server *s, struct client *c, const struct mo
 		return -ENOSPC;
 	}
 	arena = h->arena_bytes ? h->arena_bytes : max - MOE_SEG_HEADER_SIZE - rings;
-	arena = (arena + 4095) / 4096 * 4096;
-	if (arena > max - MOE_SEG_HEADER_SIZE - rings) {
+	/* compare before rounding up: a size near 2^64 would wrap to 0 */
+	if (arena > max - MOE_SEG_HEADER_SIZE - rings ||
+	    (arena + 4095) / 4096 * 4096 > max - MOE_SEG_HEADER_SIZE - rings) {
 		snprintf(why, whylen, "an arena of %" PRIu64 " bytes exceeds limits.segment_mb (%u MiB with the rings)",
 			 h->arena_bytes, s->cfg->limits.segment_mb);
 		return -E2BIG;
 	}
+	arena = (arena + 4095) / 4096 * 4096;
 	total = MOE_SEG_HEADER_SIZE + rings + arena;
 	{
 		/* the largest request the arena holds: float32 in and out, and routing */
@@ -919,7 +923,7 @@ static void data_sleep(struct moed_server *s, uint32_t own)
 	    atomic_load(&s->wake_word) == own) {
 		clock_gettime(CLOCK_MONOTONIC, &ts);
 		/* more clients than one call can watch: poll the others every ms */
-		uint64_t slice = n < FUTEX_WAITV_MAX || !s->clients ? WAIT_SLICE_NS : 1000000u;
+		uint64_t slice = n < FUTEX_WAITV_MAX || !s->clients ? s->slice_ns : 1000000u;
 		ts.tv_sec += (time_t)(slice / 1000000000u);
 		ts.tv_nsec += (long)(slice % 1000000000u);
 		if (ts.tv_nsec >= 1000000000) {
@@ -1461,6 +1465,24 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 		r = moe_err_set(err, -errno, "epoll/signalfd/timerfd: %s", strerror(errno));
 		goto fail;
 	}
+	/* the status and watchdog tick: every second, or twice per WatchdogSec;
+	 * the data thread wakes four times per WatchdogSec to show it lives */
+	s->slice_ns = WAIT_SLICE_NS;
+#ifdef HAVE_SYSTEMD
+	{
+		uint64_t usec;
+
+		if (sd_watchdog_enabled(0, &usec) > 0 && usec) {
+			s->watchdog_ns = usec * 1000;
+			if (s->watchdog_ns / 4 < s->slice_ns)
+				s->slice_ns = s->watchdog_ns / 4;
+			if (s->watchdog_ns / 2 < 1000000000u) {
+				its.it_interval = (struct timespec){ 0, (long)(s->watchdog_ns / 2) };
+				its.it_value = its.it_interval;
+			}
+		}
+	}
+#endif
 	timerfd_settime(s->timerfd, 0, &its, NULL);
 	ev = (struct epoll_event){ .events = EPOLLIN, .data.ptr = &s->listen_fd };
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->listen_fd, &ev);
