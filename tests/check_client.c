@@ -45,6 +45,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemonutil.h"
 #include "dtype.h"
 #include "engine.h"
 #include "err.h"
@@ -65,10 +66,7 @@
 struct daemon {
 	char *dir;
 	char store[PATH_MAX];
-	char conf[PATH_MAX];
-	char log[PATH_MAX];
-	char sock[sizeof(((struct sockaddr_un *)0)->sun_path)];
-	pid_t pid;                   /* 0: not running */
+	struct moe_test_moed moed;   /* its config, log and socket in dir */
 	uint32_t nl;                 /* MoE layers */
 	uint32_t layers[2];          /* their checkpoint numbers */
 };
@@ -83,24 +81,15 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static const char *moed_path(void)
-{
-	const char *p = getenv("MOED");
-
-	return p && *p ? p : "../daemon/moed";
-}
-
 static void model_make(void)
 {
 	struct moe_gen_options opt;
-	struct moe_pack_options popt = { .dtype = -1 };
 	struct moe_err err = { 0 };
 	struct moe_store *s;
-	char hf[PATH_MAX];
+	char why[512];
 	int r;
 
-	moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &opt);
-	opt.dtype = MOE_DTYPE_BF16;
+	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
 	opt.hidden_size = HIDDEN;
 	opt.moe_intermediate_size = 64;
 	opt.intermediate_size = 64;
@@ -113,15 +102,9 @@ static void model_make(void)
 	opt.num_layers = 3;
 	opt.num_nextn_predict_layers = 0;
 	opt.vocab_size = 32;
-	opt.num_attention_heads = 4;
-	opt.num_key_value_heads = 2;
 	opt.seed = 77;
-	snprintf(hf, sizeof(hf), "%s/hf", D.dir);
-	r = moe_gen_model(&opt, hf, NULL, NULL, &err);
-	ck_assert_msg(r == 0, "gen-model: %d %s", r, err.msg);
-	snprintf(D.store, sizeof(D.store), "%s/model.moe", D.dir);
-	r = moe_pack(hf, D.store, &popt, &err);
-	ck_assert_msg(r == 0, "pack: %d %s", r, err.msg);
+	r = moe_test_model_pack(&opt, D.dir, "hf", D.store, sizeof(D.store), why, sizeof(why));
+	ck_assert_msg(r == 0, "%s", why);
 	r = moe_store_open(D.store, &s, &err);
 	ck_assert_msg(r == 0, "store open: %s", err.msg);
 	ck_assert_uint_eq(s->hdr.num_moe_layers, 2);
@@ -131,64 +114,26 @@ static void model_make(void)
 	moe_store_close(s);
 }
 
-/* Does something accept connections on @path? */
-static bool socket_accepts(const char *path)
-{
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool ok;
-
-	ck_assert_int_ge(fd, 0);
-	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
-	ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-	close(fd);
-	return ok;
-}
-
-/* Start moed on D.store and D.sock with @extra appended to its
+/* Start moed on D.store and D.moed.sock with @extra appended to its
  * configuration (NULL: none); returns when it accepts connections.  The
  * socket is open to all: its directory (0700) keeps other users out. */
 static void daemon_start(const char *extra)
 {
-	pid_t parent = getpid();
-	FILE *f = fopen(D.conf, "w");
-	int st;
+	char top[4096];
+	int st = 0, r;
 
-	ck_assert_msg(f != NULL, "%s: %s", D.conf, strerror(errno));
-	fprintf(f,
-		"model = \"%s\";\n"
-		"backend = \"cpu\";\n"
-		"threads = 2;\n"
-		"socket = { path = \"%s\"; mode = \"0666\"; group = \"\"; };\n"
-		"cache = { host_mb = 64; };\n"
-		"%s\n",
-		D.store, D.sock, extra ? extra : "");
-	ck_assert_int_eq(fclose(f), 0);
-	D.pid = fork();
-	ck_assert_int_ge(D.pid, 0);
-	if (D.pid == 0) {
-		int fd = open(D.log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+	snprintf(top, sizeof(top), "threads = 2;\ncache = { host_mb = 64; };\n%s", extra ? extra : "");
+	r = moe_test_moed_config(&D.moed, D.dir, "moed.sock", D.store, "mode = \"0666\";", top);
+	ck_assert_msg(r == 0, "moed config in %s: %s", D.dir, strerror(-r));
+	r = moe_test_moed_start(&D.moed, 10000, &st);
+	if (r == -ECHILD) {
+		char *log = moe_test_slurp(D.moed.log, NULL);
 
-		/* die with the test, even when it fails before its teardown */
-		prctl(PR_SET_PDEATHSIG, SIGTERM);
-		if (getppid() != parent || fd < 0)
-			_exit(127);
-		dup2(fd, STDOUT_FILENO);
-		dup2(fd, STDERR_FILENO);
-		execl(moed_path(), "moed", "--config", D.conf, (char *)NULL);
-		_exit(127);
+		ck_abort_msg("%s exited (status 0x%x) before listening; its log:\n%s", moe_test_moed_path(), st,
+			     log ? log : "(none)");
 	}
-	for (int ms = 0; !socket_accepts(D.sock); ms++) {
-		if (waitpid(D.pid, &st, WNOHANG) == D.pid) {
-			char *log = moe_test_slurp(D.log, NULL);
-
-			D.pid = 0;
-			ck_abort_msg("%s exited (status 0x%x) before listening; its log:\n%s", moed_path(), st,
-				     log ? log : "(none)");
-		}
-		ck_assert_msg(ms < 10000, "moed did not listen on %s within 10 s", D.sock);
-		usleep(1000);
-	}
+	ck_assert_msg(r != -ETIMEDOUT, "moed did not listen on %s within 10 s", D.moed.sock);
+	ck_assert_msg(r == 0, "fork: %s", strerror(-r));
 }
 
 /* Wait up to 5 s for moed to exit (after a signal); its wait status. */
@@ -196,16 +141,7 @@ static int daemon_reap(void)
 {
 	int st = 0;
 
-	for (int ms = 0; waitpid(D.pid, &st, WNOHANG) != D.pid; ms++) {
-		if (ms == 5000) {
-			kill(D.pid, SIGKILL);
-			waitpid(D.pid, &st, 0);
-			D.pid = 0;
-			ck_abort_msg("moed did not stop within 5 s of SIGTERM");
-		}
-		usleep(1000);
-	}
-	D.pid = 0;
+	ck_assert_msg(moe_test_moed_reap(&D.moed, 5000, &st) == 0, "moed did not stop within 5 s of SIGTERM");
 	return st;
 }
 
@@ -214,9 +150,9 @@ static void daemon_stop(void)
 {
 	int st;
 
-	if (!D.pid)
+	if (!D.moed.pid)
 		return;
-	kill(D.pid, SIGTERM);
+	kill(D.moed.pid, SIGTERM);
 	st = daemon_reap();
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "moed ended with status 0x%x", st);
 }
@@ -233,8 +169,8 @@ static void daemon_freeze(void)
 {
 	char path[64];
 
-	kill(D.pid, SIGSTOP);
-	snprintf(path, sizeof(path), "/proc/%d/task", (int)D.pid);
+	kill(D.moed.pid, SIGSTOP);
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)D.moed.pid);
 	for (int ms = 0;; ms++) {
 		DIR *d = opendir(path);
 		struct dirent *de;
@@ -269,17 +205,13 @@ static void daemon_freeze(void)
 
 static void daemon_thaw(void)
 {
-	kill(D.pid, SIGCONT);
+	kill(D.moed.pid, SIGCONT);
 }
 
 static void setup(void)
 {
 	memset(&D, 0, sizeof(D));
 	D.dir = moe_test_tmpdir("client");
-	snprintf(D.conf, sizeof(D.conf), "%s/moed.conf", D.dir);
-	snprintf(D.log, sizeof(D.log), "%s/moed.log", D.dir);
-	ck_assert_msg(strlen(D.dir) + strlen("/moed.sock") < sizeof(D.sock), "%s: too long for a socket", D.dir);
-	snprintf(D.sock, sizeof(D.sock), "%s/moed.sock", D.dir);
 	model_make();
 	daemon_start(NULL);
 }
@@ -294,9 +226,9 @@ static void teardown(void)
 static struct moe_client *client_open(const struct moe_client_options *opt)
 {
 	struct moe_client *c = NULL;
-	int r = moe_client_connect(D.sock, opt, &c);
+	int r = moe_client_connect(D.moed.sock, opt, &c);
 
-	ck_assert_msg(r == 0, "connect to %s: %s", D.sock, moe_strerror(r));
+	ck_assert_msg(r == 0, "connect to %s: %s", D.moed.sock, moe_strerror(r));
 	ck_assert_ptr_nonnull(c);
 	return c;
 }
@@ -420,7 +352,7 @@ START_TEST(connect_with_a_null_path_uses_moed_socket)
 	struct moe_client *c = NULL;
 	char path[PATH_MAX];
 
-	ck_assert_int_eq(setenv("MOED_SOCKET", D.sock, 1), 0);
+	ck_assert_int_eq(setenv("MOED_SOCKET", D.moed.sock, 1), 0);
 	ck_assert_int_eq(moe_client_connect(NULL, NULL, &c), 0);
 	moe_client_disconnect(c);
 	snprintf(path, sizeof(path), "%s/nobody.sock", D.dir);
@@ -455,10 +387,10 @@ START_TEST(connect_with_options_moed_refuses_fails)
 	struct moe_client_options too_big = { .arena_bytes = 1ull << 40 };
 	struct moe_client *c = NULL;
 
-	ck_assert_int_eq(moe_client_connect(D.sock, &not_pow2, &c), -EINVAL);
-	ck_assert_int_eq(moe_client_connect(D.sock, &too_many, &c), -EINVAL);
-	ck_assert_int_eq(moe_client_connect(D.sock, &too_big, &c), -E2BIG);
-	ck_assert_int_eq(moe_client_connect(D.sock, NULL, NULL), -EINVAL);
+	ck_assert_int_eq(moe_client_connect(D.moed.sock, &not_pow2, &c), -EINVAL);
+	ck_assert_int_eq(moe_client_connect(D.moed.sock, &too_many, &c), -EINVAL);
+	ck_assert_int_eq(moe_client_connect(D.moed.sock, &too_big, &c), -E2BIG);
+	ck_assert_int_eq(moe_client_connect(D.moed.sock, NULL, NULL), -EINVAL);
 	ck_assert_ptr_null(c);
 	moe_client_disconnect(NULL);
 }
@@ -1235,7 +1167,7 @@ static void *stop_moed_soon(void *arg)
 	(void)arg;
 	usleep(50000);                   /* the main thread is asleep in its wait by then */
 	stop_sent_ns = now_ns();          /* read after pthread_join */
-	kill(D.pid, SIGTERM);
+	kill(D.moed.pid, SIGTERM);
 	return NULL;
 }
 
@@ -1293,7 +1225,7 @@ START_TEST(requests_in_flight_when_moed_stops_complete_once)
 		v.q.user_data = i;
 		ck_assert_int_eq(moe_client_submit(c, &v.q), 0);
 	}
-	kill(D.pid, SIGTERM);
+	kill(D.moed.pid, SIGTERM);
 	daemon_thaw();
 	st = daemon_reap();
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "moed ended with status 0x%x", st);
@@ -1322,7 +1254,7 @@ START_TEST(the_example_program_runs_against_moed)
 
 	snprintf(prog, sizeof(prog), "%s/examples/moe_forward_example", top && *top ? top : "..");
 	snprintf(out, sizeof(out), "%s/example.out", D.dir);
-	r = moe_test_sh(out, "MOED_SOCKET='%s' '%s'", D.sock, prog);
+	r = moe_test_sh(out, "MOED_SOCKET='%s' '%s'", D.moed.sock, prog);
 	text = moe_test_slurp(out, NULL);
 	ck_assert_msg(r == 0, "%s exited %d:\n%s", prog, r, text ? text : "");
 	ck_assert_msg(text && strstr(text, "deepseek_v3"), "the example did not print the model:\n%s",
@@ -1455,7 +1387,7 @@ START_TEST(connect_refused_by_the_access_lists_is_eacces)
 			_exit(100);
 		for (int i = 0; i < 20; i++) {
 			struct moe_client *c = NULL;
-			int r = moe_client_connect(D.sock, NULL, &c);
+			int r = moe_client_connect(D.moed.sock, NULL, &c);
 
 			wrong += r != -EACCES;
 			if (r == 0)
@@ -1545,11 +1477,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return moe_test_run_suite(suite(), "client");
 }

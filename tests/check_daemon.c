@@ -48,10 +48,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemonutil.h"
 #include "dtype.h"
 #include "engine.h"
 #include "err.h"
-#include "futex.h"
 #include "genmodel.h"
 #include "model.h"
 #include "moeclient.h"
@@ -74,19 +74,6 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t now_ms(void)
-{
-	return now_ns() / 1000000u;
-}
-
-static void sleep_ms(unsigned ms)
-{
-	struct timespec d = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000L };
-
-	while (nanosleep(&d, &d) < 0 && errno == EINTR)
-		;
 }
 
 /* ------------------------------------------------------------------ send(2) */
@@ -125,41 +112,26 @@ struct model {
 static void model_make(struct model *m, const char *tag)
 {
 	struct moe_gen_options opt;
-	struct moe_pack_options popt = { .dtype = -1 };
 	struct moe_err err = { 0 };
 	struct moe_store *s;
+	char why[512];
 	int rc;
 
 	memset(m, 0, sizeof(*m));
-	moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &opt);
-	opt.arch = MOE_ARCH_DEEPSEEK_V3;
-	opt.dtype = MOE_DTYPE_BF16;
+	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
+	moe_test_gen_grouped(&opt);
 	opt.hidden_size = 256;
 	opt.moe_intermediate_size = 64;
 	opt.num_experts = 32;
 	opt.top_k = 4;
-	opt.n_group = 4;
-	opt.topk_group = 2;
-	opt.n_shared_experts = 1;
-	opt.routed_scaling_factor = 2.5f;
-	opt.norm_topk_prob = 1;
-	opt.intermediate_size = 64;
-	opt.first_k_dense_replace = 1;
 	opt.seed = 2024;
 	opt.num_layers = 4;
-	opt.vocab_size = 64;
-	opt.num_attention_heads = 4;
-	opt.num_key_value_heads = 2;
-	opt.shard_bytes = 0;
 	m->H = opt.hidden_size;
 	m->k = opt.top_k;
 	m->E = opt.num_experts;
 	m->dir = moe_test_tmpdir(tag);
-	rc = moe_gen_model(&opt, m->dir, NULL, NULL, &err);
-	ck_assert_msg(rc == 0, "gen-model failed: %d %s", rc, err.msg);
-	snprintf(m->store, sizeof(m->store), "%s/model.moe", m->dir);
-	rc = moe_pack(m->dir, m->store, &popt, &err);
-	ck_assert_msg(rc == 0, "pack failed: %d %s", rc, err.msg);
+	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	ck_assert_msg(rc == 0, "%s", why);
 	rc = moe_store_open(m->store, &s, &err);
 	ck_assert_msg(rc == 0, "store open: %s", err.msg);
 	m->nl = s->hdr.num_moe_layers;
@@ -266,7 +238,7 @@ static pid_t spawn(int (*fn)(void *), void *arg)
  * it, -2 on timeout (then it is killed). */
 static int child_wait(pid_t pid, int timeout_ms, int *ret_sig)
 {
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
+	uint64_t end = moe_test_now_ms() + (uint64_t)timeout_ms;
 	int st;
 
 	for (;;) {
@@ -276,13 +248,13 @@ static int child_wait(pid_t pid, int timeout_ms, int *ret_sig)
 			break;
 		if (r < 0)
 			return -3;
-		if (now_ms() > end) {
+		if (moe_test_now_ms() > end) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &st, 0);
 			forget_child(pid);
 			return -2;
 		}
-		sleep_ms(5);
+		moe_test_sleep_ms(5);
 	}
 	forget_child(pid);
 	if (WIFSIGNALED(st)) {
@@ -325,191 +297,49 @@ static struct board *board_new(void)
 
 /* ------------------------------------------------------------------ moed */
 
-struct moed {
-	const struct model *m;
-	char conf[4200], sock[108], log[4200];
-	pid_t pid;
-};
-
-static const char *moed_path(void)
-{
-	const char *p = getenv("MOED");
-
-	return p && *p ? p : "../daemon/moed";
-}
-
-/* moed's log, to stderr: the failure message points at it. */
-static void moed_dump_log(const struct moed *d)
-{
-	char *text = moe_test_slurp(d->log, NULL);
-
-	fprintf(stderr, "---- moed log (%s) ----\n%s---- end of moed log ----\n", d->log, text ? text : "(none)\n");
-	free(text);
-}
-
-#define moed_assert(d, cond, ...)                 \
-	do {                                      \
-		if (!(cond)) {                    \
-			moed_dump_log(d);         \
-			ck_abort_msg(__VA_ARGS__);\
-		}                                 \
+#define moed_assert(d, cond, ...)                            \
+	do {                                                 \
+		if (!(cond)) {                               \
+			moe_test_moed_dump_log(d, 0);        \
+			ck_abort_msg(__VA_ARGS__);           \
+		}                                            \
 	} while (0)
 
-static bool moed_alive(const struct moed *d)
-{
-	int st;
-
-	return d->pid > 0 && waitpid(d->pid, &st, WNOHANG) == 0;
-}
-
 /* Write the config (@sock_extra inside socket = { }, @extra at the top
- * level), nothing started. */
-static void moed_config(struct moed *d, const struct model *m, const char *sock_extra, const char *extra)
+ * level) in @m's directory, nothing started. */
+static void moed_config(struct moe_test_moed *d, const struct model *m, const char *sock_extra, const char *extra)
 {
-	FILE *f;
+	int rc = moe_test_moed_config(d, m->dir, "s.sock", m->store, sock_extra, extra);
 
-	memset(d, 0, sizeof(*d));
-	d->m = m;
-	snprintf(d->conf, sizeof(d->conf), "%s/moed.conf", m->dir);
-	snprintf(d->log, sizeof(d->log), "%s/moed.log", m->dir);
-	ck_assert_uint_lt(strlen(m->dir) + 8, sizeof(d->sock));
-	snprintf(d->sock, sizeof(d->sock), "%s/s.sock", m->dir);
-	f = fopen(d->conf, "w");
-	ck_assert_msg(f != NULL, "%s: %s", d->conf, strerror(errno));
-	fprintf(f, "model = \"%s\";\nbackend = \"cpu\";\nsocket = { path = \"%s\"; group = \"\"; %s };\n%s\n",
-		m->store, d->sock, sock_extra ? sock_extra : "", extra ? extra : "");
-	fclose(f);
+	ck_assert_msg(rc == 0, "moed config in %s: %s", m->dir, strerror(-rc));
 }
 
 /* Start moed on the config and wait until its socket accepts. */
-static void moed_start(struct moed *d)
+static void moed_start(struct moe_test_moed *d)
 {
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	pid_t parent = getpid();
-	uint64_t end;
-	int st;
+	int st = 0, rc;
 
 	track_init();
-	fflush(NULL);
-	d->pid = fork();
-	ck_assert_msg(d->pid >= 0, "fork: %s", strerror(errno));
-	if (d->pid == 0) {
-		int fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-		int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		if (getppid() != parent || fd < 0 || null < 0)
-			_exit(126);
-		dup2(null, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		execl(moed_path(), "moed", "--config", d->conf, (char *)NULL);
-		dprintf(2, "exec %s: %s\n", moed_path(), strerror(errno));
-		_exit(127);
-	}
+	rc = moe_test_moed_start(d, READY_TIMEOUT_MS, &st);
 	moed_pid = d->pid;
-	strcpy(a.sun_path, d->sock);
-	end = now_ms() + READY_TIMEOUT_MS;
-	for (;;) {
-		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), ok;
-
-		ck_assert_int_ge(fd, 0);
-		ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-		close(fd);
-		if (ok)
-			return;
-		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
-			moed_pid = d->pid = 0;
-			moed_dump_log(d);
-			ck_abort_msg("moed (%s --config %s) exited with %s %d before it listened on %s", moed_path(),
-				     d->conf, WIFEXITED(st) ? "status" : "signal",
-				     WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), d->sock);
-		}
-		if (now_ms() > end) {
-			moed_dump_log(d);
-			ck_abort_msg("moed did not listen on %s within %d ms", d->sock, READY_TIMEOUT_MS);
-		}
-		sleep_ms(10);
-	}
+	moed_assert(d, rc != -ECHILD, "moed (%s --config %s) exited with %s %d before it listened on %s",
+		    moe_test_moed_path(), d->conf, WIFEXITED(st) ? "status" : "signal",
+		    WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), d->sock);
+	moed_assert(d, rc != -ETIMEDOUT, "moed did not listen on %s within %d ms", d->sock, READY_TIMEOUT_MS);
+	ck_assert_msg(rc == 0, "fork: %s", strerror(-rc));
 }
 
 /* SIGTERM; moed must exit 0 within STOP_TIMEOUT_MS. */
-static void moed_stop(struct moed *d)
+static void moed_stop(struct moe_test_moed *d)
 {
-	uint64_t end = now_ms() + STOP_TIMEOUT_MS;
-	int st;
+	int st = 0, rc;
 
 	ck_assert_int_gt(d->pid, 0);
-	kill(d->pid, SIGTERM);
-	while (waitpid(d->pid, &st, WNOHANG) == 0) {
-		if (now_ms() > end) {
-			kill(d->pid, SIGKILL);
-			waitpid(d->pid, &st, 0);
-			moed_pid = d->pid = 0;
-			moed_dump_log(d);
-			ck_abort_msg("moed did not exit within %d ms of SIGTERM", STOP_TIMEOUT_MS);
-		}
-		sleep_ms(5);
-	}
-	moed_pid = d->pid = 0;
+	rc = moe_test_moed_stop(d, STOP_TIMEOUT_MS, &st);
+	moed_pid = 0;
+	moed_assert(d, rc == 0, "moed did not exit within %d ms of SIGTERM", STOP_TIMEOUT_MS);
 	moed_assert(d, WIFEXITED(st) && WEXITSTATUS(st) == 0, "moed ended with %s %d after SIGTERM, not exit 0",
 		    WIFEXITED(st) ? "status" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-}
-
-static bool log_has(const struct moed *d, const char *needle)
-{
-	char *text = moe_test_slurp(d->log, NULL);
-	bool yes = text && strstr(text, needle);
-
-	free(text);
-	return yes;
-}
-
-/* Open descriptors of @pid; with @list, their targets (for messages). */
-static int count_fds(pid_t pid, char *list, size_t len)
-{
-	char dir[64], path[128], target[256];
-	DIR *d;
-	struct dirent *de;
-	int n = 0;
-	size_t used = 0;
-
-	snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)pid);
-	d = opendir(dir);
-	if (!d)
-		return -1;
-	while ((de = readdir(d))) {
-		if (de->d_name[0] == '.')
-			continue;
-		n++;
-		if (list && used < len) {
-			ssize_t t;
-
-			snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
-			t = readlink(path, target, sizeof(target) - 1);
-			target[t > 0 ? t : 0] = '\0';
-			used += (size_t)snprintf(list + used, len - used, " %s->%s", de->d_name, target);
-		}
-	}
-	closedir(d);
-	return n;
-}
-
-/* Mappings of client segments in @pid. */
-static int count_segments(pid_t pid)
-{
-	char path[64], line[512];
-	FILE *f;
-	int n = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
-	f = fopen(path, "r");
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof(line), f))
-		n += strstr(line, "memfd:moed-client") != NULL;
-	fclose(f);
-	return n;
 }
 
 /* ------------------------------------------------------------------ requests */
@@ -869,7 +699,7 @@ START_TEST(eight_clients_get_the_bits_of_forward_in_process)
 	struct client_arg args[8];
 	pid_t pids[8];
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	char what[64];
 
 	model_make(&m, "daemon-bits");
@@ -882,11 +712,11 @@ START_TEST(eight_clients_get_the_bits_of_forward_in_process)
 	for (int i = 0; i < 8; i++) {
 		snprintf(what, sizeof(what), "client %d", i);
 		if (child_wait(pids[i], CLIENT_TIMEOUT_MS, NULL) != 0) {
-			moed_dump_log(&d);
+			moe_test_moed_dump_log(&d, 0);
 			ck_abort_msg("%s (pid %d) failed: its message is above", what, (int)pids[i]);
 		}
 	}
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	model_free(&m);
 }
@@ -917,7 +747,7 @@ static int steady_client(void *p)
 	}
 	atomic_store(&a->b->idle[a->id], 1);
 	while (!atomic_load(&a->b->release))
-		sleep_ms(5);
+		moe_test_sleep_ms(5);
 	session_close(&s);
 	return 0;
 }
@@ -990,7 +820,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 	int fds0 = -1, segs0 = -1, fds = -1, segs = -1;
 	char list0[4096] = "", list[4096] = "";
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 
 	model_make(&m, "daemon-kill");
 	moed_config(&d, &m, NULL, "limits = { segment_mb = 32; };");
@@ -999,7 +829,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 		args[i] = (struct client_arg){ .m = &m, .sock = d.sock, .b = b, .id = i, .max_tokens = 48 };
 		steady[i] = spawn(steady_client, &args[i]);
 	}
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS;;) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS;;) {
 		int n = 0;
 
 		for (int i = 0; i < NSTEADY; i++)
@@ -1008,17 +838,17 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 			break;
 		for (int i = 0; i < NSTEADY; i++)
 			ck_assert_msg(waitpid(steady[i], NULL, WNOHANG) == 0, "steady client %d ended early (above)", i);
-		moed_assert(&d, now_ms() < end, "the steady clients did not start working");
-		sleep_ms(5);
+		moed_assert(&d, moe_test_now_ms() < end, "the steady clients did not start working");
+		moe_test_sleep_ms(5);
 	}
 	/* the baseline: the steady sessions only (the probe of moed_start gone) */
-	for (uint64_t end = now_ms() + 2000;;) {
-		int f1 = count_fds(d.pid, NULL, 0), s1 = count_segments(d.pid);
+	for (uint64_t end = moe_test_now_ms() + 2000;;) {
+		int f1 = moe_test_count_fds(d.pid, NULL, 0), s1 = moe_test_count_segments(d.pid);
 
-		sleep_ms(50);
-		fds0 = count_fds(d.pid, list0, sizeof(list0));
-		segs0 = count_segments(d.pid);
-		if ((f1 == fds0 && s1 == segs0) || now_ms() > end)
+		moe_test_sleep_ms(50);
+		fds0 = moe_test_count_fds(d.pid, list0, sizeof(list0));
+		segs0 = moe_test_count_segments(d.pid);
+		if ((f1 == fds0 && s1 == segs0) || moe_test_now_ms() > end)
 			break;
 	}
 	for (int i = 0; i < NSTEADY; i++)
@@ -1028,7 +858,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 
 	for (int v = VICTIM_CONNECTED; v <= VICTIM_WAITING; v++) {
 		struct client_arg *a = &args[NSTEADY + v - 1];
-		uint64_t end = now_ms() + CLIENT_TIMEOUT_MS;
+		uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS;
 		pid_t pid;
 		int sig = 0, st;
 
@@ -1037,11 +867,11 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 		if (v != VICTIM_SUBMITTED) {
 			while (atomic_load(&b->state[a->id]) != v) {
 				ck_assert_msg(waitpid(pid, NULL, WNOHANG) == 0, "victim (%s) ended early (above)", how[v]);
-				ck_assert_msg(now_ms() < end, "victim (%s) did not get there", how[v]);
-				sleep_ms(1);
+				ck_assert_msg(moe_test_now_ms() < end, "victim (%s) did not get there", how[v]);
+				moe_test_sleep_ms(1);
 			}
 			if (v == VICTIM_WAITING)
-				sleep_ms(30);
+				moe_test_sleep_ms(30);
 			kill(pid, SIGKILL);
 		}
 		st = child_wait(pid, CLIENT_TIMEOUT_MS, &sig);
@@ -1051,7 +881,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 	/* the others keep being served, correctly */
 	for (int i = 0; i < NSTEADY; i++)
 		before[i] = atomic_load(&b->rounds[i]);
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS;;) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS;;) {
 		int n = 0;
 
 		for (int i = 0; i < NSTEADY; i++) {
@@ -1061,11 +891,11 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 		}
 		if (n == NSTEADY)
 			break;
-		moed_assert(&d, now_ms() < end, "the steady clients stalled after the kills");
-		sleep_ms(5);
+		moed_assert(&d, moe_test_now_ms() < end, "the steady clients stalled after the kills");
+		moe_test_sleep_ms(5);
 	}
 	atomic_store(&b->stop, 1);
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS;;) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS;;) {
 		int n = 0;
 
 		for (int i = 0; i < NSTEADY; i++) {
@@ -1074,20 +904,20 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 		}
 		if (n == NSTEADY)
 			break;
-		ck_assert_msg(now_ms() < end, "the steady clients did not go idle");
-		sleep_ms(5);
+		ck_assert_msg(moe_test_now_ms() < end, "the steady clients did not go idle");
+		moe_test_sleep_ms(5);
 	}
 	/* moed frees sessions asynchronously: up to 2 s to get back to the baseline */
-	for (uint64_t end = now_ms() + 2000;;) {
-		fds = count_fds(d.pid, NULL, 0);
-		segs = count_segments(d.pid);
-		if ((fds == fds0 && segs == segs0) || now_ms() > end)
+	for (uint64_t end = moe_test_now_ms() + 2000;;) {
+		fds = moe_test_count_fds(d.pid, NULL, 0);
+		segs = moe_test_count_segments(d.pid);
+		if ((fds == fds0 && segs == segs0) || moe_test_now_ms() > end)
 			break;
-		sleep_ms(10);
+		moe_test_sleep_ms(10);
 	}
 	if (fds != fds0 || segs != segs0) {
-		fds = count_fds(d.pid, list, sizeof(list));
-		moed_dump_log(&d);
+		fds = moe_test_count_fds(d.pid, list, sizeof(list));
+		moe_test_moed_dump_log(&d, 0);
 		ck_abort_msg("with only %d idle sessions left, moed holds %d descriptors and %d segment mappings; "
 			     "before the killed clients came: %d and %d\n  now:   %s\n  before:%s", NSTEADY, fds, segs,
 			     fds0, segs0, list, list0);
@@ -1095,7 +925,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 	atomic_store(&b->release, 1);
 	for (int i = 0; i < NSTEADY; i++)
 		assert_child_ok(steady[i], "steady client");
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	munmap(b, sizeof(*b));
 	model_free(&m);
@@ -1104,212 +934,15 @@ END_TEST
 
 /* ------------------------------------------------------------------ raw sessions (proto.h) */
 
-struct raw {
-	int fd;
-	uint8_t *seg;
-	size_t seg_bytes;
-	struct moe_seg_header *hdr;
-	struct moe_sqe *sq;
-	struct moe_cqe *cq;
-	uint8_t *arena;
-	uint64_t arena_bytes;
-	uint32_t sq_entries, cq_entries;
-	struct moe_msg_welcome w;
-};
-
-static int dial(const char *sock)
-{
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	if (fd < 0)
-		return -errno;
-	strcpy(a.sun_path, sock);
-	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		int r = -errno;
-
-		close(fd);
-		return r;
-	}
-	return fd;
-}
-
-static int send_bytes(int fd, const void *buf, size_t len)
-{
-	const uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-/* Exactly @len bytes within @timeout_ms; a passed descriptor into *@pass_fd
- * (others closed).  -ECONNRESET on EOF, -ETIMEDOUT. */
-static int recv_bytes(int fd, void *buf, size_t len, int *pass_fd, int timeout_ms)
-{
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
-	uint8_t *p = buf;
-
-	while (len) {
-		union {
-			char b[CMSG_SPACE(sizeof(int))];
-			struct cmsghdr align;
-		} u;
-		struct iovec iov = { p, len };
-		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b, .msg_controllen = sizeof(u.b) };
-		struct pollfd pf = { fd, POLLIN, 0 };
-		int64_t left = (int64_t)(end - now_ms());
-		ssize_t n;
-
-		if (left <= 0 || poll(&pf, 1, (int)left) == 0)
-			return -ETIMEDOUT;
-		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
-		if (n < 0) {
-			if (errno == EINTR || errno == EAGAIN)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -ECONNRESET;
-		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-				int got;
-
-				memcpy(&got, CMSG_DATA(cm), sizeof(got));
-				if (pass_fd && *pass_fd < 0)
-					*pass_fd = got;
-				else
-					close(got);
-			}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-/* Send a HELLO and read the WELCOME: 0 (see w->status) or -errno. */
-static int hello_exchange(int fd, const struct moe_msg_hello *h, struct moe_msg_welcome *w, int *segfd)
-{
-	struct {
-		struct moe_msg_header h;
-		struct moe_msg_hello b;
-	} msg = { { MOE_MSG_MAGIC, MOE_MSG_HELLO, sizeof(struct moe_msg_hello), 0 }, *h };
-	struct moe_msg_header rh;
-	int r = send_bytes(fd, &msg, sizeof(msg));
-
-	if (r == 0)
-		r = recv_bytes(fd, &rh, sizeof(rh), segfd, 5000);
-	if (r < 0)
-		return r;
-	if (rh.magic != MOE_MSG_MAGIC || rh.type != MOE_MSG_WELCOME || rh.len != sizeof(*w))
-		return -EPROTO;
-	return recv_bytes(fd, w, sizeof(*w), segfd, 5000);
-}
-
-/* A session as libmoeclient makes one: 0, the WELCOME's status, or -errno. */
-static int raw_open(struct raw *r, const char *sock, const struct moe_msg_hello *h)
-{
-	struct moe_msg_hello def = { .version = MOE_PROTO_VERSION };
-	int segfd = -1, rc;
-
-	memset(r, 0, sizeof(*r));
-	r->fd = dial(sock);
-	if (r->fd < 0)
-		return r->fd;
-	rc = hello_exchange(r->fd, h ? h : &def, &r->w, &segfd);
-	if (rc == 0 && r->w.status < 0)
-		rc = r->w.status;
-	if (rc == 0 && segfd < 0)
-		rc = -EPROTO;
-	if (rc < 0) {
-		if (segfd >= 0)
-			close(segfd);
-		close(r->fd);
-		r->fd = -1;
-		return rc;
-	}
-	r->seg_bytes = (size_t)r->w.segment_bytes;
-	r->seg = mmap(NULL, r->seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, segfd, 0);
-	close(segfd);
-	if (r->seg == MAP_FAILED) {
-		close(r->fd);
-		r->fd = -1;
-		return -ENOMEM;
-	}
-	r->hdr = (struct moe_seg_header *)r->seg;
-	r->sq_entries = r->hdr->sq_entries;
-	r->cq_entries = r->hdr->cq_entries;
-	r->sq = (struct moe_sqe *)(r->seg + r->hdr->sq_off);
-	r->cq = (struct moe_cqe *)(r->seg + r->hdr->cq_off);
-	r->arena = r->seg + r->hdr->arena_off;
-	r->arena_bytes = r->hdr->arena_bytes;
-	return 0;
-}
-
-static void raw_close(struct raw *r)
-{
-	if (r->seg)
-		munmap(r->seg, r->seg_bytes);
-	if (r->fd >= 0)
-		close(r->fd);
-	r->seg = NULL;
-	r->fd = -1;
-}
-
-/* Tell the daemon, the way libmoeclient does (proto.h, wakeups). */
-static void raw_kick(struct raw *r)
-{
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	moe_futex_kick(&r->hdr->daemon_futex, &r->hdr->daemon_wait, 1);
-}
-
-static void raw_push(struct raw *r, const struct moe_sqe *q, uint32_t n)
-{
-	uint32_t tail = r->hdr->sq_tail;
-
-	for (uint32_t i = 0; i < n; i++)
-		r->sq[(tail + i) & (r->sq_entries - 1)] = q[i];
-	__atomic_store_n(&r->hdr->sq_tail, tail + n, __ATOMIC_RELEASE);
-	raw_kick(r);
-}
-
-/* Up to @n completions within @timeout_ms: how many came. */
-static uint32_t raw_reap(struct raw *r, struct moe_cqe *out, uint32_t n, int timeout_ms)
-{
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
-	uint32_t got = 0;
-
-	while (got < n) {
-		uint32_t head = r->hdr->cq_head, tail = __atomic_load_n(&r->hdr->cq_tail, __ATOMIC_ACQUIRE);
-
-		while (head != tail && got < n)
-			out[got++] = r->cq[head++ & (r->cq_entries - 1)];
-		__atomic_store_n(&r->hdr->cq_head, head, __ATOMIC_RELEASE);
-		if (got == n || now_ms() > end)
-			break;
-		usleep(100);
-	}
-	return got;
-}
-
 /* Does the peer close @fd (EOF, reset, hang-up) within @timeout_ms?  What
  * it sends before is read and dropped. */
 static bool peer_closes(int fd, int timeout_ms)
 {
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
+	uint64_t end = moe_test_now_ms() + (uint64_t)timeout_ms;
 
 	for (;;) {
 		struct pollfd pf = { fd, POLLIN | POLLRDHUP, 0 };
-		int64_t left = (int64_t)(end - now_ms());
+		int64_t left = (int64_t)(end - moe_test_now_ms());
 		char buf[4096];
 		ssize_t n;
 
@@ -1352,7 +985,7 @@ static int normal_client(void *p)
 
 /* The contract of a descriptor (proto.h, moe_client_submit()): would a
  * daemon that follows it accept @q? */
-static bool sqe_acceptable(const struct model *m, const struct raw *r, const struct moe_sqe *q, uint32_t max_tokens)
+static bool sqe_acceptable(const struct model *m, const struct moe_test_raw *r, const struct moe_sqe *q, uint32_t max_tokens)
 {
 	uint64_t es, bytes, rbytes;
 
@@ -1388,7 +1021,7 @@ static uint64_t pick_u64(uint64_t *rng, const uint64_t *v, size_t n)
 
 /* A valid descriptor @good spoiled in 1..3 ways (or, one time in four,
  * random bits), that the contract refuses. */
-static void sqe_hostile(uint64_t *rng, const struct model *m, const struct raw *r, const struct moe_sqe *good,
+static void sqe_hostile(uint64_t *rng, const struct model *m, const struct moe_test_raw *r, const struct moe_sqe *good,
 			uint32_t max_tokens, struct moe_sqe *q)
 {
 	const uint64_t A = r->arena_bytes;
@@ -1489,9 +1122,9 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	struct client_arg na;
 	struct moe_engine *e;
 	struct moe_client *c;
-	struct raw r, r2;
+	struct moe_test_raw r, r2;
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	struct job j;
 	struct moe_sqe good, batch[PER_BATCH + 1];
 	struct moe_cqe cqes[PER_BATCH + 1];
@@ -1507,17 +1140,17 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	moed_start(&d);
 	na = (struct client_arg){ .m = &m, .sock = d.sock, .b = b, .id = 0, .max_tokens = 32 };
 	normal = spawn(normal_client, &na);
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS; !atomic_load(&b->rounds[0]);) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS; !atomic_load(&b->rounds[0]);) {
 		moed_assert(&d, waitpid(normal, NULL, WNOHANG) == 0, "the normal client failed (above)");
-		ck_assert_msg(now_ms() < end, "the normal client did not start");
-		sleep_ms(5);
+		ck_assert_msg(moe_test_now_ms() < end, "the normal client did not start");
+		moe_test_sleep_ms(5);
 	}
 	ck_assert_int_eq(ref_open(&m, &e, why, sizeof(why)), 0);   /* no fork() after this */
 
 	/* ---- (a) descriptors that break every rule, with a good one in each batch */
 	struct moe_msg_hello h4 = { .version = MOE_PROTO_VERSION, .arena_bytes = 4u << 20, .sq_entries = 64 };
 
-	rc = raw_open(&r, d.sock, &h4);
+	rc = moe_test_raw_open(&r, d.sock, &h4);
 	moed_assert(&d, rc == 0, "a raw session: %s", moe_strerror(rc));
 	max_tokens = r.w.max_tokens;
 	ck_assert_uint_ge(r.arena_bytes, 4u << 20);
@@ -1547,8 +1180,8 @@ START_TEST(a_hostile_client_hurts_only_itself)
 				sqe_hostile(&rng, &m, &r, &good, max_tokens, &batch[i]);
 			batch[i].user_data = 0x1000u * (uint64_t)(bi + 1) + i;
 		}
-		raw_push(&r, batch, PER_BATCH + 1);
-		got = raw_reap(&r, cqes, PER_BATCH + 1, WAIT_MS);
+		moe_test_raw_push(&r, batch, PER_BATCH + 1);
+		got = moe_test_raw_reap(&r, cqes, PER_BATCH + 1, WAIT_MS);
 		moed_assert(&d, got == PER_BATCH + 1, "batch %d: %u of %d completions came (a request was dropped)",
 			    bi, got, PER_BATCH + 1);
 		for (uint32_t i = 0; i < got; i++) {
@@ -1573,44 +1206,44 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	}
 
 	/* ---- (b) a submission tail 10000 ahead: moed ends that session, quickly */
-	rc = raw_open(&r2, d.sock, &h4);
+	rc = moe_test_raw_open(&r2, d.sock, &h4);
 	moed_assert(&d, rc == 0, "a raw session: %s", moe_strerror(rc));
 	__atomic_store_n(&r2.hdr->sq_tail, __atomic_load_n(&r2.hdr->sq_head, __ATOMIC_ACQUIRE) + 10000,
 			 __ATOMIC_RELEASE);
-	raw_kick(&r2);
+	moe_test_raw_kick(&r2);
 	moed_assert(&d, peer_closes(r2.fd, 1000), "a client with sq_tail = sq_head + 10000 is still connected "
 		    "after 1 s");
 	ck_assert_uint_eq(__atomic_load_n(&r2.hdr->daemon_state, __ATOMIC_ACQUIRE), MOE_SEG_CLOSED);
-	raw_close(&r2);
+	moe_test_raw_close(&r2);
 
 	/* ---- (c) a completion head beyond the tail, then a NOP to make moed look */
-	rc = raw_open(&r2, d.sock, &h4);
+	rc = moe_test_raw_open(&r2, d.sock, &h4);
 	moed_assert(&d, rc == 0, "a raw session: %s", moe_strerror(rc));
 	__atomic_store_n(&r2.hdr->cq_head, __atomic_load_n(&r2.hdr->cq_tail, __ATOMIC_ACQUIRE) + 5000,
 			 __ATOMIC_RELEASE);
 	{
 		struct moe_sqe nop = { .opcode = MOE_OP_NOP, .user_data = 7 };
 
-		raw_push(&r2, &nop, 1);
+		moe_test_raw_push(&r2, &nop, 1);
 	}
 	moed_assert(&d, peer_closes(r2.fd, 1000), "a client with cq_head = cq_tail + 5000 is still connected "
 		    "after 1 s");
-	raw_close(&r2);
-	moed_assert(&d, log_has(&d, "corrupt"), "moed's log does not say why it dropped the corrupt sessions");
+	moe_test_raw_close(&r2);
+	moed_assert(&d, moe_test_moed_log_has(&d, "corrupt"), "moed's log does not say why it dropped the corrupt sessions");
 
 	/* ---- (d) the handshake */
 	/* a client that connects and says nothing (moed drops it after its HELLO timeout) */
-	silent = dial(d.sock);
+	silent = moe_test_dial(d.sock);
 	ck_assert_int_ge(silent, 0);
 	/* random bytes: dropped, no answer */
-	fd = dial(d.sock);
+	fd = moe_test_dial(d.sock);
 	ck_assert_int_ge(fd, 0);
 	{
 		uint8_t junk[80];
 
 		for (size_t i = 0; i < sizeof(junk); i++)
 			junk[i] = (uint8_t)moe_test_rand(&rng);
-		ck_assert_int_eq(send_bytes(fd, junk, sizeof(junk)), 0);
+		ck_assert_int_eq(moe_test_send_all(fd, junk, sizeof(junk)), 0);
 		moed_assert(&d, peer_closes(fd, 1000), "random bytes as a HELLO: moed kept the connection");
 		close(fd);
 	}
@@ -1621,9 +1254,9 @@ START_TEST(a_hostile_client_hurts_only_itself)
 		struct moe_msg_welcome w;
 		int segfd = -1;
 
-		fd = dial(d.sock);
+		fd = moe_test_dial(d.sock);
 		ck_assert_int_ge(fd, 0);
-		rc = hello_exchange(fd, &h, &w, &segfd);
+		rc = moe_test_hello_exchange(fd, &h, &w, &segfd);
 		moed_assert(&d, rc == 0 && w.status == -MOE_E_PROTO && segfd < 0, "HELLO version %u: got %d, status %d "
 			    "(%s), fd %d; want a WELCOME with -MOE_E_PROTO and no fd", h.version, rc, rc ? 0 : w.status,
 			    rc ? "" : w.message, segfd);
@@ -1643,9 +1276,9 @@ START_TEST(a_hostile_client_hurts_only_itself)
 			struct moe_msg_welcome w;
 			int segfd = -1;
 
-			fd = dial(d.sock);
+			fd = moe_test_dial(d.sock);
 			ck_assert_int_ge(fd, 0);
-			rc = hello_exchange(fd, &bad[i], &w, &segfd);
+			rc = moe_test_hello_exchange(fd, &bad[i], &w, &segfd);
 			moed_assert(&d, rc == 0 && w.status < 0 && segfd < 0, "HELLO sq_entries %u arena_bytes %" PRIu64
 				    ": got %d, status %d; want a refusal", bad[i].sq_entries, bad[i].arena_bytes, rc,
 				    rc ? 0 : w.status);
@@ -1664,11 +1297,11 @@ START_TEST(a_hostile_client_hurts_only_itself)
 		for (size_t i = 0; i < sizeof(hh) / sizeof(hh[0]); i++) {
 			uint8_t pad[8] = { 1, 0, 0, 0 };
 
-			fd = dial(d.sock);
+			fd = moe_test_dial(d.sock);
 			ck_assert_int_ge(fd, 0);
-			ck_assert_int_eq(send_bytes(fd, &hh[i], sizeof(hh[i])), 0);
+			ck_assert_int_eq(moe_test_send_all(fd, &hh[i], sizeof(hh[i])), 0);
 			if (hh[i].len == 4)
-				ck_assert_int_eq(send_bytes(fd, pad, 4), 0);
+				ck_assert_int_eq(moe_test_send_all(fd, pad, 4), 0);
 			moed_assert(&d, peer_closes(fd, 1000), "header {type %u, len %u}: moed kept the connection",
 				    hh[i].type, hh[i].len);
 			close(fd);
@@ -1680,15 +1313,15 @@ START_TEST(a_hostile_client_hurts_only_itself)
 		} msg = { { MOE_MSG_MAGIC, MOE_MSG_HELLO, sizeof(struct moe_msg_hello), 0 },
 			  { .version = MOE_PROTO_VERSION } };
 
-		fd = dial(d.sock);
+		fd = moe_test_dial(d.sock);
 		ck_assert_int_ge(fd, 0);
-		ck_assert_int_eq(send_bytes(fd, &msg, sizeof(msg.h) + 10), 0);
+		ck_assert_int_eq(moe_test_send_all(fd, &msg, sizeof(msg.h) + 10), 0);
 		close(fd);
 		/* a good HELLO, one byte at a time, is a good HELLO */
-		fd = dial(d.sock);
+		fd = moe_test_dial(d.sock);
 		ck_assert_int_ge(fd, 0);
 		for (size_t i = 0; i < sizeof(msg); i++) {
-			ck_assert_int_eq(send_bytes(fd, (uint8_t *)&msg + i, 1), 0);
+			ck_assert_int_eq(moe_test_send_all(fd, (uint8_t *)&msg + i, 1), 0);
 			if (i % 16 == 0)
 				usleep(200);
 		}
@@ -1697,27 +1330,27 @@ START_TEST(a_hostile_client_hurts_only_itself)
 			struct moe_msg_welcome w;
 			int segfd = -1;
 
-			rc = recv_bytes(fd, &rh, sizeof(rh), &segfd, 5000);
+			rc = moe_test_recv_all(fd, &rh, sizeof(rh), &segfd, 5000);
 			if (rc == 0)
-				rc = recv_bytes(fd, &w, sizeof(w), &segfd, 5000);
+				rc = moe_test_recv_all(fd, &w, sizeof(w), &segfd, 5000);
 			moed_assert(&d, rc == 0 && rh.type == MOE_MSG_WELCOME && w.status == 0 && segfd >= 0,
 				    "a HELLO sent byte by byte: got %d, status %d, fd %d", rc, rc ? 0 : w.status, segfd);
 			close(segfd);
 			/* a second HELLO on a welcomed session ends it */
-			ck_assert_int_eq(send_bytes(fd, &msg, sizeof(msg)), 0);
+			ck_assert_int_eq(moe_test_send_all(fd, &msg, sizeof(msg)), 0);
 			moed_assert(&d, peer_closes(fd, 1000), "a second HELLO: moed kept the connection");
 			close(fd);
 		}
 	}
 
 	/* ---- moed is alive, the hostile session still works, the others were served */
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	{
 		memset(j.out, 0xa5, j.bytes);
 		ck_assert_int_eq(ref_forward(e, &m, &j, why, sizeof(why)), 0);
 		good.user_data = 42;
-		raw_push(&r, &good, 1);
-		moed_assert(&d, raw_reap(&r, cqes, 1, WAIT_MS) == 1 && cqes[0].res == 0,
+		moe_test_raw_push(&r, &good, 1);
+		moed_assert(&d, moe_test_raw_reap(&r, cqes, 1, WAIT_MS) == 1 && cqes[0].res == 0,
 			    "the hostile session's last good request did not complete");
 		ck_assert_msg(job_check(&m, &j, why, sizeof(why)) == 0, "the hostile session's last request: %s", why);
 		job_free(&j);
@@ -1729,17 +1362,17 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	ck_assert_msg(rc == 0, "a new client after the attacks: %s", why);
 	moe_client_disconnect(c);
 	rounds0 = atomic_load(&b->rounds[0]);
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS; atomic_load(&b->rounds[0]) < rounds0 + 2;) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS; atomic_load(&b->rounds[0]) < rounds0 + 2;) {
 		moed_assert(&d, waitpid(normal, NULL, WNOHANG) == 0, "the normal client failed (above)");
-		ck_assert_msg(now_ms() < end, "the normal client stalled");
-		sleep_ms(5);
+		ck_assert_msg(moe_test_now_ms() < end, "the normal client stalled");
+		moe_test_sleep_ms(5);
 	}
 	atomic_store(&b->stop, 1);
 	assert_child_ok(normal, "the normal client");
 	close(silent);
-	raw_close(&r);
+	moe_test_raw_close(&r);
 	moe_engine_close(e);
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	munmap(b, sizeof(*b));
 	model_free(&m);
@@ -1755,7 +1388,7 @@ START_TEST(hello_sizes_that_overflow_are_refused)
 {
 	const uint64_t sizes[] = { UINT64_MAX, UINT64_MAX - 4094, (1ull << 63) + 1, (uint64_t)UINT32_MAX + 1 };
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 
 	model_make(&m, "daemon-sizes");
 	moed_config(&d, &m, NULL, "limits = { segment_mb = 16; };");
@@ -1763,10 +1396,10 @@ START_TEST(hello_sizes_that_overflow_are_refused)
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 		struct moe_msg_hello h = { .version = MOE_PROTO_VERSION, .arena_bytes = sizes[i] };
 		struct moe_msg_welcome w;
-		int segfd = -1, fd = dial(d.sock), rc;
+		int segfd = -1, fd = moe_test_dial(d.sock), rc;
 
 		ck_assert_int_ge(fd, 0);
-		rc = hello_exchange(fd, &h, &w, &segfd);
+		rc = moe_test_hello_exchange(fd, &h, &w, &segfd);
 		if (segfd >= 0)
 			close(segfd);
 		close(fd);
@@ -1776,7 +1409,7 @@ START_TEST(hello_sizes_that_overflow_are_refused)
 			    "pages must not wrap past 2^64)", sizes[i], rc, rc ? 0 : w.status,
 			    rc ? "" : moe_strerror(w.status), rc ? 0 : w.segment_bytes);
 	}
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	model_free(&m);
 }
@@ -1799,7 +1432,7 @@ START_TEST(a_session_that_hangs_up_is_closed_at_once)
 		  { MOE_MSG_MAGIC, MOE_MSG_STATS, 0, 0 } };
 	uint64_t worst = 0, slow = 0;
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 
 	model_make(&m, "daemon-hangup");
 	moed_config(&d, &m, NULL, "limits = { segment_mb = 4; };");
@@ -1808,19 +1441,19 @@ START_TEST(a_session_that_hangs_up_is_closed_at_once)
 		uint64_t t0, dt;
 		int fd;
 
-		sleep_ms(30);           /* moed idle: its data thread asleep */
-		fd = dial(d.sock);
+		moe_test_sleep_ms(30);           /* moed idle: its data thread asleep */
+		fd = moe_test_dial(d.sock);
 		ck_assert_int_ge(fd, 0);
-		ck_assert_int_eq(send_bytes(fd, &msg, sizeof(msg)), 0);
+		ck_assert_int_eq(moe_test_send_all(fd, &msg, sizeof(msg)), 0);
 		shutdown(fd, SHUT_WR);
-		t0 = now_ms();
+		t0 = moe_test_now_ms();
 		moed_assert(&d, peer_closes(fd, 5000), "round %d: moed did not close the session in 5 s", i);
-		dt = now_ms() - t0;
+		dt = moe_test_now_ms() - t0;
 		close(fd);
 		worst = dt > worst ? dt : worst;
 		slow += dt >= 250;
 	}
-	moed_assert(&d, moed_alive(&d), "moed died");
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	ck_assert_msg(worst < 250, "%" PRIu64 " hung-up sessions were closed only after 250 ms or more, the slowest "
 		      "after %" PRIu64 " ms: a lost wakeup of the data thread? (daemon/server.c: data_sleep() must "
@@ -1897,7 +1530,7 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 	struct moe_client *c;
 	struct stat st;
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	uint64_t t_term, rng = 5;
 	char why[512];
 	int rc;
@@ -1909,7 +1542,7 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 		args[i] = (struct client_arg){ .m = &m, .sock = d.sock, .b = b, .id = i };
 		pids[i] = spawn(term_client, &args[i]);
 	}
-	for (uint64_t end = now_ms() + CLIENT_TIMEOUT_MS;;) {
+	for (uint64_t end = moe_test_now_ms() + CLIENT_TIMEOUT_MS;;) {
 		int n = 0;
 
 		for (int i = 0; i < N; i++) {
@@ -1918,10 +1551,10 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 		}
 		if (n == N)
 			break;
-		moed_assert(&d, now_ms() < end, "the clients did not get going");
-		sleep_ms(2);
+		moed_assert(&d, moe_test_now_ms() < end, "the clients did not get going");
+		moe_test_sleep_ms(2);
 	}
-	sleep_ms(20);
+	moe_test_sleep_ms(20);
 	t_term = now_ns();
 	kill(d.pid, SIGTERM);
 	for (int i = 0; i < N; i++)
@@ -1938,15 +1571,15 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 			moe_strerror(err), (double)dt / 1e6, (unsigned long long)atomic_load(&b->rounds[i]));
 	}
 	{
-		uint64_t end = now_ms() + STOP_TIMEOUT_MS;
+		uint64_t end = moe_test_now_ms() + STOP_TIMEOUT_MS;
 		int ws;
 
 		while (waitpid(d.pid, &ws, WNOHANG) == 0) {
-			if (now_ms() > end) {
-				moed_dump_log(&d);
+			if (moe_test_now_ms() > end) {
+				moe_test_moed_dump_log(&d, 0);
 				ck_abort_msg("moed did not exit within %d ms of SIGTERM", STOP_TIMEOUT_MS);
 			}
-			sleep_ms(5);
+			moe_test_sleep_ms(5);
 		}
 		moed_pid = d.pid = 0;
 		moed_assert(&d, WIFEXITED(ws) && WEXITSTATUS(ws) == 0, "moed ended with %s %d after SIGTERM, not exit 0",
@@ -2034,7 +1667,7 @@ START_TEST(a_uid_outside_access_uids_is_refused)
 	struct uid_arg nobody, allowed;
 	struct moe_client *c;
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	char needle[64];
 	int rc, st, sig = 0;
 
@@ -2064,7 +1697,7 @@ START_TEST(a_uid_outside_access_uids_is_refused)
 		st = child_wait(spawn(uid_client, &nobody), CLIENT_TIMEOUT_MS, &sig);
 	}
 	snprintf(needle, sizeof(needle), "uid %u", 65534u);
-	moed_assert(&d, log_has(&d, needle), "moed's log does not name the refused uid (no '%s')", needle);
+	moed_assert(&d, moe_test_moed_log_has(&d, needle), "moed's log does not name the refused uid (no '%s')", needle);
 	moed_stop(&d);
 	ck_assert_msg(st != UID_RACE, "uid 65534 got -EPIPE or -ECONNRESET instead of -EACCES (see above): moed "
 		      "refuses a uid at accept, before it reads the HELLO, and closes; libmoeclient's "
@@ -2081,7 +1714,7 @@ START_TEST(max_clients_is_enforced)
 	struct moe_client *a, *b, *c = NULL, *x;
 	float in[2 * 256] = { 0.25f }, out[2 * 256];
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	int rc;
 
 	model_make(&m, "daemon-max");
@@ -2097,18 +1730,18 @@ START_TEST(max_clients_is_enforced)
 	ck_assert_int_eq(moe_client_forward(b, m.layers[0], MOE_F32, in, out, 2, NULL, NULL), 0);
 	moe_client_disconnect(a);
 	/* moed notices the close asynchronously */
-	for (uint64_t end = now_ms() + 2000;;) {
+	for (uint64_t end = moe_test_now_ms() + 2000;;) {
 		rc = moe_client_connect(d.sock, NULL, &c);
-		if (rc == 0 || now_ms() > end)
+		if (rc == 0 || moe_test_now_ms() > end)
 			break;
 		moed_assert(&d, rc == -EUSERS, "connect after a disconnect: %d (%s)", rc, moe_strerror(rc));
-		sleep_ms(10);
+		moe_test_sleep_ms(10);
 	}
 	moed_assert(&d, rc == 0, "2 s after one of 2 clients left, a new one is still refused: %s", moe_strerror(rc));
 	ck_assert_int_eq(moe_client_forward(c, m.layers[2], MOE_F32, in, out, 2, NULL, NULL), 0);
 	rc = moe_client_connect(d.sock, NULL, &x);
 	moed_assert(&d, rc == -EUSERS, "a third client again: %d (%s), want -EUSERS", rc, moe_strerror(rc));
-	moed_assert(&d, log_has(&d, "max_clients"), "moed's log does not name limits.max_clients");
+	moed_assert(&d, moe_test_moed_log_has(&d, "max_clients"), "moed's log does not name limits.max_clients");
 	moe_client_disconnect(b);
 	moe_client_disconnect(c);
 	moed_stop(&d);
@@ -2133,13 +1766,13 @@ static void assert_same_file(const char *a, const char *b)
 	free(y);
 }
 
-static char *run_moectl(const struct moed *d, const char *out, const char *args)
+static char *run_moectl(const struct moe_test_moed *d, const char *out, const char *args)
 {
 	int rc = moe_test_sh(out, "'%s' --socket '%s' %s", moe_test_moectl(), d->sock, args);
 	char *text = moe_test_slurp(out, NULL);
 
 	if (rc != 0)
-		moed_dump_log(d);
+		moe_test_moed_dump_log(d, 0);
 	ck_assert_msg(rc == 0, "moectl --socket S %s: exit %d: %s", args, rc, text ? text : "");
 	ck_assert_ptr_nonnull(text);
 	return text;
@@ -2149,7 +1782,7 @@ START_TEST(moectl_forward_through_moed_matches_forward_model)
 {
 	const uint32_t L = 2;
 	struct model m;
-	struct moed d;
+	struct moe_test_moed d;
 	struct moe_client *c;
 	char a[4200], b[4200], ra[4200], rb[4200], out[4200], args[9000], line[128], *text, *info;
 	float in[10 * 256], y[10 * 256];
@@ -2242,46 +1875,12 @@ START_TEST(moectl_forward_through_moed_matches_forward_model)
 }
 END_TEST
 
-/*
- * Every test's files under one directory that the runner makes and removes
- * (an unchecked fixture runs in the runner): a failing test leaves with
- * _exit() and never runs its own clean-up.  MOE_TEST_KEEP keeps it.
- */
-static char *run_dir;
-
-static void run_dir_make(void)
-{
-	const char *base = getenv("TMPDIR");
-
-	if (!base || !*base)
-		base = "/tmp";
-	if (asprintf(&run_dir, "%s/moe-daemon-XXXXXX", base) < 0 || !mkdtemp(run_dir)) {
-		perror("moe-daemon run directory");
-		abort();
-	}
-	/* others may pass through (not list): a_uid_outside_access_uids_is_refused
-	 * needs its socket reachable by other users, so that moed is the one to refuse */
-	chmod(run_dir, 0711);
-	setenv("TMPDIR", run_dir, 1);
-}
-
-static void run_dir_remove(void)
-{
-	if (getenv("MOE_TEST_KEEP"))
-		fprintf(stderr, "kept %s\n", run_dir);
-	else
-		moe_test_rm_rf(run_dir);
-	free(run_dir);
-	run_dir = NULL;
-}
-
 static Suite *suite(void)
 {
 	Suite *s = suite_create("daemon");
 	TCase *tc = tcase_create("daemon");
 
 	tcase_set_timeout(tc, 240);
-	tcase_add_unchecked_fixture(tc, run_dir_make, run_dir_remove);
 	tcase_add_test(tc, eight_clients_get_the_bits_of_forward_in_process);
 	tcase_add_test(tc, a_killed_client_costs_the_others_nothing);
 	tcase_add_test(tc, a_hostile_client_hurts_only_itself);
@@ -2297,11 +1896,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return moe_test_run_suite(suite(), "daemon");
 }

@@ -41,31 +41,20 @@ struct model {
 static void model_make(struct model *m, int which)
 {
 	struct moe_gen_options opt;
-	struct moe_pack_options popt = { .dtype = -1 };
-	struct moe_err err = {0};
+	char why[512];
 	int rc;
 
 	memset(m, 0, sizeof(*m));
 	if (which == 0) {
-		moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &opt);
-		opt.arch = MOE_ARCH_DEEPSEEK_V3;
-		opt.dtype = MOE_DTYPE_BF16;
+		moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
+		moe_test_gen_grouped(&opt);
 		opt.hidden_size = 200;
 		opt.moe_intermediate_size = 32;
 		opt.num_experts = 32;
 		opt.top_k = 4;
-		opt.n_group = 4;
-		opt.topk_group = 2;
-		opt.n_shared_experts = 1;
-		opt.routed_scaling_factor = 2.5f;
-		opt.norm_topk_prob = 1;
-		opt.intermediate_size = 64;
-		opt.first_k_dense_replace = 1;
 		m->what = "deepseek_v3/bf16/H200";
 	} else {
-		moe_gen_defaults(MOE_ARCH_MIXTRAL, &opt);
-		opt.arch = MOE_ARCH_MIXTRAL;
-		opt.dtype = MOE_DTYPE_F32;
+		moe_test_gen_small(MOE_ARCH_MIXTRAL, MOE_DTYPE_F32, &opt);
 		opt.hidden_size = 72;
 		opt.moe_intermediate_size = 44;
 		opt.num_experts = 8;
@@ -77,18 +66,11 @@ static void model_make(struct model *m, int which)
 	}
 	opt.seed = 77 + (uint64_t)which;
 	opt.num_layers = 2;
-	opt.vocab_size = 64;
-	opt.num_attention_heads = 4;
-	opt.num_key_value_heads = 2;
-	opt.shard_bytes = 0;
 	m->H = opt.hidden_size;
 	m->k = opt.top_k;
 	m->dir = moe_test_tmpdir("invariance");
-	rc = moe_gen_model(&opt, m->dir, NULL, NULL, &err);
-	ck_assert_msg(rc == 0, "%s: gen-model failed: %d %s", m->what, rc, err.msg);
-	snprintf(m->store, sizeof(m->store), "%s/model.moe", m->dir);
-	rc = moe_pack(m->dir, m->store, &popt, &err);
-	ck_assert_msg(rc == 0, "%s: pack failed: %d %s", m->what, rc, err.msg);
+	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	ck_assert_msg(rc == 0, "%s: %s", m->what, why);
 }
 
 static void model_free(struct model *m)
@@ -333,11 +315,5 @@ static Suite *invariance_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(invariance_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return moe_test_run_suite(invariance_suite(), "invariance");
 }

@@ -607,11 +607,5 @@ static Suite *numerics_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(numerics_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return moe_test_run_suite(numerics_suite(), "numerics");
 }

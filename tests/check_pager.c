@@ -43,41 +43,26 @@ struct model {
 static void model_make(struct model *m)
 {
 	struct moe_gen_options opt;
-	struct moe_pack_options popt = { .dtype = -1 };
 	struct moe_err err = {0};
 	struct moe_store *s;
+	char why[512];
 	int rc;
 
 	memset(m, 0, sizeof(*m));
-	moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &opt);
-	opt.arch = MOE_ARCH_DEEPSEEK_V3;
-	opt.dtype = MOE_DTYPE_BF16;
+	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
+	moe_test_gen_grouped(&opt);
 	opt.hidden_size = 512;
 	opt.moe_intermediate_size = 64;
 	opt.num_experts = 16;
 	opt.top_k = 4;
-	opt.n_group = 4;
-	opt.topk_group = 2;
-	opt.n_shared_experts = 1;
-	opt.routed_scaling_factor = 2.5f;
-	opt.norm_topk_prob = 1;
-	opt.intermediate_size = 64;
-	opt.first_k_dense_replace = 1;
 	opt.seed = 4242;
 	opt.num_layers = 4;
-	opt.vocab_size = 64;
-	opt.num_attention_heads = 4;
-	opt.num_key_value_heads = 2;
-	opt.shard_bytes = 0;
 	m->H = opt.hidden_size;
 	m->k = opt.top_k;
 	m->E = opt.num_experts;
 	m->dir = moe_test_tmpdir("pager");
-	rc = moe_gen_model(&opt, m->dir, NULL, NULL, &err);
-	ck_assert_msg(rc == 0, "gen-model failed: %d %s", rc, err.msg);
-	snprintf(m->store, sizeof(m->store), "%s/model.moe", m->dir);
-	rc = moe_pack(m->dir, m->store, &popt, &err);
-	ck_assert_msg(rc == 0, "pack failed: %d %s", rc, err.msg);
+	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	ck_assert_msg(rc == 0, "%s", why);
 	rc = moe_store_open(m->store, &s, &err);
 	ck_assert_msg(rc == 0, "store open: %s", err.msg);
 	m->nl = s->hdr.num_moe_layers;
@@ -443,11 +428,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return moe_test_run_suite(suite(), "pager");
 }

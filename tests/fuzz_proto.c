@@ -37,8 +37,8 @@
  * --enable-asan so that a memory error in moed ends it, then:
  *
  *   B=/path/to/build S=/path/to/source
- *   clang -g -O1 -fsanitize=fuzzer,address -DMOE_LIBFUZZER -I$B -I$S/libmoeclient \
- *       $S/tests/fuzz_proto.c -o fuzz_proto_lf
+ *   clang -g -O1 -fsanitize=fuzzer,address -DMOE_LIBFUZZER -I$B -I$S/libmoeclient -I$S/tests \
+ *       $S/tests/fuzz_proto.c $S/tests/daemonutil.c -o fuzz_proto_lf
  *   $B/client/moectl gen-model --arch qwen3_moe --layers 2 --hidden 64 \
  *       --moe-intermediate 32 --experts 8 --top-k 2 --vocab 32 -o /tmp/fm
  *   $B/client/moectl pack /tmp/fm -o /tmp/fm.moe
@@ -67,7 +67,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "futex.h"
+#include "daemonutil.h"
 #include "proto.h"
 
 #ifndef MOE_LIBFUZZER
@@ -88,22 +88,6 @@
 
 /* ------------------------------------------------------------------ basics */
 
-static uint64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static void sleep_ms(unsigned ms)
-{
-	struct timespec d = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000L };
-
-	while (nanosleep(&d, &d) < 0 && errno == EINTR)
-		;
-}
-
 /* splitmix64: the same sequence everywhere for a seed */
 static uint64_t rnd(uint64_t *s)
 {
@@ -121,44 +105,11 @@ static uint32_t below(uint64_t *s, uint64_t n)
 
 /* ------------------------------------------------------------------ moed */
 
-struct moed {
-	char dir[256], conf[300], sock[108], log[300];
-	pid_t pid;
-};
-
-static struct moed daemon_;         /* the one moed of this process */
-
-static const char *moed_path(void)
-{
-	const char *p = getenv("MOED");
-
-	return p && *p ? p : "../daemon/moed";
-}
+static struct moe_test_moed daemon_;   /* the one moed of this process */
 
 static void kill_moed(void)
 {
-	if (daemon_.pid > 0) {
-		kill(daemon_.pid, SIGKILL);
-		waitpid(daemon_.pid, NULL, 0);
-		daemon_.pid = 0;
-	}
-}
-
-/* The last 6 KB of moed's log, to stderr. */
-static void dump_log(void)
-{
-	char buf[6144];
-	int fd = open(daemon_.log, O_RDONLY | O_CLOEXEC);
-	off_t end;
-	ssize_t n;
-
-	if (fd < 0)
-		return;
-	end = lseek(fd, 0, SEEK_END);
-	lseek(fd, end > (off_t)sizeof(buf) ? end - (off_t)sizeof(buf) : 0, SEEK_SET);
-	n = read(fd, buf, sizeof(buf));
-	close(fd);
-	fprintf(stderr, "---- moed log (%s, the end) ----\n%.*s---- end ----\n", daemon_.log, n > 0 ? (int)n : 0, buf);
+	moe_test_moed_kill(&daemon_);
 }
 
 static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
@@ -171,7 +122,7 @@ static void fail(const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fprintf(stderr, "\n");
-	dump_log();
+	moe_test_moed_dump_log(&daemon_, 6144);
 	kill_moed();
 #ifdef MOE_LIBFUZZER
 	abort();                /* libFuzzer keeps the input */
@@ -196,74 +147,34 @@ static bool moed_alive(void)
 
 static void moed_start(const char *dir, const char *store)
 {
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	pid_t parent = getpid();
-	uint64_t end;
-	FILE *f;
+	int st = 0, rc;
 
-	snprintf(daemon_.dir, sizeof(daemon_.dir), "%s", dir);
-	snprintf(daemon_.conf, sizeof(daemon_.conf), "%s/moed.conf", dir);
-	snprintf(daemon_.log, sizeof(daemon_.log), "%s/moed.log", dir);
-	if (snprintf(daemon_.sock, sizeof(daemon_.sock), "%s/s.sock", dir) >= (int)sizeof(daemon_.sock))
-		fail("socket path under %s is too long", dir);
-	f = fopen(daemon_.conf, "w");
-	if (!f)
-		fail("%s: %s", daemon_.conf, strerror(errno));
 	/* warnings: one line per dropped client, not two per session */
-	fprintf(f, "model = \"%s\";\nbackend = \"cpu\";\nsocket = { path = \"%s\"; group = \"\"; };\n"
-		"limits = { segment_mb = 8; };\nlog = { level = \"warning\"; };\n", store, daemon_.sock);
-	fclose(f);
-	fflush(NULL);
-	daemon_.pid = fork();
-	if (daemon_.pid < 0)
-		fail("fork: %s", strerror(errno));
-	if (daemon_.pid == 0) {
-		int fd = open(daemon_.log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-		int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		if (getppid() != parent || fd < 0 || null < 0)
-			_exit(126);
-		dup2(null, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		execl(moed_path(), "moed", "--config", daemon_.conf, (char *)NULL);
-		dprintf(2, "exec %s: %s\n", moed_path(), strerror(errno));
-		_exit(127);
-	}
+	rc = moe_test_moed_config(&daemon_, dir, "s.sock", store, NULL,
+				  "limits = { segment_mb = 8; };\nlog = { level = \"warning\"; };");
+	if (rc == -ENAMETOOLONG)
+		fail("socket path under %s is too long", dir);
+	if (rc < 0)
+		fail("%s: %s", daemon_.conf, strerror(-rc));
+	rc = moe_test_moed_start(&daemon_, READY_TIMEOUT_MS, &st);
 	atexit(kill_moed);
-	strcpy(a.sun_path, daemon_.sock);
-	for (end = now_ms() + READY_TIMEOUT_MS;;) {
-		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), ok;
-
-		if (fd < 0)
-			fail("socket: %s", strerror(errno));
-		ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
-		close(fd);
-		if (ok)
-			return;
-		if (!moed_alive())
-			fail("moed (%s) ended before it listened on %s", moed_path(), daemon_.sock);
-		if (now_ms() > end)
-			fail("moed did not listen on %s within %d ms", daemon_.sock, READY_TIMEOUT_MS);
-		sleep_ms(10);
-	}
+	if (rc == -ECHILD)
+		fail("moed (%s) ended with %s %d before it listened on %s", moe_test_moed_path(),
+		     WIFEXITED(st) ? "status" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st), daemon_.sock);
+	if (rc == -ETIMEDOUT)
+		fail("moed did not listen on %s within %d ms", daemon_.sock, READY_TIMEOUT_MS);
+	if (rc < 0)
+		fail("fork: %s", strerror(-rc));
 }
 
 #ifndef MOE_LIBFUZZER
 /* SIGTERM: moed must exit 0. */
 static void moed_stop(void)
 {
-	uint64_t end = now_ms() + 15000;
-	int st;
+	int st = 0;
 
-	kill(daemon_.pid, SIGTERM);
-	while (waitpid(daemon_.pid, &st, WNOHANG) == 0) {
-		if (now_ms() > end)
-			fail("moed did not exit within 15 s of SIGTERM");
-		sleep_ms(5);
-	}
-	daemon_.pid = 0;
+	if (moe_test_moed_stop(&daemon_, 15000, &st) < 0)
+		fail("moed did not exit within 15 s of SIGTERM");
 	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
 		fail("moed ended with %s %d after SIGTERM, not exit 0", WIFEXITED(st) ? "status" : "signal",
 		     WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
@@ -272,47 +183,11 @@ static void moed_stop(void)
 
 /* ------------------------------------------------------------------ the socket */
 
-static int dial(void)
-{
-	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	if (fd < 0)
-		fail("socket: %s", strerror(errno));
-	strcpy(a.sun_path, daemon_.sock);
-	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
-		int r = -errno;
-
-		close(fd);
-		return r;
-	}
-	return fd;
-}
-
-/* Send all of it; a peer that closed early is no error here (-EPIPE). */
-static int send_bytes(int fd, const void *buf, size_t len)
-{
-	const uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /* Read until EOF within @timeout_ms, closing any passed descriptor:
  * true if the peer closed. */
 static bool drain_until_eof(int fd, int timeout_ms)
 {
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
+	uint64_t end = moe_test_now_ms() + (uint64_t)timeout_ms;
 
 	for (;;) {
 		union {
@@ -323,7 +198,7 @@ static bool drain_until_eof(int fd, int timeout_ms)
 		struct iovec iov = { buf, sizeof(buf) };
 		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b, .msg_controllen = sizeof(u.b) };
 		struct pollfd pf = { fd, POLLIN, 0 };
-		int64_t left = (int64_t)(end - now_ms());
+		int64_t left = (int64_t)(end - moe_test_now_ms());
 		ssize_t n;
 
 		if (poll(&pf, 1, left > 0 ? (int)left : 0) <= 0)
@@ -343,48 +218,6 @@ static bool drain_until_eof(int fd, int timeout_ms)
 	}
 }
 
-static int recv_bytes(int fd, void *buf, size_t len, int *pass_fd, int timeout_ms)
-{
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
-	uint8_t *p = buf;
-
-	while (len) {
-		union {
-			char b[CMSG_SPACE(sizeof(int))];
-			struct cmsghdr align;
-		} u;
-		struct iovec iov = { p, len };
-		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b, .msg_controllen = sizeof(u.b) };
-		struct pollfd pf = { fd, POLLIN, 0 };
-		int64_t left = (int64_t)(end - now_ms());
-		ssize_t n;
-
-		if (left <= 0 || poll(&pf, 1, (int)left) == 0)
-			return -ETIMEDOUT;
-		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
-		if (n < 0) {
-			if (errno == EINTR || errno == EAGAIN)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -ECONNRESET;
-		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-				int got;
-
-				memcpy(&got, CMSG_DATA(cm), sizeof(got));
-				if (pass_fd && *pass_fd < 0)
-					*pass_fd = got;
-				else
-					close(got);
-			}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
 /*
  * @len bytes as a new connection's first words, in pieces cut by @rng (or
  * whole without one), then the client's half-close: moed must answer and
@@ -392,14 +225,14 @@ static int recv_bytes(int fd, void *buf, size_t len, int *pass_fd, int timeout_m
  */
 static void hello_probe(const uint8_t *bytes, size_t len, uint64_t *rng, const char *what)
 {
-	int fd = dial();
+	int fd = moe_test_dial(daemon_.sock);
 
 	if (fd < 0)
 		fail("%s: connect: %s", what, strerror(-fd));
 	for (size_t off = 0; off < len;) {
 		size_t n = rng && below(rng, 3) == 0 ? 1 + below(rng, len - off) : len - off;
 
-		if (send_bytes(fd, bytes + off, n) < 0)
+		if (moe_test_send_all(fd, bytes + off, n) < 0)
 			break;          /* moed closed already: fine */
 		off += n;
 	}
@@ -417,112 +250,13 @@ static void hello_probe(const uint8_t *bytes, size_t len, uint64_t *rng, const c
 
 /* ------------------------------------------------------------------ sessions */
 
-struct raw {
-	int fd;
-	uint8_t *seg;
-	size_t seg_bytes;
-	struct moe_seg_header *hdr;
-	struct moe_sqe *sq;
-	struct moe_cqe *cq;
-	uint8_t *arena;
-	uint64_t arena_bytes;
-	uint32_t sq_entries, cq_entries;
-	struct moe_msg_welcome w;
-};
-
-/* A session as libmoeclient makes one: 0, the WELCOME's status, or -errno. */
-static int raw_open(struct raw *r, uint64_t arena_bytes, uint32_t sq_entries)
+/* A session as libmoeclient makes one, with these sizes: 0, the WELCOME's
+ * status, or -errno. */
+static int raw_open(struct moe_test_raw *r, uint64_t arena_bytes, uint32_t sq_entries)
 {
-	struct {
-		struct moe_msg_header h;
-		struct moe_msg_hello b;
-	} msg = { { MOE_MSG_MAGIC, MOE_MSG_HELLO, sizeof(struct moe_msg_hello), 0 },
-		  { .version = MOE_PROTO_VERSION, .arena_bytes = arena_bytes, .sq_entries = sq_entries } };
-	struct moe_msg_header rh;
-	int segfd = -1, rc;
+	struct moe_msg_hello h = { .version = MOE_PROTO_VERSION, .arena_bytes = arena_bytes, .sq_entries = sq_entries };
 
-	memset(r, 0, sizeof(*r));
-	r->fd = dial();
-	if (r->fd < 0)
-		return r->fd;
-	rc = send_bytes(r->fd, &msg, sizeof(msg));
-	if (rc == 0)
-		rc = recv_bytes(r->fd, &rh, sizeof(rh), &segfd, 5000);
-	if (rc == 0 && (rh.magic != MOE_MSG_MAGIC || rh.type != MOE_MSG_WELCOME || rh.len != sizeof(r->w)))
-		rc = -EPROTO;
-	if (rc == 0)
-		rc = recv_bytes(r->fd, &r->w, sizeof(r->w), &segfd, 5000);
-	if (rc == 0 && r->w.status < 0)
-		rc = r->w.status;
-	if (rc == 0 && segfd < 0)
-		rc = -EPROTO;
-	if (rc == 0) {
-		r->seg_bytes = (size_t)r->w.segment_bytes;
-		r->seg = mmap(NULL, r->seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, segfd, 0);
-		if (r->seg == MAP_FAILED) {
-			r->seg = NULL;
-			rc = -ENOMEM;
-		}
-	}
-	if (segfd >= 0)
-		close(segfd);
-	if (rc < 0) {
-		close(r->fd);
-		r->fd = -1;
-		return rc;
-	}
-	r->hdr = (struct moe_seg_header *)r->seg;
-	r->sq_entries = r->hdr->sq_entries;
-	r->cq_entries = r->hdr->cq_entries;
-	r->sq = (struct moe_sqe *)(r->seg + r->hdr->sq_off);
-	r->cq = (struct moe_cqe *)(r->seg + r->hdr->cq_off);
-	r->arena = r->seg + r->hdr->arena_off;
-	r->arena_bytes = r->hdr->arena_bytes;
-	return 0;
-}
-
-static void raw_close(struct raw *r)
-{
-	if (r->seg)
-		munmap(r->seg, r->seg_bytes);
-	if (r->fd >= 0)
-		close(r->fd);
-	memset(r, 0, sizeof(*r));
-	r->fd = -1;
-}
-
-static void raw_kick(struct raw *r)
-{
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	moe_futex_kick(&r->hdr->daemon_futex, &r->hdr->daemon_wait, 1);
-}
-
-static void raw_push(struct raw *r, const struct moe_sqe *q, uint32_t n)
-{
-	uint32_t tail = r->hdr->sq_tail;
-
-	for (uint32_t i = 0; i < n; i++)
-		r->sq[(tail + i) & (r->sq_entries - 1)] = q[i];
-	__atomic_store_n(&r->hdr->sq_tail, tail + n, __ATOMIC_RELEASE);
-	raw_kick(r);
-}
-
-static uint32_t raw_reap(struct raw *r, struct moe_cqe *out, uint32_t n, int timeout_ms)
-{
-	uint64_t end = now_ms() + (uint64_t)timeout_ms;
-	uint32_t got = 0;
-
-	while (got < n) {
-		uint32_t head = r->hdr->cq_head, tail = __atomic_load_n(&r->hdr->cq_tail, __ATOMIC_ACQUIRE);
-
-		while (head != tail && got < n)
-			out[got++] = r->cq[head++ & (r->cq_entries - 1)];
-		__atomic_store_n(&r->hdr->cq_head, head, __ATOMIC_RELEASE);
-		if (got == n || now_ms() > end)
-			break;
-		usleep(50);
-	}
-	return got;
+	return moe_test_raw_open(r, daemon_.sock, &h);
 }
 
 static bool is_moe_layer(const struct moe_msg_welcome *w, uint32_t layer)
@@ -535,7 +269,7 @@ static bool is_moe_layer(const struct moe_msg_welcome *w, uint32_t layer)
 
 /* The contract of a descriptor (proto.h, moe_client_submit()): would a
  * daemon that follows it accept @q in session @r? */
-static bool sqe_acceptable(const struct raw *r, const struct moe_sqe *q)
+static bool sqe_acceptable(const struct moe_test_raw *r, const struct moe_sqe *q)
 {
 	uint64_t A = r->arena_bytes, es, bytes, rbytes;
 
@@ -566,7 +300,7 @@ static void sqe_describe(const struct moe_sqe *q, char *buf, size_t len)
 /* Push @n descriptors (user_data overwritten with @tag + i), reap them all:
  * each exactly once, failing exactly when the contract says so.  Returns
  * how many failed. */
-static uint32_t ring_round(struct raw *r, struct moe_sqe *q, uint32_t n, uint64_t tag, const char *what)
+static uint32_t ring_round(struct moe_test_raw *r, struct moe_sqe *q, uint32_t n, uint64_t tag, const char *what)
 {
 	struct moe_cqe cqes[SQ_MAX_FUZZ];
 	bool seen[SQ_MAX_FUZZ] = { false };
@@ -575,8 +309,8 @@ static uint32_t ring_round(struct raw *r, struct moe_sqe *q, uint32_t n, uint64_
 
 	for (uint32_t i = 0; i < n; i++)
 		q[i].user_data = tag + i;
-	raw_push(r, q, n);
-	got = raw_reap(r, cqes, n, WAIT_MS);
+	moe_test_raw_push(r, q, n);
+	got = moe_test_raw_reap(r, cqes, n, WAIT_MS);
 	if (got != n)
 		fail("%s: %u of %u completions came within %d ms (a request was dropped, or moed is stuck)", what, got,
 		     n, WAIT_MS);
@@ -691,7 +425,7 @@ static size_t hello_mutant(uint64_t *s, uint8_t *buf, const char **what)
 
 /* A good descriptor for session @r, then maybe spoiled: random words, or
  * 1..4 fields set to edge values. */
-static void sqe_mutant(uint64_t *s, const struct raw *r, struct moe_sqe *q)
+static void sqe_mutant(uint64_t *s, const struct moe_test_raw *r, struct moe_sqe *q)
 {
 	uint64_t A = r->arena_bytes;
 
@@ -804,27 +538,18 @@ static void good_client(uint64_t *s, const char *when)
 static void model_make(const char *dir, char *store, size_t len)
 {
 	struct moe_gen_options opt;
-	struct moe_pack_options popt = { .dtype = -1 };
-	struct moe_err err = { 0 };
+	char why[512];
 
-	moe_gen_defaults(MOE_ARCH_QWEN3_MOE, &opt);
-	opt.arch = MOE_ARCH_QWEN3_MOE;
-	opt.dtype = MOE_DTYPE_BF16;
+	moe_test_gen_small(MOE_ARCH_QWEN3_MOE, MOE_DTYPE_BF16, &opt);
 	opt.hidden_size = 128;
 	opt.moe_intermediate_size = 32;
 	opt.num_experts = 16;
 	opt.top_k = 4;
 	opt.num_layers = 3;
 	opt.vocab_size = 32;
-	opt.num_attention_heads = 4;
-	opt.num_key_value_heads = 2;
 	opt.seed = 31337;
-	opt.shard_bytes = 0;
-	if (moe_gen_model(&opt, dir, NULL, NULL, &err) < 0)
-		fail("gen-model: %s", err.msg);
-	snprintf(store, len, "%s/model.moe", dir);
-	if (moe_pack(dir, store, &popt, &err) < 0)
-		fail("pack: %s", err.msg);
+	if (moe_test_model_pack(&opt, dir, NULL, store, len, why, sizeof(why)) < 0)
+		fail("%s", why);
 }
 
 int main(void)
@@ -833,12 +558,12 @@ int main(void)
 	uint64_t seed = env_u64("MOE_FUZZ_SEED", 0xf0220001u), s = seed, sr = seed ^ 0x5a5a5a5a5a5a5a5aull;
 	uint64_t sg = ~seed;
 	uint64_t iters = env_u64("MOE_FUZZ_ITERS", 1000), budget_ms = env_u64("MOE_FUZZ_SECONDS", 4) * 1000;
-	uint64_t t0 = now_ms(), tag = 0x10000;
+	uint64_t t0 = moe_test_now_ms(), tag = 0x10000;
 	uint64_t hellos = 0, batches = 0, sqes = 0, refused = 0, ended = 0, garbage = 0;
 	uint64_t slow_hello = 0, slow_batch = 0, t1;     /* the slowest answers, ms */
 	struct moe_engine_options eo = { .backend = "cpu", .threads = 1 };
 	struct moe_err err = { 0 };
-	struct raw r = { .fd = -1 };
+	struct moe_test_raw r = { .fd = -1 };
 	int silent[8], nsilent = 0;
 	char store[4096], *dir;
 
@@ -850,24 +575,24 @@ int main(void)
 	good_client(&sg, "at the start");
 
 	/* 1: the HELLO */
-	for (; hellos < iters && now_ms() - t0 < budget_ms / 2; hellos++) {
+	for (; hellos < iters && moe_test_now_ms() - t0 < budget_ms / 2; hellos++) {
 		uint8_t buf[512];
 		const char *what;
 		size_t len = hello_mutant(&s, buf, &what);
 
 		if (nsilent < 8 && below(&s, 40) == 0) {
 			/* some stay connected, half-way through a message: no one else may wait for them */
-			int fd = dial();
+			int fd = moe_test_dial(daemon_.sock);
 
 			if (fd < 0)
 				fail("connect: %s", strerror(-fd));
-			send_bytes(fd, buf, len / 2);
+			moe_test_send_all(fd, buf, len / 2);
 			silent[nsilent++] = fd;
 			continue;
 		}
-		t1 = now_ms();
+		t1 = moe_test_now_ms();
 		hello_probe(buf, len, &s, what);
-		t1 = now_ms() - t1;
+		t1 = moe_test_now_ms() - t1;
 		slow_hello = t1 > slow_hello ? t1 : slow_hello;
 		if (hellos % 50 == 49)
 			good_client(&sg, "among HELLO mutants");
@@ -876,7 +601,7 @@ int main(void)
 	}
 
 	/* 2: descriptors */
-	for (; batches < iters && now_ms() - t0 < budget_ms; batches++) {
+	for (; batches < iters && moe_test_now_ms() - t0 < budget_ms; batches++) {
 		struct moe_sqe q[SQ_MAX_FUZZ];
 		uint32_t n;
 		char what[64];
@@ -901,18 +626,18 @@ int main(void)
 			if (below(&sr, 2)) {
 				__atomic_store_n(&r.hdr->sq_tail, r.hdr->sq_head + r.sq_entries + 1 + below(&sr, 1u << 30),
 						 __ATOMIC_RELEASE);
-				raw_kick(&r);
+				moe_test_raw_kick(&r);
 			} else {
 				struct moe_sqe nop = { .opcode = MOE_OP_NOP };
 
 				__atomic_store_n(&r.hdr->cq_head, r.hdr->cq_tail + r.cq_entries + 1 + below(&sr, 1u << 30),
 						 __ATOMIC_RELEASE);
-				raw_push(&r, &nop, 1);   /* something to make moed look */
+				moe_test_raw_push(&r, &nop, 1);   /* something to make moed look */
 			}
 			if (!drain_until_eof(r.fd, CLOSE_TIMEOUT_MS))
 				fail("a session with ring indices sq %u/%u, cq %u/%u is still served after %d ms",
 				     r.hdr->sq_head, r.hdr->sq_tail, r.hdr->cq_head, r.hdr->cq_tail, CLOSE_TIMEOUT_MS);
-			raw_close(&r);
+			moe_test_raw_close(&r);
 			ended++;
 			continue;
 		}
@@ -920,9 +645,9 @@ int main(void)
 		for (uint32_t i = 0; i < n; i++)
 			sqe_mutant(&sr, &r, &q[i]);
 		snprintf(what, sizeof(what), "descriptor batch %" PRIu64, batches);
-		t1 = now_ms();
+		t1 = moe_test_now_ms();
 		refused += ring_round(&r, q, n, tag, what);
-		t1 = now_ms() - t1;
+		t1 = moe_test_now_ms() - t1;
 		slow_batch = t1 > slow_batch ? t1 : slow_batch;
 		tag += 0x10000;
 		sqes += n;
@@ -931,7 +656,7 @@ int main(void)
 		else if (!moed_alive())
 			fail("moed died after %s", what);
 	}
-	raw_close(&r);
+	moe_test_raw_close(&r);
 	for (int i = 0; i < nsilent; i++)
 		close(silent[i]);
 	good_client(&sg, "at the end");
@@ -941,7 +666,7 @@ int main(void)
 	       " descriptors, %" PRIu64 " refused, %" PRIu64 " with garbage in the arena), %" PRIu64
 	       " sessions ended for bad ring indices; slowest answer to a HELLO %" PRIu64 " ms, to a batch %" PRIu64
 	       " ms; %.1f s\n", seed, hellos, batches, sqes, refused, garbage, ended, slow_hello, slow_batch,
-	       (double)(now_ms() - t0) / 1000.0);
+	       (double)(moe_test_now_ms() - t0) / 1000.0);
 	free(dir);
 	return 0;
 }
@@ -950,7 +675,7 @@ int main(void)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static struct raw lf_session = { .fd = -1 };
+static struct moe_test_raw lf_session = { .fd = -1 };
 
 static void lf_cleanup(void)
 {
@@ -964,7 +689,7 @@ static void lf_cleanup(void)
 /* A NOP and a good forward in a fresh session. */
 static void lf_good_client(void)
 {
-	struct raw g;
+	struct moe_test_raw g;
 	struct moe_sqe q[2] = { { .opcode = MOE_OP_NOP } };
 	int rc = raw_open(&g, ARENA_BYTES, 16);
 
@@ -973,7 +698,7 @@ static void lf_good_client(void)
 	q[1] = (struct moe_sqe){ .opcode = MOE_OP_FORWARD, .layer = g.w.moe_layers[0], .dtype = MOE_ACT_F32,
 				 .tokens = 2, .in_off = 0, .out_off = g.arena_bytes / 2 };
 	ring_round(&g, q, 2, 1, "a well-formed client");
-	raw_close(&g);
+	moe_test_raw_close(&g);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include "config.h"
 
+#include <check.h>
 #include <errno.h>
 #include <ftw.h>
 #include <stdarg.h>
@@ -11,6 +12,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "err.h"
+#include "pack.h"
 #include "testutil.h"
 
 static char *tmpdirs[64];
@@ -45,6 +48,60 @@ char *moe_test_tmpdir(const char *tag)
 	if (n_tmpdirs < 64)
 		tmpdirs[n_tmpdirs++] = strdup(path);
 	return path;
+}
+
+static char *run_dir;            /* moe_test_run_suite()'s, while it runs */
+static char *run_dir_outer;      /* $TMPDIR before it */
+
+/*
+ * Check forks every test, and a test that fails leaves with _exit(): its
+ * atexit clean-up never runs.  So the runner makes one directory for the
+ * run, every test's moe_test_tmpdir() lands inside it through $TMPDIR, and
+ * the runner, which always gets to the end, removes it.  Mode 0711: others
+ * may pass through to a socket (check_daemon's uid test) but not list it.
+ */
+static void run_dir_make(const char *tag)
+{
+	const char *base = getenv("TMPDIR");
+
+	if (!base || !*base)
+		base = "/tmp";
+	run_dir_outer = getenv("TMPDIR") ? strdup(getenv("TMPDIR")) : NULL;
+	if (asprintf(&run_dir, "%s/moe-%s-XXXXXX", base, tag) < 0 || !mkdtemp(run_dir)) {
+		perror("moe test run directory");
+		abort();
+	}
+	chmod(run_dir, 0711);
+	setenv("TMPDIR", run_dir, 1);
+}
+
+static void run_dir_remove(void)
+{
+	if (getenv("MOE_TEST_KEEP"))
+		fprintf(stderr, "kept %s\n", run_dir);
+	else
+		moe_test_rm_rf(run_dir);
+	free(run_dir);
+	run_dir = NULL;
+	if (run_dir_outer)
+		setenv("TMPDIR", run_dir_outer, 1);
+	else
+		unsetenv("TMPDIR");
+	free(run_dir_outer);
+	run_dir_outer = NULL;
+}
+
+int moe_test_run_suite(Suite *s, const char *tag)
+{
+	SRunner *sr = srunner_create(s);
+	int failed;
+
+	run_dir_make(tag);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	run_dir_remove();
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
 static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -130,4 +187,52 @@ uint64_t moe_test_rand(uint64_t *s)
 double moe_test_randf(uint64_t *s)
 {
 	return (double)(moe_test_rand(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+void moe_test_gen_small(enum moe_arch arch, enum moe_dtype dtype, struct moe_gen_options *ret_opt)
+{
+	moe_gen_defaults(arch, ret_opt);
+	ret_opt->arch = arch;
+	ret_opt->dtype = dtype;
+	ret_opt->vocab_size = 64;
+	ret_opt->num_attention_heads = 4;
+	ret_opt->num_key_value_heads = 2;
+	ret_opt->shard_bytes = 0;
+}
+
+void moe_test_gen_grouped(struct moe_gen_options *opt)
+{
+	opt->n_group = 4;
+	opt->topk_group = 2;
+	opt->n_shared_experts = 1;
+	opt->routed_scaling_factor = 2.5f;
+	opt->norm_topk_prob = 1;
+	opt->intermediate_size = 64;
+	opt->first_k_dense_replace = 1;
+}
+
+int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
+			size_t store_len, char *why, size_t why_len)
+{
+	struct moe_pack_options popt = { .dtype = -1 };   /* as the checkpoint has it */
+	struct moe_err err = { 0 };
+	char hf[4096];
+	int rc;
+
+	if (hf_sub)
+		snprintf(hf, sizeof(hf), "%s/%s", dir, hf_sub);
+	else
+		snprintf(hf, sizeof(hf), "%s", dir);
+	rc = moe_gen_model(opt, hf, NULL, NULL, &err);
+	if (rc < 0) {
+		snprintf(why, why_len, "gen-model failed: %d %s", rc, err.msg);
+		return rc;
+	}
+	snprintf(ret_store, store_len, "%s/model.moe", dir);
+	rc = moe_pack(hf, ret_store, &popt, &err);
+	if (rc < 0) {
+		snprintf(why, why_len, "pack failed: %d %s", rc, err.msg);
+		return rc;
+	}
+	return 0;
 }

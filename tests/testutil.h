@@ -5,11 +5,27 @@
 #ifndef MOE_TESTUTIL_H
 #define MOE_TESTUTIL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
-/* A fresh directory under $TMPDIR (or /tmp), removed by moe_test_cleanup()
- * or at exit.  Returns a malloc'ed path; aborts the test on failure. */
+#include "genmodel.h"
+
+/* A fresh directory under $TMPDIR (or /tmp), removed at exit.  Returns a
+ * malloc'ed path; aborts the test on failure.  A test that fails leaves
+ * through _exit() in Check's fork mode and skips that clean-up:
+ * moe_test_run_suite() removes what it leaves. */
 char *moe_test_tmpdir(const char *tag);
+
+/*
+ * Run the suite @s (CK_NORMAL; CK_FORK as Check reads it) inside a
+ * directory $TMPDIR/moe-@tag-XXXXXX that $TMPDIR points at meanwhile, so
+ * that every moe_test_tmpdir() of its tests is inside it, and remove that
+ * directory afterwards: a failed test's files go too.  MOE_TEST_KEEP keeps
+ * it (and says where).  Takes @s; EXIT_SUCCESS if no test failed, else
+ * EXIT_FAILURE.
+ */
+struct Suite;
+int moe_test_run_suite(struct Suite *s, const char *tag);
 
 /* Remove a directory tree. */
 void moe_test_rm_rf(const char *path);
@@ -29,5 +45,22 @@ const char *moe_test_moectl(void);
 uint64_t moe_test_rand(uint64_t *state);
 /* Uniform in [-1, 1). */
 double moe_test_randf(uint64_t *state);
+
+/* moe_gen_defaults(@arch) with @dtype and what the suites' small models
+ * share: 4 attention heads over 2 KV heads, a vocabulary of 64, one shard. */
+void moe_test_gen_small(enum moe_arch arch, enum moe_dtype dtype, struct moe_gen_options *ret_opt);
+
+/* The deepseek_v3 routing of check_pager, check_daemon, check_invariance: 4
+ * groups with the top 2 of them, one shared expert, scaling 2.5, normalised
+ * top-k weights, layer 0 dense with intermediate size 64. */
+void moe_test_gen_grouped(struct moe_gen_options *opt);
+
+/*
+ * Generate @opt's checkpoint in @dir/@hf_sub (@dir itself when @hf_sub is
+ * NULL) and pack it, dtype as stored, into @dir/model.moe, whose path goes
+ * to @ret_store.  0 or a negative errno, with what failed in @why.
+ */
+int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
+			size_t store_len, char *why, size_t why_len);
 
 #endif
