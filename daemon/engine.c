@@ -455,7 +455,9 @@ static int host_setup(struct moe_engine *e, const struct moe_engine_options *opt
 	e->need = calloc(2 * (size_t)E, 1);
 	e->uniq = calloc(3 * (size_t)E, sizeof(uint32_t));
 	e->ptrs = calloc(E, sizeof(*e->ptrs));
-	e->waitv = calloc(E, sizeof(*e->waitv));
+	/* waits name this batch's reads (at most E) or every read in flight
+	 * (at most one per slot) */
+	e->waitv = calloc(E > e->nslots ? E : e->nslots, sizeof(*e->waitv));
 	if (!e->slots || !e->inflight || !e->need || !e->uniq || !e->ptrs || !e->waitv)
 		return moe_err_set(err, -ENOMEM, "out of memory");
 	e->ready = e->need + E;

@@ -101,6 +101,7 @@ struct moe_pager {
 	struct pjob *queue, *queue_tail;  /* not started yet, in submit order */
 	struct pjob *active;              /* started, not finished */
 	bool stop;
+	int broken;                      /* the ring failed for good: -errno, else 0 */
 
 	enum moe_pager_fault fault;
 	uint32_t fault_li, fault_expert, fault_count;
@@ -433,10 +434,57 @@ static void arm_wake(struct moe_pager *p)
 	io_uring_sqe_set_data64(sqe, TAG_WAKE);
 }
 
+/*
+ * The ring cannot be used (enabling it failed, or io_uring_enter keeps
+ * failing): every load queued or started fails with -EIO, and so will
+ * every later one, instead of waiting for reads that never come.
+ */
+static void pager_break(struct moe_pager *p, int err)
+{
+	struct pjob *j;
+
+	pthread_mutex_lock(&p->lock);
+	if (!p->broken) {
+		p->broken = err;
+		plog(p, 3, "%s: the io_uring ring failed (%s): experts cannot be read until moed restarts",
+		     p->store->path, strerror(-err));
+	}
+	while ((j = p->queue)) {
+		p->queue = j->next;
+		j->started = true;
+		j->next = p->active;
+		p->active = j;
+	}
+	p->queue_tail = NULL;
+	for (struct pjob *a = p->active, *next; a; a = next) {
+		next = a->next;
+		int32_t busy = a->processing ? a->slot_of[a->next_process] : -1;
+
+		if (!a->err)
+			job_fail(p, a, -EIO, "the io_uring ring failed: %s", strerror(-err));
+		/* reads in flight in a dead ring never come back: drop them; the
+		 * chunk the verify thread holds is its to give back, and it then
+		 * finishes the job (job_failed_progress) */
+		for (uint32_t si = 0; si < p->nstage; si++)
+			if (p->slots[si].job == a && (int32_t)si != busy)
+				slot_release(p, &p->slots[si]);
+		for (uint32_t c = 0; c < a->nchunks; c++)
+			if (a->slot_of[c] != busy)
+				a->slot_of[c] = -1;
+		a->inflight = 0;
+		if (!a->processing)
+			job_finish(p, a);
+	}
+	p->inflight = 0;
+	p->inflight_bytes = p->prefetch_inflight = 0;
+	pthread_mutex_unlock(&p->lock);
+}
+
 static void *io_thread(void *arg)
 {
 	struct moe_pager *p = arg;
 	bool stop = false;
+	int fails = 0;
 
 	arm_wake(p);
 	for (;;) {
@@ -452,8 +500,15 @@ static void *io_thread(void *arg)
 			break;
 		r = io_uring_submit_and_wait(&p->ring, 1);
 		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-			plog(p, 3, "%s: io_uring_enter failed: %s", p->store->path, strerror(-r));
+			if (fails++ == 0)
+				plog(p, 3, "%s: io_uring_enter failed: %s", p->store->path, strerror(-r));
+			if (fails >= 100) {          /* 100 ms of failures: it will not recover */
+				pager_break(p, r);
+				return NULL;
+			}
 			usleep(1000);
+		} else {
+			fails = 0;
 		}
 		pthread_mutex_lock(&p->lock);
 		io_uring_for_each_cqe(&p->ring, head, cqe) {
@@ -527,6 +582,17 @@ int moe_pager_submit(struct moe_pager *p, struct moe_pager_load *ld)
 	ld->priv = j;
 	__atomic_store_n(&ld->status, MOE_PAGER_PENDING, __ATOMIC_RELEASE);
 	pthread_mutex_lock(&p->lock);
+	if (p->broken) {
+		int err = p->broken;
+
+		pthread_mutex_unlock(&p->lock);
+		ld->priv = NULL;
+		job_free(j);
+		snprintf(ld->msg, sizeof(ld->msg), "%s: layer %" PRIu32 ": the io_uring ring failed: %s",
+			 s->path, s->layers[ld->li].layer, strerror(-err));
+		__atomic_store_n(&ld->status, -EIO, __ATOMIC_RELEASE);
+		return -EIO;
+	}
 	if (p->queue_tail)
 		p->queue_tail->next = j;
 	else
@@ -750,8 +816,10 @@ static void *io_thread_start(void *arg)
 
 	/* liburing 2.3 has no io_uring_enable_rings(): the register call itself */
 	if (p->st.ring_flags & IORING_SETUP_SINGLE_ISSUER &&
-	    syscall(__NR_io_uring_register, p->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
-		plog(p, 3, "%s: cannot enable the io_uring ring: %s", p->store->path, strerror(errno));
+	    syscall(__NR_io_uring_register, p->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0) {
+		pager_break(p, -errno);
+		return NULL;
+	}
 	return io_thread(p);
 }
 

@@ -126,6 +126,8 @@ struct moed_server {
 	uint32_t next_id;
 	uint32_t nclients;               /* sessions welcomed and not yet freed */
 	struct client *greeting;         /* control thread: sessions that have not said HELLO */
+	uint32_t ngreeting;
+	int spare_fd;                    /* given up to accept and drop a connection at EMFILE */
 
 	/* sessions that said HELLO, handed to the data thread */
 	pthread_mutex_t lock;
@@ -428,7 +430,7 @@ static bool peer_allowed(struct moed_server *s, uid_t uid, gid_t gid)
 	       id_allowed(c->access.gids, c->access.n_gids, gid);
 }
 
-static void stats_reply(struct moed_server *s, struct client *c)
+static int stats_reply(struct moed_server *s, struct client *c)
 {
 	struct timespec ts;
 	uint64_t gen;
@@ -448,9 +450,9 @@ static void stats_reply(struct moed_server *s, struct client *c)
 	pthread_mutex_unlock(&s->lock);
 	if (!copy)
 		copy = strdup("{}");
-	if (copy)
-		send_msg(c->fd, MOE_MSG_STATS, copy, (uint32_t)strlen(copy), -1);
+	r = copy ? send_msg(c->fd, MOE_MSG_STATS, copy, (uint32_t)strlen(copy), -1) : -ENOMEM;
 	free(copy);
+	return r;
 }
 
 static void greeting_remove(struct moed_server *s, struct client *c)
@@ -458,6 +460,7 @@ static void greeting_remove(struct moed_server *s, struct client *c)
 	for (struct client **pp = &s->greeting; *pp; pp = &(*pp)->ctl_next)
 		if (*pp == c) {
 			*pp = c->ctl_next;
+			s->ngreeting--;
 			return;
 		}
 }
@@ -604,7 +607,8 @@ static int validate(struct moed_server *s, const struct client *c, const struct 
 }
 
 /* Take what @c submitted: returns the number of requests added to s->reqs. */
-static size_t take(struct moed_server *s, struct client *c, size_t nreq, uint32_t max_tokens, uint64_t t0)
+static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t cap, uint32_t max_tokens,
+		   uint64_t t0)
 {
 	/* each index read once; the client can change it any time after */
 	uint32_t tail = __atomic_load_n(&c->hdr->sq_tail, __ATOMIC_ACQUIRE);
@@ -619,17 +623,22 @@ static size_t take(struct moed_server *s, struct client *c, size_t nreq, uint32_
 		kick(c, "its completion ring index is corrupt");
 		return nreq;
 	}
-	/* take only what has room for its completion */
+	/* take only what has room for its completion, and in our array */
 	space = c->cq_entries - (c->cq_tail - cq_head);
 	if (n > space)
 		n = space;
+	if (n > cap - nreq)
+		n = (uint32_t)(cap - nreq);
 	for (uint32_t i = 0; i < n; i++) {
 		struct moe_sqe q;
 		int r;
 
 		memcpy(&q, &c->sq[(c->sq_head + i) & (c->sq_entries - 1)], sizeof(q));
 		c->requests++;
-		r = validate(s, c, &q, max_tokens < c->max_tokens ? max_tokens : c->max_tokens);
+		/* the session's limit is the one it was welcomed with (its library
+		 * cuts pieces by it): a reload changes the limit of new sessions */
+		(void)max_tokens;
+		r = validate(s, c, &q, c->max_tokens);
 		if (r < 0 || q.opcode == MOE_OP_NOP) {
 			complete(s, c, q.user_data, r);
 			continue;
@@ -1006,10 +1015,13 @@ static void *data_main(void *arg)
 			/* batch.window_us: let more requests gather before the pass */
 			struct timespec d = { 0, (long)window * 1000 };
 			nanosleep(&d, NULL);
-			cap = 0;
-			for (struct client *c = s->clients; c; c = c->next)
-				cap += c->sq_entries;
 		}
+		/* room for every live client's whole ring: any of them may have
+		 * submitted since we looked (take() clamps to the room as well) */
+		cap = 0;
+		for (struct client *c = s->clients; c; c = c->next)
+			if (!c->kicked)
+				cap += c->sq_entries;
 		if (grow((void **)&s->reqs, &s->reqs_cap, cap, sizeof(struct req)) < 0) {
 			log_error("out of memory for %zu requests", cap);
 			data_sleep(s, own);
@@ -1022,7 +1034,7 @@ static void *data_main(void *arg)
 
 			if (c->kicked)
 				continue;
-			nreq = take(s, c, nreq, max_tokens, t0);
+			nreq = take(s, c, nreq, s->reqs_cap, max_tokens, t0);
 			s->total_requests += (nreq - before) + (c->cq_tail - cq_before);
 			if (c->cq_tail != cq_before)
 				publish(c);         /* NOPs and refusals go back at once */
@@ -1129,8 +1141,24 @@ static void accept_one(struct moed_server *s)
 	int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 
 	if (fd < 0) {
-		if (errno != EAGAIN && errno != EINTR)
+		if ((errno == EMFILE || errno == ENFILE) && s->spare_fd >= 0) {
+			/* out of descriptors: drop this connection rather than let it
+			 * keep the listening socket readable and spin on it */
+			close(s->spare_fd);
+			fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+			if (fd >= 0)
+				close(fd);
+			s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+			log_warning("out of file descriptors: a connection was dropped");
+		} else if (errno != EAGAIN && errno != EINTR) {
 			log_warning("accept: %s", strerror(errno));
+		}
+		return;
+	}
+	if (s->ngreeting >= 2 * s->cfg->limits.max_clients + 16) {
+		/* connections that have not said HELLO are bounded too */
+		close(fd);
+		log_warning("too many connections waiting to say HELLO: one was dropped");
 		return;
 	}
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
@@ -1168,6 +1196,7 @@ static void accept_one(struct moed_server *s)
 	}
 	c->ctl_next = s->greeting;
 	s->greeting = c;
+	s->ngreeting++;
 }
 
 /* The session's socket closed (or misbehaved): hand it back for freeing. */
@@ -1175,9 +1204,9 @@ static void session_end(struct moed_server *s, struct client *c)
 {
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	if (!c->welcomed) {
+		/* a segment made for a WELCOME that could not be sent goes too */
 		greeting_remove(s, c);
-		close(c->fd);
-		free(c);
+		client_free(s, c);
 		return;
 	}
 	s->nclients--;
@@ -1237,7 +1266,11 @@ static void client_readable(struct moed_server *s, struct client *c, uint32_t ev
 				session_end(s, c);
 				return;
 			}
-			stats_reply(s, c);
+			if (stats_reply(s, c) < 0) {
+				/* a partial answer would leave the stream out of step */
+				session_end(s, c);
+				return;
+			}
 			break;
 		default:
 			log_warning("client pid %d: unknown message type %u: dropping it", (int)c->pid, h->type);
@@ -1279,6 +1312,8 @@ static void reload(struct moed_server *s)
 	/* keep the restart-only settings of the running configuration */
 	pthread_mutex_lock(&s->cfg_lock);
 	old = s->cfg;
+	free(old->access.uids);
+	free(old->access.gids);
 	old->access = n->access;
 	n->access.uids = NULL;
 	n->access.gids = NULL;
@@ -1414,6 +1449,7 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	}
 	s->cfg = cfg;
 	s->listen_fd = s->epfd = s->sigfd = s->timerfd = -1;
+	s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_mutex_init(&s->cfg_lock, NULL);
 	pthread_cond_init(&s->stats_cv, NULL);
@@ -1530,6 +1566,8 @@ void moed_server_free(struct moed_server *s)
 		close(s->sigfd);
 	if (s->timerfd >= 0)
 		close(s->timerfd);
+	if (s->spare_fd >= 0)
+		close(s->spare_fd);
 	moe_engine_close(s->engine);
 	moed_config_free(s->cfg);
 	free(s->config_path);

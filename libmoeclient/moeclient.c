@@ -551,7 +551,9 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 		return -MOE_E_LAYER;
 	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * H * es;
-	if (!in_arena(c, q->input, bytes) || !in_arena(c, q->output, bytes))
+	if (!in_arena(c, q->input, bytes) || !in_arena(c, q->output, bytes) ||
+	    ((const uint8_t *)q->input - c->arena) % es || ((uint8_t *)q->output - c->arena) % es ||
+	    (q->ids && (((uint8_t *)q->ids - c->arena) % 4 || ((uint8_t *)q->weights - c->arena) % 4)))
 		return -EFAULT;
 	if ((q->weights && !q->ids) ||
 	    (q->ids && (!q->weights || !in_arena(c, q->ids, q->tokens * k * 4) ||
@@ -560,8 +562,11 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 	r = segment_state(c);
 	if (r < 0)
 		return r;
-	if (tail - head >= c->sq_entries)
-		return -EAGAIN;
+	if (tail - head >= c->sq_entries) {
+		/* full: because moed is slow, or because it is gone */
+		r = session_state(c);
+		return r < 0 ? r : -EAGAIN;
+	}
 	e = &c->sq[tail & (c->sq_entries - 1)];
 	*e = (struct moe_sqe){
 		.user_data = user_data, .opcode = MOE_OP_FORWARD, .layer = q->layer, .dtype = q->dtype,
@@ -605,8 +610,11 @@ MOE_EXPORT int moe_client_nop(struct moe_client *c, uint64_t user_data)
 	tail = c->hdr->sq_tail;
 	head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
 	r = segment_state(c);
-	if (r == 0 && tail - head >= c->sq_entries)
-		r = -EAGAIN;
+	if (r == 0 && tail - head >= c->sq_entries) {
+		r = session_state(c);
+		if (r == 0)
+			r = -EAGAIN;
+	}
 	if (r == 0) {
 		c->sq[tail & (c->sq_entries - 1)] = (struct moe_sqe){ .user_data = user_data, .opcode = MOE_OP_NOP };
 		__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
@@ -807,8 +815,16 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 		if (r < 0)
 			goto out;
 		r = wait_for(c, tag, &cq, -1);
-		if (r < 0)
+		if (r < 0) {
+			if (r != -ESHUTDOWN && r != -ECONNRESET) {
+				/* the request may still be in flight: moed could write into
+				 * these blocks later, so they stay taken */
+				in = out = NULL;
+				aids = NULL;
+				aw = NULL;
+			}
 			goto out;
+		}
 		if (cq.res < 0) {
 			r = cq.res;
 			goto out;

@@ -136,7 +136,8 @@ int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret);
 int moe_client_free(struct moe_client *c, void *p);
 
 /*
- * Queue @req.  Errors: -EFAULT (a tensor not inside the arena), -EINVAL
+ * Queue @req.  Errors: -EFAULT (a tensor not inside the arena, or not
+ * aligned to its element size), -EINVAL
  * (NULL, dtype, ids without weights or weights without ids, bit 63 of
  * user_data set: that bit is moe_client_forward's), -E2BIG (tokens 0 or
  * beyond max_tokens),
@@ -156,7 +157,8 @@ int moe_client_nop(struct moe_client *c, uint64_t user_data);
 /*
  * The next completion of moe_client_submit() or moe_client_nop() into
  * *ret, waiting at most @timeout_ms (negative: no limit; 0: do not wait).  Returns 0 with *ret set (its res says how the
- * request went), -ETIMEDOUT (-EAGAIN with 0), -ESHUTDOWN / -ECONNRESET.
+ * request went), -ETIMEDOUT (-EAGAIN with 0), -ESHUTDOWN / -ECONNRESET,
+ * -MOE_E_PROTO (the completion ring's index is corrupt), -ENOMEM.
  */
 int moe_client_wait(struct moe_client *c, struct moe_completion *ret, int timeout_ms);
 

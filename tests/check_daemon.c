@@ -1875,6 +1875,46 @@ START_TEST(moectl_forward_through_moed_matches_forward_model)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ regressions of the review */
+
+/*
+ * A client that says HELLO and hangs up at once makes moed's WELCOME fail
+ * to send; the segment moed had made for it was never unmapped, 64 MiB of
+ * address space per connection until mmap failed for everyone.
+ */
+START_TEST(a_welcome_that_cannot_be_sent_leaves_no_segment)
+{
+	struct moe_msg_hello h = { .version = MOE_PROTO_VERSION };
+	struct moe_test_moed d;
+	struct model m;
+	int base, now = -1;
+
+	model_make(&m, "daemon-welcome-leak");
+	moed_config(&d, &m, NULL, NULL);
+	moed_start(&d);
+	base = moe_test_count_segments(d.pid);
+	for (int i = 0; i < 100; i++) {
+		int fd = moe_test_dial(d.sock);
+		struct {
+			struct moe_msg_header hd;
+			struct moe_msg_hello b;
+		} msg = { { MOE_MSG_MAGIC, MOE_MSG_HELLO, sizeof(h), 0 }, h };
+
+		moed_assert(&d, fd >= 0, "connect: %s", strerror(-fd));
+		moe_test_send_all(fd, &msg, sizeof(msg));
+		close(fd);
+	}
+	for (uint64_t end = moe_test_now_ms() + 2000; moe_test_now_ms() < end; moe_test_sleep_ms(20)) {
+		now = moe_test_count_segments(d.pid);
+		if (now <= base)
+			break;
+	}
+	moed_assert(&d, now <= base, "%d segment mappings after 100 hung-up HELLOs (%d before)", now, base);
+	moed_stop(&d);
+	model_free(&m);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("daemon");
@@ -1890,6 +1930,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, a_uid_outside_access_uids_is_refused);
 	tcase_add_test(tc, max_clients_is_enforced);
 	tcase_add_test(tc, moectl_forward_through_moed_matches_forward_model);
+	tcase_add_test(tc, a_welcome_that_cannot_be_sent_leaves_no_segment);
 	suite_add_tcase(s, tc);
 	return s;
 }
