@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -61,7 +62,7 @@
 #define SQ_ENTRIES_MAX 4096u
 #define IDLE_SPIN_NS 50000u         /* poll the rings this long before sleeping */
 #define WAIT_SLICE_NS 1000000000u   /* sleep at most this long (then look again) */
-#define STATS_WAIT_MS 2000          /* STATS: how long the control thread waits for a snapshot */
+#define STATS_WAIT_MS 2000          /* STATS: how long a request waits for a fresh snapshot */
 #define LAT_SAMPLES 4096u           /* request latencies kept for percentiles */
 #define HELLO_TIMEOUT_S 10          /* a session that has not said HELLO by then is dropped */
 
@@ -77,6 +78,13 @@ struct client {
 	uint8_t in[sizeof(struct moe_msg_header) + sizeof(struct moe_msg_hello)];
 	size_t in_len;
 	bool welcomed;
+	/* control thread only: replies waiting to be sent (STATS), and
+	 * STATS requests waiting for the data thread's next snapshot */
+	uint8_t *out;
+	size_t out_len, out_off;
+	uint32_t stats_waiting;
+	uint64_t stats_since;            /* when the oldest of them came (ns) */
+	struct client *stats_next;
 
 	/* the segment */
 	uint8_t *seg;
@@ -131,13 +139,14 @@ struct moed_server {
 
 	/* sessions that said HELLO, handed to the data thread */
 	pthread_mutex_t lock;
-	pthread_cond_t stats_cv;
 	struct client *incoming;
 	atomic_uint wake_word;           /* the data thread also sleeps on this */
 	atomic_bool stop;
 	atomic_bool stats_wanted;
 	uint64_t stats_gen;              /* bumped (under lock) with each snapshot */
 	char *stats_json;                /* the latest snapshot (under lock) */
+	int stats_efd;                   /* the data thread says "a snapshot is ready" */
+	struct client *stats_waiters;    /* control thread: sessions waiting for one */
 	atomic_uint live_clients;
 	_Atomic uint64_t heartbeat;      /* the data thread's last sign of life (ns) */
 	uint64_t watchdog_ns;            /* WatchdogSec, 0 without a watchdog */
@@ -195,6 +204,7 @@ static void client_free(struct moed_server *s, struct client *c)
 		munmap(c->seg, c->seg_bytes);
 	if (c->fd >= 0)
 		close(c->fd);
+	free(c->out);
 	if (c->welcomed) {
 		atomic_fetch_sub(&s->live_clients, 1);
 		log_info("client %u (pid %d, uid %u): session ended after %" PRIu64 " requests, %" PRIu64
@@ -430,29 +440,107 @@ static bool peer_allowed(struct moed_server *s, uid_t uid, gid_t gid)
 	       id_allowed(c->access.gids, c->access.n_gids, gid);
 }
 
-static int stats_reply(struct moed_server *s, struct client *c)
+/*
+ * STATS never blocks the control thread: the request waits for the data
+ * thread's next snapshot (stats_efd says it is ready; a session waits at
+ * most STATS_WAIT_MS, then gets the latest one), and the answer goes out
+ * with MSG_DONTWAIT, the rest when the socket is writable again.
+ */
+static void watch(struct moed_server *s, struct client *c, bool out)
 {
-	struct timespec ts;
-	uint64_t gen;
-	char *copy = NULL;
-	int r = 0;
+	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0), .data.ptr = c };
+
+	epoll_ctl(s->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+/* Send what is queued for @c; 0, or -errno when the session must end. */
+static int flush_out(struct moed_server *s, struct client *c)
+{
+	while (c->out_off < c->out_len) {
+		ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				watch(s, c, true);
+				return 0;
+			}
+			return -errno;
+		}
+		c->out_off += (size_t)n;
+	}
+	free(c->out);
+	c->out = NULL;
+	c->out_len = c->out_off = 0;
+	watch(s, c, false);
+	return 0;
+}
+
+/* Queue one STATS answer (@json) for @c and start sending it. */
+static int stats_answer(struct moed_server *s, struct client *c, const char *json)
+{
+	size_t len = strlen(json);
+	struct moe_msg_header h = { .magic = MOE_MSG_MAGIC, .type = MOE_MSG_STATS, .len = (uint32_t)len };
+	uint8_t *n;
+
+	if (c->out_len + sizeof(h) + len > 4u * MOE_MSG_MAX)
+		return -ENOBUFS;         /* a client that asks and never reads */
+	n = realloc(c->out, c->out_len + sizeof(h) + len);
+	if (!n)
+		return -ENOMEM;
+	c->out = n;
+	memcpy(c->out + c->out_len, &h, sizeof(h));
+	memcpy(c->out + c->out_len + sizeof(h), json, len);
+	c->out_len += sizeof(h) + len;
+	return flush_out(s, c);
+}
+
+static void stats_waiter_remove(struct moed_server *s, struct client *c)
+{
+	for (struct client **pp = &s->stats_waiters; *pp; pp = &(*pp)->stats_next)
+		if (*pp == c) {
+			*pp = c->stats_next;
+			c->stats_next = NULL;
+			return;
+		}
+}
+
+static void session_end(struct moed_server *s, struct client *c);
+
+/* Answer the waiting sessions: all (@all) or those waiting too long. */
+static void stats_deliver(struct moed_server *s, bool all)
+{
+	uint64_t now = now_ns();
+	char *json;
 
 	pthread_mutex_lock(&s->lock);
-	gen = s->stats_gen;
+	json = strdup(s->stats_json ? s->stats_json : "{}");
+	pthread_mutex_unlock(&s->lock);
+	for (struct client *c = s->stats_waiters, *next; c; c = next) {
+		int r = 0;
+
+		next = c->stats_next;
+		if (!all && now - c->stats_since < (uint64_t)STATS_WAIT_MS * 1000000u)
+			continue;
+		stats_waiter_remove(s, c);
+		for (; c->stats_waiting && r == 0; c->stats_waiting--)
+			r = json ? stats_answer(s, c, json) : -ENOMEM;
+		if (r < 0)
+			session_end(s, c);   /* a partial answer would leave the stream out of step */
+	}
+	free(json);
+}
+
+static void stats_request(struct moed_server *s, struct client *c)
+{
+	if (!c->stats_waiting++) {
+		c->stats_since = now_ns();
+		c->stats_next = s->stats_waiters;
+		s->stats_waiters = c;
+	}
 	atomic_store(&s->stats_wanted, true);
 	wake_data(s);
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += STATS_WAIT_MS / 1000;
-	while (s->stats_gen == gen && r == 0)
-		r = pthread_cond_timedwait(&s->stats_cv, &s->lock, &ts);
-	if (s->stats_json)
-		copy = strdup(s->stats_json);
-	pthread_mutex_unlock(&s->lock);
-	if (!copy)
-		copy = strdup("{}");
-	r = copy ? send_msg(c->fd, MOE_MSG_STATS, copy, (uint32_t)strlen(copy), -1) : -ENOMEM;
-	free(copy);
-	return r;
 }
 
 static void greeting_remove(struct moed_server *s, struct client *c)
@@ -875,8 +963,13 @@ static void stats_snapshot(struct moed_server *s)
 		s->stats_json = text;
 	}
 	s->stats_gen++;
-	pthread_cond_broadcast(&s->stats_cv);
 	pthread_mutex_unlock(&s->lock);
+	{
+		uint64_t one = 1;
+		ssize_t w = write(s->stats_efd, &one, sizeof(one));
+
+		(void)w;      /* the counter cannot overflow in practice; the next one says it too */
+	}
 }
 
 /* Adopt new sessions, free ended ones. */
@@ -1202,6 +1295,8 @@ static void accept_one(struct moed_server *s)
 /* The session's socket closed (or misbehaved): hand it back for freeing. */
 static void session_end(struct moed_server *s, struct client *c)
 {
+	stats_waiter_remove(s, c);
+	c->stats_waiting = 0;
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	if (!c->welcomed) {
 		/* a segment made for a WELCOME that could not be sent goes too */
@@ -1216,6 +1311,12 @@ static void session_end(struct moed_server *s, struct client *c)
 
 static void client_readable(struct moed_server *s, struct client *c, uint32_t events)
 {
+	if ((events & EPOLLOUT) && c->out && flush_out(s, c) < 0) {
+		session_end(s, c);
+		return;
+	}
+	if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+		return;
 	for (;;) {
 		struct moe_msg_header *h = (struct moe_msg_header *)c->in;
 		size_t want = sizeof(*h);
@@ -1266,11 +1367,7 @@ static void client_readable(struct moed_server *s, struct client *c, uint32_t ev
 				session_end(s, c);
 				return;
 			}
-			if (stats_reply(s, c) < 0) {
-				/* a partial answer would leave the stream out of step */
-				session_end(s, c);
-				return;
-			}
+			stats_request(s, c);
 			break;
 		default:
 			log_warning("client pid %d: unknown message type %u: dropping it", (int)c->pid, h->type);
@@ -1334,6 +1431,7 @@ static void status_tick(struct moed_server *s)
 	time_t now = time(NULL);
 	char msg[256];
 
+	stats_deliver(s, false);      /* no snapshot in time: the latest one */
 	/* a session that never says HELLO does not keep its socket */
 	for (struct client *c = s->greeting, *next; c; c = next) {
 		next = c->ctl_next;
@@ -1416,6 +1514,11 @@ int moed_server_run(struct moed_server *s)
 					notify("STOPPING=1");
 					running = false;
 				}
+			} else if (p == &s->stats_efd) {
+				uint64_t v;
+
+				if (read(s->stats_efd, &v, sizeof(v)) == sizeof(v))
+					stats_deliver(s, true);
 			} else if (p == &s->timerfd) {
 				uint64_t ticks;
 
@@ -1448,11 +1551,10 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 		return moe_err_set(err, -ENOMEM, "out of memory");
 	}
 	s->cfg = cfg;
-	s->listen_fd = s->epfd = s->sigfd = s->timerfd = -1;
+	s->listen_fd = s->epfd = s->sigfd = s->timerfd = s->stats_efd = -1;
 	s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_mutex_init(&s->cfg_lock, NULL);
-	pthread_cond_init(&s->stats_cv, NULL);
 	if (config_path && !(s->config_path = strdup(config_path))) {
 		r = moe_err_set(err, -ENOMEM, "out of memory");
 		goto fail;
@@ -1497,7 +1599,8 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	s->epfd = epoll_create1(EPOLL_CLOEXEC);
 	s->sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	s->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-	if (s->epfd < 0 || s->sigfd < 0 || s->timerfd < 0) {
+	s->stats_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (s->epfd < 0 || s->sigfd < 0 || s->timerfd < 0 || s->stats_efd < 0) {
 		r = moe_err_set(err, -errno, "epoll/signalfd/timerfd: %s", strerror(errno));
 		goto fail;
 	}
@@ -1526,6 +1629,8 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->sigfd, &ev);
 	ev.data.ptr = &s->timerfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->timerfd, &ev);
+	ev.data.ptr = &s->stats_efd;
+	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->stats_efd, &ev);
 	*ret = s;
 	return 0;
 fail:
@@ -1568,6 +1673,8 @@ void moed_server_free(struct moed_server *s)
 		close(s->timerfd);
 	if (s->spare_fd >= 0)
 		close(s->spare_fd);
+	if (s->stats_efd >= 0)
+		close(s->stats_efd);
 	moe_engine_close(s->engine);
 	moed_config_free(s->cfg);
 	free(s->config_path);
@@ -1584,6 +1691,5 @@ void moed_server_free(struct moed_server *s)
 	free(s->w);
 	pthread_mutex_destroy(&s->lock);
 	pthread_mutex_destroy(&s->cfg_lock);
-	pthread_cond_destroy(&s->stats_cv);
 	free(s);
 }

@@ -1915,6 +1915,60 @@ START_TEST(a_welcome_that_cannot_be_sent_leaves_no_segment)
 }
 END_TEST
 
+/*
+ * STATS used to block the control thread until the data thread had made a
+ * snapshot, and its answer was sent with a blocking wait: a client that
+ * asked again and again without reading held up every other session's
+ * connect.  Now answers wait asynchronously; a session whose unread
+ * answers pile up is ended.
+ */
+START_TEST(a_client_that_asks_for_stats_and_never_reads_holds_up_nobody)
+{
+	struct moe_msg_header q = { .magic = MOE_MSG_MAGIC, .type = MOE_MSG_STATS, .len = 0 };
+	struct moe_model_info info;
+	struct moe_test_moed d;
+	struct moe_client *c;
+	struct model m;
+	int fd, rc;
+
+	model_make(&m, "daemon-stats-flood");
+	moed_config(&d, &m, NULL, NULL);
+	moed_start(&d);
+	fd = moe_test_dial(d.sock);
+	moed_assert(&d, fd >= 0, "connect: %s", strerror(-fd));
+	{
+		struct moe_msg_hello h = { .version = MOE_PROTO_VERSION };
+		struct moe_msg_welcome w;
+		int segfd = -1;
+
+		rc = moe_test_hello_exchange(fd, &h, &w, &segfd);
+		moed_assert(&d, rc == 0 && w.status == 0, "HELLO: %d", rc);
+		if (segfd >= 0)
+			close(segfd);
+	}
+	for (int i = 0; i < 2000; i++)
+		if (send(fd, &q, sizeof(q), MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof(q))
+			break;
+	/* meanwhile another session connects and asks at once */
+	uint64_t t0 = moe_test_now_ms();
+	rc = moe_client_connect(d.sock, NULL, &c);
+	moed_assert(&d, rc == 0, "a second client: %s", moe_strerror(rc));
+	ck_assert_int_eq(moe_client_info(c, &info), 0);
+	char *json = NULL;
+	rc = moe_client_stats(c, &json);
+	moed_assert(&d, rc == 0, "stats of the second client: %s", moe_strerror(rc));
+	free(json);
+	uint64_t dt = moe_test_now_ms() - t0;
+	moed_assert(&d, dt < 800, "the second client waited %llu ms behind the one that does not read",
+		    (unsigned long long)dt);
+	moe_client_disconnect(c);
+	close(fd);
+	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
+	moed_stop(&d);
+	model_free(&m);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("daemon");
@@ -1931,6 +1985,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, max_clients_is_enforced);
 	tcase_add_test(tc, moectl_forward_through_moed_matches_forward_model);
 	tcase_add_test(tc, a_welcome_that_cannot_be_sent_leaves_no_segment);
+	tcase_add_test(tc, a_client_that_asks_for_stats_and_never_reads_holds_up_nobody);
 	suite_add_tcase(s, tc);
 	return s;
 }
