@@ -15,6 +15,7 @@
 #include <time.h>
 #include <jansson.h>
 
+#include "clock.h"
 #include "cache.h"
 #include "engine.h"
 #include "trace.h"
@@ -84,14 +85,6 @@ struct moe_engine {
 	moe_log_fn log;
 	void *log_ctx;
 };
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void layer_free(struct engine_layer *l)
 {
@@ -683,7 +676,7 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 	struct engine_layer *l;
 	uint32_t k = c->top_k, kk = k, E = c->num_experts;
 	uint32_t nu = 0, nd = 0, np = 0;
-	uint64_t t0 = now_ns(), stall = 0;
+	uint64_t t0 = moe_now_ns(), stall = 0;
 	bool shared_done = false, begun = false;
 	int li, r, fail = 0;
 
@@ -833,7 +826,7 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 		if (progressed && nd && !np)
 			continue;
 		/* wait for a read: one of ours, or with every slot busy, any */
-		uint64_t w0 = now_ns();
+		uint64_t w0 = moe_now_ns();
 		if (np) {
 			for (uint32_t i = 0; i < np; i++)
 				e->waitv[i] = &e->slots[moe_cache_slot(e->host, key_of(e, (uint32_t)li,
@@ -849,7 +842,7 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 					   layer, e->deferred[nd - 1], e->nslots);
 			break;
 		}
-		stall += now_ns() - w0;
+		stall += moe_now_ns() - w0;
 		/* settle what arrived */
 		for (uint32_t i = 0; i < np;) {
 			uint32_t x2 = e->pending[i], key = key_of(e, (uint32_t)li, x2);
@@ -890,7 +883,7 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 	if (begun)
 		ops->experts_end(e->backend, fail != 0);
 	l->st.stall_ns += stall;
-	l->st.busy_ns += now_ns() - t0;
+	l->st.busy_ns += moe_now_ns() - t0;
 	return fail;
 }
 

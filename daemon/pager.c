@@ -37,6 +37,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "clock.h"
 #include "pager.h"
 
 #define TAG_WAKE UINT64_MAX     /* user_data of the eventfd read */
@@ -109,14 +110,6 @@ struct moe_pager {
 	struct moe_pager_stats st;
 	uint64_t busy_since;
 };
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void plog(struct moe_pager *p, int level, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -195,7 +188,7 @@ static void job_finish(struct moe_pager *p, struct pjob *j)
 		p->st.prefetch_loads++;
 	if (j->err)
 		p->st.failed++;
-	j->ld->done_ns = now_ns();
+	j->ld->done_ns = moe_now_ns();
 	j->ld->priv = NULL;
 	__atomic_store_n(&j->ld->status, j->err, __ATOMIC_RELEASE);
 	pthread_cond_broadcast(&p->done_cv);
@@ -331,7 +324,7 @@ static struct pjob *pick_job(struct moe_pager *p)
 		if (p->queue_tail == j)
 			p->queue_tail = prev;
 		j->started = true;
-		j->ld->submit_ns = now_ns();
+		j->ld->submit_ns = moe_now_ns();
 		if (p->fault && p->fault_count && j->ld->li == p->fault_li &&
 		    j->ld->expert == p->fault_expert) {
 			j->fault = p->fault;
@@ -370,7 +363,7 @@ static void fill(struct moe_pager *p)
 		j->inflight++;
 		p->held++;
 		if (!p->inflight)
-			p->busy_since = now_ns();
+			p->busy_since = moe_now_ns();
 		p->inflight++;
 		p->inflight_bytes += s->len;
 		if (!j->demand)
@@ -400,7 +393,7 @@ static void complete(struct moe_pager *p, uint32_t si, int res)
 	if (!j->demand)
 		p->prefetch_inflight -= s->len;
 	if (!p->inflight)
-		p->st.busy_ns += now_ns() - p->busy_since;
+		p->st.busy_ns += moe_now_ns() - p->busy_since;
 	j->inflight--;
 	if (res <= 0) {
 		uint64_t at = j->off + (uint64_t)s->chunk * p->chunk;

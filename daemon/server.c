@@ -50,6 +50,7 @@
 #include <systemd/sd-daemon.h>
 #endif
 
+#include "clock.h"
 #include "dtype.h"
 #include "engine.h"
 #include "futex.h"
@@ -162,7 +163,7 @@ struct moed_server {
 	float *x, *y;
 	int32_t *ids;
 	float *w;
-	size_t xcap, rcap;
+	size_t xcap, ycap, rcap;
 	uint64_t lat[LAT_SAMPLES];
 	uint64_t lat_n;
 	uint64_t total_requests, total_tokens, total_errors, total_batches;
@@ -170,14 +171,6 @@ struct moed_server {
 	double tps;                      /* tokens per second over the last status period */
 	uint64_t tps_tokens, tps_t0;
 };
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static void notify(const char *msg)
 {
@@ -511,7 +504,7 @@ static void session_end(struct moed_server *s, struct client *c);
 /* Answer the waiting sessions: all (@all) or those waiting too long. */
 static void stats_deliver(struct moed_server *s, bool all)
 {
-	uint64_t now = now_ns();
+	uint64_t now = moe_now_ns();
 	char *json;
 
 	pthread_mutex_lock(&s->lock);
@@ -535,7 +528,7 @@ static void stats_deliver(struct moed_server *s, bool all)
 static void stats_request(struct moed_server *s, struct client *c)
 {
 	if (!c->stats_waiting++) {
-		c->stats_since = now_ns();
+		c->stats_since = moe_now_ns();
 		c->stats_next = s->stats_waiters;
 		s->stats_waiters = c;
 	}
@@ -695,8 +688,7 @@ static int validate(struct moed_server *s, const struct client *c, const struct 
 }
 
 /* Take what @c submitted: returns the number of requests added to s->reqs. */
-static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t cap, uint32_t max_tokens,
-		   uint64_t t0)
+static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t cap, uint64_t t0)
 {
 	/* each index read once; the client can change it any time after */
 	uint32_t tail = __atomic_load_n(&c->hdr->sq_tail, __ATOMIC_ACQUIRE);
@@ -725,7 +717,6 @@ static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t 
 		c->requests++;
 		/* the session's limit is the one it was welcomed with (its library
 		 * cuts pieces by it): a reload changes the limit of new sessions */
-		(void)max_tokens;
 		r = validate(s, c, &q, c->max_tokens);
 		if (r < 0 || q.opcode == MOE_OP_NOP) {
 			complete(s, c, q.user_data, r);
@@ -781,12 +772,8 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 	}
 	if (grow((void **)&s->x, &s->xcap, tokens * H, sizeof(float)) < 0)
 		return -ENOMEM;
-	free(s->y);
-	s->y = malloc(tokens * H * sizeof(float));
-	if (!s->y) {
-		s->xcap = 0;
+	if (grow((void **)&s->y, &s->ycap, tokens * H, sizeof(float)) < 0)
 		return -ENOMEM;
-	}
 	if (routing) {
 		size_t cap = s->rcap;
 		if (grow((void **)&s->ids, &cap, tokens * k, sizeof(int32_t)) < 0 ||
@@ -840,7 +827,7 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 /* Finish requests [r0, r1) with @res. */
 static void finish(struct moed_server *s, struct req *r0, struct req *r1, int res)
 {
-	uint64_t t1 = now_ns();
+	uint64_t t1 = moe_now_ns();
 
 	for (struct req *q = r0; q < r1; q++) {
 		complete(s, q->c, q->sqe.user_data, res);
@@ -907,7 +894,7 @@ static void stats_snapshot(struct moed_server *s)
 	uint64_t n = s->lat_n < LAT_SAMPLES ? s->lat_n : LAT_SAMPLES;
 	uint64_t *sorted = malloc((n ? n : 1) * sizeof(uint64_t));
 	uint64_t *counts = malloc(E * sizeof(uint64_t));
-	double up = (double)(now_ns() - s->started_ns) / 1e9;
+	double up = (double)(moe_now_ns() - s->started_ns) / 1e9;
 	char *text;
 
 	json_object_set_new(root, "model", json_string(st->hdr.model_type));
@@ -1067,43 +1054,39 @@ static void drain(struct moed_server *s)
 static void *data_main(void *arg)
 {
 	struct moed_server *s = arg;
-	uint64_t idle_since = 0;
 
-	s->started_ns = s->tps_t0 = now_ns();
+	s->started_ns = s->tps_t0 = moe_now_ns();
 	atomic_store(&s->heartbeat, s->started_ns);
 	while (!atomic_load(&s->stop)) {
-		uint32_t max_tokens, batch_max, own = atomic_load(&s->wake_word);
-
-		atomic_store(&s->heartbeat, now_ns());
+		uint32_t batch_max, own = atomic_load(&s->wake_word);
 		size_t nreq = 0, cap = 0;
-		uint64_t t0 = now_ns();
+		uint64_t t0 = moe_now_ns();
 		bool any = false;
 
+		atomic_store(&s->heartbeat, t0);
 		sessions_update(s);
 		if (atomic_exchange(&s->stats_wanted, false))
 			stats_snapshot(s);
 		pthread_mutex_lock(&s->cfg_lock);
-		max_tokens = s->cfg->limits.max_tokens_per_request;
 		batch_max = s->cfg->batch.max_tokens;
 		uint32_t window = s->cfg->batch.window_us;
 		pthread_mutex_unlock(&s->cfg_lock);
 
-		for (struct client *c = s->clients; c; c = c->next)
-			if (!c->kicked && has_work(c)) {
-				any = true;
-				cap += c->sq_entries;
-			}
+		for (struct client *c = s->clients; c && !any; c = c->next)
+			any = !c->kicked && has_work(c);
 		if (!any) {
-			if (!idle_since)
-				idle_since = t0;
-			if (t0 - idle_since < IDLE_SPIN_NS) {
+			/* poll the rings (and the wake word, which says a session came
+			 * or went or something was asked) a little, then sleep */
+			for (uint64_t t = t0; t - t0 < IDLE_SPIN_NS && !any; t = moe_now_ns()) {
 				moe_cpu_relax();
-				continue;
+				any = atomic_load(&s->wake_word) != own;
+				for (struct client *c = s->clients; c && !any; c = c->next)
+					any = !c->kicked && has_work(c);
 			}
-			data_sleep(s, own);
+			if (!any)
+				data_sleep(s, own);
 			continue;
 		}
-		idle_since = 0;
 		if (window) {
 			/* batch.window_us: let more requests gather before the pass */
 			struct timespec d = { 0, (long)window * 1000 };
@@ -1127,7 +1110,7 @@ static void *data_main(void *arg)
 
 			if (c->kicked)
 				continue;
-			nreq = take(s, c, nreq, s->reqs_cap, max_tokens, t0);
+			nreq = take(s, c, nreq, s->reqs_cap, t0);
 			s->total_requests += (nreq - before) + (c->cq_tail - cq_before);
 			if (c->cq_tail != cq_before)
 				publish(c);         /* NOPs and refusals go back at once */
@@ -1441,7 +1424,7 @@ static void status_tick(struct moed_server *s)
 		}
 	}
 
-	uint64_t t = now_ns();
+	uint64_t t = moe_now_ns();
 	double dt = (double)(t - s->tps_t0) / 1e9;
 
 	if (dt > 0) {
@@ -1459,7 +1442,7 @@ static void status_tick(struct moed_server *s)
 	 * device call must trip WatchdogSec (it wakes at least once a second
 	 * when idle; a batch longer than half the watchdog time counts as hung) */
 	if (sd_watchdog_enabled(0, &usec) > 0) {
-		uint64_t age = now_ns() - atomic_load(&s->heartbeat);
+		uint64_t age = moe_now_ns() - atomic_load(&s->heartbeat);
 
 		if (age < usec * 1000 / 2)
 			notify("WATCHDOG=1");
