@@ -223,6 +223,11 @@ int cmd_stats(int argc, char **argv)
 /* ------------------------------------------------------------------ bench */
 
 #define BENCH_MAX_CLIENTS 256
+/* each client cycles through up to this many different inputs (at most
+ * 64 MiB of them), so that its requests route to different experts as a
+ * generating model's steps do */
+#define BENCH_INPUTS 16
+#define BENCH_INPUT_BYTES (64u << 20)
 #define BENCH_SAMPLES 200000u     /* latencies kept per client */
 
 struct bench_slot {
@@ -264,7 +269,7 @@ static void bench_child(struct bench_shared *sh, int idx, uint32_t layer, uint64
 	struct bench_slot *sl = &sh->slot[idx];
 	struct moe_client *c;
 	struct moe_model_info info;
-	uint64_t seed = 0x9e3779b97f4a7c15ull * (uint64_t)(idx + 1), n;
+	uint64_t seed = 0x9e3779b97f4a7c15ull * (uint64_t)(idx + 1), n, esz, nin, next = 0;
 	float *x, *y;
 	int r = moe_client_connect(NULL, NULL, &c);
 
@@ -275,11 +280,14 @@ static void bench_child(struct bench_shared *sh, int idx, uint32_t layer, uint64
 	}
 	moe_client_info(c, &info);
 	n = tokens * info.hidden_size;
-	x = malloc(n * sizeof(float));
+	esz = bf16 ? 2 : 4;
+	nin = BENCH_INPUT_BYTES / (n * esz);
+	nin = nin < 1 ? 1 : nin > BENCH_INPUTS ? BENCH_INPUTS : nin;
+	x = malloc(nin * n * esz);
 	y = malloc(n * sizeof(float));
 	if (!x || !y)
 		_exit(1);
-	for (uint64_t i = 0; i < n; i++) {
+	for (uint64_t i = 0; i < nin * n; i++) {
 		seed = seed * 6364136223846793005ull + 1442695040888963407ull;
 		float v = (float)((double)(seed >> 40) / (double)(1u << 23) - 1.0);
 		if (bf16) {
@@ -291,7 +299,8 @@ static void bench_child(struct bench_shared *sh, int idx, uint32_t layer, uint64
 	}
 	/* warm-up: the experts come in, the threads spin up */
 	for (double t0 = moectl_now(); moectl_now() - t0 < warmup;)
-		if (moe_client_forward(c, layer, bf16 ? MOE_BF16 : MOE_F32, x, y, tokens, NULL, NULL) < 0)
+		if (moe_client_forward(c, layer, bf16 ? MOE_BF16 : MOE_F32,
+				       (char *)x + (next++ % nin) * n * esz, y, tokens, NULL, NULL) < 0)
 			break;
 	__atomic_fetch_add(&sh->ready, 1, __ATOMIC_SEQ_CST);
 	while (!__atomic_load_n(&sh->go, __ATOMIC_ACQUIRE))
@@ -299,7 +308,8 @@ static void bench_child(struct bench_shared *sh, int idx, uint32_t layer, uint64
 	while (moectl_now() < sh->t_end) {
 		double t0 = moectl_now();
 
-		r = moe_client_forward(c, layer, bf16 ? MOE_BF16 : MOE_F32, x, y, tokens, NULL, NULL);
+		r = moe_client_forward(c, layer, bf16 ? MOE_BF16 : MOE_F32,
+				       (char *)x + (next++ % nin) * n * esz, y, tokens, NULL, NULL);
 		double t1 = moectl_now();
 
 		if (t0 < sh->t_start)
