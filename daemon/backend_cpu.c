@@ -136,7 +136,7 @@ static int cpu_route(struct moe_backend *be, const struct moe_layer_weights *lw,
 	if (!xs || !j.logits)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < cpu->nworkers; i++)
-		if (!buf_get(&cpu->ws[i].sel, 3 * (size_t)c->num_experts * sizeof(double)))
+		if (!buf_get(&cpu->ws[i].sel, 4 * (size_t)c->num_experts * sizeof(double)))
 			return -ENOMEM;
 	for (size_t t = 0; t < n; t++)
 		xs[t] = x + t * c->hidden_size;

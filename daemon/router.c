@@ -2,162 +2,16 @@
 /*
  * Expert selection.  Scores and weights are computed in double from the
  * float32 logits: the reference the tests compare against is float64, and
- * this keeps moed within a rounding of it except at genuine ties.
+ * this keeps moed within a rounding of it except at genuine ties.  The
+ * rules live in router_sel.h, which the CUDA backend compiles too.
  */
 #include "config.h"
 
-#include <math.h>
-#include <stdbool.h>
-
 #include "router.h"
-
-/* a ranks before b: higher score, ties to the lower index; NaN lowest. */
-static bool ranks_before(double a, uint32_t ia, double b, uint32_t ib)
-{
-	bool na = isnan(a), nb = isnan(b);
-
-	if (na || nb) {
-		if (na != nb)
-			return nb;
-		return ia < ib;
-	}
-	if (a != b)
-		return a > b;
-	return ia < ib;
-}
-
-/*
- * Top-n of v[0..len) among indices with allowed[i] (NULL: all), best first,
- * into out[0..n).  Insertion into a sorted list of n: n is at most a few
- * dozen, len at most a few thousand.
- */
-static void top_n(const double *v, uint32_t len, const bool *allowed, uint32_t n, int32_t *out)
-{
-	uint32_t have = 0;
-
-	for (uint32_t i = 0; i < len; i++) {
-		uint32_t pos;
-
-		if (allowed && !allowed[i])
-			continue;
-		if (have == n && !ranks_before(v[i], i, v[out[n - 1]], (uint32_t)out[n - 1]))
-			continue;
-		pos = have < n ? have++ : n - 1;
-		while (pos > 0 && ranks_before(v[i], i, v[out[pos - 1]], (uint32_t)out[pos - 1])) {
-			out[pos] = out[pos - 1];
-			pos--;
-		}
-		out[pos] = (int32_t)i;
-	}
-}
-
-static void softmax(const float *logits, uint32_t n, double *p)
-{
-	double max = -INFINITY, sum = 0;
-
-	for (uint32_t i = 0; i < n; i++)
-		if (logits[i] > max)
-			max = logits[i];
-	if (isinf(max) && max > 0) {
-		/* +inf logits share the mass; everything else is 0 */
-		uint32_t ninf = 0;
-		for (uint32_t i = 0; i < n; i++)
-			ninf += isinf(logits[i]) && logits[i] > 0;
-		for (uint32_t i = 0; i < n; i++)
-			p[i] = isinf(logits[i]) && logits[i] > 0 ? 1.0 / ninf : 0.0;
-		return;
-	}
-	if (!isfinite(max))
-		max = 0;       /* all -inf or NaN: exp gives 0 or NaN, ranked last */
-	for (uint32_t i = 0; i < n; i++) {
-		p[i] = exp((double)logits[i] - max);
-		sum += p[i];
-	}
-	for (uint32_t i = 0; i < n; i++)
-		p[i] /= sum;
-}
+#include "router_sel.h"
 
 void moe_router_select(const struct moe_model_config *cfg, const float *logits,
 		       const float *bias, double *scratch, int32_t *ids, float *w)
 {
-	uint32_t E = cfg->num_experts, k = cfg->top_k, G = cfg->n_group;
-	uint32_t per = E / G;
-	double *p = scratch;             /* [E] probabilities (unbiased) */
-	double *sel = scratch + E;       /* [E] selection scores */
-	double *gscore = scratch + 2 * E; /* [G] group scores */
-	bool allowed[4096];              /* E <= MOE_MAX_EXPERTS (model.c) */
-	bool grouped = cfg->topk_method != MOE_TOPK_GREEDY && G > 1 && cfg->topk_group < G;
-	double sum = 0;
-
-	if (cfg->scoring == MOE_SCORING_SIGMOID)
-		for (uint32_t i = 0; i < E; i++)
-			p[i] = 1.0 / (1.0 + exp(-(double)logits[i]));
-	else
-		softmax(logits, E, p);
-
-	for (uint32_t i = 0; i < E; i++)
-		sel[i] = p[i] + (cfg->topk_method == MOE_TOPK_NOAUX_TC && bias ? (double)bias[i] : 0.0);
-
-	if (grouped) {
-		int32_t keep[4096];
-
-		for (uint32_t g = 0; g < G; g++) {
-			const double *s = sel + (size_t)g * per;
-			if (cfg->topk_method == MOE_TOPK_NOAUX_TC) {
-				/* sum of the group's two highest biased scores */
-				int32_t two[2];
-				top_n(s, per, NULL, 2, two);
-				gscore[g] = s[two[0]] + s[two[1]];
-			} else {
-				double m = -INFINITY;
-				for (uint32_t j = 0; j < per; j++)
-					if (s[j] > m)   /* false for NaN */
-						m = s[j];
-				gscore[g] = m;
-			}
-		}
-		top_n(gscore, G, NULL, cfg->topk_group, keep);
-		for (uint32_t i = 0; i < E; i++)
-			allowed[i] = false;
-		for (uint32_t g = 0; g < cfg->topk_group; g++)
-			for (uint32_t j = 0; j < per; j++)
-				allowed[(size_t)keep[g] * per + j] = true;
-		/* experts of dropped groups are -inf (DeepSeek's inference code):
-		 * selection happens only inside the kept groups */
-		top_n(sel, E, allowed, k, ids);
-	} else {
-		top_n(sel, E, NULL, k, ids);
-	}
-
-	for (uint32_t s = 0; s < k; s++)
-		sum += p[ids[s]];
-
-	switch (cfg->arch) {
-	case MOE_ARCH_DEEPSEEK_V2:
-		if (k > 1 && cfg->norm_topk_prob)
-			for (uint32_t s = 0; s < k; s++)
-				w[s] = (float)(p[ids[s]] / (sum + 1e-20));
-		else
-			for (uint32_t s = 0; s < k; s++)
-				w[s] = (float)(p[ids[s]] * cfg->routed_scaling_factor);
-		break;
-	case MOE_ARCH_DEEPSEEK_V3:
-		for (uint32_t s = 0; s < k; s++) {
-			double v = p[ids[s]];
-			if (k > 1 && cfg->norm_topk_prob)
-				v /= sum + 1e-20;
-			w[s] = (float)(v * cfg->routed_scaling_factor);
-		}
-		break;
-	case MOE_ARCH_MIXTRAL:
-		/* mixtral always renormalises, whatever the flag says */
-		for (uint32_t s = 0; s < k; s++)
-			w[s] = (float)(p[ids[s]] / sum);
-		break;
-	default:
-		/* qwen and olmoe renormalise when the config says so */
-		for (uint32_t s = 0; s < k; s++)
-			w[s] = (float)(cfg->norm_topk_prob ? p[ids[s]] / sum : p[ids[s]]);
-		break;
-	}
+	moe_rs_select(cfg, logits, bias, scratch, ids, w);
 }
