@@ -68,6 +68,8 @@ static void usage(FILE *f)
 	      "                       the last layer's input plus its output\n"
 	      "  --host-cache-mb N    host budget for weights (routers, shared experts and the\n"
 	      "                       routed-expert cache); default: no limit\n"
+	      "  --gpu-cache-mb N     device tier of the CUDA backend (default: all free device\n"
+	      "                       memory minus a reserve)\n"
 	      "  --policy P           eviction policy: auto (= freq), freq or lru\n"
 	      "  --pin L:E            keep expert E (or * for all) of layer L resident;\n"
 	      "                       repeatable\n"
@@ -108,6 +110,7 @@ struct fwd_args {
 	bool prefetch;
 	bool fresh;
 	uint64_t host_mb;
+	uint64_t gpu_mb;
 	uint64_t pin_hot;
 	uint64_t queue_depth;
 	uint64_t chunk_kb;
@@ -123,7 +126,7 @@ struct fwd_args {
 enum {
 	OPT_MODEL = 256, OPT_LAYER, OPT_INPUT, OPT_RANDOM, OPT_SEED, OPT_SAVE_INPUT, OPT_OUTPUT, OPT_DTYPE,
 	OPT_ROUTING, OPT_THREADS, OPT_BACKEND, OPT_REPEAT, OPT_STATS, OPT_TOP, OPT_ALL,
-	OPT_HOST_MB, OPT_POLICY, OPT_PIN, OPT_PIN_HOT, OPT_PREFETCH, OPT_QD, OPT_CHUNK, OPT_TRACE,
+	OPT_HOST_MB, OPT_GPU_MB, OPT_POLICY, OPT_PIN, OPT_PIN_HOT, OPT_PREFETCH, OPT_QD, OPT_CHUNK, OPT_TRACE,
 	OPT_FAULT, OPT_FRESH, OPT_STATS_JSON,
 };
 
@@ -144,6 +147,7 @@ static const struct option long_opts[] = {
 	{ "top", required_argument, NULL, OPT_TOP },
 	{ "all-experts", no_argument, NULL, OPT_ALL },
 	{ "host-cache-mb", required_argument, NULL, OPT_HOST_MB },
+	{ "gpu-cache-mb", required_argument, NULL, OPT_GPU_MB },
 	{ "policy", required_argument, NULL, OPT_POLICY },
 	{ "pin", required_argument, NULL, OPT_PIN },
 	{ "pin-hot", required_argument, NULL, OPT_PIN_HOT },
@@ -179,6 +183,10 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			else if (moectl_parse_u64("--layer", optarg, 0, UINT32_MAX, &a->layer) < 0)
 				return 1;
 			a->have_layer = true;
+			break;
+		case OPT_GPU_MB:
+			if (moectl_parse_u64("--gpu-cache-mb", optarg, 1, UINT64_MAX >> 20, &a->gpu_mb) < 0)
+				return 1;
 			break;
 		case OPT_HOST_MB:
 			if (moectl_parse_u64("--host-cache-mb", optarg, 1, UINT64_MAX >> 20, &a->host_mb) < 0)
@@ -303,7 +311,7 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 	if (optind < argc)
 		return moectl_fail("forward: unexpected argument '%s' (see moectl forward --help)",
 				   argv[optind]);
-	if (!a->model && (a->host_mb || a->policy || a->npins || a->pin_hot || a->prefetch || a->queue_depth ||
+	if (!a->model && (a->host_mb || a->gpu_mb || a->policy || a->npins || a->pin_hot || a->prefetch || a->queue_depth ||
 			  a->chunk_kb || a->trace_out || a->stats_json || a->fault || a->all_experts || a->threads ||
 			  a->backend))
 		return moectl_fail("forward: the cache, pager, backend and timing options go with --model; "
@@ -802,6 +810,7 @@ int cmd_forward(int argc, char **argv)
 	eo.backend = a.backend;
 	eo.threads = (uint32_t)a.threads;
 	eo.host_bytes = a.host_mb << 20;
+	eo.device_bytes = a.gpu_mb << 20;
 	eo.policy = a.policy;
 	eo.pin = a.npins ? a.pins : NULL;
 	eo.pin_hot = (uint32_t)a.pin_hot;

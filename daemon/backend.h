@@ -15,6 +15,15 @@
 #include "err.h"
 #include "model.h"
 
+/* What a backend with a device tier counts for one layer (the engine keeps
+ * one per layer and reports it). */
+struct moe_device_counters {
+	uint64_t hits;                /* expert uses found in device memory */
+	uint64_t misses;              /* expert uses copied from the host tier */
+	uint64_t bytes;               /* bytes copied host to device */
+	uint64_t copy_ns;             /* time of those copies (wall clock) */
+};
+
 /* One MoE layer's weights as a backend sees them.  Pointers are host memory
  * owned by the engine; experts[j] is NULL when expert j is not resident.
  * Expert and shared blobs are in the backend's resident layout (see
@@ -27,10 +36,13 @@ struct moe_layer_weights {
 	const float *shared_gate;     /* [H] or NULL (qwen2_moe) */
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
+	struct moe_device_counters *dev;  /* counters to add to, or NULL */
 };
 
 struct moe_backend_options {
 	uint32_t threads;             /* CPU worker threads; 0: one per online CPU */
+	uint64_t device_bytes;        /* device tier for experts (cuda); 0: all
+				       * free device memory minus a reserve */
 };
 
 struct moe_backend;
@@ -105,6 +117,15 @@ struct moe_backend_ops {
 	int (*experts_run)(struct moe_backend *be, const struct moe_layer_weights *lw,
 			   const uint8_t *ready, bool shared);
 	int (*experts_end)(struct moe_backend *be, bool abandon);
+
+	/*
+	 * Optional: page-lock [p, p + len) of host memory the engine keeps
+	 * expert weights in, so that copies to the device run at full speed
+	 * (cudaHostRegister).  A failure is not fatal: copies then go from
+	 * pageable memory.  host_unregister undoes it before the memory goes.
+	 */
+	int (*host_register)(struct moe_backend *be, void *p, size_t len);
+	void (*host_unregister)(struct moe_backend *be, void *p);
 };
 
 struct moe_backend {

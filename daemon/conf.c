@@ -1063,6 +1063,7 @@ void moed_config_engine_options(const struct moed_config *c, struct moe_engine_o
 	eo->backend = c->backend;
 	eo->threads = c->threads;
 	eo->host_bytes = c->cache.host_mb << 20;   /* at most 2^44: MB_MAX */
+	eo->device_bytes = c->cache.gpu_mb << 20;
 	eo->policy = c->cache.policy;
 	eo->pin = (const char *const *)c->cache.pin;
 	eo->pin_hot = c->cache.pin_hot;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 #include <jansson.h>
 
 #include "clock.h"
@@ -33,6 +34,7 @@ struct engine_layer {
 	uint8_t *predicted;         /* [E] the last prediction for this layer, or NULL */
 	bool have_prediction;
 	struct moe_engine_layer_stats st;
+	struct moe_device_counters dev; /* the backend's device tier counts here */
 };
 
 /* A host-tier slot and the read that fills it. */
@@ -62,6 +64,7 @@ struct moe_engine {
 	enum moe_cache_policy policy;
 	uint8_t *arena;                 /* slots * slot_bytes */
 	size_t arena_len;
+	bool arena_registered;          /* page-locked by the backend */
 	uint64_t slot_bytes, budget, fixed;
 	uint32_t nslots;
 	struct slot *slots;
@@ -366,6 +369,39 @@ static int pin_parse(struct moe_engine *e, const char *spec, struct moe_err *err
 	return 0;
 }
 
+/*
+ * Let the backend page-lock the host tier (the CUDA backend copies experts
+ * from it to the device at full speed only from page-locked memory).  Only
+ * a tier of at most half the machine's memory: locking pins every page.
+ */
+static void arena_register(struct moe_engine *e)
+{
+	const struct moe_backend_ops *ops = e->backend->ops;
+	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+	char msg[256];
+	int r;
+
+	if (!ops->host_register || !e->arena_len)
+		return;
+	if (pages > 0 && psz > 0 && e->arena_len > (uint64_t)pages * (uint64_t)psz / 2) {
+		snprintf(msg, sizeof(msg), "the host cache (%zu MiB) is not page-locked: it is over half of "
+			 "this machine's memory; copies to the device go from pageable memory (set "
+			 "cache.host_mb)", e->arena_len >> 20);
+		if (e->log)
+			e->log(e->log_ctx, 5, msg);
+		return;
+	}
+	r = ops->host_register(e->backend, e->arena, e->arena_len);
+	if (r < 0) {
+		snprintf(msg, sizeof(msg), "the host cache (%zu MiB) could not be page-locked (%s); copies "
+			 "to the device go from pageable memory", e->arena_len >> 20, strerror(-r));
+		if (e->log)
+			e->log(e->log_ctx, 5, msg);
+		return;
+	}
+	e->arena_registered = true;
+}
+
 /* Bytes that are always resident: routers, biases, shared gates, shared experts. */
 static uint64_t fixed_bytes(const struct moe_engine *e)
 {
@@ -460,6 +496,7 @@ static int host_setup(struct moe_engine *e, const struct moe_engine_options *opt
 		e->slots[i].e = e;
 		e->slots[i].mem = e->arena + (size_t)i * e->slot_bytes;
 	}
+	arena_register(e);
 	return 0;
 }
 
@@ -495,6 +532,8 @@ void moe_engine_close(struct moe_engine *e)
 		for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++)
 			layer_free(&e->layers[i]);
 	free(e->layers);
+	if (e->arena_registered)
+		e->backend->ops->host_unregister(e->backend, e->arena);
 	if (e->arena)
 		munmap(e->arena, e->arena_len);
 	moe_cache_free(e->host);
@@ -517,7 +556,8 @@ void moe_engine_close(struct moe_engine *e)
 int moe_engine_open(const char *store_path, const struct moe_engine_options *opt,
 		    struct moe_engine **ret, struct moe_err *err)
 {
-	struct moe_backend_options bo = { .threads = opt ? opt->threads : 0 };
+	struct moe_backend_options bo = { .threads = opt ? opt->threads : 0,
+					  .device_bytes = opt ? opt->device_bytes : 0 };
 	struct moe_pager_options po = opt ? opt->pager : (struct moe_pager_options){ 0 };
 	struct moe_engine *e;
 	int r;
@@ -697,6 +737,7 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 	lw = (struct moe_layer_weights){
 		.cfg = c, .layer = layer, .router = l->router, .bias = l->bias,
 		.shared_gate = l->shared_gate, .shared = l->shared, .experts = e->ptrs,
+		.dev = &l->dev,
 	};
 	r = ops->route(e->backend, &lw, x, n, e->ids, e->w);
 	if (r < 0)
@@ -904,7 +945,13 @@ void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
 	memset(st, 0, sizeof(*st));
 	reap(e);
 	for (uint32_t i = 0; i < e->store->hdr.num_moe_layers; i++) {
-		stats_add(&st->total, &e->layers[i].st);
+		struct engine_layer *l = &e->layers[i];
+
+		l->st.device_hits = l->dev.hits;
+		l->st.device_misses = l->dev.misses;
+		l->st.device_bytes = l->dev.bytes;
+		l->st.device_copy_ns = l->dev.copy_ns;
+		stats_add(&st->total, &l->st);
 		if (layers)
 			layers[i] = e->layers[i].st;
 	}
@@ -931,8 +978,10 @@ static json_t *layer_json(const struct moe_engine_layer_stats *l)
 	json_object_set_new(o, "tokens", json_integer((json_int_t)l->tokens));
 	json_object_set_new(o, "host", json_pack("{s:I,s:I}", "hits", (json_int_t)l->host_hits,
 						 "misses", (json_int_t)l->host_misses));
-	json_object_set_new(o, "device", json_pack("{s:I,s:I}", "hits", (json_int_t)l->device_hits,
-						   "misses", (json_int_t)l->device_misses));
+	json_object_set_new(o, "device", json_pack("{s:I,s:I,s:I,s:I}", "hits", (json_int_t)l->device_hits,
+						   "misses", (json_int_t)l->device_misses,
+						   "bytes_copied", (json_int_t)l->device_bytes,
+						   "copy_ns", (json_int_t)l->device_copy_ns));
 	json_object_set_new(o, "loads", json_integer((json_int_t)l->loads));
 	json_object_set_new(o, "bytes_read", json_integer((json_int_t)l->load_bytes));
 	json_object_set_new(o, "load_failures", json_integer((json_int_t)l->load_failures));

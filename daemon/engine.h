@@ -31,6 +31,8 @@
 struct moe_engine_options {
 	const char *backend;   /* "auto", "cpu", "cuda"; NULL: "auto" */
 	uint32_t threads;      /* CPU threads; 0: one per online CPU */
+	uint64_t device_bytes; /* device tier of the CUDA backend; 0: all free
+				* device memory minus a reserve */
 	uint64_t host_bytes;   /* host budget for weights: routers, shared experts
 				* and the routed-expert slots; 0: no limit */
 	const char *policy;    /* eviction: "auto" (= "freq"), "lru", "freq"; NULL: auto */
@@ -50,8 +52,10 @@ struct moe_engine_layer_stats {
 	uint64_t tokens;
 	uint64_t host_hits;      /* expert uses (one per expert per batch) found resident */
 	uint64_t host_misses;    /* expert uses that had to wait for the store */
-	uint64_t device_hits;    /* the device tier (the CUDA backend fills it; 0 here) */
-	uint64_t device_misses;
+	uint64_t device_hits;    /* expert uses found in the device tier (CUDA backend) */
+	uint64_t device_misses;  /* expert uses copied from the host tier to the device */
+	uint64_t device_bytes;   /* bytes of those copies */
+	uint64_t device_copy_ns; /* time of those copies */
 	uint64_t loads;          /* blobs read by the pager for this layer */
 	uint64_t load_bytes;
 	uint64_t load_failures;  /* I/O errors and checksum mismatches */

@@ -2,11 +2,8 @@
 /*
  * The CUDA backend, built as a module that the engine opens at run time
  * (dlopen), so that moed and moectl run where the CUDA libraries or the
- * driver are missing.  It exports one symbol: moe_backend_module_ops.
- *
- * This version finds the device; the compute entries (route, experts) are
- * filled by the CUDA backend issue.  Until then init reports why it cannot
- * serve, and "auto" falls back to the CPU backend.
+ * driver are missing.  It exports one symbol: moe_backend_module_ops.  The
+ * work is in device.cu.
  */
 #include "config.h"
 
@@ -20,37 +17,35 @@ static int cuda_init(struct moe_backend *be, const struct moe_backend_options *o
 		     struct moe_err *err)
 {
 	char why[256] = "";
-	int dev;
+	int r;
 
-	(void)be;
-	(void)opt;
-	dev = moe_cuda_probe(why, sizeof(why));
-	if (dev < 0) {
-		if (err) {
-			snprintf(err->msg, sizeof(err->msg), "%s", why);
-			err->code = dev;
+	if (!be) {
+		/* asked only why it cannot serve */
+		r = moe_cuda_probe(why, sizeof(why));
+		if (r >= 0) {
+			snprintf(why, sizeof(why), "CUDA device %d is usable", r);
+			r = 0;
 		}
-		return dev;
+	} else {
+		r = moe_cuda_init(be, opt, why, sizeof(why));
 	}
-	if (err) {
-		snprintf(err->msg, sizeof(err->msg),
-			 "CUDA device %d found, but this build's CUDA backend has no compute kernels yet",
-			 dev);
-		err->code = -ENOTSUP;
+	if (r < 0 && err) {
+		snprintf(err->msg, sizeof(err->msg), "%s", why);
+		err->code = r;
 	}
-	return -ENOTSUP;
-}
-
-static void cuda_fini(struct moe_backend *be)
-{
-	(void)be;
+	return r;
 }
 
 __attribute__((visibility("default")))
 const struct moe_backend_ops moe_backend_module_ops = {
 	.name = "cuda",
 	.init = cuda_init,
-	.fini = cuda_fini,
-	.route = NULL,
-	.experts = NULL,
+	.fini = moe_cuda_fini,
+	.route = moe_cuda_route,
+	.experts = moe_cuda_experts,
+	.experts_begin = moe_cuda_experts_begin,
+	.experts_run = moe_cuda_experts_run,
+	.experts_end = moe_cuda_experts_end,
+	.host_register = moe_cuda_host_register,
+	.host_unregister = moe_cuda_host_unregister,
 };

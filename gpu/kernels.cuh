@@ -1,0 +1,402 @@
+// SPDX-License-Identifier: MIT
+// The CUDA backend's kernels.  Every output element is produced by one warp
+// (or one thread) summing in a fixed order, so results are the same run to
+// run; no float atomics anywhere.
+//
+//   k_select     routing: one thread per token, router_sel.h's rules
+//   k_gate_up    weight streaming, phase A: h = act(gate x) * (up x); a warp
+//                per weight row, the row read once for up to TT tokens
+//   k_down       weight streaming, phase B: y = down h, a warp per row
+//   k_split_x    large groups: the expert's tokens gathered as bf16 hi + lo
+//   k_act_split  large groups: h = act(g) * u from the cuBLAS product, as
+//                bf16 hi + lo for the second product
+//   k_shared_gate qwen2_moe: sigmoid(shared_gate . x) per token
+//   k_logits     router logits, a warp per router row (fixed order)
+//   k_combine    out[t] = sum_s w[t][s] y[t][s] + sg[t] ysh[t], slot order
+#ifndef MOE_GPU_KERNELS_CUH
+#define MOE_GPU_KERNELS_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "model.h"
+#include "router_sel.h"
+
+#define MOE_WARPS 8                 // warps per block of the streaming kernels
+#define MOE_ROWS_PER_WARP 4         // weight rows per warp
+#define MOE_ROWS_PER_BLOCK (MOE_WARPS * MOE_ROWS_PER_WARP)
+#define MOE_TT 8                    // tokens per pass over a weight row
+
+// One expert of a streaming launch (or the shared expert).
+struct moe_witem {
+	const unsigned char *w;   // blob in the store's layout: gate, up, down
+	const int32_t *tok;       // [count] token of each of its entries, ascending
+	float *h;                 // [count][inter]
+	float *y;                 // [count][H]
+	uint32_t inter;           // intermediate size of this expert
+	uint32_t count;           // its entries (tokens)
+	uint32_t vec_a;           // rows of gate/up can be read 16 bytes at a time
+	uint32_t vec_b;           // rows of down can
+};
+
+// One block of a streaming launch: rows [row0, row0 + MOE_ROWS_PER_BLOCK)
+// of item @item.
+struct moe_wblock {
+	uint32_t item;
+	uint32_t row0;
+};
+
+__device__ __forceinline__ float moe_warp_sum(float v)
+{
+	// butterfly: after each step lanes l and l ^ off hold the same sum
+	// (a + b == b + a), so every lane ends with the same bits
+	for (int off = 16; off > 0; off >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, off);
+	return v;
+}
+
+__device__ __forceinline__ float moe_act(int a, float v)
+{
+	switch (a) {
+	case MOE_ACT_SILU:
+		return v / (1.0f + expf(-v));
+	case MOE_ACT_GELU:
+		return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+	case MOE_ACT_GELU_TANH:
+		return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+	case MOE_ACT_RELU:
+		return v > 0.0f ? v : 0.0f;
+	}
+	return v;
+}
+
+// Elements per 16-byte load, and their widening to float.
+template <typename T> struct moe_vec;
+
+template <> struct moe_vec<__nv_bfloat16> {
+	static constexpr int N = 8;
+	__device__ __forceinline__ static void load(const __nv_bfloat16 *p, size_t c, float *f)
+	{
+		uint4 u = __ldg(reinterpret_cast<const uint4 *>(p) + c);
+		const __nv_bfloat162 *b = reinterpret_cast<const __nv_bfloat162 *>(&u);
+		for (int i = 0; i < 4; i++) {
+			float2 t = __bfloat1622float2(b[i]);
+			f[2 * i] = t.x;
+			f[2 * i + 1] = t.y;
+		}
+	}
+	__device__ __forceinline__ static float one(const __nv_bfloat16 *p, size_t i)
+	{
+		return __bfloat162float(p[i]);
+	}
+};
+
+template <> struct moe_vec<__half> {
+	static constexpr int N = 8;
+	__device__ __forceinline__ static void load(const __half *p, size_t c, float *f)
+	{
+		uint4 u = __ldg(reinterpret_cast<const uint4 *>(p) + c);
+		const __half2 *b = reinterpret_cast<const __half2 *>(&u);
+		for (int i = 0; i < 4; i++) {
+			float2 t = __half22float2(b[i]);
+			f[2 * i] = t.x;
+			f[2 * i + 1] = t.y;
+		}
+	}
+	__device__ __forceinline__ static float one(const __half *p, size_t i)
+	{
+		return __half2float(p[i]);
+	}
+};
+
+template <> struct moe_vec<float> {
+	static constexpr int N = 4;
+	__device__ __forceinline__ static void load(const float *p, size_t c, float *f)
+	{
+		float4 u = __ldg(reinterpret_cast<const float4 *>(p) + c);
+		f[0] = u.x;
+		f[1] = u.y;
+		f[2] = u.z;
+		f[3] = u.w;
+	}
+	__device__ __forceinline__ static float one(const float *p, size_t i)
+	{
+		return p[i];
+	}
+};
+
+// N float32 activations starting at element c * N of @x (16-byte aligned).
+template <int N>
+__device__ __forceinline__ void moe_load_x(const float *x, size_t c, float *f)
+{
+	const float4 *p = reinterpret_cast<const float4 *>(x + c * N);
+	for (int i = 0; i < N / 4; i++) {
+		float4 u = __ldg(p + i);
+		f[4 * i] = u.x;
+		f[4 * i + 1] = u.y;
+		f[4 * i + 2] = u.z;
+		f[4 * i + 3] = u.w;
+	}
+}
+
+// acc[t] += row . xs[t] for t < nt, the lane's share of the sum: elements
+// of 16-byte chunks c = lane, lane + 32, ... in order (vec), or elements
+// i = lane, lane + 32, ... (not vec).  The same order whatever nt is, so
+// a token's result does not depend on the other tokens of the pass.
+template <typename T>
+__device__ __forceinline__ void moe_row_dot(const T *row, uint32_t len, bool vec, const float *const *xs,
+					    uint32_t nt, uint32_t lane, float *acc)
+{
+	typedef moe_vec<T> V;
+
+	if (vec) {
+		size_t nch = len / V::N;
+		for (size_t c = lane; c < nch; c += 32) {
+			float wv[V::N];
+			V::load(row, c, wv);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float xv[V::N];
+					moe_load_x<V::N>(xs[t], c, xv);
+#pragma unroll
+					for (int i = 0; i < V::N; i++)
+						acc[t] = fmaf(wv[i], xv[i], acc[t]);
+				}
+			}
+		}
+	} else {
+		for (size_t i = lane; i < len; i += 32) {
+			float wv = V::one(row, i);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++)
+				if (t < nt)
+					acc[t] = fmaf(wv, xs[t][i], acc[t]);
+		}
+	}
+}
+
+// Phase A: for each row r of the block's rows and each entry e of the item,
+// h[e][r] = act(gate_r . x[tok e]) * (up_r . x[tok e])  (gated), or
+// act(up_r . x[tok e]).
+template <typename T>
+__global__ void __launch_bounds__(MOE_WARPS * 32)
+k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint32_t H, int act,
+	  int gated)
+{
+	const moe_wblock b = blocks[blockIdx.x];
+	const moe_witem it = items[b.item];
+	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+	const T *gate = reinterpret_cast<const T *>(it.w);
+	const T *up = gated ? gate + (size_t)it.inter * H : gate;
+
+	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
+		uint32_t r = b.row0 + warp * MOE_ROWS_PER_WARP + rr;
+		if (r >= it.inter)
+			break;
+		const T *gr = gate + (size_t)r * H, *ur = up + (size_t)r * H;
+		for (uint32_t t0 = 0; t0 < it.count; t0 += MOE_TT) {
+			uint32_t nt = it.count - t0 < MOE_TT ? it.count - t0 : MOE_TT;
+			const float *xs[MOE_TT];
+			float ag[MOE_TT], au[MOE_TT];
+
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				xs[t] = x + (size_t)it.tok[t0 + (t < nt ? t : nt - 1)] * H;
+				ag[t] = 0.0f;
+				au[t] = 0.0f;
+			}
+			if (gated)
+				moe_row_dot<T>(gr, H, it.vec_a, xs, nt, lane, ag);
+			moe_row_dot<T>(ur, H, it.vec_a, xs, nt, lane, au);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float g = moe_warp_sum(ag[t]), u = moe_warp_sum(au[t]);
+					if (lane == 0)
+						it.h[(size_t)(t0 + t) * it.inter + r] =
+							gated ? moe_act(act, g) * u : moe_act(act, u);
+				}
+			}
+		}
+	}
+}
+
+// Phase B: y[e][c] = down_c . h[e] for the block's rows c of down [H][inter].
+template <typename T>
+__global__ void __launch_bounds__(MOE_WARPS * 32)
+k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H, int gated)
+{
+	const moe_wblock b = blocks[blockIdx.x];
+	const moe_witem it = items[b.item];
+	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+	const T *down = reinterpret_cast<const T *>(it.w) + (size_t)(gated ? 2 : 1) * it.inter * H;
+
+	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
+		uint32_t c = b.row0 + warp * MOE_ROWS_PER_WARP + rr;
+		if (c >= H)
+			break;
+		const T *dr = down + (size_t)c * it.inter;
+		for (uint32_t t0 = 0; t0 < it.count; t0 += MOE_TT) {
+			uint32_t nt = it.count - t0 < MOE_TT ? it.count - t0 : MOE_TT;
+			const float *hs[MOE_TT];
+			float acc[MOE_TT];
+
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				hs[t] = it.h + (size_t)(t0 + (t < nt ? t : nt - 1)) * it.inter;
+				acc[t] = 0.0f;
+			}
+			moe_row_dot<T>(dr, it.inter, it.vec_b, hs, nt, lane, acc);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float v = moe_warp_sum(acc[t]);
+					if (lane == 0)
+						it.y[(size_t)(t0 + t) * H + c] = v;
+				}
+			}
+		}
+	}
+}
+
+// Large groups: the rows of x of the @count tokens @tok, as bf16 hi and lo
+// (hi + lo carries 16 bits of the float's 24: a relative error near 2^-17).
+__global__ void k_split_x(const float *x, const int32_t *tok, uint32_t count, uint32_t H,
+			  __nv_bfloat16 *hi, __nv_bfloat16 *lo)
+{
+	size_t total = (size_t)count * H;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		size_t e = i / H, c = i % H;
+		float v = x[(size_t)tok[e] * H + c];
+		__nv_bfloat16 h = __float2bfloat16_rn(v);
+		hi[i] = h;
+		lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+	}
+}
+
+// Large groups, f32 weights: the rows of x of the @count tokens @tok.
+__global__ void k_gather_x(const float *x, const int32_t *tok, uint32_t count, uint32_t H, float *xs)
+{
+	size_t total = (size_t)count * H;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x)
+		xs[i] = x[(size_t)tok[i / H] * H + i % H];
+}
+
+// Large groups: h = act(g) * u (gated; g = G[e][r], u = G[e][I + r]) or
+// act(G[e][r]), from G [count][(gated ? 2 : 1) I]; as bf16 hi and lo when
+// @hi is set, else as float32 into @hf.
+__global__ void k_act_split(const float *G, uint32_t count, uint32_t I, int act, int gated,
+			    __nv_bfloat16 *hi, __nv_bfloat16 *lo, float *hf)
+{
+	size_t total = (size_t)count * I, ld = (size_t)(gated ? 2 : 1) * I;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		size_t e = i / I, r = i % I;
+		float v = gated ? moe_act(act, G[e * ld + r]) * G[e * ld + I + r] : moe_act(act, G[e * ld + r]);
+		if (hi) {
+			__nv_bfloat16 h = __float2bfloat16_rn(v);
+			hi[i] = h;
+			lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+		} else {
+			hf[i] = v;
+		}
+	}
+}
+
+// qwen2_moe: sg[t] = sigmoid(gate . x[t]), a warp per token.
+__global__ void k_shared_gate(const float *gate, const float *x, size_t n, uint32_t H, float *sg)
+{
+	size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+	uint32_t lane = threadIdx.x % 32;
+	float acc = 0.0f;
+
+	if (t >= n)
+		return;
+	for (size_t i = lane; i < H; i += 32)
+		acc = fmaf(gate[i], x[t * H + i], acc);
+	acc = moe_warp_sum(acc);
+	if (lane == 0)
+		sg[t] = 1.0f / (1.0f + expf(-acc));
+}
+
+// out[t][i] = sum over s of w[t][s] * y[pos[t][s]][i], s = 0..kk-1 in turn,
+// then + sg[t] * ysh[t][i] (sg NULL: 1) when ysh is set.
+__global__ void k_combine(const float *y, const uint32_t *pos, const float *w, uint32_t kk, const float *ysh,
+			  const float *sg, size_t n, uint32_t H, float *out)
+{
+	size_t total = n * H;
+
+	for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < total;
+	     j += (size_t)gridDim.x * blockDim.x) {
+		size_t t = j / H, i = j % H;
+		float o = 0.0f;
+
+		for (uint32_t s = 0; s < kk; s++)
+			o = fmaf(w[t * kk + s], y[(size_t)pos[t * kk + s] * H + i], o);
+		if (ysh)
+			o = fmaf(sg ? sg[t] : 1.0f, ysh[t * H + i], o);
+		out[j] = o;
+	}
+}
+
+// Router logits: logits[t][e] = router_e . x[t] in float32, a warp per row
+// of the router and up to MOE_TT tokens per pass, blockIdx.y choosing a
+// range of MOE_LOGIT_TOKENS tokens.  The order of each sum is fixed, so a
+// token's logits do not depend on the batch (cuBLAS would pick its kernel
+// by the batch size).
+#define MOE_LOGIT_TOKENS 64
+__global__ void __launch_bounds__(MOE_WARPS * 32)
+k_logits(const float *router, const float *x, size_t n, uint32_t E, uint32_t H, int vec, float *logits)
+{
+	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+	const size_t tb = (size_t)blockIdx.y * MOE_LOGIT_TOKENS;
+	const size_t te = tb + MOE_LOGIT_TOKENS < n ? tb + MOE_LOGIT_TOKENS : n;
+
+	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
+		uint32_t e = blockIdx.x * MOE_ROWS_PER_BLOCK + warp * MOE_ROWS_PER_WARP + rr;
+		if (e >= E)
+			break;
+		const float *row = router + (size_t)e * H;
+		for (size_t t0 = tb; t0 < te; t0 += MOE_TT) {
+			uint32_t nt = te - t0 < MOE_TT ? (uint32_t)(te - t0) : MOE_TT;
+			const float *xs[MOE_TT];
+			float acc[MOE_TT];
+
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * H;
+				acc[t] = 0.0f;
+			}
+			moe_row_dot<float>(row, H, vec, xs, nt, lane, acc);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float v = moe_warp_sum(acc[t]);
+					if (lane == 0)
+						logits[(t0 + t) * E + e] = v;
+				}
+			}
+		}
+	}
+}
+
+// Routing: one thread per token, the rules of router_sel.h.
+__global__ void k_select(struct moe_model_config cfg, const float *logits, const float *bias, double *scratch,
+			 size_t n, int32_t *ids, float *w)
+{
+	size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+
+	if (t >= n)
+		return;
+	moe_rs_select(&cfg, logits + t * cfg.num_experts, bias, scratch + t * MOE_ROUTER_SCRATCH(cfg.num_experts),
+		      ids + t * cfg.top_k, w + t * cfg.top_k);
+}
+
+#endif
