@@ -67,7 +67,9 @@ struct hbuf {                     // a page-locked host buffer that grows
 
 struct dlayer {                   // a layer's always-resident weights
 	uint32_t layer = 0;
-	const float *h_router = nullptr;
+	const float *h_router = nullptr;  // the host copies uploaded, each on its own
+	const float *h_bias = nullptr;
+	const float *h_sgate = nullptr;
 	const void *h_shared = nullptr;
 	float *router = nullptr;      // [E][H]
 	float *bias = nullptr;        // [E] or NULL
@@ -132,6 +134,7 @@ struct gpu {
 
 int fail(const char *what, cudaError_t rc)
 {
+	(void)cudaGetLastError();   // a non-sticky error must not fail the next call
 	fprintf(stderr, "moed: cuda backend: %s: %s (%s)\n", what, cudaGetErrorString(rc), cudaGetErrorName(rc));
 	return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 }
@@ -156,8 +159,24 @@ int fail_blas(const char *what, cublasStatus_t st)
 			return fail_blas(#call, st_);      \
 	} while (0)
 
+int tier_release_chunk(struct gpu *g);
+
+// cudaMalloc, making room by giving back device-tier slots when the device
+// is full: the tier's budget was fixed when the work buffers were small.
+int dmalloc(struct gpu *g, void **p, size_t bytes)
+{
+	for (;;) {
+		cudaError_t rc = cudaMalloc(p, bytes);
+		if (rc == cudaSuccess)
+			return 0;
+		if (rc != cudaErrorMemoryAllocation || tier_release_chunk(g) < 0)
+			return fail("cudaMalloc", rc);
+		(void)cudaGetLastError();
+	}
+}
+
 // Grow @b to @bytes (work in flight may use the old buffer: wait for it).
-int dgrow(dbuf *b, size_t bytes)
+int dgrow(struct gpu *g, dbuf *b, size_t bytes)
 {
 	if (bytes <= b->cap)
 		return 0;
@@ -169,9 +188,27 @@ int dgrow(dbuf *b, size_t bytes)
 		b->p = nullptr;
 		b->cap = 0;
 	}
-	CK(cudaMalloc(&p, cap));
+	int r = dmalloc(g, &p, cap);
+	if (r < 0)
+		return r;
 	b->p = p;
 	b->cap = cap;
+	return 0;
+}
+
+// *p = a new device copy of @bytes at @src, queued on the compute stream
+// (the old one freed).
+int dreplace(struct gpu *g, void **p, size_t bytes, const void *src)
+{
+	if (*p) {
+		CK(cudaDeviceSynchronize());
+		cudaFree(*p);
+		*p = nullptr;
+	}
+	int r = dmalloc(g, p, bytes);
+	if (r < 0)
+		return r;
+	CK(cudaMemcpyAsync(*p, src, bytes, cudaMemcpyHostToDevice, g->cs));
 	return 0;
 }
 
@@ -266,31 +303,32 @@ int layer_get(struct gpu *g, const struct moe_layer_weights *lw, bool need_share
 		l->layer = lw->layer;
 		g->nlayers++;
 	}
+	// each piece on its own: predict_next's route() passes only the router
+	// and bias.  The copies go on the compute stream, ahead of the kernels
+	// that read them (the sources are the engine's and stay in place).
+	int r;
 	if (lw->router && l->h_router != lw->router) {
-		cudaFree(l->router);
-		cudaFree(l->bias);
-		cudaFree(l->sgate);
-		l->router = l->bias = l->sgate = nullptr;
 		l->h_router = nullptr;
-		CK(cudaMalloc(&l->router, (size_t)E * H * sizeof(float)));
-		CK(cudaMemcpy(l->router, lw->router, (size_t)E * H * sizeof(float), cudaMemcpyHostToDevice));
-		if (lw->bias) {
-			CK(cudaMalloc(&l->bias, E * sizeof(float)));
-			CK(cudaMemcpy(l->bias, lw->bias, E * sizeof(float), cudaMemcpyHostToDevice));
-		}
-		if (lw->shared_gate) {
-			CK(cudaMalloc(&l->sgate, H * sizeof(float)));
-			CK(cudaMemcpy(l->sgate, lw->shared_gate, H * sizeof(float), cudaMemcpyHostToDevice));
-		}
+		if ((r = dreplace(g, (void **)&l->router, (size_t)E * H * sizeof(float), lw->router)) < 0)
+			return r;
 		l->h_router = lw->router;
 	}
+	if (lw->bias && l->h_bias != lw->bias) {
+		l->h_bias = nullptr;
+		if ((r = dreplace(g, (void **)&l->bias, E * sizeof(float), lw->bias)) < 0)
+			return r;
+		l->h_bias = lw->bias;
+	}
+	if (lw->shared_gate && l->h_sgate != lw->shared_gate) {
+		l->h_sgate = nullptr;
+		if ((r = dreplace(g, (void **)&l->sgate, H * sizeof(float), lw->shared_gate)) < 0)
+			return r;
+		l->h_sgate = lw->shared_gate;
+	}
 	if (need_shared && lw->shared && l->h_shared != lw->shared) {
-		uint64_t b = expert_bytes(c, c->shared_intermediate_size);
-		cudaFree(l->shared);
-		l->shared = nullptr;
 		l->h_shared = nullptr;
-		CK(cudaMalloc(&l->shared, b));
-		CK(cudaMemcpy(l->shared, lw->shared, b, cudaMemcpyHostToDevice));
+		if ((r = dreplace(g, &l->shared, expert_bytes(c, c->shared_intermediate_size), lw->shared)) < 0)
+			return r;
 		l->h_shared = lw->shared;
 	}
 	*ret = l;
@@ -330,19 +368,25 @@ int tier_setup(struct gpu *g, uint64_t bytes)
 {
 	if (g->slot_bytes)
 		return bytes <= g->slot_bytes ? 0 : -EINVAL;
-	g->slot_bytes = (bytes + 255) / 256 * 256;
-	uint64_t m = g->budget / g->slot_bytes;
-	g->max_slots = m > (1u << 24) ? (1u << 24) : (uint32_t)m;
-	if (g->max_slots == 0) {
+	uint64_t sb = (bytes + 255) / 256 * 256, m = g->budget / sb;
+	uint32_t ms = m > (1u << 24) ? (1u << 24) : (uint32_t)m;
+	if (ms == 0) {
 		fprintf(stderr, "moed: cuda backend: the device tier (%llu bytes) holds no expert of %llu bytes\n",
-			(unsigned long long)g->budget, (unsigned long long)g->slot_bytes);
+			(unsigned long long)g->budget, (unsigned long long)sb);
 		return -ENOMEM;
 	}
-	g->slots = (struct slot *)calloc(g->max_slots, sizeof(*g->slots));
-	g->chunks = (unsigned char **)calloc((g->max_slots + MOE_SLOTS_PER_CHUNK - 1) / MOE_SLOTS_PER_CHUNK,
-					     sizeof(*g->chunks));
-	if (!g->slots || !g->chunks)
+	struct slot *slots = (struct slot *)calloc(ms, sizeof(*slots));
+	unsigned char **chunks = (unsigned char **)calloc((ms + MOE_SLOTS_PER_CHUNK - 1) / MOE_SLOTS_PER_CHUNK,
+							  sizeof(*chunks));
+	if (!slots || !chunks) {
+		free(slots);
+		free(chunks);
 		return -ENOMEM;
+	}
+	g->slots = slots;
+	g->chunks = chunks;
+	g->max_slots = ms;
+	g->slot_bytes = sb;
 	return 0;
 }
 
@@ -394,6 +438,47 @@ void tier_touch(struct gpu *g, int32_t s)
 	lru_push_front(g, s);
 }
 
+// Give the last chunk of slots back to the device (none of them busy) and
+// stop the tier from growing again.  -1 when there is none to give.
+int tier_release_chunk(struct gpu *g)
+{
+	if (!g->nchunks)
+		return -1;
+	uint32_t ci = g->nchunks - 1, s0 = ci * MOE_SLOTS_PER_CHUNK;
+	for (uint32_t s = s0; s < g->nslots; s++)
+		if (g->slots[s].busy)
+			return -1;
+	if (cudaDeviceSynchronize() != cudaSuccess) {
+		(void)cudaGetLastError();
+		return -1;
+	}
+	for (uint32_t s = s0; s < g->nslots; s++) {
+		struct slot *x = &g->slots[s];
+		if (x->layer_index >= 0)
+			g->layers[x->layer_index].slot_of[x->expert] = -1;
+		lru_unlink(g, (int32_t)s);
+	}
+	cudaFree(g->chunks[ci]);
+	g->chunks[ci] = nullptr;
+	g->nchunks = ci;
+	g->nslots = s0;
+	g->max_slots = s0;
+	return 0;
+}
+
+// After a failure: the slots this call touched may hold anything.
+void tier_forget_busy(struct gpu *g)
+{
+	for (uint32_t s = 0; s < g->nslots; s++) {
+		struct slot *x = &g->slots[s];
+		if (!x->busy)
+			continue;
+		if (x->layer_index >= 0)
+			g->layers[x->layer_index].slot_of[x->expert] = -1;
+		x->layer_index = -1;
+	}
+}
+
 // ---- launches --------------------------------------------------------------
 
 // Launch the streaming kernels for items [i0, i1) and blocks [b0, b1) of
@@ -442,11 +527,11 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem
 	const unsigned char *wd = w + (size_t)nin * I * H * dtype_size(c->weight_dtype);
 	int r;
 
-	if ((r = dgrow(&g->g_G, (size_t)m * nin * I * sizeof(float))) < 0)
+	if ((r = dgrow(g, &g->g_G, (size_t)m * nin * I * sizeof(float))) < 0)
 		return r;
 	if (c->weight_dtype == MOE_DTYPE_F32) {
 		// float32 weights: plain float32 products
-		if ((r = dgrow(&g->g_xhi, (size_t)m * (H > I ? H : I) * sizeof(float))) < 0)
+		if ((r = dgrow(g, &g->g_xhi, (size_t)m * (H > I ? H : I) * sizeof(float))) < 0)
 			return r;
 		float *xs = (float *)g->g_xhi.p, *G = (float *)g->g_G.p;
 		k_gather_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, xs);
@@ -462,7 +547,7 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem
 	// bf16 weights: x = hi + lo in bf16, two tensor-core products summed in
 	// float32 (C += lo W^T), which keeps float32-level accuracy
 	size_t wid = H > I ? H : I;
-	if ((r = dgrow(&g->g_xhi, (size_t)m * wid * 2)) < 0 || (r = dgrow(&g->g_xlo, (size_t)m * wid * 2)) < 0)
+	if ((r = dgrow(g, &g->g_xhi, (size_t)m * wid * 2)) < 0 || (r = dgrow(g, &g->g_xlo, (size_t)m * wid * 2)) < 0)
 		return r;
 	__nv_bfloat16 *hi = (__nv_bfloat16 *)g->g_xhi.p, *lo = (__nv_bfloat16 *)g->g_xlo.p;
 	float *G = (float *)g->g_G.p;
@@ -553,12 +638,18 @@ int launch_experts(struct gpu *g, const uint32_t *list, unsigned char *const *me
 	return 0;
 }
 
-// Wait for everything launched so far, and let its slots go.
+// Wait for everything queued so far, copies and launches, and let its
+// slots go.
 int drain(struct gpu *g)
 {
-	CK(cudaStreamSynchronize(g->cs));
+	cudaError_t a = cudaStreamSynchronize(g->xs), b = cudaStreamSynchronize(g->cs);
+
 	for (uint32_t s = 0; s < g->nslots; s++)
 		g->slots[s].busy = false;
+	if (a != cudaSuccess)
+		return fail("copy stream", a);
+	if (b != cudaSuccess)
+		return fail("compute stream", b);
 	return 0;
 }
 
@@ -579,9 +670,9 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 		return -EINVAL;
 	if ((r = layer_get(g, lw, false, &l)) < 0)
 		return r;
-	if ((r = dgrow(&g->r_x, n * H * sizeof(float))) < 0 || (r = dgrow(&g->r_logits, n * E * sizeof(float))) < 0 ||
-	    (r = dgrow(&g->r_scratch, n * MOE_ROUTER_SCRATCH(E) * sizeof(double))) < 0 ||
-	    (r = dgrow(&g->r_ids, n * k * sizeof(int32_t))) < 0 || (r = dgrow(&g->r_w, n * k * sizeof(float))) < 0 ||
+	if ((r = dgrow(g, &g->r_x, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->r_logits, n * E * sizeof(float))) < 0 ||
+	    (r = dgrow(g, &g->r_scratch, n * MOE_ROUTER_SCRATCH(E) * sizeof(double))) < 0 ||
+	    (r = dgrow(g, &g->r_ids, n * k * sizeof(int32_t))) < 0 || (r = dgrow(g, &g->r_w, n * k * sizeof(float))) < 0 ||
 	    (r = hgrow(&g->rh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->rh_ids, n * k * sizeof(int32_t))) < 0 ||
 	    (r = hgrow(&g->rh_w, n * k * sizeof(float))) < 0)
 		return r;
@@ -638,20 +729,20 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	}
 	g->items_cap = (size_t)E + 1;
 	g->blocks_cap = g->items_cap * ((size_t)((I > Is ? I : Is) + H) / MOE_ROWS_PER_BLOCK + 2);
-	if ((r = dgrow(&g->e_x, n * H * sizeof(float))) < 0 || (r = dgrow(&g->e_w, nk * sizeof(float))) < 0 ||
-	    (r = dgrow(&g->e_pos, nk * sizeof(uint32_t))) < 0 || (r = dgrow(&g->e_tok, ent * sizeof(int32_t))) < 0 ||
-	    (r = dgrow(&g->e_h, nk * I * sizeof(float))) < 0 || (r = dgrow(&g->e_y, nk * H * sizeof(float))) < 0 ||
-	    (r = dgrow(&g->e_out, n * H * sizeof(float))) < 0 ||
-	    (r = dgrow(&g->e_items, g->items_cap * sizeof(moe_witem))) < 0 ||
-	    (r = dgrow(&g->e_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0 ||
+	if ((r = dgrow(g, &g->e_x, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->e_w, nk * sizeof(float))) < 0 ||
+	    (r = dgrow(g, &g->e_pos, nk * sizeof(uint32_t))) < 0 || (r = dgrow(g, &g->e_tok, ent * sizeof(int32_t))) < 0 ||
+	    (r = dgrow(g, &g->e_h, nk * I * sizeof(float))) < 0 || (r = dgrow(g, &g->e_y, nk * H * sizeof(float))) < 0 ||
+	    (r = dgrow(g, &g->e_out, n * H * sizeof(float))) < 0 ||
+	    (r = dgrow(g, &g->e_items, g->items_cap * sizeof(moe_witem))) < 0 ||
+	    (r = dgrow(g, &g->e_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0 ||
 	    (r = hgrow(&g->eh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->eh_w, nk * sizeof(float))) < 0 ||
 	    (r = hgrow(&g->eh_pos, nk * sizeof(uint32_t))) < 0 || (r = hgrow(&g->eh_tok, ent * sizeof(int32_t))) < 0 ||
 	    (r = hgrow(&g->eh_out, n * H * sizeof(float))) < 0 ||
 	    (r = hgrow(&g->eh_items, g->items_cap * sizeof(moe_witem))) < 0 ||
 	    (r = hgrow(&g->eh_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0)
 		return r;
-	if (shared && ((r = dgrow(&g->e_hsh, n * Is * sizeof(float))) < 0 ||
-		       (r = dgrow(&g->e_ysh, n * H * sizeof(float))) < 0 || (r = dgrow(&g->e_sg, n * sizeof(float))) < 0))
+	if (shared && ((r = dgrow(g, &g->e_hsh, n * Is * sizeof(float))) < 0 ||
+		       (r = dgrow(g, &g->e_ysh, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->e_sg, n * sizeof(float))) < 0))
 		return r;
 
 	// group the entries by expert, tokens ascending within each (a
@@ -689,7 +780,9 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	CK(cudaMemcpyAsync(g->e_w.p, g->eh_w.p, nk * sizeof(float), cudaMemcpyHostToDevice, g->cs));
 	CK(cudaMemcpyAsync(g->e_pos.p, pos, nk * sizeof(uint32_t), cudaMemcpyHostToDevice, g->cs));
 	CK(cudaMemcpyAsync(g->e_tok.p, tok, ent * sizeof(int32_t), cudaMemcpyHostToDevice, g->cs));
-	if (shared && cl->sgate)
+	if (lw->shared_gate && !cl->sgate)
+		return -EIO;
+	if (shared && cl->sgate && n)
 		k_shared_gate<<<(unsigned)((n + 7) / 8), 256, 0, g->cs>>>(cl->sgate, (const float *)g->e_x.p, n, H,
 									  (float *)g->e_sg.p);
 	CK(cudaGetLastError());
@@ -760,12 +853,14 @@ int run(struct gpu *g, const struct moe_layer_weights *lw, const uint8_t *ready,
 			if ((s = tier_take(g)) < 0)
 				return -ENOMEM;
 		}
+		// tier_take cleared the slot's old owner; it names its new one
+		// only once the copy is queued
 		struct slot *x = &g->slots[s];
+		x->busy = true;
+		CK(cudaMemcpyAsync(x->mem, lw->experts[e], eb, cudaMemcpyHostToDevice, g->xs));
 		x->layer_index = (int32_t)g->cli;
 		x->expert = e;
-		x->busy = true;
 		cl->slot_of[e] = s;
-		CK(cudaMemcpyAsync(x->mem, lw->experts[e], eb, cudaMemcpyHostToDevice, g->xs));
 		copied += eb;
 		list[nl] = e;
 		mem[nl++] = x->mem;
@@ -835,12 +930,26 @@ int moe_cuda_probe(char *why, size_t why_len)
 		snprintf(why, why_len, "no usable CUDA device: the driver reports none");
 		return -ENODEV;
 	}
+	why[0] = 0;
 	for (int i = 0; i < n; i++) {
 		cudaDeviceProp p;
-		if (cudaGetDeviceProperties(&p, i) == cudaSuccess && p.major >= 8)
-			return i;
+		cudaFuncAttributes fa;
+		if (cudaGetDeviceProperties(&p, i) != cudaSuccess || p.major < 8) {
+			(void)cudaGetLastError();
+			continue;
+		}
+		// this build's kernels must run there (sm_80 and sm_90 code)
+		if (cudaSetDevice(i) != cudaSuccess || cudaFuncGetAttributes(&fa, k_combine) != cudaSuccess) {
+			snprintf(why, why_len, "no usable CUDA device: %s (compute capability %d.%d) cannot run "
+				 "this build's kernels: %s", p.name, p.major, p.minor,
+				 cudaGetErrorString(cudaGetLastError()));
+			continue;
+		}
+		return i;
 	}
-	snprintf(why, why_len, "no usable CUDA device: none of the %d has compute capability 8.0 or newer", n);
+	if (!why[0])
+		snprintf(why, why_len, "no usable CUDA device: none of the %d has compute capability 8.0 or newer",
+			 n);
 	return -ENODEV;
 }
 
@@ -1000,9 +1109,16 @@ int moe_cuda_experts_run(struct moe_backend *be, const struct moe_layer_weights 
 		return -EINVAL;
 	if (g->status)
 		return g->status;
+	cudaSetDevice(g->dev);
 	r = run(g, lw, ready, shared);
-	if (r < 0)
+	if (r < 0) {
+		// the host tier's copies are the engine's again once this returns,
+		// and what this call copied may be incomplete
+		cudaStreamSynchronize(g->xs);
+		(void)cudaGetLastError();
+		tier_forget_busy(g);
 		g->status = r;
+	}
 	return r;
 }
 
@@ -1013,6 +1129,7 @@ int moe_cuda_experts_end(struct moe_backend *be, bool abandon)
 
 	if (!g->in_call)
 		return -EINVAL;
+	cudaSetDevice(g->dev);
 	r = end(g, abandon || g->status);
 	g->in_call = false;
 	return g->status ? g->status : r;

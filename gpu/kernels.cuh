@@ -152,6 +152,9 @@ __device__ __forceinline__ void moe_row_dot(const T *row, uint32_t len, bool vec
 
 	if (vec) {
 		size_t nch = len / V::N;
+		// unrolled so that each lane has several 16-byte loads in flight:
+		// decode is bound by how many bytes are on their way from HBM
+#pragma unroll 4
 		for (size_t c = lane; c < nch; c += 32) {
 			float wv[V::N];
 			V::load(row, c, wv);
