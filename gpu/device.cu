@@ -29,6 +29,7 @@
 // other tokens) but not across the switch to cuBLAS at MOE_GEMM_MIN_TOKENS
 // tokens per expert, nor among cuBLAS products of different sizes:
 // moed(8) documents it.
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -54,6 +55,61 @@ extern "C" {
 #define MOE_BLAS_WORKSPACE (32u << 20)
 
 namespace {
+
+// cuBLAS, opened when a device is found: linking it would map its hundreds
+// of megabytes into every process that only probes for a device.
+struct blas_api {
+	void *h;
+	decltype(&cublasCreate_v2) create;
+	decltype(&cublasDestroy_v2) destroy;
+	decltype(&cublasSetStream_v2) set_stream;
+	decltype(&cublasSetWorkspace_v2) set_workspace;
+	decltype(&cublasSetMathMode) set_math;
+	decltype(&cublasSgemm_v2) sgemm;
+	cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+				  const void *, const void *, cudaDataType, int, const void *, cudaDataType, int,
+				  const void *, void *, cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+} blas;
+
+#define MOE_STR2(x) #x
+#define MOE_STR(x) MOE_STR2(x)
+#define MOE_CUBLAS_SONAME "libcublas.so." MOE_STR(CUBLAS_VER_MAJOR)
+
+int blas_open(char *why, size_t why_len)
+{
+	void *h;
+
+	if (blas.h)
+		return 0;
+	h = dlopen(MOE_CUBLAS_SONAME, RTLD_NOW | RTLD_LOCAL);
+#ifdef MOE_CUDA_LIBDIR
+	if (!h)   // the toolkit this module was built with, when ld.so does not know it
+		h = dlopen(MOE_CUDA_LIBDIR "/" MOE_CUBLAS_SONAME, RTLD_NOW | RTLD_LOCAL);
+#endif
+	if (!h) {
+		snprintf(why, why_len, "cannot load cuBLAS: %s", dlerror());
+		return -ENODEV;
+	}
+#define SYM(field, name)                                                                   \
+	do {                                                                               \
+		blas.field = (decltype(blas.field))dlsym(h, name);                        \
+		if (!blas.field) {                                                         \
+			snprintf(why, why_len, "%s lacks %s", MOE_CUBLAS_SONAME, name);    \
+			dlclose(h);                                                        \
+			return -ENODEV;                                                    \
+		}                                                                          \
+	} while (0)
+	SYM(create, "cublasCreate_v2");
+	SYM(destroy, "cublasDestroy_v2");
+	SYM(set_stream, "cublasSetStream_v2");
+	SYM(set_workspace, "cublasSetWorkspace_v2");
+	SYM(set_math, "cublasSetMathMode");
+	SYM(sgemm, "cublasSgemm_v2");
+	SYM(gemm_ex, "cublasGemmEx");
+#undef SYM
+	blas.h = h;
+	return 0;
+}
 
 struct dbuf {                     // a device buffer that grows
 	void *p = nullptr;
@@ -535,11 +591,11 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem
 			return r;
 		float *xs = (float *)g->g_xhi.p, *G = (float *)g->g_G.p;
 		k_gather_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, xs);
-		CKB(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one,
+		CKB(blas.sgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one,
 				(const float *)w, (int)H, xs, (int)H, &zero, G, (int)(nin * I)));
 		k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, nullptr,
 									  nullptr, xs);
-		CKB(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, (const float *)wd,
+		CKB(blas.sgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, (const float *)wd,
 				(int)I, xs, (int)I, &zero, it->y, (int)H));
 		CK(cudaGetLastError());
 		return 0;
@@ -552,17 +608,17 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem
 	__nv_bfloat16 *hi = (__nv_bfloat16 *)g->g_xhi.p, *lo = (__nv_bfloat16 *)g->g_xlo.p;
 	float *G = (float *)g->g_G.p;
 	k_split_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, hi, lo);
-	CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
+	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
 			 (int)H, hi, CUDA_R_16BF, (int)H, &zero, G, CUDA_R_32F, (int)(nin * I), CUBLAS_COMPUTE_32F,
 			 CUBLAS_GEMM_DEFAULT));
-	CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
+	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
 			 (int)H, lo, CUDA_R_16BF, (int)H, &one, G, CUDA_R_32F, (int)(nin * I), CUBLAS_COMPUTE_32F,
 			 CUBLAS_GEMM_DEFAULT));
 	k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, hi, lo, nullptr);
-	CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
+	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
 			 hi, CUDA_R_16BF, (int)I, &zero, it->y, CUDA_R_32F, (int)H, CUBLAS_COMPUTE_32F,
 			 CUBLAS_GEMM_DEFAULT));
-	CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
+	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
 			 lo, CUDA_R_16BF, (int)I, &one, it->y, CUDA_R_32F, (int)H, CUBLAS_COMPUTE_32F,
 			 CUBLAS_GEMM_DEFAULT));
 	CK(cudaGetLastError());
@@ -984,7 +1040,7 @@ static void gpu_destroy(struct gpu *g)
 	free(g->list);
 	free(g->mem);
 	if (g->blas)
-		cublasDestroy(g->blas);
+		blas.destroy(g->blas);
 	if (g->blas_ws)
 		cudaFree(g->blas_ws);
 	if (g->copied)
@@ -1025,7 +1081,11 @@ static int gpu_create(int dev, uint64_t device_bytes, struct gpu **ret, char *wh
 	CKW(cudaMalloc(&g->blas_ws, MOE_BLAS_WORKSPACE));
 	CKW(cudaMemGetInfo(&fr, &total));
 #undef CKW
-	st = cublasCreate(&g->blas);
+	if (blas_open(why, why_len) < 0) {
+		gpu_destroy(g);
+		return -ENODEV;
+	}
+	st = blas.create(&g->blas);
 	if (st != CUBLAS_STATUS_SUCCESS) {
 		snprintf(why, why_len, "CUDA device %d: cuBLAS did not start (status %d)", dev, (int)st);
 		g->blas = nullptr;
@@ -1034,9 +1094,9 @@ static int gpu_create(int dev, uint64_t device_bytes, struct gpu **ret, char *wh
 	}
 	// one stream and a fixed workspace: the same bits every run; the
 	// default math mode never uses TF32 for float32 products
-	if (cublasSetStream(g->blas, g->cs) != CUBLAS_STATUS_SUCCESS ||
-	    cublasSetWorkspace(g->blas, g->blas_ws, MOE_BLAS_WORKSPACE) != CUBLAS_STATUS_SUCCESS ||
-	    cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
+	if (blas.set_stream(g->blas, g->cs) != CUBLAS_STATUS_SUCCESS ||
+	    blas.set_workspace(g->blas, g->blas_ws, MOE_BLAS_WORKSPACE) != CUBLAS_STATUS_SUCCESS ||
+	    blas.set_math(g->blas, CUBLAS_DEFAULT_MATH) != CUBLAS_STATUS_SUCCESS) {
 		snprintf(why, why_len, "CUDA device %d: cannot set up cuBLAS", dev);
 		gpu_destroy(g);
 		return -ENODEV;
