@@ -91,6 +91,7 @@
 #include "engine.h"
 #include "model.h"
 #include "store.h"
+#include "benchutil.h"
 
 /* The targets of the CUDA backend issue, printed beside each row. */
 #define TARGET_DECODE 0.85     /* of copy bandwidth, memory-bound rows ... */
@@ -108,27 +109,10 @@
 #define WARM_REPS 2            /* untimed forwards before each batch size */
 #define LOAD_TIMEOUT_S 300     /* waiting for the host tier to fill */
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static uint64_t rng(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 /* uniform in [-sqrt(3), sqrt(3)): unit variance, as normalised hidden states */
 static float rngf(uint64_t *s)
 {
-	return (float)(((double)(rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0) * 1.7320508);
+	return (float)(((double)(bench_rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0) * 1.7320508);
 }
 
 static void *xmalloc(size_t bytes)
@@ -232,7 +216,7 @@ static double measure_copy(void)
 static void fill_bf16(uint16_t *v, size_t n, uint64_t seed)
 {
 	for (size_t i = 0; i < n; i += 4) {
-		uint64_t r = rng(&seed);
+		uint64_t r = bench_rng(&seed);
 		for (size_t j = 0; j < 4 && i + j < n; j++)
 			v[i + j] = (uint16_t)(((r >> (16 * j)) & 0x807f) | 0x3f00);
 	}
@@ -326,10 +310,10 @@ static double io_floor(size_t bytes)
 	memset(h, 1, bytes);
 	CUDA_OK(cudaMalloc(&d, bytes));
 	for (int rep = 0; rep < 4; rep++) {
-		double t0 = now();
+		double t0 = bench_now();
 		CUDA_OK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
 		CUDA_OK(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
-		double dt = now() - t0;
+		double dt = bench_now() - t0;
 		if (rep > 0 && dt < best)
 			best = dt;
 	}
@@ -354,9 +338,9 @@ static void measure_anchors(struct anchors *an)
 	CUDA_OK(cudaMemcpy(d, h, pageable, cudaMemcpyHostToDevice));
 	an->h2d_pageable = 0;
 	for (int rep = 0; rep < 3; rep++) {
-		t0 = now();
+		t0 = bench_now();
 		CUDA_OK(cudaMemcpy(d, h, pageable, cudaMemcpyHostToDevice));
-		double bw = (double)pageable / (now() - t0);
+		double bw = (double)pageable / (bench_now() - t0);
 		if (bw > an->h2d_pageable)
 			an->h2d_pageable = bw;
 	}
@@ -475,7 +459,7 @@ static void engine_log(void *ctx, int level, const char *msg)
 static int wait_loads(struct moe_engine *e, uint64_t want)
 {
 	struct moe_engine_stats st;
-	double t0 = now();
+	double t0 = bench_now();
 
 	for (;;) {
 		moe_engine_get_stats(e, &st, NULL);
@@ -483,7 +467,7 @@ static int wait_loads(struct moe_engine *e, uint64_t want)
 			return -EIO;
 		if (st.pager.loads >= want)
 			return 0;
-		if (now() - t0 > LOAD_TIMEOUT_S)
+		if (bench_now() - t0 > LOAD_TIMEOUT_S)
 			return -ETIMEDOUT;
 		usleep(5000);
 	}
@@ -522,7 +506,7 @@ static int open_loaded(const char *name, const char *path, const char *backend, 
 	struct moe_engine *e;
 	char **pins;
 	uint32_t L;
-	double t0 = now();
+	double t0 = bench_now();
 	int r;
 
 	/* the layer list first, for the pins */
@@ -560,7 +544,7 @@ static int open_loaded(const char *name, const char *path, const char *backend, 
 		moe_engine_close(e);
 		return r;
 	}
-	*load_s = now() - t0;
+	*load_s = bench_now() - t0;
 	*ret = e;
 	return 0;
 }
@@ -582,7 +566,7 @@ static void paging_steady(const char *name, const char *path, const struct run_o
 {
 	struct moe_err err = { 0 };
 	struct moe_engine *e;
-	double load_s, bws[8], bytes_v[8], t0 = now();
+	double load_s, bws[8], bytes_v[8], t0 = bench_now();
 	int reps = 0, r;
 
 	struct moe_store *s;
@@ -603,9 +587,9 @@ static void paging_steady(const char *name, const char *path, const struct run_o
 	fill_pool(x, H, seed);
 	for (int it = -1; it < 5; it++) {       /* -1: fills the device tier */
 		uint64_t m0 = device_misses(e);
-		double t1 = now();
+		double t1 = bench_now();
 		r = moe_engine_forward(e, layer, x, 1, out, NULL, NULL, MOE_FWD_ALL_EXPERTS, &err);
-		double dt = now() - t1;
+		double dt = bench_now() - t1;
 		if (r < 0) {
 			fprintf(stderr, "bench_gpu: %s: forward over all experts with a device tier of %" PRIu32
 				" experts: %s\n", name, E / 2, err.msg);
@@ -635,7 +619,7 @@ out:
 	free(x);
 	free(out);
 	moe_engine_close(e);
-	printf("  (steady-state paging took %.1f s, the host tier filled again in %.1f s)\n", now() - t0, load_s);
+	printf("  (steady-state paging took %.1f s, the host tier filled again in %.1f s)\n", bench_now() - t0, load_s);
 }
 
 static int run_store(const char *name, const char *path, const struct run_opts *ro,
@@ -675,7 +659,7 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 	       sbytes ? ", shared expert" : "");
 	printf("  engine opened and host tier filled in %.1f s (%.2f GB of routed experts from the store)\n",
 	       load_s, store_gb);
-	t_part = now();
+	t_part = bench_now();
 	fill_pool(pool, pool_rows * H, seed);
 
 	/* --- host to device: the first pass over the cold experts ----------- */
@@ -685,9 +669,9 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 		goto done;
 	}
 	struct dev_snap d0 = dev_snap(e);
-	double t0 = now();
+	double t0 = bench_now();
 	r = moe_engine_forward(e, layer, pool + H, 1, out, NULL, NULL, MOE_FWD_ALL_EXPERTS, &err);
-	double cold_s = now() - t0;
+	double cold_s = bench_now() - t0;
 	if (r < 0) {
 		fprintf(stderr, "bench_gpu: %s: forward over all experts: %s\n", name, err.msg);
 		goto done;
@@ -711,10 +695,10 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 		tally_add(tally, ratio >= TARGET_H2D, "%s: host -> device %.2f of page-locked memcpy (>= %.2f)",
 			  name, ratio, TARGET_H2D);
 	}
-	printf("  (paging took %.1f s)\n", now() - t_part);
+	printf("  (paging took %.1f s)\n", bench_now() - t_part);
 
 	/* --- the layer, all experts resident --------------------------------- */
-	double t_layer = now();
+	double t_layer = bench_now();
 	int total_reps = 0;
 	printf("  %6s %9s %7s %7s %8s %6s %5s %7s %6s %5s  %-16s %9s %6s %9s %6s %-10s %6s\n", "tokens",
 	       "moed us", "io us", "experts", "MB", "GB/s", "/copy", "TFLOP/s", "/cuBLAS", "bound", "target",
@@ -729,13 +713,13 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 		int reps = 0;
 
 		for (int it = -WARM_REPS; it < MAX_REPS && (it < MIN_REPS || spent < ro->budget_s); it++) {
-			size_t off = (size_t)(rng(&seed) % (pool_rows - n + 1));
+			size_t off = (size_t)(bench_rng(&seed) % (pool_rows - n + 1));
 
 			if (it == 0)
 				miss0 = device_misses(e);
-			t0 = now();
+			t0 = bench_now();
 			r = moe_engine_forward(e, layer, pool + off * H, n, out, ids, w, 0, &err);
-			double dt = now() - t0;
+			double dt = bench_now() - t0;
 			if (r < 0) {
 				fprintf(stderr, "bench_gpu: %s: forward of %" PRIu32 " tokens: %s\n", name, n, err.msg);
 				goto done;
@@ -805,7 +789,7 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 		total_reps += reps;
 	}
 	printf("  (layer timing took %.1f s: %d timed forwards, each batch size after %d untimed)\n",
-	       now() - t_layer, total_reps, WARM_REPS);
+	       bench_now() - t_layer, total_reps, WARM_REPS);
 	r = 0;
 done:
 	moe_engine_close(e);
@@ -852,7 +836,7 @@ int main(int argc, char **argv)
 	int opt, ndev = 0, drv = 0, rt = 0, cbv = 0;
 	cudaError_t rc;
 	cublasHandle_t h;
-	double t0, t_all = now();
+	double t0, t_all = bench_now();
 	char *end;
 	bool probe = false;
 
@@ -918,13 +902,13 @@ int main(int argc, char **argv)
 	       "cuBLAS %d\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
 	       (double)prop.totalGlobalMem / (1u << 30), drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10, cbv);
 
-	t0 = now();
+	t0 = bench_now();
 	measure_anchors(&an);
 	printf("anchors (same run, same device; took %.1f s):\n"
 	       "  copy     cudaMemcpy device to device, 1 GiB, best of 5: %.0f GB/s read + write (%.0f GB/s copied)\n"
 	       "  cuBLAS   cublasGemmEx %dx%dx%d bf16, float32 accumulation, best of 3: %.0f TFLOP/s\n"
 	       "  h2d      cudaMemcpy host to device, 1 GiB page-locked: %.1f GB/s; 256 MiB pageable: %.1f GB/s\n",
-	       now() - t0, an.copy_bw / 1e9, an.copy_bw / 2e9, GEMM_N, GEMM_N, GEMM_N, an.gemm_flops / 1e12,
+	       bench_now() - t0, an.copy_bw / 1e9, an.copy_bw / 2e9, GEMM_N, GEMM_N, GEMM_N, an.gemm_flops / 1e12,
 	       an.h2d_pinned / 1e9, an.h2d_pageable / 1e9);
 	printf("targets: memory-bound rows over %.0f MB >= %.2f of copy; compute-bound rows >= %.2f of cuBLAS;\n"
 	       "  faster than both PyTorch implementations at every size; host to device >= %.2f of page-locked\n",
@@ -946,19 +930,19 @@ int main(int argc, char **argv)
 		size_t len = strcspn(argv[i], "=");
 
 		snprintf(name, sizeof(name), "%.*s", (int)(len < sizeof(name) ? len : sizeof(name) - 1), argv[i]);
-		t0 = now();
+		t0 = bench_now();
 		if (run_store(name, argv[i] + len + 1, &ro, &an, &tally) < 0) {
 			status = 1;
 			tally.failed++;
 		} else {
 			paging_steady(name, argv[i] + len + 1, &ro, &an, &tally);
 		}
-		printf("  (%s took %.1f s)\n", name, now() - t0);
+		printf("  (%s took %.1f s)\n", name, bench_now() - t0);
 		fflush(stdout);
 	}
 	printf("\ntargets met: %u, missed: %u%s\n%s", tally.met, tally.missed,
 	       tally.failed ? ", and some measurements FAILED (see above and stderr)" : "", tally.misses);
-	printf("bench_gpu took %.1f s\n", now() - t_all);
+	printf("bench_gpu took %.1f s\n", bench_now() - t_all);
 	CUDA_OK(cudaFreeHost(an.pinned));
 	free(torch.v);
 	return status;

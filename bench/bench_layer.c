@@ -47,27 +47,11 @@
 #include "kernels.h"
 #include "model.h"
 #include "threadpool.h"
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static uint64_t rng(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
+#include "benchutil.h"
 
 static float rngf(uint64_t *s)
 {
-	return (float)((double)(rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+	return (float)((double)(bench_rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
 
 /* 2 MiB aligned and backed by huge pages, as the engine's expert blobs are
@@ -90,7 +74,7 @@ static void *xalloc(size_t bytes)
 static void fill_bf16(uint16_t *w, size_t n, uint64_t seed)
 {
 	for (size_t i = 0; i < n; i += 4) {
-		uint64_t r = rng(&seed);
+		uint64_t r = bench_rng(&seed);
 		for (size_t j = 0; j < 4 && i + j < n; j++) {
 			uint16_t m = (uint16_t)(r >> (16 * j));
 			w[i + j] = (uint16_t)((m & 0x807f) | 0x3b80);
@@ -134,9 +118,9 @@ static double probe_bandwidth(struct moe_threadpool *pool, size_t bytes)
 		*(uint64_t *)(buf + i) = i * 0x9e3779b97f4a7c15ull;
 	p.buf = buf;
 	for (int rep = 0; rep < 5; rep++) {
-		double t0 = now();
+		double t0 = bench_now();
 		moe_threadpool_run(pool, bytes / p.chunk, probe_task, &p);
-		double bw = (double)bytes / (now() - t0);
+		double bw = (double)bytes / (bench_now() - t0);
 		if (bw > best)
 			best = bw;
 	}
@@ -182,11 +166,11 @@ static double sgemm_rate_at(struct rate_cache *rc, uint32_t m)
 	for (size_t i = 0; i < (size_t)RATE_N * k; i++)
 		B[i] = rngf(&s);
 	for (int trial = 0; trial < 3; trial++) {
-		double t0 = now();
+		double t0 = bench_now();
 		for (int r = 0; r < reps; r++)
 			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, RATE_N, (int)k, 1.0f,
 				    A, (int)k, B, (int)k, 0.0f, C, RATE_N);
-		double rate = flops * reps / (now() - t0);
+		double rate = flops * reps / (bench_now() - t0);
 		if (rate > best)
 			best = rate;
 	}
@@ -216,7 +200,7 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	float *bias = c->has_bias ? xalloc(E * sizeof(float)) : NULL;
 	void *shared = NULL;
 	uint64_t s = 1234;
-	double t0 = now();
+	double t0 = bench_now();
 
 	rc_up->k = H;
 	rc_down->k = Im;
@@ -241,7 +225,7 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 
 	printf("\n%s: hidden %u, %u experts of %u (bf16, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
 	       sh->name, H, E, Im, (double)ebytes / 1e6, k,
-	       sbytes ? ", 1 shared expert" : "", now() - t0);
+	       sbytes ? ", 1 shared expert" : "", bench_now() - t0);
 	printf("  %6s %10s %10s %9s %10s %8s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
 	       "experts", "MB read", "GB/s bw", "roof ms", "bound", "roofline/achieved");
 
@@ -267,10 +251,10 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 		for (int it = -1; it < 64 && (it < 3 || spent < budget_s); it++) {
 			for (size_t i = 0; i < (size_t)n * H; i++)
 				x[i] = rngf(&s);
-			double a = now();
+			double a = bench_now();
 			be->ops->route(be, &lw, x, n, ids, w);
 			be->ops->experts(be, &lw, x, n, k, ids, w, out);
-			double dt = now() - a;
+			double dt = bench_now() - a;
 			if (it < 0)
 				continue;
 			spent += dt;

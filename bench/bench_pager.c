@@ -67,6 +67,7 @@
 #include "engine.h"
 #include "pager.h"
 #include "store.h"
+#include "benchutil.h"
 
 #define HUGE_2M (2u << 20)
 #define MAX_WINDOW 64          /* loads outstanding at most (-w) */
@@ -78,14 +79,6 @@
 #define TARGET_CPU_S_GB 0.05   /* I/O thread CPU seconds per GB */
 #define BIG_EXPERT (32ull << 20)
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static double cpu_seconds(void)
 {
 	struct rusage ru;
@@ -95,18 +88,9 @@ static double cpu_seconds(void)
 	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
 }
 
-static uint64_t rng(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 static float rngf(uint64_t *s)
 {
-	return (float)((double)(rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+	return (float)((double)(bench_rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
 
 /* 2 MiB aligned, huge pages advised and faulted in now, as a slot of the
@@ -229,7 +213,7 @@ static int bandwidth_pass(const struct moe_store *s, const uint32_t *keys, uint3
 	}
 	moe_pager_get_stats(p, &st0);
 	c0 = cpu_seconds();
-	t0 = now();
+	t0 = bench_now();
 	for (; next < n && nact < w; next++, nact++) {
 		struct dest *d = &dst[nact];
 
@@ -263,7 +247,7 @@ static int bandwidth_pass(const struct moe_store *s, const uint32_t *keys, uint3
 			act[i] = act[--nact];
 		}
 	}
-	res->seconds = now() - t0;
+	res->seconds = bench_now() - t0;
 	res->proc_cpu = cpu_seconds() - c0;
 	moe_pager_get_stats(p, &st1);
 	moe_pager_close(p);
@@ -413,10 +397,10 @@ static int cold_load(const struct moe_store *s, uint32_t key, struct dest *d, do
 	usleep(20000);   /* let the I/O thread reach its wait: the pager is warm, the data cold */
 	d->ld = (struct moe_pager_load){ .li = key / E, .expert = key % E, .sink = prepare_sink,
 					 .sink_ctx = d };
-	t0 = now();
+	t0 = bench_now();
 	moe_pager_submit(p, &d->ld);
 	r = moe_pager_wait(p, &d->ld, &err);
-	t1 = now();
+	t1 = bench_now();
 	if (r < 0)
 		fprintf(stderr, "bench_pager: %s\n", err.msg);
 	*ret_wall = t1 - t0;
@@ -440,20 +424,20 @@ static void cpu_floor(const struct moe_model_config *cfg, uint64_t expert_bytes,
 	double best_h = 1e9, best_b = 1e9;
 
 	for (uint64_t i = 0; i < span * copies; i += 8)
-		*(uint64_t *)(src + i) = rng(&seed) & 0x3fff3fff3fff3fffull;  /* finite bf16/f16 */
+		*(uint64_t *)(src + i) = bench_rng(&seed) & 0x3fff3fff3fff3fffull;  /* finite bf16/f16 */
 	for (int rep = 0; rep < 3; rep++) {
-		double c0 = now();
+		double c0 = bench_now();
 		for (uint64_t i = 0; i < span * copies; i += chunk)
 			sink += moe_store_checksum(src + i, chunk);
-		double h = now() - c0;
-		c0 = now();
+		double h = bench_now() - c0;
+		c0 = bench_now();
 		for (uint64_t c = 0; c < copies; c++)
 			for (uint64_t o = 0; o < span; o += chunk) {
 				const uint8_t *b = src + c * span + o;
 				sink += moe_store_checksum(b, chunk);
 				moe_backend_cpu_ops.blob_prepare_range(cfg, cfg->moe_intermediate_size, b, o, chunk, dst);
 			}
-		double both = now() - c0;
+		double both = bench_now() - c0;
 		if (h < best_h)
 			best_h = h;
 		if (both < best_b)

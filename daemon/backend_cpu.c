@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "act.h"
 #include "backend.h"
 #include "kernels.h"
 #include "router.h"
@@ -180,21 +181,6 @@ struct expert_job {
 	struct task *tasks;
 };
 
-static float act(enum moe_act a, float v)
-{
-	switch (a) {
-	case MOE_ACT_SILU:
-		return v / (1.0f + expf(-v));
-	case MOE_ACT_GELU:
-		return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-	case MOE_ACT_GELU_TANH:
-		return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-	case MOE_ACT_RELU:
-		return v > 0.0f ? v : 0.0f;
-	}
-	return v;
-}
-
 /*
  * The resident layout of an expert: gate [I][H], up [I][H], down [H][I]
  * (no gate when !gated), each matrix in the packed layout of kernels.h,
@@ -282,10 +268,10 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 				const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
 				if (gate)
 					for (uint32_t r = 0; r < nr; r++)
-						hr[r] = act(c->act, gr[r]) * ur[r];
+						hr[r] = moe_act_apply(c->act, gr[r]) * ur[r];
 				else
 					for (uint32_t r = 0; r < nr; r++)
-						hr[r] = act(c->act, ur[r]);
+						hr[r] = moe_act_apply(c->act, ur[r]);
 			}
 		}
 	}

@@ -17,10 +17,12 @@
 
 #include "model.h"
 
+#ifndef MOE_HD
 #ifdef __CUDACC__
 #define MOE_HD __host__ __device__
 #else
 #define MOE_HD
+#endif
 #endif
 
 #define MOE_ROUTER_SCRATCH(E) (4 * (size_t)(E))

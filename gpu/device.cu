@@ -231,8 +231,10 @@ int dmalloc(struct gpu *g, void **p, size_t bytes)
 	}
 }
 
-// Grow @b to @bytes (work in flight may use the old buffer: wait for it).
-int dgrow(struct gpu *g, dbuf *b, size_t bytes)
+// Grow buffer @b to @bytes, allocating with @alloc(void **, size_t) and
+// freeing with @release (work in flight may use the old one: wait for it).
+template <typename Buf, typename Alloc, typename Release>
+int grow(Buf *b, size_t bytes, Alloc alloc, Release release)
 {
 	if (bytes <= b->cap)
 		return 0;
@@ -240,16 +242,30 @@ int dgrow(struct gpu *g, dbuf *b, size_t bytes)
 	void *p;
 	if (b->p) {
 		CK(cudaDeviceSynchronize());
-		cudaFree(b->p);
+		release(b->p);
 		b->p = nullptr;
 		b->cap = 0;
 	}
-	int r = dmalloc(g, &p, cap);
+	int r = alloc(&p, cap);
 	if (r < 0)
 		return r;
 	b->p = p;
 	b->cap = cap;
 	return 0;
+}
+
+int dgrow(struct gpu *g, dbuf *b, size_t bytes)
+{
+	return grow(b, bytes, [g](void **p, size_t n) { return dmalloc(g, p, n); },
+		    [](void *p) { cudaFree(p); });
+}
+
+int hgrow(hbuf *b, size_t bytes)
+{
+	return grow(b, bytes, [](void **p, size_t n) {
+		cudaError_t rc = cudaMallocHost(p, n);
+		return rc == cudaSuccess ? 0 : fail("cudaMallocHost", rc);
+	}, [](void *p) { cudaFreeHost(p); });
 }
 
 // *p = a new device copy of @bytes at @src, queued on the compute stream
@@ -265,24 +281,6 @@ int dreplace(struct gpu *g, void **p, size_t bytes, const void *src)
 	if (r < 0)
 		return r;
 	CK(cudaMemcpyAsync(*p, src, bytes, cudaMemcpyHostToDevice, g->cs));
-	return 0;
-}
-
-int hgrow(hbuf *b, size_t bytes)
-{
-	if (bytes <= b->cap)
-		return 0;
-	size_t cap = bytes + bytes / 4;
-	void *p;
-	if (b->p) {
-		CK(cudaDeviceSynchronize());
-		cudaFreeHost(b->p);
-		b->p = nullptr;
-		b->cap = 0;
-	}
-	CK(cudaMallocHost(&p, cap));
-	b->p = p;
-	b->cap = cap;
 	return 0;
 }
 

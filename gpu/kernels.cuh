@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "act.h"
 #include "model.h"
 #include "router_sel.h"
 
@@ -58,17 +59,7 @@ __device__ __forceinline__ float moe_warp_sum(float v)
 
 __device__ __forceinline__ float moe_act(int a, float v)
 {
-	switch (a) {
-	case MOE_ACT_SILU:
-		return v / (1.0f + expf(-v));
-	case MOE_ACT_GELU:
-		return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-	case MOE_ACT_GELU_TANH:
-		return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-	case MOE_ACT_RELU:
-		return v > 0.0f ? v : 0.0f;
-	}
-	return v;
+	return moe_act_apply((enum moe_act)a, v);
 }
 
 // Elements per 16-byte load, and their widening to float.
