@@ -8,15 +8,8 @@
 
 #include <math.h>
 
+#include "hd.h"
 #include "model.h"
-
-#ifndef MOE_HD
-#ifdef __CUDACC__
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
-#endif
 
 static MOE_HD inline float moe_act_apply(enum moe_act a, float v)
 {

@@ -15,15 +15,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "hd.h"
 #include "model.h"
-
-#ifndef MOE_HD
-#ifdef __CUDACC__
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
-#endif
 
 #define MOE_ROUTER_SCRATCH(E) (4 * (size_t)(E))
 

@@ -229,51 +229,9 @@ static int probe_backends(void)
 
 /* ------------------------------------------------------------------ models */
 
-/*
- * Overwrite the deepseek_v3 correction bias of @layer (F32 in the
- * checkpoint) so that groups 0 and 1 win through one strongly biased expert
- * each while their other experts have negative biased scores: with 4
- * experts per token from 2 kept groups, two must have a negative score.  A
- * router that masks dropped groups with 0.0 instead of -inf picks experts
- * of groups 2 and 3.  16 experts in 4 groups of 4 (as check_numerics).
- */
 static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len)
 {
-	static const float bias[16] = {
-		3.0f, -2.0f, -2.0f, -2.0f,   3.0f, -2.0f, -2.5f, -2.0f,
-		-1.0f, -1.0f, -1.0f, -1.0f,  -1.0f, -1.0f, -1.0f, -1.0f,
-	};
-	struct moe_st_checkpoint *ck;
-	const struct moe_st_tensor *t;
-	struct moe_err err = { 0 };
-	unsigned char le[sizeof(bias)];
-	char name[128];
-	int fd;
-
-	if (moe_st_checkpoint_open(dir, &ck, &err) < 0) {
-		snprintf(why, why_len, "%s: %s", dir, err.msg);
-		return;
-	}
-	snprintf(name, sizeof(name), "model.layers.%u.mlp.gate.e_score_correction_bias", layer);
-	t = moe_st_find(ck, name);
-	if (!t || strcmp(t->st_dtype, "F32") || t->nbytes != sizeof(bias)) {
-		snprintf(why, why_len, "%s: not an F32 [16] tensor in the checkpoint", name);
-		moe_st_checkpoint_close(ck);
-		return;
-	}
-	for (size_t i = 0; i < 16; i++) {
-		uint32_t u;
-
-		memcpy(&u, &bias[i], 4);
-		for (int b = 0; b < 4; b++)
-			le[4 * i + b] = (unsigned char)(u >> (8 * b));
-	}
-	fd = open(ck->files[t->file].path, O_WRONLY);
-	if (fd < 0 || pwrite(fd, le, sizeof(le), (off_t)t->offset) != (ssize_t)sizeof(le))
-		snprintf(why, why_len, "cannot write %s: %s", ck->files[t->file].path, strerror(errno));
-	if (fd >= 0)
-		close(fd);
-	moe_st_checkpoint_close(ck);
+	moe_test_plant_negative_bias(dir, layer, why, why_len);
 }
 
 static uint64_t case_seed(const struct gcase *c)

@@ -372,45 +372,13 @@ NUMERICS_TEST(deepseek_v3_matches_float64_reference,
 NUMERICS_TEST(deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 56, .I = 16, .E = 256, .k = 8, .n_group = 8,
 	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
-/*
- * Overwrite the deepseek_v3 correction bias of @layer (F32 in the
- * checkpoint) so that groups 0 and 1 win through one strongly biased expert
- * each while their other experts have negative biased scores: with 4
- * experts per token from 2 kept groups, two must have a negative score,
- * where Hugging Face's 0.0 masking would pick experts of dropped groups
- * instead.  16 experts in 4 groups of 4.
- */
+/* Groups 0 and 1 win through one strongly biased expert each; the other
+ * experts have negative biased scores (moe_test_plant_negative_bias). */
 static void plant_negative_bias(const char *dir, uint32_t layer)
 {
-	static const float bias[16] = {
-		3.0f, -2.0f, -2.0f, -2.0f,   3.0f, -2.0f, -2.5f, -2.0f,
-		-1.0f, -1.0f, -1.0f, -1.0f,  -1.0f, -1.0f, -1.0f, -1.0f,
-	};
-	struct moe_st_checkpoint *ck;
-	const struct moe_st_tensor *t;
-	struct moe_err err = {0};
-	unsigned char le[sizeof(bias)];
-	char name[128];
-	int fd, rc;
+	char why[512];
 
-	rc = moe_st_checkpoint_open(dir, &ck, &err);
-	ck_assert_msg(rc == 0, "%s: %s", dir, err.msg);
-	snprintf(name, sizeof(name), "model.layers.%u.mlp.gate.e_score_correction_bias", layer);
-	t = moe_st_find(ck, name);
-	ck_assert_msg(t && !strcmp(t->st_dtype, "F32") && t->nbytes == sizeof(bias),
-		      "%s: not an F32 [16] tensor in the checkpoint", name);
-	for (size_t i = 0; i < 16; i++) {
-		uint32_t u;
-
-		memcpy(&u, &bias[i], 4);
-		for (int b = 0; b < 4; b++)
-			le[4 * i + b] = (unsigned char)(u >> (8 * b));
-	}
-	fd = open(ck->files[t->file].path, O_WRONLY);
-	ck_assert_msg(fd >= 0, "open %s: %s", ck->files[t->file].path, strerror(errno));
-	ck_assert(pwrite(fd, le, sizeof(le), (off_t)t->offset) == (ssize_t)sizeof(le));
-	close(fd);
-	moe_st_checkpoint_close(ck);
+	ck_assert_msg(moe_test_plant_negative_bias(dir, layer, why, sizeof(why)) == 0, "%s", why);
 }
 
 NUMERICS_TEST(deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end,

@@ -3,6 +3,7 @@
 
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 
 #include "err.h"
 #include "pack.h"
+#include "safetensors.h"
 #include "testutil.h"
 
 static char *tmpdirs[64];
@@ -235,4 +237,46 @@ int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, cons
 		return rc;
 	}
 	return 0;
+}
+
+int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len)
+{
+	static const float bias[16] = {
+		3.0f, -2.0f, -2.0f, -2.0f,   3.0f, -2.0f, -2.5f, -2.0f,
+		-1.0f, -1.0f, -1.0f, -1.0f,  -1.0f, -1.0f, -1.0f, -1.0f,
+	};
+	struct moe_st_checkpoint *ck;
+	const struct moe_st_tensor *t;
+	struct moe_err err = { 0 };
+	unsigned char le[sizeof(bias)];
+	char name[128];
+	int fd, rc = 0;
+
+	if (moe_st_checkpoint_open(dir, &ck, &err) < 0) {
+		snprintf(why, why_len, "%s: %s", dir, err.msg);
+		return -1;
+	}
+	snprintf(name, sizeof(name), "model.layers.%u.mlp.gate.e_score_correction_bias", layer);
+	t = moe_st_find(ck, name);
+	if (!t || strcmp(t->st_dtype, "F32") || t->nbytes != sizeof(bias)) {
+		snprintf(why, why_len, "%s: not an F32 [16] tensor in the checkpoint", name);
+		moe_st_checkpoint_close(ck);
+		return -1;
+	}
+	for (size_t i = 0; i < 16; i++) {
+		uint32_t u;
+
+		memcpy(&u, &bias[i], 4);
+		for (int b = 0; b < 4; b++)
+			le[4 * i + b] = (unsigned char)(u >> (8 * b));
+	}
+	fd = open(ck->files[t->file].path, O_WRONLY);
+	if (fd < 0 || pwrite(fd, le, sizeof(le), (off_t)t->offset) != (ssize_t)sizeof(le)) {
+		snprintf(why, why_len, "cannot write %s: %s", ck->files[t->file].path, strerror(errno));
+		rc = -1;
+	}
+	if (fd >= 0)
+		close(fd);
+	moe_st_checkpoint_close(ck);
+	return rc;
 }

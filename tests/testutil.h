@@ -63,4 +63,15 @@ void moe_test_gen_grouped(struct moe_gen_options *opt);
 int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
 			size_t store_len, char *why, size_t why_len);
 
+/*
+ * Overwrite the deepseek_v3 correction bias of @layer (F32 [16] in the
+ * checkpoint in @dir) so that groups 0 and 1 win through one strongly
+ * biased expert each while their other experts have negative biased
+ * scores: with 4 experts per token from 2 kept groups, two must have a
+ * negative score, where Hugging Face's 0.0 masking of dropped groups would
+ * pick experts of groups 2 and 3 instead.  For 16 experts in 4 groups of 4.
+ * 0, or -1 with the reason in @why.
+ */
+int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
+
 #endif
