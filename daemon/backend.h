@@ -126,6 +126,17 @@ struct moe_backend_ops {
 	 */
 	int (*host_register)(struct moe_backend *be, void *p, size_t len);
 	void (*host_unregister)(struct moe_backend *be, void *p);
+
+	/*
+	 * Optional, together: another process's device memory.  ipc_open maps
+	 * the allocation of a 64-byte cudaIpcMemHandle_t and sets *base (may
+	 * be called from any thread); ipc_close unmaps it.  io_mode(true)
+	 * makes x and out of the following route/experts calls device pointers
+	 * (float32, any alignment) until io_mode(false).
+	 */
+	int (*ipc_open)(struct moe_backend *be, const void *handle, void **base);
+	void (*ipc_close)(struct moe_backend *be, void *base);
+	void (*io_mode)(struct moe_backend *be, bool device);
 };
 
 struct moe_backend {

@@ -707,8 +707,8 @@ static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size
 	}
 }
 
-int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
-		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err)
+static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
+		   float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err)
 {
 	const struct moe_model_config *c = e->cfg;
 	const struct moe_backend_ops *ops = e->backend->ops;
@@ -926,6 +926,44 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 	l->st.stall_ns += stall;
 	l->st.busy_ns += moe_now_ns() - t0;
 	return fail;
+}
+
+int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
+		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err)
+{
+	const struct moe_backend_ops *ops = e->backend->ops;
+	int r;
+
+	if (!(flags & MOE_FWD_DEVICE_IO))
+		return forward(e, layer, x, n, out, ids, w, flags, err);
+	if (!ops->io_mode)
+		return moe_err_set(err, -EOPNOTSUPP, "the %s backend has no device memory", ops->name);
+	/* the routing of the next layer (prefetch) reads x too: device x */
+	ops->io_mode(e->backend, true);
+	r = forward(e, layer, x, n, out, ids, w, flags & ~MOE_FWD_DEVICE_IO, err);
+	ops->io_mode(e->backend, false);
+	return r;
+}
+
+int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, struct moe_err *err)
+{
+	const struct moe_backend_ops *ops = e->backend->ops;
+	int r;
+
+	if (!ops->ipc_open || !ops->io_mode)
+		return moe_err_set(err, -EOPNOTSUPP, "moed runs on the %s backend: device memory needs the CUDA "
+				   "backend", ops->name);
+	r = ops->ipc_open(e->backend, handle, base);
+	if (r < 0)
+		return moe_err_set(err, r, "cannot map the client's device memory (cudaIpcOpenMemHandle: %s)",
+				   strerror(-r));
+	return 0;
+}
+
+void moe_engine_device_unmap(struct moe_engine *e, void *base)
+{
+	if (base && e->backend->ops->ipc_close)
+		e->backend->ops->ipc_close(e->backend, base);
 }
 
 /* ------------------------------------------------------------------ figures */

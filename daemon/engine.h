@@ -84,6 +84,10 @@ struct moe_engine_stats {
 /* Forward flags. */
 #define MOE_FWD_ALL_EXPERTS (1u << 0)  /* every expert for every token, weight 1/E
 					* (the dense comparison of the demo) */
+#define MOE_FWD_DEVICE_IO (1u << 1)    /* x and out are device pointers (float32)
+					* of this process, e.g. from
+					* moe_engine_device_map(); needs a
+					* backend with device memory */
 
 struct moe_engine;
 
@@ -131,6 +135,15 @@ int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32
  * Tokens routed to each expert of @layer since open, into counts[E].
  * -ENOENT for a layer that is not an MoE layer.
  */
+/*
+ * Map another process's device memory: the allocation of @handle (64 bytes,
+ * a cudaIpcMemHandle_t) into this process, *base its address here.  Safe
+ * from any thread.  -EOPNOTSUPP when the backend has no device memory
+ * (with why in @err).
+ */
+int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, struct moe_err *err);
+void moe_engine_device_unmap(struct moe_engine *e, void *base);
+
 int moe_engine_expert_load(const struct moe_engine *e, uint32_t layer, uint64_t *counts);
 
 #endif

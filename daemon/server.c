@@ -75,8 +75,10 @@ struct client {
 	gid_t gid;
 	time_t accepted;
 
-	/* control thread only: the message being read */
-	uint8_t in[sizeof(struct moe_msg_header) + sizeof(struct moe_msg_hello)];
+	/* control thread only: the message being read (the largest kind) */
+	uint8_t in[sizeof(struct moe_msg_header) +
+		   (sizeof(struct moe_msg_hello) > sizeof(struct moe_msg_cuda_map) ? sizeof(struct moe_msg_hello)
+										  : sizeof(struct moe_msg_cuda_map))];
 	size_t in_len;
 	bool welcomed;
 	/* control thread only: replies waiting to be sent (STATS), and
@@ -107,6 +109,15 @@ struct client {
 
 	/* figures (data thread writes, stats snapshot reads on the same thread) */
 	uint64_t requests, tokens, errors;
+
+	/* device memory the client mapped (CUDA backend): the control thread
+	 * adds and removes regions, the data thread uses them, both under
+	 * rlock, which the data thread holds while a request runs on one */
+	pthread_mutex_t rlock;
+	struct region {
+		void *base;              /* the mapped allocation, NULL: free */
+		uint64_t offset, bytes;  /* the region in it */
+	} regions[MOE_MAX_REGIONS];
 
 	struct client *next;             /* in the data thread's list */
 	struct client *ctl_next;         /* in the control thread's list of sessions before HELLO */
@@ -193,6 +204,9 @@ static void client_free(struct moed_server *s, struct client *c)
 {
 	if (!c)
 		return;
+	for (int i = 0; i < MOE_MAX_REGIONS; i++)
+		moe_engine_device_unmap(s->engine, c->regions[i].base);
+	pthread_mutex_destroy(&c->rlock);
 	if (c->seg)
 		munmap(c->seg, c->seg_bytes);
 	if (c->fd >= 0)
@@ -470,11 +484,10 @@ static int flush_out(struct moed_server *s, struct client *c)
 	return 0;
 }
 
-/* Queue one STATS answer (@json) for @c and start sending it. */
-static int stats_answer(struct moed_server *s, struct client *c, const char *json)
+/* Queue one message for @c and start sending it. */
+static int reply(struct moed_server *s, struct client *c, uint32_t type, const void *payload, size_t len)
 {
-	size_t len = strlen(json);
-	struct moe_msg_header h = { .magic = MOE_MSG_MAGIC, .type = MOE_MSG_STATS, .len = (uint32_t)len };
+	struct moe_msg_header h = { .magic = MOE_MSG_MAGIC, .type = type, .len = (uint32_t)len };
 	uint8_t *n;
 
 	if (c->out_len + sizeof(h) + len > 4u * MOE_MSG_MAX)
@@ -484,9 +497,70 @@ static int stats_answer(struct moed_server *s, struct client *c, const char *jso
 		return -ENOMEM;
 	c->out = n;
 	memcpy(c->out + c->out_len, &h, sizeof(h));
-	memcpy(c->out + c->out_len + sizeof(h), json, len);
+	memcpy(c->out + c->out_len + sizeof(h), payload, len);
 	c->out_len += sizeof(h) + len;
 	return flush_out(s, c);
+}
+
+/* Queue one STATS answer (@json) for @c and start sending it. */
+static int stats_answer(struct moed_server *s, struct client *c, const char *json)
+{
+	return reply(s, c, MOE_MSG_STATS, json, strlen(json));
+}
+
+/* MOE_MSG_CUDA_MAP: map the client's device memory as a region. */
+static int cuda_map(struct moed_server *s, struct client *c, const struct moe_msg_cuda_map *m)
+{
+	struct moe_msg_cuda_reply rep = { 0 };
+	struct moe_err err = { 0 };
+	void *base = NULL;
+	int slot = -1;
+
+	pthread_mutex_lock(&c->rlock);
+	for (int i = 0; i < MOE_MAX_REGIONS && slot < 0; i++)
+		if (!c->regions[i].base)
+			slot = i;
+	pthread_mutex_unlock(&c->rlock);
+	if (m->bytes == 0 || m->offset > UINT64_MAX - m->bytes) {
+		rep.status = -EINVAL;
+		snprintf(rep.message, sizeof(rep.message), "an empty or impossible region (offset %" PRIu64
+			 ", %" PRIu64 " bytes)", m->offset, m->bytes);
+	} else if (slot < 0) {
+		rep.status = -ENOSPC;
+		snprintf(rep.message, sizeof(rep.message), "a session maps at most %d regions", MOE_MAX_REGIONS);
+	} else if ((rep.status = moe_engine_device_map(s->engine, m->handle, &base, &err)) < 0) {
+		snprintf(rep.message, sizeof(rep.message), "%s", err.msg);
+	} else {
+		pthread_mutex_lock(&c->rlock);
+		c->regions[slot] = (struct region){ .base = base, .offset = m->offset, .bytes = m->bytes };
+		pthread_mutex_unlock(&c->rlock);
+		rep.region = (uint32_t)slot;
+		log_info("client %u (pid %d): device memory mapped as region %d (%" PRIu64 " bytes)", c->id,
+			 (int)c->pid, slot, m->bytes);
+	}
+	if (rep.status < 0)
+		log_notice("client %u (pid %d): device memory refused: %s", c->id, (int)c->pid, rep.message);
+	return reply(s, c, MOE_MSG_CUDA_MAP, &rep, sizeof(rep));
+}
+
+/* MOE_MSG_CUDA_UNMAP: after the request running on it, if any. */
+static int cuda_unmap(struct moed_server *s, struct client *c, const struct moe_msg_cuda_unmap *m)
+{
+	struct moe_msg_cuda_reply rep = { .region = m->region };
+	void *base = NULL;
+
+	pthread_mutex_lock(&c->rlock);
+	if (m->region < MOE_MAX_REGIONS && c->regions[m->region].base) {
+		base = c->regions[m->region].base;
+		c->regions[m->region] = (struct region){ 0 };
+		moe_engine_device_unmap(s->engine, base);
+	}
+	pthread_mutex_unlock(&c->rlock);
+	if (!base) {
+		rep.status = -EINVAL;
+		snprintf(rep.message, sizeof(rep.message), "no region %u", m->region);
+	}
+	return reply(s, c, MOE_MSG_CUDA_UNMAP, &rep, sizeof(rep));
 }
 
 static void stats_waiter_remove(struct moed_server *s, struct client *c)
@@ -654,11 +728,34 @@ static bool in_arena(const struct client *c, uint64_t off, uint64_t len, uint64_
 	return off % align == 0 && off <= c->arena_bytes && len <= c->arena_bytes - off;
 }
 
+/* The address of [off, off + len) of @c's region @r (rlock held), or NULL
+ * when it has no such region or that is not inside it. */
+static uint8_t *region_at_locked(struct client *c, uint32_t r, uint64_t off, uint64_t len)
+{
+	const struct region *g;
+
+	if (r >= MOE_MAX_REGIONS || !(g = &c->regions[r])->base)
+		return NULL;
+	if (off % 4 || off > g->bytes || len > g->bytes - off)
+		return NULL;
+	return (uint8_t *)g->base + g->offset + off;
+}
+
+static uint8_t *region_at(struct client *c, uint32_t r, uint64_t off, uint64_t len)
+{
+	uint8_t *p;
+
+	pthread_mutex_lock(&c->rlock);
+	p = region_at_locked(c, r, off, len);
+	pthread_mutex_unlock(&c->rlock);
+	return p;
+}
+
 /*
  * Check a copied descriptor against the model, the limits and the
  * daemon's own record of the segment.  0, or the error to complete it with.
  */
-static int validate(struct moed_server *s, const struct client *c, const struct moe_sqe *q,
+static int validate(struct moed_server *s, struct client *c, const struct moe_sqe *q,
 		    uint32_t max_tokens)
 {
 	uint64_t H = s->mc->hidden_size, k = s->mc->top_k, es, bytes, rbytes;
@@ -667,7 +764,9 @@ static int validate(struct moed_server *s, const struct client *c, const struct 
 		return 0;
 	if (q->opcode != MOE_OP_FORWARD)
 		return -EOPNOTSUPP;
-	if (q->flags & ~MOE_SQE_ROUTING)
+	if (q->flags & ~(MOE_SQE_ROUTING | MOE_SQE_DEVICE | MOE_SQE_REGIONS(0xff, 0xff)))
+		return -EINVAL;
+	if (!(q->flags & MOE_SQE_DEVICE) && (q->flags & MOE_SQE_REGIONS(0xff, 0xff)))
 		return -EINVAL;
 	if (moe_store_layer_index(moe_engine_store(s->engine), q->layer) < 0)
 		return -MOE_E_LAYER;
@@ -677,8 +776,15 @@ static int validate(struct moed_server *s, const struct client *c, const struct 
 		return -E2BIG;
 	es = q->dtype == MOE_ACT_F32 ? 4 : 2;
 	bytes = q->tokens * H * es;            /* tokens <= 2^20 and H < 2^32: no overflow */
-	if (!in_arena(c, q->in_off, bytes, es) || !in_arena(c, q->out_off, bytes, es))
+	if (q->flags & MOE_SQE_DEVICE) {
+		if (q->dtype != MOE_ACT_F32)
+			return -EINVAL;          /* device memory holds float32 */
+		if (region_at(c, MOE_SQE_IN_REGION(q->flags), q->in_off, bytes) == NULL ||
+		    region_at(c, MOE_SQE_OUT_REGION(q->flags), q->out_off, bytes) == NULL)
+			return -EFAULT;
+	} else if (!in_arena(c, q->in_off, bytes, es) || !in_arena(c, q->out_off, bytes, es)) {
 		return -EFAULT;
+	}
 	if (q->flags & MOE_SQE_ROUTING) {
 		rbytes = q->tokens * k * 4;
 		if (!in_arena(c, q->ids_off, rbytes, 4) || !in_arena(c, q->weights_off, rbytes, 4))
@@ -758,6 +864,38 @@ static void record_latency(struct moed_server *s, uint64_t ns)
 	s->lat[s->lat_n++ % LAT_SAMPLES] = ns;
 }
 
+/* Run request @q on device memory: the client's regions in, out. */
+static int run_device(struct moed_server *s, struct req *q, struct moe_err *err)
+{
+	struct client *c = q->c;
+	uint64_t H = s->mc->hidden_size, k = s->mc->top_k, bytes = q->sqe.tokens * H * sizeof(float);
+	bool routing = (q->sqe.flags & MOE_SQE_ROUTING) != 0;
+	uint8_t *in, *out;
+	int r;
+
+	if (routing) {
+		size_t cap = s->rcap;
+		if (grow((void **)&s->ids, &cap, q->sqe.tokens * k, sizeof(int32_t)) < 0 ||
+		    grow((void **)&s->w, &s->rcap, q->sqe.tokens * k, sizeof(float)) < 0)
+			return -ENOMEM;
+	}
+	/* held until the engine is done with the region: an unmap waits */
+	pthread_mutex_lock(&c->rlock);
+	in = region_at_locked(c, MOE_SQE_IN_REGION(q->sqe.flags), q->sqe.in_off, bytes);
+	out = region_at_locked(c, MOE_SQE_OUT_REGION(q->sqe.flags), q->sqe.out_off, bytes);
+	if (!in || !out)
+		r = moe_err_set(err, -EFAULT, "client %u: its device region is gone", c->id);
+	else
+		r = moe_engine_forward(s->engine, q->sqe.layer, (const float *)in, q->sqe.tokens, (float *)out,
+				       routing ? s->ids : NULL, routing ? s->w : NULL, MOE_FWD_DEVICE_IO, err);
+	pthread_mutex_unlock(&c->rlock);
+	if (r == 0 && routing) {
+		memcpy(c->arena + q->sqe.ids_off, s->ids, q->sqe.tokens * k * sizeof(int32_t));
+		memcpy(c->arena + q->sqe.weights_off, s->w, q->sqe.tokens * k * sizeof(float));
+	}
+	return r;
+}
+
 /* Run requests [r0, r1) of one layer as one engine call; 0 or the error. */
 static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, struct moe_err *err)
 {
@@ -766,6 +904,8 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 	bool routing = false;
 	int r;
 
+	if (r0->sqe.flags & MOE_SQE_DEVICE)
+		return run_device(s, r0, err);      /* alone: run_layer */
 	for (struct req *q = r0; q < r1; q++) {
 		tokens += q->sqe.tokens;
 		routing |= (q->sqe.flags & MOE_SQE_ROUTING) != 0;
@@ -855,7 +995,10 @@ static void run_layer(struct moed_server *s, struct req *r0, struct req *r1, uin
 		uint64_t tokens = 0;
 		int r;
 
-		while (e < r1 && (e == r0 || tokens + e->sqe.tokens <= batch_max))
+		/* a request on device memory runs alone: its tensors are not in
+		 * host memory to be batched with the others' */
+		while (e < r1 && (e == r0 || (tokens + e->sqe.tokens <= batch_max &&
+					      !((r0->sqe.flags | e->sqe.flags) & MOE_SQE_DEVICE))))
 			tokens += (e++)->sqe.tokens;
 		r = run_batch(s, r0, e, &err);
 		s->total_batches++;
@@ -1258,6 +1401,7 @@ static void accept_one(struct moed_server *s)
 		close(fd);
 		return;
 	}
+	pthread_mutex_init(&c->rlock, NULL);
 	c->fd = fd;
 	c->pid = cred.pid;
 	c->uid = cred.uid;
@@ -1352,6 +1496,32 @@ static void client_readable(struct moed_server *s, struct client *c, uint32_t ev
 			}
 			stats_request(s, c);
 			break;
+		case MOE_MSG_CUDA_MAP:
+		case MOE_MSG_CUDA_UNMAP: {
+			struct moe_msg_cuda_map map = { 0 };
+			struct moe_msg_cuda_unmap unmap = { 0 };
+			bool is_map = h->type == MOE_MSG_CUDA_MAP;
+			int r;
+
+			if (!c->welcomed || h->len != (is_map ? sizeof(map) : sizeof(unmap))) {
+				log_warning("client pid %d: unexpected %s message: dropping it", (int)c->pid,
+					    is_map ? "CUDA_MAP" : "CUDA_UNMAP");
+				session_end(s, c);
+				return;
+			}
+			if (is_map) {
+				memcpy(&map, c->in + sizeof(*h), sizeof(map));
+				r = cuda_map(s, c, &map);
+			} else {
+				memcpy(&unmap, c->in + sizeof(*h), sizeof(unmap));
+				r = cuda_unmap(s, c, &unmap);
+			}
+			if (r < 0) {
+				session_end(s, c);
+				return;
+			}
+			break;
+		}
 		default:
 			log_warning("client pid %d: unknown message type %u: dropping it", (int)c->pid, h->type);
 			session_end(s, c);

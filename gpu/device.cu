@@ -178,6 +178,7 @@ struct gpu {
 	unsigned char **mem;          // [E + 1] their weights on the device
 	size_t cnt_cap;
 	bool in_call;
+	bool dev_io;                  // x and out are device pointers (io_mode)
 	const struct moe_layer_weights *lw;
 	uint32_t cli;                 // the call's layer in layers[]
 	size_t n;
@@ -730,8 +731,13 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 	    (r = hgrow(&g->rh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->rh_ids, n * k * sizeof(int32_t))) < 0 ||
 	    (r = hgrow(&g->rh_w, n * k * sizeof(float))) < 0)
 		return r;
-	memcpy(g->rh_x.p, x, n * H * sizeof(float));
-	CK(cudaMemcpyAsync(g->r_x.p, g->rh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
+	if (g->dev_io) {
+		// a client's device memory: copied on the device (any alignment)
+		CK(cudaMemcpyAsync(g->r_x.p, x, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
+	} else {
+		memcpy(g->rh_x.p, x, n * H * sizeof(float));
+		CK(cudaMemcpyAsync(g->r_x.p, g->rh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
+	}
 	dim3 grid((E + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK,
 		  (unsigned)((n + MOE_LOGIT_TOKENS - 1) / MOE_LOGIT_TOKENS));
 	k_logits<<<grid, MOE_WARPS * 32, 0, g->cs>>>(l->router, (const float *)g->r_x.p, n, E, H, H % 4 == 0,
@@ -828,9 +834,13 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 			tok[nk + t] = (int32_t)t;
 	memset(g->done, 0, E + 1);
 
-	memcpy(g->eh_x.p, x, n * H * sizeof(float));
+	if (!g->dev_io)
+		memcpy(g->eh_x.p, x, n * H * sizeof(float));
 	memcpy(g->eh_w.p, w, nk * sizeof(float));
-	CK(cudaMemcpyAsync(g->e_x.p, g->eh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
+	if (g->dev_io)
+		CK(cudaMemcpyAsync(g->e_x.p, x, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
+	else
+		CK(cudaMemcpyAsync(g->e_x.p, g->eh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
 	CK(cudaMemcpyAsync(g->e_w.p, g->eh_w.p, nk * sizeof(float), cudaMemcpyHostToDevice, g->cs));
 	CK(cudaMemcpyAsync(g->e_pos.p, pos, nk * sizeof(uint32_t), cudaMemcpyHostToDevice, g->cs));
 	CK(cudaMemcpyAsync(g->e_tok.p, tok, ent * sizeof(int32_t), cudaMemcpyHostToDevice, g->cs));
@@ -953,7 +963,8 @@ int end(struct gpu *g, bool abandon)
 						   (float *)g->e_out.p);
 		cudaError_t rc = cudaGetLastError();
 		if (rc == cudaSuccess)
-			rc = cudaMemcpyAsync(g->eh_out.p, g->e_out.p, n * H * sizeof(float), cudaMemcpyDeviceToHost,
+			rc = cudaMemcpyAsync(g->dev_io ? (void *)g->out : g->eh_out.p, g->e_out.p, n * H * sizeof(float),
+					     g->dev_io ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost,
 					     g->cs);
 		if (rc != cudaSuccess)
 			r = fail("combine", rc);
@@ -962,7 +973,8 @@ int end(struct gpu *g, bool abandon)
 	if (!r && d < 0)
 		r = d;
 	if (!r && !abandon)
-		memcpy(g->out, g->eh_out.p, n * H * sizeof(float));
+		if (!g->dev_io)
+			memcpy(g->out, g->eh_out.p, n * H * sizeof(float));
 	g->lw = nullptr;
 	return r;
 }
@@ -1226,6 +1238,37 @@ int moe_cuda_host_register(struct moe_backend *be, void *p, size_t len)
 		return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 	}
 	return 0;
+}
+
+int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base)
+{
+	struct gpu *g = (struct gpu *)be->priv;
+	cudaIpcMemHandle_t h;
+	cudaError_t rc;
+
+	static_assert(sizeof(h) == 64, "a CUDA IPC handle is 64 bytes");
+	memcpy(&h, handle, sizeof(h));
+	cudaSetDevice(g->dev);
+	rc = cudaIpcOpenMemHandle(base, h, cudaIpcMemLazyEnablePeerAccess);
+	if (rc != cudaSuccess) {
+		fail("cudaIpcOpenMemHandle", rc);
+		return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EINVAL;
+	}
+	return 0;
+}
+
+void moe_cuda_ipc_close(struct moe_backend *be, void *base)
+{
+	struct gpu *g = (struct gpu *)be->priv;
+
+	cudaSetDevice(g->dev);
+	if (cudaIpcCloseMemHandle(base) != cudaSuccess)
+		(void)cudaGetLastError();
+}
+
+void moe_cuda_io_mode(struct moe_backend *be, bool device)
+{
+	((struct gpu *)be->priv)->dev_io = device;
 }
 
 void moe_cuda_host_unregister(struct moe_backend *be, void *p)

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include "config.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
@@ -76,7 +77,12 @@ struct moe_client {
 	pthread_mutex_t sq_lock;      /* submitters */
 	pthread_mutex_t cq_lock;      /* reapers; stash */
 	pthread_mutex_t arena_lock;   /* the allocator */
-	pthread_mutex_t ctl_lock;     /* the control socket (stats) */
+	pthread_mutex_t ctl_lock;     /* the control socket (stats, device regions) */
+	struct {                      /* device memory moed mapped (ctl_lock) */
+		uintptr_t start;
+		uint64_t bytes;
+		bool used;
+	} dregion[MOE_MAX_REGIONS];
 	uint32_t sleepers;            /* threads asleep on client_futex (cq_lock) */
 	uint64_t spin_ns;             /* how long a waiter polls before it sleeps */
 	uint64_t sync_seq;
@@ -536,12 +542,12 @@ static int session_state(struct moe_client *c)
 	return 0;
 }
 
+static int push_locked(struct moe_client *c, const struct moe_sqe *e);
+
 static int submit_locked(struct moe_client *c, const struct moe_request *q, uint64_t user_data)
 {
 	uint64_t H = c->w->hidden_size, k = c->w->top_k, es, bytes;
-	uint32_t tail = c->hdr->sq_tail, head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
-	struct moe_sqe *e;
-	int r;
+	struct moe_sqe e;
 
 	if (q->dtype != MOE_F32 && q->dtype != MOE_BF16)
 		return -EINVAL;
@@ -559,7 +565,25 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 	    (q->ids && (!q->weights || !in_arena(c, q->ids, q->tokens * k * 4) ||
 			!in_arena(c, q->weights, q->tokens * k * 4))))
 		return q->ids && q->weights ? -EFAULT : -EINVAL;
-	r = segment_state(c);
+	e = (struct moe_sqe){
+		.user_data = user_data, .opcode = MOE_OP_FORWARD, .layer = q->layer, .dtype = q->dtype,
+		.tokens = q->tokens, .in_off = (uint64_t)((const uint8_t *)q->input - c->arena),
+		.out_off = (uint64_t)((uint8_t *)q->output - c->arena),
+	};
+	if (q->ids) {
+		e.flags = MOE_SQE_ROUTING;
+		e.ids_off = (uint64_t)((uint8_t *)q->ids - c->arena);
+		e.weights_off = (uint64_t)((uint8_t *)q->weights - c->arena);
+	}
+	return push_locked(c, &e);
+}
+
+/* Put @e in the submission ring and wake moed if it sleeps (sq_lock held). */
+static int push_locked(struct moe_client *c, const struct moe_sqe *e)
+{
+	uint32_t tail = c->hdr->sq_tail, head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
+	int r = segment_state(c);
+
 	if (r < 0)
 		return r;
 	if (tail - head >= c->sq_entries) {
@@ -567,17 +591,7 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 		r = session_state(c);
 		return r < 0 ? r : -EAGAIN;
 	}
-	e = &c->sq[tail & (c->sq_entries - 1)];
-	*e = (struct moe_sqe){
-		.user_data = user_data, .opcode = MOE_OP_FORWARD, .layer = q->layer, .dtype = q->dtype,
-		.tokens = q->tokens, .in_off = (uint64_t)((const uint8_t *)q->input - c->arena),
-		.out_off = (uint64_t)((uint8_t *)q->output - c->arena),
-	};
-	if (q->ids) {
-		e->flags = MOE_SQE_ROUTING;
-		e->ids_off = (uint64_t)((uint8_t *)q->ids - c->arena);
-		e->weights_off = (uint64_t)((uint8_t *)q->weights - c->arena);
-	}
+	c->sq[tail & (c->sq_entries - 1)] = *e;
 	/* the entry, then the tail (release); then, if the daemon may sleep, wake it */
 	__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -601,26 +615,14 @@ MOE_EXPORT int moe_client_submit(struct moe_client *c, const struct moe_request 
 
 MOE_EXPORT int moe_client_nop(struct moe_client *c, uint64_t user_data)
 {
-	uint32_t tail, head;
 	int r;
 
 	if (!c || (user_data & TAG_SYNC))
 		return -EINVAL;
+	struct moe_sqe e = { .user_data = user_data, .opcode = MOE_OP_NOP };
+
 	pthread_mutex_lock(&c->sq_lock);
-	tail = c->hdr->sq_tail;
-	head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
-	r = segment_state(c);
-	if (r == 0 && tail - head >= c->sq_entries) {
-		r = session_state(c);
-		if (r == 0)
-			r = -EAGAIN;
-	}
-	if (r == 0) {
-		c->sq[tail & (c->sq_entries - 1)] = (struct moe_sqe){ .user_data = user_data, .opcode = MOE_OP_NOP };
-		__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
-		__atomic_thread_fence(__ATOMIC_SEQ_CST);
-		moe_futex_kick(&c->hdr->daemon_futex, &c->hdr->daemon_wait, 1);
-	}
+	r = push_locked(c, &e);
 	pthread_mutex_unlock(&c->sq_lock);
 	return r;
 }
@@ -731,6 +733,42 @@ MOE_EXPORT int moe_client_wait(struct moe_client *c, struct moe_completion *ret,
 	return wait_for(c, ANY, ret, timeout_ms);
 }
 
+/*
+ * Queue one of moe_client_forward's own requests (@q checked as a
+ * submission, or the descriptor @raw as it is) under a tag of its own in
+ * *tag; a full ring is waited out.
+ */
+static int submit_sync(struct moe_client *c, const struct moe_request *q, struct moe_sqe *raw, uint64_t *tag)
+{
+	int r;
+
+	pthread_mutex_lock(&c->sq_lock);
+	*tag = TAG_SYNC | ++c->sync_seq;
+	if (raw)
+		raw->user_data = *tag;
+	do {
+		r = raw ? push_locked(c, raw) : submit_locked(c, q, *tag);
+		if (r == -EAGAIN) {
+			/* the ring is full: move finished completions to the stash
+			 * (moed takes no more while its completion ring is full),
+			 * then let the others' requests drain */
+			pthread_mutex_unlock(&c->sq_lock);
+			pthread_mutex_lock(&c->cq_lock);
+			int rr = reap(c);
+			pthread_mutex_unlock(&c->cq_lock);
+			if (rr < 0) {
+				r = rr;
+				pthread_mutex_lock(&c->sq_lock);
+				break;
+			}
+			usleep(50);
+			pthread_mutex_lock(&c->sq_lock);
+		}
+	} while (r == -EAGAIN);
+	pthread_mutex_unlock(&c->sq_lock);
+	return r;
+}
+
 MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t dtype, const void *input,
 				  void *output, uint64_t tokens, int32_t *ids, float *weights)
 {
@@ -790,28 +828,7 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 		uint64_t tag;
 
 		memcpy(in, (const uint8_t *)input + done * H * es, n * H * es);
-		pthread_mutex_lock(&c->sq_lock);
-		tag = TAG_SYNC | ++c->sync_seq;
-		do {
-			r = submit_locked(c, &q, tag);
-			if (r == -EAGAIN) {
-				/* the ring is full: move finished completions to the stash
-				 * (moed takes no more while its completion ring is full),
-				 * then let the others' requests drain */
-				pthread_mutex_unlock(&c->sq_lock);
-				pthread_mutex_lock(&c->cq_lock);
-				int rr = reap(c);
-				pthread_mutex_unlock(&c->cq_lock);
-				if (rr < 0) {
-					r = rr;
-					pthread_mutex_lock(&c->sq_lock);
-					break;
-				}
-				usleep(50);
-				pthread_mutex_lock(&c->sq_lock);
-			}
-		} while (r == -EAGAIN);
-		pthread_mutex_unlock(&c->sq_lock);
+		r = submit_sync(c, &q, NULL, &tag);
 		if (r < 0)
 			goto out;
 		r = wait_for(c, tag, &cq, -1);
@@ -884,4 +901,215 @@ MOE_EXPORT int moe_client_stats(struct moe_client *c, char **ret)
 	text[h.len] = '\0';
 	*ret = text;
 	return 0;
+}
+
+/* ------------------------------------------------------------------ device memory */
+
+/* Send a control message and read the answer of the same type into @ans
+ * (exactly @ans_len bytes); ctl_lock held. */
+static int ctl_call(struct moe_client *c, uint32_t type, const void *payload, uint32_t len, void *ans,
+		    uint32_t ans_len)
+{
+	struct moe_msg_header h;
+	int r = ctl_send(c, type, payload, len);
+
+	if (r == 0)
+		r = recv_full(c->fd, &h, sizeof(h), NULL);
+	if (r == 0 && (h.magic != MOE_MSG_MAGIC || h.type != type || h.len != ans_len))
+		r = -MOE_E_PROTO;
+	if (r == 0)
+		r = recv_full(c->fd, ans, ans_len, NULL);
+	return r;
+}
+
+/* The few CUDA driver entry points the library needs, from libcuda.so.1 at
+ * run time: the library itself needs no CUDA to build or to run. */
+typedef int (*cu_init_fn)(unsigned int);
+typedef int (*cu_range_fn)(unsigned long long *, size_t *, unsigned long long);
+typedef int (*cu_ipc_fn)(void *, unsigned long long);
+typedef int (*cu_attr_fn)(void *, int, unsigned long long);
+static struct {
+	pthread_once_t once;
+	cu_init_fn init;
+	cu_range_fn range;
+	cu_ipc_fn ipc;
+	cu_attr_fn attr;
+	int status;
+} cu = { .once = PTHREAD_ONCE_INIT };
+#define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
+
+static void cu_load(void)
+{
+	void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+
+	cu.status = -ENODEV;
+	if (!h)
+		return;
+	cu.init = (cu_init_fn)(uintptr_t)dlsym(h, "cuInit");
+	cu.range = (cu_range_fn)(uintptr_t)dlsym(h, "cuMemGetAddressRange_v2");
+	cu.ipc = (cu_ipc_fn)(uintptr_t)dlsym(h, "cuIpcGetMemHandle");
+	cu.attr = (cu_attr_fn)(uintptr_t)dlsym(h, "cuPointerGetAttribute");
+	if (!cu.init || !cu.range || !cu.ipc || !cu.attr || cu.init(0) != 0) {
+		dlclose(h);
+		return;
+	}
+	cu.status = 0;
+}
+
+MOE_EXPORT int moe_client_cuda_register(struct moe_client *c, void *dev_ptr, size_t bytes, uint32_t *region)
+{
+	struct moe_msg_cuda_map m = { 0 };
+	struct moe_msg_cuda_reply rep;
+	unsigned long long base = 0;
+	size_t size = 0;
+	int r, ord = -1;
+
+	if (!c || !dev_ptr || !bytes || !region)
+		return -EINVAL;
+	pthread_once(&cu.once, cu_load);
+	if (cu.status < 0)
+		return cu.status;
+	/* the allocation around dev_ptr, in the calling thread's context */
+	if (cu.range(&base, &size, (unsigned long long)(uintptr_t)dev_ptr) != 0)
+		return -EFAULT;
+	if ((uintptr_t)dev_ptr - base > size || bytes > size - ((uintptr_t)dev_ptr - base))
+		return -EFAULT;
+	if (cu.ipc(m.handle, base) != 0)
+		return -EOPNOTSUPP;
+	if (cu.attr(&ord, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, base) != 0)
+		ord = -1;
+	m.offset = (uintptr_t)dev_ptr - base;
+	m.bytes = bytes;
+	m.device = (uint32_t)ord;
+	pthread_mutex_lock(&c->ctl_lock);
+	r = ctl_call(c, MOE_MSG_CUDA_MAP, &m, sizeof(m), &rep, sizeof(rep));
+	if (r == 0 && rep.status < 0)
+		r = rep.status;
+	if (r == 0 && rep.region >= MOE_MAX_REGIONS)
+		r = -MOE_E_PROTO;
+	if (r == 0) {
+		c->dregion[rep.region].start = (uintptr_t)dev_ptr;
+		c->dregion[rep.region].bytes = bytes;
+		c->dregion[rep.region].used = true;
+		*region = rep.region;
+	}
+	pthread_mutex_unlock(&c->ctl_lock);
+	return r;
+}
+
+MOE_EXPORT int moe_client_cuda_unregister(struct moe_client *c, uint32_t region)
+{
+	struct moe_msg_cuda_unmap m = { .region = region };
+	struct moe_msg_cuda_reply rep;
+	int r;
+
+	if (!c || region >= MOE_MAX_REGIONS)
+		return -EINVAL;
+	pthread_mutex_lock(&c->ctl_lock);
+	if (!c->dregion[region].used) {
+		pthread_mutex_unlock(&c->ctl_lock);
+		return -EINVAL;
+	}
+	r = ctl_call(c, MOE_MSG_CUDA_UNMAP, &m, sizeof(m), &rep, sizeof(rep));
+	if (r == 0 && rep.status < 0)
+		r = rep.status;
+	c->dregion[region].used = false;
+	pthread_mutex_unlock(&c->ctl_lock);
+	return r;
+}
+
+/* The region holding [p, p + len), and p's offset in it; -1 if none. */
+static int dregion_find(struct moe_client *c, const void *p, uint64_t len, uint64_t *off)
+{
+	int found = -1;
+
+	pthread_mutex_lock(&c->ctl_lock);
+	for (int i = 0; i < MOE_MAX_REGIONS && found < 0; i++) {
+		uintptr_t a = (uintptr_t)p, st = c->dregion[i].start;
+
+		if (c->dregion[i].used && a >= st && a - st <= c->dregion[i].bytes &&
+		    len <= c->dregion[i].bytes - (a - st)) {
+			found = i;
+			*off = a - st;
+		}
+	}
+	pthread_mutex_unlock(&c->ctl_lock);
+	return found;
+}
+
+MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, const float *input, float *output,
+				       uint64_t tokens, int32_t *ids, float *weights)
+{
+	uint64_t H, k, bytes, in_off, out_off, done = 0, piece;
+	int32_t *aids = NULL;
+	float *aw = NULL;
+	int rin, rout, r = 0;
+
+	if (!c || !input || !output || (weights && !ids))
+		return -EINVAL;
+	if (!is_moe_layer(c, layer))
+		return -MOE_E_LAYER;
+	H = c->w->hidden_size;
+	k = c->w->top_k;
+	if (tokens == 0)
+		return 0;
+	if (tokens > UINT64_MAX / (H * 4))
+		return -E2BIG;
+	bytes = tokens * H * 4;
+	rin = dregion_find(c, input, bytes, &in_off);
+	rout = dregion_find(c, output, bytes, &out_off);
+	if (rin < 0 || rout < 0 || in_off % 4 || out_off % 4)
+		return -EFAULT;
+	piece = c->w->max_tokens < tokens ? c->w->max_tokens : tokens;
+	if (ids) {
+		/* the routing comes back through the arena */
+		while (piece > 1 && piece * k * 4 * 2 > c->arena_bytes / 2)
+			piece /= 2;
+		for (;;) {
+			if ((r = moe_client_alloc(c, piece * k * 4, (void **)&aids)) == 0 &&
+			    (r = moe_client_alloc(c, piece * k * 4, (void **)&aw)) == 0)
+				break;
+			moe_client_free(c, aids);
+			aids = NULL;
+			if (r != -ENOMEM)
+				return r;
+			if ((r = session_state(c)) < 0)
+				return r;
+			usleep(100);
+		}
+	}
+	while (done < tokens) {
+		uint64_t n = tokens - done < piece ? tokens - done : piece, tag;
+		struct moe_sqe e = {
+			.opcode = MOE_OP_FORWARD, .layer = layer, .dtype = MOE_ACT_F32, .tokens = n,
+			.flags = MOE_SQE_DEVICE | MOE_SQE_REGIONS(rin, rout) | (ids ? MOE_SQE_ROUTING : 0),
+			.in_off = in_off + done * H * 4, .out_off = out_off + done * H * 4,
+			.ids_off = ids ? (uint64_t)((uint8_t *)aids - c->arena) : 0,
+			.weights_off = ids ? (uint64_t)((uint8_t *)aw - c->arena) : 0,
+		};
+		struct moe_completion cq;
+
+		r = submit_sync(c, NULL, &e, &tag);
+		if (r < 0)
+			break;
+		r = wait_for(c, tag, &cq, -1);
+		if (r < 0) {
+			if (r != -ESHUTDOWN && r != -ECONNRESET)
+				aids = NULL, aw = NULL;    /* may still be written: stay taken */
+			break;
+		}
+		if (cq.res < 0) {
+			r = cq.res;
+			break;
+		}
+		if (ids) {
+			memcpy(ids + done * k, aids, n * k * 4);
+			if (weights)
+				memcpy(weights + done * k, aw, n * k * 4);
+		}
+		done += n;
+	}
+	moe_client_free(c, aids);
+	moe_client_free(c, aw);
+	return r;
 }

@@ -179,6 +179,34 @@ int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t dtype, con
  */
 int moe_client_stats(struct moe_client *c, char **ret);
 
+/*
+ * Hidden states that live in GPU memory (moed on the CUDA backend): no copy
+ * through host memory.  moe_client_cuda_register() lets moed map [dev_ptr,
+ * dev_ptr + bytes) of the calling process's CUDA memory (cudaMalloc'ed;
+ * the calling thread's CUDA context current), through a CUDA IPC handle
+ * passed over the session's socket, and gives the region's number; at most
+ * MOE_CUDA_MAX_REGIONS per session.  Errors: -ENODEV (no CUDA driver in
+ * this process), -EFAULT (not CUDA device memory of the current context,
+ * or the range exceeds its allocation), -EOPNOTSUPP (moed runs on the CPU
+ * backend, or the allocation cannot be shared), -ENOSPC (regions used up),
+ * -EINVAL, -ECONNRESET / -EPIPE, -MOE_E_PROTO.
+ */
+#define MOE_CUDA_MAX_REGIONS 16
+int moe_client_cuda_register(struct moe_client *c, void *dev_ptr, size_t bytes, uint32_t *region);
+
+/* Let moed unmap @region (after the request running on it). */
+int moe_client_cuda_unregister(struct moe_client *c, uint32_t region);
+
+/*
+ * As moe_client_forward() with float32 @input and @output in registered
+ * device memory (each within one region, 4-byte aligned); @ids and
+ * @weights, if not NULL, in host memory.  moed runs such a request alone,
+ * not batched with other requests.  Errors: those of moe_client_forward(),
+ * and -EFAULT (@input or @output not inside a registered region).
+ */
+int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, const float *input, float *output,
+			    uint64_t tokens, int32_t *ids, float *weights);
+
 #ifdef __cplusplus
 }
 #endif

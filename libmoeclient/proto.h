@@ -13,6 +13,12 @@
  *                     segment's memfd as SCM_RIGHTS (or status < 0, no fd)
  *   client -> daemon  MOE_MSG_STATS   no payload
  *   daemon -> client  MOE_MSG_STATS   JSON text (not NUL-terminated)
+ *   client -> daemon  MOE_MSG_CUDA_MAP    struct moe_msg_cuda_map: a CUDA IPC
+ *                     handle of the client's device memory
+ *   daemon -> client  MOE_MSG_CUDA_MAP    struct moe_msg_cuda_reply (the
+ *                     region's number, or why not)
+ *   client -> daemon  MOE_MSG_CUDA_UNMAP  struct moe_msg_cuda_unmap
+ *   daemon -> client  MOE_MSG_CUDA_UNMAP  struct moe_msg_cuda_reply
  * Every message starts with struct moe_msg_header; len counts the payload.
  * Closing the socket ends the session; tensors never cross it.
  *
@@ -53,6 +59,31 @@ enum moe_msg_type {
 	MOE_MSG_HELLO = 1,
 	MOE_MSG_WELCOME = 2,
 	MOE_MSG_STATS = 3,
+	MOE_MSG_CUDA_MAP = 4,
+	MOE_MSG_CUDA_UNMAP = 5,
+};
+
+#define MOE_MAX_REGIONS 16          /* device-memory regions per session (MOE_CUDA_MAX_REGIONS) */
+
+/* Device memory of the client for requests that never leave the GPU: the
+ * allocation's cudaIpcMemHandle_t, and the part of it to use. */
+struct moe_msg_cuda_map {
+	uint8_t handle[64];             /* cudaIpcGetMemHandle of the allocation */
+	uint64_t offset;                /* of the region in the allocation */
+	uint64_t bytes;                 /* of the region */
+	uint32_t device;                /* the client's device ordinal (information) */
+	uint32_t reserved[3];
+};
+
+struct moe_msg_cuda_unmap {
+	uint32_t region;
+	uint32_t reserved[3];
+};
+
+struct moe_msg_cuda_reply {
+	int32_t status;                 /* 0, or a negative errno */
+	uint32_t region;                /* with MOE_MSG_CUDA_MAP: its number */
+	char message[256];              /* why, when status < 0 */
 };
 
 struct moe_msg_header {
@@ -104,6 +135,12 @@ enum moe_opcode {
 };
 
 #define MOE_SQE_ROUTING (1u << 0)   /* write ids (int32 [T][k]) and weights (float [T][k]) */
+/* in_off and out_off are offsets into device-memory regions (float32 only):
+ * the input's region number in bits 16-23 of flags, the output's in 24-31 */
+#define MOE_SQE_DEVICE (1u << 1)
+#define MOE_SQE_IN_REGION(f) (((f) >> 16) & 0xffu)
+#define MOE_SQE_OUT_REGION(f) (((f) >> 24) & 0xffu)
+#define MOE_SQE_REGIONS(in, out) (((uint32_t)(in) << 16) | ((uint32_t)(out) << 24))
 
 /* A submission: 64 bytes.  Offsets are into the arena. */
 struct moe_sqe {

@@ -13,6 +13,8 @@
 #    1000, 300, 64, 7 and 1 tokens, in an order that makes moed evict and
 #    read experts from the store again, and a second time round;
 #  - every MoE layer in turn (--layer all) gives the bits of --model;
+#  - tests/gpu_client: hidden states in GPU memory (moe_client_forward_cuda)
+#    give the bits of the same tokens from host memory;
 #  - four clients at once with small requests, whose tokens moed may batch
 #    together (a batch window of 2 ms): each gets the bits of its own
 #    request run alone;
@@ -109,6 +111,12 @@ done
 expect_ok "$MOECTL" --socket "$SOCK" forward --layer all --input "$T/in-all.npy" --output "$T/got.npy"
 cmp -s "$T/want-all.npy" "$T/got.npy" ||
 	fail "through moed, every layer in turn: the output bits differ from moectl forward --model --backend $BE"
+
+# ---- hidden states in GPU memory (moe_client_forward_cuda) ------------------------------------
+GPU_CLIENT=${top_builddir:-.}/tests/gpu_client
+if [ "$BE" = cuda ] && [ -x "$GPU_CLIENT" ]; then
+	expect_ok "$GPU_CLIENT" "$SOCK"
+fi
 
 # ---- four clients at once -----------------------------------------------------------------
 # client i: layer, tokens.  Small requests: the CUDA backend is batch
