@@ -129,12 +129,14 @@ struct moe_backend_ops {
 
 	/*
 	 * Optional, together: another process's device memory.  ipc_open maps
-	 * the allocation of a 64-byte cudaIpcMemHandle_t and sets *base (may
-	 * be called from any thread); ipc_close unmaps it.  io_mode(true)
-	 * makes x and out of the following route/experts calls device pointers
-	 * (float32, any alignment) until io_mode(false).
+	 * the allocation of a 64-byte cudaIpcMemHandle_t and sets *base and
+	 * *bytes, its size as the device knows it (may be called from any
+	 * thread); ipc_close unmaps it.  io_mode(true) makes x and out of the
+	 * following route/experts calls device pointers (float32, any
+	 * alignment) until io_mode(false), which waits for every copy from or
+	 * to them.
 	 */
-	int (*ipc_open)(struct moe_backend *be, const void *handle, void **base);
+	int (*ipc_open)(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes);
 	void (*ipc_close)(struct moe_backend *be, void *base);
 	void (*io_mode)(struct moe_backend *be, bool device);
 };

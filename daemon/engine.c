@@ -945,15 +945,21 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 	return r;
 }
 
-int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, struct moe_err *err)
+bool moe_engine_has_device_memory(const struct moe_engine *e)
+{
+	return e->backend->ops->ipc_open && e->backend->ops->io_mode;
+}
+
+int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, uint64_t *bytes,
+			  struct moe_err *err)
 {
 	const struct moe_backend_ops *ops = e->backend->ops;
 	int r;
 
-	if (!ops->ipc_open || !ops->io_mode)
+	if (!moe_engine_has_device_memory(e))
 		return moe_err_set(err, -EOPNOTSUPP, "moed runs on the %s backend: device memory needs the CUDA "
 				   "backend", ops->name);
-	r = ops->ipc_open(e->backend, handle, base);
+	r = ops->ipc_open(e->backend, handle, base, bytes);
 	if (r < 0)
 		return moe_err_set(err, r, "cannot map the client's device memory (cudaIpcOpenMemHandle: %s)",
 				   strerror(-r));

@@ -137,11 +137,15 @@ int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32
  */
 /*
  * Map another process's device memory: the allocation of @handle (64 bytes,
- * a cudaIpcMemHandle_t) into this process, *base its address here.  Safe
- * from any thread.  -EOPNOTSUPP when the backend has no device memory
- * (with why in @err).
+ * a cudaIpcMemHandle_t) into this process, *base its address here and
+ * *bytes its size.  Safe from any thread.  -EOPNOTSUPP when the backend has
+ * no device memory (with why in @err).
  */
-int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, struct moe_err *err);
+int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, uint64_t *bytes,
+			  struct moe_err *err);
+
+/* Does the backend take device memory (moe_engine_device_map)? */
+bool moe_engine_has_device_memory(const struct moe_engine *e);
 void moe_engine_device_unmap(struct moe_engine *e, void *base);
 
 int moe_engine_expert_load(const struct moe_engine *e, uint32_t layer, uint64_t *counts);

@@ -113,11 +113,15 @@ struct client {
 	/* device memory the client mapped (CUDA backend): the control thread
 	 * adds and removes regions, the data thread uses them, both under
 	 * rlock, which the data thread holds while a request runs on one */
-	pthread_mutex_t rlock;
+	pthread_mutex_t rlock;           /* held only briefly, never across a forward */
 	struct region {
-		void *base;              /* the mapped allocation, NULL: free */
+		enum { REG_FREE, REG_MAPPING, REG_MAPPED, REG_CLOSING } state;
+		void *base;              /* the mapped allocation */
 		uint64_t offset, bytes;  /* the region in it */
+		uint32_t busy;           /* requests running on it (data thread) */
 	} regions[MOE_MAX_REGIONS];
+	uint32_t map_refusals;           /* logged: the first few */
+	bool dev_taken;                  /* data thread: a device request taken this pass */
 
 	struct client *next;             /* in the data thread's list */
 	struct client *ctl_next;         /* in the control thread's list of sessions before HELLO */
@@ -205,7 +209,8 @@ static void client_free(struct moed_server *s, struct client *c)
 	if (!c)
 		return;
 	for (int i = 0; i < MOE_MAX_REGIONS; i++)
-		moe_engine_device_unmap(s->engine, c->regions[i].base);
+		if (c->regions[i].state == REG_MAPPED || c->regions[i].state == REG_CLOSING)
+			moe_engine_device_unmap(s->engine, c->regions[i].base);
 	pthread_mutex_destroy(&c->rlock);
 	if (c->seg)
 		munmap(c->seg, c->seg_bytes);
@@ -408,6 +413,7 @@ static void welcome_fill(struct moed_server *s, struct moe_msg_welcome *w)
 		w->moe_layers[i] = st->layers[i].layer;
 	w->weight_dtype = (uint32_t)m->weight_dtype;
 	w->n_shared_experts = m->n_shared_experts;
+	w->features = MOE_FEAT_CUDA_MAP | (moe_engine_has_device_memory(s->engine) ? MOE_FEAT_DEVICE_MEMORY : 0);
 	pthread_mutex_lock(&s->cfg_lock);
 	w->max_tokens = s->cfg->limits.max_tokens_per_request;
 	pthread_mutex_unlock(&s->cfg_lock);
@@ -508,55 +514,89 @@ static int stats_answer(struct moed_server *s, struct client *c, const char *jso
 	return reply(s, c, MOE_MSG_STATS, json, strlen(json));
 }
 
-/* MOE_MSG_CUDA_MAP: map the client's device memory as a region. */
+/*
+ * MOE_MSG_CUDA_MAP: map the client's device memory as a region.  The slot
+ * is reserved (MAPPING) while the handle is opened without the lock.  The
+ * region must lie inside the allocation as the device knows it: the
+ * client's sizes are not trusted.
+ */
 static int cuda_map(struct moed_server *s, struct client *c, const struct moe_msg_cuda_map *m)
 {
 	struct moe_msg_cuda_reply rep = { 0 };
 	struct moe_err err = { 0 };
+	uint64_t alloc = 0;
 	void *base = NULL;
 	int slot = -1;
 
-	pthread_mutex_lock(&c->rlock);
-	for (int i = 0; i < MOE_MAX_REGIONS && slot < 0; i++)
-		if (!c->regions[i].base)
-			slot = i;
-	pthread_mutex_unlock(&c->rlock);
 	if (m->bytes == 0 || m->offset > UINT64_MAX - m->bytes) {
 		rep.status = -EINVAL;
 		snprintf(rep.message, sizeof(rep.message), "an empty or impossible region (offset %" PRIu64
 			 ", %" PRIu64 " bytes)", m->offset, m->bytes);
-	} else if (slot < 0) {
+		goto out;
+	}
+	pthread_mutex_lock(&c->rlock);
+	for (int i = 0; i < MOE_MAX_REGIONS && slot < 0; i++)
+		if (c->regions[i].state == REG_FREE)
+			slot = i;
+	if (slot >= 0)
+		c->regions[slot].state = REG_MAPPING;
+	pthread_mutex_unlock(&c->rlock);
+	if (slot < 0) {
 		rep.status = -ENOSPC;
 		snprintf(rep.message, sizeof(rep.message), "a session maps at most %d regions", MOE_MAX_REGIONS);
-	} else if ((rep.status = moe_engine_device_map(s->engine, m->handle, &base, &err)) < 0) {
+		goto out;
+	}
+	rep.status = moe_engine_device_map(s->engine, m->handle, &base, &alloc, &err);
+	if (rep.status < 0) {
 		snprintf(rep.message, sizeof(rep.message), "%s", err.msg);
-	} else {
-		pthread_mutex_lock(&c->rlock);
-		c->regions[slot] = (struct region){ .base = base, .offset = m->offset, .bytes = m->bytes };
-		pthread_mutex_unlock(&c->rlock);
+	} else if (m->offset > alloc || m->bytes > alloc - m->offset) {
+		moe_engine_device_unmap(s->engine, base);
+		rep.status = -EINVAL;
+		snprintf(rep.message, sizeof(rep.message), "the region (offset %" PRIu64 ", %" PRIu64 " bytes) "
+			 "does not fit its allocation (%" PRIu64 " bytes)", m->offset, m->bytes, alloc);
+	}
+	pthread_mutex_lock(&c->rlock);
+	if (rep.status == 0)
+		c->regions[slot] = (struct region){ .state = REG_MAPPED, .base = base, .offset = m->offset,
+						    .bytes = m->bytes };
+	else
+		c->regions[slot] = (struct region){ .state = REG_FREE };
+	pthread_mutex_unlock(&c->rlock);
+	if (rep.status == 0) {
 		rep.region = (uint32_t)slot;
 		log_info("client %u (pid %d): device memory mapped as region %d (%" PRIu64 " bytes)", c->id,
 			 (int)c->pid, slot, m->bytes);
 	}
-	if (rep.status < 0)
+out:
+	if (rep.status < 0 && c->map_refusals++ < 3)
 		log_notice("client %u (pid %d): device memory refused: %s", c->id, (int)c->pid, rep.message);
 	return reply(s, c, MOE_MSG_CUDA_MAP, &rep, sizeof(rep));
 }
 
-/* MOE_MSG_CUDA_UNMAP: after the request running on it, if any. */
+/* MOE_MSG_CUDA_UNMAP: at once, or when the request running on it ends
+ * (the data thread closes it then); the answer does not wait. */
 static int cuda_unmap(struct moed_server *s, struct client *c, const struct moe_msg_cuda_unmap *m)
 {
 	struct moe_msg_cuda_reply rep = { .region = m->region };
 	void *base = NULL;
+	bool known = false;
 
 	pthread_mutex_lock(&c->rlock);
-	if (m->region < MOE_MAX_REGIONS && c->regions[m->region].base) {
-		base = c->regions[m->region].base;
-		c->regions[m->region] = (struct region){ 0 };
-		moe_engine_device_unmap(s->engine, base);
+	if (m->region < MOE_MAX_REGIONS && c->regions[m->region].state == REG_MAPPED) {
+		struct region *g = &c->regions[m->region];
+
+		known = true;
+		if (g->busy) {
+			g->state = REG_CLOSING;
+		} else {
+			base = g->base;
+			*g = (struct region){ .state = REG_FREE };
+		}
 	}
 	pthread_mutex_unlock(&c->rlock);
-	if (!base) {
+	if (base)
+		moe_engine_device_unmap(s->engine, base);
+	if (!known) {
 		rep.status = -EINVAL;
 		snprintf(rep.message, sizeof(rep.message), "no region %u", m->region);
 	}
@@ -734,7 +774,7 @@ static uint8_t *region_at_locked(struct client *c, uint32_t r, uint64_t off, uin
 {
 	const struct region *g;
 
-	if (r >= MOE_MAX_REGIONS || !(g = &c->regions[r])->base)
+	if (r >= MOE_MAX_REGIONS || (g = &c->regions[r])->state != REG_MAPPED)
 		return NULL;
 	if (off % 4 || off > g->bytes || len > g->bytes - off)
 		return NULL;
@@ -820,6 +860,16 @@ static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t 
 		int r;
 
 		memcpy(&q, &c->sq[(c->sq_head + i) & (c->sq_entries - 1)], sizeof(q));
+		if ((q.flags & MOE_SQE_DEVICE) && q.opcode == MOE_OP_FORWARD) {
+			/* a request on device memory runs alone: one per client
+			 * per pass, so that a client flooding them delays the
+			 * others by one forward at most; the rest waits */
+			if (c->dev_taken) {
+				n = i;
+				break;
+			}
+			c->dev_taken = true;
+		}
 		c->requests++;
 		/* the session's limit is the one it was welcomed with (its library
 		 * cuts pieces by it): a reload changes the limit of new sessions */
@@ -879,16 +929,37 @@ static int run_device(struct moed_server *s, struct req *q, struct moe_err *err)
 		    grow((void **)&s->w, &s->rcap, q->sqe.tokens * k, sizeof(float)) < 0)
 			return -ENOMEM;
 	}
-	/* held until the engine is done with the region: an unmap waits */
+	/* the regions are busy while the engine uses them: an unmap meanwhile
+	 * is done here afterwards */
+	uint32_t ri = MOE_SQE_IN_REGION(q->sqe.flags), ro = MOE_SQE_OUT_REGION(q->sqe.flags);
+	void *closing[2] = { NULL, NULL };
+
 	pthread_mutex_lock(&c->rlock);
-	in = region_at_locked(c, MOE_SQE_IN_REGION(q->sqe.flags), q->sqe.in_off, bytes);
-	out = region_at_locked(c, MOE_SQE_OUT_REGION(q->sqe.flags), q->sqe.out_off, bytes);
-	if (!in || !out)
-		r = moe_err_set(err, -EFAULT, "client %u: its device region is gone", c->id);
-	else
-		r = moe_engine_forward(s->engine, q->sqe.layer, (const float *)in, q->sqe.tokens, (float *)out,
-				       routing ? s->ids : NULL, routing ? s->w : NULL, MOE_FWD_DEVICE_IO, err);
+	in = region_at_locked(c, ri, q->sqe.in_off, bytes);
+	out = region_at_locked(c, ro, q->sqe.out_off, bytes);
+	if (in && out) {
+		c->regions[ri].busy++;
+		c->regions[ro].busy++;
+	}
 	pthread_mutex_unlock(&c->rlock);
+	if (!in || !out)
+		return moe_err_set(err, -EFAULT, "client %u: its device region is gone", c->id);
+	r = moe_engine_forward(s->engine, q->sqe.layer, (const float *)in, q->sqe.tokens, (float *)out,
+			       routing ? s->ids : NULL, routing ? s->w : NULL, MOE_FWD_DEVICE_IO, err);
+	pthread_mutex_lock(&c->rlock);
+	c->regions[ri].busy--;
+	c->regions[ro].busy--;
+	for (int i = 0; i < 2; i++) {
+		struct region *g = &c->regions[i ? ro : ri];
+
+		if (g->state == REG_CLOSING && !g->busy) {
+			closing[i] = g->base;
+			*g = (struct region){ .state = REG_FREE };
+		}
+	}
+	pthread_mutex_unlock(&c->rlock);
+	for (int i = 0; i < 2; i++)
+		moe_engine_device_unmap(s->engine, closing[i]);
 	if (r == 0 && routing) {
 		memcpy(c->arena + q->sqe.ids_off, s->ids, q->sqe.tokens * k * sizeof(int32_t));
 		memcpy(c->arena + q->sqe.weights_off, s->w, q->sqe.tokens * k * sizeof(float));
@@ -1253,6 +1324,7 @@ static void *data_main(void *arg)
 
 			if (c->kicked)
 				continue;
+			c->dev_taken = false;
 			nreq = take(s, c, nreq, s->reqs_cap, t0);
 			s->total_requests += (nreq - before) + (c->cq_tail - cq_before);
 			if (c->cq_tail != cq_before)

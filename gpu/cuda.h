@@ -41,7 +41,7 @@ int moe_cuda_experts_run(struct moe_backend *be, const struct moe_layer_weights 
 int moe_cuda_experts_end(struct moe_backend *be, bool abandon);
 int moe_cuda_host_register(struct moe_backend *be, void *p, size_t len);
 void moe_cuda_host_unregister(struct moe_backend *be, void *p);
-int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base);
+int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes);
 void moe_cuda_ipc_close(struct moe_backend *be, void *base);
 void moe_cuda_io_mode(struct moe_backend *be, bool device);
 

@@ -1240,10 +1240,15 @@ int moe_cuda_host_register(struct moe_backend *be, void *p, size_t len)
 	return 0;
 }
 
-int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base)
+int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes)
 {
+	typedef int (*range_fn)(unsigned long long *, size_t *, unsigned long long);
 	struct gpu *g = (struct gpu *)be->priv;
+	cudaDriverEntryPointQueryResult q;
 	cudaIpcMemHandle_t h;
+	unsigned long long b = 0;
+	size_t size = 0;
+	void *fn = nullptr;
 	cudaError_t rc;
 
 	static_assert(sizeof(h) == 64, "a CUDA IPC handle is 64 bytes");
@@ -1254,6 +1259,18 @@ int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base)
 		fail("cudaIpcOpenMemHandle", rc);
 		return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EINVAL;
 	}
+	// the allocation's size as the device knows it: the client's word for
+	// it is not to be trusted
+	if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &q) !=
+		    cudaSuccess || q != cudaDriverEntryPointSuccess || !fn ||
+	    ((range_fn)fn)(&b, &size, (unsigned long long)(uintptr_t)*base) != 0 ||
+	    b != (unsigned long long)(uintptr_t)*base) {
+		(void)cudaGetLastError();
+		cudaIpcCloseMemHandle(*base);
+		*base = nullptr;
+		return -EINVAL;
+	}
+	*bytes = size;
 	return 0;
 }
 
@@ -1268,7 +1285,16 @@ void moe_cuda_ipc_close(struct moe_backend *be, void *base)
 
 void moe_cuda_io_mode(struct moe_backend *be, bool device)
 {
-	((struct gpu *)be->priv)->dev_io = device;
+	struct gpu *g = (struct gpu *)be->priv;
+
+	if (!device && g->dev_io) {
+		// a failed call may have left a copy from or to the client's memory
+		// in flight: it must be over before the request completes
+		cudaStreamSynchronize(g->cs);
+		cudaStreamSynchronize(g->xs);
+		(void)cudaGetLastError();
+	}
+	g->dev_io = device;
 }
 
 void moe_cuda_host_unregister(struct moe_backend *be, void *p)

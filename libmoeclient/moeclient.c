@@ -78,7 +78,9 @@ struct moe_client {
 	pthread_mutex_t cq_lock;      /* reapers; stash */
 	pthread_mutex_t arena_lock;   /* the allocator */
 	pthread_mutex_t ctl_lock;     /* the control socket (stats, device regions) */
-	struct {                      /* device memory moed mapped (ctl_lock) */
+	bool ctl_broken;              /* an exchange broke off: the stream is out of step */
+	pthread_mutex_t dreg_lock;    /* dregion */
+	struct {                      /* device memory moed mapped */
 		uintptr_t start;
 		uint64_t bytes;
 		bool used;
@@ -203,6 +205,7 @@ static void client_free(struct moe_client *c)
 	pthread_mutex_destroy(&c->cq_lock);
 	pthread_mutex_destroy(&c->arena_lock);
 	pthread_mutex_destroy(&c->ctl_lock);
+	pthread_mutex_destroy(&c->dreg_lock);
 	free(c->w);
 	free(c->layers);
 	free(c->stash);
@@ -289,6 +292,7 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	pthread_mutex_init(&c->cq_lock, NULL);
 	pthread_mutex_init(&c->arena_lock, NULL);
 	pthread_mutex_init(&c->ctl_lock, NULL);
+	pthread_mutex_init(&c->dreg_lock, NULL);
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (c->fd < 0) {
 		r = -errno;
@@ -871,12 +875,14 @@ MOE_EXPORT int moe_client_stats(struct moe_client *c, char **ret)
 	if (!c || !ret)
 		return -EINVAL;
 	pthread_mutex_lock(&c->ctl_lock);
-	r = ctl_send(c, MOE_MSG_STATS, NULL, 0);
+	r = c->ctl_broken ? -MOE_E_PROTO : ctl_send(c, MOE_MSG_STATS, NULL, 0);
 	if (r == 0)
 		r = recv_full(c->fd, &h, sizeof(h), NULL);
 	if (r == 0 && (h.magic != MOE_MSG_MAGIC || h.type != MOE_MSG_STATS || h.len > MOE_MSG_MAX))
 		r = -MOE_E_PROTO;
 	if (r < 0) {
+		/* an answer may still come: the next exchange would read it */
+		c->ctl_broken = true;
 		pthread_mutex_unlock(&c->ctl_lock);
 		return r;
 	}
@@ -889,10 +895,14 @@ MOE_EXPORT int moe_client_stats(struct moe_client *c, char **ret)
 			r = recv_full(c->fd, sink, n, NULL);
 			left -= n;
 		}
+		if (r < 0)
+			c->ctl_broken = true;
 		pthread_mutex_unlock(&c->ctl_lock);
 		return -ENOMEM;
 	}
 	r = recv_full(c->fd, text, h.len, NULL);
+	if (r < 0)
+		c->ctl_broken = true;
 	pthread_mutex_unlock(&c->ctl_lock);
 	if (r < 0) {
 		free(text);
@@ -911,7 +921,7 @@ static int ctl_call(struct moe_client *c, uint32_t type, const void *payload, ui
 		    uint32_t ans_len)
 {
 	struct moe_msg_header h;
-	int r = ctl_send(c, type, payload, len);
+	int r = c->ctl_broken ? -MOE_E_PROTO : ctl_send(c, type, payload, len);
 
 	if (r == 0)
 		r = recv_full(c->fd, &h, sizeof(h), NULL);
@@ -919,6 +929,8 @@ static int ctl_call(struct moe_client *c, uint32_t type, const void *payload, ui
 		r = -MOE_E_PROTO;
 	if (r == 0)
 		r = recv_full(c->fd, ans, ans_len, NULL);
+	if (r < 0)
+		c->ctl_broken = true;    /* an answer may still come, or half of one */
 	return r;
 }
 
@@ -928,12 +940,14 @@ typedef int (*cu_init_fn)(unsigned int);
 typedef int (*cu_range_fn)(unsigned long long *, size_t *, unsigned long long);
 typedef int (*cu_ipc_fn)(void *, unsigned long long);
 typedef int (*cu_attr_fn)(void *, int, unsigned long long);
+typedef int (*cu_sync_fn)(void);
 static struct {
 	pthread_once_t once;
 	cu_init_fn init;
 	cu_range_fn range;
 	cu_ipc_fn ipc;
 	cu_attr_fn attr;
+	cu_sync_fn sync;
 	int status;
 } cu = { .once = PTHREAD_ONCE_INIT };
 #define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
@@ -949,7 +963,8 @@ static void cu_load(void)
 	cu.range = (cu_range_fn)(uintptr_t)dlsym(h, "cuMemGetAddressRange_v2");
 	cu.ipc = (cu_ipc_fn)(uintptr_t)dlsym(h, "cuIpcGetMemHandle");
 	cu.attr = (cu_attr_fn)(uintptr_t)dlsym(h, "cuPointerGetAttribute");
-	if (!cu.init || !cu.range || !cu.ipc || !cu.attr || cu.init(0) != 0) {
+	cu.sync = (cu_sync_fn)(uintptr_t)dlsym(h, "cuCtxSynchronize");
+	if (!cu.init || !cu.range || !cu.ipc || !cu.attr || !cu.sync || cu.init(0) != 0) {
 		dlclose(h);
 		return;
 	}
@@ -966,6 +981,8 @@ MOE_EXPORT int moe_client_cuda_register(struct moe_client *c, void *dev_ptr, siz
 
 	if (!c || !dev_ptr || !bytes || !region)
 		return -EINVAL;
+	if (!(c->w->features & MOE_FEAT_DEVICE_MEMORY))
+		return -EOPNOTSUPP;      /* a CPU backend, or a moed that predates this */
 	pthread_once(&cu.once, cu_load);
 	if (cu.status < 0)
 		return cu.status;
@@ -988,9 +1005,11 @@ MOE_EXPORT int moe_client_cuda_register(struct moe_client *c, void *dev_ptr, siz
 	if (r == 0 && rep.region >= MOE_MAX_REGIONS)
 		r = -MOE_E_PROTO;
 	if (r == 0) {
+		pthread_mutex_lock(&c->dreg_lock);
 		c->dregion[rep.region].start = (uintptr_t)dev_ptr;
 		c->dregion[rep.region].bytes = bytes;
 		c->dregion[rep.region].used = true;
+		pthread_mutex_unlock(&c->dreg_lock);
 		*region = rep.region;
 	}
 	pthread_mutex_unlock(&c->ctl_lock);
@@ -1001,19 +1020,19 @@ MOE_EXPORT int moe_client_cuda_unregister(struct moe_client *c, uint32_t region)
 {
 	struct moe_msg_cuda_unmap m = { .region = region };
 	struct moe_msg_cuda_reply rep;
+	bool used;
 	int r;
 
 	if (!c || region >= MOE_MAX_REGIONS)
 		return -EINVAL;
 	pthread_mutex_lock(&c->ctl_lock);
-	if (!c->dregion[region].used) {
-		pthread_mutex_unlock(&c->ctl_lock);
-		return -EINVAL;
-	}
-	r = ctl_call(c, MOE_MSG_CUDA_UNMAP, &m, sizeof(m), &rep, sizeof(rep));
+	pthread_mutex_lock(&c->dreg_lock);
+	used = c->dregion[region].used;
+	c->dregion[region].used = false;
+	pthread_mutex_unlock(&c->dreg_lock);
+	r = used ? ctl_call(c, MOE_MSG_CUDA_UNMAP, &m, sizeof(m), &rep, sizeof(rep)) : -EINVAL;
 	if (r == 0 && rep.status < 0)
 		r = rep.status;
-	c->dregion[region].used = false;
 	pthread_mutex_unlock(&c->ctl_lock);
 	return r;
 }
@@ -1023,7 +1042,7 @@ static int dregion_find(struct moe_client *c, const void *p, uint64_t len, uint6
 {
 	int found = -1;
 
-	pthread_mutex_lock(&c->ctl_lock);
+	pthread_mutex_lock(&c->dreg_lock);
 	for (int i = 0; i < MOE_MAX_REGIONS && found < 0; i++) {
 		uintptr_t a = (uintptr_t)p, st = c->dregion[i].start;
 
@@ -1033,7 +1052,7 @@ static int dregion_find(struct moe_client *c, const void *p, uint64_t len, uint6
 			*off = a - st;
 		}
 	}
-	pthread_mutex_unlock(&c->ctl_lock);
+	pthread_mutex_unlock(&c->dreg_lock);
 	return found;
 }
 
@@ -1062,7 +1081,8 @@ MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, con
 		return -EFAULT;
 	piece = c->w->max_tokens < tokens ? c->w->max_tokens : tokens;
 	if (ids) {
-		/* the routing comes back through the arena */
+		/* the routing comes back through the arena: smaller pieces, down
+		 * to one token, then wait for room, as moe_client_forward() */
 		while (piece > 1 && piece * k * 4 * 2 > c->arena_bytes / 2)
 			piece /= 2;
 		for (;;) {
@@ -1073,10 +1093,22 @@ MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, con
 			aids = NULL;
 			if (r != -ENOMEM)
 				return r;
+			if (piece > 1) {
+				piece /= 2;
+				continue;
+			}
 			if ((r = session_state(c)) < 0)
 				return r;
 			usleep(100);
 		}
+	}
+	/* the caller's work on the input (kernels, copies on any stream of
+	 * this context) must be done before moed reads it */
+	pthread_once(&cu.once, cu_load);
+	if (cu.status < 0 || cu.sync() != 0) {
+		moe_client_free(c, aids);
+		moe_client_free(c, aw);
+		return cu.status < 0 ? cu.status : -EIO;
 	}
 	while (done < tokens) {
 		uint64_t n = tokens - done < piece ? tokens - done : piece, tag;

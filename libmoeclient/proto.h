@@ -63,6 +63,9 @@ enum moe_msg_type {
 	MOE_MSG_CUDA_UNMAP = 5,
 };
 
+#define MOE_FEAT_CUDA_MAP (1u << 0)       /* the daemon knows MOE_MSG_CUDA_MAP/UNMAP */
+#define MOE_FEAT_DEVICE_MEMORY (1u << 1)  /* ... and its backend maps device memory */
+
 #define MOE_MAX_REGIONS 16          /* device-memory regions per session (MOE_CUDA_MAX_REGIONS) */
 
 /* Device memory of the client for requests that never leave the GPU: the
@@ -108,7 +111,7 @@ struct moe_msg_welcome {
 	uint32_t version;               /* the daemon's MOE_PROTO_VERSION */
 	uint64_t segment_bytes;         /* size of the memfd */
 	uint32_t client_id;             /* the daemon's number for this session */
-	uint32_t reserved0;
+	uint32_t features;              /* MOE_FEAT_*: 0 from daemons before them */
 	/* the model */
 	char model_type[32];            /* NUL-terminated */
 	char backend[16];               /* "cpu", "cuda" */

@@ -1990,11 +1990,11 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 	moed_config(&d, &m, NULL, NULL);
 	moed_start(&d);
 
-	/* the library: a host pointer is not device memory */
+	/* the library: moed's WELCOME says its backend takes no device memory */
 	rc = moe_client_connect(d.sock, NULL, &c);
 	moed_assert(&d, rc == 0, "connect: %s", moe_strerror(rc));
 	rc = moe_client_cuda_register(c, host, sizeof(host), &region);
-	ck_assert_msg(rc == -ENODEV || rc == -EFAULT, "registering host memory gave %d (%s)", rc, moe_strerror(rc));
+	ck_assert_msg(rc == -EOPNOTSUPP, "registering memory with a CPU moed gave %d (%s)", rc, moe_strerror(rc));
 	ck_assert_uint_eq(region, 99);
 	ck_assert_int_eq(moe_client_forward_cuda(c, m.layers[0], host, host, 1, NULL, NULL), -EFAULT);
 	ck_assert_int_eq(moe_client_cuda_unregister(c, 0), -EINVAL);
@@ -2023,6 +2023,28 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 		ck_assert_int_eq(rep.status, -EOPNOTSUPP);
 		ck_assert_msg(strstr(rep.message, "CUDA backend") != NULL, "the refusal says: %s", rep.message);
 		moed_assert(&d, moe_test_moed_log_has(&d, "device memory refused"), "moed did not log the refusal");
+		/* a region that is not in its allocation, and an unmap of nothing */
+		msg.m.offset = UINT64_MAX - 10;
+		ck_assert_int_eq(moe_test_send_all(r.fd, &msg, sizeof(msg)), 0);
+		rc = moe_test_recv_all(r.fd, &rh, sizeof(rh), NULL, 5000);
+		if (rc == 0)
+			rc = moe_test_recv_all(r.fd, &rep, sizeof(rep), NULL, 5000);
+		moed_assert(&d, rc == 0 && rep.status == -EINVAL, "an impossible region: %d, status %d", rc,
+			    rep.status);
+		{
+			struct {
+				struct moe_msg_header h;
+				struct moe_msg_cuda_unmap m;
+			} um = { { .magic = MOE_MSG_MAGIC, .type = MOE_MSG_CUDA_UNMAP,
+				   .len = sizeof(struct moe_msg_cuda_unmap) }, { .region = 3 } };
+
+			ck_assert_int_eq(moe_test_send_all(r.fd, &um, sizeof(um)), 0);
+			rc = moe_test_recv_all(r.fd, &rh, sizeof(rh), NULL, 5000);
+			if (rc == 0)
+				rc = moe_test_recv_all(r.fd, &rep, sizeof(rep), NULL, 5000);
+			moed_assert(&d, rc == 0 && rh.type == MOE_MSG_CUDA_UNMAP && rep.status == -EINVAL,
+				    "unmapping region 3 that was never mapped: %d, status %d", rc, rep.status);
+		}
 	}
 	/* descriptors naming regions that do not exist, or region bits without
 	 * the device flag, or bf16 on a device region */
