@@ -37,6 +37,9 @@ struct moe_layer_weights {
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
 	struct moe_device_counters *dev;  /* counters to add to, or NULL */
+	/* experts_begin only: x is the x of this backend's last route() call,
+	 * unchanged since (a backend may reuse its copy of it) */
+	bool x_routed;
 };
 
 struct moe_backend_options {

@@ -812,7 +812,9 @@ static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t 
 		}
 	}
 
+	lw.x_routed = true;          /* routed just above, with this x */
 	r = ops->experts_begin(e->backend, &lw, x, n, kk, e->ids, e->w, out);
+	lw.x_routed = false;
 	if (r < 0)
 		fail = moe_err_set(err, r, "layer %u: expert computation failed: %s", layer, strerror(-r));
 	else

@@ -179,6 +179,8 @@ struct gpu {
 	size_t cnt_cap;
 	bool in_call;
 	bool dev_io;                  // x and out are device pointers (io_mode)
+	const float *r_last;          // route()'s last x, and its tokens: r_x holds it
+	size_t r_last_n;
 	const struct moe_layer_weights *lw;
 	uint32_t cli;                 // the call's layer in layers[]
 	size_t n;
@@ -746,6 +748,8 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 								 (double *)g->r_scratch.p, n, (int32_t *)g->r_ids.p,
 								 (float *)g->r_w.p);
 	CK(cudaGetLastError());
+	g->r_last = x;
+	g->r_last_n = n;
 	CK(cudaMemcpyAsync(g->rh_ids.p, g->r_ids.p, n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, g->cs));
 	CK(cudaMemcpyAsync(g->rh_w.p, g->r_w.p, n * k * sizeof(float), cudaMemcpyDeviceToHost, g->cs));
 	CK(cudaStreamSynchronize(g->cs));
@@ -834,10 +838,14 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 			tok[nk + t] = (int32_t)t;
 	memset(g->done, 0, E + 1);
 
-	if (!g->dev_io)
+	// x went up for the routing just before: copy it on the device
+	bool routed = lw->x_routed && g->r_last == x && g->r_last_n == n && g->r_x.cap >= n * H * sizeof(float);
+	if (!g->dev_io && !routed)
 		memcpy(g->eh_x.p, x, n * H * sizeof(float));
 	memcpy(g->eh_w.p, w, nk * sizeof(float));
-	if (g->dev_io)
+	if (routed)
+		CK(cudaMemcpyAsync(g->e_x.p, g->r_x.p, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
+	else if (g->dev_io)
 		CK(cudaMemcpyAsync(g->e_x.p, x, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
 	else
 		CK(cudaMemcpyAsync(g->e_x.p, g->eh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
