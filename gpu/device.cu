@@ -37,6 +37,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <algorithm>
+
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -50,8 +52,8 @@ extern "C" {
 #define MOE_GEMM_MIN_TOKENS 64
 // Device memory left free when device_bytes is 0, besides the working buffers.
 #define MOE_RESERVE_MIN (2ull << 30)
-// Slots allocated per cudaMalloc as the tier grows.
-#define MOE_SLOTS_PER_CHUNK 64
+// The tier grows by chunks of about this many bytes (at least one slot).
+#define MOE_CHUNK_BYTES (1ull << 30)
 #define MOE_BLAS_WORKSPACE (32u << 20)
 
 namespace {
@@ -155,6 +157,7 @@ struct gpu {
 	uint64_t slot_bytes;          // 0 until the first call says the expert size
 	uint32_t max_slots;
 	uint32_t nslots;
+	uint32_t chunk_slots;         // slots per chunk
 	struct slot *slots;
 	unsigned char **chunks;
 	uint32_t nchunks;
@@ -191,11 +194,39 @@ struct gpu {
 	int status;                   // first failure of the call
 };
 
+// Set by an error that corrupts the CUDA context for good: every later
+// call fails at once, and the log says that only a restart helps.
+bool device_lost;
+
+bool sticky(cudaError_t rc)
+{
+	switch (rc) {
+	case cudaErrorIllegalAddress:
+	case cudaErrorLaunchFailure:
+	case cudaErrorIllegalInstruction:
+	case cudaErrorMisalignedAddress:
+	case cudaErrorInvalidAddressSpace:
+	case cudaErrorInvalidPc:
+	case cudaErrorHardwareStackError:
+	case cudaErrorECCUncorrectable:
+	case cudaErrorLaunchTimeout:
+	case cudaErrorAssert:
+		return true;
+	default:
+		return false;
+	}
+}
+
 int fail(const char *what, cudaError_t rc)
 {
 	(void)cudaGetLastError();   // a non-sticky error must not fail the next call
 	fprintf(stderr, "moed: cuda backend: %s: %s (%s)\n", what, cudaGetErrorString(rc), cudaGetErrorName(rc));
-	return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+	if (sticky(rc) && !device_lost) {
+		device_lost = true;
+		fprintf(stderr, "moed: cuda backend: the CUDA context is lost; every request fails until moed "
+			"restarts\n");
+	}
+	return device_lost ? -ENODEV : rc == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 }
 
 int fail_blas(const char *what, cublasStatus_t st)
@@ -226,11 +257,16 @@ int dmalloc(struct gpu *g, void **p, size_t bytes)
 {
 	for (;;) {
 		cudaError_t rc = cudaMalloc(p, bytes);
+		size_t fr = 0, total = 0;
+
 		if (rc == cudaSuccess)
 			return 0;
-		if (rc != cudaErrorMemoryAllocation || tier_release_chunk(g) < 0)
-			return fail("cudaMalloc", rc);
 		(void)cudaGetLastError();
+		// give slots back only when that can make room for @bytes
+		if (rc != cudaErrorMemoryAllocation || g->nchunks < 2 || cudaMemGetInfo(&fr, &total) != cudaSuccess ||
+		    fr + (uint64_t)(g->nchunks - 1) * g->chunk_slots * g->slot_bytes < bytes ||
+		    tier_release_chunk(g) < 0)
+			return fail("cudaMalloc", rc);
 	}
 }
 
@@ -432,9 +468,10 @@ int tier_setup(struct gpu *g, uint64_t bytes)
 			(unsigned long long)g->budget, (unsigned long long)sb);
 		return -ENOMEM;
 	}
+	uint64_t cs = MOE_CHUNK_BYTES / sb;
+	uint32_t per = cs < 1 ? 1 : cs > 4096 ? 4096 : (uint32_t)cs;
 	struct slot *slots = (struct slot *)calloc(ms, sizeof(*slots));
-	unsigned char **chunks = (unsigned char **)calloc((ms + MOE_SLOTS_PER_CHUNK - 1) / MOE_SLOTS_PER_CHUNK,
-							  sizeof(*chunks));
+	unsigned char **chunks = (unsigned char **)calloc((ms + per - 1) / per, sizeof(*chunks));
 	if (!slots || !chunks) {
 		free(slots);
 		free(chunks);
@@ -443,6 +480,7 @@ int tier_setup(struct gpu *g, uint64_t bytes)
 	g->slots = slots;
 	g->chunks = chunks;
 	g->max_slots = ms;
+	g->chunk_slots = per;
 	g->slot_bytes = sb;
 	return 0;
 }
@@ -452,10 +490,10 @@ int tier_setup(struct gpu *g, uint64_t bytes)
 int32_t tier_take(struct gpu *g)
 {
 	if (g->nslots < g->max_slots) {
-		uint32_t ci = g->nslots / MOE_SLOTS_PER_CHUNK;
+		uint32_t ci = g->nslots / g->chunk_slots;
 		if (ci == g->nchunks) {
-			uint32_t n = g->max_slots - g->nslots < MOE_SLOTS_PER_CHUNK ? g->max_slots - g->nslots
-										     : MOE_SLOTS_PER_CHUNK;
+			uint32_t n = g->max_slots - g->nslots < g->chunk_slots ? g->max_slots - g->nslots
+									       : g->chunk_slots;
 			void *p;
 			if (cudaMalloc(&p, (size_t)n * g->slot_bytes) == cudaSuccess) {
 				g->chunks[g->nchunks++] = (unsigned char *)p;
@@ -467,7 +505,7 @@ int32_t tier_take(struct gpu *g)
 		if (g->nslots < g->max_slots) {
 			int32_t s = (int32_t)g->nslots++;
 			struct slot *x = &g->slots[s];
-			x->mem = g->chunks[s / MOE_SLOTS_PER_CHUNK] + (size_t)(s % MOE_SLOTS_PER_CHUNK) * g->slot_bytes;
+			x->mem = g->chunks[s / g->chunk_slots] + (size_t)(s % g->chunk_slots) * g->slot_bytes;
 			x->layer_index = -1;
 			x->prev = x->next = -1;
 			x->busy = false;
@@ -496,12 +534,13 @@ void tier_touch(struct gpu *g, int32_t s)
 }
 
 // Give the last chunk of slots back to the device (none of them busy) and
-// stop the tier from growing again.  -1 when there is none to give.
+// stop the tier from growing again.  -1 when there is none to give: the
+// first chunk always stays, so that the tier never ends with no slot.
 int tier_release_chunk(struct gpu *g)
 {
-	if (!g->nchunks)
+	if (g->nchunks < 2)
 		return -1;
-	uint32_t ci = g->nchunks - 1, s0 = ci * MOE_SLOTS_PER_CHUNK;
+	uint32_t ci = g->nchunks - 1, s0 = ci * g->chunk_slots;
 	for (uint32_t s = s0; s < g->nslots; s++)
 		if (g->slots[s].busy)
 			return -1;
@@ -701,6 +740,8 @@ int drain(struct gpu *g)
 {
 	cudaError_t a = cudaStreamSynchronize(g->xs), b = cudaStreamSynchronize(g->cs);
 
+	if (a != cudaSuccess || b != cudaSuccess)
+		tier_forget_busy(g);   // what they copied may be incomplete
 	for (uint32_t s = 0; s < g->nslots; s++)
 		g->slots[s].busy = false;
 	if (a != cudaSuccess)
@@ -725,6 +766,9 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 		return 0;
 	if (n > (size_t)UINT32_MAX / E || (n + MOE_LOGIT_TOKENS - 1) / MOE_LOGIT_TOKENS > 65535)
 		return -EINVAL;
+	g->r_last = nullptr;
+	if (!lw->router)
+		return -EINVAL;
 	if ((r = layer_get(g, lw, false, &l)) < 0)
 		return r;
 	if ((r = dgrow(g, &g->r_x, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->r_logits, n * E * sizeof(float))) < 0 ||
@@ -748,11 +792,11 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 								 (double *)g->r_scratch.p, n, (int32_t *)g->r_ids.p,
 								 (float *)g->r_w.p);
 	CK(cudaGetLastError());
-	g->r_last = x;
-	g->r_last_n = n;
 	CK(cudaMemcpyAsync(g->rh_ids.p, g->r_ids.p, n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, g->cs));
 	CK(cudaMemcpyAsync(g->rh_w.p, g->r_w.p, n * k * sizeof(float), cudaMemcpyDeviceToHost, g->cs));
 	CK(cudaStreamSynchronize(g->cs));
+	g->r_last = x;
+	g->r_last_n = n;
 	memcpy(ids, g->rh_ids.p, n * k * sizeof(int32_t));
 	memcpy(w, g->rh_w.p, n * k * sizeof(float));
 	return 0;
@@ -768,7 +812,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	size_t nk = n * kk, ent = nk + (shared ? n : 0);
 	int r;
 
-	if (nk / kk != n || nk > UINT32_MAX)
+	if (kk == 0 || nk / kk != n || nk > UINT32_MAX)
 		return -EINVAL;
 	if ((r = tier_setup(g, expert_bytes(c, I))) < 0)
 		return r;
@@ -833,6 +877,25 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 		}
 	for (uint32_t e = 0; e < E; e++)
 		g->first[e] -= g->count[e];
+	// the cuBLAS experts' scratch, grown now: in run() the device tier's
+	// slots are busy and cannot make room
+	{
+		size_t need_g = 0, need_x = 0, esz = c->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
+		uint32_t nin = c->gated ? 2 : 1;
+
+		for (uint32_t e = 0; e <= E; e++) {
+			size_t m = e < E ? g->count[e] : shared ? n : 0;
+			uint32_t inter = e < E ? I : Is;
+
+			if (!m || !use_gemm(c, (uint32_t)m))
+				continue;
+			need_g = std::max(need_g, m * nin * inter * sizeof(float));
+			need_x = std::max(need_x, m * std::max(H, inter) * esz);
+		}
+		if (need_g && ((r = dgrow(g, &g->g_G, need_g)) < 0 || (r = dgrow(g, &g->g_xhi, need_x)) < 0 ||
+			       (esz == 2 && (r = dgrow(g, &g->g_xlo, need_x)) < 0)))
+			return r;
+	}
 	if (shared)
 		for (size_t t = 0; t < n; t++)
 			tok[nk + t] = (int32_t)t;
@@ -1154,6 +1217,8 @@ int moe_cuda_route(struct moe_backend *be, const struct moe_layer_weights *lw, c
 		   int32_t *ids, float *w)
 {
 	struct gpu *g = (struct gpu *)be->priv;
+	if (device_lost)
+		return -ENODEV;
 	cudaSetDevice(g->dev);
 	return gpu_route(be, lw, x, n, ids, w);
 }
@@ -1166,6 +1231,8 @@ int moe_cuda_experts_begin(struct moe_backend *be, const struct moe_layer_weight
 
 	if (g->in_call)
 		return -EBUSY;
+	if (device_lost)
+		return -ENODEV;
 	cudaSetDevice(g->dev);
 	r = begin(g, lw, x, n, kk, ids, w, out);
 	if (r < 0) {
