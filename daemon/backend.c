@@ -10,6 +10,9 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +79,184 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 	return r;
 }
 
+/* The CUDA backend, once it has passed the self-test on a throwaway
+ * instance (so that the test leaves no state in the one that serves). */
+static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_backend **ret,
+			     struct moe_err *err)
+{
+	struct moe_backend_options small = opt ? *opt : (struct moe_backend_options){ 0 };
+	struct moe_backend *be;
+	int r;
+
+	small.device_bytes = 64u << 20;
+	r = cuda_open(&small, &be, err);
+	if (r < 0)
+		return r;
+	r = moe_backend_selftest(be, err);
+	moe_backend_close(be);
+	if (r < 0)
+		return r;
+	return cuda_open(opt, ret, err);
+}
+
+/* ------------------------------------------------------------------ self-test */
+
+/*
+ * A small layer run through @be and through the CPU backend: every token's
+ * experts must agree and its output be within a relative L2 of 1e-3.  A
+ * backend that has never been checked on this machine's device (a new GPU,
+ * a new driver) proves itself before it serves.  Expert 0 takes every
+ * token, so that a large batch reaches the products of many tokens per
+ * expert (the CUDA backend's cuBLAS path) as well as the small ones.
+ * MOE_BACKEND_SELFTEST_FAULT=1 perturbs @be's output (tests).
+ */
+#define ST_H 256
+#define ST_I 128
+#define ST_E 8
+#define ST_K 2
+#define ST_TOKENS 200
+
+static uint64_t st_rng(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static float st_uniform(uint64_t *s, float scale)
+{
+	return scale * (float)((double)(st_rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
+{
+	const struct moe_model_config cfg = {
+		.arch = MOE_ARCH_QWEN3_MOE, .hidden_size = ST_H, .moe_intermediate_size = ST_I,
+		.num_experts = ST_E, .top_k = ST_K, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true,
+		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_BF16,
+	};
+	const size_t eb = 3 * (size_t)ST_H * ST_I * 2;
+	const bool fault = getenv("MOE_BACKEND_SELFTEST_FAULT") && !strcmp(getenv("MOE_BACKEND_SELFTEST_FAULT"), "1");
+	struct moe_backend_options o = { .threads = 1 };
+	struct moe_backend *cpu = NULL;
+	float *router = NULL, *x = NULL, *y0 = NULL, *y1 = NULL, *w0 = NULL, *w1 = NULL;
+	int32_t *i0 = NULL, *i1 = NULL;
+	uint16_t *blobs = NULL;
+	void *packed[ST_E] = { NULL }, *bpacked[ST_E] = { NULL };
+	const void *bp[ST_E], *pp[ST_E];
+	uint64_t seed = 0x5e1f7e57;
+	int r;
+
+	r = backend_start(&moe_backend_cpu_ops, NULL, &o, &cpu, err);
+	if (r < 0)
+		return r;
+	router = calloc((size_t)ST_E * ST_H, sizeof(float));
+	x = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
+	y0 = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
+	y1 = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
+	w0 = malloc((size_t)ST_TOKENS * ST_K * sizeof(float));
+	w1 = malloc((size_t)ST_TOKENS * ST_K * sizeof(float));
+	i0 = malloc((size_t)ST_TOKENS * ST_K * sizeof(int32_t));
+	i1 = malloc((size_t)ST_TOKENS * ST_K * sizeof(int32_t));
+	blobs = malloc(ST_E * eb);
+	if (!router || !x || !y0 || !y1 || !w0 || !w1 || !i0 || !i1 || !blobs) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < (size_t)ST_E * ST_H; i++)
+		router[i] = st_uniform(&seed, 0.1f);
+	for (size_t i = 0; i < (size_t)ST_TOKENS * ST_H; i++)
+		x[i] = st_uniform(&seed, 1.0f);
+	for (size_t t = 0; t < ST_TOKENS; t++)
+		x[t * ST_H] = 4.0f;               /* with router[0][0] = 2: expert 0 for all */
+	router[0] = 2.0f;
+	for (size_t i = 0; i < ST_E * eb / 2; i++)
+		blobs[i] = moe_f32_to_bf16(st_uniform(&seed, 0.0625f));
+	for (uint32_t e = 0; e < ST_E; e++) {
+		bp[e] = (const uint8_t *)blobs + e * eb;
+		packed[e] = malloc(cpu->ops->blob_bytes(&cfg, ST_I));
+		if (!packed[e]) {
+			r = moe_err_set(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		cpu->ops->blob_prepare(&cfg, ST_I, bp[e], packed[e]);
+		pp[e] = packed[e];
+		if (be->ops->blob_prepare) {
+			/* @be's own resident layout, if it has one */
+			bpacked[e] = malloc(be->ops->blob_bytes(&cfg, ST_I));
+			if (!bpacked[e]) {
+				r = moe_err_set(err, -ENOMEM, "out of memory");
+				goto out;
+			}
+			be->ops->blob_prepare(&cfg, ST_I, (const uint8_t *)blobs + e * eb, bpacked[e]);
+			bp[e] = bpacked[e];
+		}
+	}
+	for (size_t n = 3; n <= ST_TOKENS; n += ST_TOKENS - 3) {
+		struct moe_layer_weights lc = { .cfg = &cfg, .layer = 0, .router = router, .experts = pp };
+		struct moe_layer_weights lb = { .cfg = &cfg, .layer = 0, .router = router, .experts = bp };
+
+		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0)) < 0 ||
+		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0)) < 0) {
+			r = moe_err_set(err, r, "self-test: the CPU backend failed: %s", strerror(-r));
+			goto out;
+		}
+		if ((r = be->ops->route(be, &lb, x, n, i1, w1)) < 0 ||
+		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1)) < 0) {
+			r = moe_err_set(err, r, "self-test: the %s backend failed on %zu tokens: %s", be->ops->name, n,
+					strerror(-r));
+			goto out;
+		}
+		if (fault)
+			y1[(n - 1) * ST_H] += 1.0f;
+		for (size_t t = 0; t < n; t++) {
+			double d = 0, s = 0;
+
+			for (uint32_t j = 0; j < ST_K; j++)
+				if (i0[t * ST_K + j] != i1[t * ST_K + j] ||
+				    fabsf(w0[t * ST_K + j] - w1[t * ST_K + j]) > 1e-5f * fabsf(w0[t * ST_K + j])) {
+					r = moe_err_set(err, -EIO, "self-test: the %s backend routes token %zu of %zu to "
+							"expert %d (weight %g), the CPU to %d (weight %g)", be->ops->name,
+							t, n, i1[t * ST_K + j], (double)w1[t * ST_K + j],
+							i0[t * ST_K + j], (double)w0[t * ST_K + j]);
+					goto out;
+				}
+			for (uint32_t h = 0; h < ST_H; h++) {
+				double a = y0[t * ST_H + h], b = y1[t * ST_H + h];
+
+				d += (a - b) * (a - b);
+				s += a * a;
+			}
+			if (!(d <= 1e-6 * s)) {
+				r = moe_err_set(err, -EIO, "self-test: the %s backend's output of token %zu of %zu is %.2g "
+						"from the CPU backend's (relative L2; at most 1e-3)", be->ops->name, t, n,
+						sqrt(d / (s > 0 ? s : 1)));
+				goto out;
+			}
+		}
+	}
+	r = 0;
+out:
+	for (uint32_t e = 0; e < ST_E; e++) {
+		free(packed[e]);
+		free(bpacked[e]);
+	}
+	free(router);
+	free(x);
+	free(y0);
+	free(y1);
+	free(w0);
+	free(w1);
+	free(i0);
+	free(i1);
+	free(blobs);
+	moe_backend_close(cpu);
+	return r;
+}
+
 int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 		     struct moe_backend **ret, struct moe_err *err)
 {
@@ -83,7 +264,7 @@ int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 	int r;
 
 	if (!name || !strcmp(name, "auto")) {
-		r = cuda_open(opt, ret, &why);
+		r = cuda_open_checked(opt, ret, &why);
 		if (r == 0)
 			return 0;
 		r = backend_start(&moe_backend_cpu_ops, NULL, opt, ret, err);
@@ -94,7 +275,7 @@ int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 	if (!strcmp(name, "cpu"))
 		return backend_start(&moe_backend_cpu_ops, NULL, opt, ret, err);
 	if (!strcmp(name, "cuda"))
-		return cuda_open(opt, ret, err);
+		return cuda_open_checked(opt, ret, err);
 	return moe_err_set(err, -EINVAL, "unknown backend '%s' (use auto, cpu or cuda)", name);
 }
 

@@ -164,4 +164,13 @@ int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 /* Close a backend; NULL is fine. */
 void moe_backend_close(struct moe_backend *be);
 
+/*
+ * Run a small layer (softmax routing, bf16 SwiGLU experts, 3 and 200
+ * tokens, one expert taking every token) through @be and through the CPU
+ * backend: 0 when every token's experts agree and its output is within a
+ * relative L2 of 1e-3; -EIO with the first difference in @err otherwise.
+ * moe_backend_open() runs it on the CUDA backend before it serves.
+ */
+int moe_backend_selftest(struct moe_backend *be, struct moe_err *err);
+
 #endif

@@ -779,6 +779,40 @@ static void run_case(const struct gcase *c, unsigned long *failures)
 	run_close(&r);
 }
 
+/*
+ * moe_backend_selftest(), which the CUDA backend must pass before it
+ * serves: here on the CPU backend against itself (it must pass), and with
+ * MOE_BACKEND_SELFTEST_FAULT=1 (it must fail and say where).
+ */
+static int selftest_checks(void)
+{
+	struct moe_backend *be = NULL;
+	struct moe_err err = { 0 };
+	int r;
+
+	if (moe_backend_open("cpu", NULL, &be, &err) < 0) {
+		fprintf(stderr, "FAIL: the cpu backend did not open: %s\n", err.msg);
+		return -1;
+	}
+	r = moe_backend_selftest(be, &err);
+	if (r < 0) {
+		fprintf(stderr, "FAIL: the CPU backend fails the self-test against itself: %s\n", err.msg);
+		moe_backend_close(be);
+		return -1;
+	}
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "1", 1);
+	moe_err_clear(&err);
+	r = moe_backend_selftest(be, &err);
+	unsetenv("MOE_BACKEND_SELFTEST_FAULT");
+	moe_backend_close(be);
+	if (r != -EIO || !strstr(err.msg, "relative L2")) {
+		fprintf(stderr, "FAIL: a perturbed output passed the self-test (%d: %s)\n", r, err.msg);
+		return -1;
+	}
+	printf("self-test: passes on the CPU backend, catches a perturbed output (%s)\n", err.msg);
+	return 0;
+}
+
 int main(void)
 {
 	const char *q = getenv("MOE_GPU_TEST_QUICK"), *be = getenv("MOE_GPU_TEST_BACKEND");
@@ -790,6 +824,8 @@ int main(void)
 	if (be && *be)
 		dev_name = be;
 
+	if (selftest_checks() < 0)
+		return 1;
 	r = probe_backends();
 	if (r < 0)
 		return 1;
