@@ -80,14 +80,18 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 }
 
 /* The CUDA backend, once it has passed the self-test on a throwaway
- * instance (so that the test leaves no state in the one that serves). */
+ * instance (so that the test leaves no state in the one that serves); once
+ * per process: the device does not change under it. */
 static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_backend **ret,
 			     struct moe_err *err)
 {
+	static bool passed;
 	struct moe_backend_options small = opt ? *opt : (struct moe_backend_options){ 0 };
 	struct moe_backend *be;
 	int r;
 
+	if (__atomic_load_n(&passed, __ATOMIC_ACQUIRE))
+		return cuda_open(opt, ret, err);
 	small.device_bytes = 64u << 20;
 	r = cuda_open(&small, &be, err);
 	if (r < 0)
@@ -96,6 +100,7 @@ static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_b
 	moe_backend_close(be);
 	if (r < 0)
 		return r;
+	__atomic_store_n(&passed, true, __ATOMIC_RELEASE);
 	return cuda_open(opt, ret, err);
 }
 
