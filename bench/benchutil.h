@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "clock.h"
+#include "rng.h"
 
 static inline double bench_now(void)
 {
@@ -15,11 +16,7 @@ static inline double bench_now(void)
 /* splitmix64: the next value of the sequence seeded by *s */
 static inline uint64_t bench_rng(uint64_t *s)
 {
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
+	return moe_splitmix64(s);
 }
 
 #endif

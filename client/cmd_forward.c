@@ -23,6 +23,7 @@
 #include "moeclient.h"
 #include "moectl.h"
 #include "npy.h"
+#include "rng.h"
 
 #define FWD_MAX_REPEAT 1000000u
 #define FWD_MAX_THREADS 4096u
@@ -348,11 +349,8 @@ static void random_fill(float *x, uint64_t n, uint64_t seed, bool bf16)
 
 	for (uint64_t i = 0; i < n; i++) {
 		/* splitmix64, top 24 bits as a uniform float in [-1, 1) */
-		uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+		uint64_t z = moe_splitmix64(&s);
 
-		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-		z ^= z >> 31;
 		x[i] = (float)((double)(z >> 40) / (double)(1u << 23) - 1.0);
 		if (bf16)
 			x[i] = moe_bf16_to_f32(moe_f32_to_bf16(x[i]));

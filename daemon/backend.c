@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "rng.h"
 
 #ifndef MOE_BACKEND_DIR
 #define MOE_BACKEND_DIR "/usr/local/lib/moed"
@@ -121,18 +122,9 @@ static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_b
 #define ST_K 2
 #define ST_TOKENS 200
 
-static uint64_t st_rng(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 static float st_uniform(uint64_t *s, float scale)
 {
-	return scale * (float)((double)(st_rng(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+	return scale * (float)((double)(moe_splitmix64(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
 
 int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)

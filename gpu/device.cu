@@ -843,7 +843,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	    (r = dgrow(g, &g->e_out, n * H * sizeof(float))) < 0 ||
 	    (r = dgrow(g, &g->e_items, g->items_cap * sizeof(moe_witem))) < 0 ||
 	    (r = dgrow(g, &g->e_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0 ||
-	    (r = hgrow(&g->eh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->eh_w, nk * sizeof(float))) < 0 ||
+	    (r = hgrow(&g->eh_w, nk * sizeof(float))) < 0 ||
 	    (r = hgrow(&g->eh_pos, nk * sizeof(uint32_t))) < 0 || (r = hgrow(&g->eh_tok, ent * sizeof(int32_t))) < 0 ||
 	    (r = hgrow(&g->eh_out, n * H * sizeof(float))) < 0 ||
 	    (r = hgrow(&g->eh_items, g->items_cap * sizeof(moe_witem))) < 0 ||
@@ -903,8 +903,12 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 
 	// x went up for the routing just before: copy it on the device
 	bool routed = lw->x_routed && g->r_last == x && g->r_last_n == n && g->r_x.cap >= n * H * sizeof(float);
-	if (!g->dev_io && !routed)
+	// the pinned staging of x only when x has to come from host memory
+	if (!g->dev_io && !routed) {
+		if ((r = hgrow(&g->eh_x, n * H * sizeof(float))) < 0)
+			return r;
 		memcpy(g->eh_x.p, x, n * H * sizeof(float));
+	}
 	memcpy(g->eh_w.p, w, nk * sizeof(float));
 	if (routed)
 		CK(cudaMemcpyAsync(g->e_x.p, g->r_x.p, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));

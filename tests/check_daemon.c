@@ -724,27 +724,41 @@ END_TEST
 
 /* ------------------------------------------------------------------ 2: killed clients */
 
-/* Rounds until told to stop, then idle (still connected) until released. */
-static int steady_client(void *p)
+/*
+ * Open a session, say so, and run rounds (random sizes, synchronous or up
+ * to @nasync requests at once, checked bit for bit) until told to stop.
+ * 0 with the session still open, or 1 after a failure was reported.
+ */
+static int rounds_until_stop(const struct client_arg *a, struct session *s, uint64_t seed, uint32_t nasync)
 {
-	const struct client_arg *a = p;
-	uint64_t rng = 0x57eadull * (uint64_t)(a->id + 1);
-	struct session s;
+	uint64_t rng = seed * (uint64_t)(a->id + 1);
 	char why[512];
 
-	if (session_open(&s, a->m, a->sock, why, sizeof(why)) < 0)
+	if (session_open(s, a->m, a->sock, why, sizeof(why)) < 0)
 		return client_fail(a, why);
 	atomic_store(&a->b->ready[a->id], 1);
 	while (!atomic_load(&a->b->stop)) {
 		bool async = rand_below(&rng, 2);
 
-		if (client_round(s.c, s.e, a->m, &rng, async ? 4 : 1, async, a->max_tokens, why, sizeof(why)) < 0) {
+		if (client_round(s->c, s->e, a->m, &rng, async ? nasync : 1, async, a->max_tokens, why,
+				 sizeof(why)) < 0) {
 			client_fail(a, why);
-			session_close(&s);
+			session_close(s);
 			return 1;
 		}
 		atomic_fetch_add(&a->b->rounds[a->id], 1);
 	}
+	return 0;
+}
+
+/* Rounds until told to stop, then idle (still connected) until released. */
+static int steady_client(void *p)
+{
+	const struct client_arg *a = p;
+	struct session s;
+
+	if (rounds_until_stop(a, &s, 0x57eadull, 4))
+		return 1;
 	atomic_store(&a->b->idle[a->id], 1);
 	while (!atomic_load(&a->b->release))
 		moe_test_sleep_ms(5);
@@ -962,23 +976,10 @@ static bool peer_closes(int fd, int timeout_ms)
 static int normal_client(void *p)
 {
 	const struct client_arg *a = p;
-	uint64_t rng = 0x6009ull * (uint64_t)(a->id + 1);
 	struct session s;
-	char why[512];
 
-	if (session_open(&s, a->m, a->sock, why, sizeof(why)) < 0)
-		return client_fail(a, why);
-	atomic_store(&a->b->ready[a->id], 1);
-	while (!atomic_load(&a->b->stop)) {
-		bool async = rand_below(&rng, 2);
-
-		if (client_round(s.c, s.e, a->m, &rng, async ? 3 : 1, async, a->max_tokens, why, sizeof(why)) < 0) {
-			client_fail(a, why);
-			session_close(&s);
-			return 1;
-		}
-		atomic_fetch_add(&a->b->rounds[a->id], 1);
-	}
+	if (rounds_until_stop(a, &s, 0x6009ull, 3))
+		return 1;
 	session_close(&s);
 	return 0;
 }

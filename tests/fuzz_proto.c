@@ -77,6 +77,7 @@
 #include "genmodel.h"
 #include "moeclient.h"
 #include "pack.h"
+#include "rng.h"
 #include "testutil.h"
 #endif
 
@@ -91,11 +92,7 @@
 /* splitmix64: the same sequence everywhere for a seed */
 static uint64_t rnd(uint64_t *s)
 {
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
+	return moe_splitmix64(s);
 }
 
 static uint32_t below(uint64_t *s, uint64_t n)

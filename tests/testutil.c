@@ -15,6 +15,7 @@
 
 #include "err.h"
 #include "pack.h"
+#include "rng.h"
 #include "safetensors.h"
 #include "testutil.h"
 
@@ -179,11 +180,7 @@ const char *moe_test_moectl(void)
 
 uint64_t moe_test_rand(uint64_t *s)
 {
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
+	return moe_splitmix64(s);
 }
 
 double moe_test_randf(uint64_t *s)
