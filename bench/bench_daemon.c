@@ -31,8 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
-#include "moeclient.h"
+#include "engine/engine.h"
+#include "libmoeclient/moeclient.h"
 
 static double now_us(void)
 {

@@ -88,9 +88,9 @@
 #include <cuda_runtime.h>
 #pragma GCC diagnostic pop
 
-#include "engine.h"
-#include "model.h"
-#include "store.h"
+#include "engine/engine.h"
+#include "engine/model.h"
+#include "engine/store.h"
 #include "benchutil.h"
 
 /* The targets of the CUDA backend issue, printed beside each row. */

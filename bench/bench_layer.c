@@ -42,11 +42,11 @@
 
 #include <immintrin.h>
 
-#include "backend.h"
-#include "dtype.h"
-#include "kernels.h"
-#include "model.h"
-#include "threadpool.h"
+#include "engine/backend.h"
+#include "engine/dtype.h"
+#include "engine/kernels.h"
+#include "engine/model.h"
+#include "engine/threadpool.h"
 #include "benchutil.h"
 
 static float rngf(uint64_t *s)

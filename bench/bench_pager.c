@@ -62,11 +62,11 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 
-#include "backend.h"
-#include "cache.h"
-#include "engine.h"
-#include "pager.h"
-#include "store.h"
+#include "engine/backend.h"
+#include "engine/cache.h"
+#include "engine/engine.h"
+#include "engine/pager.h"
+#include "engine/store.h"
 #include "benchutil.h"
 
 #define HUGE_2M (2u << 20)

@@ -5,8 +5,8 @@
 
 #include <stdint.h>
 
-#include "clock.h"
-#include "rng.h"
+#include "engine/clock.h"
+#include "engine/rng.h"
 
 static inline double bench_now(void)
 {

@@ -17,8 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "dtype.h"
-#include "moeclient.h"
+#include "engine/dtype.h"
+#include "libmoeclient/moeclient.h"
 #include "moectl.h"
 
 #define HIST_WIDTH 30      /* characters of the longest bar */

@@ -18,12 +18,12 @@
 #include <string.h>
 #include <sys/resource.h>
 
-#include "dtype.h"
-#include "engine.h"
-#include "moeclient.h"
+#include "engine/dtype.h"
+#include "engine/engine.h"
+#include "libmoeclient/moeclient.h"
 #include "moectl.h"
-#include "npy.h"
-#include "rng.h"
+#include "formats/npy.h"
+#include "engine/rng.h"
 
 #define FWD_MAX_REPEAT 1000000u
 #define FWD_MAX_THREADS 4096u

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "genmodel.h"
+#include "formats/genmodel.h"
 #include "moectl.h"
 
 enum gen_opt {

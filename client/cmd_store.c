@@ -13,8 +13,8 @@
 #include <jansson.h>
 
 #include "moectl.h"
-#include "pack.h"
-#include "store.h"
+#include "formats/pack.h"
+#include "engine/store.h"
 
 /* getopt_long with our own messages: one "moectl: ..." line, exit 1. */
 static int bad_option(const char *cmd, int argc, char **argv)

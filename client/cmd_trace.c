@@ -15,9 +15,9 @@
 
 #include <jansson.h>
 
-#include "cache.h"
+#include "engine/cache.h"
 #include "moectl.h"
-#include "trace.h"
+#include "engine/trace.h"
 
 /* Default capacities, as fractions of the distinct experts the trace uses. */
 static const double default_fractions[] = { 0.05, 0.10, 0.25, 0.50 };

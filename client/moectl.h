@@ -8,7 +8,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "err.h"
+#include "engine/err.h"
 
 /* Each subcommand: argv[0] is the subcommand name; returns the exit status. */
 int cmd_gen_model(int argc, char **argv);

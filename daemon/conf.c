@@ -26,7 +26,7 @@
 #include <libconfig.h>
 
 #include "conf.h"
-#include "io.h"
+#include "engine/io.h"
 
 /* A configuration file is a page of text; anything bigger is a mistake. */
 #define FILE_MAX (1 << 20)

@@ -18,8 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine.h"
-#include "err.h"
+#include "engine/engine.h"
+#include "engine/err.h"
 
 /* The file moed reads without --config: $(sysconfdir)/moed/moed.conf,
  * set by the build (Makefile.am). */

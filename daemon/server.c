@@ -50,13 +50,13 @@
 #include <systemd/sd-daemon.h>
 #endif
 
-#include "clock.h"
-#include "dtype.h"
-#include "engine.h"
-#include "futex.h"
+#include "engine/clock.h"
+#include "engine/dtype.h"
+#include "engine/engine.h"
+#include "proto/futex.h"
 #include "log.h"
-#include "moeclient.h"
-#include "proto.h"
+#include "libmoeclient/moeclient.h"
+#include "proto/proto.h"
 #include "server.h"
 
 #define SQ_ENTRIES_DEFAULT 64u      /* requests a client may have queued */

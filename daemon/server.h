@@ -8,7 +8,7 @@
 #define MOED_SERVER_H
 
 #include "conf.h"
-#include "err.h"
+#include "engine/err.h"
 
 struct moed_server;
 

@@ -2,7 +2,7 @@
 /*
  * Between the C side of the CUDA backend module (module.c: the ops table)
  * and its CUDA side (device.cu: everything that touches the device).  The
- * functions are the backend ops of daemon/backend.h.
+ * functions are the backend ops of engine/backend.h.
  */
 #ifndef MOE_GPU_CUDA_H
 #define MOE_GPU_CUDA_H

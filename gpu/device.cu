@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The CUDA backend: the backend ops of daemon/backend.h on one device.
+// The CUDA backend: the backend ops of engine/backend.h on one device.
 //
 // route    x goes up, k_logits computes the float32 logits (a fixed order:
 //          the same bits whatever the batch), k_select picks the experts
@@ -43,7 +43,7 @@
 #include <cuda_runtime.h>
 
 extern "C" {
-#include "backend.h"
+#include "engine/backend.h"
 }
 #include "cuda.h"
 #include "kernels.cuh"

@@ -20,9 +20,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "act.h"
-#include "model.h"
-#include "router_sel.h"
+#include "engine/act.h"
+#include "engine/model.h"
+#include "engine/router_sel.h"
 
 #define MOE_WARPS 8                 // warps per block of the streaming kernels
 #define MOE_ROWS_PER_WARP 4         // weight rows per warp

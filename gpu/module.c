@@ -10,7 +10,7 @@
 #include <errno.h>
 #include <stdio.h>
 
-#include "backend.h"
+#include "engine/backend.h"
 #include "cuda.h"
 
 static int cuda_init(struct moe_backend *be, const struct moe_backend_options *opt,

@@ -15,9 +15,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "futex.h"
+#include "proto/futex.h"
 #include "moeclient.h"
-#include "proto.h"
+#include "proto/proto.h"
 
 #define MOE_EXPORT __attribute__((visibility("default")))
 

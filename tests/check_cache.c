@@ -22,9 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cache.h"
+#include "engine/cache.h"
 #include "testutil.h"
-#include "trace.h"
+#include "engine/trace.h"
 
 #define NONE MOE_CACHE_NONE
 

@@ -46,13 +46,13 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
-#include "dtype.h"
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "moeclient.h"
-#include "pack.h"
-#include "store.h"
+#include "engine/dtype.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "libmoeclient/moeclient.h"
+#include "formats/pack.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 /* The model: deepseek_v3 with bf16 weights, layer 0 dense, layers 1 and 2

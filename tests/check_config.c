@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "conf.h"
+#include "daemon/conf.h"
 #include "testutil.h"
 
 static char *write_file(const char *dir, const char *name, const char *text)

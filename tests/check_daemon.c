@@ -49,15 +49,15 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
-#include "dtype.h"
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "model.h"
-#include "moeclient.h"
-#include "pack.h"
-#include "proto.h"
-#include "store.h"
+#include "engine/dtype.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "engine/model.h"
+#include "libmoeclient/moeclient.h"
+#include "formats/pack.h"
+#include "proto/proto.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 #define READY_TIMEOUT_MS 60000   /* moed opens its store and listens (ASan is slow) */

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dtype.h"
+#include "engine/dtype.h"
 
 static uint32_t bits(float f)
 {

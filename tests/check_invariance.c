@@ -13,11 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "model.h"
-#include "pack.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "engine/model.h"
+#include "formats/pack.h"
 #include "testutil.h"
 
 /* The MoE layer every model below has (deepseek's layer 0 is dense). */

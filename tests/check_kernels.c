@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dtype.h"
-#include "kernels.h"
+#include "engine/dtype.h"
+#include "engine/kernels.h"
 #include "testutil.h"
 
 /* GCC 12 sees a negative size in the unrolled K loop that cannot happen */

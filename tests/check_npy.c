@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "npy.h"
+#include "formats/npy.h"
 #include "testutil.h"
 
 static char *dir;

@@ -21,13 +21,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "model.h"
-#include "pack.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "engine/model.h"
+#include "formats/pack.h"
 #include "ref.h"
-#include "safetensors.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #define TIE_MARGIN 1e-6

@@ -22,13 +22,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "model.h"
-#include "pack.h"
-#include "pager.h"
-#include "store.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "engine/model.h"
+#include "formats/pack.h"
+#include "engine/pager.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 struct model {

@@ -13,9 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "err.h"
-#include "model.h"
+#include "engine/backend.h"
+#include "engine/err.h"
+#include "engine/model.h"
 #include "ref.h"
 #include "testutil.h"
 

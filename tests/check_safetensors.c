@@ -21,8 +21,8 @@
 
 #include <jansson.h>
 
-#include "genmodel.h"
-#include "safetensors.h"
+#include "formats/genmodel.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 /* ------------------------------------------------------------ helpers */

@@ -20,11 +20,11 @@
 
 #include <jansson.h>
 
-#include "genmodel.h"
-#include "hfmodel.h"
-#include "pack.h"
-#include "safetensors.h"
-#include "store.h"
+#include "formats/genmodel.h"
+#include "formats/hfmodel.h"
+#include "formats/pack.h"
+#include "formats/safetensors.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 /* --- a synthetic store -------------------------------------------------------- */

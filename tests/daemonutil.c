@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
-#include "futex.h"
+#include "proto/futex.h"
 
 #define HELLO_TIMEOUT_MS 5000    /* each half of the HELLO/WELCOME exchange */
 #define START_POLL_MS 10         /* between tries of moed's socket */

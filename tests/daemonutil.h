@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#include "proto.h"
+#include "proto/proto.h"
 
 /* CLOCK_MONOTONIC in milliseconds. */
 uint64_t moe_test_now_ms(void);

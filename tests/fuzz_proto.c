@@ -68,16 +68,16 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
-#include "proto.h"
+#include "proto/proto.h"
 
 #ifndef MOE_LIBFUZZER
-#include "dtype.h"
-#include "engine.h"
-#include "err.h"
-#include "genmodel.h"
-#include "moeclient.h"
-#include "pack.h"
-#include "rng.h"
+#include "engine/dtype.h"
+#include "engine/engine.h"
+#include "engine/err.h"
+#include "formats/genmodel.h"
+#include "libmoeclient/moeclient.h"
+#include "formats/pack.h"
+#include "engine/rng.h"
 #include "testutil.h"
 #endif
 

@@ -22,7 +22,7 @@
 #include <cuda_runtime.h>
 #pragma GCC diagnostic pop
 
-#include "moeclient.h"
+#include "libmoeclient/moeclient.h"
 
 #define MAX_T 300
 

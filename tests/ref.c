@@ -14,9 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "err.h"
+#include "engine/err.h"
 #include "ref.h"
-#include "safetensors.h"
+#include "formats/safetensors.h"
 
 /* ---- scalar helpers ---------------------------------------------------- */
 

@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "model.h"
+#include "engine/model.h"
 
 /* The routing rule of one model, as ARCHITECTURE.md 4.1 states it. */
 struct ref_routing {

@@ -13,10 +13,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "err.h"
-#include "pack.h"
-#include "rng.h"
-#include "safetensors.h"
+#include "engine/err.h"
+#include "formats/pack.h"
+#include "engine/rng.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 static char *tmpdirs[64];

@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "genmodel.h"
+#include "formats/genmodel.h"
 
 /* A fresh directory under $TMPDIR (or /tmp), removed at exit.  Returns a
  * malloc'ed path; aborts the test on failure.  A test that fails leaves

@@ -13,9 +13,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "dtype.h"
-#include "err.h"
-#include "model.h"
+#include "engine/dtype.h"
+#include "engine/err.h"
+#include "engine/model.h"
 
 struct moe_gen_options {
 	enum moe_arch arch;

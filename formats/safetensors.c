@@ -21,7 +21,7 @@
 
 #include <jansson.h>
 
-#include "io.h"
+#include "engine/io.h"
 #include "safetensors.h"
 
 /* The official implementation refuses headers above 100 MB; a real header

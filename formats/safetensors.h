@@ -10,8 +10,8 @@
 
 #include <stdint.h>
 
-#include "dtype.h"
-#include "err.h"
+#include "engine/dtype.h"
+#include "engine/err.h"
 
 #define MOE_ST_MAX_DIMS 8
 

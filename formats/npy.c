@@ -34,7 +34,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include "io.h"
+#include "engine/io.h"
 #include "npy.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__

@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "err.h"
+#include "engine/err.h"
 
 enum moe_npy_type {
 	MOE_NPY_F32 = 0,

@@ -7,8 +7,8 @@
 
 #include <stdint.h>
 
-#include "err.h"
-#include "dtype.h"
+#include "engine/err.h"
+#include "engine/dtype.h"
 
 struct moe_pack_options {
 	int dtype;          /* enum moe_dtype to convert expert weights to, or -1: keep */

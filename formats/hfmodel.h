@@ -11,8 +11,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "err.h"
-#include "model.h"
+#include "engine/err.h"
+#include "engine/model.h"
 #include "safetensors.h"
 
 /*

@@ -19,7 +19,7 @@
 
 #include "hfmodel.h"
 #include "pack.h"
-#include "store.h"
+#include "engine/store.h"
 
 /* Elements converted per step: bounds the staging buffers (16 MiB of
  * float32) whatever the tensor size. */
