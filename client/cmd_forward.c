@@ -26,7 +26,6 @@
 #include "engine/rng.h"
 
 #define FWD_MAX_REPEAT 1000000u
-#define FWD_MAX_THREADS 4096u
 #define FWD_MAX_RANDOM_TOKENS (1u << 24)  /* --random-input: 16M tokens is plenty */
 #define FWD_HIST_WIDTH 30                  /* characters of the longest bar */
 #define FWD_HIST_ALL_MAX 64                /* show every expert up to this many */
@@ -186,11 +185,11 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			a->have_layer = true;
 			break;
 		case OPT_GPU_MB:
-			if (moectl_parse_u64("--gpu-cache-mb", optarg, 1, UINT64_MAX >> 20, &a->gpu_mb) < 0)
+			if (moectl_parse_u64("--gpu-cache-mb", optarg, 1, MOE_ENGINE_CACHE_MB_MAX, &a->gpu_mb) < 0)
 				return 1;
 			break;
 		case OPT_HOST_MB:
-			if (moectl_parse_u64("--host-cache-mb", optarg, 1, UINT64_MAX >> 20, &a->host_mb) < 0)
+			if (moectl_parse_u64("--host-cache-mb", optarg, 1, MOE_ENGINE_CACHE_MB_MAX, &a->host_mb) < 0)
 				return 1;
 			break;
 		case OPT_POLICY:
@@ -204,7 +203,7 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			a->pins[a->npins++] = optarg;
 			break;
 		case OPT_PIN_HOT:
-			if (moectl_parse_u64("--pin-hot", optarg, 0, UINT32_MAX, &a->pin_hot) < 0)
+			if (moectl_parse_u64("--pin-hot", optarg, 0, MOE_ENGINE_PIN_HOT_MAX, &a->pin_hot) < 0)
 				return 1;
 			break;
 		case OPT_PREFETCH:
@@ -217,11 +216,13 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			a->stats_json = optarg;
 			break;
 		case OPT_QD:
-			if (moectl_parse_u64("--queue-depth", optarg, 1, 256, &a->queue_depth) < 0)
+			if (moectl_parse_u64("--queue-depth", optarg, MOE_PAGER_QUEUE_DEPTH_MIN,
+					     MOE_PAGER_QUEUE_DEPTH_MAX, &a->queue_depth) < 0)
 				return 1;
 			break;
 		case OPT_CHUNK:
-			if (moectl_parse_u64("--chunk-kb", optarg, 64, 4096, &a->chunk_kb) < 0)
+			if (moectl_parse_u64("--chunk-kb", optarg, MOE_PAGER_CHUNK_KB_MIN, MOE_PAGER_CHUNK_KB_MAX,
+					     &a->chunk_kb) < 0)
 				return 1;
 			if (a->chunk_kb % 4)
 				return moectl_fail("forward: --chunk-kb must be a multiple of 4, not %" PRIu64,
@@ -276,7 +277,7 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			a->routing_out = optarg;
 			break;
 		case OPT_THREADS:
-			if (moectl_parse_u64("--threads", optarg, 1, FWD_MAX_THREADS, &a->threads) < 0)
+			if (moectl_parse_u64("--threads", optarg, 1, MOE_ENGINE_THREADS_MAX, &a->threads) < 0)
 				return 1;
 			break;
 		case OPT_BACKEND:

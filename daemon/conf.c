@@ -30,9 +30,6 @@
 
 /* A configuration file is a page of text; anything bigger is a mistake. */
 #define FILE_MAX (1 << 20)
-/* Cache sizes in MiB: 16 TiB, beyond any machine, and far from overflowing
- * a byte count (2^44). */
-#define MB_MAX (UINT64_C(1) << 24)
 /* Room for the path in struct sockaddr_un, with its NUL. */
 #define SOCKET_PATH_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
 /* Largest user or group id: (uid_t)-1 means "no id" to the kernel. */
@@ -83,19 +80,22 @@ static const char *const level_names[8] = {
 static const struct setting settings[] = {
 	{ "model", K_STRING, OFF(model), .max = PATH_MAX - 1, .def_s = "/var/lib/moed/model.moe" },
 	{ "backend", K_CHOICE, OFF(backend), .choices = backends, .def_s = "auto" },
-	{ "threads", K_U32, OFF(threads), .max = 4096 },
+	{ "threads", K_U32, OFF(threads), .max = MOE_ENGINE_THREADS_MAX },
 	{ "socket.path", K_STRING, OFF(socket.path), .max = SOCKET_PATH_MAX, .def_s = "/run/moed/moed.sock" },
 	{ "socket.mode", K_MODE, OFF(socket.mode), .max = 0777, .def = 0660 },
 	{ "socket.group", K_GROUP, OFF(socket.group), .max = GROUP_NAME_MAX, .def_s = "moed" },
 	{ "access.uids", K_UIDS, OFF(access.uids), OFF(access.n_uids), .max = ID_MAX, .live = true },
 	{ "access.gids", K_GIDS, OFF(access.gids), OFF(access.n_gids), .max = ID_MAX, .live = true },
-	{ "cache.gpu_mb", K_U64, OFF(cache.gpu_mb), .max = MB_MAX },
-	{ "cache.host_mb", K_U64, OFF(cache.host_mb), .min = 1, .max = MB_MAX, .def = 4096 },
+	{ "cache.gpu_mb", K_U64, OFF(cache.gpu_mb), .max = MOE_ENGINE_CACHE_MB_MAX },
+	{ "cache.host_mb", K_U64, OFF(cache.host_mb), .min = 1, .max = MOE_ENGINE_CACHE_MB_MAX,
+	  .def = MOE_ENGINE_HOST_MB_DEFAULT },
 	{ "cache.pin", K_PINS, OFF(cache.pin), OFF(cache.n_pin), .live = true },
-	{ "cache.pin_hot", K_U32, OFF(cache.pin_hot), .max = 65536, .live = true },
+	{ "cache.pin_hot", K_U32, OFF(cache.pin_hot), .max = MOE_ENGINE_PIN_HOT_MAX, .live = true },
 	{ "cache.policy", K_CHOICE, OFF(cache.policy), .choices = policies, .def_s = "auto" },
-	{ "pager.queue_depth", K_U32, OFF(pager.queue_depth), .min = 1, .max = 256, .def = 32 },
-	{ "pager.chunk_kb", K_U32, OFF(pager.chunk_kb), .min = 64, .max = 4096, .step = 4, .def = 1024 },
+	{ "pager.queue_depth", K_U32, OFF(pager.queue_depth), .min = MOE_PAGER_QUEUE_DEPTH_MIN,
+	  .max = MOE_PAGER_QUEUE_DEPTH_MAX, .def = MOE_PAGER_QUEUE_DEPTH_DEFAULT },
+	{ "pager.chunk_kb", K_U32, OFF(pager.chunk_kb), .min = MOE_PAGER_CHUNK_KB_MIN,
+	  .max = MOE_PAGER_CHUNK_KB_MAX, .step = MOE_PAGER_CHUNK_KB_STEP, .def = MOE_PAGER_CHUNK_KB_DEFAULT },
 	{ "pager.prefetch", K_BOOL, OFF(pager.prefetch), .def = true },
 	{ "batch.window_us", K_U32, OFF(batch.window_us), .max = 1000000, .live = true },
 	{ "batch.max_tokens", K_U32, OFF(batch.max_tokens), .min = 1, .max = 1 << 20, .def = 8192,
@@ -1062,7 +1062,7 @@ void moed_config_engine_options(const struct moed_config *c, struct moe_engine_o
 	memset(eo, 0, sizeof(*eo));
 	eo->backend = c->backend;
 	eo->threads = c->threads;
-	eo->host_bytes = c->cache.host_mb << 20;   /* at most 2^44: MB_MAX */
+	eo->host_bytes = c->cache.host_mb << 20;   /* at most 2^44: MOE_ENGINE_CACHE_MB_MAX */
 	eo->device_bytes = c->cache.gpu_mb << 20;
 	eo->policy = c->cache.policy;
 	eo->pin = (const char *const *)c->cache.pin;

@@ -28,6 +28,17 @@
 #include "pager.h"
 #include "store.h"
 
+/*
+ * Bounds of the engine's options: the one table that moed.conf (daemon/conf.c)
+ * and moectl forward both check against (the pager's are in pager.h).
+ */
+#define MOE_ENGINE_THREADS_MAX 4096u          /* beyond any machine moed runs on */
+/* Cache sizes in MiB: 16 TiB, beyond any machine, and far from overflowing a
+ * byte count (2^44). */
+#define MOE_ENGINE_CACHE_MB_MAX (UINT64_C(1) << 24)
+#define MOE_ENGINE_HOST_MB_DEFAULT 4096u      /* moed's host tier when not configured */
+#define MOE_ENGINE_PIN_HOT_MAX 65536u         /* hot pins: more than any layer's experts */
+
 struct moe_engine_options {
 	const char *backend;   /* "auto", "cpu", "cuda"; NULL: "auto" */
 	uint32_t threads;      /* CPU threads; 0: one per online CPU */

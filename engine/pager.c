@@ -829,15 +829,18 @@ int moe_pager_open(const struct moe_store *s, const struct moe_pager_options *op
 	p->store = s;
 	if (opt)
 		p->opt = *opt;
-	p->depth = p->opt.queue_depth ? p->opt.queue_depth : 32;
-	p->chunk = (uint64_t)(p->opt.chunk_kb ? p->opt.chunk_kb : 1024) << 10;
-	if (p->depth > 256 || p->chunk < (64u << 10) || p->chunk > (4096u << 10) || p->chunk % 4096) {
+	p->depth = p->opt.queue_depth ? p->opt.queue_depth : MOE_PAGER_QUEUE_DEPTH_DEFAULT;
+	p->chunk = (uint64_t)(p->opt.chunk_kb ? p->opt.chunk_kb : MOE_PAGER_CHUNK_KB_DEFAULT) << 10;
+	if (p->depth > MOE_PAGER_QUEUE_DEPTH_MAX || p->chunk < ((uint64_t)MOE_PAGER_CHUNK_KB_MIN << 10) ||
+	    p->chunk > ((uint64_t)MOE_PAGER_CHUNK_KB_MAX << 10) || p->chunk % (MOE_PAGER_CHUNK_KB_STEP << 10)) {
 		uint32_t depth = p->depth;
 		uint64_t kb = p->chunk >> 10;
 
 		free(p);
-		return moe_err_set(err, -EINVAL, "pager: queue depth %u (1-256) or chunk of %" PRIu64
-				   " KiB (64-4096, a multiple of 4) is out of range", depth, kb);
+		return moe_err_set(err, -EINVAL, "pager: queue depth %u (%u-%u) or chunk of %" PRIu64
+				   " KiB (%u-%u, a multiple of %u) is out of range", depth,
+				   MOE_PAGER_QUEUE_DEPTH_MIN, MOE_PAGER_QUEUE_DEPTH_MAX, kb, MOE_PAGER_CHUNK_KB_MIN,
+				   MOE_PAGER_CHUNK_KB_MAX, MOE_PAGER_CHUNK_KB_STEP);
 	}
 	p->prefetch_cap = p->opt.prefetch_max_kb ? (uint64_t)p->opt.prefetch_max_kb << 10
 						  : p->depth * p->chunk / 2;

@@ -45,9 +45,21 @@ typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
  * @expert) with an I/O error or a checksum mismatch. */
 enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM };
 
+/*
+ * The pager's bounds and defaults: the one definition that moe_pager_open(),
+ * moed.conf's pager.* settings and moectl forward's options all use.
+ */
+#define MOE_PAGER_QUEUE_DEPTH_MIN 1u
+#define MOE_PAGER_QUEUE_DEPTH_MAX 256u     /* io_uring entries per ring stay small */
+#define MOE_PAGER_QUEUE_DEPTH_DEFAULT 32u  /* 32 MiB in flight at the default chunk */
+#define MOE_PAGER_CHUNK_KB_MIN 64u         /* below this a read costs more than it moves */
+#define MOE_PAGER_CHUNK_KB_MAX 4096u
+#define MOE_PAGER_CHUNK_KB_STEP 4u         /* O_DIRECT: a multiple of the 4 KiB block */
+#define MOE_PAGER_CHUNK_KB_DEFAULT 1024u
+
 struct moe_pager_options {
-	uint32_t queue_depth;       /* chunks in flight (1..256; 0: 32) */
-	uint32_t chunk_kb;          /* chunk size in KiB (64..4096, 4 KiB multiple; 0: 1024) */
+	uint32_t queue_depth;       /* chunks in flight (MOE_PAGER_QUEUE_DEPTH_*; 0: the default) */
+	uint32_t chunk_kb;          /* chunk size in KiB (MOE_PAGER_CHUNK_KB_*; 0: the default) */
 	uint32_t prefetch_max_kb;   /* prefetch bytes in flight (0: half the in-flight bytes) */
 	bool buffered;              /* never try O_DIRECT (tests, tmpfs) */
 	moe_log_fn log;             /* may be NULL */
