@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * gen-model's internals, shared by its three files: genmodel.c (options,
+ * presets, resolving defaults, the plan of tensors), genvalues.c (the
+ * counter-based values and the router skew) and genwrite.c (config.json,
+ * the shards and their index).  Not for use outside formats/gen*.c.
+ */
+#ifndef MOE_GENMODEL_IMPL_H
+#define MOE_GENMODEL_IMPL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "genmodel.h"
+
+/* Bytes generated per write: large enough for full disk speed. */
+#define GEN_CHUNK (4u << 20)
+
+/* Everything moe_gen_model writes, defaults filled in and checked. */
+struct gen_dims {
+	enum moe_arch arch;
+	enum moe_dtype dtype;
+	uint32_t H, I, dense_I, E, k, L, V;
+	uint32_t heads, kv_heads, head_dim;
+	uint32_t n_group, topk_group, n_shared, shared_I, first_dense, sparse_step;
+	uint32_t q_lora, kv_lora, nope, rope, v_head, mtp;
+	bool norm_topk, gated, fused, deepseek;
+	float scaling;
+	const char *act, *topk_method;
+	uint64_t shard_bytes;
+	float wscale;
+	float skew;                      /* router_skew; 0: routers as they were */
+	struct moe_layer_rule rule;
+};
+
+enum gen_fill {
+	FILL_RANDOM,     /* uniform, std given */
+	FILL_ONES,       /* norm weights */
+	FILL_ROUTER,     /* FILL_RANDOM, row j times row_scale[j] (router_skew) */
+};
+
+struct gen_tensor {
+	char *name;
+	enum moe_dtype dtype;
+	uint32_t ndim;
+	uint64_t shape[3];
+	enum gen_fill fill;
+	float amp;       /* half-width of the uniform distribution */
+	uint64_t nbytes;
+	uint32_t shard;
+	float *row_scale; /* FILL_ROUTER: [shape[0]], set by plan_skew; owned */
+};
+
+struct gen_plan {
+	struct gen_tensor *t;
+	size_t n, cap;
+	uint64_t total;
+	uint32_t n_shards;
+	int oom;         /* sticky: checked once after building */
+};
+
+/* Fill @d from @o with every default resolved, or fail naming the option. */
+int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_err *err);
+
+/* The tensors of the checkpoint @d describes, in file order, with shards
+ * assigned.  gen_plan_free() releases it (also after a failure). */
+int gen_plan_build(struct gen_plan *p, const struct gen_dims *d, struct moe_err *err);
+void gen_plan_free(struct gen_plan *p);
+
+/* Row scales of the routers for router_skew (a no-op when it is 0). */
+int gen_plan_skew(struct gen_plan *p, const struct gen_dims *d, uint64_t seed, struct moe_err *err);
+
+/* The key of a tensor's values: a pure function of the seed and its name. */
+uint64_t gen_tensor_key(uint64_t seed, const char *name);
+
+/* Elements [@first, @first + @count) of tensor @t, in its dtype, into @out. */
+void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first, size_t count, void *out);
+
+#endif
