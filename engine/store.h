@@ -163,6 +163,15 @@ uint64_t moe_store_checksum(const void *buf, uint64_t len);
 /* The expert_align a writer picks for experts of @expert_bytes. */
 uint64_t moe_store_expert_align_for(uint64_t expert_bytes);
 
+/* For the writer (formats/storewrite.c): the layout rules that reader and
+ * writer must agree on. */
+/* Bytes of a layer's router region (router, correction bias, shared gate). */
+uint64_t moe_store_router_bytes(const struct moe_model_config *cfg);
+/* The header's model fields from @cfg (layout and checksum fields untouched). */
+void moe_store_header_from_config(const struct moe_model_config *cfg, struct moe_store_header *h);
+/* The header's checksum: XXH3-64 of the header with header_checksum zero. */
+uint64_t moe_store_header_checksum(const struct moe_store_header *h);
+
 /* Number of checksummed blobs (routers, shared experts, experts). */
 uint64_t moe_store_blob_count(const struct moe_store *s);
 
@@ -177,7 +186,8 @@ int moe_store_verify(const struct moe_store *s,
 		     void (*progress)(void *ctx, uint64_t done, uint64_t total),
 		     void *ctx, struct moe_err *err);
 
-/* Writer, used by pack.  Offsets are all computed at open. */
+/* Writer (formats/storewrite.c, not in the engine: moed never writes a
+ * store), used by pack and the tests.  Offsets are all computed at open. */
 struct moe_store_writer;
 
 /*
