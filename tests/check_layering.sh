@@ -1,7 +1,7 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
 # The layout's rule, checked: dependencies point down, and moed links nothing
-# it does not run (docs/ARCHITECTURE.md section 2).
+# it does not run (docs/ARCHITECTURE.md section 3.1).
 #
 # Each component may include only the components listed for it below (its
 # own folder always); a quoted include of another component names its folder
