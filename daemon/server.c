@@ -57,6 +57,7 @@
 #include "log.h"
 #include "libmoeclient/moeclient.h"
 #include "proto/proto.h"
+#include "proto/segment.h"
 #include "server.h"
 
 #define SQ_ENTRIES_DEFAULT 64u      /* requests a client may have queued */
@@ -90,14 +91,7 @@ struct client {
 	struct client *stats_next;
 
 	/* the segment */
-	uint8_t *seg;
-	size_t seg_bytes;
-	struct moe_seg_header *hdr;
-	struct moe_sqe *sq;
-	struct moe_cqe *cq;
-	uint8_t *arena;
-	uint64_t arena_bytes;
-	uint32_t sq_entries, cq_entries;
+	struct moe_seg_view seg;
 	uint32_t max_tokens;             /* per request: what its arena holds, within the limit */
 
 	/* data thread only: its own copies, never read back from the segment */
@@ -212,8 +206,8 @@ static void client_free(struct moed_server *s, struct client *c)
 		if (c->regions[i].state == REG_MAPPED || c->regions[i].state == REG_CLOSING)
 			moe_engine_device_unmap(s->engine, c->regions[i].base);
 	pthread_mutex_destroy(&c->rlock);
-	if (c->seg)
-		munmap(c->seg, c->seg_bytes);
+	if (c->seg.base)
+		munmap(c->seg.base, c->seg.bytes);
 	if (c->fd >= 0)
 		close(c->fd);
 	free(c->out);
@@ -246,18 +240,19 @@ static int segment_make(struct moed_server *s, struct client *c, const struct mo
 {
 	uint64_t max = (uint64_t)s->cfg->limits.segment_mb << 20;
 	uint32_t sq = h->sq_entries ? h->sq_entries : SQ_ENTRIES_DEFAULT;
+	uint32_t cq;
+	struct moe_seg_header layout;
 	uint64_t rings, arena, total;
+	uint8_t *base;
 	char name[32];
-	int fd;
+	int fd, r;
 
 	if (sq > SQ_ENTRIES_MAX || (sq & (sq - 1))) {
 		snprintf(why, whylen, "sq_entries %u: must be a power of two up to %u", sq, SQ_ENTRIES_MAX);
 		return -EINVAL;
 	}
-	c->sq_entries = sq;
-	c->cq_entries = pow2_at_least(2 * sq);
-	rings = (uint64_t)c->sq_entries * sizeof(struct moe_sqe) + (uint64_t)c->cq_entries * sizeof(struct moe_cqe);
-	rings = (rings + 4095) / 4096 * 4096;
+	cq = pow2_at_least(2 * sq);      /* only now: 2 * sq cannot wrap */
+	rings = moe_seg_rings_bytes(sq, cq);
 	if (MOE_SEG_HEADER_SIZE + rings + 4096 > max) {
 		snprintf(why, whylen, "limits.segment_mb %u is too small for the rings", s->cfg->limits.segment_mb);
 		return -ENOSPC;
@@ -271,7 +266,12 @@ static int segment_make(struct moed_server *s, struct client *c, const struct mo
 		return -E2BIG;
 	}
 	arena = (arena + 4095) / 4096 * 4096;
-	total = MOE_SEG_HEADER_SIZE + rings + arena;
+	r = moe_seg_layout(sq, cq, arena, &layout);
+	if (r < 0) {
+		snprintf(why, whylen, "no segment layout for %u submissions and %" PRIu64 " bytes", sq, arena);
+		return r;
+	}
+	total = layout.segment_bytes;
 	{
 		/* the largest request the arena holds: float32 in and out, and routing */
 		uint64_t per = 2ull * s->mc->hidden_size * 4 + 2ull * s->mc->top_k * 4;
@@ -291,42 +291,37 @@ static int segment_make(struct moed_server *s, struct client *c, const struct mo
 	snprintf(name, sizeof(name), "moed-client-%u", c->id);
 	fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0) {
-		snprintf(why, whylen, "memfd_create: %s", strerror(errno));
-		return -errno;
+		r = -errno;
+		snprintf(why, whylen, "memfd_create: %s", strerror(-r));
+		return r;
 	}
 	if (ftruncate(fd, (off_t)total) < 0)
 		goto fail;
-	c->seg = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	if (c->seg == MAP_FAILED) {
-		c->seg = NULL;
+	base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (base == MAP_FAILED)
 		goto fail;
-	}
 	if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-		munmap(c->seg, total);
-		c->seg = NULL;
+		r = -errno;
+		munmap(base, total);
+		errno = -r;
 		goto fail;
 	}
-	c->seg_bytes = total;
-	c->hdr = (struct moe_seg_header *)c->seg;
-	c->sq = (struct moe_sqe *)(c->seg + MOE_SEG_HEADER_SIZE);
-	c->cq = (struct moe_cqe *)(c->seg + MOE_SEG_HEADER_SIZE + (size_t)c->sq_entries * sizeof(struct moe_sqe));
-	c->arena = c->seg + MOE_SEG_HEADER_SIZE + rings;
-	c->arena_bytes = arena;
-	*c->hdr = (struct moe_seg_header){
-		.magic = MOE_SEG_MAGIC, .version = MOE_PROTO_VERSION, .segment_bytes = total,
-		.sq_entries = c->sq_entries, .cq_entries = c->cq_entries,
-		.sq_off = MOE_SEG_HEADER_SIZE,
-		.cq_off = MOE_SEG_HEADER_SIZE + (uint64_t)c->sq_entries * sizeof(struct moe_sqe),
-		.arena_off = MOE_SEG_HEADER_SIZE + rings, .arena_bytes = arena,
-	};
-	return fd;
-fail:
-	snprintf(why, whylen, "a segment of %" PRIu64 " bytes: %s", total, strerror(errno));
-	{
-		int r = -errno;
+	/* the pointers come from the header we wrote, through the same view
+	 * the client uses; the client cannot touch it before it has the fd */
+	memcpy(base, &layout, sizeof(layout));
+	r = moe_seg_view_init(base, total, &c->seg);
+	if (r < 0) {
+		munmap(base, total);
 		close(fd);
+		snprintf(why, whylen, "a segment of %" PRIu64 " bytes: its own layout is refused", total);
 		return r;
 	}
+	return fd;
+fail:
+	r = -errno;
+	snprintf(why, whylen, "a segment of %" PRIu64 " bytes: %s", total, strerror(-r));
+	close(fd);
+	return r;
 }
 
 /* ------------------------------------------------------------------ control messages */
@@ -697,7 +692,7 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 	welcome_fill(s, w);
 	if (c->max_tokens < w->max_tokens)
 		w->max_tokens = c->max_tokens;
-	w->segment_bytes = c->seg_bytes;
+	w->segment_bytes = c->seg.bytes;
 	w->client_id = c->id;
 	r = send_msg(c->fd, MOE_MSG_WELCOME, w, sizeof(*w), fd);
 	close(fd);              /* the client has its own now; the mapping keeps ours */
@@ -709,7 +704,7 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 	s->nclients++;
 	atomic_fetch_add(&s->live_clients, 1);
 	log_info("client %u (pid %d, uid %u): connected, %" PRIu64 " MiB segment", c->id, (int)c->pid,
-		 (unsigned)c->uid, (uint64_t)(c->seg_bytes >> 20));
+		 (unsigned)c->uid, (uint64_t)(c->seg.bytes >> 20));
 	pthread_mutex_lock(&s->lock);
 	c->next = s->incoming;
 	s->incoming = c;
@@ -722,7 +717,7 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 
 static bool has_work(struct client *c)
 {
-	uint32_t tail = __atomic_load_n(&c->hdr->sq_tail, __ATOMIC_ACQUIRE);
+	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
 
 	return tail != c->sq_head;
 }
@@ -735,13 +730,13 @@ static void kick(struct client *c, const char *why)
 		return;
 	c->kicked = true;
 	log_warning("client %u (pid %d): %s: disconnecting it", c->id, (int)c->pid, why);
-	__atomic_store_n(&c->hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->seg.hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
 	shutdown(c->fd, SHUT_RDWR);
 }
 
 static void complete(struct moed_server *s, struct client *c, uint64_t user_data, int res)
 {
-	struct moe_cqe *e = &c->cq[c->cq_tail & (c->cq_entries - 1)];
+	struct moe_cqe *e = &c->seg.cq[c->cq_tail & (c->seg.cq_entries - 1)];
 
 	e->user_data = user_data;
 	e->res = res;
@@ -756,16 +751,16 @@ static void complete(struct moed_server *s, struct client *c, uint64_t user_data
 /* Publish the completions and wake the client if it sleeps. */
 static void publish(struct client *c)
 {
-	__atomic_store_n(&c->hdr->cq_tail, c->cq_tail, __ATOMIC_RELEASE);
-	__atomic_store_n(&c->hdr->sq_head, c->sq_head, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->seg.hdr->cq_tail, c->cq_tail, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->seg.hdr->sq_head, c->sq_head, __ATOMIC_RELEASE);
 	atomic_thread_fence(memory_order_seq_cst);
-	moe_futex_kick(&c->hdr->client_futex, &c->hdr->client_wait, INT_MAX);
+	moe_futex_kick(&c->seg.hdr->client_futex, &c->seg.hdr->client_wait, INT_MAX);
 }
 
 /* Is [off, off + len) inside the arena, with @align? */
 static bool in_arena(const struct client *c, uint64_t off, uint64_t len, uint64_t align)
 {
-	return off % align == 0 && off <= c->arena_bytes && len <= c->arena_bytes - off;
+	return off % align == 0 && off <= c->seg.arena_bytes && len <= c->seg.arena_bytes - off;
 }
 
 /* The address of [off, off + len) of @c's region @r (rlock held), or NULL
@@ -837,20 +832,20 @@ static int validate(struct moed_server *s, struct client *c, const struct moe_sq
 static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t cap, uint64_t t0)
 {
 	/* each index read once; the client can change it any time after */
-	uint32_t tail = __atomic_load_n(&c->hdr->sq_tail, __ATOMIC_ACQUIRE);
-	uint32_t cq_head = __atomic_load_n(&c->hdr->cq_head, __ATOMIC_ACQUIRE);
+	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
+	uint32_t cq_head = __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE);
 	uint32_t n = tail - c->sq_head, space, added = 0;
 
-	if (n > c->sq_entries) {
+	if (n > c->seg.sq_entries) {
 		kick(c, "its submission ring index is corrupt");
 		return nreq;
 	}
-	if (c->cq_tail - cq_head > c->cq_entries) {
+	if (c->cq_tail - cq_head > c->seg.cq_entries) {
 		kick(c, "its completion ring index is corrupt");
 		return nreq;
 	}
 	/* take only what has room for its completion, and in our array */
-	space = c->cq_entries - (c->cq_tail - cq_head);
+	space = c->seg.cq_entries - (c->cq_tail - cq_head);
 	if (n > space)
 		n = space;
 	if (n > cap - nreq)
@@ -859,7 +854,7 @@ static size_t take(struct moed_server *s, struct client *c, size_t nreq, size_t 
 		struct moe_sqe q;
 		int r;
 
-		memcpy(&q, &c->sq[(c->sq_head + i) & (c->sq_entries - 1)], sizeof(q));
+		memcpy(&q, &c->seg.sq[(c->sq_head + i) & (c->seg.sq_entries - 1)], sizeof(q));
 		if ((q.flags & MOE_SQE_DEVICE) && q.opcode == MOE_OP_FORWARD) {
 			/* a request on device memory runs alone: one per client
 			 * per pass, so that a client flooding them delays the
@@ -961,8 +956,8 @@ static int run_device(struct moed_server *s, struct req *q, struct moe_err *err)
 	for (int i = 0; i < 2; i++)
 		moe_engine_device_unmap(s->engine, closing[i]);
 	if (r == 0 && routing) {
-		memcpy(c->arena + q->sqe.ids_off, s->ids, q->sqe.tokens * k * sizeof(int32_t));
-		memcpy(c->arena + q->sqe.weights_off, s->w, q->sqe.tokens * k * sizeof(float));
+		memcpy(c->seg.arena + q->sqe.ids_off, s->ids, q->sqe.tokens * k * sizeof(int32_t));
+		memcpy(c->seg.arena + q->sqe.weights_off, s->w, q->sqe.tokens * k * sizeof(float));
 	}
 	return r;
 }
@@ -993,7 +988,7 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 	}
 	/* gather: a copy, so that the client cannot change the input under us */
 	for (struct req *q = r0; q < r1; q++) {
-		const uint8_t *in = q->c->arena + q->sqe.in_off;
+		const uint8_t *in = q->c->seg.arena + q->sqe.in_off;
 		float *x = s->x + t * H;
 		uint64_t n = q->sqe.tokens * H;
 
@@ -1014,7 +1009,7 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 	/* scatter */
 	t = 0;
 	for (struct req *q = r0; q < r1; q++) {
-		uint8_t *out = q->c->arena + q->sqe.out_off;
+		uint8_t *out = q->c->seg.arena + q->sqe.out_off;
 		const float *y = s->y + t * H;
 		uint64_t n = q->sqe.tokens * H;
 
@@ -1027,8 +1022,8 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 			}
 		}
 		if (q->sqe.flags & MOE_SQE_ROUTING) {
-			memcpy(q->c->arena + q->sqe.ids_off, s->ids + t * k, q->sqe.tokens * k * sizeof(int32_t));
-			memcpy(q->c->arena + q->sqe.weights_off, s->w + t * k, q->sqe.tokens * k * sizeof(float));
+			memcpy(q->c->seg.arena + q->sqe.ids_off, s->ids + t * k, q->sqe.tokens * k * sizeof(int32_t));
+			memcpy(q->c->seg.arena + q->sqe.weights_off, s->w + t * k, q->sqe.tokens * k * sizeof(float));
 		}
 		t += q->sqe.tokens;
 	}
@@ -1215,9 +1210,9 @@ static void data_sleep(struct moed_server *s, uint32_t own)
 			continue;
 		if (n < FUTEX_WAITV_MAX)
 			wv[n++] = (struct futex_waitv){
-				.val = __atomic_load_n(&c->hdr->daemon_futex, __ATOMIC_ACQUIRE),
-				.uaddr = (uintptr_t)&c->hdr->daemon_futex, .flags = FUTEX_32 };
-		__atomic_store_n(&c->hdr->daemon_wait, 1, __ATOMIC_RELAXED);
+				.val = __atomic_load_n(&c->seg.hdr->daemon_futex, __ATOMIC_ACQUIRE),
+				.uaddr = (uintptr_t)&c->seg.hdr->daemon_futex, .flags = FUTEX_32 };
+		__atomic_store_n(&c->seg.hdr->daemon_wait, 1, __ATOMIC_RELAXED);
 	}
 	atomic_thread_fence(memory_order_seq_cst);
 	for (struct client *c = s->clients; c && !work; c = c->next)
@@ -1237,7 +1232,7 @@ static void data_sleep(struct moed_server *s, uint32_t own)
 	}
 	for (struct client *c = s->clients; c; c = c->next)
 		if (!c->kicked)
-			__atomic_store_n(&c->hdr->daemon_wait, 0, __ATOMIC_RELAXED);
+			__atomic_store_n(&c->seg.hdr->daemon_wait, 0, __ATOMIC_RELAXED);
 }
 
 /* At stop: fail every request still queued, and tell each client. */
@@ -1246,22 +1241,22 @@ static void drain(struct moed_server *s)
 	for (struct client *c = s->clients; c; c = c->next) {
 		if (c->kicked)
 			continue;
-		uint32_t tail = __atomic_load_n(&c->hdr->sq_tail, __ATOMIC_ACQUIRE);
-		uint32_t cq_head = __atomic_load_n(&c->hdr->cq_head, __ATOMIC_ACQUIRE);
+		uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
+		uint32_t cq_head = __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE);
 		uint32_t n = tail - c->sq_head;
 
-		if (n <= c->sq_entries && c->cq_tail - cq_head <= c->cq_entries) {
-			uint32_t space = c->cq_entries - (c->cq_tail - cq_head);
+		if (n <= c->seg.sq_entries && c->cq_tail - cq_head <= c->seg.cq_entries) {
+			uint32_t space = c->seg.cq_entries - (c->cq_tail - cq_head);
 			for (uint32_t i = 0; i < n && i < space; i++)
-				complete(s, c, c->sq[(c->sq_head + i) & (c->sq_entries - 1)].user_data, -ESHUTDOWN);
+				complete(s, c, c->seg.sq[(c->sq_head + i) & (c->seg.sq_entries - 1)].user_data, -ESHUTDOWN);
 			c->sq_head += n < space ? n : space;
 		}
 		/* the completions first, then the state, so that a client that sees
 		 * the session closed has every answer already */
 		publish(c);
-		__atomic_store_n(&c->hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
+		__atomic_store_n(&c->seg.hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
 		atomic_thread_fence(memory_order_seq_cst);
-		moe_futex_kick(&c->hdr->client_futex, &c->hdr->client_wait, INT_MAX);
+		moe_futex_kick(&c->seg.hdr->client_futex, &c->seg.hdr->client_wait, INT_MAX);
 	}
 }
 
@@ -1311,7 +1306,7 @@ static void *data_main(void *arg)
 		cap = 0;
 		for (struct client *c = s->clients; c; c = c->next)
 			if (!c->kicked)
-				cap += c->sq_entries;
+				cap += c->seg.sq_entries;
 		if (grow((void **)&s->reqs, &s->reqs_cap, cap, sizeof(struct req)) < 0) {
 			log_error("out of memory for %zu requests", cap);
 			data_sleep(s, own);
