@@ -34,7 +34,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/signalfd.h>
@@ -55,6 +54,7 @@
 #include "engine/engine.h"
 #include "proto/futex.h"
 #include "log.h"
+#include "loop.h"
 #include "libmoeclient/moeclient.h"
 #include "proto/proto.h"
 #include "proto/segment.h"
@@ -69,6 +69,7 @@
 #define HELLO_TIMEOUT_S 10          /* a session that has not said HELLO by then is dropped */
 
 struct client {
+	struct moed_server *s;           /* its server (the loop hands handlers the client only) */
 	uint32_t id;
 	int fd;                          /* control socket */
 	pid_t pid;
@@ -140,7 +141,9 @@ struct moed_server {
 	int listen_fd;
 	bool socket_activated;
 	bool unlink_socket;              /* we bound it: remove it at exit */
-	int epfd, sigfd, timerfd;
+	struct moed_loop *loop;          /* control thread: every descriptor below and each client's */
+	bool running;                    /* control thread: false once a stop signal came */
+	int sigfd, timerfd;
 	uint32_t next_id;
 	uint32_t nclients;               /* sessions welcomed and not yet freed */
 	struct client *greeting;         /* control thread: sessions that have not said HELLO */
@@ -456,9 +459,7 @@ static bool peer_allowed(struct moed_server *s, uid_t uid, gid_t gid)
  */
 static void watch(struct moed_server *s, struct client *c, bool out)
 {
-	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0), .data.ptr = c };
-
-	epoll_ctl(s->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+	moed_loop_modify(s->loop, c->fd, MOED_LOOP_READABLE | (out ? MOED_LOOP_WRITABLE : 0));
 }
 
 /* Send what is queued for @c; 0, or -errno when the session must end. */
@@ -1418,20 +1419,25 @@ static int listen_setup(struct moed_server *s, struct moe_err *err)
 	return 0;
 }
 
-static void accept_one(struct moed_server *s)
+static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask);
+
+/* The listening socket is readable: take one connection. */
+static void accept_one(struct moed_loop *l, int lfd, void *data, unsigned mask)
 {
+	struct moed_server *s = data;
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
-	struct epoll_event ev;
 	struct client *c;
-	int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+	(void)mask;
 
 	if (fd < 0) {
 		if ((errno == EMFILE || errno == ENFILE) && s->spare_fd >= 0) {
 			/* out of descriptors: drop this connection rather than let it
 			 * keep the listening socket readable and spin on it */
 			close(s->spare_fd);
-			fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+			fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 			if (fd >= 0)
 				close(fd);
 			s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -1469,15 +1475,16 @@ static void accept_one(struct moed_server *s)
 		return;
 	}
 	pthread_mutex_init(&c->rlock, NULL);
+	c->s = s;
 	c->fd = fd;
 	c->pid = cred.pid;
 	c->uid = cred.uid;
 	c->gid = cred.gid;
 	c->id = ++s->next_id;
 	c->accepted = time(NULL);
-	ev = (struct epoll_event){ .events = EPOLLIN | EPOLLRDHUP, .data.ptr = c };
-	if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+	if (moed_loop_add(l, fd, MOED_LOOP_READABLE, client_event, c) < 0) {
 		close(fd);
+		pthread_mutex_destroy(&c->rlock);
 		free(c);
 		return;
 	}
@@ -1491,7 +1498,7 @@ static void session_end(struct moed_server *s, struct client *c)
 {
 	stats_waiter_remove(s, c);
 	c->stats_waiting = 0;
-	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	moed_loop_del(s->loop, c->fd);
 	if (!c->welcomed) {
 		/* a segment made for a WELCOME that could not be sent goes too */
 		greeting_remove(s, c);
@@ -1503,13 +1510,19 @@ static void session_end(struct moed_server *s, struct client *c)
 	wake_data(s);
 }
 
-static void client_readable(struct moed_server *s, struct client *c, uint32_t events)
+/* A client's socket is ready: send what waits, read what came. */
+static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 {
-	if ((events & EPOLLOUT) && c->out && flush_out(s, c) < 0) {
+	struct client *c = data;
+	struct moed_server *s = c->s;
+
+	(void)l;
+	(void)fd;
+	if ((mask & MOED_LOOP_WRITABLE) && c->out && flush_out(s, c) < 0) {
 		session_end(s, c);
 		return;
 	}
-	if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+	if (!(mask & (MOED_LOOP_READABLE | MOED_LOOP_HUP)))
 		return;
 	for (;;) {
 		struct moe_msg_header *h = (struct moe_msg_header *)c->in;
@@ -1531,7 +1544,7 @@ static void client_readable(struct moed_server *s, struct client *c, uint32_t ev
 				return;
 			}
 			if (n < 0) {
-				if (events & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+				if (mask & MOED_LOOP_HUP)
 					session_end(s, c);
 				return;
 			}
@@ -1690,10 +1703,49 @@ static void status_tick(struct moed_server *s)
 #endif
 }
 
+/* The signalfd: SIGHUP reloads, SIGTERM and SIGINT stop. */
+static void signal_event(struct moed_loop *l, int fd, void *data, unsigned mask)
+{
+	struct moed_server *s = data;
+	struct signalfd_siginfo si;
+
+	(void)l;
+	(void)mask;
+	if (read(fd, &si, sizeof(si)) != sizeof(si))
+		return;
+	if (si.ssi_signo == SIGHUP) {
+		reload(s);
+	} else {
+		log_info("%s: stopping", strsignal((int)si.ssi_signo));
+		notify("STOPPING=1");
+		s->running = false;
+	}
+}
+
+/* The stats eventfd: the data thread has a fresh snapshot. */
+static void stats_ready_event(struct moed_loop *l, int fd, void *data, unsigned mask)
+{
+	uint64_t v;
+
+	(void)l;
+	(void)mask;
+	if (read(fd, &v, sizeof(v)) == sizeof(v))
+		stats_deliver(data, true);
+}
+
+/* The timerfd: the status and watchdog tick. */
+static void tick_event(struct moed_loop *l, int fd, void *data, unsigned mask)
+{
+	uint64_t ticks;
+
+	(void)l;
+	(void)mask;
+	if (read(fd, &ticks, sizeof(ticks)) == sizeof(ticks))
+		status_tick(data);
+}
+
 int moed_server_run(struct moed_server *s)
 {
-	struct epoll_event evs[32];
-	bool running = true;
 	int r;
 
 	r = pthread_create(&s->data_thread, NULL, data_main, s);
@@ -1708,45 +1760,12 @@ int moed_server_run(struct moed_server *s)
 		 s->socket_activated ? "the socket systemd passed (socket activation)" : s->cfg->socket.path);
 	notify("READY=1");
 	status_tick(s);
-	while (running) {
-		int n = epoll_wait(s->epfd, evs, 32, -1);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			log_error("epoll_wait: %s", strerror(errno));
+	s->running = true;
+	while (s->running) {
+		r = moed_loop_run_once(s->loop, -1);
+		if (r < 0) {
+			log_error("epoll_wait: %s", strerror(-r));
 			break;
-		}
-		for (int i = 0; i < n && running; i++) {
-			void *p = evs[i].data.ptr;
-
-			if (p == &s->listen_fd) {
-				accept_one(s);
-			} else if (p == &s->sigfd) {
-				struct signalfd_siginfo si;
-
-				if (read(s->sigfd, &si, sizeof(si)) != sizeof(si))
-					continue;
-				if (si.ssi_signo == SIGHUP) {
-					reload(s);
-				} else {
-					log_info("%s: stopping", strsignal((int)si.ssi_signo));
-					notify("STOPPING=1");
-					running = false;
-				}
-			} else if (p == &s->stats_efd) {
-				uint64_t v;
-
-				if (read(s->stats_efd, &v, sizeof(v)) == sizeof(v))
-					stats_deliver(s, true);
-			} else if (p == &s->timerfd) {
-				uint64_t ticks;
-
-				if (read(s->timerfd, &ticks, sizeof(ticks)) == sizeof(ticks))
-					status_tick(s);
-			} else {
-				client_readable(s, p, evs[i].events);
-			}
 		}
 	}
 	atomic_store(&s->stop, true);
@@ -1762,7 +1781,6 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	struct moe_engine_options eo = { 0 };
 	struct itimerspec its = { { 1, 0 }, { 1, 0 } };
 	struct moed_server *s = calloc(1, sizeof(*s));
-	struct epoll_event ev;
 	sigset_t mask;
 	int r;
 
@@ -1771,7 +1789,7 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 		return moe_err_set(err, -ENOMEM, "out of memory");
 	}
 	s->cfg = cfg;
-	s->listen_fd = s->epfd = s->sigfd = s->timerfd = s->stats_efd = -1;
+	s->listen_fd = s->sigfd = s->timerfd = s->stats_efd = -1;
 	s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_mutex_init(&s->cfg_lock, NULL);
@@ -1816,12 +1834,16 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	r = listen_setup(s, err);
 	if (r < 0)
 		goto fail;
-	s->epfd = epoll_create1(EPOLL_CLOEXEC);
+	r = moed_loop_new(&s->loop);
+	if (r < 0) {
+		r = moe_err_set(err, r, "epoll: %s", strerror(-r));
+		goto fail;
+	}
 	s->sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	s->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
 	s->stats_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (s->epfd < 0 || s->sigfd < 0 || s->timerfd < 0 || s->stats_efd < 0) {
-		r = moe_err_set(err, -errno, "epoll/signalfd/timerfd: %s", strerror(errno));
+	if (s->sigfd < 0 || s->timerfd < 0 || s->stats_efd < 0) {
+		r = moe_err_set(err, -errno, "signalfd/timerfd/eventfd: %s", strerror(errno));
 		goto fail;
 	}
 	/* the status and watchdog tick: every second, or twice per WatchdogSec;
@@ -1843,14 +1865,13 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	}
 #endif
 	timerfd_settime(s->timerfd, 0, &its, NULL);
-	ev = (struct epoll_event){ .events = EPOLLIN, .data.ptr = &s->listen_fd };
-	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->listen_fd, &ev);
-	ev.data.ptr = &s->sigfd;
-	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->sigfd, &ev);
-	ev.data.ptr = &s->timerfd;
-	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->timerfd, &ev);
-	ev.data.ptr = &s->stats_efd;
-	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->stats_efd, &ev);
+	if ((r = moed_loop_add(s->loop, s->listen_fd, MOED_LOOP_READABLE, accept_one, s)) < 0 ||
+	    (r = moed_loop_add(s->loop, s->sigfd, MOED_LOOP_READABLE, signal_event, s)) < 0 ||
+	    (r = moed_loop_add(s->loop, s->timerfd, MOED_LOOP_READABLE, tick_event, s)) < 0 ||
+	    (r = moed_loop_add(s->loop, s->stats_efd, MOED_LOOP_READABLE, stats_ready_event, s)) < 0) {
+		r = moe_err_set(err, r, "epoll_ctl: %s", strerror(-r));
+		goto fail;
+	}
 	*ret = s;
 	return 0;
 fail:
@@ -1885,8 +1906,7 @@ void moed_server_free(struct moed_server *s)
 		close(s->listen_fd);
 	if (s->unlink_socket)
 		unlink(s->cfg->socket.path);
-	if (s->epfd >= 0)
-		close(s->epfd);
+	moed_loop_free(s->loop);
 	if (s->sigfd >= 0)
 		close(s->sigfd);
 	if (s->timerfd >= 0)
