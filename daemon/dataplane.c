@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -433,6 +434,28 @@ static void data_sleep(struct moed_server *s, uint32_t own)
 			__atomic_store_n(&c->seg.hdr->daemon_wait, 0, __ATOMIC_RELAXED);
 }
 
+/* A reload's pins (lifecycle.c: pins_apply): give them to the engine now,
+ * between passes, and answer the waiting control thread. */
+static void pins_update(struct moed_server *s)
+{
+	struct moe_err err = { 0 };
+	const char *const *pin;
+	uint32_t hot;
+	int r;
+
+	pthread_mutex_lock(&s->lock);
+	pin = s->pins_req.pin;
+	hot = s->pins_req.pin_hot;
+	pthread_mutex_unlock(&s->lock);
+	r = moe_engine_set_pins(s->engine, pin, hot, &err);
+	pthread_mutex_lock(&s->lock);
+	s->pins_req.result = r;
+	snprintf(s->pins_req.msg, sizeof(s->pins_req.msg), "%s", err.msg[0] ? err.msg : strerror(-r));
+	s->pins_req.done = true;
+	pthread_cond_signal(&s->pins_cond);
+	pthread_mutex_unlock(&s->lock);
+}
+
 /* At stop: fail every request still queued, and tell each client. */
 static void drain(struct moed_server *s)
 {
@@ -472,6 +495,9 @@ void *dataplane_main(void *arg)
 
 		atomic_store(&s->heartbeat, t0);
 		sessions_update(s);
+		/* pins before a snapshot, so that a STATS after a reload shows them */
+		if (atomic_exchange(&s->pins_wanted, false))
+			pins_update(s);
 		if (atomic_exchange(&s->stats_wanted, false))
 			stats_snapshot(s);
 		pthread_mutex_lock(&s->cfg_lock);

@@ -117,10 +117,58 @@ static int listen_setup(struct moed_server *s, struct moe_err *err)
 	return 0;
 }
 
+/* Do @a and @b pin different experts (cache.pin, cache.pin_hot)? */
+static bool pins_differ(const struct moed_config *a, const struct moed_config *b)
+{
+	if (a->cache.n_pin != b->cache.n_pin || a->cache.pin_hot != b->cache.pin_hot)
+		return true;
+	for (size_t i = 0; i < a->cache.n_pin; i++)
+		if (strcmp(a->cache.pin[i], b->cache.pin[i]) != 0)
+			return true;
+	return false;
+}
+
+/*
+ * Give the engine @n's pins.  The engine is the data thread's while it
+ * runs, so the data thread applies them between passes (dataplane.c:
+ * pins_update) while this thread waits, at most one pass; the wait keeps
+ * @n's strings alive for it.  0, or the engine's -errno with @err naming
+ * the pin; the pins in use stay then.
+ */
+static int pins_apply(struct moed_server *s, const struct moed_config *n, struct moe_err *err)
+{
+	int r;
+
+	if (!s->data_ok)
+		return moe_engine_set_pins(s->engine, (const char *const *)n->cache.pin, n->cache.pin_hot, err);
+	pthread_mutex_lock(&s->lock);
+	s->pins_req.pin = (const char *const *)n->cache.pin;
+	s->pins_req.pin_hot = n->cache.pin_hot;
+	s->pins_req.done = false;
+	pthread_mutex_unlock(&s->lock);
+	atomic_store(&s->pins_wanted, true);
+	dataplane_wake(s);
+	pthread_mutex_lock(&s->lock);
+	while (!s->pins_req.done)
+		pthread_cond_wait(&s->pins_cond, &s->lock);
+	r = s->pins_req.result;
+	if (r < 0)
+		moe_err_set(err, r, "%s", s->pins_req.msg);
+	s->pins_req.pin = NULL;
+	pthread_mutex_unlock(&s->lock);
+	return r;
+}
+
+/*
+ * SIGHUP: read the file again with the command line over it.  All or
+ * nothing: a file with an error, or pins the model refuses, change
+ * nothing.  Otherwise every live setting of the table (conf.c) takes the
+ * new value at once, and those that need a restart are named.
+ */
 static void reload(struct moed_server *s)
 {
 	struct moe_err err = { 0 };
-	struct moed_config *n, *old;
+	struct moed_config *n;
 
 	if (!s->config_path) {
 		log_notice("SIGHUP: no configuration file to reload");
@@ -146,21 +194,18 @@ static void reload(struct moed_server *s)
 		if (moed_config_diff(s->cfg, n, true, names, sizeof(names)) > 0)
 			log_notice("reload: %s changed: that takes effect at the next start", names);
 	}
-	/* keep the restart-only settings of the running configuration */
+	/* the pins first: the only live settings the model can still refuse */
+	if (pins_differ(s->cfg, n) && pins_apply(s, n, &err) < 0) {
+		log_error("reload: %s: keeping the configuration in use", err.msg);
+		moed_config_free(n);
+		notify("READY=1");
+		return;
+	}
+	/* the data thread reads the live limits under cfg_lock */
 	pthread_mutex_lock(&s->cfg_lock);
-	old = s->cfg;
-	free(old->access.uids);
-	free(old->access.gids);
-	old->access = n->access;
-	n->access.uids = NULL;
-	n->access.gids = NULL;
-	n->access.n_uids = n->access.n_gids = 0;
-	old->batch = n->batch;
-	old->limits.max_tokens_per_request = n->limits.max_tokens_per_request;
-	old->log = n->log;
-	/* pins change with the next engine (a restart) for now */
+	moed_config_apply_live(s->cfg, n);
 	pthread_mutex_unlock(&s->cfg_lock);
-	moed_log_set_level(old->log.level);
+	moed_log_set_level(s->cfg->log.level);
 	moed_config_free(n);
 	log_info("reloaded %s", s->config_path);
 	notify("READY=1");
@@ -283,6 +328,7 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_mutex_init(&s->cfg_lock, NULL);
+	pthread_cond_init(&s->pins_cond, NULL);
 	if (config_path && !(s->config_path = strdup(config_path))) {
 		r = moe_err_set(err, -ENOMEM, "out of memory");
 		goto fail;
@@ -419,6 +465,7 @@ void moed_server_free(struct moed_server *s)
 	free(s->y);
 	free(s->ids);
 	free(s->w);
+	pthread_cond_destroy(&s->pins_cond);
 	pthread_mutex_destroy(&s->lock);
 	pthread_mutex_destroy(&s->cfg_lock);
 	free(s);

@@ -32,9 +32,9 @@
  * Handing over: a session goes from the control thread to the data thread
  * through s->incoming under s->lock (the mutex orders everything written
  * before); it comes back for freeing through c->dead; the control thread
- * asks the data thread for work on the engine (a stats snapshot) with a
- * flag and dataplane_wake(), because only the data thread may call the
- * engine's forward and stats functions.
+ * asks the data thread for work on the engine (a stats snapshot, a
+ * reload's pins) with a flag and dataplane_wake(), because only the data
+ * thread may call the engine's forward, stats and pin functions.
  */
 #ifndef MOED_SERVER_IMPL_H
 #define MOED_SERVER_IMPL_H
@@ -55,6 +55,7 @@
 #include "server.h"
 
 #define LAT_SAMPLES 4096u           /* request latencies kept for percentiles */
+#define PINS_MSG_MAX 256            /* why the engine refused a reload's pins */
 
 /* A device-memory region a client mapped (MOE_MSG_CUDA_MAP), cudaipc.c. */
 struct region {
@@ -140,7 +141,7 @@ struct moed_server {
 	struct moed_override *ov;        /* fixed: the command line's settings (copies) */
 	size_t nov;                      /* fixed */
 
-	/* the engine: its forward and stats calls belong to the data
+	/* the engine: its forward, stats and pin calls belong to the data
 	 * thread alone (it is not thread-safe); the control thread only reads
 	 * what never changes after open (store, model, backend) and maps
 	 * device memory, which is safe from any thread */
@@ -161,7 +162,7 @@ struct moed_server {
 	uint32_t ngreeting;              /* control */
 
 	/* between the threads */
-	pthread_mutex_t lock;            /* guards incoming and the stats snapshot */
+	pthread_mutex_t lock;            /* guards incoming, the stats snapshot and pins_req */
 	struct client *incoming;         /* lock: sessions that said HELLO, for the data thread */
 	atomic_uint wake_word;           /* atomic: the data thread's futex word (dataplane_wake) */
 	atomic_bool stop;                /* atomic: the data thread drains and ends */
@@ -174,6 +175,20 @@ struct moed_server {
 	_Atomic uint64_t heartbeat;      /* atomic: the data thread's last sign of life (ns) */
 	uint64_t watchdog_ns;            /* fixed: WatchdogSec, 0 without a watchdog */
 	uint64_t slice_ns;               /* fixed: the data thread sleeps at most this long */
+
+	/* a reload's pins for the engine: the control thread fills pins_req,
+	 * sets pins_wanted and waits on pins_cond; the data thread applies
+	 * them between passes, when no forward runs (dataplane.c) */
+	atomic_bool pins_wanted;         /* atomic (seq_cst, before the wake): pins_req is filled */
+	struct {
+		const char *const *pin;  /* lock: borrowed from the reload's configuration,
+					  * which outlives the wait */
+		uint32_t pin_hot;        /* lock */
+		bool done;               /* lock: the data thread answered */
+		int result;              /* lock: 0, or moe_engine_set_pins's -errno */
+		char msg[PINS_MSG_MAX];  /* lock: its message */
+	} pins_req;
+	pthread_cond_t pins_cond;        /* with lock: pins_req.done became true */
 
 	pthread_t data_thread;           /* control */
 	bool data_ok;                    /* control: the data thread runs */
@@ -204,7 +219,7 @@ struct moed_server {
 void *dataplane_main(void *arg);
 
 /* Wake the data thread (any thread): a session came or went, a stats
- * snapshot is wanted, or it must stop. */
+ * snapshot or new pins are wanted, or it must stop. */
 void dataplane_wake(struct moed_server *s);
 
 /* ------------------------------------------------------------------ session.c (control thread) */
