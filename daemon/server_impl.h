@@ -171,7 +171,7 @@ struct moed_server {
 	char *stats_json;                /* lock: the latest snapshot */
 	int stats_efd;                   /* fixed: the data thread says "a snapshot is ready" */
 	struct client *stats_waiters;    /* control: sessions waiting for one */
-	atomic_uint live_clients;        /* atomic (relaxed use): for STATUS= and the snapshot */
+	atomic_uint live_clients;        /* atomic: a count for STATUS= and the snapshot, nothing ordered by it */
 	_Atomic uint64_t heartbeat;      /* atomic: the data thread's last sign of life (ns) */
 	uint64_t watchdog_ns;            /* fixed: WatchdogSec, 0 without a watchdog */
 	uint64_t slice_ns;               /* fixed: the data thread sleeps at most this long */
