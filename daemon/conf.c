@@ -1199,6 +1199,58 @@ int moed_config_diff(const struct moed_config *a, const struct moed_config *b, b
 	return n;
 }
 
+/* The bytes of @k's value in struct moed_config (its count apart). */
+static size_t value_size(const struct setting *k)
+{
+	switch (k->kind) {
+	case K_STRING:
+	case K_CHOICE:
+	case K_GROUP:
+		return sizeof(char *);
+	case K_U32:
+		return sizeof(uint32_t);
+	case K_U64:
+		return sizeof(uint64_t);
+	case K_BOOL:
+		return sizeof(bool);
+	case K_MODE:
+		return sizeof(unsigned);
+	case K_LEVEL:
+		return sizeof(int);
+	case K_PINS:
+		return sizeof(char **);
+	case K_UIDS:
+	case K_GIDS:
+		return sizeof(uint32_t *);
+	}
+	return 0;
+}
+
+/* Exchange @k's value, and its count if it has one, between @a and @b. */
+static void swap_value(struct moed_config *a, struct moed_config *b, const struct setting *k)
+{
+	unsigned char tmp[sizeof(uint64_t)];
+	size_t n = value_size(k);
+
+	_Static_assert(sizeof(char *) <= sizeof(uint64_t), "a pointer fits the swap buffer");
+	memcpy(tmp, FIELD(a, k, unsigned char), n);
+	memcpy(FIELD(a, k, unsigned char), FIELD(b, k, unsigned char), n);
+	memcpy(FIELD(b, k, unsigned char), tmp, n);
+	if (k->kind == K_PINS || k->kind == K_UIDS || k->kind == K_GIDS) {
+		size_t t = *COUNT(a, k);
+
+		*COUNT(a, k) = *COUNT(b, k);
+		*COUNT(b, k) = t;
+	}
+}
+
+void moed_config_apply_live(struct moed_config *running, struct moed_config *from)
+{
+	for (size_t i = 0; i < N_SETTINGS; i++)
+		if (settings[i].live)
+			swap_value(running, from, &settings[i]);
+}
+
 bool moed_config_is_live(const char *name)
 {
 	const struct setting *k = find_setting(name);

@@ -130,6 +130,15 @@ char *moed_config_dump(const struct moed_config *c);
 int moed_config_diff(const struct moed_config *a, const struct moed_config *b, bool restart_only,
 		     char *buf, size_t len);
 
+/*
+ * A reload: every setting the table marks live (moed.conf(5), RELOAD) takes
+ * @from's value in @running; the others, which need a restart, keep
+ * @running's.  The values are exchanged, not copied: what @running held
+ * goes to @from, to be freed with it, so this cannot fail and allocates
+ * nothing.  The caller keeps @running's readers out meanwhile.
+ */
+void moed_config_apply_live(struct moed_config *running, struct moed_config *from);
+
 /* A reload applies this setting to the running daemon (moed.conf(5), RELOAD);
  * false for settings that need a restart and for unknown names. */
 bool moed_config_is_live(const char *name);

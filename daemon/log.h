@@ -4,7 +4,8 @@
  * connected to the journal, $JOURNAL_STREAM) each line starts with the
  * "<N>" priority prefix that the journal turns into the message's
  * priority; on a terminal it says "moed: error: ...".  Only the daemon's
- * edges log (daemon/server.c, daemon/main.c); the engine returns errors.
+ * edges log (the server's files in daemon/, daemon/main.c); the engine
+ * returns errors.
  */
 #ifndef MOED_LOG_H
 #define MOED_LOG_H

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * moed: serve the MoE layers of a model store to local processes.  The
- * command line; everything else is in server.c and the engine.
+ * command line; everything else is in the server (server.h) and the engine.
  */
 #include "config.h"
 

@@ -336,13 +336,20 @@ static int slot_take(struct moe_engine *e, uint32_t key)
 	return si;
 }
 
-static int pin_parse(struct moe_engine *e, const char *spec, struct moe_err *err)
+/*
+ * Parse the pin @spec ("L:E" or "L:*", L the checkpoint's layer number)
+ * against the model: its layer index in *ret_li and its experts
+ * [*ret_first, *ret_last].  0, or -EINVAL / -ENOENT with a message that
+ * names the pin.  Changes nothing.
+ */
+static int pin_spec(const struct moe_engine *e, const char *spec, int *ret_li, uint32_t *ret_first,
+		    uint32_t *ret_last, struct moe_err *err)
 {
 	uint32_t E = e->cfg->num_experts;
 	unsigned long layer, x = 0;
 	bool all = false;
 	char *end;
-	int li, r;
+	int li;
 
 	errno = 0;
 	layer = strtoul(spec, &end, 10);
@@ -360,7 +367,21 @@ static int pin_parse(struct moe_engine *e, const char *spec, struct moe_err *err
 	li = find_layer(e, (uint32_t)layer, err);
 	if (li < 0)
 		return moe_err_prefix(err, li, "pin \"%s\"", spec);
-	for (uint32_t i = all ? 0 : (uint32_t)x; i < (all ? E : (uint32_t)x + 1); i++) {
+	*ret_li = li;
+	*ret_first = all ? 0 : (uint32_t)x;
+	*ret_last = all ? E - 1 : (uint32_t)x;
+	return 0;
+}
+
+static int pin_parse(struct moe_engine *e, const char *spec, struct moe_err *err)
+{
+	uint32_t first, last;
+	int li, r;
+
+	r = pin_spec(e, spec, &li, &first, &last, err);
+	if (r < 0)
+		return r;
+	for (uint32_t i = first; i <= last; i++) {
 		r = moe_cache_pin(e->host, key_of(e, (uint32_t)li, i), true);
 		if (r < 0)
 			return moe_err_set(err, r, "pin \"%s\": more pinned experts than the %u slots of the host budget",
@@ -1113,5 +1134,54 @@ int moe_engine_expert_load(const struct moe_engine *e, uint32_t layer, uint64_t 
 	if (li < 0)
 		return -ENOENT;
 	memcpy(counts, e->layers[li].load, e->cfg->num_experts * sizeof(uint64_t));
+	return 0;
+}
+
+/* ------------------------------------------------------------------ pins at run time */
+
+int moe_engine_set_pins(struct moe_engine *e, const char *const *pin, uint32_t pin_hot, struct moe_err *err)
+{
+	uint32_t keys = e->cfg->num_experts * e->store->hdr.num_moe_layers, n = 0;
+	uint8_t *want = calloc(keys ? keys : 1, 1);
+	int r = 0;
+
+	if (!want)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	/* every pin checked, and counted, before anything changes */
+	for (const char *const *p = pin; p && *p && r == 0; p++) {
+		uint32_t first = 1, last = 0;
+		int li = 0;
+
+		r = pin_spec(e, *p, &li, &first, &last, err);
+		for (uint32_t i = first; r == 0 && i <= last; i++) {
+			uint32_t k = key_of(e, (uint32_t)li, i);
+
+			if (!want[k] && ++n > e->nslots)
+				r = moe_err_set(err, -ENOSPC,
+						"pin \"%s\": more pinned experts than the %u slots of the host budget",
+						*p, e->nslots);
+			want[k] = 1;
+		}
+	}
+	if (r < 0) {
+		free(want);
+		return r;
+	}
+	/* the automatic pins go first, then the explicit ones that are not
+	 * wanted any more: the new explicit pins (n <= slots) then always fit */
+	moe_cache_pin_hottest(e->host, 0);
+	for (uint32_t k = 0; k < keys; k++)
+		if (!want[k])
+			moe_cache_pin(e->host, k, false);
+	for (uint32_t k = 0; k < keys; k++)
+		if (want[k])
+			moe_cache_pin(e->host, k, true);
+	free(want);
+	/* the hottest experts by the load seen so far, now rather than at the
+	 * next re-choice; moe_cache_pin_hottest caps them to the free slots */
+	e->pin_hot = pin_hot;
+	if (pin_hot)
+		moe_cache_pin_hottest(e->host, pin_hot);
+	pins_warm(e);
 	return 0;
 }

@@ -161,4 +161,19 @@ void moe_engine_device_unmap(struct moe_engine *e, void *base);
 
 int moe_engine_expert_load(const struct moe_engine *e, uint32_t layer, uint64_t *counts);
 
+/*
+ * Make @pin (NULL-terminated "L:E" / "L:*", as moe_engine_options.pin; NULL
+ * or empty: none) the explicitly pinned experts, and keep the @pin_hot
+ * busiest experts pinned too (0: none), as if the engine had been opened
+ * with them: experts no longer named are unpinned, newly named ones are
+ * read in as prefetches, and the hot pins are re-chosen now from the load
+ * seen so far.  Every pin is checked first: -EINVAL (syntax, expert out of
+ * range), -ENOENT (no such MoE layer) or -ENOSPC (more pinned experts than
+ * host-tier slots) with a message naming the pin, and then nothing has
+ * changed; -ENOMEM.  Like every call that is not marked otherwise: one
+ * caller at a time, not during a forward.
+ */
+int moe_engine_set_pins(struct moe_engine *e, const char *const *pin, uint32_t pin_hot,
+			struct moe_err *err);
+
 #endif

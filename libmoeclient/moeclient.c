@@ -18,6 +18,7 @@
 #include "proto/futex.h"
 #include "moeclient.h"
 #include "proto/proto.h"
+#include "proto/segment.h"
 
 #define MOE_EXPORT __attribute__((visibility("default")))
 
@@ -55,7 +56,7 @@ MOE_EXPORT int moe_version(void)
 #define SPIN_NS 20000u            /* poll the completion ring this long before sleeping,
 				   * on machines with cores to spare (see client_spin) */
 #define TAG_SYNC (1ull << 63)     /* user_data of moe_client_forward's own requests */
-#define ARENA_ALIGN 64u
+#define ARENA_ALIGN MOE_SEG_ARENA_ALIGN  /* allocations: the arena itself starts so aligned */
 
 struct extent {
 	uint64_t off, len;
@@ -63,14 +64,7 @@ struct extent {
 
 struct moe_client {
 	int fd;
-	uint8_t *seg;
-	size_t seg_bytes;
-	struct moe_seg_header *hdr;
-	struct moe_sqe *sq;
-	struct moe_cqe *cq;
-	uint8_t *arena;
-	uint64_t arena_bytes;
-	uint32_t sq_entries, cq_entries;
+	struct moe_seg_view seg;      /* the mapped segment (proto/segment.h) */
 	struct moe_msg_welcome *w;
 	uint32_t *layers;
 
@@ -197,8 +191,8 @@ static int ctl_send(struct moe_client *c, uint32_t type, const void *payload, ui
 
 static void client_free(struct moe_client *c)
 {
-	if (c->seg)
-		munmap(c->seg, c->seg_bytes);
+	if (c->seg.base)
+		munmap(c->seg.base, c->seg.bytes);
 	if (c->fd >= 0)
 		close(c->fd);
 	pthread_mutex_destroy(&c->sq_lock);
@@ -212,31 +206,6 @@ static void client_free(struct moe_client *c)
 	free(c->free_ext);
 	free(c->used);
 	free(c);
-}
-
-/* Check the segment the daemon describes against what was mapped. */
-static int segment_check(struct moe_client *c)
-{
-	const struct moe_seg_header *h = c->hdr;
-	uint64_t sq_end, cq_end;
-
-	if (h->magic != MOE_SEG_MAGIC || h->version != MOE_PROTO_VERSION || h->segment_bytes != c->seg_bytes)
-		return -MOE_E_PROTO;
-	if (!h->sq_entries || (h->sq_entries & (h->sq_entries - 1)) || !h->cq_entries ||
-	    (h->cq_entries & (h->cq_entries - 1)) || h->cq_entries < h->sq_entries)
-		return -MOE_E_PROTO;
-	sq_end = h->sq_off + (uint64_t)h->sq_entries * sizeof(struct moe_sqe);
-	cq_end = h->cq_off + (uint64_t)h->cq_entries * sizeof(struct moe_cqe);
-	if (h->sq_off < MOE_SEG_HEADER_SIZE || sq_end > h->cq_off || cq_end > h->arena_off ||
-	    h->arena_off % ARENA_ALIGN || h->arena_off > c->seg_bytes || h->arena_bytes > c->seg_bytes - h->arena_off)
-		return -MOE_E_PROTO;
-	c->sq = (struct moe_sqe *)(c->seg + h->sq_off);
-	c->cq = (struct moe_cqe *)(c->seg + h->cq_off);
-	c->sq_entries = h->sq_entries;
-	c->cq_entries = h->cq_entries;
-	c->arena = c->seg + h->arena_off;
-	c->arena_bytes = h->arena_bytes;
-	return 0;
 }
 
 /*
@@ -270,6 +239,8 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	struct moe_msg_hello hello = { .version = MOE_PROTO_VERSION };
 	struct moe_msg_header h;
 	struct moe_client *c;
+	size_t seg_bytes;
+	void *seg;
 	int segfd = -1, r;
 
 	if (!ret)
@@ -343,19 +314,20 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 		r = -MOE_E_PROTO;
 		goto fail;
 	}
-	c->seg_bytes = (size_t)c->w->segment_bytes;
-	c->seg = mmap(NULL, c->seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, segfd, 0);
+	seg_bytes = (size_t)c->w->segment_bytes;
+	seg = mmap(NULL, seg_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, segfd, 0);
 	close(segfd);
 	segfd = -1;
-	if (c->seg == MAP_FAILED) {
-		c->seg = NULL;
+	if (seg == MAP_FAILED) {
 		r = -errno;
 		goto fail;
 	}
-	c->hdr = (struct moe_seg_header *)c->seg;
-	r = segment_check(c);
-	if (r < 0)
+	/* check the segment the daemon describes against what was mapped */
+	if (moe_seg_view_init(seg, seg_bytes, &c->seg) < 0) {
+		munmap(seg, seg_bytes);
+		r = -MOE_E_PROTO;
 		goto fail;
+	}
 	c->layers = malloc((c->w->num_moe_layers ? c->w->num_moe_layers : 1) * sizeof(uint32_t));
 	c->free_ext = malloc(sizeof(*c->free_ext));
 	if (!c->layers || !c->free_ext) {
@@ -363,7 +335,7 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 		goto fail;
 	}
 	memcpy(c->layers, c->w->moe_layers, c->w->num_moe_layers * sizeof(uint32_t));
-	c->free_ext[0] = (struct extent){ 0, c->arena_bytes / ARENA_ALIGN * ARENA_ALIGN };
+	c->free_ext[0] = (struct extent){ 0, c->seg.arena_bytes / ARENA_ALIGN * ARENA_ALIGN };
 	c->spin_ns = client_spin();
 	c->nfree = c->capfree = 1;
 	*ret = c;
@@ -400,7 +372,7 @@ MOE_EXPORT int moe_client_info(struct moe_client *c, struct moe_model_info *ret)
 	ret->weight_dtype = c->w->weight_dtype;
 	ret->n_shared_experts = c->w->n_shared_experts;
 	ret->max_tokens = c->w->max_tokens;
-	ret->arena_bytes = c->arena_bytes;
+	ret->arena_bytes = c->seg.arena_bytes;
 	return 0;
 }
 
@@ -436,7 +408,7 @@ MOE_EXPORT int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret)
 
 	if (!c || !ret || bytes == 0)
 		return -EINVAL;
-	if (bytes > c->arena_bytes)
+	if (bytes > c->seg.arena_bytes)
 		return -ENOMEM;
 	len = (bytes + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
 	pthread_mutex_lock(&c->arena_lock);
@@ -451,7 +423,7 @@ MOE_EXPORT int moe_client_alloc(struct moe_client *c, size_t bytes, void **ret)
 		r = ext_push(&c->used, &c->nused, &c->capused, at, (struct extent){ f->off, len });
 		if (r < 0)
 			break;
-		*ret = c->arena + f->off;
+		*ret = c->seg.arena + f->off;
 		f->off += len;
 		f->len -= len;
 		if (!f->len)
@@ -471,9 +443,9 @@ MOE_EXPORT int moe_client_free(struct moe_client *c, void *p)
 
 	if (!p)
 		return 0;
-	if (!c || (uint8_t *)p < c->arena || (uint8_t *)p >= c->arena + c->arena_bytes)
+	if (!c || (uint8_t *)p < c->seg.arena || (uint8_t *)p >= c->seg.arena + c->seg.arena_bytes)
 		return -EINVAL;
-	off = (uint64_t)((uint8_t *)p - c->arena);
+	off = (uint64_t)((uint8_t *)p - c->seg.arena);
 	pthread_mutex_lock(&c->arena_lock);
 	hi = c->nused;
 	while (lo < hi) {           /* used[] is sorted by offset */
@@ -515,8 +487,8 @@ static bool in_arena(const struct moe_client *c, const void *p, uint64_t len)
 {
 	const uint8_t *b = p;
 
-	return b >= c->arena && b <= c->arena + c->arena_bytes &&
-	       len <= (uint64_t)(c->arena + c->arena_bytes - b);
+	return b >= c->seg.arena && b <= c->seg.arena + c->seg.arena_bytes &&
+	       len <= (uint64_t)(c->seg.arena + c->seg.arena_bytes - b);
 }
 
 static bool is_moe_layer(const struct moe_client *c, uint32_t layer)
@@ -530,7 +502,7 @@ static bool is_moe_layer(const struct moe_client *c, uint32_t layer)
 /* Has moed closed the session's segment?  A memory read: submit's check. */
 static int segment_state(struct moe_client *c)
 {
-	return __atomic_load_n(&c->hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING ? -ESHUTDOWN : 0;
+	return __atomic_load_n(&c->seg.hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING ? -ESHUTDOWN : 0;
 }
 
 /* Is the session over? -ESHUTDOWN, -ECONNRESET or 0 (one poll() call:
@@ -539,7 +511,7 @@ static int session_state(struct moe_client *c)
 {
 	struct pollfd p = { c->fd, POLLRDHUP, 0 };
 
-	if (__atomic_load_n(&c->hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING)
+	if (__atomic_load_n(&c->seg.hdr->daemon_state, __ATOMIC_ACQUIRE) != MOE_SEG_SERVING)
 		return -ESHUTDOWN;
 	if (poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
 		return -ECONNRESET;
@@ -562,8 +534,8 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * H * es;
 	if (!in_arena(c, q->input, bytes) || !in_arena(c, q->output, bytes) ||
-	    ((const uint8_t *)q->input - c->arena) % es || ((uint8_t *)q->output - c->arena) % es ||
-	    (q->ids && (((uint8_t *)q->ids - c->arena) % 4 || ((uint8_t *)q->weights - c->arena) % 4)))
+	    ((const uint8_t *)q->input - c->seg.arena) % es || ((uint8_t *)q->output - c->seg.arena) % es ||
+	    (q->ids && (((uint8_t *)q->ids - c->seg.arena) % 4 || ((uint8_t *)q->weights - c->seg.arena) % 4)))
 		return -EFAULT;
 	if ((q->weights && !q->ids) ||
 	    (q->ids && (!q->weights || !in_arena(c, q->ids, q->tokens * k * 4) ||
@@ -571,13 +543,13 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 		return q->ids && q->weights ? -EFAULT : -EINVAL;
 	e = (struct moe_sqe){
 		.user_data = user_data, .opcode = MOE_OP_FORWARD, .layer = q->layer, .dtype = q->dtype,
-		.tokens = q->tokens, .in_off = (uint64_t)((const uint8_t *)q->input - c->arena),
-		.out_off = (uint64_t)((uint8_t *)q->output - c->arena),
+		.tokens = q->tokens, .in_off = (uint64_t)((const uint8_t *)q->input - c->seg.arena),
+		.out_off = (uint64_t)((uint8_t *)q->output - c->seg.arena),
 	};
 	if (q->ids) {
 		e.flags = MOE_SQE_ROUTING;
-		e.ids_off = (uint64_t)((uint8_t *)q->ids - c->arena);
-		e.weights_off = (uint64_t)((uint8_t *)q->weights - c->arena);
+		e.ids_off = (uint64_t)((uint8_t *)q->ids - c->seg.arena);
+		e.weights_off = (uint64_t)((uint8_t *)q->weights - c->seg.arena);
 	}
 	return push_locked(c, &e);
 }
@@ -585,21 +557,21 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 /* Put @e in the submission ring and wake moed if it sleeps (sq_lock held). */
 static int push_locked(struct moe_client *c, const struct moe_sqe *e)
 {
-	uint32_t tail = c->hdr->sq_tail, head = __atomic_load_n(&c->hdr->sq_head, __ATOMIC_ACQUIRE);
+	uint32_t tail = c->seg.hdr->sq_tail, head = __atomic_load_n(&c->seg.hdr->sq_head, __ATOMIC_ACQUIRE);
 	int r = segment_state(c);
 
 	if (r < 0)
 		return r;
-	if (tail - head >= c->sq_entries) {
+	if (tail - head >= c->seg.sq_entries) {
 		/* full: because moed is slow, or because it is gone */
 		r = session_state(c);
 		return r < 0 ? r : -EAGAIN;
 	}
-	c->sq[tail & (c->sq_entries - 1)] = *e;
+	c->seg.sq[tail & (c->seg.sq_entries - 1)] = *e;
 	/* the entry, then the tail (release); then, if the daemon may sleep, wake it */
-	__atomic_store_n(&c->hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->seg.hdr->sq_tail, tail + 1, __ATOMIC_RELEASE);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	moe_futex_kick(&c->hdr->daemon_futex, &c->hdr->daemon_wait, 1);
+	moe_futex_kick(&c->seg.hdr->daemon_futex, &c->seg.hdr->daemon_wait, 1);
 	return 0;
 }
 
@@ -634,9 +606,9 @@ MOE_EXPORT int moe_client_nop(struct moe_client *c, uint64_t user_data)
 /* Move every completion in the ring to the stash (cq_lock held). */
 static int reap(struct moe_client *c)
 {
-	uint32_t head = c->hdr->cq_head, tail = __atomic_load_n(&c->hdr->cq_tail, __ATOMIC_ACQUIRE);
+	uint32_t head = c->seg.hdr->cq_head, tail = __atomic_load_n(&c->seg.hdr->cq_tail, __ATOMIC_ACQUIRE);
 
-	if (tail - head > c->cq_entries)
+	if (tail - head > c->seg.cq_entries)
 		return -MOE_E_PROTO;
 	if (c->nstash + (tail - head) > c->capstash) {
 		size_t cap = c->nstash + (tail - head) + 16;
@@ -648,11 +620,11 @@ static int reap(struct moe_client *c)
 		c->capstash = cap;
 	}
 	for (; head != tail; head++) {
-		const struct moe_cqe *e = &c->cq[head & (c->cq_entries - 1)];
+		const struct moe_cqe *e = &c->seg.cq[head & (c->seg.cq_entries - 1)];
 
 		c->stash[c->nstash++] = (struct moe_completion){ e->user_data, e->res };
 	}
-	__atomic_store_n(&c->hdr->cq_head, head, __ATOMIC_RELEASE);
+	__atomic_store_n(&c->seg.hdr->cq_head, head, __ATOMIC_RELEASE);
 	return 0;
 }
 
@@ -714,17 +686,17 @@ static int wait_for(struct moe_client *c, uint64_t want, struct moe_completion *
 		}
 		left = limit - (now - t0);
 		/* sleep: flag, fence, look once more, then wait on the word */
-		val = __atomic_load_n(&c->hdr->client_futex, __ATOMIC_ACQUIRE);
+		val = __atomic_load_n(&c->seg.hdr->client_futex, __ATOMIC_ACQUIRE);
 		if (c->sleepers++ == 0)
-			__atomic_store_n(&c->hdr->client_wait, 1, __ATOMIC_RELAXED);
+			__atomic_store_n(&c->seg.hdr->client_wait, 1, __ATOMIC_RELAXED);
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
-		if (__atomic_load_n(&c->hdr->cq_tail, __ATOMIC_ACQUIRE) == c->hdr->cq_head) {
+		if (__atomic_load_n(&c->seg.hdr->cq_tail, __ATOMIC_ACQUIRE) == c->seg.hdr->cq_head) {
 			pthread_mutex_unlock(&c->cq_lock);
-			moe_futex_wait(&c->hdr->client_futex, val, left < WAIT_SLICE_NS ? left : WAIT_SLICE_NS);
+			moe_futex_wait(&c->seg.hdr->client_futex, val, left < WAIT_SLICE_NS ? left : WAIT_SLICE_NS);
 			pthread_mutex_lock(&c->cq_lock);
 		}
 		if (--c->sleepers == 0)
-			__atomic_store_n(&c->hdr->client_wait, 0, __ATOMIC_RELAXED);
+			__atomic_store_n(&c->seg.hdr->client_wait, 0, __ATOMIC_RELAXED);
 	}
 	pthread_mutex_unlock(&c->cq_lock);
 	return r;
@@ -792,8 +764,8 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 	per = 2 * H * es + (ids ? 2 * k * 4 : 0) + 4 * ARENA_ALIGN / 64;
 	/* the piece: what the limits allow and half the arena holds (others use it too) */
 	piece = c->w->max_tokens;
-	if (piece > c->arena_bytes / 2 / per)
-		piece = c->arena_bytes / 2 / per;
+	if (piece > c->seg.arena_bytes / 2 / per)
+		piece = c->seg.arena_bytes / 2 / per;
 	if (piece == 0)
 		return -ENOMEM;
 	if (piece > tokens)
@@ -1083,7 +1055,7 @@ MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, con
 	if (ids) {
 		/* the routing comes back through the arena: smaller pieces, down
 		 * to one token, then wait for room, as moe_client_forward() */
-		while (piece > 1 && piece * k * 4 * 2 > c->arena_bytes / 2)
+		while (piece > 1 && piece * k * 4 * 2 > c->seg.arena_bytes / 2)
 			piece /= 2;
 		for (;;) {
 			if ((r = moe_client_alloc(c, piece * k * 4, (void **)&aids)) == 0 &&
@@ -1116,8 +1088,8 @@ MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, con
 			.opcode = MOE_OP_FORWARD, .layer = layer, .dtype = MOE_ACT_F32, .tokens = n,
 			.flags = MOE_SQE_DEVICE | MOE_SQE_REGIONS(rin, rout) | (ids ? MOE_SQE_ROUTING : 0),
 			.in_off = in_off + done * H * 4, .out_off = out_off + done * H * 4,
-			.ids_off = ids ? (uint64_t)((uint8_t *)aids - c->arena) : 0,
-			.weights_off = ids ? (uint64_t)((uint8_t *)aw - c->arena) : 0,
+			.ids_off = ids ? (uint64_t)((uint8_t *)aids - c->seg.arena) : 0,
+			.weights_off = ids ? (uint64_t)((uint8_t *)aw - c->seg.arena) : 0,
 		};
 		struct moe_completion cq;
 

@@ -660,6 +660,38 @@ START_TEST(diff_tells_reloadable_settings_from_restart_ones)
 }
 END_TEST
 
+START_TEST(apply_live_moves_every_live_setting_and_nothing_else)
+{
+	struct moed_config *running = defaults(), *fresh = defaults(), *from, *ref;
+	struct moe_err err = { 0 };
+	char want[1024], got[1024];
+	int r, n;
+
+	from = load_text(every_setting, &r, &err, NULL);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ref = load_text(every_setting, &r, &err, NULL);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	n = moed_config_diff(fresh, ref, true, want, sizeof(want));
+	ck_assert_int_gt(n, 0);
+	moed_config_apply_live(running, from);
+	/* running: the file's live values, its own restart-only ones */
+	ck_assert_int_eq(moed_config_diff(running, ref, false, got, sizeof(got)), n);
+	ck_assert_str_eq(got, want);
+	ck_assert_int_eq(moed_config_diff(running, fresh, true, got, sizeof(got)), 0);
+	ck_assert_str_eq(running->cache.pin[0], "3:17");
+	ck_assert_uint_eq(running->cache.pin_hot, 8);
+	/* from: what running had, to be freed with it (ASan checks the rest) */
+	ck_assert_int_eq(moed_config_diff(from, ref, false, got, sizeof(got)),
+			 moed_config_diff(fresh, ref, false, NULL, 0) - n);
+	ck_assert_int_eq(moed_config_diff(from, fresh, false, NULL, 0), n);
+	ck_assert_ptr_null(from->cache.pin[0]);
+	moed_config_free(from);
+	moed_config_free(ref);
+	moed_config_free(fresh);
+	moed_config_free(running);
+}
+END_TEST
+
 START_TEST(engine_options_follow_the_config)
 {
 	struct moe_engine_options eo;
@@ -715,6 +747,7 @@ static Suite *config_suite(void)
 	tcase_add_test(tc, dump_has_every_setting_and_reads_back);
 	tcase_add_test(tc, set_checks_like_the_file_and_changes_nothing_on_error);
 	tcase_add_test(tc, diff_tells_reloadable_settings_from_restart_ones);
+	tcase_add_test(tc, apply_live_moves_every_live_setting_and_nothing_else);
 	suite_add_tcase(s, tc);
 	return s;
 }

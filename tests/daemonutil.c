@@ -19,6 +19,7 @@
 
 #include "daemonutil.h"
 #include "proto/futex.h"
+#include "proto/segment.h"
 
 #define HELLO_TIMEOUT_MS 5000    /* each half of the HELLO/WELCOME exchange */
 #define START_POLL_MS 10         /* between tries of moed's socket */
@@ -356,6 +357,7 @@ int moe_test_hello_exchange(int fd, const struct moe_msg_hello *h, struct moe_ms
 int moe_test_raw_open(struct moe_test_raw *r, const char *sock, const struct moe_msg_hello *h)
 {
 	struct moe_msg_hello def = { .version = MOE_PROTO_VERSION };
+	struct moe_seg_view v = { 0 };
 	int segfd = -1, rc;
 
 	memset(r, 0, sizeof(*r));
@@ -377,18 +379,22 @@ int moe_test_raw_open(struct moe_test_raw *r, const char *sock, const struct moe
 	}
 	if (segfd >= 0)
 		close(segfd);
+	if (rc == 0 && (rc = moe_seg_view_init(r->seg, r->seg_bytes, &v)) < 0) {
+		munmap(r->seg, r->seg_bytes);
+		r->seg = NULL;
+	}
 	if (rc < 0) {
 		close(r->fd);
 		r->fd = -1;
 		return rc;
 	}
-	r->hdr = (struct moe_seg_header *)r->seg;
-	r->sq_entries = r->hdr->sq_entries;
-	r->cq_entries = r->hdr->cq_entries;
-	r->sq = (struct moe_sqe *)(r->seg + r->hdr->sq_off);
-	r->cq = (struct moe_cqe *)(r->seg + r->hdr->cq_off);
-	r->arena = r->seg + r->hdr->arena_off;
-	r->arena_bytes = r->hdr->arena_bytes;
+	r->hdr = v.hdr;
+	r->sq_entries = v.sq_entries;
+	r->cq_entries = v.cq_entries;
+	r->sq = v.sq;
+	r->cq = v.cq;
+	r->arena = v.arena;
+	r->arena_bytes = v.arena_bytes;
 	return 0;
 }
 
