@@ -2,9 +2,9 @@
 /*
  * A fuzzer for what moed reads from clients it does not trust: the HELLO
  * (and whatever else comes down the control socket) and the descriptors
- * in a session's submission ring.  server.c's parser and validate() are
- * static, so this drives a real moed through its socket and a real
- * segment, as a hostile client would:
+ * in a session's submission ring.  The daemon's parser (daemon/session.c)
+ * and validate() (daemon/dataplane.c) are static, so this drives a real
+ * moed through its socket and a real segment, as a hostile client would:
  *
  *  1. HELLO mutants, each on a new connection: random bytes and lengths,
  *     a good HELLO with its magic, type, length, version, sizes or
