@@ -110,14 +110,14 @@ static int validate(struct moed_server *s, struct client *c, const struct moe_sq
 		return -EINVAL;
 	if (moe_store_layer_index(moe_engine_store(s->engine), q->layer) < 0)
 		return -MOE_E_LAYER;
-	if (q->dtype != MOE_ACT_F32 && q->dtype != MOE_ACT_BF16)
+	if (q->dtype != MOE_F32 && q->dtype != MOE_BF16)
 		return -EINVAL;
 	if (q->tokens == 0 || q->tokens > max_tokens)
 		return -E2BIG;
-	es = q->dtype == MOE_ACT_F32 ? 4 : 2;
+	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * H * es;            /* tokens <= 2^20 and H < 2^32: no overflow */
 	if (q->flags & MOE_SQE_DEVICE) {
-		if (q->dtype != MOE_ACT_F32)
+		if (q->dtype != MOE_F32)
 			return -EINVAL;          /* device memory holds float32 */
 		if (!cudaipc_region_ok(c, MOE_SQE_IN_REGION(q->flags), q->in_off, bytes) ||
 		    !cudaipc_region_ok(c, MOE_SQE_OUT_REGION(q->flags), q->out_off, bytes))
@@ -273,7 +273,7 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 		float *x = s->x + t * H;
 		uint64_t n = q->sqe.tokens * H;
 
-		if (q->sqe.dtype == MOE_ACT_F32)
+		if (q->sqe.dtype == MOE_F32)
 			memcpy(x, in, n * sizeof(float));
 		else
 			for (uint64_t i = 0; i < n; i++) {
@@ -294,7 +294,7 @@ static int run_batch(struct moed_server *s, struct req *r0, struct req *r1, stru
 		const float *y = s->y + t * H;
 		uint64_t n = q->sqe.tokens * H;
 
-		if (q->sqe.dtype == MOE_ACT_F32) {
+		if (q->sqe.dtype == MOE_F32) {
 			memcpy(out, y, n * sizeof(float));
 		} else {
 			for (uint64_t i = 0; i < n; i++) {

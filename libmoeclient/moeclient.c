@@ -1085,7 +1085,7 @@ MOE_EXPORT int moe_client_forward_cuda(struct moe_client *c, uint32_t layer, con
 	while (done < tokens) {
 		uint64_t n = tokens - done < piece ? tokens - done : piece, tag;
 		struct moe_sqe e = {
-			.opcode = MOE_OP_FORWARD, .layer = layer, .dtype = MOE_ACT_F32, .tokens = n,
+			.opcode = MOE_OP_FORWARD, .layer = layer, .dtype = MOE_F32, .tokens = n,
 			.flags = MOE_SQE_DEVICE | MOE_SQE_REGIONS(rin, rout) | (ids ? MOE_SQE_ROUTING : 0),
 			.in_off = in_off + done * H * 4, .out_off = out_off + done * H * 4,
 			.ids_off = ids ? (uint64_t)((uint8_t *)aids - c->seg.arena) : 0,

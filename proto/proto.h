@@ -49,6 +49,8 @@
 
 #include <stdint.h>
 
+#include "libmoeclient/moeclient.h"
+
 #define MOE_PROTO_VERSION 1
 #define MOE_MSG_MAGIC 0x4d4f4521u          /* "!EOM" on the wire: "MOE!" read as LE */
 #define MOE_SEG_MAGIC 0x5345474du          /* "MGES": "MSEG" */
@@ -129,8 +131,8 @@ struct moe_msg_welcome {
 	char message[256];              /* why, when status < 0 */
 };
 
-/* Activation dtypes of a request. */
-enum moe_act_dtype { MOE_ACT_F32 = 0, MOE_ACT_BF16 = 1 };
+/* Activation dtypes of a request: the public enum moe_dtype_act of
+ * <moeclient.h> (MOE_F32, MOE_BF16), which this protocol carries as it is. */
 
 enum moe_opcode {
 	MOE_OP_NOP = 0,                 /* completes at once with res 0 (ring round trips) */
@@ -151,7 +153,7 @@ struct moe_sqe {
 	uint32_t opcode;                /* enum moe_opcode */
 	uint32_t flags;                 /* MOE_SQE_* */
 	uint32_t layer;                 /* the checkpoint's layer number */
-	uint32_t dtype;                 /* enum moe_act_dtype of in and out */
+	uint32_t dtype;                 /* enum moe_dtype_act of in and out */
 	uint64_t tokens;
 	uint64_t in_off;                /* tokens x hidden activations */
 	uint64_t out_off;               /* the same size */

@@ -993,9 +993,9 @@ static bool sqe_acceptable(const struct model *m, const struct moe_test_raw *r, 
 	if (q->opcode == MOE_OP_NOP)
 		return true;
 	if (q->opcode != MOE_OP_FORWARD || (q->flags & ~MOE_SQE_ROUTING) || !is_moe_layer(m, q->layer) ||
-	    (q->dtype != MOE_ACT_F32 && q->dtype != MOE_ACT_BF16) || q->tokens == 0 || q->tokens > max_tokens)
+	    (q->dtype != MOE_F32 && q->dtype != MOE_BF16) || q->tokens == 0 || q->tokens > max_tokens)
 		return false;
-	es = q->dtype == MOE_ACT_F32 ? 4 : 2;
+	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * m->H * es;
 	if (q->in_off % es || q->in_off > r->arena_bytes || bytes > r->arena_bytes - q->in_off)
 		return false;
@@ -1042,7 +1042,7 @@ static void sqe_hostile(uint64_t *rng, const struct model *m, const struct moe_t
 			}
 		} else {
 			for (uint32_t n = 1 + rand_below(rng, 3); n; n--) {
-				uint64_t es = q->dtype == MOE_ACT_F32 ? 4 : 2;
+				uint64_t es = q->dtype == MOE_F32 ? 4 : 2;
 				uint64_t bytes = q->tokens * m->H * es;
 
 				switch (rand_below(rng, 12)) {
@@ -1106,7 +1106,7 @@ static void sqe_hostile(uint64_t *rng, const struct model *m, const struct moe_t
 					break;
 				}
 				default:  /* as many tokens as allowed, the input one element past the end */
-					q->dtype = MOE_ACT_F32;
+					q->dtype = MOE_F32;
 					q->tokens = A / (m->H * 4) < max_tokens ? A / (m->H * 4) : max_tokens;
 					q->in_off = A - q->tokens * m->H * 4 + 4;
 					break;
@@ -1159,7 +1159,7 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	j = (struct job){ .layer = m.layers[1], .dtype = MOE_F32, .T = T, .routing = true, .async = true,
 			  .bytes = (size_t)T * H * 4 };
 	good = (struct moe_sqe){ .opcode = MOE_OP_FORWARD, .flags = MOE_SQE_ROUTING, .layer = j.layer,
-				 .dtype = MOE_ACT_F32, .tokens = T, .in_off = 0, .out_off = j.bytes,
+				 .dtype = MOE_F32, .tokens = T, .in_off = 0, .out_off = j.bytes,
 				 .ids_off = 2 * j.bytes, .weights_off = 2 * j.bytes + T * m.k * 4 };
 	j.in = r.arena + good.in_off;
 	j.out = r.arena + good.out_off;
@@ -2052,13 +2052,13 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 	{
 		uint64_t bytes = (uint64_t)m.H * 4;
 		struct moe_sqe q[4] = {
-			{ .user_data = 1, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_ACT_F32, .tokens = 1,
+			{ .user_data = 1, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_F32, .tokens = 1,
 			  .flags = MOE_SQE_DEVICE | MOE_SQE_REGIONS(0, 0) },
-			{ .user_data = 2, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_ACT_F32, .tokens = 1,
+			{ .user_data = 2, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_F32, .tokens = 1,
 			  .flags = MOE_SQE_DEVICE | MOE_SQE_REGIONS(200, 3) },
-			{ .user_data = 3, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_ACT_F32, .tokens = 1,
+			{ .user_data = 3, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_F32, .tokens = 1,
 			  .flags = MOE_SQE_REGIONS(1, 1), .out_off = bytes },
-			{ .user_data = 4, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_ACT_BF16, .tokens = 1,
+			{ .user_data = 4, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_BF16, .tokens = 1,
 			  .flags = MOE_SQE_DEVICE },
 		};
 		int want[4] = { -EFAULT, -EFAULT, -EINVAL, -EINVAL };
@@ -2071,7 +2071,7 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 	}
 	/* and a good request still works on that session */
 	{
-		struct moe_sqe ok = { .user_data = 5, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_ACT_F32,
+		struct moe_sqe ok = { .user_data = 5, .opcode = MOE_OP_FORWARD, .layer = m.layers[0], .dtype = MOE_F32,
 				      .tokens = 1, .in_off = 0, .out_off = (uint64_t)m.H * 4 };
 
 		memset(r.arena, 0, (size_t)m.H * 4);

@@ -273,9 +273,9 @@ static bool sqe_acceptable(const struct moe_test_raw *r, const struct moe_sqe *q
 	if (q->opcode == MOE_OP_NOP)
 		return true;
 	if (q->opcode != MOE_OP_FORWARD || (q->flags & ~MOE_SQE_ROUTING) || !is_moe_layer(&r->w, q->layer) ||
-	    (q->dtype != MOE_ACT_F32 && q->dtype != MOE_ACT_BF16) || q->tokens == 0 || q->tokens > r->w.max_tokens)
+	    (q->dtype != MOE_F32 && q->dtype != MOE_BF16) || q->tokens == 0 || q->tokens > r->w.max_tokens)
 		return false;
-	es = q->dtype == MOE_ACT_F32 ? 4 : 2;
+	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * r->w.hidden_size * es;
 	if (q->in_off % es || q->in_off > A || bytes > A - q->in_off || q->out_off % es || q->out_off > A ||
 	    bytes > A - q->out_off)
@@ -692,7 +692,7 @@ static void lf_good_client(void)
 
 	if (rc < 0)
 		fail("a well-formed HELLO was refused: %d", rc);
-	q[1] = (struct moe_sqe){ .opcode = MOE_OP_FORWARD, .layer = g.w.moe_layers[0], .dtype = MOE_ACT_F32,
+	q[1] = (struct moe_sqe){ .opcode = MOE_OP_FORWARD, .layer = g.w.moe_layers[0], .dtype = MOE_F32,
 				 .tokens = 2, .in_off = 0, .out_off = g.arena_bytes / 2 };
 	ring_round(&g, q, 2, 1, "a well-formed client");
 	moe_test_raw_close(&g);
@@ -746,7 +746,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		for (size_t i = 0; i < n; i++)
 			q[i] = mode == 1 ? (struct moe_sqe){ 0 } : (struct moe_sqe){
-				.opcode = MOE_OP_FORWARD, .layer = lf_session.w.moe_layers[0], .dtype = MOE_ACT_F32,
+				.opcode = MOE_OP_FORWARD, .layer = lf_session.w.moe_layers[0], .dtype = MOE_F32,
 				.tokens = 1, .in_off = 0, .out_off = ARENA_BYTES / 2, .ids_off = ARENA_BYTES / 4,
 				.weights_off = 3 * ARENA_BYTES / 4 };
 		for (size_t i = 0; i < size && i < sizeof(q); i++)
