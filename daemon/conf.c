@@ -4,6 +4,10 @@
  * bounds, whether a reload applies it) drives the defaults, the checks,
  * the dump and the comparison of two configurations, so that a setting
  * cannot be parsed one way and documented or dumped another.
+ *
+ * Over 1,000 lines on purpose: every function here walks that table, which
+ * is private to this file; splitting the file would publish the table and
+ * its field offsets to other files for no reader's gain.
  */
 #include "config.h"
 
