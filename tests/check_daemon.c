@@ -57,7 +57,6 @@
 #include "libmoeclient/moeclient.h"
 #include "formats/pack.h"
 #include "proto/proto.h"
-#include "engine/store.h"
 #include "testutil.h"
 
 #define READY_TIMEOUT_MS 60000   /* moed opens its store and listens (ASan is slow) */
@@ -97,27 +96,17 @@ ssize_t send(int fd, const void *buf, size_t len, int flags)
 
 /* ------------------------------------------------------------------ the model */
 
-struct model {
-	char *dir;                   /* also holds moed's config, socket and log */
-	char store[4096];
-	uint32_t H, k, E, nl;        /* nl: MoE layers */
-	uint32_t layers[8];          /* their checkpoint numbers */
-};
-
 /*
  * deepseek_v3, bf16 weights, 4 layers (layer 0 dense, so there is a layer
  * number that is not an MoE layer), hidden 256, 32 experts in 4 groups,
  * top-4, one shared expert: a 10 MB store, made in a fraction of a second.
  */
-static void model_make(struct model *m, const char *tag)
+static void model_make(struct moe_test_model *m, const char *tag)
 {
 	struct moe_gen_options opt;
-	struct moe_err err = { 0 };
-	struct moe_store *s;
 	char why[512];
 	int rc;
 
-	memset(m, 0, sizeof(*m));
 	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
 	moe_test_gen_grouped(&opt);
 	opt.hidden_size = 256;
@@ -126,31 +115,13 @@ static void model_make(struct model *m, const char *tag)
 	opt.top_k = 4;
 	opt.seed = 2024;
 	opt.num_layers = 4;
-	m->H = opt.hidden_size;
-	m->k = opt.top_k;
-	m->E = opt.num_experts;
-	m->dir = moe_test_tmpdir(tag);
-	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	rc = moe_test_model_make(m, tag, &opt, NULL, why, sizeof(why));
 	ck_assert_msg(rc == 0, "%s", why);
-	rc = moe_store_open(m->store, &s, &err);
-	ck_assert_msg(rc == 0, "store open: %s", err.msg);
-	m->nl = s->hdr.num_moe_layers;
-	ck_assert_uint_le(m->nl, 8);
-	for (uint32_t i = 0; i < m->nl; i++)
-		m->layers[i] = s->layers[i].layer;
-	moe_store_close(s);
 	ck_assert_msg(m->nl == 3 && m->layers[0] == 1, "expected MoE layers 1..3, got %u from %u", m->nl,
 		      m->layers[0]);
 }
 
-static void model_free(struct model *m)
-{
-	moe_test_rm_rf(m->dir);
-	free(m->dir);
-	m->dir = NULL;
-}
-
-static bool is_moe_layer(const struct model *m, uint32_t layer)
+static bool is_moe_layer(const struct moe_test_model *m, uint32_t layer)
 {
 	for (uint32_t i = 0; i < m->nl; i++)
 		if (m->layers[i] == layer)
@@ -160,7 +131,7 @@ static bool is_moe_layer(const struct model *m, uint32_t layer)
 
 /* The reference: the engine in this process, on the CPU backend as moed's
  * config says.  Only after the last fork() of a process (threads). */
-static int ref_open(const struct model *m, struct moe_engine **ret, char *why, size_t len)
+static int ref_open(const struct moe_test_model *m, struct moe_engine **ret, char *why, size_t len)
 {
 	struct moe_engine_options eo = { .backend = "cpu", .threads = 1 };
 	struct moe_err err = { 0 };
@@ -307,7 +278,7 @@ static struct board *board_new(void)
 
 /* Write the config (@sock_extra inside socket = { }, @extra at the top
  * level) in @m's directory, nothing started. */
-static void moed_config(struct moe_test_moed *d, const struct model *m, const char *sock_extra, const char *extra)
+static void moed_config(struct moe_test_moed *d, const struct moe_test_model *m, const char *sock_extra, const char *extra)
 {
 	int rc = moe_test_moed_config(d, m->dir, "s.sock", m->store, sock_extra, extra);
 
@@ -377,7 +348,7 @@ static void fill_input(void *in, uint32_t dtype, size_t n, uint64_t *rng)
 
 /* What moed must answer for @j: bf16 goes through float32 both ways, as
  * moed's gather and scatter do. */
-static int ref_forward(struct moe_engine *e, const struct model *m, struct job *j, char *why, size_t len)
+static int ref_forward(struct moe_engine *e, const struct moe_test_model *m, struct job *j, char *why, size_t len)
 {
 	size_t n = j->T * m->H;
 	float *x = calloc(n, sizeof(float)), *y = malloc(n * sizeof(float));   /* calloc: gcc 12 -Wmaybe-uninitialized */
@@ -429,7 +400,7 @@ static const char *job_name(const struct job *j, char *buf, size_t len)
 }
 
 /* The daemon's output for @j must be the in-process one, bit for bit. */
-static int job_check(const struct model *m, const struct job *j, char *why, size_t len)
+static int job_check(const struct moe_test_model *m, const struct job *j, char *why, size_t len)
 {
 	char name[128];
 
@@ -471,7 +442,7 @@ static uint32_t rand_below(uint64_t *rng, uint64_t n)
 	return (uint32_t)(moe_test_rand(rng) % n);
 }
 
-static void job_pick(struct job *j, const struct model *m, uint64_t *rng, uint32_t max_tokens, bool async)
+static void job_pick(struct job *j, const struct moe_test_model *m, uint64_t *rng, uint32_t max_tokens, bool async)
 {
 	memset(j, 0, sizeof(*j));
 	j->layer = m->layers[rand_below(rng, m->nl)];
@@ -488,7 +459,7 @@ static void job_pick(struct job *j, const struct model *m, uint64_t *rng, uint32
  * together and reaped in any order; else one moe_client_forward() each.
  * 0, or -1 with @why.
  */
-static int client_round(struct moe_client *c, struct moe_engine *e, const struct model *m, uint64_t *rng, int n,
+static int client_round(struct moe_client *c, struct moe_engine *e, const struct moe_test_model *m, uint64_t *rng, int n,
 			bool async, uint32_t max_tokens, char *why, size_t len)
 {
 	struct job jobs[16];
@@ -617,7 +588,7 @@ struct session {
 	struct moe_model_info info;
 };
 
-static int session_open(struct session *s, const struct model *m, const char *sock, char *why, size_t len)
+static int session_open(struct session *s, const struct moe_test_model *m, const char *sock, char *why, size_t len)
 {
 	int r;
 
@@ -648,7 +619,7 @@ static void session_close(struct session *s)
 
 /* What a client process gets. */
 struct client_arg {
-	const struct model *m;
+	const struct moe_test_model *m;
 	const char *sock;
 	struct board *b;
 	int id;
@@ -698,7 +669,7 @@ START_TEST(eight_clients_get_the_bits_of_forward_in_process)
 {
 	struct client_arg args[8];
 	pid_t pids[8];
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	char what[64];
 
@@ -718,7 +689,7 @@ START_TEST(eight_clients_get_the_bits_of_forward_in_process)
 	}
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -833,7 +804,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 	uint64_t before[NSTEADY];
 	int fds0 = -1, segs0 = -1, fds = -1, segs = -1;
 	char list0[4096] = "", list[4096] = "";
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 
 	model_make(&m, "daemon-kill");
@@ -942,7 +913,7 @@ START_TEST(a_killed_client_costs_the_others_nothing)
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	munmap(b, sizeof(*b));
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -986,7 +957,7 @@ static int normal_client(void *p)
 
 /* The contract of a descriptor (proto.h, moe_client_submit()): would a
  * daemon that follows it accept @q? */
-static bool sqe_acceptable(const struct model *m, const struct moe_test_raw *r, const struct moe_sqe *q, uint32_t max_tokens)
+static bool sqe_acceptable(const struct moe_test_model *m, const struct moe_test_raw *r, const struct moe_sqe *q, uint32_t max_tokens)
 {
 	uint64_t es, bytes, rbytes;
 
@@ -1022,7 +993,7 @@ static uint64_t pick_u64(uint64_t *rng, const uint64_t *v, size_t n)
 
 /* A valid descriptor @good spoiled in 1..3 ways (or, one time in four,
  * random bits), that the contract refuses. */
-static void sqe_hostile(uint64_t *rng, const struct model *m, const struct moe_test_raw *r, const struct moe_sqe *good,
+static void sqe_hostile(uint64_t *rng, const struct moe_test_model *m, const struct moe_test_raw *r, const struct moe_sqe *good,
 			uint32_t max_tokens, struct moe_sqe *q)
 {
 	const uint64_t A = r->arena_bytes;
@@ -1124,7 +1095,7 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	struct moe_engine *e;
 	struct moe_client *c;
 	struct moe_test_raw r, r2;
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	struct job j;
 	struct moe_sqe good, batch[PER_BATCH + 1];
@@ -1376,7 +1347,7 @@ START_TEST(a_hostile_client_hurts_only_itself)
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
 	munmap(b, sizeof(*b));
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1388,7 +1359,7 @@ END_TEST
 START_TEST(hello_sizes_that_overflow_are_refused)
 {
 	const uint64_t sizes[] = { UINT64_MAX, UINT64_MAX - 4094, (1ull << 63) + 1, (uint64_t)UINT32_MAX + 1 };
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 
 	model_make(&m, "daemon-sizes");
@@ -1412,7 +1383,7 @@ START_TEST(hello_sizes_that_overflow_are_refused)
 	}
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1432,7 +1403,7 @@ START_TEST(a_session_that_hangs_up_is_closed_at_once)
 		  { .version = MOE_PROTO_VERSION, .arena_bytes = 1u << 20 },
 		  { MOE_MSG_MAGIC, MOE_MSG_STATS, 0, 0 } };
 	uint64_t worst = 0, slow = 0;
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 
 	model_make(&m, "daemon-hangup");
@@ -1460,7 +1431,7 @@ START_TEST(a_session_that_hangs_up_is_closed_at_once)
 		      "after %" PRIu64 " ms: a lost wakeup of the data thread? (daemon/server.c: data_sleep() must "
 		      "compare the wake word read before sessions_update(), or a wake_data() from session_end() or "
 		      "hello() in between is lost and it sleeps WAIT_SLICE_NS)", slow, worst);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1530,7 +1501,7 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 	struct moe_engine *e;
 	struct moe_client *c;
 	struct stat st;
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	uint64_t t_term, rng = 5;
 	char why[512];
@@ -1601,7 +1572,7 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 	moe_engine_close(e);
 	moed_stop(&d);
 	munmap(b, sizeof(*b));
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1667,7 +1638,7 @@ START_TEST(a_uid_outside_access_uids_is_refused)
 {
 	struct uid_arg nobody, allowed;
 	struct moe_client *c;
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	char needle[64];
 	int rc, st, sig = 0;
@@ -1704,7 +1675,7 @@ START_TEST(a_uid_outside_access_uids_is_refused)
 		      "refuses a uid at accept, before it reads the HELLO, and closes; libmoeclient's "
 		      "moe_client_connect() must read the refusal WELCOME even when its HELLO could not be sent");
 	ck_assert_msg(st == 0, "a client as uid 65534 (nobody): exit %d, signal %d (its message is above)", st, sig);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1714,7 +1685,7 @@ START_TEST(max_clients_is_enforced)
 {
 	struct moe_client *a, *b, *c = NULL, *x;
 	float in[2 * 256] = { 0.25f }, out[2 * 256];
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	int rc;
 
@@ -1746,7 +1717,7 @@ START_TEST(max_clients_is_enforced)
 	moe_client_disconnect(b);
 	moe_client_disconnect(c);
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1782,7 +1753,7 @@ static char *run_moectl(const struct moe_test_moed *d, const char *out, const ch
 START_TEST(moectl_forward_through_moed_matches_forward_model)
 {
 	const uint32_t L = 2;
-	struct model m;
+	struct moe_test_model m;
 	struct moe_test_moed d;
 	struct moe_client *c;
 	char a[4200], b[4200], ra[4200], rb[4200], out[4200], args[9000], line[128], *text, *info;
@@ -1872,7 +1843,7 @@ START_TEST(moectl_forward_through_moed_matches_forward_model)
 	ck_assert_msg(strstr(info, "bf16 weights"), "moectl info says of a bf16 store (does the WELCOME's "
 		      "weight_dtype follow proto.h, and moectl's table too?):\n%s", info);
 	free(info);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1887,7 +1858,7 @@ START_TEST(a_welcome_that_cannot_be_sent_leaves_no_segment)
 {
 	struct moe_msg_hello h = { .version = MOE_PROTO_VERSION };
 	struct moe_test_moed d;
-	struct model m;
+	struct moe_test_model m;
 	int base, now = -1;
 
 	model_make(&m, "daemon-welcome-leak");
@@ -1912,7 +1883,7 @@ START_TEST(a_welcome_that_cannot_be_sent_leaves_no_segment)
 	}
 	moed_assert(&d, now <= base, "%d segment mappings after 100 hung-up HELLOs (%d before)", now, base);
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1929,7 +1900,7 @@ START_TEST(a_client_that_asks_for_stats_and_never_reads_holds_up_nobody)
 	struct moe_model_info info;
 	struct moe_test_moed d;
 	struct moe_client *c;
-	struct model m;
+	struct moe_test_model m;
 	int fd, rc;
 
 	model_make(&m, "daemon-stats-flood");
@@ -1966,7 +1937,7 @@ START_TEST(a_client_that_asks_for_stats_and_never_reads_holds_up_nobody)
 	close(fd);
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -1982,7 +1953,7 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 	struct moe_test_raw r;
 	struct moe_cqe cqes[4];
 	struct moe_client *c;
-	struct model m;
+	struct moe_test_model m;
 	uint32_t region = 99;
 	float host[64];
 	int rc;
@@ -2082,7 +2053,7 @@ START_TEST(device_memory_on_the_cpu_backend_is_refused_cleanly)
 	moe_test_raw_close(&r);
 	moed_assert(&d, moe_test_moed_alive(&d), "moed died");
 	moed_stop(&d);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 

@@ -55,13 +55,28 @@ void moe_test_gen_small(enum moe_arch arch, enum moe_dtype dtype, struct moe_gen
  * top-k weights, layer 0 dense with intermediate size 64. */
 void moe_test_gen_grouped(struct moe_gen_options *opt);
 
+/* A small model of a test's own: its checkpoint and its store. */
+struct moe_test_model {
+	char *dir;                   /* a moe_test_tmpdir(); moed's config, socket and log go here too */
+	char store[4096];            /* dir/model.moe */
+	uint32_t H, k, E;            /* hidden size, top-k, routed experts */
+	uint32_t nl;                 /* MoE layers */
+	uint32_t layers[8];          /* their checkpoint numbers */
+};
+
 /*
- * Generate @opt's checkpoint in @dir/@hf_sub (@dir itself when @hf_sub is
- * NULL) and pack it, dtype as stored, into @dir/model.moe, whose path goes
- * to @ret_store.  0 or a negative errno, with what failed in @why.
+ * Make @m in a fresh moe_test_tmpdir(@tag): generate @opt's checkpoint in
+ * its subdirectory @hf_sub (the directory itself when @hf_sub is NULL),
+ * pack it, dtype as stored, into dir/model.moe, and list the store's MoE
+ * layers.  0, or a negative errno with what failed in @why (then @m holds
+ * only the directory, for moe_test_model_free()).  Asserts nothing, so
+ * that fuzz_proto, which runs without Check, makes its model the same way.
  */
-int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
-			size_t store_len, char *why, size_t why_len);
+int moe_test_model_make(struct moe_test_model *m, const char *tag, const struct moe_gen_options *opt,
+			const char *hf_sub, char *why, size_t why_len);
+
+/* Remove @m's directory; a model freed already, or never made, is fine. */
+void moe_test_model_free(struct moe_test_model *m);
 
 /*
  * Overwrite the deepseek_v3 correction bias of @layer (F32 [16] in the
