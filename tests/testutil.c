@@ -62,7 +62,7 @@ static char *run_dir_outer;      /* $TMPDIR before it */
  * atexit clean-up never runs.  So the runner makes one directory for the
  * run, every test's moe_test_tmpdir() lands inside it through $TMPDIR, and
  * the runner, which always gets to the end, removes it.  Mode 0711: others
- * may pass through to a socket (check_daemon's uid test) but not list it.
+ * may pass through to a socket (check_daemon_sessions' uid test) but not list it.
  */
 static void run_dir_make(const char *tag)
 {

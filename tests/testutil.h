@@ -50,7 +50,7 @@ double moe_test_randf(uint64_t *state);
  * share: 4 attention heads over 2 KV heads, a vocabulary of 64, one shard. */
 void moe_test_gen_small(enum moe_arch arch, enum moe_dtype dtype, struct moe_gen_options *ret_opt);
 
-/* The deepseek_v3 routing of check_pager, check_daemon, check_invariance: 4
+/* The deepseek_v3 routing of check_pager, check_daemon_*, check_invariance: 4
  * groups with the top 2 of them, one shared expert, scaling 2.5, normalised
  * top-k weights, layer 0 dense with intermediate size 64. */
 void moe_test_gen_grouped(struct moe_gen_options *opt);
