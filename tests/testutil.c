@@ -149,6 +149,14 @@ int moe_test_sh(const char *out_path, const char *fmt, ...)
 	return WEXITSTATUS(st);
 }
 
+char *moe_test_path_join(const char *dir, const char *name)
+{
+	char *p;
+
+	ck_assert_int_ge(asprintf(&p, "%s/%s", dir, name), 0);
+	return p;
+}
+
 char *moe_test_slurp(const char *path, uint64_t *ret_len)
 {
 	FILE *f = fopen(path, "rb");

@@ -35,6 +35,13 @@ void moe_test_rm_rf(const char *path);
  * stderr go to @out_path when it is not NULL. */
 int moe_test_sh(const char *out_path, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* "@dir/@name", malloc'ed; aborts the test when out of memory. */
+char *moe_test_path_join(const char *dir, const char *name);
+
+/* The struct moe_err *@err says @needle somewhere in its message. */
+#define moe_test_assert_err_has(err, needle) \
+	ck_assert_msg(strstr((err)->msg, (needle)) != NULL, "message '%s' lacks '%s'", (err)->msg, (needle))
+
 /* Read a whole file into a NUL-terminated malloc'ed buffer (NULL on error). */
 char *moe_test_slurp(const char *path, uint64_t *ret_len);
 
