@@ -157,6 +157,21 @@ char *moe_test_path_join(const char *dir, const char *name)
 	return p;
 }
 
+bool moe_test_exists(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0;
+}
+
+void *moe_test_page_alloc(uint64_t n)
+{
+	void *p = NULL;
+
+	ck_assert(posix_memalign(&p, 4096, n ? n : 1) == 0);
+	return p;
+}
+
 char *moe_test_slurp(const char *path, uint64_t *ret_len)
 {
 	FILE *f = fopen(path, "rb");

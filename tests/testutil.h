@@ -5,6 +5,7 @@
 #ifndef MOE_TESTUTIL_H
 #define MOE_TESTUTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -41,6 +42,13 @@ char *moe_test_path_join(const char *dir, const char *name);
 /* The struct moe_err *@err says @needle somewhere in its message. */
 #define moe_test_assert_err_has(err, needle) \
 	ck_assert_msg(strstr((err)->msg, (needle)) != NULL, "message '%s' lacks '%s'", (err)->msg, (needle))
+
+/* Does @path exist? */
+bool moe_test_exists(const char *path);
+
+/* @n bytes (at least 1) aligned to a page, as the store's reads want them;
+ * free() them.  Aborts the test when out of memory. */
+void *moe_test_page_alloc(uint64_t n);
 
 /* Read a whole file into a NUL-terminated malloc'ed buffer (NULL on error). */
 char *moe_test_slurp(const char *path, uint64_t *ret_len);
