@@ -20,6 +20,14 @@
  * moed is forked: no fork after threads.  moed dies with the test however
  * the test ends: SIGTERM at teardown, PR_SET_PDEATHSIG if the test exits
  * first, and Check kills the test's process group on a timeout.
+ *
+ * Why one file of some 1,500 lines: it is one component, libmoeclient(3),
+ * checked call by call in the order of its man pages, one suite whose
+ * sections are those calls; every test uses the same fixture (the moed of
+ * setup(), frozen and thawed by some) and the same comparison with the
+ * engine.  Split by call, each file would be a few tests around that
+ * shared fixture, and a failure already names the call in the test's name
+ * (connect_..., submit_..., wait_...).
  */
 #include "config.h"
 
