@@ -20,6 +20,14 @@
  * moed is forked: no fork after threads.  moed dies with the test however
  * the test ends: SIGTERM at teardown, PR_SET_PDEATHSIG if the test exits
  * first, and Check kills the test's process group on a timeout.
+ *
+ * Why one file of some 1,500 lines: it is one component, libmoeclient(3),
+ * checked call by call in the order of its man pages, one suite whose
+ * sections are those calls; every test uses the same fixture (the moed of
+ * setup(), frozen and thawed by some) and the same comparison with the
+ * engine.  Split by call, each file would be a few tests around that
+ * shared fixture, and a failure already names the call in the test's name
+ * (connect_..., submit_..., wait_...).
  */
 #include "config.h"
 
@@ -64,11 +72,8 @@
 
 /* The test's moed and its store. */
 struct daemon {
-	char *dir;
-	char store[PATH_MAX];
-	struct moe_test_moed moed;   /* its config, log and socket in dir */
-	uint32_t nl;                 /* MoE layers */
-	uint32_t layers[2];          /* their checkpoint numbers */
+	struct moe_test_model m;     /* in m.dir: the checkpoint in hf/, the store */
+	struct moe_test_moed moed;   /* its config, log and socket in m.dir */
 };
 
 static struct daemon D;
@@ -84,8 +89,6 @@ static uint64_t now_ns(void)
 static void model_make(void)
 {
 	struct moe_gen_options opt;
-	struct moe_err err = { 0 };
-	struct moe_store *s;
 	char why[512];
 	int r;
 
@@ -103,18 +106,12 @@ static void model_make(void)
 	opt.num_nextn_predict_layers = 0;
 	opt.vocab_size = 32;
 	opt.seed = 77;
-	r = moe_test_model_pack(&opt, D.dir, "hf", D.store, sizeof(D.store), why, sizeof(why));
+	r = moe_test_model_make(&D.m, "client", &opt, "hf", why, sizeof(why));
 	ck_assert_msg(r == 0, "%s", why);
-	r = moe_store_open(D.store, &s, &err);
-	ck_assert_msg(r == 0, "store open: %s", err.msg);
-	ck_assert_uint_eq(s->hdr.num_moe_layers, 2);
-	D.nl = s->hdr.num_moe_layers;
-	for (uint32_t i = 0; i < D.nl; i++)
-		D.layers[i] = s->layers[i].layer;
-	moe_store_close(s);
+	ck_assert_uint_eq(D.m.nl, 2);
 }
 
-/* Start moed on D.store and D.moed.sock with @extra appended to its
+/* Start moed on D.m.store and D.moed.sock with @extra appended to its
  * configuration (NULL: none); returns when it accepts connections.  The
  * socket is open to all: its directory (0700) keeps other users out. */
 static void daemon_start(const char *extra)
@@ -123,8 +120,8 @@ static void daemon_start(const char *extra)
 	int st = 0, r;
 
 	snprintf(top, sizeof(top), "threads = 2;\ncache = { host_mb = 64; };\n%s", extra ? extra : "");
-	r = moe_test_moed_config(&D.moed, D.dir, "moed.sock", D.store, "mode = \"0666\";", top);
-	ck_assert_msg(r == 0, "moed config in %s: %s", D.dir, strerror(-r));
+	r = moe_test_moed_config(&D.moed, D.m.dir, "moed.sock", D.m.store, "mode = \"0666\";", top);
+	ck_assert_msg(r == 0, "moed config in %s: %s", D.m.dir, strerror(-r));
 	r = moe_test_moed_start(&D.moed, 10000, &st);
 	if (r == -ECHILD) {
 		char *log = moe_test_slurp(D.moed.log, NULL);
@@ -211,7 +208,6 @@ static void daemon_thaw(void)
 static void setup(void)
 {
 	memset(&D, 0, sizeof(D));
-	D.dir = moe_test_tmpdir("client");
 	model_make();
 	daemon_start(NULL);
 }
@@ -219,8 +215,7 @@ static void setup(void)
 static void teardown(void)
 {
 	daemon_stop();
-	moe_test_rm_rf(D.dir);
-	free(D.dir);
+	moe_test_model_free(&D.m);
 }
 
 static struct moe_client *client_open(const struct moe_client_options *opt)
@@ -262,7 +257,7 @@ static struct moe_engine *engine_open(void)
 	struct moe_engine_options o = { .backend = "cpu", .threads = 1 };
 	struct moe_engine *e = NULL;
 	struct moe_err err = { 0 };
-	int r = moe_engine_open(D.store, &o, &e, &err);
+	int r = moe_engine_open(D.m.store, &o, &e, &err);
 
 	ck_assert_msg(r == 0, "engine open: %d %s", r, err.msg);
 	return e;
@@ -328,7 +323,7 @@ START_TEST(connect_to_a_missing_socket_is_enoent)
 	struct moe_client *c = (struct moe_client *)&sentinel;     /* *ret is set only on success */
 	char path[PATH_MAX];
 
-	snprintf(path, sizeof(path), "%s/nobody.sock", D.dir);
+	snprintf(path, sizeof(path), "%s/nobody.sock", D.m.dir);
 	ck_assert_int_eq(moe_client_connect(path, NULL, &c), -ENOENT);
 	ck_assert_ptr_eq(c, (struct moe_client *)&sentinel);
 }
@@ -339,9 +334,9 @@ START_TEST(connect_to_a_path_that_is_not_a_socket_is_refused)
 	struct moe_client *c = NULL;
 	int r;
 
-	r = moe_client_connect(D.store, NULL, &c);
+	r = moe_client_connect(D.m.store, NULL, &c);
 	ck_assert_msg(r == -ECONNREFUSED, "connect to a file: %d %s", r, moe_strerror(r));
-	r = moe_client_connect(D.dir, NULL, &c);
+	r = moe_client_connect(D.m.dir, NULL, &c);
 	ck_assert_msg(r == -ECONNREFUSED, "connect to a directory: %d %s", r, moe_strerror(r));
 	ck_assert_ptr_null(c);
 }
@@ -355,7 +350,7 @@ START_TEST(connect_with_a_null_path_uses_moed_socket)
 	ck_assert_int_eq(setenv("MOED_SOCKET", D.moed.sock, 1), 0);
 	ck_assert_int_eq(moe_client_connect(NULL, NULL, &c), 0);
 	moe_client_disconnect(c);
-	snprintf(path, sizeof(path), "%s/nobody.sock", D.dir);
+	snprintf(path, sizeof(path), "%s/nobody.sock", D.m.dir);
 	ck_assert_int_eq(setenv("MOED_SOCKET", path, 1), 0);
 	ck_assert_int_eq(moe_client_connect(NULL, NULL, &c), -ENOENT);
 	unsetenv("MOED_SOCKET");
@@ -406,7 +401,7 @@ START_TEST(info_matches_the_store)
 	struct moe_store *s;
 	struct moe_err err = { 0 };
 
-	ck_assert_int_eq(moe_store_open(D.store, &s, &err), 0);
+	ck_assert_int_eq(moe_store_open(D.m.store, &s, &err), 0);
 	memset(&in, 0xa5, sizeof(in));
 	ck_assert_int_eq(moe_client_info(c, &in), 0);
 	ck_assert_str_eq(in.model_type, s->hdr.model_type);
@@ -536,7 +531,7 @@ static void valid_req_make(struct moe_client *c, struct valid_req *v, uint64_t t
 	ck_assert_int_eq(moe_client_alloc(c, tokens * TOP_K * 4, (void **)&v->ids), 0);
 	ck_assert_int_eq(moe_client_alloc(c, tokens * TOP_K * 4, (void **)&v->w), 0);
 	memset(v->in, 0, tokens * HIDDEN * 4);
-	v->q = (struct moe_request){ .layer = D.layers[0], .dtype = MOE_F32, .tokens = tokens,
+	v->q = (struct moe_request){ .layer = D.m.layers[0], .dtype = MOE_F32, .tokens = tokens,
 				     .input = v->in, .output = v->out, .ids = v->ids, .weights = v->w,
 				     .user_data = 1 };
 }
@@ -552,7 +547,7 @@ START_TEST(submit_refuses_a_tensor_outside_the_arena)
 	/* the whole arena in one piece: its first byte and its end are known */
 	ck_assert_int_eq(moe_client_alloc(c, 64 << 10, (void **)&arena), 0);
 	memset(arena, 0, 64 << 10);
-	ok = (struct moe_request){ .layer = D.layers[0], .dtype = MOE_F32, .tokens = 1, .input = arena,
+	ok = (struct moe_request){ .layer = D.m.layers[0], .dtype = MOE_F32, .tokens = 1, .input = arena,
 				   .output = arena + 1024, .ids = (int32_t *)(arena + 2048),
 				   .weights = (float *)(arena + 2112), .user_data = 1 };
 	q = ok;
@@ -719,12 +714,12 @@ START_TEST(forward_gives_the_engines_bits)
 	float gw[T * TOP_K], ww[T * TOP_K];
 
 	ck_assert(got && want);
-	for (uint32_t l = 0; l < D.nl; l++) {
-		int r = moe_client_forward(c, D.layers[l], dtype, x, got, T, routing ? gids : NULL,
+	for (uint32_t l = 0; l < D.m.nl; l++) {
+		int r = moe_client_forward(c, D.m.layers[l], dtype, x, got, T, routing ? gids : NULL,
 					   routing ? gw : NULL);
 
 		ck_assert_msg(r == 0, "forward: %s", moe_strerror(r));
-		engine_forward(e, D.layers[l], dtype, x, T, want, wids, ww);
+		engine_forward(e, D.m.layers[l], dtype, x, T, want, wids, ww);
 		assert_same("output", got, want, n, es);
 		if (routing) {
 			assert_same("ids", gids, wids, T * TOP_K, sizeof(int32_t));
@@ -732,8 +727,8 @@ START_TEST(forward_gives_the_engines_bits)
 		}
 	}
 	/* ids alone, without weights */
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], dtype, x, got, T, gids, NULL), 0);
-	engine_forward(e, D.layers[0], dtype, x, T, want, wids, ww);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], dtype, x, got, T, gids, NULL), 0);
+	engine_forward(e, D.m.layers[0], dtype, x, T, want, wids, ww);
 	assert_same("ids", gids, wids, T * TOP_K, sizeof(int32_t));
 	moe_engine_close(e);
 	free(x);
@@ -756,7 +751,7 @@ START_TEST(submit_and_wait_give_the_engines_bits)
 	int32_t wids[T * TOP_K];
 	float ww[T * TOP_K];
 	struct moe_completion cqe;
-	struct moe_request q = { .layer = D.layers[1], .dtype = dtype, .tokens = T, .user_data = 42 };
+	struct moe_request q = { .layer = D.m.layers[1], .dtype = dtype, .tokens = T, .user_data = 42 };
 	void *in, *out;
 
 	ck_assert_ptr_nonnull(want);
@@ -773,7 +768,7 @@ START_TEST(submit_and_wait_give_the_engines_bits)
 	ck_assert_int_eq(moe_client_wait(c, &cqe, 5000), 0);
 	ck_assert_uint_eq(cqe.user_data, 42);
 	ck_assert_msg(cqe.res == 0, "request failed: %s", moe_strerror(cqe.res));
-	engine_forward(e, D.layers[1], dtype, x, T, want, wids, ww);
+	engine_forward(e, D.m.layers[1], dtype, x, T, want, wids, ww);
 	assert_same("output", out, want, n, es);
 	if (routing) {
 		assert_same("ids", q.ids, wids, T * TOP_K, sizeof(int32_t));
@@ -810,9 +805,9 @@ static void forward_matches(struct moe_client *c, uint64_t T, uint64_t seed)
 		int r;
 
 		ck_assert(got && want && gids && wids && gw && ww);
-		r = moe_client_forward(c, D.layers[0], dtype, x, got, T, gids, gw);
+		r = moe_client_forward(c, D.m.layers[0], dtype, x, got, T, gids, gw);
 		ck_assert_msg(r == 0, "forward of %" PRIu64 " tokens: %s", T, moe_strerror(r));
-		engine_forward(e, D.layers[0], dtype, x, T, want, wids, ww);
+		engine_forward(e, D.m.layers[0], dtype, x, T, want, wids, ww);
 		assert_same("output", got, want, n, es);
 		assert_same("ids", gids, wids, T * TOP_K, sizeof(int32_t));
 		assert_same("weights", gw, ww, T * TOP_K, sizeof(float));
@@ -866,12 +861,12 @@ START_TEST(forward_refuses_what_submit_refuses)
 	float w[TOP_K];
 
 	ck_assert_int_eq(moe_client_forward(c, DENSE_LAYER, MOE_F32, x, y, 1, NULL, NULL), -MOE_E_LAYER);
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], 2, x, y, 1, NULL, NULL), -EINVAL);
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], MOE_F32, x, y, 1, NULL, w), -EINVAL);
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], MOE_F32, NULL, y, 1, NULL, NULL), -EINVAL);
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], MOE_F32, x, NULL, 1, NULL, NULL), -EINVAL);
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], MOE_F32, x, y, 0, NULL, NULL), -EINVAL);
-	ck_assert_int_eq(moe_client_forward(NULL, D.layers[0], MOE_F32, x, y, 1, ids, w), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], 2, x, y, 1, NULL, NULL), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], MOE_F32, x, y, 1, NULL, w), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], MOE_F32, NULL, y, 1, NULL, NULL), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], MOE_F32, x, NULL, 1, NULL, NULL), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], MOE_F32, x, y, 0, NULL, NULL), -EINVAL);
+	ck_assert_int_eq(moe_client_forward(NULL, D.m.layers[0], MOE_F32, x, y, 1, ids, w), -EINVAL);
 	moe_client_disconnect(c);
 }
 END_TEST
@@ -936,9 +931,9 @@ static void *forward_worker(void *arg)
 	for (int i = 0; i < FWD_CALLS && out && !wk->error[0]; i++) {
 		uint64_t n = 1 + moe_test_rand(&seed) % FWD_MAX_TOKENS;
 		uint64_t off = moe_test_rand(&seed) % (REF_TOKENS - n + 1);
-		uint32_t li = (uint32_t)(moe_test_rand(&seed) % D.nl);
+		uint32_t li = (uint32_t)(moe_test_rand(&seed) % D.m.nl);
 		bool routing = moe_test_rand(&seed) & 1;
-		int r = moe_client_forward(sh->c, D.layers[li], MOE_F32, sh->x + off * HIDDEN, out, n,
+		int r = moe_client_forward(sh->c, D.m.layers[li], MOE_F32, sh->x + off * HIDDEN, out, n,
 					   routing ? ids : NULL, routing ? w : NULL);
 
 		if (r < 0)
@@ -947,7 +942,7 @@ static void *forward_worker(void *arg)
 		else if (!result_right(sh, li, off, n, out, routing ? ids : NULL, routing ? w : NULL))
 			snprintf(wk->error, sizeof(wk->error),
 				 "forward thread %d, call %d: %" PRIu64 " tokens at %" PRIu64 " of layer %u differ",
-				 wk->id, i, n, off, D.layers[li]);
+				 wk->id, i, n, off, D.m.layers[li]);
 	}
 	if (!out)
 		snprintf(wk->error, sizeof(wk->error), "out of memory");
@@ -1010,7 +1005,7 @@ static void *async_worker(void *arg)
 			bool routing = moe_test_rand(&seed) & 1;
 
 			pthread_mutex_lock(&sh->lock);
-			a->li = (uint32_t)(moe_test_rand(&seed) % D.nl);
+			a->li = (uint32_t)(moe_test_rand(&seed) % D.m.nl);
 			a->off = moe_test_rand(&seed) % (REF_TOKENS - n + 1);
 			a->tokens = n;
 			r = moe_client_alloc(sh->c, n * HIDDEN * 4, &a->in);
@@ -1022,7 +1017,7 @@ static void *async_worker(void *arg)
 				r = moe_client_alloc(sh->c, n * TOP_K * 4, (void **)&a->w);
 			if (r == 0) {
 				memcpy(a->in, sh->x + a->off * HIDDEN, n * HIDDEN * 4);
-				q.layer = D.layers[a->li];
+				q.layer = D.m.layers[a->li];
 				q.input = a->in;
 				q.output = a->out;
 				q.ids = a->ids;
@@ -1078,12 +1073,12 @@ START_TEST(ten_threads_share_one_handle)
 	pthread_mutex_init(&sh->lock, NULL);
 	x = random_input(MOE_F32, REF_TOKENS * HIDDEN, 5000);
 	sh->x = x;
-	for (uint32_t l = 0; l < D.nl; l++) {
+	for (uint32_t l = 0; l < D.m.nl; l++) {
 		y[l] = malloc(REF_TOKENS * HIDDEN * sizeof(float));
 		ids[l] = malloc(REF_TOKENS * TOP_K * sizeof(int32_t));
 		w[l] = malloc(REF_TOKENS * TOP_K * sizeof(float));
 		ck_assert(y[l] && ids[l] && w[l]);
-		engine_forward(e, D.layers[l], MOE_F32, x, REF_TOKENS, y[l], ids[l], w[l]);
+		engine_forward(e, D.m.layers[l], MOE_F32, x, REF_TOKENS, y[l], ids[l], w[l]);
 		sh->y[l] = y[l];
 		sh->ids[l] = ids[l];
 		sh->w[l] = w[l];
@@ -1113,7 +1108,7 @@ START_TEST(ten_threads_share_one_handle)
 		ck_assert_int_eq(moe_client_alloc(c, in.arena_bytes, &all), 0);
 		ck_assert_int_eq(moe_client_free(c, all), 0);
 	}
-	for (uint32_t l = 0; l < D.nl; l++) {
+	for (uint32_t l = 0; l < D.m.nl; l++) {
 		free(y[l]);
 		free(ids[l]);
 		free(w[l]);
@@ -1135,7 +1130,7 @@ START_TEST(stats_is_json_with_clients_and_latency)
 	json_t *root, *clients, *me = NULL, *lat;
 	size_t i;
 
-	ck_assert_int_eq(moe_client_forward(c, D.layers[0], MOE_F32, x, y, 1, NULL, NULL), 0);
+	ck_assert_int_eq(moe_client_forward(c, D.m.layers[0], MOE_F32, x, y, 1, NULL, NULL), 0);
 	ck_assert_int_eq(moe_client_stats(c, &text), 0);
 	ck_assert_ptr_nonnull(strstr(text, "\"clients\""));
 	ck_assert_ptr_nonnull(strstr(text, "\"latency\""));
@@ -1197,7 +1192,7 @@ START_TEST(after_moed_stops_wait_and_submit_fail)
 	ck_assert_msg(r == -ESHUTDOWN || r == -ECONNRESET, "submit: %d %s", r, moe_strerror(r));
 	r = moe_client_wait(c, &cqe, 0);
 	ck_assert_msg(r == -ESHUTDOWN || r == -ECONNRESET, "wait: %d %s", r, moe_strerror(r));
-	r = moe_client_forward(c, D.layers[0], MOE_F32, x, y, 1, NULL, NULL);
+	r = moe_client_forward(c, D.m.layers[0], MOE_F32, x, y, 1, NULL, NULL);
 	ck_assert_msg(r == -ESHUTDOWN || r == -ECONNRESET, "forward: %d %s", r, moe_strerror(r));
 	/* the control socket is closed: no SIGPIPE, an error */
 	r = moe_client_stats(c, &text);
@@ -1253,7 +1248,7 @@ START_TEST(the_example_program_runs_against_moed)
 	int r;
 
 	snprintf(prog, sizeof(prog), "%s/examples/moe_forward_example", top && *top ? top : "..");
-	snprintf(out, sizeof(out), "%s/example.out", D.dir);
+	snprintf(out, sizeof(out), "%s/example.out", D.m.dir);
 	r = moe_test_sh(out, "MOED_SOCKET='%s' '%s'", D.moed.sock, prog);
 	text = moe_test_slurp(out, NULL);
 	ck_assert_msg(r == 0, "%s exited %d:\n%s", prog, r, text ? text : "");
@@ -1286,7 +1281,7 @@ static void *forward_call_run(void *arg)
 
 	if (f->start)
 		pthread_barrier_wait(f->start);
-	f->ret = moe_client_forward(f->c, D.layers[0], MOE_F32, f->x, f->y, f->tokens, NULL, NULL);
+	f->ret = moe_client_forward(f->c, D.m.layers[0], MOE_F32, f->x, f->y, f->tokens, NULL, NULL);
 	return NULL;
 }
 
@@ -1343,7 +1338,7 @@ START_TEST(concurrent_forwards_share_a_small_arena)
 	pthread_barrier_t start;
 
 	ck_assert_ptr_nonnull(want);
-	engine_forward(e, D.layers[0], MOE_F32, x, TOKENS, want, NULL, NULL);
+	engine_forward(e, D.m.layers[0], MOE_F32, x, TOKENS, want, NULL, NULL);
 	moe_engine_close(e);
 	pthread_barrier_init(&start, NULL, THREADS);
 	for (int i = 0; i < THREADS; i++) {
@@ -1376,7 +1371,7 @@ START_TEST(connect_refused_by_the_access_lists_is_eacces)
 	int st;
 
 	daemon_restart("access = { uids = [ 4242 ]; gids = [ 4242 ]; };");
-	ck_assert_int_eq(chmod(D.dir, 0755), 0);
+	ck_assert_int_eq(chmod(D.m.dir, 0755), 0);
 	pid = fork();
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0) {

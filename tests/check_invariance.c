@@ -24,10 +24,8 @@
 #define LAYER 1u
 
 struct model {
-	const char *what;
-	char *dir;
-	char store[4096];
-	uint32_t H, k;
+	const char *what;            /* for messages */
+	struct moe_test_model t;
 };
 
 /*
@@ -66,17 +64,8 @@ static void model_make(struct model *m, int which)
 	}
 	opt.seed = 77 + (uint64_t)which;
 	opt.num_layers = 2;
-	m->H = opt.hidden_size;
-	m->k = opt.top_k;
-	m->dir = moe_test_tmpdir("invariance");
-	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	rc = moe_test_model_make(&m->t, "invariance", &opt, NULL, why, sizeof(why));
 	ck_assert_msg(rc == 0, "%s: %s", m->what, why);
-}
-
-static void model_free(struct model *m)
-{
-	moe_test_rm_rf(m->dir);
-	free(m->dir);
 }
 
 static struct moe_engine *engine_open(const struct model *m, uint32_t threads)
@@ -84,7 +73,7 @@ static struct moe_engine *engine_open(const struct model *m, uint32_t threads)
 	struct moe_engine_options eopt = { .backend = "cpu", .threads = threads };
 	struct moe_err err = {0};
 	struct moe_engine *e;
-	int rc = moe_engine_open(m->store, &eopt, &e, &err);
+	int rc = moe_engine_open(m->t.store, &eopt, &e, &err);
 
 	ck_assert_msg(rc == 0, "%s: engine open (threads %u) failed: %d %s", m->what, threads, rc,
 		      err.msg);
@@ -103,9 +92,9 @@ static struct result run(struct moe_engine *e, const struct model *m, const floa
 {
 	struct result r = {
 		.n = n,
-		.out = malloc(sizeof(float) * n * m->H),
-		.ids = malloc(sizeof(int32_t) * n * m->k),
-		.w = malloc(sizeof(float) * n * m->k),
+		.out = malloc(sizeof(float) * n * m->t.H),
+		.ids = malloc(sizeof(int32_t) * n * m->t.k),
+		.w = malloc(sizeof(float) * n * m->t.k),
 	};
 	struct moe_err err = {0};
 	int rc;
@@ -127,23 +116,23 @@ static void result_free(struct result *r)
 static void assert_same_token(const struct model *m, const struct result *got, size_t i,
 			      const struct result *want, size_t j, const char *how)
 {
-	const float *a = got->out + i * m->H, *b = want->out + j * m->H;
+	const float *a = got->out + i * m->t.H, *b = want->out + j * m->t.H;
 
-	if (memcmp(a, b, sizeof(float) * m->H) != 0) {
+	if (memcmp(a, b, sizeof(float) * m->t.H) != 0) {
 		uint32_t h = 0;
 
-		while (h < m->H && !memcmp(a + h, b + h, sizeof(float)))
+		while (h < m->t.H && !memcmp(a + h, b + h, sizeof(float)))
 			h++;
 		ck_abort_msg("%s: %s: token at %zu of %zu differs from the reference run "
 			     "(token %zu of %zu): out[%u] = %.9g vs %.9g", m->what, how, i, got->n,
 			     j, want->n, h, (double)a[h], (double)b[h]);
 	}
-	ck_assert_msg(!memcmp(got->ids + i * m->k, want->ids + j * m->k, sizeof(int32_t) * m->k),
+	ck_assert_msg(!memcmp(got->ids + i * m->t.k, want->ids + j * m->t.k, sizeof(int32_t) * m->t.k),
 		      "%s: %s: token at %zu: expert ids differ (first %d vs %d)", m->what, how, i,
-		      got->ids[i * m->k], want->ids[j * m->k]);
-	ck_assert_msg(!memcmp(got->w + i * m->k, want->w + j * m->k, sizeof(float) * m->k),
+		      got->ids[i * m->t.k], want->ids[j * m->t.k]);
+	ck_assert_msg(!memcmp(got->w + i * m->t.k, want->w + j * m->t.k, sizeof(float) * m->t.k),
 		      "%s: %s: token at %zu: routing weights differ (first %.9g vs %.9g)", m->what,
-		      how, i, (double)got->w[i * m->k], (double)want->w[j * m->k]);
+		      how, i, (double)got->w[i * m->t.k], (double)want->w[j * m->t.k]);
 }
 
 static float *random_tokens(size_t n, uint32_t H, uint64_t seed)
@@ -163,7 +152,7 @@ START_TEST(token_output_is_independent_of_position_and_batch_mates)
 
 	model_make(&m, _i);
 	struct moe_engine *e = engine_open(&m, 2);
-	float *probe = random_tokens(1, m.H, 1234);
+	float *probe = random_tokens(1, m.t.H, 1234);
 	struct result alone = run(e, &m, probe, 1);
 
 	for (size_t s = 0; s < sizeof(mates) / sizeof(mates[0]); s++) {
@@ -173,11 +162,11 @@ START_TEST(token_output_is_independent_of_position_and_batch_mates)
 
 		for (size_t p = 0; p < 4; p++) {
 			/* different batch mates for every position */
-			float *x = random_tokens(n, m.H, 1000 * s + p + 1);
+			float *x = random_tokens(n, m.t.H, 1000 * s + p + 1);
 			char how[96];
 			struct result r;
 
-			memcpy(x + pos[p] * m.H, probe, sizeof(float) * m.H);
+			memcpy(x + pos[p] * m.t.H, probe, sizeof(float) * m.t.H);
 			r = run(e, &m, x, n);
 			snprintf(how, sizeof(how), "with %zu other tokens, at position %zu", n - 1,
 				 pos[p]);
@@ -189,11 +178,11 @@ START_TEST(token_output_is_independent_of_position_and_batch_mates)
 	/* a batch made only of copies of the token: every copy is the same */
 	{
 		size_t n = 33;
-		float *x = malloc(sizeof(float) * n * m.H);
+		float *x = malloc(sizeof(float) * n * m.t.H);
 		struct result r;
 
 		for (size_t t = 0; t < n; t++)
-			memcpy(x + t * m.H, probe, sizeof(float) * m.H);
+			memcpy(x + t * m.t.H, probe, sizeof(float) * m.t.H);
 		r = run(e, &m, x, n);
 		for (size_t t = 0; t < n; t++)
 			assert_same_token(&m, &r, t, &alone, 0, "in a batch of 33 copies of itself");
@@ -203,7 +192,7 @@ START_TEST(token_output_is_independent_of_position_and_batch_mates)
 	result_free(&alone);
 	free(probe);
 	moe_engine_close(e);
-	model_free(&m);
+	moe_test_model_free(&m.t);
 }
 END_TEST
 
@@ -215,12 +204,12 @@ START_TEST(every_token_of_a_batch_matches_the_same_token_in_sub_batches)
 
 	model_make(&m, _i);
 	struct moe_engine *e = engine_open(&m, 2);
-	float *x = random_tokens(300, m.H, 99);
+	float *x = random_tokens(300, m.t.H, 99);
 	struct result all = run(e, &m, x, 300);
 	size_t at = 0;
 
 	for (size_t p = 0; p < sizeof(pieces) / sizeof(pieces[0]); p++) {
-		struct result r = run(e, &m, x + at * m.H, pieces[p]);
+		struct result r = run(e, &m, x + at * m.t.H, pieces[p]);
 		char how[64];
 
 		snprintf(how, sizeof(how), "in a piece of %zu tokens", pieces[p]);
@@ -233,7 +222,7 @@ START_TEST(every_token_of_a_batch_matches_the_same_token_in_sub_batches)
 	result_free(&all);
 	free(x);
 	moe_engine_close(e);
-	model_free(&m);
+	moe_test_model_free(&m.t);
 }
 END_TEST
 
@@ -243,7 +232,7 @@ START_TEST(repeated_runs_give_identical_bits)
 
 	model_make(&m, _i);
 	struct moe_engine *e = engine_open(&m, 2);
-	float *x = random_tokens(256, m.H, 7);
+	float *x = random_tokens(256, m.t.H, 7);
 	struct result first = run(e, &m, x, 256);
 
 	for (int rep = 0; rep < 3; rep++) {
@@ -266,7 +255,7 @@ START_TEST(repeated_runs_give_identical_bits)
 	result_free(&first);
 	free(x);
 	moe_engine_close(e);
-	model_free(&m);
+	moe_test_model_free(&m.t);
 }
 END_TEST
 
@@ -276,7 +265,7 @@ START_TEST(thread_count_does_not_change_output_bits)
 	struct model m;
 
 	model_make(&m, _i);
-	float *x = random_tokens(300, m.H, 8);
+	float *x = random_tokens(300, m.t.H, 8);
 	struct moe_engine *e1 = engine_open(&m, 1);
 	struct result one = run(e1, &m, x, 300);
 
@@ -294,7 +283,7 @@ START_TEST(thread_count_does_not_change_output_bits)
 	}
 	result_free(&one);
 	free(x);
-	model_free(&m);
+	moe_test_model_free(&m.t);
 }
 END_TEST
 

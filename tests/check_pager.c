@@ -31,24 +31,14 @@
 #include "engine/store.h"
 #include "testutil.h"
 
-struct model {
-	char *dir;
-	char store[4096];
-	uint32_t H, k, E, nl;        /* nl: MoE layers */
-	uint32_t layers[8];          /* their checkpoint numbers */
-};
-
 /* deepseek_v3, bf16, 3 layers (layer 0 dense), 16 experts of 196 KB (four
  * 64 KB chunks, the last one short), a shared expert. */
-static void model_make(struct model *m)
+static void model_make(struct moe_test_model *m)
 {
 	struct moe_gen_options opt;
-	struct moe_err err = {0};
-	struct moe_store *s;
 	char why[512];
 	int rc;
 
-	memset(m, 0, sizeof(*m));
 	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
 	moe_test_gen_grouped(&opt);
 	opt.hidden_size = 512;
@@ -57,25 +47,8 @@ static void model_make(struct model *m)
 	opt.top_k = 4;
 	opt.seed = 4242;
 	opt.num_layers = 4;
-	m->H = opt.hidden_size;
-	m->k = opt.top_k;
-	m->E = opt.num_experts;
-	m->dir = moe_test_tmpdir("pager");
-	rc = moe_test_model_pack(&opt, m->dir, NULL, m->store, sizeof(m->store), why, sizeof(why));
+	rc = moe_test_model_make(m, "pager", &opt, NULL, why, sizeof(why));
 	ck_assert_msg(rc == 0, "%s", why);
-	rc = moe_store_open(m->store, &s, &err);
-	ck_assert_msg(rc == 0, "store open: %s", err.msg);
-	m->nl = s->hdr.num_moe_layers;
-	ck_assert_uint_le(m->nl, 8);
-	for (uint32_t i = 0; i < m->nl; i++)
-		m->layers[i] = s->layers[i].layer;
-	moe_store_close(s);
-}
-
-static void model_free(struct model *m)
-{
-	moe_test_rm_rf(m->dir);
-	free(m->dir);
 }
 
 /* Open file descriptors of this process (the pager's store, ring and eventfd
@@ -119,7 +92,7 @@ static const struct { bool buffered; uint32_t depth, chunk_kb; } pager_cfgs[] = 
 
 START_TEST(pager_reads_every_blob_exactly)
 {
-	struct model m;
+	struct moe_test_model m;
 	struct moe_store *s;
 	struct moe_pager *p;
 	struct moe_err err = {0};
@@ -180,7 +153,7 @@ START_TEST(pager_reads_every_blob_exactly)
 	ck_assert_int_eq(count_fds(), fds);
 	free(ld);
 	free(sb);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -196,7 +169,7 @@ static void log_to_buf(void *ctx, int level, const char *msg)
 	snprintf(logbuf + used, sizeof(logbuf) - used, "<%d>%s\n", level, msg);
 }
 
-static struct moe_engine *engine_open(const struct model *m, uint64_t host_bytes, const char *policy,
+static struct moe_engine *engine_open(const struct moe_test_model *m, uint64_t host_bytes, const char *policy,
 				      bool prefetch)
 {
 	struct moe_engine_options o = { .backend = "cpu", .threads = 2, .host_bytes = host_bytes,
@@ -222,7 +195,7 @@ static float *random_tokens(size_t n, uint32_t H, uint64_t seed)
 
 /* Every MoE layer on a residual stream, @rounds batches of @n tokens;
  * returns the concatenated outputs of every layer. */
-static float *run_all(struct moe_engine *e, const struct model *m, size_t n, int rounds)
+static float *run_all(struct moe_engine *e, const struct moe_test_model *m, size_t n, int rounds)
 {
 	size_t per = n * m->H;
 	float *res = malloc(sizeof(float) * per * m->nl * (size_t)rounds);
@@ -252,7 +225,7 @@ static const struct { const char *policy; bool prefetch; uint32_t slots; } budge
 
 START_TEST(paging_with_a_small_budget_gives_the_same_bits)
 {
-	struct model m;
+	struct moe_test_model m;
 	struct moe_engine_stats st, st2;
 	const size_t n = 37;
 	const int rounds = 3;
@@ -291,13 +264,13 @@ START_TEST(paging_with_a_small_budget_gives_the_same_bits)
 	moe_engine_close(small);
 	free(want);
 	free(got);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
 START_TEST(a_budget_below_the_fixed_part_is_refused)
 {
-	struct model m;
+	struct moe_test_model m;
 	struct moe_engine_options o = { .backend = "cpu", .host_bytes = 4096 };
 	struct moe_err err = {0};
 	struct moe_engine *e = NULL;
@@ -314,7 +287,7 @@ START_TEST(a_budget_below_the_fixed_part_is_refused)
 	o.pin = pins;
 	ck_assert_int_lt(moe_engine_open(m.store, &o, &e, &err), 0);
 	ck_assert_msg(strstr(err.msg, "9:1"), "message: %s", err.msg);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 END_TEST
 
@@ -325,7 +298,7 @@ END_TEST
  */
 static void fault_case(enum moe_pager_fault f, const char *what)
 {
-	struct model m;
+	struct moe_test_model m;
 	struct moe_err err = {0};
 	const size_t na = 8;
 	int32_t *ids = malloc(sizeof(int32_t) * na * 4);
@@ -394,7 +367,7 @@ static void fault_case(enum moe_pager_fault f, const char *what)
 	free(want_a);
 	free(want_b);
 	free(out);
-	model_free(&m);
+	moe_test_model_free(&m);
 }
 
 START_TEST(an_io_error_fails_only_the_forwards_that_need_the_expert)

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * A real moed for the tests that talk to one (check_client, check_daemon,
+ * A real moed for the tests that talk to one (check_client, check_daemon_*,
  * fuzz_proto): start it on a config in a temporary directory, wait until it
  * listens, stop it, read its log, count what it holds; and raw sessions
  * that speak proto.h by hand, as a client that does not use libmoeclient

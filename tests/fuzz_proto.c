@@ -532,7 +532,7 @@ static void good_client(uint64_t *s, const char *when)
 		fail("%s: moed died", when);
 }
 
-static void model_make(const char *dir, char *store, size_t len)
+static void model_make(struct moe_test_model *m)
 {
 	struct moe_gen_options opt;
 	char why[512];
@@ -545,7 +545,7 @@ static void model_make(const char *dir, char *store, size_t len)
 	opt.num_layers = 3;
 	opt.vocab_size = 32;
 	opt.seed = 31337;
-	if (moe_test_model_pack(&opt, dir, NULL, store, len, why, sizeof(why)) < 0)
+	if (moe_test_model_make(m, "fuzz", &opt, NULL, why, sizeof(why)) < 0)
 		fail("%s", why);
 }
 
@@ -562,12 +562,11 @@ int main(void)
 	struct moe_err err = { 0 };
 	struct moe_test_raw r = { .fd = -1 };
 	int silent[8], nsilent = 0;
-	char store[4096], *dir;
+	struct moe_test_model m;
 
-	dir = moe_test_tmpdir("fuzz");
-	model_make(dir, store, sizeof(store));
-	moed_start(dir, store);
-	if (moe_engine_open(store, &eo, &ref_engine, &err) < 0)   /* no fork() after this */
+	model_make(&m);
+	moed_start(m.dir, m.store);
+	if (moe_engine_open(m.store, &eo, &ref_engine, &err) < 0)   /* no fork() after this */
 		fail("engine open: %s", err.msg);
 	good_client(&sg, "at the start");
 
@@ -664,7 +663,7 @@ int main(void)
 	       " sessions ended for bad ring indices; slowest answer to a HELLO %" PRIu64 " ms, to a batch %" PRIu64
 	       " ms; %.1f s\n", seed, hellos, batches, sqes, refused, garbage, ended, slow_hello, slow_batch,
 	       (double)(moe_test_now_ms() - t0) / 1000.0);
-	free(dir);
+	moe_test_model_free(&m);
 	return 0;
 }
 

@@ -17,6 +17,7 @@
 #include "formats/pack.h"
 #include "engine/rng.h"
 #include "formats/safetensors.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 static char *tmpdirs[64];
@@ -61,7 +62,7 @@ static char *run_dir_outer;      /* $TMPDIR before it */
  * atexit clean-up never runs.  So the runner makes one directory for the
  * run, every test's moe_test_tmpdir() lands inside it through $TMPDIR, and
  * the runner, which always gets to the end, removes it.  Mode 0711: others
- * may pass through to a socket (check_daemon's uid test) but not list it.
+ * may pass through to a socket (check_daemon_sessions' uid test) but not list it.
  */
 static void run_dir_make(const char *tag)
 {
@@ -148,6 +149,29 @@ int moe_test_sh(const char *out_path, const char *fmt, ...)
 	return WEXITSTATUS(st);
 }
 
+char *moe_test_path_join(const char *dir, const char *name)
+{
+	char *p;
+
+	ck_assert_int_ge(asprintf(&p, "%s/%s", dir, name), 0);
+	return p;
+}
+
+bool moe_test_exists(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0;
+}
+
+void *moe_test_page_alloc(uint64_t n)
+{
+	void *p = NULL;
+
+	ck_assert(posix_memalign(&p, 4096, n ? n : 1) == 0);
+	return p;
+}
+
 char *moe_test_slurp(const char *path, uint64_t *ret_len)
 {
 	FILE *f = fopen(path, "rb");
@@ -210,8 +234,11 @@ void moe_test_gen_grouped(struct moe_gen_options *opt)
 	opt->first_k_dense_replace = 1;
 }
 
-int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
-			size_t store_len, char *why, size_t why_len)
+/* Generate @opt's checkpoint in @dir/@hf_sub (@dir itself when @hf_sub is
+ * NULL) and pack it into @dir/model.moe.  0 or a negative errno, with what
+ * failed in @why. */
+static int model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
+		      size_t store_len, char *why, size_t why_len)
 {
 	struct moe_pack_options popt = { .dtype = -1 };   /* as the checkpoint has it */
 	struct moe_err err = { 0 };
@@ -234,6 +261,48 @@ int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, cons
 		return rc;
 	}
 	return 0;
+}
+
+int moe_test_model_make(struct moe_test_model *m, const char *tag, const struct moe_gen_options *opt,
+			const char *hf_sub, char *why, size_t why_len)
+{
+	struct moe_err err = { 0 };
+	struct moe_store *s;
+	int rc;
+
+	memset(m, 0, sizeof(*m));
+	m->H = opt->hidden_size;
+	m->k = opt->top_k;
+	m->E = opt->num_experts;
+	m->dir = moe_test_tmpdir(tag);
+	rc = model_pack(opt, m->dir, hf_sub, m->store, sizeof(m->store), why, why_len);
+	if (rc < 0)
+		return rc;
+	rc = moe_store_open(m->store, &s, &err);
+	if (rc < 0) {
+		snprintf(why, why_len, "store open: %s", err.msg);
+		return rc;
+	}
+	if (s->hdr.num_moe_layers > sizeof(m->layers) / sizeof(m->layers[0])) {
+		snprintf(why, why_len, "%s: %u MoE layers, more than the %zu of struct moe_test_model", m->store,
+			 s->hdr.num_moe_layers, sizeof(m->layers) / sizeof(m->layers[0]));
+		moe_store_close(s);
+		return -E2BIG;
+	}
+	m->nl = s->hdr.num_moe_layers;
+	for (uint32_t i = 0; i < m->nl; i++)
+		m->layers[i] = s->layers[i].layer;
+	moe_store_close(s);
+	return 0;
+}
+
+void moe_test_model_free(struct moe_test_model *m)
+{
+	if (!m->dir)
+		return;
+	moe_test_rm_rf(m->dir);
+	free(m->dir);
+	m->dir = NULL;
 }
 
 int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len)

@@ -5,6 +5,7 @@
 #ifndef MOE_TESTUTIL_H
 #define MOE_TESTUTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -35,6 +36,20 @@ void moe_test_rm_rf(const char *path);
  * stderr go to @out_path when it is not NULL. */
 int moe_test_sh(const char *out_path, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* "@dir/@name", malloc'ed; aborts the test when out of memory. */
+char *moe_test_path_join(const char *dir, const char *name);
+
+/* The struct moe_err *@err says @needle somewhere in its message. */
+#define moe_test_assert_err_has(err, needle) \
+	ck_assert_msg(strstr((err)->msg, (needle)) != NULL, "message '%s' lacks '%s'", (err)->msg, (needle))
+
+/* Does @path exist? */
+bool moe_test_exists(const char *path);
+
+/* @n bytes (at least 1) aligned to a page, as the store's reads want them;
+ * free() them.  Aborts the test when out of memory. */
+void *moe_test_page_alloc(uint64_t n);
+
 /* Read a whole file into a NUL-terminated malloc'ed buffer (NULL on error). */
 char *moe_test_slurp(const char *path, uint64_t *ret_len);
 
@@ -50,18 +65,33 @@ double moe_test_randf(uint64_t *state);
  * share: 4 attention heads over 2 KV heads, a vocabulary of 64, one shard. */
 void moe_test_gen_small(enum moe_arch arch, enum moe_dtype dtype, struct moe_gen_options *ret_opt);
 
-/* The deepseek_v3 routing of check_pager, check_daemon, check_invariance: 4
+/* The deepseek_v3 routing of check_pager, check_daemon_*, check_invariance: 4
  * groups with the top 2 of them, one shared expert, scaling 2.5, normalised
  * top-k weights, layer 0 dense with intermediate size 64. */
 void moe_test_gen_grouped(struct moe_gen_options *opt);
 
+/* A small model of a test's own: its checkpoint and its store. */
+struct moe_test_model {
+	char *dir;                   /* a moe_test_tmpdir(); moed's config, socket and log go here too */
+	char store[4096];            /* dir/model.moe */
+	uint32_t H, k, E;            /* hidden size, top-k, routed experts */
+	uint32_t nl;                 /* MoE layers */
+	uint32_t layers[8];          /* their checkpoint numbers */
+};
+
 /*
- * Generate @opt's checkpoint in @dir/@hf_sub (@dir itself when @hf_sub is
- * NULL) and pack it, dtype as stored, into @dir/model.moe, whose path goes
- * to @ret_store.  0 or a negative errno, with what failed in @why.
+ * Make @m in a fresh moe_test_tmpdir(@tag): generate @opt's checkpoint in
+ * its subdirectory @hf_sub (the directory itself when @hf_sub is NULL),
+ * pack it, dtype as stored, into dir/model.moe, and list the store's MoE
+ * layers.  0, or a negative errno with what failed in @why (then @m holds
+ * only the directory, for moe_test_model_free()).  Asserts nothing, so
+ * that fuzz_proto, which runs without Check, makes its model the same way.
  */
-int moe_test_model_pack(const struct moe_gen_options *opt, const char *dir, const char *hf_sub, char *ret_store,
-			size_t store_len, char *why, size_t why_len);
+int moe_test_model_make(struct moe_test_model *m, const char *tag, const struct moe_gen_options *opt,
+			const char *hf_sub, char *why, size_t why_len);
+
+/* Remove @m's directory; a model freed already, or never made, is fine. */
+void moe_test_model_free(struct moe_test_model *m);
 
 /*
  * Overwrite the deepseek_v3 correction bias of @layer (F32 [16] in the
