@@ -196,13 +196,13 @@ int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
 		struct moe_layer_weights lc = { .cfg = &cfg, .layer = 0, .router = router, .experts = pp };
 		struct moe_layer_weights lb = { .cfg = &cfg, .layer = 0, .router = router, .experts = bp };
 
-		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0)) < 0 ||
-		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0)) < 0) {
+		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0, 0)) < 0 ||
+		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0, 0)) < 0) {
 			r = moe_err_set(err, r, "self-test: the CPU backend failed: %s", strerror(-r));
 			goto out;
 		}
-		if ((r = be->ops->route(be, &lb, x, n, i1, w1)) < 0 ||
-		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1)) < 0) {
+		if ((r = be->ops->route(be, &lb, x, n, i1, w1, 0)) < 0 ||
+		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1, 0)) < 0) {
 			r = moe_err_set(err, r, "self-test: the %s backend failed on %zu tokens: %s", be->ops->name, n,
 					strerror(-r));
 			goto out;

@@ -37,10 +37,21 @@ struct moe_layer_weights {
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
 	struct moe_device_counters *dev;  /* counters to add to, or NULL */
-	/* experts_begin only: x is the x of this backend's last route() call,
-	 * unchanged since (a backend may reuse its copy of it) */
-	bool x_routed;
 };
+
+/*
+ * The flags argument of route(), experts() and experts_begin(): what the
+ * caller knows of that call's x and out.  They hold for the one call (for
+ * experts_begin, for the split call it starts); 0 is host memory and
+ * nothing known.
+ */
+/* x and out are device pointers (float32, any alignment) into memory that
+ * ipc_open mapped; only for a backend that has ipc_open */
+#define MOE_BACKEND_DEVICE_IO (1u << 0)
+/* experts() and experts_begin() only: x (with the same n) is the x of this
+ * backend's last route() call, unchanged since; the backend may use the
+ * copy of it that the routing made */
+#define MOE_BACKEND_X_ROUTED  (1u << 1)
 
 struct moe_backend_options {
 	uint32_t threads;             /* CPU worker threads; 0: one per online CPU */
@@ -65,21 +76,26 @@ struct moe_backend_ops {
 	 * Router for @n tokens x[n][H] (float32): logits in float32, then the
 	 * selection rule of cfg (ARCHITECTURE.md 4.1).  Writes ids[n][k]
 	 * (expert indices, in selection order: best first, ties to the lower
-	 * index) and w[n][k] (final combine weights).  Required.
+	 * index) and w[n][k] (final combine weights), in host memory.  @flags:
+	 * MOE_BACKEND_DEVICE_IO or 0; a call with it returns, failed or not,
+	 * with no copy from x in flight.  Required.
 	 */
 	int (*route)(struct moe_backend *be, const struct moe_layer_weights *lw,
-		     const float *x, size_t n, int32_t *ids, float *w);
+		     const float *x, size_t n, int32_t *ids, float *w, unsigned flags);
 
 	/*
 	 * out[n][H] = sum_s w[t][s] * expert_{ids[t][s]}(x[t]) + shared(x[t]),
 	 * summed in slot order s = 0..kk-1, then the shared part.  @kk is the
 	 * number of slots per token (cfg->top_k normally; more for the dense
 	 * comparison).  Every expert named in @ids must be resident.  Output
-	 * bits of a token do not depend on the other tokens.  Required.
+	 * bits of a token do not depend on the other tokens.  @flags:
+	 * MOE_BACKEND_DEVICE_IO, MOE_BACKEND_X_ROUTED; a call with
+	 * MOE_BACKEND_DEVICE_IO returns, failed or not, with no copy from x or
+	 * to out in flight.  Required.
 	 */
 	int (*experts)(struct moe_backend *be, const struct moe_layer_weights *lw,
 		       const float *x, size_t n, uint32_t kk, const int32_t *ids,
-		       const float *w, float *out);
+		       const float *w, float *out, unsigned flags);
 
 	/*
 	 * Optional: the backend's resident layout of an expert blob.
@@ -112,11 +128,14 @@ struct moe_backend_ops {
 	 * and the shared one in exactly one call; experts_end writes the
 	 * output (and must follow a successful begin, even after a failure,
 	 * with @abandon true to only free).  The output bits are those of
-	 * experts().  One split call at a time per backend.
+	 * experts().  One split call at a time per backend.  @flags as for
+	 * experts(), for the whole split call: x stays valid and unchanged
+	 * until experts_end; with MOE_BACKEND_DEVICE_IO, a failed begin and
+	 * every end return with no copy from x or to out in flight.
 	 */
 	int (*experts_begin)(struct moe_backend *be, const struct moe_layer_weights *lw,
 			     const float *x, size_t n, uint32_t kk, const int32_t *ids,
-			     const float *w, float *out);
+			     const float *w, float *out, unsigned flags);
 	int (*experts_run)(struct moe_backend *be, const struct moe_layer_weights *lw,
 			   const uint8_t *ready, bool shared);
 	int (*experts_end)(struct moe_backend *be, bool abandon);
@@ -134,14 +153,11 @@ struct moe_backend_ops {
 	 * Optional, together: another process's device memory.  ipc_open maps
 	 * the allocation of a 64-byte cudaIpcMemHandle_t and sets *base and
 	 * *bytes, its size as the device knows it (may be called from any
-	 * thread); ipc_close unmaps it.  io_mode(true) makes x and out of the
-	 * following route/experts calls device pointers (float32, any
-	 * alignment) until io_mode(false), which waits for every copy from or
-	 * to them.
+	 * thread); ipc_close unmaps it.  A backend that has them takes
+	 * MOE_BACKEND_DEVICE_IO in route(), experts() and experts_begin().
 	 */
 	int (*ipc_open)(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes);
 	void (*ipc_close)(struct moe_backend *be, void *base);
-	void (*io_mode)(struct moe_backend *be, bool device);
 };
 
 struct moe_backend {

@@ -653,9 +653,10 @@ static int route_grow(struct moe_engine *e, size_t need, size_t n, struct moe_er
 
 /*
  * Predict the experts of the MoE layer after @li from this batch's input
- * and prefetch those not resident, into free or evictable slots.
+ * (@io: its MOE_BACKEND_DEVICE_IO) and prefetch those not resident, into
+ * free or evictable slots.
  */
-static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size_t n)
+static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size_t n, unsigned io)
 {
 	const struct moe_model_config *c = e->cfg;
 	uint32_t nl = li + 1, E = c->num_experts, k = c->top_k, budget;
@@ -677,7 +678,7 @@ static void predict_next(struct moe_engine *e, uint32_t li, const float *x, size
 	l = &e->layers[nl];
 	lw = (struct moe_layer_weights){ .cfg = c, .layer = e->store->layers[nl].layer,
 					 .router = l->router, .bias = l->bias };
-	if (e->backend->ops->route(e->backend, &lw, x, n, e->pred_ids, e->pred_w) < 0)
+	if (e->backend->ops->route(e->backend, &lw, x, n, e->pred_ids, e->pred_w, io) < 0)
 		return;
 	memset(l->predicted, 0, E);
 	for (size_t i = 0; i < n * k; i++)
@@ -718,6 +719,8 @@ static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t 
 	uint32_t nu = 0, nd = 0, np = 0;
 	uint64_t t0 = moe_now_ns(), stall = 0;
 	bool shared_done = false, begun = false;
+	/* the routing of the next layer (prefetch) reads x too: device x */
+	unsigned io = flags & MOE_FWD_DEVICE_IO ? MOE_BACKEND_DEVICE_IO : 0;
 	int li, r, fail = 0;
 
 	li = find_layer(e, layer, err);
@@ -739,7 +742,7 @@ static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t 
 		.shared_gate = l->shared_gate, .shared = l->shared, .experts = e->ptrs,
 		.dev = &l->dev,
 	};
-	r = ops->route(e->backend, &lw, x, n, e->ids, e->w);
+	r = ops->route(e->backend, &lw, x, n, e->ids, e->w, io);
 	if (r < 0)
 		return moe_err_set(err, r, "layer %u: routing failed: %s", layer, strerror(-r));
 	for (size_t i = 0; i < n * k; i++)
@@ -812,9 +815,8 @@ static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t 
 		}
 	}
 
-	lw.x_routed = true;          /* routed just above, with this x */
-	r = ops->experts_begin(e->backend, &lw, x, n, kk, e->ids, e->w, out);
-	lw.x_routed = false;
+	/* x was routed just above */
+	r = ops->experts_begin(e->backend, &lw, x, n, kk, e->ids, e->w, out, io | MOE_BACKEND_X_ROUTED);
 	if (r < 0)
 		fail = moe_err_set(err, r, "layer %u: expert computation failed: %s", layer, strerror(-r));
 	else
@@ -839,7 +841,7 @@ static int forward(struct moe_engine *e, uint32_t layer, const float *x, size_t 
 			nd--;
 		}
 		if (e->prefetch && !predicted && !nd) {
-			predict_next(e, (uint32_t)li, x, n);
+			predict_next(e, (uint32_t)li, x, n, io);
 			predicted = true;
 		}
 		/* compute what is ready */
@@ -934,22 +936,16 @@ int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, siz
 		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err)
 {
 	const struct moe_backend_ops *ops = e->backend->ops;
-	int r;
 
-	if (!(flags & MOE_FWD_DEVICE_IO))
-		return forward(e, layer, x, n, out, ids, w, flags, err);
-	if (!ops->io_mode)
+	if ((flags & MOE_FWD_DEVICE_IO) && !moe_engine_has_device_memory(e))
 		return moe_err_set(err, -EOPNOTSUPP, "the %s backend has no device memory", ops->name);
-	/* the routing of the next layer (prefetch) reads x too: device x */
-	ops->io_mode(e->backend, true);
-	r = forward(e, layer, x, n, out, ids, w, flags & ~MOE_FWD_DEVICE_IO, err);
-	ops->io_mode(e->backend, false);
-	return r;
+	return forward(e, layer, x, n, out, ids, w, flags, err);
 }
 
 bool moe_engine_has_device_memory(const struct moe_engine *e)
 {
-	return e->backend->ops->ipc_open && e->backend->ops->io_mode;
+	/* a backend with ipc_open takes MOE_BACKEND_DEVICE_IO */
+	return e->backend->ops->ipc_open != NULL;
 }
 
 int moe_engine_device_map(struct moe_engine *e, const void *handle, void **base, uint64_t *bytes,

@@ -50,5 +50,4 @@ const struct moe_backend_ops moe_backend_module_ops = {
 	.host_unregister = moe_cuda_host_unregister,
 	.ipc_open = moe_cuda_ipc_open,
 	.ipc_close = moe_cuda_ipc_close,
-	.io_mode = moe_cuda_io_mode,
 };
