@@ -160,11 +160,40 @@ struct moe_backend_ops {
 	void (*ipc_close)(struct moe_backend *be, void *base);
 };
 
+/*
+ * The ABI between the engine and a backend module (gpu/: a .so opened at
+ * run time, built separately and perhaps installed at another time):
+ * struct moe_backend_ops, every structure passed through it
+ * (moe_backend, moe_backend_options, moe_layer_weights,
+ * moe_device_counters, moe_model_config and its enums, moe_err), the ops'
+ * arguments, flags and contracts.  Bump it with any change to them, even
+ * one that keeps every size: a module built with another version is
+ * refused when it is opened (moe_backend_open), never called.
+ *   1  the first versioned ABI: route/experts/experts_begin take flags
+ */
+#define MOE_BACKEND_ABI_VERSION 1u
+
+/*
+ * What a backend module exports, as the symbol named
+ * MOE_BACKEND_MODULE_SYMBOL.  abi_version and ops_size stay first, with
+ * these types, in every version: the engine reads them before it trusts
+ * anything else in the module.
+ */
+struct moe_backend_module {
+	uint32_t abi_version;                 /* MOE_BACKEND_ABI_VERSION it was built with */
+	uint32_t ops_size;                    /* sizeof(struct moe_backend_ops) it was built with */
+	const struct moe_backend_ops *ops;
+};
+
+#define MOE_BACKEND_MODULE_SYMBOL "moe_backend_module"
+
 struct moe_backend {
 	const struct moe_backend_ops *ops;
 	void *priv;
 	void *handle;       /* dlopen handle of a module backend, or NULL */
-	char reason[256];   /* why "auto" fell back to the CPU, empty otherwise */
+	char reason[MOE_ERR_MSG_MAX]; /* why "auto" fell back to the CPU, empty
+				       * otherwise: an error message (a module's
+				       * path and two ABI versions fit) */
 };
 
 extern const struct moe_backend_ops moe_backend_cpu_ops;
@@ -172,7 +201,9 @@ extern const struct moe_backend_ops moe_backend_cpu_ops;
 /*
  * Open backend @name: "cpu", "cuda" or "auto" (CUDA when a device is usable,
  * else the CPU; be->reason then says why).  "cuda" without a usable device
- * fails with -ENODEV and the reason.
+ * fails with -ENODEV and the reason; so does a CUDA module of another ABI
+ * (MOE_BACKEND_ABI_VERSION, ops size) or of none, the reason naming the
+ * module's path and both versions.
  */
 int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 		     struct moe_backend **ret, struct moe_err *err);
