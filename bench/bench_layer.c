@@ -252,8 +252,8 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 			for (size_t i = 0; i < (size_t)n * H; i++)
 				x[i] = rngf(&s);
 			double a = bench_now();
-			be->ops->route(be, &lw, x, n, ids, w);
-			be->ops->experts(be, &lw, x, n, k, ids, w, out);
+			be->ops->route(be, &lw, x, n, ids, w, 0);
+			be->ops->experts(be, &lw, x, n, k, ids, w, out, 0);
 			double dt = bench_now() - a;
 			if (it < 0)
 				continue;

@@ -9,6 +9,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <math.h>
 #include <stdbool.h>
@@ -46,11 +47,42 @@ static int backend_start(const struct moe_backend_ops *ops, void *handle,
 	return 0;
 }
 
+/*
+ * The ops of the module @h (opened from @path), once its ABI is this
+ * engine's: the same MOE_BACKEND_ABI_VERSION and the same size of the ops
+ * table.  -ENODEV, with a message naming the module and both versions,
+ * for a module of another ABI or of none (built before modules carried
+ * one), whose layout cannot be trusted: nothing in it is called.
+ */
+static int module_ops(void *h, const char *path, const struct moe_backend_ops **ret,
+		      struct moe_err *err)
+{
+	const struct moe_backend_module *m = dlsym(h, MOE_BACKEND_MODULE_SYMBOL);
+
+	if (!m) {
+		if (dlsym(h, "moe_backend_module_ops"))
+			return moe_err_set(err, -ENODEV, "backend module %s has no ABI version (built before "
+					   "moed checked them), this build needs version %u (ops table of %zu "
+					   "bytes): rebuild or reinstall the module", path,
+					   MOE_BACKEND_ABI_VERSION, sizeof(struct moe_backend_ops));
+		return moe_err_set(err, -ENODEV, "%s is not a moed backend module", path);
+	}
+	if (m->abi_version != MOE_BACKEND_ABI_VERSION || m->ops_size != sizeof(struct moe_backend_ops))
+		return moe_err_set(err, -ENODEV, "backend module %s has ABI version %" PRIu32 " (ops table of "
+				   "%" PRIu32 " bytes), this build needs version %u (ops table of %zu bytes): "
+				   "rebuild or reinstall the module", path, m->abi_version, m->ops_size,
+				   MOE_BACKEND_ABI_VERSION, sizeof(struct moe_backend_ops));
+	if (!m->ops || !m->ops->init || !m->ops->fini)
+		return moe_err_set(err, -ENODEV, "%s is not a moed backend module", path);
+	*ret = m->ops;
+	return 0;
+}
+
 static int cuda_open(const struct moe_backend_options *opt, struct moe_backend **ret,
 		     struct moe_err *err)
 {
 	const char *dir = getenv("MOE_BACKEND_DIR");
-	const struct moe_backend_ops *ops;
+	const struct moe_backend_ops *ops = NULL;
 	char path[PATH_MAX];
 	void *h;
 	int r;
@@ -61,10 +93,10 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 	h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
 	if (!h)
 		return moe_err_set(err, -ENODEV, "CUDA backend not available: %s", dlerror());
-	ops = dlsym(h, "moe_backend_module_ops");
-	if (!ops || !ops->init || !ops->fini) {
+	r = module_ops(h, path, &ops, err);
+	if (r < 0) {
 		dlclose(h);
-		return moe_err_set(err, -ENODEV, "%s is not a moed backend module", path);
+		return r;
 	}
 	if (!ops->route || !ops->experts) {
 		/* let the module say why it cannot serve (no device, no kernels) */
@@ -196,13 +228,13 @@ int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
 		struct moe_layer_weights lc = { .cfg = &cfg, .layer = 0, .router = router, .experts = pp };
 		struct moe_layer_weights lb = { .cfg = &cfg, .layer = 0, .router = router, .experts = bp };
 
-		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0)) < 0 ||
-		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0)) < 0) {
+		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0, 0)) < 0 ||
+		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0, 0)) < 0) {
 			r = moe_err_set(err, r, "self-test: the CPU backend failed: %s", strerror(-r));
 			goto out;
 		}
-		if ((r = be->ops->route(be, &lb, x, n, i1, w1)) < 0 ||
-		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1)) < 0) {
+		if ((r = be->ops->route(be, &lb, x, n, i1, w1, 0)) < 0 ||
+		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1, 0)) < 0) {
 			r = moe_err_set(err, r, "self-test: the %s backend failed on %zu tokens: %s", be->ops->name, n,
 					strerror(-r));
 			goto out;

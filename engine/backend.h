@@ -37,10 +37,21 @@ struct moe_layer_weights {
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
 	struct moe_device_counters *dev;  /* counters to add to, or NULL */
-	/* experts_begin only: x is the x of this backend's last route() call,
-	 * unchanged since (a backend may reuse its copy of it) */
-	bool x_routed;
 };
+
+/*
+ * The flags argument of route(), experts() and experts_begin(): what the
+ * caller knows of that call's x and out.  They hold for the one call (for
+ * experts_begin, for the split call it starts); 0 is host memory and
+ * nothing known.
+ */
+/* x and out are device pointers (float32, any alignment) into memory that
+ * ipc_open mapped; only for a backend that has ipc_open */
+#define MOE_BACKEND_DEVICE_IO (1u << 0)
+/* experts() and experts_begin() only: x (with the same n) is the x of this
+ * backend's last route() call, unchanged since; the backend may use the
+ * copy of it that the routing made */
+#define MOE_BACKEND_X_ROUTED  (1u << 1)
 
 struct moe_backend_options {
 	uint32_t threads;             /* CPU worker threads; 0: one per online CPU */
@@ -65,21 +76,26 @@ struct moe_backend_ops {
 	 * Router for @n tokens x[n][H] (float32): logits in float32, then the
 	 * selection rule of cfg (ARCHITECTURE.md 4.1).  Writes ids[n][k]
 	 * (expert indices, in selection order: best first, ties to the lower
-	 * index) and w[n][k] (final combine weights).  Required.
+	 * index) and w[n][k] (final combine weights), in host memory.  @flags:
+	 * MOE_BACKEND_DEVICE_IO or 0; a call with it returns, failed or not,
+	 * with no copy from x in flight.  Required.
 	 */
 	int (*route)(struct moe_backend *be, const struct moe_layer_weights *lw,
-		     const float *x, size_t n, int32_t *ids, float *w);
+		     const float *x, size_t n, int32_t *ids, float *w, unsigned flags);
 
 	/*
 	 * out[n][H] = sum_s w[t][s] * expert_{ids[t][s]}(x[t]) + shared(x[t]),
 	 * summed in slot order s = 0..kk-1, then the shared part.  @kk is the
 	 * number of slots per token (cfg->top_k normally; more for the dense
 	 * comparison).  Every expert named in @ids must be resident.  Output
-	 * bits of a token do not depend on the other tokens.  Required.
+	 * bits of a token do not depend on the other tokens.  @flags:
+	 * MOE_BACKEND_DEVICE_IO, MOE_BACKEND_X_ROUTED; a call with
+	 * MOE_BACKEND_DEVICE_IO returns, failed or not, with no copy from x or
+	 * to out in flight.  Required.
 	 */
 	int (*experts)(struct moe_backend *be, const struct moe_layer_weights *lw,
 		       const float *x, size_t n, uint32_t kk, const int32_t *ids,
-		       const float *w, float *out);
+		       const float *w, float *out, unsigned flags);
 
 	/*
 	 * Optional: the backend's resident layout of an expert blob.
@@ -112,11 +128,14 @@ struct moe_backend_ops {
 	 * and the shared one in exactly one call; experts_end writes the
 	 * output (and must follow a successful begin, even after a failure,
 	 * with @abandon true to only free).  The output bits are those of
-	 * experts().  One split call at a time per backend.
+	 * experts().  One split call at a time per backend.  @flags as for
+	 * experts(), for the whole split call: x stays valid and unchanged
+	 * until experts_end; with MOE_BACKEND_DEVICE_IO, a failed begin and
+	 * every end return with no copy from x or to out in flight.
 	 */
 	int (*experts_begin)(struct moe_backend *be, const struct moe_layer_weights *lw,
 			     const float *x, size_t n, uint32_t kk, const int32_t *ids,
-			     const float *w, float *out);
+			     const float *w, float *out, unsigned flags);
 	int (*experts_run)(struct moe_backend *be, const struct moe_layer_weights *lw,
 			   const uint8_t *ready, bool shared);
 	int (*experts_end)(struct moe_backend *be, bool abandon);
@@ -134,21 +153,47 @@ struct moe_backend_ops {
 	 * Optional, together: another process's device memory.  ipc_open maps
 	 * the allocation of a 64-byte cudaIpcMemHandle_t and sets *base and
 	 * *bytes, its size as the device knows it (may be called from any
-	 * thread); ipc_close unmaps it.  io_mode(true) makes x and out of the
-	 * following route/experts calls device pointers (float32, any
-	 * alignment) until io_mode(false), which waits for every copy from or
-	 * to them.
+	 * thread); ipc_close unmaps it.  A backend that has them takes
+	 * MOE_BACKEND_DEVICE_IO in route(), experts() and experts_begin().
 	 */
 	int (*ipc_open)(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes);
 	void (*ipc_close)(struct moe_backend *be, void *base);
-	void (*io_mode)(struct moe_backend *be, bool device);
 };
+
+/*
+ * The ABI between the engine and a backend module (gpu/: a .so opened at
+ * run time, built separately and perhaps installed at another time):
+ * struct moe_backend_ops, every structure passed through it
+ * (moe_backend, moe_backend_options, moe_layer_weights,
+ * moe_device_counters, moe_model_config and its enums, moe_err), the ops'
+ * arguments, flags and contracts.  Bump it with any change to them, even
+ * one that keeps every size: a module built with another version is
+ * refused when it is opened (moe_backend_open), never called.
+ *   1  the first versioned ABI: route/experts/experts_begin take flags
+ */
+#define MOE_BACKEND_ABI_VERSION 1u
+
+/*
+ * What a backend module exports, as the symbol named
+ * MOE_BACKEND_MODULE_SYMBOL.  abi_version and ops_size stay first, with
+ * these types, in every version: the engine reads them before it trusts
+ * anything else in the module.
+ */
+struct moe_backend_module {
+	uint32_t abi_version;                 /* MOE_BACKEND_ABI_VERSION it was built with */
+	uint32_t ops_size;                    /* sizeof(struct moe_backend_ops) it was built with */
+	const struct moe_backend_ops *ops;
+};
+
+#define MOE_BACKEND_MODULE_SYMBOL "moe_backend_module"
 
 struct moe_backend {
 	const struct moe_backend_ops *ops;
 	void *priv;
 	void *handle;       /* dlopen handle of a module backend, or NULL */
-	char reason[256];   /* why "auto" fell back to the CPU, empty otherwise */
+	char reason[MOE_ERR_MSG_MAX]; /* why "auto" fell back to the CPU, empty
+				       * otherwise: an error message (a module's
+				       * path and two ABI versions fit) */
 };
 
 extern const struct moe_backend_ops moe_backend_cpu_ops;
@@ -156,7 +201,9 @@ extern const struct moe_backend_ops moe_backend_cpu_ops;
 /*
  * Open backend @name: "cpu", "cuda" or "auto" (CUDA when a device is usable,
  * else the CPU; be->reason then says why).  "cuda" without a usable device
- * fails with -ENODEV and the reason.
+ * fails with -ENODEV and the reason; so does a CUDA module of another ABI
+ * (MOE_BACKEND_ABI_VERSION, ops size) or of none, the reason naming the
+ * module's path and both versions.
  */
 int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 		     struct moe_backend **ret, struct moe_err *err);

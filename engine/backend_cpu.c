@@ -123,13 +123,15 @@ static void route_select_task(void *ctx, size_t task, uint32_t worker)
 }
 
 static int cpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
-		     size_t n, int32_t *ids, float *w)
+		     size_t n, int32_t *ids, float *w, unsigned flags)
 {
 	struct cpu *cpu = be->priv;
 	const struct moe_model_config *c = lw->cfg;
 	struct route_job j = { .lw = lw, .n = n, .ids = ids, .w = w, .cpu = cpu };
 	const float **xs;
 
+	if (flags & MOE_BACKEND_DEVICE_IO)
+		return -EOPNOTSUPP;       /* no device memory here */
 	if (n == 0)
 		return 0;
 	xs = buf_get(&cpu->rxptr, n * sizeof(*xs));   /* not xptr: a split experts call may be in progress */
@@ -371,7 +373,7 @@ static size_t add_tasks(struct task *tasks, size_t nt, int32_t expert, uint32_t 
 
 static int cpu_experts_begin(struct moe_backend *be, const struct moe_layer_weights *lw,
 			     const float *x, size_t n, uint32_t kk, const int32_t *ids,
-			     const float *w, float *out)
+			     const float *w, float *out, unsigned flags)
 {
 	struct cpu *cpu = be->priv;
 	const struct moe_model_config *c = lw->cfg;
@@ -385,6 +387,9 @@ static int cpu_experts_begin(struct moe_backend *be, const struct moe_layer_weig
 
 	*j = (struct expert_job){ .lw = lw, .cpu = cpu, .x = x, .n = n, .kk = kk, .ids = ids,
 				  .w = w, .out = out };
+	/* MOE_BACKEND_X_ROUTED: the experts read x in place anyway */
+	if (flags & MOE_BACKEND_DEVICE_IO)
+		return -EOPNOTSUPP;       /* no device memory here */
 	first = calloc(2 * ((size_t)E + 1), sizeof(size_t));
 	if (!first)
 		return -ENOMEM;
@@ -492,7 +497,8 @@ static int cpu_experts_end(struct moe_backend *be, bool abandon)
 }
 
 static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x,
-		       size_t n, uint32_t kk, const int32_t *ids, const float *w, float *out)
+		       size_t n, uint32_t kk, const int32_t *ids, const float *w, float *out,
+		       unsigned flags)
 {
 	struct cpu *cpu = be->priv;
 	uint8_t *all;
@@ -504,7 +510,7 @@ static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *l
 	if (!all)
 		return -ENOMEM;
 	memset(all, 1, lw->cfg->num_experts);
-	r = cpu_experts_begin(be, lw, x, n, kk, ids, w, out);
+	r = cpu_experts_begin(be, lw, x, n, kk, ids, w, out, flags);
 	if (r == 0)
 		r = cpu_experts_run(be, lw, all, true);
 	if (r == 0 || cpu->cur->first)

@@ -17,6 +17,8 @@
 /* Long enough for a path, a tensor name and a reason. */
 #define MOE_ERR_MSG_MAX 1024
 
+/* Backend modules fill it (init): any change to it, or to MOE_ERR_MSG_MAX,
+ * bumps MOE_BACKEND_ABI_VERSION (backend.h). */
 struct moe_err {
 	int code;                    /* the negative errno last set, 0 if none */
 	char msg[MOE_ERR_MSG_MAX];   /* one line, no trailing newline */

@@ -61,6 +61,9 @@ enum moe_act {
  * mixtral: norm_topk_prob = true, norm_eps = 0, scaling 1.
  * qwen/olmoe: norm_topk_prob from config (default false), eps 0, scaling 1.
  * deepseek_v2: scaling applies only when not normalised (router.c knows).
+ *
+ * Backend modules read it (moe_layer_weights.cfg): any change to it bumps
+ * MOE_BACKEND_ABI_VERSION (backend.h).
  */
 struct moe_model_config {
 	enum moe_arch arch;

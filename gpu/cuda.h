@@ -31,11 +31,11 @@ int moe_cuda_init(struct moe_backend *be, const struct moe_backend_options *opt,
 void moe_cuda_fini(struct moe_backend *be);
 
 int moe_cuda_route(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-		   int32_t *ids, float *w);
+		   int32_t *ids, float *w, unsigned flags);
 int moe_cuda_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-		     uint32_t kk, const int32_t *ids, const float *w, float *out);
+		     uint32_t kk, const int32_t *ids, const float *w, float *out, unsigned flags);
 int moe_cuda_experts_begin(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-			   uint32_t kk, const int32_t *ids, const float *w, float *out);
+			   uint32_t kk, const int32_t *ids, const float *w, float *out, unsigned flags);
 int moe_cuda_experts_run(struct moe_backend *be, const struct moe_layer_weights *lw, const uint8_t *ready,
 			 bool shared);
 int moe_cuda_experts_end(struct moe_backend *be, bool abandon);
@@ -43,7 +43,6 @@ int moe_cuda_host_register(struct moe_backend *be, void *p, size_t len);
 void moe_cuda_host_unregister(struct moe_backend *be, void *p);
 int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base, uint64_t *bytes);
 void moe_cuda_ipc_close(struct moe_backend *be, void *base);
-void moe_cuda_io_mode(struct moe_backend *be, bool device);
 
 #ifdef __cplusplus
 }

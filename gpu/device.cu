@@ -181,7 +181,8 @@ struct gpu {
 	unsigned char **mem;          // [E + 1] their weights on the device
 	size_t cnt_cap;
 	bool in_call;
-	bool dev_io;                  // x and out are device pointers (io_mode)
+	bool dev_io;                  // the call's x and out are device pointers
+				      // (experts_begin's MOE_BACKEND_DEVICE_IO)
 	const float *r_last;          // route()'s last x, and its tokens: r_x holds it
 	size_t r_last_n;
 	const struct moe_layer_weights *lw;
@@ -754,7 +755,7 @@ int drain(struct gpu *g)
 // ---- the ops -----------------------------------------------------------------
 
 int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-	      int32_t *ids, float *w)
+	      int32_t *ids, float *w, bool dev_x)
 {
 	struct gpu *g = (struct gpu *)be->priv;
 	const struct moe_model_config *c = lw->cfg;
@@ -777,7 +778,7 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 	    (r = hgrow(&g->rh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->rh_ids, n * k * sizeof(int32_t))) < 0 ||
 	    (r = hgrow(&g->rh_w, n * k * sizeof(float))) < 0)
 		return r;
-	if (g->dev_io) {
+	if (dev_x) {
 		// a client's device memory: copied on the device (any alignment)
 		CK(cudaMemcpyAsync(g->r_x.p, x, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
 	} else {
@@ -803,12 +804,13 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 }
 
 int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, size_t n, uint32_t kk,
-	  const int32_t *ids, const float *w, float *out)
+	  const int32_t *ids, const float *w, float *out, unsigned flags)
 {
 	const struct moe_model_config *c = lw->cfg;
 	uint32_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
 	uint32_t Is = c->shared_intermediate_size;
 	bool shared = lw->shared && Is > 0;
+	bool dev_io = (flags & MOE_BACKEND_DEVICE_IO) != 0;
 	size_t nk = n * kk, ent = nk + (shared ? n : 0);
 	int r;
 
@@ -902,9 +904,10 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	memset(g->done, 0, E + 1);
 
 	// x went up for the routing just before: copy it on the device
-	bool routed = lw->x_routed && g->r_last == x && g->r_last_n == n && g->r_x.cap >= n * H * sizeof(float);
+	bool routed = (flags & MOE_BACKEND_X_ROUTED) && g->r_last == x && g->r_last_n == n &&
+		      g->r_x.cap >= n * H * sizeof(float);
 	// the pinned staging of x only when x has to come from host memory
-	if (!g->dev_io && !routed) {
+	if (!dev_io && !routed) {
 		if ((r = hgrow(&g->eh_x, n * H * sizeof(float))) < 0)
 			return r;
 		memcpy(g->eh_x.p, x, n * H * sizeof(float));
@@ -912,7 +915,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	memcpy(g->eh_w.p, w, nk * sizeof(float));
 	if (routed)
 		CK(cudaMemcpyAsync(g->e_x.p, g->r_x.p, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
-	else if (g->dev_io)
+	else if (dev_io)
 		CK(cudaMemcpyAsync(g->e_x.p, x, n * H * sizeof(float), cudaMemcpyDeviceToDevice, g->cs));
 	else
 		CK(cudaMemcpyAsync(g->e_x.p, g->eh_x.p, n * H * sizeof(float), cudaMemcpyHostToDevice, g->cs));
@@ -929,6 +932,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	g->n = n;
 	g->kk = kk;
 	g->out = out;
+	g->dev_io = dev_io;
 	g->nitems = g->nblocks = 0;
 	return 0;
 }
@@ -1218,17 +1222,27 @@ void moe_cuda_fini(struct moe_backend *be)
 }
 
 int moe_cuda_route(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-		   int32_t *ids, float *w)
+		   int32_t *ids, float *w, unsigned flags)
 {
 	struct gpu *g = (struct gpu *)be->priv;
+	bool dev_x = (flags & MOE_BACKEND_DEVICE_IO) != 0;
+	int r;
+
 	if (device_lost)
 		return -ENODEV;
 	cudaSetDevice(g->dev);
-	return gpu_route(be, lw, x, n, ids, w);
+	r = gpu_route(be, lw, x, n, ids, w, dev_x);
+	if (r < 0 && dev_x) {
+		// a failed call may have left the copy from the client's memory
+		// in flight: it must be over before the request completes
+		cudaStreamSynchronize(g->cs);
+		(void)cudaGetLastError();
+	}
+	return r;
 }
 
 int moe_cuda_experts_begin(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-			   uint32_t kk, const int32_t *ids, const float *w, float *out)
+			   uint32_t kk, const int32_t *ids, const float *w, float *out, unsigned flags)
 {
 	struct gpu *g = (struct gpu *)be->priv;
 	int r;
@@ -1238,8 +1252,9 @@ int moe_cuda_experts_begin(struct moe_backend *be, const struct moe_layer_weight
 	if (device_lost)
 		return -ENODEV;
 	cudaSetDevice(g->dev);
-	r = begin(g, lw, x, n, kk, ids, w, out);
+	r = begin(g, lw, x, n, kk, ids, w, out, flags);
 	if (r < 0) {
+		// waits, too, for a copy from the client's memory (DEVICE_IO)
 		drain(g);
 		return r;
 	}
@@ -1285,7 +1300,7 @@ int moe_cuda_experts_end(struct moe_backend *be, bool abandon)
 }
 
 int moe_cuda_experts(struct moe_backend *be, const struct moe_layer_weights *lw, const float *x, size_t n,
-		     uint32_t kk, const int32_t *ids, const float *w, float *out)
+		     uint32_t kk, const int32_t *ids, const float *w, float *out, unsigned flags)
 {
 	uint32_t E = lw->cfg->num_experts;
 	uint8_t *ready = (uint8_t *)malloc(E);
@@ -1294,7 +1309,7 @@ int moe_cuda_experts(struct moe_backend *be, const struct moe_layer_weights *lw,
 	if (!ready)
 		return -ENOMEM;
 	memset(ready, 1, E);
-	r = moe_cuda_experts_begin(be, lw, x, n, kk, ids, w, out);
+	r = moe_cuda_experts_begin(be, lw, x, n, kk, ids, w, out, flags);
 	if (r == 0) {
 		r = moe_cuda_experts_run(be, lw, ready, true);
 		r2 = moe_cuda_experts_end(be, r < 0);
@@ -1360,20 +1375,6 @@ void moe_cuda_ipc_close(struct moe_backend *be, void *base)
 	cudaSetDevice(g->dev);
 	if (cudaIpcCloseMemHandle(base) != cudaSuccess)
 		(void)cudaGetLastError();
-}
-
-void moe_cuda_io_mode(struct moe_backend *be, bool device)
-{
-	struct gpu *g = (struct gpu *)be->priv;
-
-	if (!device && g->dev_io) {
-		// a failed call may have left a copy from or to the client's memory
-		// in flight: it must be over before the request completes
-		cudaStreamSynchronize(g->cs);
-		cudaStreamSynchronize(g->xs);
-		(void)cudaGetLastError();
-	}
-	g->dev_io = device;
 }
 
 void moe_cuda_host_unregister(struct moe_backend *be, void *p)

@@ -2,8 +2,9 @@
 /*
  * The CUDA backend, built as a module that the engine opens at run time
  * (dlopen), so that moed and moectl run where the CUDA libraries or the
- * driver are missing.  It exports one symbol: moe_backend_module_ops.  The
- * work is in device.cu.
+ * driver are missing.  It exports one symbol, moe_backend_module: its ops
+ * and the ABI they were built for, which the engine checks before it calls
+ * any.  The work is in device.cu.
  */
 #include "config.h"
 
@@ -36,8 +37,7 @@ static int cuda_init(struct moe_backend *be, const struct moe_backend_options *o
 	return r;
 }
 
-__attribute__((visibility("default")))
-const struct moe_backend_ops moe_backend_module_ops = {
+static const struct moe_backend_ops cuda_ops = {
 	.name = "cuda",
 	.init = cuda_init,
 	.fini = moe_cuda_fini,
@@ -50,5 +50,11 @@ const struct moe_backend_ops moe_backend_module_ops = {
 	.host_unregister = moe_cuda_host_unregister,
 	.ipc_open = moe_cuda_ipc_open,
 	.ipc_close = moe_cuda_ipc_close,
-	.io_mode = moe_cuda_io_mode,
+};
+
+__attribute__((visibility("default")))
+const struct moe_backend_module moe_backend_module = {
+	.abi_version = MOE_BACKEND_ABI_VERSION,
+	.ops_size = sizeof(struct moe_backend_ops),
+	.ops = &cuda_ops,
 };

@@ -93,7 +93,7 @@ static void route_raw(const struct moe_model_config *cfg, const float *router, c
 		      const float *x, size_t n, int32_t *ids, float *w)
 {
 	struct moe_layer_weights lw = { .cfg = cfg, .router = router, .bias = bias };
-	int rc = be->ops->route(be, &lw, x, n, ids, w);
+	int rc = be->ops->route(be, &lw, x, n, ids, w, 0);
 
 	ck_assert_msg(rc == 0, "route(%s, n=%zu) failed: %d", moe_arch_name(cfg->arch), n, rc);
 }
