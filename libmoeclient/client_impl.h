@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * libmoeclient's internals, shared by its files: moeclient.c (errors,
- * version, sessions: connect, info, stats, disconnect), arena.c (the arena
- * allocator), request.c (submit, wait, forward) and device.c (GPU-resident
+ * version, sessions: connect, info, disconnect), arena.c (the arena
+ * allocator), request.c (submit, wait, forward, stats) and device.c (GPU-resident
  * buffers).  Nothing here is exported: the library is built with
  * -fvisibility=hidden and libmoeclient.map, and only MOE_EXPORT functions
  * are public.

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * libmoeclient: errors, the version, and sessions (connect, HELLO, info,
- * stats, disconnect).  See libmoeclient(3).
+ * disconnect).  See libmoeclient(3).
  */
 #include "config.h"
 

@@ -2,7 +2,7 @@
 /*
  * libmoeclient: requests (moe_client_submit, moe_client_nop,
  * moe_client_wait, moe_client_forward) over the submission and completion
- * rings.
+ * rings, and moe_client_stats over the control socket.
  */
 #include "config.h"
 
