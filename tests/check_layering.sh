@@ -21,7 +21,7 @@ allowed() {
 	libmoeclient) echo "libmoeclient proto" ;;
 	daemon) echo "daemon engine proto libmoeclient" ;;
 	gpu) echo "gpu engine" ;;
-	client) echo "client engine formats libmoeclient proto" ;;
+	client) echo "client engine formats libmoeclient" ;;
 	*) echo "*" ;;                        # tests, bench: anything
 	esac
 }
