@@ -606,7 +606,7 @@ static void compare_bits(struct run *r, const char *what, uint32_t n, uint32_t H
 	}
 }
 
-/* gpu/device.cu's MOE_GEMM_MIN_TOKENS: experts with fewer tokens run the
+/* gpu/launch.cu's MOE_GEMM_MIN_TOKENS: experts with fewer tokens run the
  * weight-streaming kernels, whose sums have a fixed order. */
 #define INVARIANT_BELOW 64
 
