@@ -70,21 +70,33 @@ bool sticky(cudaError_t rc)
 	}
 }
 
-int fail(const char *what, cudaError_t rc)
+void gpu_log(struct gpu *g, int level, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	if (!g->log)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	g->log(g->log_ctx, level, msg);
+}
+
+int fail(struct gpu *g, const char *what, cudaError_t rc)
 {
 	(void)cudaGetLastError();   // a non-sticky error must not fail the next call
-	fprintf(stderr, "moed: cuda backend: %s: %s (%s)\n", what, cudaGetErrorString(rc), cudaGetErrorName(rc));
+	gpu_log(g, 3, "cuda backend: %s: %s (%s)", what, cudaGetErrorString(rc), cudaGetErrorName(rc));
 	if (sticky(rc) && !device_lost) {
 		device_lost = true;
-		fprintf(stderr, "moed: cuda backend: the CUDA context is lost; every request fails until moed "
-			"restarts\n");
+		gpu_log(g, 3, "cuda backend: the CUDA context is lost; every request fails until moed restarts");
 	}
 	return device_lost ? -ENODEV : rc == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 }
 
-int fail_blas(const char *what, cublasStatus_t st)
+int fail_blas(struct gpu *g, const char *what, cublasStatus_t st)
 {
-	fprintf(stderr, "moed: cuda backend: %s: cuBLAS status %d\n", what, (int)st);
+	gpu_log(g, 3, "cuda backend: %s: cuBLAS status %d", what, (int)st);
 	return st == CUBLAS_STATUS_ALLOC_FAILED ? -ENOMEM : -EIO;
 }
 } // namespace moe_gpu
@@ -242,6 +254,8 @@ int moe_cuda_init(struct moe_backend *be, const struct moe_backend_options *opt,
 	r = gpu_create(dev, opt ? opt->device_bytes : 0, &g, why, why_len);
 	if (r < 0)
 		return r;
+	g->log = opt ? opt->log : NULL;
+	g->log_ctx = opt ? opt->log_ctx : NULL;
 	be->priv = g;
 	return 0;
 }
@@ -381,7 +395,7 @@ int moe_cuda_ipc_open(struct moe_backend *be, const void *handle, void **base, u
 	cudaSetDevice(g->dev);
 	rc = cudaIpcOpenMemHandle(base, h, cudaIpcMemLazyEnablePeerAccess);
 	if (rc != cudaSuccess) {
-		fail("cudaIpcOpenMemHandle", rc);
+		fail(g, "cudaIpcOpenMemHandle", rc);
 		return rc == cudaErrorMemoryAllocation ? -ENOMEM : -EINVAL;
 	}
 	// the allocation's size as the device knows it: the client's word for

@@ -115,6 +115,9 @@ struct gpu {
 	size_t nitems, nblocks;       // used of e_items / e_blocks in this call
 	size_t items_cap, blocks_cap; // their capacity in this call
 	int status;                   // first failure of the call
+
+	moe_log_fn log;               // moe_backend_options.log: NULL, silent
+	void *log_ctx;
 };
 
 // ---- blas.cu ---------------------------------------------------------------
@@ -131,29 +134,32 @@ extern bool device_lost;
 
 // Log a failed CUDA call and map it to -errno (-ENODEV once the context is
 // lost for good); clears a non-sticky error.
-int fail(const char *what, cudaError_t rc);
+int fail(struct gpu *g, const char *what, cudaError_t rc);
 // Log a failed cuBLAS call and map it to -errno.
-int fail_blas(const char *what, cublasStatus_t st);
+int fail_blas(struct gpu *g, const char *what, cublasStatus_t st);
+// A line for the engine's log callback (moe_backend_options.log; none:
+// silent); @level as syslog(3).
+void gpu_log(struct gpu *g, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+// Return fail()'s -errno from the function (which has a struct gpu *g).
 #define CK(call)                                          \
 	do {                                              \
 		cudaError_t rc_ = (call);                 \
 		if (rc_ != cudaSuccess)                   \
-			return fail(#call, rc_);          \
+			return fail(g, #call, rc_);       \
 	} while (0)
 
 #define CKB(call)                                          \
 	do {                                               \
 		cublasStatus_t st_ = (call);               \
 		if (st_ != CUBLAS_STATUS_SUCCESS)          \
-			return fail_blas(#call, st_);      \
+			return fail_blas(g, #call, st_);   \
 	} while (0)
-
 
 // ---- tier.cu: device memory and the device tier --------------------------
 
 int dgrow(struct gpu *g, dbuf *b, size_t bytes);
-int hgrow(hbuf *b, size_t bytes);
+int hgrow(struct gpu *g, hbuf *b, size_t bytes);
 void dfree(dbuf *b);
 void hfree(hbuf *b);
 void layer_free(struct dlayer *l);

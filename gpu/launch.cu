@@ -189,9 +189,9 @@ int drain(struct gpu *g)
 	for (uint32_t s = 0; s < g->nslots; s++)
 		g->slots[s].busy = false;
 	if (a != cudaSuccess)
-		return fail("copy stream", a);
+		return fail(g, "copy stream", a);
 	if (b != cudaSuccess)
-		return fail("compute stream", b);
+		return fail(g, "compute stream", b);
 	return 0;
 }
 
@@ -218,8 +218,8 @@ int gpu_route(struct moe_backend *be, const struct moe_layer_weights *lw, const 
 	if ((r = dgrow(g, &g->r_x, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->r_logits, n * E * sizeof(float))) < 0 ||
 	    (r = dgrow(g, &g->r_scratch, n * MOE_ROUTER_SCRATCH(E) * sizeof(double))) < 0 ||
 	    (r = dgrow(g, &g->r_ids, n * k * sizeof(int32_t))) < 0 || (r = dgrow(g, &g->r_w, n * k * sizeof(float))) < 0 ||
-	    (r = hgrow(&g->rh_x, n * H * sizeof(float))) < 0 || (r = hgrow(&g->rh_ids, n * k * sizeof(int32_t))) < 0 ||
-	    (r = hgrow(&g->rh_w, n * k * sizeof(float))) < 0)
+	    (r = hgrow(g, &g->rh_x, n * H * sizeof(float))) < 0 || (r = hgrow(g, &g->rh_ids, n * k * sizeof(int32_t))) < 0 ||
+	    (r = hgrow(g, &g->rh_w, n * k * sizeof(float))) < 0)
 		return r;
 	if (dev_x) {
 		// a client's device memory: copied on the device (any alignment)
@@ -288,11 +288,11 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	    (r = dgrow(g, &g->e_out, n * H * sizeof(float))) < 0 ||
 	    (r = dgrow(g, &g->e_items, g->items_cap * sizeof(moe_witem))) < 0 ||
 	    (r = dgrow(g, &g->e_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0 ||
-	    (r = hgrow(&g->eh_w, nk * sizeof(float))) < 0 ||
-	    (r = hgrow(&g->eh_pos, nk * sizeof(uint32_t))) < 0 || (r = hgrow(&g->eh_tok, ent * sizeof(int32_t))) < 0 ||
-	    (r = hgrow(&g->eh_out, n * H * sizeof(float))) < 0 ||
-	    (r = hgrow(&g->eh_items, g->items_cap * sizeof(moe_witem))) < 0 ||
-	    (r = hgrow(&g->eh_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0)
+	    (r = hgrow(g, &g->eh_w, nk * sizeof(float))) < 0 ||
+	    (r = hgrow(g, &g->eh_pos, nk * sizeof(uint32_t))) < 0 || (r = hgrow(g, &g->eh_tok, ent * sizeof(int32_t))) < 0 ||
+	    (r = hgrow(g, &g->eh_out, n * H * sizeof(float))) < 0 ||
+	    (r = hgrow(g, &g->eh_items, g->items_cap * sizeof(moe_witem))) < 0 ||
+	    (r = hgrow(g, &g->eh_blocks, g->blocks_cap * sizeof(moe_wblock))) < 0)
 		return r;
 	if (shared && ((r = dgrow(g, &g->e_hsh, n * Is * sizeof(float))) < 0 ||
 		       (r = dgrow(g, &g->e_ysh, n * H * sizeof(float))) < 0 || (r = dgrow(g, &g->e_sg, n * sizeof(float))) < 0))
@@ -351,7 +351,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 		      g->r_x.cap >= n * H * sizeof(float);
 	// the pinned staging of x only when x has to come from host memory
 	if (!dev_io && !routed) {
-		if ((r = hgrow(&g->eh_x, n * H * sizeof(float))) < 0)
+		if ((r = hgrow(g, &g->eh_x, n * H * sizeof(float))) < 0)
 			return r;
 		memcpy(g->eh_x.p, x, n * H * sizeof(float));
 	}
@@ -489,7 +489,7 @@ int end(struct gpu *g, bool abandon)
 					     g->dev_io ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost,
 					     g->cs);
 		if (rc != cudaSuccess)
-			r = fail("combine", rc);
+			r = fail(g, "combine", rc);
 	}
 	int d = drain(g);
 	if (!r && d < 0)

@@ -4,7 +4,6 @@
 // always-resident weights, and the device tier, an LRU cache of experts in
 // slots of one expert each, allocated by chunks.
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 
 #include "device_impl.cuh"
@@ -29,14 +28,14 @@ int dmalloc(struct gpu *g, void **p, size_t bytes)
 		if (rc != cudaErrorMemoryAllocation || g->nchunks < 2 || cudaMemGetInfo(&fr, &total) != cudaSuccess ||
 		    fr + (uint64_t)(g->nchunks - 1) * g->chunk_slots * g->slot_bytes < bytes ||
 		    tier_release_chunk(g) < 0)
-			return fail("cudaMalloc", rc);
+			return fail(g, "cudaMalloc", rc);
 	}
 }
 
 // Grow buffer @b to @bytes, allocating with @alloc(void **, size_t) and
 // freeing with @release (work in flight may use the old one: wait for it).
 template <typename Buf, typename Alloc, typename Release>
-int grow(Buf *b, size_t bytes, Alloc alloc, Release release)
+int grow(struct gpu *g, Buf *b, size_t bytes, Alloc alloc, Release release)
 {
 	if (bytes <= b->cap)
 		return 0;
@@ -58,15 +57,15 @@ int grow(Buf *b, size_t bytes, Alloc alloc, Release release)
 
 int dgrow(struct gpu *g, dbuf *b, size_t bytes)
 {
-	return grow(b, bytes, [g](void **p, size_t n) { return dmalloc(g, p, n); },
+	return grow(g, b, bytes, [g](void **p, size_t n) { return dmalloc(g, p, n); },
 		    [](void *p) { cudaFree(p); });
 }
 
-int hgrow(hbuf *b, size_t bytes)
+int hgrow(struct gpu *g, hbuf *b, size_t bytes)
 {
-	return grow(b, bytes, [](void **p, size_t n) {
+	return grow(g, b, bytes, [g](void **p, size_t n) {
 		cudaError_t rc = cudaMallocHost(p, n);
-		return rc == cudaSuccess ? 0 : fail("cudaMallocHost", rc);
+		return rc == cudaSuccess ? 0 : fail(g, "cudaMallocHost", rc);
 	}, [](void *p) { cudaFreeHost(p); });
 }
 
@@ -209,7 +208,7 @@ int tier_setup(struct gpu *g, uint64_t bytes)
 	uint64_t sb = (bytes + 255) / 256 * 256, m = g->budget / sb;
 	uint32_t ms = m > (1u << 24) ? (1u << 24) : (uint32_t)m;
 	if (ms == 0) {
-		fprintf(stderr, "moed: cuda backend: the device tier (%llu bytes) holds no expert of %llu bytes\n",
+		gpu_log(g, 3, "cuda backend: the device tier (%llu bytes) holds no expert of %llu bytes",
 			(unsigned long long)g->budget, (unsigned long long)sb);
 		return -ENOMEM;
 	}
