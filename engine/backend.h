@@ -57,6 +57,10 @@ struct moe_backend_options {
 	uint32_t threads;             /* CPU worker threads; 0: one per online CPU */
 	uint64_t device_bytes;        /* device tier for experts (cuda); 0: all
 				       * free device memory minus a reserve */
+	moe_log_fn log;               /* what the backend has to say beyond its
+				       * return values (cuda: a failed CUDA or
+				       * cuBLAS call, level 3); NULL: silent */
+	void *log_ctx;
 };
 
 struct moe_backend;
@@ -169,7 +173,8 @@ struct moe_backend_ops {
  * arguments, flags and contracts.  Bump it with any change to them, even
  * one that keeps every size: a module built with another version is
  * refused when it is opened (moe_backend_open), never called.
- *   1  the first versioned ABI: route/experts/experts_begin take flags
+ *   1  the first versioned ABI: route/experts/experts_begin take flags;
+ *      moe_backend_options has log and log_ctx
  */
 #define MOE_BACKEND_ABI_VERSION 1u
 

@@ -510,7 +510,9 @@ int moe_engine_open(const char *store_path, const struct moe_engine_options *opt
 		    struct moe_engine **ret, struct moe_err *err)
 {
 	struct moe_backend_options bo = { .threads = opt ? opt->threads : 0,
-					  .device_bytes = opt ? opt->device_bytes : 0 };
+					  .device_bytes = opt ? opt->device_bytes : 0,
+					  .log = opt ? opt->log : NULL,
+					  .log_ctx = opt ? opt->log_ctx : NULL };
 	struct moe_pager_options po = opt ? opt->pager : (struct moe_pager_options){ 0 };
 	struct moe_engine *e;
 	int r;

@@ -53,7 +53,8 @@ struct moe_engine_options {
 				* pinned (re-chosen every 64 forwards) */
 	bool prefetch;         /* predict layer L+1's experts after routing L */
 	struct moe_pager_options pager;
-	moe_log_fn log;        /* log lines (pager warnings, failed reads); may be NULL */
+	moe_log_fn log;        /* log lines (pager warnings, failed reads, the
+				* backend's failed device calls); may be NULL */
 	void *log_ctx;
 };
 

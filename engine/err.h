@@ -25,6 +25,15 @@ struct moe_err {
 };
 
 /*
+ * What lower layers have to say that is not an error of the call they are
+ * in (a backend's failed CUDA call, the pager's fallback): one line, no
+ * newline, through a callback that the edge passes in and that logs it.
+ * @level as syslog(3): 3 error, 4 warning, 5 notice.  Backend modules get
+ * it (moe_backend_options): any change to it bumps MOE_BACKEND_ABI_VERSION.
+ */
+typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
+
+/*
  * Set the message of @err (may be NULL) from a printf format and return
  * @code, which must be a negative errno, so that "fill and return" is one
  * statement:   return moe_err_set(err, -EINVAL, "%s: bad shape", name);

@@ -37,10 +37,6 @@
  * (chunks arrive in order; @len stops at the blob's unpadded size). */
 typedef void (*moe_pager_sink_fn)(void *ctx, const void *chunk, uint64_t off, uint64_t len);
 
-/* Log lines (one line, no newline): level 3 error, 5 notice (a fallback
- * that costs speed, not correctness: no O_DIRECT, no fixed buffers). */
-typedef void (*moe_log_fn)(void *ctx, int level, const char *msg);
-
 /* Fault injection (tests): fail the next @count reads of blob (@li,
  * @expert) with an I/O error or a checksum mismatch. */
 enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM };
@@ -62,7 +58,9 @@ struct moe_pager_options {
 	uint32_t chunk_kb;          /* chunk size in KiB (MOE_PAGER_CHUNK_KB_*; 0: the default) */
 	uint32_t prefetch_max_kb;   /* prefetch bytes in flight (0: half the in-flight bytes) */
 	bool buffered;              /* never try O_DIRECT (tests, tmpfs) */
-	moe_log_fn log;             /* may be NULL */
+	moe_log_fn log;             /* (err.h) level 3 error, 5 notice (a fallback
+				     * that costs speed, not correctness: no
+				     * O_DIRECT, no fixed buffers); may be NULL */
 	void *log_ctx;
 };
 

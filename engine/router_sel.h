@@ -2,7 +2,7 @@
 /*
  * Expert selection from one token's router logits (ARCHITECTURE.md 4.1),
  * written once for the host and the device: router.c compiles it for the
- * CPU backend, gpu/device.cu for a CUDA thread per token, so both backends
+ * CPU backend, gpu/launch.cu for a CUDA thread per token, so both backends
  * follow the same rules to the bit (scores in double, ties to the lower
  * index, NaN lowest).  Include it only from those two files.
  *

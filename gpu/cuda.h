@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Between the C side of the CUDA backend module (module.c: the ops table)
- * and its CUDA side (device.cu: everything that touches the device).  The
- * functions are the backend ops of engine/backend.h.
+ * and its CUDA side (device.cu and the files it names: everything that
+ * touches the device).  The functions are the backend ops of
+ * engine/backend.h.
  */
 #ifndef MOE_GPU_CUDA_H
 #define MOE_GPU_CUDA_H

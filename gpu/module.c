@@ -4,7 +4,7 @@
  * (dlopen), so that moed and moectl run where the CUDA libraries or the
  * driver are missing.  It exports one symbol, moe_backend_module: its ops
  * and the ABI they were built for, which the engine checks before it calls
- * any.  The work is in device.cu.
+ * any.  The work is in device.cu and the files it names.
  */
 #include "config.h"
 

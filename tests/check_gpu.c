@@ -164,6 +164,16 @@ static void fail(struct run *r, const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
+/* The engine's log (moe_engine_options.log): the CUDA backend's failed
+ * calls, shown next to the failure they explain; the pager's notices (no
+ * O_DIRECT on tmpfs) are left out. */
+static void log_stderr(void *ctx, int level, const char *msg)
+{
+	(void)ctx;
+	if (level <= 3)
+		fprintf(stderr, "check_gpu: %s\n", msg);
+}
+
 static double now_s(void)
 {
 	struct timespec ts;
@@ -248,7 +258,7 @@ static int run_open(struct run *r, const struct gcase *c)
 {
 	struct moe_gen_options opt;
 	struct moe_pack_options popt = { .dtype = -1 };
-	struct moe_engine_options eo = { .threads = CPU_THREADS };
+	struct moe_engine_options eo = { .threads = CPU_THREADS, .log = log_stderr };
 	struct moe_err err = { 0 };
 	bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3;
 	char why[512] = "";
@@ -606,7 +616,7 @@ static void compare_bits(struct run *r, const char *what, uint32_t n, uint32_t H
 	}
 }
 
-/* gpu/device.cu's MOE_GEMM_MIN_TOKENS: experts with fewer tokens run the
+/* gpu/launch.cu's MOE_GEMM_MIN_TOKENS: experts with fewer tokens run the
  * weight-streaming kernels, whose sums have a fixed order. */
 #define INVARIANT_BELOW 64
 
@@ -697,7 +707,7 @@ static void check_paging(struct run *r, struct bufs *b)
 			      : sizeof(steps_full) / sizeof(steps_full[0]);
 	const struct gcase *c = r->c;
 	struct moe_engine_options eo = { .backend = dev_name, .threads = CPU_THREADS,
-					 .prefetch = true };
+					 .prefetch = true, .log = log_stderr };
 	struct moe_engine_stats st;
 	struct moe_engine *small = NULL;
 	struct moe_err err = { 0 };
