@@ -26,18 +26,6 @@ stop_moed() {
 }
 trap stop_moed EXIT
 
-# wait_for PATTERN FILE [SECONDS]: until a line of FILE matches the extended
-# regular expression PATTERN (default 10 s); fails after that
-wait_for() {
-	n=$(( ${3:-10} * 10 ))
-	while ! grep -Eq -- "$1" "$2" 2>/dev/null; do
-		n=$(( n - 1 ))
-		[ "$n" -gt 0 ] || fail "no '$1' in $2 after ${3:-10} s:
-$(cat "$2" 2>/dev/null)"
-		sleep 0.1
-	done
-}
-
 # ---- a model of 2 MoE layers x 8 experts, and moed on it -------------------------
 gen_model "$T/hf" --arch qwen3_moe --layers 2 --hidden 256 --moe-intermediate 64 --experts 8 \
 	--top-k 2 --vocab 64
@@ -126,9 +114,6 @@ pinned
 
 # still serving
 expect_ok "$MOECTL" --socket "$SOCK" bench --duration 0.2 --warmup 0 --layer "$layer"
-kill -TERM "$MOED_PID"
-rc=0
-wait "$MOED_PID" || rc=$?
+moed_term "$MOED_PID" "$LOG"
 MOED_PID=
-[ "$rc" -eq 0 ] || fail "moed exited $rc on SIGTERM: $(cat "$LOG")"
 exit 0

@@ -35,18 +35,6 @@ stop_all() {
 }
 trap stop_all EXIT
 
-# wait_for PATTERN FILE [SECONDS]: until a line of FILE matches the extended
-# regular expression PATTERN (default 10 s); fails after that
-wait_for() {
-	n=$(( ${3:-10} * 10 ))
-	while ! grep -Eq -- "$1" "$2" 2>/dev/null; do
-		n=$(( n - 1 ))
-		[ "$n" -gt 0 ] || fail "no '$1' in $2 after ${3:-10} s:
-$(cat "$2" 2>/dev/null)"
-		sleep 0.1
-	done
-}
-
 # line_of PATTERN FILE: the number of the first line that matches, or 0
 line_of() {
 	grep -En -m1 -- "$1" "$2" | cut -d: -f1 | grep . || echo 0
@@ -181,10 +169,7 @@ expect_ok "$MOECTL" --socket "$SOCK" info
 expect_out 'qwen3_moe'
 
 # SIGTERM: STOPPING=1, exit 0, the socket file gone
-kill -TERM "$MOED_PID"
-rc=0
-wait "$MOED_PID" || rc=$?
-[ "$rc" -eq 0 ] || fail "moed exited $rc on SIGTERM: $(cat "$LOG")"
+moed_term "$MOED_PID" "$LOG"
 grep -q '^STOPPING=1$' "$NOTES" || fail "no STOPPING=1: $(cat "$NOTES")"
 [ ! -e "$SOCK" ] || fail "moed left its socket $SOCK behind"
 write_conf 64

@@ -155,9 +155,6 @@ errors=$(grep -o '"errors":[0-9]*' "$T/out" | head -n 1 | sed 's/.*://')
 [ "${errors:-1}" -eq 0 ] || fail "moed counts $errors failed requests"
 ! grep -Eq '^moed: (emerg|alert|crit|error):' "$LOG" || fail "moed logged errors: $(cat "$LOG")"
 
-kill -TERM "$MOED_PID"
-rc=0
-wait "$MOED_PID" || rc=$?
+moed_term "$MOED_PID" "$LOG"
 MOED_PID=
-[ "$rc" -eq 0 ] || fail "moed exited $rc on SIGTERM: $(cat "$LOG")"
 exit 0

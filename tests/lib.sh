@@ -19,6 +19,12 @@
 #	expect_out PATTERN   the same for its stdout
 #	expect_one_line      fail unless the last command's stderr is one line
 #	gen_model DIR ARGS.. moectl gen-model ARGS -o DIR, failing on error
+#	wait_for PATTERN FILE [SECONDS]
+#	                     wait until a line of FILE matches the extended
+#	                     regular expression PATTERN (default 10 s), failing
+#	                     with FILE's text after that
+#	moed_term PID LOG    SIGTERM moed PID, wait for it, fail (with LOG) unless
+#	                     it exits 0
 #
 # Exit status: 0 pass, 1 fail, 77 skip (automake's convention).
 
@@ -95,4 +101,21 @@ gen_model() {
 	shift
 	"$MOECTL" gen-model "$@" -o "$dir" >"$T/gen.out" 2>&1 ||
 		{ cat "$T/gen.out" >&2; fail "gen-model $* -o $dir"; }
+}
+
+wait_for() {
+	n=$(( ${3:-10} * 10 ))
+	while ! grep -Eq -- "$1" "$2" 2>/dev/null; do
+		n=$(( n - 1 ))
+		[ "$n" -gt 0 ] || fail "no '$1' in $2 after ${3:-10} s:
+$(cat "$2" 2>/dev/null)"
+		sleep 0.1
+	done
+}
+
+moed_term() {
+	kill -TERM "$1"
+	moed_term_rc=0
+	wait "$1" || moed_term_rc=$?
+	[ "$moed_term_rc" -eq 0 ] || fail "moed exited $moed_term_rc on SIGTERM: $(cat "$2")"
 }
