@@ -32,7 +32,7 @@ struct moe_layer_weights {
 	const struct moe_model_config *cfg;
 	uint32_t layer;               /* the checkpoint's layer number */
 	const float *router;          /* [E][H] float32 */
-	const float *bias;            /* [E] or NULL (deepseek_v3 correction bias) */
+	const float *bias;            /* [E] or NULL (deepseek_v3/glm4_moe correction bias) */
 	const float *shared_gate;     /* [H] or NULL (qwen2_moe) */
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
@@ -175,8 +175,10 @@ struct moe_backend_ops {
  * refused when it is opened (moe_backend_open), never called.
  *   1  the first versioned ABI: route/experts/experts_begin take flags;
  *      moe_backend_options has log and log_ctx
+ *   2  enum moe_arch has MOE_ARCH_GLM4_MOE: a version-1 module would route
+ *      it by another architecture's rule
  */
-#define MOE_BACKEND_ABI_VERSION 1u
+#define MOE_BACKEND_ABI_VERSION 2u
 
 /*
  * What a backend module exports, as the symbol named

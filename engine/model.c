@@ -14,6 +14,7 @@ static const char *const arch_names[MOE_ARCH_COUNT] = {
 	[MOE_ARCH_OLMOE] = "olmoe",
 	[MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
 	[MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
+	[MOE_ARCH_GLM4_MOE] = "glm4_moe",
 };
 
 const char *moe_arch_name(enum moe_arch a)
@@ -139,6 +140,7 @@ bool moe_layer_rule_is_moe(const struct moe_layer_rule *r, uint32_t layer)
 		return r->decoder_sparse_step > 0 && (layer + 1) % r->decoder_sparse_step == 0;
 	case MOE_ARCH_DEEPSEEK_V2:
 	case MOE_ARCH_DEEPSEEK_V3:
+	case MOE_ARCH_GLM4_MOE:
 		return layer >= r->first_k_dense_replace && r->moe_layer_freq > 0 &&
 		       layer % r->moe_layer_freq == 0;
 	default:

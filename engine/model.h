@@ -21,6 +21,7 @@ enum moe_arch {
 	MOE_ARCH_OLMOE = 3,
 	MOE_ARCH_DEEPSEEK_V2 = 4,
 	MOE_ARCH_DEEPSEEK_V3 = 5,
+	MOE_ARCH_GLM4_MOE = 6,     /* GLM-4.5/4.6: deepseek_v3's routing (4.1a) */
 	MOE_ARCH_COUNT
 };
 
@@ -35,7 +36,7 @@ enum moe_scoring {
  *  GREEDY:        plain top-k of the scores.
  *  GROUP_LIMITED: deepseek_v2 "group_limited_greedy": a group's score is its
  *                 max; keep topk_group groups; top-k inside them.
- *  NOAUX_TC:      deepseek_v3: select on score + correction bias; a group's
+ *  NOAUX_TC:      deepseek_v3, glm4_moe: select on score + correction bias; a group's
  *                 score is the sum of its two highest biased scores; keep
  *                 topk_group groups (others -inf); weights are unbiased.
  */
@@ -58,6 +59,8 @@ enum moe_act {
  *   if (norm_topk_prob && top_k > 1 [deepseek] / norm_topk_prob [others])
  *           w /= sum(w) + norm_eps
  *   w *= routed_scaling_factor
+ * glm4_moe: divides whenever norm_topk_prob, even at top_k 1 (transformers'
+ * Glm4MoeMoE has no top_k test), with norm_eps 1e-20, then scales.
  * mixtral: norm_topk_prob = true, norm_eps = 0, scaling 1.
  * qwen/olmoe: norm_topk_prob from config (default false), eps 0, scaling 1.
  * deepseek_v2: scaling applies only when not normalised (router.c knows).
@@ -80,7 +83,7 @@ struct moe_model_config {
 	enum moe_topk_method topk_method;
 	bool norm_topk_prob;
 	bool shared_gate;                /* qwen2_moe: sigmoid(shared_expert_gate . x) */
-	bool has_bias;                   /* deepseek_v3: e_score_correction_bias */
+	bool has_bias;                   /* deepseek_v3, glm4_moe: e_score_correction_bias */
 	bool gated;                      /* down(act(gate x) * up x); false: down(act(up x)) */
 	enum moe_act act;
 	float routed_scaling_factor;     /* 1.0 unless the config says otherwise */
@@ -92,13 +95,15 @@ struct moe_model_config {
  *  mixtral, olmoe: all.
  *  qwen2_moe, qwen3_moe: L not in mlp_only_layers and (L+1) % decoder_sparse_step == 0.
  *  deepseek_v2/v3: L >= first_k_dense_replace and L % moe_layer_freq == 0.
- * Layers >= num_hidden_layers (DeepSeek-V3's MTP layer) never are.
+ *  glm4_moe: L >= first_k_dense_replace (its config has no moe_layer_freq:
+ *  the parser leaves it at 1).
+ * Layers >= num_hidden_layers (DeepSeek-V3's and GLM-4.5's MTP layer) never are.
  */
 struct moe_layer_rule {
 	enum moe_arch arch;
 	uint32_t num_hidden_layers;
 	uint32_t decoder_sparse_step;    /* qwen: default 1 */
-	uint32_t first_k_dense_replace;  /* deepseek: default 0 */
+	uint32_t first_k_dense_replace;  /* deepseek: default 0; glm4_moe: default 1 */
 	uint32_t moe_layer_freq;         /* deepseek: default 1 */
 	uint32_t n_mlp_only;             /* qwen: length of mlp_only_layers */
 	const uint32_t *mlp_only_layers;

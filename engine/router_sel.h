@@ -90,7 +90,7 @@ static MOE_HD inline void moe_rs_softmax(const float *logits, uint32_t n, double
 /*
  * Select the experts of one token.
  *   logits  [E] float32 router logits
- *   bias    [E] deepseek_v3 correction bias, or NULL
+ *   bias    [E] deepseek_v3/glm4_moe correction bias, or NULL
  *   scratch MOE_ROUTER_SCRATCH(E) doubles (8-byte aligned)
  * Writes ids[k] (best first, ties to the lower index) and w[k].
  */
@@ -160,6 +160,15 @@ static MOE_HD inline void moe_rs_select(const struct moe_model_config *cfg, cons
 		for (uint32_t s = 0; s < k; s++) {
 			double v = p[ids[s]];
 			if (k > 1 && cfg->norm_topk_prob)
+				v /= sum + 1e-20;
+			w[s] = (float)(v * cfg->routed_scaling_factor);
+		}
+		break;
+	case MOE_ARCH_GLM4_MOE:
+		/* transformers' Glm4MoeMoE: no top_k > 1 condition */
+		for (uint32_t s = 0; s < k; s++) {
+			double v = p[ids[s]];
+			if (cfg->norm_topk_prob)
 				v /= sum + 1e-20;
 			w[s] = (float)(v * cfg->routed_scaling_factor);
 		}

@@ -26,7 +26,7 @@
 
 const char *moe_hf_supported_types(void)
 {
-	return "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3";
+	return "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe";
 }
 
 const char *moe_hf_part_name(enum moe_hf_part part)
@@ -302,6 +302,59 @@ static int parse_deepseek(struct parse_ctx *p, bool v3)
 	return 0;
 }
 
+/*
+ * glm4_moe (GLM-4.5, GLM-4.5-Air, GLM-4.6): the fields and defaults of
+ * transformers' Glm4MoeConfig, DeepSeek-V3's routing rule (Glm4MoeMoE).
+ * The config class has no scoring_func, topk_method or moe_layer_freq:
+ * transformers always scores with a sigmoid, selects noaux_tc-style and
+ * makes every layer from first_k_dense_replace on an MoE layer.  Some
+ * releases (GLM-4.7-FP8) still write scoring_func "sigmoid" and
+ * topk_method "noaux_tc"; those are accepted, any other value is refused
+ * rather than served by a rule the file does not ask for.
+ */
+static int parse_glm4_moe(struct parse_ctx *p)
+{
+	struct moe_hf_config *hc = p->hc;
+	struct moe_model_config *c = &hc->cfg;
+	const char *method, *scoring;
+	uint64_t shared;
+	int r;
+
+	U32("n_routed_experts", false, 128, &c->num_experts);
+	U32("num_experts_per_tok", false, 8, &c->top_k);
+	U32("moe_intermediate_size", false, 1408, &c->moe_intermediate_size);
+	U32("n_shared_experts", false, 1, &c->n_shared_experts);
+	U32("n_group", false, 1, &c->n_group);
+	U32("topk_group", false, 1, &c->topk_group);
+	U32("first_k_dense_replace", false, 1, &hc->rule.first_k_dense_replace);
+	BOOL("norm_topk_prob", true, &c->norm_topk_prob);
+	r = get_float(p->root, p->file, "routed_scaling_factor", 1.0f, &c->routed_scaling_factor, p->err);
+	if (r < 0)
+		return r;
+	r = get_str(p->root, p->file, p->type, "scoring_func", "sigmoid", &scoring, p->err);
+	if (r < 0)
+		return r;
+	if (strcmp(scoring, "sigmoid"))
+		return moe_err_set(p->err, -EINVAL, "%s: scoring_func '%s' is not supported for %s "
+				   "(transformers scores glm4_moe with a sigmoid)", p->file, scoring, p->type);
+	r = get_str(p->root, p->file, p->type, "topk_method", "noaux_tc", &method, p->err);
+	if (r < 0)
+		return r;
+	if (strcmp(method, "noaux_tc"))
+		return moe_err_set(p->err, -EINVAL, "%s: topk_method '%s' is not supported for %s "
+				   "(transformers routes glm4_moe as noaux_tc)", p->file, method, p->type);
+	c->scoring = MOE_SCORING_SIGMOID;
+	c->topk_method = MOE_TOPK_NOAUX_TC;
+	c->has_bias = true;
+	hc->rule.moe_layer_freq = 1;
+	shared = (uint64_t)c->n_shared_experts * c->moe_intermediate_size;
+	if (shared > UINT32_MAX)
+		return moe_err_set(p->err, -EINVAL, "%s: n_shared_experts x moe_intermediate_size overflows",
+				   p->file);
+	c->shared_intermediate_size = (uint32_t)shared;
+	return 0;
+}
+
 #undef U32
 #undef BOOL
 
@@ -365,6 +418,7 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 	case MOE_ARCH_OLMOE: r = parse_olmoe(&p); break;
 	case MOE_ARCH_DEEPSEEK_V2: r = parse_deepseek(&p, false); break;
 	case MOE_ARCH_DEEPSEEK_V3: r = parse_deepseek(&p, true); break;
+	case MOE_ARCH_GLM4_MOE: r = parse_glm4_moe(&p); break;
 	default: r = -EINVAL; break;
 	}
 	if (r < 0)

@@ -138,6 +138,70 @@ START_TEST(config_routing_per_architecture)
 }
 END_TEST
 
+/* The MoE fields of GLM-4.5-Air's config.json, as released. */
+#define GLM45_AIR_MOE \
+	" \"hidden_size\": 4096, \"num_hidden_layers\": 46, \"intermediate_size\": 10944," \
+	" \"moe_intermediate_size\": 1408, \"n_routed_experts\": 128, \"n_shared_experts\": 1," \
+	" \"num_experts_per_tok\": 8, \"n_group\": 1, \"topk_group\": 1," \
+	" \"first_k_dense_replace\": 1, \"routed_scaling_factor\": 1.0, \"norm_topk_prob\": true," \
+	" \"num_nextn_predict_layers\": 1, \"hidden_act\": \"silu\""
+
+START_TEST(config_glm4_moe_routes_as_deepseek_v3)
+{
+	struct moe_hf_config *hc;
+	struct moe_err err = { 0 };
+	int r;
+
+	r = parse("{\"model_type\": \"glm4_moe\"," GLM45_AIR_MOE "}", &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert(hc->cfg.arch == MOE_ARCH_GLM4_MOE);
+	ck_assert(hc->cfg.scoring == MOE_SCORING_SIGMOID && hc->cfg.topk_method == MOE_TOPK_NOAUX_TC &&
+		  hc->cfg.has_bias && hc->cfg.norm_topk_prob && hc->cfg.routed_scaling_factor == 1.0f);
+	ck_assert_uint_eq(hc->cfg.num_experts, 128);
+	ck_assert_uint_eq(hc->cfg.top_k, 8);
+	ck_assert_uint_eq(hc->cfg.n_shared_experts, 1);
+	ck_assert_uint_eq(hc->cfg.shared_intermediate_size, 1408);
+	/* layer 0 dense; 1..45 MoE; the MTP layer 46 is not a layer of the model */
+	ck_assert_uint_eq(hc->n_moe_layers, 45);
+	ck_assert_uint_eq(hc->moe_layers[0], 1);
+	ck_assert_uint_eq(hc->moe_layers[44], 45);
+	moe_hf_config_free(hc);
+
+	/* Glm4MoeConfig's defaults for every absent MoE field; it has no
+	 * moe_layer_freq, so one in the file changes nothing */
+	r = parse("{\"model_type\": \"glm4_moe\", \"hidden_size\": 64, \"num_hidden_layers\": 4,"
+		  " \"moe_layer_freq\": 2}", &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(hc->cfg.num_experts, 128);
+	ck_assert_uint_eq(hc->cfg.top_k, 8);
+	ck_assert_uint_eq(hc->cfg.moe_intermediate_size, 1408);
+	ck_assert_uint_eq(hc->cfg.shared_intermediate_size, 1408);
+	ck_assert(hc->cfg.n_group == 1 && hc->cfg.topk_group == 1 && hc->cfg.norm_topk_prob &&
+		  hc->cfg.routed_scaling_factor == 1.0f && hc->cfg.has_bias);
+	ck_assert_uint_eq(hc->n_moe_layers, 3);          /* first_k_dense_replace 1: 1, 2, 3 */
+	ck_assert_uint_eq(hc->moe_layers[0], 1);
+	ck_assert_uint_eq(hc->moe_layers[2], 3);
+	moe_hf_config_free(hc);
+
+	/* GLM-4.7-FP8 writes DeepSeek-V3's two fields with their only values;
+	 * groups and no shared expert are read as written */
+	r = parse("{\"model_type\": \"glm4_moe\", \"hidden_size\": 64, \"num_hidden_layers\": 2,"
+		  " \"scoring_func\": \"sigmoid\", \"topk_method\": \"noaux_tc\", \"n_shared_experts\": 0,"
+		  " \"n_routed_experts\": 16, \"n_group\": 4, \"topk_group\": 2, \"num_experts_per_tok\": 4}",
+		  &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert(hc->cfg.n_group == 4 && hc->cfg.topk_group == 2 && hc->cfg.shared_intermediate_size == 0);
+	moe_hf_config_free(hc);
+
+	expect_config_error("{\"model_type\": \"glm4_moe\", \"hidden_size\": 64, \"num_hidden_layers\": 2,"
+			    " \"scoring_func\": \"softmax\"}", "scoring_func 'softmax' is not supported for glm4_moe");
+	expect_config_error("{\"model_type\": \"glm4_moe\", \"hidden_size\": 64, \"num_hidden_layers\": 2,"
+			    " \"topk_method\": \"greedy\"}", "topk_method 'greedy' is not supported for glm4_moe");
+	expect_config_error("{\"model_type\": \"glm4_moe\", \"hidden_size\": 64, \"num_hidden_layers\": 1}",
+			    "none of the 1 layers is an MoE layer");
+}
+END_TEST
+
 /* --- pack ---------------------------------------------------------------------------- */
 
 /* Read @n elements at element @first of tensor @name and convert to @to. */
@@ -612,6 +676,7 @@ static Suite *pack_suite(void)
 
 	tcase_add_test(tc, config_errors_name_the_field);
 	tcase_add_test(tc, config_routing_per_architecture);
+	tcase_add_test(tc, config_glm4_moe_routes_as_deepseek_v3);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("pack");

@@ -69,6 +69,13 @@ static struct moe_model_config make_cfg(enum moe_arch arch, uint32_t E, uint32_t
 		c.norm_topk_prob = true;
 		c.routed_scaling_factor = 2.5f;
 	}
+	if (arch == MOE_ARCH_GLM4_MOE) {
+		/* Glm4MoeConfig's defaults */
+		c.scoring = MOE_SCORING_SIGMOID;
+		c.topk_method = MOE_TOPK_NOAUX_TC;
+		c.has_bias = true;
+		c.norm_topk_prob = true;
+	}
 	return c;
 }
 
@@ -623,6 +630,36 @@ START_TEST(deepseek_top_k_one_does_not_divide)
 }
 END_TEST
 
+/* glm4_moe divides by the sum whenever norm_topk_prob, even for one expert
+ * (transformers' Glm4MoeMoE has no top_k > 1 test): the one weight is the
+ * scaling factor, where deepseek_v3 gives scaling x sigmoid. */
+START_TEST(glm4_moe_top_k_one_still_normalises)
+{
+	const uint32_t E = 8, H = 8;
+	float logits[8] = { 0.3f, 1.7f, -0.2f, 1.1f, 0.0f, 0.9f, -1.0f, 0.4f };
+	float bias[8] = { 0, 0, 0, 0, 0, 0, 0, 0.5f };
+	int32_t ids[8];
+	float w[8];
+	float *x = unit_x(H), *router = router_with_logits(E, H, logits, 16);
+	struct moe_model_config c = make_cfg(MOE_ARCH_GLM4_MOE, E, 1, H);
+
+	c.routed_scaling_factor = 2.5f;
+	route_and_compare(&c, router, bias, x, 1, ids, w);
+	/* the bias makes expert 7 (sigmoid 0.4 + 0.5 = 1.099) beat expert 1 (0.846) */
+	ck_assert_msg(ids[0] == 7 && fabs(w[0] - 2.5) < 1e-6,
+		      "glm4_moe k=1 norm: expert %d weight %.9g, expected 7 and 2.5", ids[0], (double)w[0]);
+
+	c.norm_topk_prob = false;
+	route_and_compare(&c, router, bias, x, 1, ids, w);
+	double s7 = 1.0 / (1.0 + exp(-0.4));
+	ck_assert_msg(ids[0] == 7 && fabs(w[0] - 2.5 * s7) < 1e-6,
+		      "glm4_moe k=1 without norm: expert %d weight %.9g, expected 7 and 2.5 * %.9g",
+		      ids[0], (double)w[0], s7);
+	free(router);
+	free(x);
+}
+END_TEST
+
 /* ---- extreme logits ----------------------------------------------------- */
 
 START_TEST(huge_logits_give_finite_weights)
@@ -703,6 +740,11 @@ START_TEST(random_tokens_route_as_the_reference_for_every_rule)
 		{ MOE_ARCH_DEEPSEEK_V3, 256, 8, 8, 4, MOE_TOPK_NOAUX_TC, true, 2.5f },
 		{ MOE_ARCH_DEEPSEEK_V3, 64, 6, 8, 3, MOE_TOPK_NOAUX_TC, false, 1.5f },
 		{ MOE_ARCH_DEEPSEEK_V3, 32, 4, 1, 1, MOE_TOPK_NOAUX_TC, true, 1.0f },
+		/* GLM-4.5-Air, GLM-4.5, and groups that no release uses yet */
+		{ MOE_ARCH_GLM4_MOE, 128, 8, 1, 1, MOE_TOPK_NOAUX_TC, true, 1.0f },
+		{ MOE_ARCH_GLM4_MOE, 160, 8, 1, 1, MOE_TOPK_NOAUX_TC, true, 2.5f },
+		{ MOE_ARCH_GLM4_MOE, 64, 6, 8, 3, MOE_TOPK_NOAUX_TC, false, 1.5f },
+		{ MOE_ARCH_GLM4_MOE, 32, 1, 4, 2, MOE_TOPK_NOAUX_TC, true, 1.8f },
 	};
 	const uint32_t H = 72, n = 200;
 	uint64_t seed = 41;
@@ -728,7 +770,7 @@ START_TEST(random_tokens_route_as_the_reference_for_every_rule)
 			router[j] = (float)(moe_test_randf(&seed) * 0.2);
 		for (uint32_t e = 0; e < ru->E; e++)
 			bias[e] = (float)(moe_test_randf(&seed) * 0.05);
-		exempt = route_and_compare(&c, router, ru->arch == MOE_ARCH_DEEPSEEK_V3 ? bias : NULL,
+		exempt = route_and_compare(&c, router, ru->method == MOE_TOPK_NOAUX_TC ? bias : NULL,
 					   x, n, ids, w);
 		ck_assert_msg(exempt < n / 10, "rule %zu: %zu of %u tokens near a tie", i, exempt, n);
 		free(router);
@@ -759,6 +801,7 @@ static Suite *router_suite(void)
 	tcase_add_test(tc, norm_topk_prob_renormalises_only_when_set);
 	tcase_add_test(tc, deepseek_v2_scales_only_when_not_normalising);
 	tcase_add_test(tc, deepseek_top_k_one_does_not_divide);
+	tcase_add_test(tc, glm4_moe_top_k_one_still_normalises);
 	tcase_add_test(tc, huge_logits_give_finite_weights);
 	tcase_add_test(tc, random_tokens_route_as_the_reference_for_every_rule);
 	suite_add_tcase(s, tc);

@@ -440,6 +440,26 @@ START_TEST(rejects_bad_model_fields)
 }
 END_TEST
 
+/* An architecture this reader does not know is refused, not misread: how a
+ * reader from before an architecture was appended (glm4_moe is 6) treats a
+ * store of it, so adding one needs no store version. */
+START_TEST(rejects_unknown_architecture_number)
+{
+	char *path = synth_path("store");
+	struct moe_store_header h = read_header(path);
+	char want[64];
+
+	h.arch = MOE_ARCH_COUNT;
+	write_header(path, &h);
+	snprintf(want, sizeof(want), "unknown architecture number %u", (unsigned)MOE_ARCH_COUNT);
+	expect_open_fails(path, -EINVAL, want);
+	h.arch = MOE_ARCH_GLM4_MOE;                     /* known number, other model_type */
+	write_header(path, &h);
+	expect_open_fails(path, -EINVAL, "model_type does not match architecture glm4_moe");
+	free(path);
+}
+END_TEST
+
 struct bad_log {
 	int n;
 	char first[MOE_ERR_MSG_MAX];
@@ -559,6 +579,7 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, rejects_misaligned_layer_with_good_checksums);
 	tcase_add_test(tc, rejects_tables_outside_file);
 	tcase_add_test(tc, rejects_bad_model_fields);
+	tcase_add_test(tc, rejects_unknown_architecture_number);
 	tcase_add_test(tc, blob_corruption_is_caught);
 	tcase_add_test(tc, writer_refuses_incomplete_store);
 	suite_add_tcase(s, tc);

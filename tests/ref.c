@@ -163,7 +163,10 @@ void ref_route_logits(const struct ref_routing *r, const double *logits, const d
 	if (!p || !sel || !used)
 		abort();
 
-	if (r->arch == MOE_ARCH_DEEPSEEK_V3) {
+	/* glm4_moe routes as DeepSeek-V3 (transformers' Glm4MoeMoE). */
+	bool v3_rule = r->arch == MOE_ARCH_DEEPSEEK_V3 || r->arch == MOE_ARCH_GLM4_MOE;
+
+	if (v3_rule) {
 		for (int i = 0; i < E; i++) {
 			p[i] = sigmoid(logits[i]);
 			sel[i] = p[i] + (bias ? bias[i] : 0.0);
@@ -186,8 +189,7 @@ void ref_route_logits(const struct ref_routing *r, const double *logits, const d
 
 	/* Group-limited selection: deepseek_v2 group_limited_greedy (group
 	 * score = max) and deepseek_v3 noaux_tc (sum of the two highest). */
-	bool grouped = (r->arch == MOE_ARCH_DEEPSEEK_V2 && r->group_limited) ||
-		       r->arch == MOE_ARCH_DEEPSEEK_V3;
+	bool grouped = (r->arch == MOE_ARCH_DEEPSEEK_V2 && r->group_limited) || v3_rule;
 	if (grouped && r->n_group > 1 && r->topk_group < r->n_group) {
 		int G = (int)r->n_group, gs = E / G;
 		double *gscore = malloc(sizeof(double) * (size_t)G);
@@ -199,7 +201,7 @@ void ref_route_logits(const struct ref_routing *r, const double *logits, const d
 		for (int g = 0; g < G; g++) {
 			const double *s = sel + (size_t)g * gs;
 
-			if (r->arch == MOE_ARCH_DEEPSEEK_V3) {
+			if (v3_rule) {
 				double a = -INFINITY, b = -INFINITY;   /* a >= b */
 
 				for (int j = 0; j < gs; j++) {
@@ -279,6 +281,15 @@ void ref_route_logits(const struct ref_routing *r, const double *logits, const d
 		break;
 	case MOE_ARCH_DEEPSEEK_V3:
 		if (k > 1 && r->norm_topk_prob)
+			for (int s = 0; s < k; s++)
+				w[s] /= sum + 1e-20;
+		for (int s = 0; s < k; s++)
+			w[s] *= r->routed_scaling_factor;
+		break;
+	case MOE_ARCH_GLM4_MOE:
+		/* Glm4MoeMoE.route_tokens_to_experts: "if self.norm_topk_prob",
+		 * whatever k is. */
+		if (r->norm_topk_prob)
 			for (int s = 0; s < k; s++)
 				w[s] /= sum + 1e-20;
 		for (int s = 0; s < k; s++)
@@ -612,6 +623,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		{ "mixtral", MOE_ARCH_MIXTRAL }, { "qwen2_moe", MOE_ARCH_QWEN2_MOE },
 		{ "qwen3_moe", MOE_ARCH_QWEN3_MOE }, { "olmoe", MOE_ARCH_OLMOE },
 		{ "deepseek_v2", MOE_ARCH_DEEPSEEK_V2 }, { "deepseek_v3", MOE_ARCH_DEEPSEEK_V3 },
+		{ "glm4_moe", MOE_ARCH_GLM4_MOE },
 	};
 	struct ref_routing *r = &l->routing;
 	char path[4096];
@@ -699,6 +711,22 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		}
 		break;
 	}
+	case MOE_ARCH_GLM4_MOE:
+		/* Glm4MoeConfig's defaults; its class has no scoring_func or
+		 * topk_method, so a value other than DeepSeek-V3's is not one
+		 * transformers would honour. */
+		rc = json_u32(cfg, "n_routed_experts", 128, &r->num_experts);
+		rc = rc ? rc : json_u32(cfg, "num_experts_per_tok", 8, &r->top_k);
+		rc = rc ? rc : json_u32(cfg, "n_group", 1, &r->n_group);
+		rc = rc ? rc : json_u32(cfg, "topk_group", 1, &r->topk_group);
+		r->norm_topk_prob = json_bool(cfg, "norm_topk_prob", true);
+		r->routed_scaling_factor = json_num(cfg, "routed_scaling_factor", 1.0);
+		if (strcmp(json_str(cfg, "scoring_func", "sigmoid"), "sigmoid") ||
+		    strcmp(json_str(cfg, "topk_method", "noaux_tc"), "noaux_tc")) {
+			rc = fail(ld, -EINVAL, "%s: glm4_moe with another scoring_func or topk_method", path);
+			goto out;
+		}
+		break;
 	default:
 		break;
 	}
@@ -884,7 +912,7 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 	if ((rc = read_tensor(&ld, t, (uint64_t)E * H, &l->router)) < 0)
 		goto bad;
 
-	if (l->routing.arch == MOE_ARCH_DEEPSEEK_V3) {
+	if (l->routing.arch == MOE_ARCH_DEEPSEEK_V3 || l->routing.arch == MOE_ARCH_GLM4_MOE) {
 		t = find(&ld, "%sgate.e_score_correction_bias", pfx);
 		if (!t) {
 			rc = fail(&ld, -ENOENT, "%sgate.e_score_correction_bias: missing", pfx);
@@ -915,7 +943,8 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 				goto bad;
 		}
 	} else if (l->routing.arch == MOE_ARCH_DEEPSEEK_V2 ||
-		   l->routing.arch == MOE_ARCH_DEEPSEEK_V3) {
+		   l->routing.arch == MOE_ARCH_DEEPSEEK_V3 ||
+		   l->routing.arch == MOE_ARCH_GLM4_MOE) {
 		char spfx[300];
 
 		snprintf(spfx, sizeof(spfx), "%sshared_experts.", pfx);
