@@ -4,8 +4,8 @@
  *
  * The point is that `moectl pack` and the tests meet the same names, shapes,
  * config fields and sharding as a downloaded checkpoint, including the
- * tensors the packer must ignore (attention, dense layers, DeepSeek-V3's MTP
- * layer), without downloading hundreds of GB.
+ * tensors the packer must ignore (attention, dense layers, DeepSeek-V3's and
+ * GLM-4.5's MTP layer), without downloading hundreds of GB.
  *
  * Values come from a counter-based generator keyed by (seed, tensor name):
  * element i of a tensor is a pure function of the key and i, so files are
@@ -95,9 +95,30 @@ void moe_gen_defaults(enum moe_arch arch, struct moe_gen_options *o)
 			o->num_nextn_predict_layers = 1;
 		}
 		break;
+	case MOE_ARCH_GLM4_MOE:
+		/* GLM-4.5-Air in miniature: layer 0 dense, 1 and 2 MoE, one
+		 * shared expert, no groups (n_group 1 in every release), the
+		 * MTP layer; head_dim is a field of its own, as in the release. */
+		o->num_layers = 3;
+		o->first_k_dense_replace = 1;
+		o->intermediate_size = 128;
+		o->num_experts = 16;
+		o->top_k = 4;
+		o->n_shared_experts = 1;
+		o->head_dim = 16;
+		o->num_nextn_predict_layers = 1;
+		break;
 	default:
 		break;
 	}
+}
+
+/* Architectures with first_k_dense_replace, n_shared_experts x
+ * moe_intermediate_size shared experts, expert groups and
+ * routed_scaling_factor. */
+static bool has_dense_prefix(enum moe_arch a)
+{
+	return a == MOE_ARCH_DEEPSEEK_V2 || a == MOE_ARCH_DEEPSEEK_V3 || a == MOE_ARCH_GLM4_MOE;
 }
 
 struct gen_preset {
@@ -127,6 +148,8 @@ static const struct gen_preset presets[] = {
 	  1, 1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0 },
 	{ "olmoe-1b-7b", MOE_ARCH_OLMOE, 2048, 1024, 0, 64, 8, 16, 50304, 16, 16, 0,
 	  1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+	{ "glm-4.5-air", MOE_ARCH_GLM4_MOE, 4096, 1408, 10944, 128, 8, 46, 151552, 96, 8, 128,
+	  1, 1, 1, 0, 1, 1, 1.0f, 0, 0, 0, 0, 0, 1 },
 };
 
 /* "small": big enough for benchmarks to measure something (~100 MB in bf16),
@@ -135,16 +158,17 @@ static void gen_small(struct moe_gen_options *o)
 {
 	o->hidden_size = 512;
 	o->moe_intermediate_size = 256;
-	o->num_layers = o->arch >= MOE_ARCH_DEEPSEEK_V2 ? 5 : 4;
+	o->num_layers = has_dense_prefix(o->arch) ? 5 : 4;
 	o->vocab_size = 1024;
 	o->num_attention_heads = 8;
 	if (o->intermediate_size)
 		o->intermediate_size = 1024;
 	if (o->arch == MOE_ARCH_QWEN2_MOE)
 		o->shared_intermediate_size = 1024;
-	if (o->arch == MOE_ARCH_QWEN3_MOE)
+	if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE)
 		o->head_dim = 64;
-	if (o->arch == MOE_ARCH_OLMOE || o->arch >= MOE_ARCH_DEEPSEEK_V2)
+	if (o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_DEEPSEEK_V2 ||
+	    o->arch == MOE_ARCH_DEEPSEEK_V3)
 		o->num_key_value_heads = 8;
 	if (o->arch == MOE_ARCH_MIXTRAL)
 		return;    /* Mixtral: 8 experts, top-2 */
@@ -156,7 +180,7 @@ static void gen_small(struct moe_gen_options *o)
 		o->topk_group = 4;
 		o->q_lora_rank = 128;
 	}
-	if (o->arch >= MOE_ARCH_DEEPSEEK_V2) {
+	if (o->arch == MOE_ARCH_DEEPSEEK_V2 || o->arch == MOE_ARCH_DEEPSEEK_V3) {
 		o->kv_lora_rank = 64;
 		o->qk_nope_head_dim = 32;
 		o->qk_rope_head_dim = 16;
@@ -175,7 +199,8 @@ int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err
 	if (!p)
 		return moe_err_set(err, -EINVAL,
 				   "unknown preset '%s' (presets: tiny, small, deepseek-v3, deepseek-v2-lite, "
-				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b)", name);
+				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air)",
+				   name);
 	arch = p->arch < 0 ? opt->arch : (enum moe_arch)p->arch;
 	if ((unsigned)arch >= MOE_ARCH_COUNT)
 		return moe_err_set(err, -EINVAL, "preset '%s' needs an architecture", name);
@@ -274,22 +299,25 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 
 	/* Options the architecture has no config field for are refused rather
 	 * than silently dropped. */
-	if (!d->deepseek) {
+	if (!has_dense_prefix(o->arch)) {
 		if (d->n_group != 1 || d->topk_group != 1)
 			return moe_err_set(err, -EINVAL, "expert groups (n_group %u, topk_group %u) exist only "
-					   "in deepseek_v2/deepseek_v3, not %s", d->n_group, d->topk_group, an);
+					   "in deepseek_v2/deepseek_v3/glm4_moe, not %s", d->n_group,
+					   d->topk_group, an);
 		if (d->first_dense)
 			return moe_err_set(err, -EINVAL, "first_k_dense_replace exists only in deepseek_v2/"
-					   "deepseek_v3, not %s", an);
+					   "deepseek_v3/glm4_moe, not %s", an);
 		if (o->routed_scaling_factor != 0.0f && o->routed_scaling_factor != 1.0f)
 			return moe_err_set(err, -EINVAL, "routed_scaling_factor exists only in deepseek_v2/"
-					   "deepseek_v3, not %s", an);
-		if (o->topk_method)
-			return moe_err_set(err, -EINVAL, "topk_method exists only in deepseek_v2/deepseek_v3, "
-					   "not %s", an);
+					   "deepseek_v3/glm4_moe, not %s", an);
 	}
-	if (d->mtp && o->arch != MOE_ARCH_DEEPSEEK_V3)
-		return moe_err_set(err, -EINVAL, "num_nextn_predict_layers (MTP) exists only in deepseek_v3");
+	if (o->topk_method && !d->deepseek)
+		return moe_err_set(err, -EINVAL, "topk_method exists only in deepseek_v2/deepseek_v3, "
+				   "not %s%s", an, o->arch == MOE_ARCH_GLM4_MOE ?
+				   " (transformers always routes it as noaux_tc)" : "");
+	if (d->mtp && o->arch != MOE_ARCH_DEEPSEEK_V3 && o->arch != MOE_ARCH_GLM4_MOE)
+		return moe_err_set(err, -EINVAL, "num_nextn_predict_layers (MTP) exists only in deepseek_v3 "
+				   "and glm4_moe");
 	if (d->mtp > 1)
 		return moe_err_set(err, -EINVAL, "num_nextn_predict_layers %u: only 0 or 1 is supported", d->mtp);
 	if ((o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_QWEN3_MOE ||
@@ -304,7 +332,8 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		return moe_err_set(err, -EINVAL, "decoder_sparse_step exists only in qwen2_moe/qwen3_moe");
 	if (o->arch != MOE_ARCH_QWEN2_MOE && o->shared_intermediate_size)
 		return moe_err_set(err, -EINVAL, "shared_expert_intermediate_size exists only in qwen2_moe%s",
-				   d->deepseek ? " (deepseek's is n_shared_experts x moe_intermediate_size)" : "");
+				   has_dense_prefix(o->arch) ?
+				   " (this architecture's is n_shared_experts x moe_intermediate_size)" : "");
 	if (moe_act_parse(d->act, &act) < 0)
 		return moe_err_set(err, -EINVAL, "unknown activation '%s' (silu, gelu, gelu_pytorch_tanh, relu)",
 				   d->act);
@@ -316,7 +345,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		d->dense_I = def.intermediate_size ? def.intermediate_size : 4 * d->I;
 	if (o->arch == MOE_ARCH_QWEN2_MOE)
 		d->shared_I = d->n_shared ? or_default(o->shared_intermediate_size, 4 * d->I) : 0;
-	else if (d->deepseek)
+	else if (has_dense_prefix(o->arch))
 		d->shared_I = d->n_shared * d->I;
 
 	switch (o->arch) {
@@ -335,6 +364,11 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		if (strcmp(d->topk_method, "noaux_tc"))
 			return moe_err_set(err, -EINVAL, "deepseek_v3 topk_method '%s': only noaux_tc",
 					   d->topk_method);
+		break;
+	case MOE_ARCH_GLM4_MOE:
+		/* Glm4MoeConfig: norm_topk_prob true, routed_scaling_factor 1.0 */
+		d->norm_topk = o->norm_topk_prob != 0;
+		d->scaling = o->routed_scaling_factor != 0.0f ? o->routed_scaling_factor : 1.0f;
 		break;
 	case MOE_ARCH_MIXTRAL:
 		d->norm_topk = true;
@@ -366,7 +400,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		if (d->q_lora > GEN_MAX_ATTN_DIM || d->kv_lora > GEN_MAX_ATTN_DIM ||
 		    d->nope > GEN_MAX_ATTN_DIM || d->rope > GEN_MAX_ATTN_DIM || d->v_head > GEN_MAX_ATTN_DIM)
 			return moe_err_set(err, -EINVAL, "MLA dimensions are at most %u", GEN_MAX_ATTN_DIM);
-	} else if (o->arch == MOE_ARCH_QWEN3_MOE) {
+	} else if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE) {
 		d->head_dim = or_default(o->head_dim, def.head_dim);
 		if (d->head_dim > GEN_MAX_ATTN_DIM)
 			return moe_err_set(err, -EINVAL, "head_dim %u is above %u", d->head_dim, GEN_MAX_ATTN_DIM);
@@ -394,8 +428,9 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	cfg.topk_group = d->topk_group;
 	cfg.n_shared_experts = d->n_shared;
 	cfg.shared_intermediate_size = d->shared_I;
-	cfg.scoring = o->arch == MOE_ARCH_DEEPSEEK_V3 ? MOE_SCORING_SIGMOID : MOE_SCORING_SOFTMAX;
-	cfg.topk_method = o->arch == MOE_ARCH_DEEPSEEK_V3 ? MOE_TOPK_NOAUX_TC :
+	d->v3_routing = o->arch == MOE_ARCH_DEEPSEEK_V3 || o->arch == MOE_ARCH_GLM4_MOE;
+	cfg.scoring = d->v3_routing ? MOE_SCORING_SIGMOID : MOE_SCORING_SOFTMAX;
+	cfg.topk_method = d->v3_routing ? MOE_TOPK_NOAUX_TC :
 			  (d->topk_method && !strcmp(d->topk_method, "group_limited_greedy")) ?
 			  MOE_TOPK_GROUP_LIMITED : MOE_TOPK_GREEDY;
 	cfg.norm_topk_prob = d->norm_topk;
@@ -528,7 +563,8 @@ static void plan_attention(struct gen_plan *p, const struct gen_dims *d, uint32_
 	MAT(p, d, s, kv, H, "model.layers.%u.self_attn.k_proj.weight", l);
 	MAT(p, d, s, kv, H, "model.layers.%u.self_attn.v_proj.weight", l);
 	MAT(p, d, s, H, q, "model.layers.%u.self_attn.o_proj.weight", l);
-	if (d->arch == MOE_ARCH_QWEN2_MOE) {
+	if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE) {
+		/* GLM-4.5: attention_bias true, on q, k and v only */
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(q), "model.layers.%u.self_attn.q_proj.bias", l);
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.k_proj.bias", l);
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.v_proj.bias", l);
@@ -565,8 +601,8 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 	/* Without skew, FILL_RANDOM: the bytes the generator wrote before the option. */
 	plan_add(p, d->dtype, d->skew > 0.0f ? FILL_ROUTER : FILL_RANDOM, std_fanin(d, d->H, 2.0f), 2,
 		 SHAPE(d->E, d->H), "model.layers.%u.%s.gate.weight", l, blk);
-	if (d->arch == MOE_ARCH_DEEPSEEK_V3)
-		/* F32 in the released checkpoint too, whatever the weights are. */
+	if (d->v3_routing)
+		/* F32 in the released checkpoints too, whatever the weights are. */
 		plan_add(p, MOE_DTYPE_F32, FILL_RANDOM, 0.05f / 1.7320508f, 1, SHAPE(d->E),
 			 "model.layers.%u.mlp.gate.e_score_correction_bias", l);
 	if (d->fused) {
@@ -633,8 +669,10 @@ int gen_plan_build(struct gen_plan *p, const struct gen_dims *d, struct moe_err 
 	NORM(p, d, d->H, "model.norm.weight");
 	MAT(p, d, s, d->V, d->H, "lm_head.weight");
 	for (uint32_t m = 0; m < d->mtp; m++) {
-		/* DeepSeek-V3's multi-token-prediction module, saved as one more
-		 * decoder layer with its own embedding and head. */
+		/* The multi-token-prediction module, saved as one more decoder
+		 * layer with its own embedding.  DeepSeek-V3's has its own head
+		 * too; GLM-4.5's shares lm_head (its release has
+		 * shared_head.norm but no shared_head.head). */
 		uint32_t l = d->L + m;
 
 		MAT(p, d, s, d->V, d->H, "model.layers.%u.embed_tokens.weight", l);
@@ -643,7 +681,8 @@ int gen_plan_build(struct gen_plan *p, const struct gen_dims *d, struct moe_err 
 		MAT(p, d, s, d->H, 2 * (uint64_t)d->H, "model.layers.%u.eh_proj.weight", l);
 		plan_layer(p, d, l, true);
 		NORM(p, d, d->H, "model.layers.%u.shared_head.norm.weight", l);
-		MAT(p, d, s, d->V, d->H, "model.layers.%u.shared_head.head.weight", l);
+		if (d->arch == MOE_ARCH_DEEPSEEK_V3)
+			MAT(p, d, s, d->V, d->H, "model.layers.%u.shared_head.head.weight", l);
 	}
 	if (p->oom) {
 		gen_plan_free(p);

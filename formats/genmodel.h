@@ -27,10 +27,10 @@ struct moe_gen_options {
 	uint32_t num_experts;
 	uint32_t top_k;
 	uint32_t num_layers;             /* num_hidden_layers */
-	uint32_t n_group, topk_group;    /* deepseek grouping (1,1: none) */
-	uint32_t n_shared_experts;       /* deepseek; qwen2_moe: shared expert if > 0 */
+	uint32_t n_group, topk_group;    /* deepseek, glm4_moe grouping (1,1: none) */
+	uint32_t n_shared_experts;       /* deepseek, glm4_moe; qwen2_moe: shared expert if > 0 */
 	uint32_t shared_intermediate_size; /* qwen2_moe shared_expert_intermediate_size */
-	uint32_t first_k_dense_replace;  /* deepseek */
+	uint32_t first_k_dense_replace;  /* deepseek, glm4_moe */
 	uint32_t decoder_sparse_step;    /* qwen */
 	uint32_t vocab_size;             /* embeddings and lm_head rows */
 	uint32_t num_attention_heads, num_key_value_heads;
@@ -49,12 +49,13 @@ struct moe_gen_options {
 	 */
 	const char *topk_method;         /* deepseek_v2: "greedy" | "group_limited_greedy";
 					    NULL: the architecture's default */
-	uint32_t head_dim;               /* qwen3_moe; 0: a default */
+	uint32_t head_dim;               /* qwen3_moe, glm4_moe; 0: a default */
 	uint32_t q_lora_rank;            /* deepseek MLA; 0: none (plain q_proj) */
 	uint32_t kv_lora_rank;           /* deepseek MLA; 0: a default */
 	uint32_t qk_nope_head_dim, qk_rope_head_dim, v_head_dim; /* deepseek; 0: defaults */
-	uint32_t num_nextn_predict_layers; /* deepseek_v3 MTP layers (0 or 1), written as
-					      layer num_layers, as the real checkpoint has */
+	uint32_t num_nextn_predict_layers; /* deepseek_v3, glm4_moe MTP layers (0 or 1),
+					      written as layer num_layers, as the real
+					      checkpoints have */
 	float router_skew;               /* Zipf exponent of the expert popularity, 0 to
 					    MOE_GEN_MAX_ROUTER_SKEW; 0: none (uniform routing) */
 };
@@ -69,7 +70,7 @@ struct moe_gen_options {
 /*
  * Fill @opt with the named preset's shapes ("tiny", "small", "deepseek-v3",
  * "deepseek-v2-lite", "qwen3-30b-a3b", "qwen2-57b-a14b", "mixtral-8x7b",
- * "olmoe-1b-7b"), which also sets arch.  "tiny" and "small" have no
+ * "olmoe-1b-7b", "glm-4.5-air"), which also sets arch.  "tiny" and "small" have no
  * architecture of their own: they use the arch already in @opt.  Every
  * field of @opt is reset (seed 0, bf16, ...), so set other options after.
  * The real presets keep the real vocabulary and layer count: lower

@@ -25,7 +25,9 @@ struct gen_dims {
 	uint32_t heads, kv_heads, head_dim;
 	uint32_t n_group, topk_group, n_shared, shared_I, first_dense, sparse_step;
 	uint32_t q_lora, kv_lora, nope, rope, v_head, mtp;
-	bool norm_topk, gated, fused, deepseek;
+	bool norm_topk, gated, fused;
+	bool deepseek;                   /* deepseek_v2/v3: MLA attention, topk_method */
+	bool v3_routing;                 /* deepseek_v3, glm4_moe: sigmoid, correction bias */
 	float scaling;
 	const char *act, *topk_method;
 	uint64_t shard_bytes;

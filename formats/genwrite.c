@@ -41,6 +41,7 @@ static json_t *config_json(const struct gen_dims *d)
 		[MOE_ARCH_OLMOE] = "OlmoeForCausalLM",
 		[MOE_ARCH_DEEPSEEK_V2] = "DeepseekV2ForCausalLM",
 		[MOE_ARCH_DEEPSEEK_V3] = "DeepseekV3ForCausalLM",
+		[MOE_ARCH_GLM4_MOE] = "Glm4MoeForCausalLM",
 	};
 	static const char *const torch_dtypes[MOE_DTYPE_COUNT] = {
 		[MOE_DTYPE_F32] = "float32", [MOE_DTYPE_BF16] = "bfloat16", [MOE_DTYPE_F16] = "float16",
@@ -158,6 +159,31 @@ static json_t *config_json(const struct gen_dims *d)
 			json_set(c, "num_nextn_predict_layers", json_integer(d->mtp));
 		break;
 	}
+	case MOE_ARCH_GLM4_MOE:
+		/* GLM-4.5-Air's config.json: Glm4MoeConfig's fields, and no
+		 * scoring_func, topk_method, moe_layer_freq or MLA fields. */
+		json_set(c, "intermediate_size", json_integer(d->dense_I));
+		json_set(c, "moe_intermediate_size", json_integer(d->I));
+		json_set(c, "n_routed_experts", json_integer(d->E));
+		json_set(c, "n_shared_experts", json_integer(d->n_shared));
+		json_set(c, "n_group", json_integer(d->n_group));
+		json_set(c, "topk_group", json_integer(d->topk_group));
+		json_set(c, "norm_topk_prob", json_boolean(d->norm_topk));
+		json_set(c, "routed_scaling_factor", json_real(d->scaling));
+		json_set(c, "first_k_dense_replace", json_integer(d->first_dense));
+		json_set(c, "num_nextn_predict_layers", json_integer(d->mtp));
+		json_set(c, "head_dim", json_integer(d->head_dim));
+		json_set(c, "attention_bias", json_true());
+		json_set(c, "use_qk_norm", json_false());
+		json_set(c, "partial_rotary_factor", json_real(0.5));
+		json_set(c, "pad_token_id", json_integer(151329));
+		json_set(c, "eos_token_id", json_pack("[iii]", 151329, 151336, 151338));
+		json_set(c, "max_position_embeddings", json_integer(131072));
+		json_set(c, "rms_norm_eps", json_real(1e-5));
+		json_set(c, "rope_scaling", json_null());
+		json_set(c, "rope_theta", json_integer(1000000));
+		json_set(c, "transformers_version", json_string("4.54.0"));
+		break;
 	default:
 		break;
 	}

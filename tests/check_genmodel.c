@@ -119,6 +119,22 @@ static const struct want_arch want_archs[] = {
 	    { "model.layers.3.shared_head.head.weight", MD, 2, { 256, 64 } } },
 	  { "n_group=4", "topk_group=2", "num_nextn_predict_layers=1", "n_routed_experts=16" },
 	  { "topk_method=noaux_tc", "scoring_func=sigmoid", "architectures=DeepseekV3ForCausalLM" } },
+	{ MOE_ARCH_GLM4_MOE,
+	  /* GLM-4.5's MTP layer shares lm_head; GQA attention, not MLA; no qk norm (Air) */
+	  { "model.layers.0.mlp.gate.weight", "model.layers.3.shared_head.head.weight",
+	    "model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" },
+	  { { "model.layers.0.mlp.gate_proj.weight", MD, 2, { 128, 64 } },
+	    { "model.layers.1.mlp.gate.weight", MD, 2, { 16, 64 } },
+	    { "model.layers.2.mlp.gate.e_score_correction_bias", MOE_DTYPE_F32, 1, { 16 } },
+	    { "model.layers.2.mlp.experts.15.down_proj.weight", MD, 2, { 64, 32 } },
+	    { "model.layers.1.mlp.shared_experts.gate_proj.weight", MD, 2, { 32, 64 } },
+	    { "model.layers.1.self_attn.q_proj.bias", MD, 1, { 64 } },
+	    { "model.layers.1.self_attn.k_proj.bias", MD, 1, { 32 } },
+	    { "model.layers.3.eh_proj.weight", MD, 2, { 64, 128 } },
+	    { "model.layers.3.mlp.gate.e_score_correction_bias", MOE_DTYPE_F32, 1, { 16 } },
+	    { "model.layers.3.shared_head.norm.weight", MD, 1, { 64 } } },
+	  { "n_routed_experts=16", "head_dim=16", "first_k_dense_replace=1", "num_nextn_predict_layers=1" },
+	  { "architectures=Glm4MoeForCausalLM", "hidden_act=silu" } },
 };
 
 static void check_tensor(const struct moe_st_checkpoint *c, const struct want_tensor *w, int model_dtype)
@@ -203,7 +219,8 @@ START_TEST(gen_model_writes_real_layout)
 	cfg = load_config(dir);
 	ck_assert_str_eq(json_string_value(json_object_get(cfg, "model_type")), moe_arch_name(w->arch));
 	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_hidden_layers")),
-			 w->arch >= MOE_ARCH_DEEPSEEK_V2 ? 3 : 2);
+			 w->arch == MOE_ARCH_DEEPSEEK_V2 || w->arch == MOE_ARCH_DEEPSEEK_V3 ||
+			 w->arch == MOE_ARCH_GLM4_MOE ? 3 : 2);
 	ck_assert_str_eq(json_string_value(json_object_get(cfg, "torch_dtype")), "bfloat16");
 	ck_assert(json_is_false(json_object_get(cfg, "tie_word_embeddings")));
 	ck_assert(json_is_real(json_object_get(cfg, "rms_norm_eps")));
@@ -492,6 +509,54 @@ START_TEST(gen_model_fused_plain_and_dtype_variants)
 }
 END_TEST
 
+/* config.json as GLM-4.5-Air's: Glm4MoeConfig's fields and values, none of
+ * DeepSeek-V3's that transformers would ignore (a reader trusting them
+ * would be misled). */
+START_TEST(gen_model_glm4_moe_config_is_glm_45s)
+{
+	char *dir = moe_test_tmpdir("genglm");
+	struct moe_gen_options o;
+	json_t *cfg;
+	static const char *const absent[] = { "topk_method", "scoring_func", "moe_layer_freq",
+					      "q_lora_rank", "kv_lora_rank", "num_experts" };
+
+	moe_gen_defaults(MOE_ARCH_GLM4_MOE, &o);
+	gen(&o, dir);
+	cfg = load_config(dir);
+	for (size_t i = 0; i < sizeof(absent) / sizeof(absent[0]); i++)
+		ck_assert_msg(json_object_get(cfg, absent[i]) == NULL, "config.json has %s", absent[i]);
+	ck_assert(json_is_true(json_object_get(cfg, "norm_topk_prob")));
+	ck_assert(json_is_true(json_object_get(cfg, "attention_bias")));
+	ck_assert(json_is_false(json_object_get(cfg, "use_qk_norm")));
+	ck_assert_double_eq(json_real_value(json_object_get(cfg, "routed_scaling_factor")), 1.0);
+	ck_assert_double_eq(json_real_value(json_object_get(cfg, "partial_rotary_factor")), 0.5);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "n_shared_experts")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "n_group")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "intermediate_size")), 128);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "moe_intermediate_size")), 32);
+	json_decref(cfg);
+
+	o.num_nextn_predict_layers = 0;
+	o.routed_scaling_factor = 2.5f;
+	o.norm_topk_prob = 0;
+	gen(&o, dir);
+	cfg = load_config(dir);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_nextn_predict_layers")), 0);
+	ck_assert_double_eq(json_real_value(json_object_get(cfg, "routed_scaling_factor")), 2.5);
+	ck_assert(json_is_false(json_object_get(cfg, "norm_topk_prob")));
+	json_decref(cfg);
+	{
+		struct moe_st_checkpoint *c;
+		struct moe_err err = { 0 };
+
+		ck_assert_int_eq(moe_st_checkpoint_open(dir, &c, &err), 0);
+		ck_assert_ptr_null(moe_st_find(c, "model.layers.3.eh_proj.weight"));
+		moe_st_checkpoint_close(c);
+	}
+	free(dir);
+}
+END_TEST
+
 START_TEST(gen_model_presets_set_real_shapes)
 {
 	struct moe_gen_options o;
@@ -507,6 +572,26 @@ START_TEST(gen_model_presets_set_real_shapes)
 	ck_assert_uint_eq(o.topk_group, 4);
 	ck_assert_uint_eq(o.first_k_dense_replace, 3);
 	ck_assert_float_eq(o.routed_scaling_factor, 2.5f);
+	/* GLM-4.5-Air's config.json */
+	ck_assert_int_eq(moe_gen_preset("glm-4.5-air", &o, &err), 0);
+	ck_assert_int_eq(o.arch, MOE_ARCH_GLM4_MOE);
+	ck_assert_uint_eq(o.hidden_size, 4096);
+	ck_assert_uint_eq(o.moe_intermediate_size, 1408);
+	ck_assert_uint_eq(o.intermediate_size, 10944);
+	ck_assert_uint_eq(o.num_experts, 128);
+	ck_assert_uint_eq(o.top_k, 8);
+	ck_assert_uint_eq(o.num_layers, 46);
+	ck_assert_uint_eq(o.vocab_size, 151552);
+	ck_assert_uint_eq(o.num_attention_heads, 96);
+	ck_assert_uint_eq(o.num_key_value_heads, 8);
+	ck_assert_uint_eq(o.head_dim, 128);
+	ck_assert_uint_eq(o.n_group, 1);
+	ck_assert_uint_eq(o.topk_group, 1);
+	ck_assert_uint_eq(o.n_shared_experts, 1);
+	ck_assert_uint_eq(o.first_k_dense_replace, 1);
+	ck_assert_int_eq(o.norm_topk_prob, 1);
+	ck_assert_float_eq(o.routed_scaling_factor, 1.0f);
+	ck_assert_uint_eq(o.num_nextn_predict_layers, 1);
 	ck_assert_int_eq(moe_gen_preset("mixtral-8x7b", &o, &err), 0);
 	ck_assert_uint_eq(o.moe_intermediate_size, 14336);
 	ck_assert_int_eq(moe_gen_preset("qwen3-30b-a3b", &o, &err), 0);
@@ -518,6 +603,7 @@ START_TEST(gen_model_presets_set_real_shapes)
 	ck_assert_int_eq(moe_gen_preset("gpt-5", &o, &err), -EINVAL);
 	moe_test_assert_err_has(&err, "unknown preset 'gpt-5'");
 	moe_test_assert_err_has(&err, "deepseek-v2-lite");
+	moe_test_assert_err_has(&err, "glm-4.5-air");
 }
 END_TEST
 
@@ -556,6 +642,15 @@ START_TEST(gen_model_rejects_bad_options)
 	moe_gen_defaults(MOE_ARCH_QWEN3_MOE, &o);
 	o.hidden_act = "tanh";
 	expect_gen_error(&o, "activation 'tanh'");
+	moe_gen_defaults(MOE_ARCH_GLM4_MOE, &o);
+	o.topk_method = "noaux_tc";                     /* not a Glm4MoeConfig field */
+	expect_gen_error(&o, "topk_method");
+	moe_gen_defaults(MOE_ARCH_GLM4_MOE, &o);
+	o.shared_intermediate_size = 64;
+	expect_gen_error(&o, "n_shared_experts x moe_intermediate_size");
+	moe_gen_defaults(MOE_ARCH_QWEN3_MOE, &o);
+	o.num_nextn_predict_layers = 1;
+	expect_gen_error(&o, "deepseek_v3 and glm4_moe");
 }
 END_TEST
 
@@ -661,6 +756,7 @@ static Suite *genmodel_suite(void)
 	tcase_add_test(tc, gen_model_reports_write_errors);
 	tcase_add_test(tc, gen_model_shards_with_index);
 	tcase_add_test(tc, gen_model_fused_plain_and_dtype_variants);
+	tcase_add_test(tc, gen_model_glm4_moe_config_is_glm_45s);
 	tcase_add_test(tc, gen_model_presets_set_real_shapes);
 	tcase_add_test(tc, gen_model_rejects_bad_options);
 	tcase_add_test(tc, cli_gen_model_help_and_errors);

@@ -349,7 +349,7 @@ static void compare_with_checkpoint(const char *dir, const struct moe_store *s, 
 
 static const enum moe_arch all_archs[] = {
 	MOE_ARCH_MIXTRAL, MOE_ARCH_QWEN2_MOE, MOE_ARCH_QWEN3_MOE,
-	MOE_ARCH_OLMOE, MOE_ARCH_DEEPSEEK_V2, MOE_ARCH_DEEPSEEK_V3,
+	MOE_ARCH_OLMOE, MOE_ARCH_DEEPSEEK_V2, MOE_ARCH_DEEPSEEK_V3, MOE_ARCH_GLM4_MOE,
 };
 
 START_TEST(pack_matches_checkpoint_every_arch)
@@ -380,15 +380,21 @@ START_TEST(pack_matches_checkpoint_every_arch)
 		break;
 	case MOE_ARCH_DEEPSEEK_V2:
 	case MOE_ARCH_DEEPSEEK_V3:
-		/* dense layer 0 absent; V3's MTP layer (num_layers) skipped */
+	case MOE_ARCH_GLM4_MOE:
+		/* dense layer 0 absent; V3's and GLM's MTP layer (num_layers) skipped */
 		ck_assert_uint_eq(s->hdr.num_moe_layers, o.num_layers - o.first_k_dense_replace);
 		ck_assert_int_eq(moe_store_layer_index(s, 0), -ENOENT);
 		ck_assert_int_eq(moe_store_layer_index(s, o.num_layers), -ENOENT);
 		ck_assert_uint_eq(s->cfg.shared_intermediate_size,
 				  o.n_shared_experts * o.moe_intermediate_size);
-		if (all_archs[_i] == MOE_ARCH_DEEPSEEK_V3) {
-			ck_assert(s->cfg.has_bias && s->cfg.topk_method == MOE_TOPK_NOAUX_TC);
+		if (all_archs[_i] != MOE_ARCH_DEEPSEEK_V2) {
+			ck_assert(s->cfg.has_bias && s->cfg.topk_method == MOE_TOPK_NOAUX_TC &&
+				  s->cfg.scoring == MOE_SCORING_SIGMOID);
 			ck_assert_uint_eq(s->cfg.n_group, o.n_group);
+		}
+		if (all_archs[_i] == MOE_ARCH_GLM4_MOE) {
+			ck_assert_uint_eq(o.num_nextn_predict_layers, 1);   /* there was one to skip */
+			ck_assert(s->cfg.norm_topk_prob && s->cfg.routed_scaling_factor == 1.0f);
 		}
 		break;
 	default:

@@ -107,7 +107,7 @@ json_num() {
 
 # ---- every architecture ----------------------------------------------------------
 
-for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3; do
+for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe; do
 	d=$T/$arch
 	mkdir "$d" || fail "mkdir $d"
 	ok "$MOECTL" gen-model --arch "$arch" --seed 7 -o "$d/hf"
@@ -167,6 +167,29 @@ for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3; do
 		--output "$d/out16b.npy"
 	cmp -s "$d/out16.npy" "$d/out16b.npy" || fail "$arch: bf16 from a file differs"
 done
+
+# ---- a real preset, shrunk ---------------------------------------------------------
+# GLM-4.5-Air's routing (128 experts, top-8, one shared expert, layer 0 dense)
+# at a small width; its MTP layer (layer 2 here) is in the checkpoint and
+# not in the store.
+
+d=$T/glm-4.5-air
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --preset glm-4.5-air --layers 2 --vocab 64 --hidden 64 \
+	--moe-intermediate 16 --intermediate 64 --seed 5 -o "$d/hf"
+grep -F '"model.layers.2.eh_proj.weight"' "$d/hf/model.safetensors" >/dev/null ||
+	fail "glm-4.5-air: no MTP layer in the checkpoint"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+ok "$MOECTL" inspect --json "$d/model.moe"
+for kv in num_experts:128 top_k:8 n_shared_experts:1 n_group:1 num_hidden_layers:2; do
+	[ "$(json_num "$T/out" "${kv%%:*}")" = "${kv#*:}" ] ||
+		fail "glm-4.5-air: inspect --json ${kv%%:*} is not ${kv#*:}"
+done
+[ "$(tr -d ' \n' <"$T/out" | sed -n 's/.*"moe_layers":\[\([0-9,]*\)\].*/\1/p')" = 1 ] ||
+	fail "glm-4.5-air: the MoE layers are not just layer 1"
+grep -F '"scoring": "sigmoid"' "$T/out" >/dev/null || fail "glm-4.5-air: not sigmoid scoring"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --random-input 3 --seed 3 --output "$d/out.npy"
+[ "$(npy_shape "$d/out.npy")" = "(3, 64)" ] || fail "glm-4.5-air: output shape $(npy_shape "$d/out.npy")"
 
 # ---- what forward refuses --------------------------------------------------------
 # A DeepSeek-V3 model whose layer 0 is dense.
