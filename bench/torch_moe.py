@@ -167,6 +167,12 @@ class Layer:
         elif self.arch in ("deepseek_v2", "deepseek_v3"):
             self.E, self.I = c["n_routed_experts"], c["moe_intermediate_size"]
             pre, names = "mlp", ("gate_proj", "up_proj", "down_proj")
+        elif self.arch == "glm4_moe":
+            # Glm4MoeConfig's defaults for absent fields
+            self.E = c.get("n_routed_experts", 128)
+            self.I = c.get("moe_intermediate_size", 1408)
+            self.norm = c.get("norm_topk_prob", True)
+            pre, names = "mlp", ("gate_proj", "up_proj", "down_proj")
         else:
             die(f"{ck.path}: model_type {self.arch} is not supported")
         # the first MoE layer: the lowest L with a router (what moectl pack
@@ -183,7 +189,7 @@ class Layer:
         bf = torch.bfloat16
         self.router = ck.get(f"{p}.gate.weight").to(dev, torch.float32)
         self.bias = None
-        if self.arch == "deepseek_v3":
+        if self.arch in ("deepseek_v3", "glm4_moe"):
             self.bias = ck.get(f"{p}.gate.e_score_correction_bias").to(dev, torch.float32)
         self.gated = ck.has(f"{p}.experts.0.{names[0]}.weight")
         # stacked as the batched code wants them; the loop uses views of the
@@ -202,7 +208,7 @@ class Layer:
         self.shared = None
         self.shared_gate = None
         sp = {"qwen2_moe": f"{p}.shared_expert", "deepseek_v2": f"{p}.shared_experts",
-              "deepseek_v3": f"{p}.shared_experts"}.get(self.arch)
+              "deepseek_v3": f"{p}.shared_experts", "glm4_moe": f"{p}.shared_experts"}.get(self.arch)
         if sp and ck.has(f"{sp}.down_proj.weight"):
             g = ck.get(f"{sp}.gate_proj.weight").to(dev, bf) if ck.has(f"{sp}.gate_proj.weight") else None
             self.shared = (g, ck.get(f"{sp}.up_proj.weight").to(dev, bf),
@@ -215,7 +221,7 @@ class Layer:
     def route(self, x):
         s = x.float() @ self.router.t()
         n, E, k = s.shape[0], self.E, self.k
-        if self.arch == "deepseek_v3":
+        if self.arch in ("deepseek_v3", "glm4_moe"):
             p = s.sigmoid()
             b = p + self.bias
             if self.n_group > 1:
@@ -226,7 +232,8 @@ class Layer:
                 b = b.masked_fill(~mask.repeat_interleave(E // G, dim=1), float("-inf"))
             ids = b.topk(k, dim=-1).indices
             w = p.gather(1, ids)
-            if k > 1 and self.norm:
+            # glm4_moe (transformers' Glm4MoeMoE) normalises even at k = 1
+            if self.norm and (k > 1 or self.arch == "glm4_moe"):
                 w = w / (w.sum(-1, keepdim=True) + 1e-20)
             return ids, w * self.scale
         p = s.softmax(-1)

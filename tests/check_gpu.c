@@ -11,7 +11,8 @@
  * (mixtral; qwen2_moe with its sigmoid-gated shared expert; qwen3_moe;
  * olmoe; deepseek_v2 greedy with scaling and group_limited_greedy;
  * deepseek_v3 with correction bias, groups, scaling and shared experts, up
- * to 256 experts, and with dropped groups masked), bfloat16, float32 and
+ * to 256 experts, and with dropped groups masked; glm4_moe with GLM-4.5-Air's
+ * routing, top-1 normalised, groups), bfloat16, float32 and
  * float16 weights, SwiGLU, GELU-gated and plain ReLU experts, hidden sizes
  * that are not multiples of 16, and batches of 1024, 300, 64, 8, 3 and 1
  * tokens (each the first tokens of the same 1024):
@@ -131,6 +132,12 @@ static const struct gcase cases[] = {
 	{ "dropped groups masked with -inf", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, .H = 64, .I = 32,
 	  .E = 16, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 1, .norm = 1, .rsf = 2.5f,
 	  .patch = plant_negative_bias, .ids_below = 8, .quick = true },
+	{ "GLM-4.5-Air routing, 128 experts", MOE_ARCH_GLM4_MOE, MOE_DTYPE_BF16, .H = 128, .I = 32,
+	  .E = 128, .k = 8, .n_shared = 1, .norm = -1, .quick = true },
+	{ "top-1, normalised, scaled", MOE_ARCH_GLM4_MOE, MOE_DTYPE_F32, .H = 72, .I = 40, .E = 16,
+	  .k = 1, .n_shared = 1, .norm = 1, .rsf = 1.8f },
+	{ "groups, unnormalised, two shared", MOE_ARCH_GLM4_MOE, MOE_DTYPE_F16, .H = 96, .I = 32,
+	  .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 2, .norm = 0, .rsf = 2.5f },
 };
 
 static bool quick;
@@ -260,7 +267,9 @@ static int run_open(struct run *r, const struct gcase *c)
 	struct moe_pack_options popt = { .dtype = -1 };
 	struct moe_engine_options eo = { .threads = CPU_THREADS, .log = log_stderr };
 	struct moe_err err = { 0 };
-	bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3;
+	/* the architectures with first_k_dense_replace */
+	bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3 ||
+			c->arch == MOE_ARCH_GLM4_MOE;
 	char why[512] = "";
 	const char *be;
 	int rc;
@@ -279,7 +288,7 @@ static int run_open(struct run *r, const struct gcase *c)
 	opt.moe_intermediate_size = c->I;
 	opt.num_experts = c->E;
 	opt.top_k = c->k;
-	/* deepseek: layer 0 dense, 1 and 2 MoE; the others: 0 and 1 MoE */
+	/* deepseek, glm4_moe: layer 0 dense, 1 and 2 MoE; the others: 0 and 1 MoE */
 	opt.num_layers = deepseek ? 3 : 2;
 	opt.first_k_dense_replace = deepseek ? 1 : 0;
 	opt.intermediate_size = c->arch == MOE_ARCH_MIXTRAL || c->arch == MOE_ARCH_OLMOE ? 0 : 2 * c->I;
@@ -361,7 +370,7 @@ static void run_close(struct run *r)
 /*
  * The scores top-k ranks for one token, in float64 from the checkpoint's
  * router (and correction bias): softmax of the logits, or for deepseek_v3
- * sigmoid plus bias.  s[E].
+ * and glm4_moe sigmoid plus bias.  s[E].
  */
 static void selection_scores(const struct ref_layer *ref, const float *x, double *s)
 {
@@ -377,7 +386,7 @@ static void selection_scores(const struct ref_layer *ref, const float *x, double
 		if (l > mx)
 			mx = l;
 	}
-	if (ref->routing.arch == MOE_ARCH_DEEPSEEK_V3) {
+	if (ref->routing.arch == MOE_ARCH_DEEPSEEK_V3 || ref->routing.arch == MOE_ARCH_GLM4_MOE) {
 		for (uint32_t e = 0; e < E; e++)
 			s[e] = 1.0 / (1.0 + exp(-s[e])) + (ref->bias ? ref->bias[e] : 0.0);
 		return;

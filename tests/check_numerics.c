@@ -87,7 +87,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	char msg[512];
 	uint64_t seed = case_seed(c);
 	uint32_t k = c->k, H = c->H;
-	bool deepseek = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3;
+	/* the architectures whose layer 0 is dense (first_k_dense_replace 1) */
+	bool dense0 = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3 ||
+		      c->arch == MOE_ARCH_GLM4_MOE;
 	int rc;
 
 	memset(b, 0, sizeof(*b));
@@ -107,7 +109,7 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	opt.topk_group = c->topk_group ? c->topk_group : 1;
 	opt.n_shared_experts = c->n_shared;
 	opt.shared_intermediate_size = c->shared_I;
-	opt.first_k_dense_replace = deepseek ? 1 : 0;
+	opt.first_k_dense_replace = dense0 ? 1 : 0;
 	opt.decoder_sparse_step = 1;
 	opt.topk_method = c->arch != MOE_ARCH_DEEPSEEK_V2 ? NULL :
 			  c->want_group_limited ? "group_limited_greedy" : "greedy";
@@ -120,8 +122,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	opt.plain_experts = c->plain;
 	opt.fused_experts = c->fused;
 	opt.shard_bytes = c->shard_bytes;
-	/* deepseek's first layer is dense (first_k_dense_replace 1); layer 1 is
-	 * an MoE layer for every architecture */
+	/* deepseek's and glm4_moe's first layer is dense (first_k_dense_replace
+	 * 1); layer 1 is an MoE layer for every architecture.  deepseek_v3 and
+	 * glm4_moe also get their MTP layer (layer 2), which pack must skip. */
 	b->layer = 1;
 
 	rc = moe_gen_model(&opt, b->dir, NULL, NULL, &err);
@@ -265,9 +268,10 @@ static void run_dtype(const struct ncase *c, enum moe_dtype dt)
 					tol, (double)out[(size_t)t * H], want[0]);
 		}
 	}
-	/* every layer is an MoE layer outside deepseek: layer 0 must be layer
-	 * 0's weights, not a copy of layer 1's */
-	if (c->arch != MOE_ARCH_DEEPSEEK_V2 && c->arch != MOE_ARCH_DEEPSEEK_V3) {
+	/* every layer is an MoE layer outside deepseek and glm4_moe: layer 0
+	 * must be layer 0's weights, not a copy of layer 1's */
+	if (c->arch != MOE_ARCH_DEEPSEEK_V2 && c->arch != MOE_ARCH_DEEPSEEK_V3 &&
+	    c->arch != MOE_ARCH_GLM4_MOE) {
 		struct ref_layer *ref0;
 		uint32_t n = 32;
 
@@ -419,6 +423,48 @@ NUMERICS_TEST(deepseek_v3_fused_unnormalised_two_shared_match_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 136, .I = 32, .E = 32, .k = 4, .n_group = 4,
 	      .topk_group = 2, .n_shared = 2, .norm = NORM_OFF, .rsf = 1.5f, .fused = true)
 
+/* glm4_moe: GLM-4.5-Air's routing (128 experts, top-8, no groups, one
+ * shared expert, config defaults); then what no release uses yet but the
+ * config allows: groups, scaling, no normalisation, transformers v5's
+ * fused experts; top-1, where glm4_moe normalises and deepseek_v3 does not;
+ * dropped groups masked as for deepseek_v3. */
+NUMERICS_TEST(glm4_moe_air_routing_matches_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 96, .I = 32, .E = 128, .k = 8, .n_shared = 1,
+	      .with_f16 = true)
+NUMERICS_TEST(glm4_moe_grouped_scaled_unnormalised_fused_match_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 120, .I = 40, .E = 32, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 2, .norm = NORM_OFF, .rsf = 2.5f, .fused = true)
+NUMERICS_TEST(glm4_moe_top_1_normalises_to_the_scaling_factor,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 80, .I = 24, .E = 16, .k = 1, .n_shared = 1,
+	      .norm = NORM_ON, .rsf = 1.8f)
+NUMERICS_TEST(glm4_moe_masks_dropped_groups_with_neg_inf_end_to_end,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 64, .I = 32, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f,
+	      .patch = plant_negative_bias, .ids_below = 8)
+/* Without the fields, Glm4MoeConfig's defaults: normalised, scaling 1.0
+ * (deepseek_v3's would be 2.5). */
+static void strip_glm_routing_fields(const char *dir, uint32_t layer)
+{
+	static const char *const keys[] = { "norm_topk_prob", "routed_scaling_factor", "n_group",
+					    "topk_group" };
+	char path[4096];
+	json_error_t jerr;
+	json_t *cfg;
+
+	(void)layer;
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	cfg = json_load_file(path, 0, &jerr);
+	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		ck_assert_msg(json_object_del(cfg, keys[i]) == 0, "%s has no %s", path, keys[i]);
+	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
+	json_decref(cfg);
+}
+
+NUMERICS_TEST(glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 72, .I = 32, .E = 16, .k = 4, .n_shared = 1,
+	      .patch = strip_glm_routing_fields)
+
 /* MOE_FWD_ALL_EXPERTS: every expert with weight 1/E plus the shared expert;
  * the routing returned is still the real one. */
 static void check_all_experts(const struct ncase *c, enum moe_dtype dt)
@@ -567,6 +613,11 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, qwen3_moe_config_without_norm_topk_prob_does_not_renormalise);
 	tcase_add_test(tc, deepseek_v2_config_without_routing_fields_uses_greedy_unscaled_defaults);
 	tcase_add_test(tc, deepseek_v3_config_without_routing_fields_uses_deepseek_v3_defaults);
+	tcase_add_test(tc, glm4_moe_air_routing_matches_float64_reference);
+	tcase_add_test(tc, glm4_moe_grouped_scaled_unnormalised_fused_match_float64_reference);
+	tcase_add_test(tc, glm4_moe_top_1_normalises_to_the_scaling_factor);
+	tcase_add_test(tc, glm4_moe_masks_dropped_groups_with_neg_inf_end_to_end);
+	tcase_add_test(tc, glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults);
 	tcase_add_test(tc, all_experts_flag_averages_every_expert_and_adds_the_shared_one);
 	tcase_add_test(tc, layers_that_are_not_moe_are_refused_with_enoent);
 	suite_add_tcase(s, tc);
