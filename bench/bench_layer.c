@@ -209,13 +209,13 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	void *staging = xalloc(ebytes > sbytes ? ebytes : sbytes);
 	for (uint32_t e = 0; e < E; e++) {
 		fill_bf16(staging, ebytes / 2, 1000 + e);
-		experts[e] = xalloc(be->ops->blob_bytes(c, Im));
-		be->ops->blob_prepare(c, Im, staging, experts[e]);
+		experts[e] = xalloc(be->ops->blob_bytes(c, c->weight_dtype, Im));
+		be->ops->blob_prepare(c, c->weight_dtype, Im, staging, experts[e]);
 	}
 	if (sbytes) {
 		fill_bf16(staging, sbytes / 2, 999);
-		shared = xalloc(be->ops->blob_bytes(c, c->shared_intermediate_size));
-		be->ops->blob_prepare(c, c->shared_intermediate_size, staging, shared);
+		shared = xalloc(be->ops->blob_bytes(c, c->shared_dtype, c->shared_intermediate_size));
+		be->ops->blob_prepare(c, c->shared_dtype, c->shared_intermediate_size, staging, shared);
 	}
 	free(staging);
 	for (size_t i = 0; i < (size_t)E * H; i++)
@@ -407,7 +407,8 @@ int main(int argc, char **argv)
 		.n_group = 8, .topk_group = 4, .n_shared_experts = 1, .shared_intermediate_size = 2048,
 		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC,
 		.norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
-		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16 } };
+		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16,
+		.shared_dtype = MOE_DTYPE_BF16 } };
 	if (ds_experts < 256)
 		printf("  (DeepSeek-V3 with %u of its 256 experts: %u x 88 MB must fit in RAM)\n",
 		       ds_experts, ds_experts);

@@ -403,6 +403,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	cfg.act = act;
 	cfg.routed_scaling_factor = d->scaling;
 	cfg.weight_dtype = d->dtype;
+	cfg.shared_dtype = d->dtype;
 	r = moe_model_config_validate(&cfg, err);
 	if (r < 0)
 		return r;

@@ -342,6 +342,7 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 	c->routed_scaling_factor = 1.0f;
 	c->gated = true;
 	c->weight_dtype = MOE_DTYPE_BF16;
+	c->shared_dtype = MOE_DTYPE_BF16;
 	hc->rule.arch = c->arch;
 	hc->rule.decoder_sparse_step = 1;
 	hc->rule.moe_layer_freq = 1;
@@ -750,6 +751,7 @@ int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err
 			goto fail;
 	}
 	m->cfg.weight_dtype = m->expert_dtype;
+	m->cfg.shared_dtype = m->expert_dtype;
 	*ret = m;
 	return 0;
 fail:

@@ -163,6 +163,7 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 		to = pk.m->expert_dtype;
 	}
 	cfg.weight_dtype = to;
+	cfg.shared_dtype = to;
 
 	source = realpath(hf_dir, NULL);
 	r = moe_store_writer_open(out, &cfg, pk.m->hc->n_moe_layers, pk.m->hc->moe_layers,
