@@ -51,6 +51,7 @@ struct ncase {
 	uint64_t shard_bytes;        /* 0: one file */
 	bool want_group_limited;     /* deepseek_v2: expect topk_method group_limited_greedy */
 	bool with_f16;               /* also float16 weights */
+	bool with_fp8;               /* also FP8 block-scaled experts (gen-model --quant fp8) */
 	/* Called on the checkpoint directory between gen-model and pack, to
 	 * plant values random weights would not produce; may be NULL. */
 	void (*patch)(const char *dir, uint32_t layer);
@@ -94,7 +95,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	b->dir = moe_test_tmpdir("numerics");
 	moe_gen_defaults(c->arch, &opt);
 	opt.arch = c->arch;
-	opt.dtype = dt;
+	/* FP8: the experts (and shared and dense MLPs) quantized, the rest bf16 */
+	opt.dtype = dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
+	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128;
 	opt.seed = seed;
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -326,6 +329,8 @@ static void run_case(const struct ncase *c)
 	run_dtype(c, MOE_DTYPE_BF16);
 	if (c->with_f16)
 		run_dtype(c, MOE_DTYPE_F16);
+	if (c->with_fp8)
+		run_dtype(c, MOE_DTYPE_FP8_E4M3_B128);
 }
 
 #define NUMERICS_TEST(name, ...)                                          \
@@ -348,7 +353,12 @@ NUMERICS_TEST(qwen2_moe_shared_expert_gate_matches_float64_reference,
 	      .shared_I = 96, .norm = NORM_OFF)
 NUMERICS_TEST(qwen3_moe_normalised_gelu_experts_match_float64_reference,
 	      .arch = MOE_ARCH_QWEN3_MOE, .H = 200, .I = 64, .E = 32, .k = 8, .norm = NORM_ON,
-	      .act = "gelu")
+	      .act = "gelu", .with_fp8 = true)
+/* FP8 with partial blocks both ways (200 = 128 + 72, 72 < 128) and rows
+ * crossing a block edge (down has 200 rows). */
+NUMERICS_TEST(qwen3_moe_fp8_partial_blocks_match_float64_reference,
+	      .arch = MOE_ARCH_QWEN3_MOE, .H = 200, .I = 72, .E = 16, .k = 4, .norm = NORM_ON,
+	      .with_fp8 = true)
 NUMERICS_TEST(qwen3_moe_fused_experts_match_float64_reference,
 	      .arch = MOE_ARCH_QWEN3_MOE, .H = 64, .I = 48, .E = 16, .k = 4, .norm = NORM_ON,
 	      .fused = true)
@@ -368,7 +378,12 @@ NUMERICS_TEST(deepseek_v2_group_limited_scaled_matches_float64_reference,
 	      .topk_group = 2, .n_shared = 2, .norm = NORM_OFF, .rsf = 2.0f, .want_group_limited = true)
 NUMERICS_TEST(deepseek_v3_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 64, .E = 64, .k = 8, .n_group = 8,
-	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
+	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true)
+/* DeepSeek-V3's release: FP8 routed and shared experts, partial blocks;
+ * two shared experts make Is 144 = 128 + 16. */
+NUMERICS_TEST(deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true)
 NUMERICS_TEST(deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 56, .I = 16, .E = 256, .k = 8, .n_group = 8,
 	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
@@ -531,6 +546,11 @@ START_TEST(reference_decodes_and_rounds_16_bit_floats_exactly)
 			      "bf16 %#06x decodes to %a, expected %a", bf16[i].bits,
 			      ref_bf16_to_double(bf16[i].bits), bf16[i].v);
 	ck_assert(isnan(ref_bf16_to_double(0x7fc0)) && isnan(ref_f16_to_double(0x7e00)));
+	/* e4m3fn: max, one, smallest subnormal and normal, sign, NaN */
+	ck_assert(ref_e4m3_to_double(0x7e) == 448.0 && ref_e4m3_to_double(0x38) == 1.0 &&
+		  ref_e4m3_to_double(0x01) == 0x1p-9 && ref_e4m3_to_double(0x08) == 0x1p-6 &&
+		  ref_e4m3_to_double(0xc4) == -3.0 && ref_e4m3_to_double(0x3b) == 1.375 &&
+		  isnan(ref_e4m3_to_double(0x7f)) && isnan(ref_e4m3_to_double(0xff)));
 	for (size_t i = 0; i < sizeof(f16) / sizeof(f16[0]); i++)
 		ck_assert_msg(ref_f16_to_double(f16[i].bits) == f16[i].v,
 			      "f16 %#06x decodes to %a, expected %a", f16[i].bits,
@@ -554,6 +574,7 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, mixtral_fused_experts_match_float64_reference);
 	tcase_add_test(tc, qwen2_moe_shared_expert_gate_matches_float64_reference);
 	tcase_add_test(tc, qwen3_moe_normalised_gelu_experts_match_float64_reference);
+	tcase_add_test(tc, qwen3_moe_fp8_partial_blocks_match_float64_reference);
 	tcase_add_test(tc, qwen3_moe_fused_experts_match_float64_reference);
 	tcase_add_test(tc, olmoe_unnormalised_matches_float64_reference);
 	tcase_add_test(tc, olmoe_plain_relu_experts_match_float64_reference);
@@ -561,6 +582,7 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, deepseek_v2_group_limited_normalised_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v2_group_limited_scaled_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fused_unnormalised_two_shared_match_float64_reference);
 	tcase_add_test(tc, deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end);

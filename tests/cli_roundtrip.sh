@@ -168,6 +168,32 @@ for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3; do
 	cmp -s "$d/out16.npy" "$d/out16b.npy" || fail "$arch: bf16 from a file differs"
 done
 
+# ---- FP8 as DeepSeek-V3 is released --------------------------------------------
+# Codes and 128x128 block scales kept as they are (partial blocks at H 200,
+# I 72), shown by inspect, served by the CPU (check_numerics holds them to
+# the float64 reference).
+
+d=$T/fp8
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --arch deepseek_v3 --hidden 200 --moe-intermediate 72 --quant fp8 --seed 7 \
+	-o "$d/hf"
+grep -F '"quant_method": "fp8"' "$d/hf/config.json" >/dev/null || fail "fp8: no quantization_config"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+grep -F "(fp8_e4m3_b128)" "$T/out" >/dev/null || fail "fp8: pack does not say fp8_e4m3_b128"
+ok "$MOECTL" inspect "$d/model.moe"
+grep -E "^expert blob: .*fp8_e4m3_b128, 8\.[0-9]+ bits/weight" "$T/out" >/dev/null ||
+	fail "fp8: inspect does not show the blob's format and bits per weight"
+grep -E "^shared blob: .*fp8_e4m3_b128" "$T/out" >/dev/null || fail "fp8: inspect: shared blob"
+ok "$MOECTL" inspect --json "$d/model.moe"
+grep -F '"weight_dtype": "fp8_e4m3_b128"' "$T/out" >/dev/null || fail "fp8: inspect --json weight_dtype"
+ok "$MOECTL" verify "$d/model.moe"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --random-input 5 --seed 3 \
+	--save-input "$d/in.npy" --output "$d/out.npy" --threads 2
+[ "$(npy_shape "$d/out.npy")" = "(5, 200)" ] || fail "fp8: output shape $(npy_shape "$d/out.npy")"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --input "$d/in.npy" --output "$d/out1.npy" \
+	--threads 1
+cmp -s "$d/out.npy" "$d/out1.npy" || fail "fp8: the thread count changed the output bits"
+
 # ---- what forward refuses --------------------------------------------------------
 # A DeepSeek-V3 model whose layer 0 is dense.
 
