@@ -28,6 +28,8 @@ enum moe_kern_isa {
 	MOE_KERN_SCALAR = 0,   /* portable C, 8 lanes emulated */
 	MOE_KERN_AVX2 = 1,     /* AVX2 + FMA + F16C, 8 lanes */
 	MOE_KERN_AVX512 = 2,   /* AVX-512 F/BW/VL, 16 lanes */
+	MOE_KERN_AVX512_VBMI = 3, /* AVX512 and VBMI: FP8 decoded by byte permutes
+				   * (same order and bits as AVX512) */
 	MOE_KERN_ISA_COUNT
 };
 
@@ -40,7 +42,8 @@ typedef void (*moe_kern_dot_rows_fn)(enum moe_dtype dt, const void *W, size_t ld
 				     size_t ldy);
 
 /* The kernel of the instruction set picked for this machine (the best one
- * the CPU has, or $MOE_KERNEL = scalar | avx2 | avx512 if set and usable). */
+ * the CPU has, or $MOE_KERNEL = scalar | avx2 | avx512 | avx512vbmi if set
+ * and usable). */
 void moe_kern_dot_rows(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
 		       const float *const *xs, size_t nt, float *y, size_t ldy);
 
@@ -125,7 +128,7 @@ void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, si
 /* The instruction set moe_kern_dot_rows uses. */
 enum moe_kern_isa moe_kern_active(void);
 
-/* "scalar", "avx2", "avx512". */
+/* "scalar", "avx2", "avx512", "avx512vbmi". */
 const char *moe_kern_isa_name(enum moe_kern_isa isa);
 
 #endif

@@ -286,6 +286,53 @@ START_TEST(e4m3_decodes_all_256_codes_in_every_isa)
 					      moe_kern_isa_name((enum moe_kern_isa)isa), c, (double)y, want);
 			}
 	}
+	/* all 256 codes in one packed group of 4 rows x 64 (the block decode
+	 * of avx512vbmi): x one-hot picks each weight out (NaN times 0 is NaN,
+	 * so the two NaN codes are zeros here and tested alone after) */
+	{
+		uint8_t M[4 * 64 + 64] = { 0 }, *P = malloc(moe_kern_packed_bytes(MOE_DTYPE_FP8_E4M3_B128, 4, 64));
+		float one_hot[64], *sc = (float *)(void *)(M + moe_matrix_scales_offset(4, 64)), y4[4];
+		const float *xo[1] = { one_hot };
+
+		ck_assert_uint_eq(moe_matrix_bytes(MOE_DTYPE_FP8_E4M3_B128, 4, 64), sizeof(M));
+		for (unsigned c = 0; c < 256; c++)
+			M[c] = (c & 0x7f) == 0x7f ? 0 : (uint8_t)c;
+		sc[0] = 1.0f;
+		moe_kern_pack(MOE_DTYPE_FP8_E4M3_B128, M, 4, 64, P);
+		for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
+			moe_kern_dot_rows_fp8_fn fn = moe_kern_get_fp8((enum moe_kern_isa)isa, true);
+
+			for (size_t k = 0; fn && k < 64; k++) {
+				memset(one_hot, 0, sizeof(one_hot));
+				one_hot[k] = 1.0f;
+				fn(P, 64, 64, 4, (const float *)(const void *)((const char *)P + 4 * 64), 0, xo, 1,
+				   y4, 1);
+				for (unsigned r = 0; r < 4; r++) {
+					double want = e4m3_spec(M[r * 64 + k]);
+
+					ck_assert_msg((double)y4[r] == want,
+						      "%s packed group: code 0x%02zx gives %.9g, want %.9g",
+						      moe_kern_isa_name((enum moe_kern_isa)isa), r * 64 + k,
+						      (double)y4[r], want);
+				}
+			}
+		}
+		memset(M, 0, 256);
+		M[64 + 17] = 0xff;
+		moe_kern_pack(MOE_DTYPE_FP8_E4M3_B128, M, 4, 64, P);
+		for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
+			moe_kern_dot_rows_fp8_fn fn = moe_kern_get_fp8((enum moe_kern_isa)isa, true);
+
+			if (!fn)
+				continue;
+			fn(P, 64, 64, 4, (const float *)(const void *)((const char *)P + 4 * 64), 0, xo, 1, y4, 1);
+			ck_assert_msg(y4[0] == 0 && isnan(y4[1]) && y4[2] == 0 && y4[3] == 0,
+				      "%s packed group: the NaN code gives %g %g %g %g",
+				      moe_kern_isa_name((enum moe_kern_isa)isa), (double)y4[0], (double)y4[1],
+				      (double)y4[2], (double)y4[3]);
+		}
+		free(P);
+	}
 	for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
 		moe_kern_dot_rows_fp8_fn fn = moe_kern_get_fp8((enum moe_kern_isa)isa, false);
 		uint8_t w[16] = { 0x7f };
