@@ -54,8 +54,9 @@ static void pack_usage(FILE *f)
 	      "model.safetensors or its shards) into the .moe store STORE (see moe-store(5)).\n"
 	      "\n"
 	      "  -o, --output STORE   the store to write (written as STORE.tmp, then renamed)\n"
-	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32\n"
-	      "                       (default: keep the checkpoint's dtype)\n"
+	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32, FP8\n"
+	      "                       ones dequantized (default: keep the checkpoint's\n"
+	      "                       dtype, FP8 included)\n"
 	      "  -h, --help           show this help\n", f);
 }
 

@@ -7,7 +7,8 @@
  * matrices are streamed (in bounded chunks, converted when the dtype
  * changes) into one contiguous blob that the store writer places and
  * checksums.  FP8 matrices are copied as they are, codes then scales
- * (moe_matrix_bytes()), never widened: serving their own bytes is the point.
+ * (moe_matrix_bytes()), never widened: serving their own bytes is the point;
+ * only --dtype dequantizes them (for a backend without FP8 kernels).
  */
 #include "config.h"
 
@@ -102,6 +103,52 @@ static int copy_fp8(struct packer *pk, const struct moe_hf_slice *s, uint8_t *ds
 	return r;
 }
 
+/*
+ * An FP8 matrix dequantized into @dst as @to (--dtype): w = e4m3(code) *
+ * scale in float32, then rounded to @to, as DeepSeek's fp8_cast_bf16.py
+ * (weight_dequant) does.  A block row (128 rows) of codes at a time.
+ */
+static int dequant_fp8(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst,
+		       enum moe_dtype to, struct moe_err *err)
+{
+	uint64_t R = s->rows, C = s->cols, kb = (C + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+	uint64_t nsc = s->scale->shape[0] * s->scale->shape[1];
+	size_t es = moe_dtype_size(to);
+	struct moe_hf_slice sc = {
+		.t = s->scale, .offset = 0, .nbytes = s->scale->nbytes, .n_elems = nsc,
+		.dtype = (enum moe_dtype)s->scale->dtype,
+	};
+	float *scales = malloc(nsc * sizeof(float)), *row = malloc(C * sizeof(float));
+	uint8_t *codes = malloc(MOE_FP8_BLOCK * C);
+	int r;
+
+	if (!scales || !row || !codes) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	r = copy_slice(pk, &sc, scales, MOE_DTYPE_F32, err);
+	for (uint64_t r0 = 0; r == 0 && r0 < R; r0 += MOE_FP8_BLOCK) {
+		uint64_t n = R - r0 < MOE_FP8_BLOCK ? R - r0 : MOE_FP8_BLOCK;
+
+		r = moe_st_read(pk->m->ckpt, s->t, s->offset + r0 * C, codes, n * C, err);
+		for (uint64_t i = 0; r == 0 && i < n; i++) {
+			const float *srow = scales + (r0 / MOE_FP8_BLOCK) * kb;
+
+			for (uint64_t j = 0; j < C; j++)
+				row[j] = moe_e4m3_to_f32(codes[i * C + j]) * srow[j / MOE_FP8_BLOCK];
+			moe_dtype_from_f32(to, row, dst + (r0 + i) * C * es, (size_t)C);
+		}
+		pk->done += n * C;
+		if (r == 0 && pk->opt && pk->opt->progress)
+			pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+	}
+out:
+	free(scales);
+	free(row);
+	free(codes);
+	return r;
+}
+
 /* One expert (@expert, or UINT32_MAX for the shared one) into @blob:
  * gate, up, down back to back in the store's dtype @to. */
 static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t *blob,
@@ -117,11 +164,14 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 		if (r < 0)
 			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
 					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
-		if (moe_dtype_is_blocked(s.dtype) != moe_dtype_is_blocked(to))   /* pack checked */
+		if (moe_dtype_is_blocked(to) && s.dtype != to)   /* pack checked */
 			return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
 					   moe_dtype_name(s.dtype), moe_dtype_name(to));
-		r = s.dtype == MOE_DTYPE_FP8_E4M3_B128 ? copy_fp8(pk, &s, blob + pos, err)
-						      : copy_slice(pk, &s, blob + pos, to, err);
+		if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
+			r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
+					  : dequant_fp8(pk, &s, blob + pos, to, err);
+		else
+			r = copy_slice(pk, &s, blob + pos, to, err);
 		if (r < 0)
 			return r;
 		pos += moe_matrix_bytes(to, s.rows, s.cols);
@@ -180,13 +230,10 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 			goto out;
 		}
 		to = to_shared = (enum moe_dtype)opt->dtype;
-		if (moe_dtype_is_blocked(to) ||
-		    (moe_dtype_is_blocked(pk.m->expert_dtype) && pk.m->expert_dtype != to) ||
-		    (cfg.shared_intermediate_size && moe_dtype_is_blocked(pk.m->cfg.shared_dtype) &&
-		     pk.m->cfg.shared_dtype != to) ||
-		    (pk.m->mixed_tensor[0] && moe_dtype_is_blocked(pk.m->mixed_dtype))) {
-			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: pack keeps FP8 block-quantized weights "
-					"as they are and does not quantize others (drop --dtype)", hf_dir,
+		/* FP8 weights dequantize to any of them; nothing quantizes */
+		if (moe_dtype_is_blocked(to)) {
+			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: pack does not quantize (an FP8 "
+					"checkpoint keeps its FP8 weights without --dtype)", hf_dir,
 					moe_dtype_name(to));
 			goto out;
 		}

@@ -48,7 +48,8 @@ static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err
 	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype))) {
 		if (err) {
 			snprintf(err->msg, sizeof(err->msg), "the CUDA backend has no kernels for FP8 "
-				 "(fp8_e4m3_b128) expert weights yet (the CPU backend serves them)");
+				 "(fp8_e4m3_b128) expert weights yet (the CPU backend serves them; "
+				 "moectl pack --dtype bf16 dequantizes the checkpoint for the GPU)");
 			err->code = -ENOTSUP;
 		}
 		return -ENOTSUP;

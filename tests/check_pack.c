@@ -644,6 +644,74 @@ START_TEST(pack_keeps_fp8_bytes)
 }
 END_TEST
 
+/* --dtype f32 or bf16 dequantizes: w = e4m3(code) * scale in float32, then
+ * rounded, as DeepSeek's fp8_cast_bf16.py does; the store is one dtype. */
+START_TEST(pack_dtype_dequantizes_fp8)
+{
+	static const enum moe_dtype tos[] = { MOE_DTYPE_F32, MOE_DTYPE_BF16 };
+	static const char *const parts[3] = { "gate_proj", "up_proj", "down_proj" };
+
+	for (int ti = 0; ti < 2; ti++) {
+		char *dir = moe_test_tmpdir("fp8deq"), *out, name[160];
+		struct fp8_ckpt o = { .shared = true, .scale_dt = "BF16" };
+		struct moe_pack_options po = { .dtype = (int)tos[ti] };
+		struct moe_st_checkpoint *ck;
+		struct moe_store *s;
+		struct moe_err err = { 0 };
+		uint8_t *blob;
+		uint64_t pos = 0;
+
+		write_fp8_checkpoint(dir, &o);
+		ck_assert(asprintf(&out, "%s/out.moe", dir) > 0);
+		ck_assert_msg(moe_pack(dir, out, &po, &err) == 0, "pack: %s", err.msg);
+		ck_assert_int_eq(moe_store_open(out, &s, &err), 0);
+		ck_assert_int_eq(s->cfg.weight_dtype, tos[ti]);
+		ck_assert_int_eq(s->cfg.shared_dtype, tos[ti]);
+		ck_assert_int_eq(moe_st_checkpoint_open(dir, &ck, &err), 0);
+		blob = malloc(s->hdr.expert_bytes);
+		ck_assert_int_eq(moe_store_read_expert(s, 0, 1, blob, &err), 0);
+		for (int p = 0; p < 3; p++) {
+			uint64_t a = p == 2 ? FP8_H : FP8_I, b = p == 2 ? FP8_I : FP8_H, kb = (b + 127) / 128;
+			const struct moe_st_tensor *t, *st;
+			uint8_t *codes = malloc(a * b);
+			uint16_t sraw[4];
+			float sc[4];
+
+			snprintf(name, sizeof(name), "model.layers.0.mlp.experts.1.%s.weight", parts[p]);
+			t = moe_st_find(ck, name);
+			snprintf(name, sizeof(name), "model.layers.0.mlp.experts.1.%s.weight_scale_inv", parts[p]);
+			st = moe_st_find(ck, name);
+			ck_assert(t && st && st->nbytes <= sizeof(sraw));
+			ck_assert_int_eq(moe_st_read(ck, t, 0, codes, a * b, &err), 0);
+			ck_assert_int_eq(moe_st_read(ck, st, 0, sraw, st->nbytes, &err), 0);
+			moe_dtype_to_f32(MOE_DTYPE_BF16, sraw, sc, st->nbytes / 2);
+			for (uint64_t i = 0; i < a; i++)
+				for (uint64_t j = 0; j < b; j++) {
+					float w = moe_e4m3_to_f32(codes[i * b + j]) * sc[i / 128 * kb + j / 128];
+					const uint8_t *at = blob + pos + (i * b + j) * moe_dtype_size(tos[ti]);
+
+					if (tos[ti] == MOE_DTYPE_F32)
+						ck_assert_msg(memcmp(at, &w, 4) == 0, "%s [%llu][%llu]", parts[p],
+							      (unsigned long long)i, (unsigned long long)j);
+					else {
+						uint16_t h = moe_f32_to_bf16(w);
+
+						ck_assert_msg(memcmp(at, &h, 2) == 0, "%s [%llu][%llu]", parts[p],
+							      (unsigned long long)i, (unsigned long long)j);
+					}
+				}
+			pos += a * b * moe_dtype_size(tos[ti]);
+			free(codes);
+		}
+		free(blob);
+		moe_st_checkpoint_close(ck);
+		moe_store_close(s);
+		free(out);
+		free(dir);
+	}
+}
+END_TEST
+
 /* DeepSeek-V3's shared expert is FP8 like its routed ones; a release that
  * quantizes only one of them keeps each in its own dtype: version 2. */
 START_TEST(pack_keeps_shared_expert_dtype_apart)
@@ -791,6 +859,7 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, pack_failure_leaves_nothing);
 	tcase_add_test(tc, pack_keeps_fp8_bytes);
 	tcase_add_test(tc, pack_keeps_shared_expert_dtype_apart);
+	tcase_add_test(tc, pack_dtype_dequantizes_fp8);
 	tcase_add_test(tc, pack_fp8_errors_name_the_culprit);
 	tcase_add_test(tc, pack_progress_reaches_total);
 	tcase_add_test(tc, pack_mixed_dtypes_need_a_target);

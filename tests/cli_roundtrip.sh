@@ -193,6 +193,12 @@ ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --random-input 5 --seed 3 
 ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --input "$d/in.npy" --output "$d/out1.npy" \
 	--threads 1
 cmp -s "$d/out.npy" "$d/out1.npy" || fail "fp8: the thread count changed the output bits"
+# --dtype bf16 dequantizes (for a backend without FP8 kernels)
+ok "$MOECTL" pack "$d/hf" -o "$d/bf16.moe" --dtype bf16
+ok "$MOECTL" inspect "$d/bf16.moe"
+grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "fp8 --dtype bf16: inspect"
+ok "$MOECTL" forward --model "$d/bf16.moe" --layer 2 --input "$d/in.npy" --output "$d/outb.npy"
+[ "$(npy_shape "$d/outb.npy")" = "(5, 200)" ] || fail "fp8 --dtype bf16: output shape"
 
 # ---- what forward refuses --------------------------------------------------------
 # A DeepSeek-V3 model whose layer 0 is dense.
