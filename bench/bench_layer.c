@@ -181,6 +181,37 @@ static double sgemm_rate_at(struct rate_cache *rc, uint32_t m)
 	return best;
 }
 
+/* An FP8 blob in the store's layout (moe_matrix_bytes): random codes of
+ * moderate magnitude (no NaN), scales about 2^-9, like DeepSeek-V3's. */
+static void fill_fp8(uint8_t *blob, const struct moe_model_config *c, uint32_t inter, uint64_t seed)
+{
+	uint64_t H = c->hidden_size, pos = 0;
+
+	for (int m = c->gated ? 0 : 1; m < 3; m++) {
+		uint64_t N = m < 2 ? inter : H, K = m < 2 ? H : inter;
+		uint64_t nb = (N + 127) / 128 * ((K + 127) / 128), so = moe_matrix_scales_offset(N, K);
+		float *sc = (float *)(void *)(blob + pos + so);
+
+		for (uint64_t i = 0; i < N * K; i += 8) {
+			uint64_t r = bench_rng(&seed);
+			for (uint64_t j = 0; j < 8 && i + j < N * K; j++)
+				blob[pos + i + j] = (uint8_t)(((r >> (8 * j)) & 0xb7) | 0x20);
+		}
+		for (uint64_t i = 0; i < nb; i++)
+			sc[i] = 0x1p-9f * (1.0f + (float)(bench_rng(&seed) >> 40) * 0x1p-24f);
+		pos += moe_matrix_bytes(MOE_DTYPE_FP8_E4M3_B128, N, K);
+	}
+}
+
+static void fill_blob(void *blob, const struct moe_model_config *c, enum moe_dtype dt, uint32_t inter,
+		      uint64_t bytes, uint64_t seed)
+{
+	if (dt == MOE_DTYPE_FP8_E4M3_B128)
+		fill_fp8(blob, c, inter, seed);
+	else
+		fill_bf16(blob, bytes / 2, seed);
+}
+
 /* ------------------------------------------------------------------------ */
 
 struct shape {
@@ -208,14 +239,14 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	 * resident layout as the engine does when it loads them */
 	void *staging = xalloc(ebytes > sbytes ? ebytes : sbytes);
 	for (uint32_t e = 0; e < E; e++) {
-		fill_bf16(staging, ebytes / 2, 1000 + e);
-		experts[e] = xalloc(be->ops->blob_bytes(c, Im));
-		be->ops->blob_prepare(c, Im, staging, experts[e]);
+		fill_blob(staging, c, c->weight_dtype, Im, ebytes, 1000 + e);
+		experts[e] = xalloc(be->ops->blob_bytes(c, c->weight_dtype, Im));
+		be->ops->blob_prepare(c, c->weight_dtype, Im, staging, experts[e]);
 	}
 	if (sbytes) {
-		fill_bf16(staging, sbytes / 2, 999);
-		shared = xalloc(be->ops->blob_bytes(c, c->shared_intermediate_size));
-		be->ops->blob_prepare(c, c->shared_intermediate_size, staging, shared);
+		fill_blob(staging, c, c->shared_dtype, c->shared_intermediate_size, sbytes, 999);
+		shared = xalloc(be->ops->blob_bytes(c, c->shared_dtype, c->shared_intermediate_size));
+		be->ops->blob_prepare(c, c->shared_dtype, c->shared_intermediate_size, staging, shared);
 	}
 	free(staging);
 	for (size_t i = 0; i < (size_t)E * H; i++)
@@ -223,8 +254,8 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	for (uint32_t e = 0; bias && e < E; e++)
 		bias[e] = rngf(&s) * 0.05f;
 
-	printf("\n%s: hidden %u, %u experts of %u (bf16, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
-	       sh->name, H, E, Im, (double)ebytes / 1e6, k,
+	printf("\n%s: hidden %u, %u experts of %u (%s, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
+	       sh->name, H, E, Im, moe_dtype_name(c->weight_dtype), (double)ebytes / 1e6, k,
 	       sbytes ? ", 1 shared expert" : "", bench_now() - t0);
 	printf("  %6s %10s %10s %9s %10s %8s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
 	       "experts", "MB read", "GB/s bw", "roof ms", "bound", "roofline/achieved");
@@ -349,7 +380,9 @@ int main(int argc, char **argv)
 	size_t n_sel = 0;
 	const char *only = NULL;
 
-	while ((opt = getopt(argc, argv, "t:d:qs:b:")) != -1) {
+	enum moe_dtype wdt = MOE_DTYPE_BF16;
+
+	while ((opt = getopt(argc, argv, "t:d:qs:b:w:")) != -1) {
 		switch (opt) {
 		case 't': bo.threads = (uint32_t)num_arg('t', optarg, 1, 1024); break;
 		case 'd': ds_experts = (uint32_t)num_arg('d', optarg, 8, 256); break;
@@ -361,13 +394,21 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			break;
+		case 'w':
+			if (!strcmp(optarg, "fp8")) {
+				wdt = MOE_DTYPE_FP8_E4M3_B128;
+			} else if (strcmp(optarg, "bf16")) {
+				fprintf(stderr, "bench_layer: -w: bf16 or fp8, not '%s'\n", optarg);
+				return 2;
+			}
+			break;
 		case 'b':
 			if (n_sel < 8)
 				sel_batches[n_sel++] = (uint32_t)num_arg('b', optarg, 1, 4096);
 			break;
 		default:
 			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
-				"[-s qwen|deepseek] [-b TOKENS]...\n");
+				"[-s qwen|deepseek] [-b TOKENS]... [-w bf16|fp8]\n");
 			return 2;
 		}
 	}
@@ -407,7 +448,10 @@ int main(int argc, char **argv)
 		.n_group = 8, .topk_group = 4, .n_shared_experts = 1, .shared_intermediate_size = 2048,
 		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC,
 		.norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
-		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16 } };
+		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16,
+		.shared_dtype = MOE_DTYPE_BF16 } };
+	qwen.cfg.weight_dtype = qwen.cfg.shared_dtype = wdt;
+	ds.cfg.weight_dtype = ds.cfg.shared_dtype = wdt;
 	if (ds_experts < 256)
 		printf("  (DeepSeek-V3 with %u of its 256 experts: %u x 88 MB must fit in RAM)\n",
 		       ds_experts, ds_experts);

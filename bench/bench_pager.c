@@ -178,7 +178,7 @@ static void prepare_sink(void *ctx, const void *chunk, uint64_t off, uint64_t le
 {
 	struct dest *d = ctx;
 
-	moe_backend_cpu_ops.blob_prepare_range(d->cfg, d->cfg->moe_intermediate_size, chunk, off, len,
+	moe_backend_cpu_ops.blob_prepare_range(d->cfg, d->cfg->weight_dtype, d->cfg->moe_intermediate_size, chunk, off, len,
 					       d->mem);
 }
 
@@ -418,7 +418,7 @@ static void cpu_floor(const struct moe_model_config *cfg, uint64_t expert_bytes,
 	uint64_t span = expert_bytes / chunk * chunk;   /* whole chunks of one expert */
 	uint64_t copies = ((512ull << 20) + span - 1) / span;  /* well past the LLC */
 	uint8_t *src = xalloc(span * copies);
-	uint8_t *dst = xalloc(moe_backend_cpu_ops.blob_bytes(cfg, cfg->moe_intermediate_size));
+	uint8_t *dst = xalloc(moe_backend_cpu_ops.blob_bytes(cfg, cfg->weight_dtype, cfg->moe_intermediate_size));
 	volatile uint64_t sink = 0;
 	uint64_t seed = 5;
 	double best_h = 1e9, best_b = 1e9;
@@ -435,7 +435,7 @@ static void cpu_floor(const struct moe_model_config *cfg, uint64_t expert_bytes,
 			for (uint64_t o = 0; o < span; o += chunk) {
 				const uint8_t *b = src + c * span + o;
 				sink += moe_store_checksum(b, chunk);
-				moe_backend_cpu_ops.blob_prepare_range(cfg, cfg->moe_intermediate_size, b, o, chunk, dst);
+				moe_backend_cpu_ops.blob_prepare_range(cfg, cfg->weight_dtype, cfg->moe_intermediate_size, b, o, chunk, dst);
 			}
 		double both = bench_now() - c0;
 		if (h < best_h)
@@ -523,7 +523,7 @@ static int run_paging(const char *path, const char *name, uint32_t w, uint64_t c
 	uint32_t E = cfg->num_experts, L = s->hdr.num_moe_layers;
 	uint64_t eb = s->hdr.expert_bytes;
 	uint64_t total = (uint64_t)E * L, n = total;
-	uint64_t dbytes = moe_backend_cpu_ops.blob_bytes(cfg, cfg->moe_intermediate_size);
+	uint64_t dbytes = moe_backend_cpu_ops.blob_bytes(cfg, cfg->weight_dtype, cfg->moe_intermediate_size);
 	uint32_t reps = quick ? 1 : 5, ncold = quick ? 3 : 7;
 	bool dropped = drop_caches();
 

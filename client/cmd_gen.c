@@ -21,6 +21,7 @@ enum gen_opt {
 	O_ARCH, O_PRESET, O_LAYERS, O_HIDDEN, O_MOE_I, O_I, O_EXPERTS, O_TOPK, O_GROUPS, O_TOPK_GROUP,
 	O_SHARED, O_SHARED_I, O_FIRST_DENSE, O_SPARSE_STEP, O_VOCAB, O_DTYPE, O_SEED, O_NORM,
 	O_SCALING, O_ACT, O_PLAIN, O_FUSED, O_TOPK_METHOD, O_SHARD_MB, O_MTP, O_SKEW, O_OUTPUT, O_HELP,
+	O_QUANT,
 };
 
 static const struct {
@@ -54,6 +55,7 @@ static const struct {
 	{ "--shard-mb", O_SHARD_MB, true },
 	{ "--mtp-layers", O_MTP, true },
 	{ "--router-skew", O_SKEW, true },
+	{ "--quant", O_QUANT, true },
 	{ "-o", O_OUTPUT, true },
 	{ "--output", O_OUTPUT, true },
 	{ "--help", O_HELP, false },
@@ -104,6 +106,10 @@ static void gen_usage(FILE *f)
 	      "                          ~ (r + E/16)^-S of the load; S from 0 (default, the\n"
 	      "                          routing of before) to 10; 1: max/mean load about 5\n"
 	      "                          with 128 experts, top-8\n"
+	      "  --quant fp8             FP8 as DeepSeek-V3 is released: every MLP and expert\n"
+	      "                          matrix F8_E4M3 with a float32 weight_scale_inv per\n"
+	      "                          128x128 block (max |w| / 448), quantization_config\n"
+	      "                          in config.json; the rest in --dtype\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
@@ -186,6 +192,11 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 		o->routed_scaling_factor = (float)f;
 		return 0;
 	}
+	case O_QUANT:
+		if (strcmp(v, "fp8"))
+			return moectl_fail("%s: unknown quantization '%s' (fp8)", name, v), -EINVAL;
+		o->quant_fp8 = true;
+		return 0;
 	case O_SKEW: {
 		char *end;
 		double f;

@@ -54,8 +54,9 @@ static void pack_usage(FILE *f)
 	      "model.safetensors or its shards) into the .moe store STORE (see moe-store(5)).\n"
 	      "\n"
 	      "  -o, --output STORE   the store to write (written as STORE.tmp, then renamed)\n"
-	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32\n"
-	      "                       (default: keep the checkpoint's dtype)\n"
+	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32, FP8\n"
+	      "                       ones dequantized (default: keep the checkpoint's\n"
+	      "                       dtype, FP8 included)\n"
 	      "  -h, --help           show this help\n", f);
 }
 
@@ -174,6 +175,15 @@ struct sizes {
 	uint64_t experts, routers, shared;
 };
 
+/* Bits per weight of a blob of @bytes holding the FFN of intermediate size
+ * @I: 16 for bf16, about 8.002 for FP8 with its block scales. */
+static double blob_bits_per_weight(const struct moe_model_config *c, uint64_t bytes, uint32_t I)
+{
+	uint64_t weights = (uint64_t)(c->gated ? 3 : 2) * c->hidden_size * I;
+
+	return weights ? 8.0 * (double)bytes / (double)weights : 0.0;
+}
+
 static void store_sizes(const struct moe_store *s, struct sizes *z)
 {
 	memset(z, 0, sizeof(*z));
@@ -228,8 +238,8 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			  "shared", (json_int_t)z.shared);
 	root = json_pack("{s:s,s:i,s:s,s:s,s:s,"
 			 "s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
-			 "s:s,s:s,s:b,s:f,s:b,s:b,s:b,s:s,s:s,"
-			 "s:o,s:o,s:I,s:I,s:I,s:o}",
+			 "s:s,s:s,s:b,s:f,s:b,s:b,s:b,s:s,s:s,s:s,"
+			 "s:o,s:o,s:I,s:I,s:I,s:f,s:I,s:f,s:o}",
 			 "path", path, "version", (int)h->version, "model_type", h->model_type,
 			 "source", h->source, "source_dtype", h->source_dtype,
 			 "hidden_size", (json_int_t)c->hidden_size,
@@ -250,11 +260,17 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "gated", (int)c->gated,
 			 "act", moe_act_name(c->act),
 			 "weight_dtype", moe_dtype_name(c->weight_dtype),
+			 "shared_dtype", c->shared_intermediate_size ? moe_dtype_name(c->shared_dtype) : "",
 			 "moe_layers", layers,
 			 "layers", layout,
 			 "expert_bytes", (json_int_t)h->expert_bytes,
 			 "expert_stride", (json_int_t)h->expert_stride,
 			 "expert_align", (json_int_t)h->expert_align,
+			 "expert_bits_per_weight",
+			 blob_bits_per_weight(c, h->expert_bytes, c->moe_intermediate_size),
+			 "shared_bytes", (json_int_t)moe_shared_bytes(c),
+			 "shared_bits_per_weight",
+			 blob_bits_per_weight(c, moe_shared_bytes(c), c->shared_intermediate_size),
 			 "sizes", sizes);
 	if (!root)
 		return moectl_fail("inspect: out of memory");
@@ -301,8 +317,14 @@ static void inspect_text(const char *path, const struct moe_store *s)
 	layer_ranges(s, ranges, sizeof(ranges));
 	printf("layers:       %" PRIu32 " MoE of %" PRIu32 ": %s\n", h->num_moe_layers,
 	       c->num_hidden_layers, ranges);
-	printf("expert blob:  %" PRIu64 " bytes, stride %" PRIu64 ", aligned to %" PRIu64 "\n",
-	       h->expert_bytes, h->expert_stride, h->expert_align);
+	printf("expert blob:  %" PRIu64 " bytes, stride %" PRIu64 ", aligned to %" PRIu64
+	       "; %s, %.3f bits/weight\n", h->expert_bytes, h->expert_stride, h->expert_align,
+	       moe_dtype_name(c->weight_dtype),
+	       blob_bits_per_weight(c, h->expert_bytes, c->moe_intermediate_size));
+	if (c->shared_intermediate_size)
+		printf("shared blob:  %" PRIu64 " bytes; %s, %.3f bits/weight\n", moe_shared_bytes(c),
+		       moe_dtype_name(c->shared_dtype),
+		       blob_bits_per_weight(c, moe_shared_bytes(c), c->shared_intermediate_size));
 	human_size(a, sizeof(a), z.experts);
 	human_size(b, sizeof(b), z.routers);
 	human_size(d, sizeof(d), z.shared);

@@ -106,6 +106,13 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 		return moe_err_set(err, r < 0 ? r : -ENOTSUP, "%s",
 				   why.msg[0] ? why.msg : "the CUDA backend cannot compute here");
 	}
+	if (ops->supports && opt && opt->model) {
+		r = ops->supports(opt->model, err);
+		if (r < 0) {
+			dlclose(h);
+			return r;
+		}
+	}
 	r = backend_start(ops, h, opt, ret, err);
 	if (r < 0)
 		dlclose(h);
@@ -166,6 +173,7 @@ int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
 		.num_experts = ST_E, .top_k = ST_K, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
 		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true,
 		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_BF16,
+		.shared_dtype = MOE_DTYPE_BF16,
 	};
 	const size_t eb = 3 * (size_t)ST_H * ST_I * 2;
 	const bool fault = getenv("MOE_BACKEND_SELFTEST_FAULT") && !strcmp(getenv("MOE_BACKEND_SELFTEST_FAULT"), "1");
@@ -206,21 +214,21 @@ int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
 		blobs[i] = moe_f32_to_bf16(st_uniform(&seed, 0.0625f));
 	for (uint32_t e = 0; e < ST_E; e++) {
 		bp[e] = (const uint8_t *)blobs + e * eb;
-		packed[e] = malloc(cpu->ops->blob_bytes(&cfg, ST_I));
+		packed[e] = malloc(cpu->ops->blob_bytes(&cfg, cfg.weight_dtype, ST_I));
 		if (!packed[e]) {
 			r = moe_err_set(err, -ENOMEM, "out of memory");
 			goto out;
 		}
-		cpu->ops->blob_prepare(&cfg, ST_I, bp[e], packed[e]);
+		cpu->ops->blob_prepare(&cfg, cfg.weight_dtype, ST_I, bp[e], packed[e]);
 		pp[e] = packed[e];
 		if (be->ops->blob_prepare) {
 			/* @be's own resident layout, if it has one */
-			bpacked[e] = malloc(be->ops->blob_bytes(&cfg, ST_I));
+			bpacked[e] = malloc(be->ops->blob_bytes(&cfg, cfg.weight_dtype, ST_I));
 			if (!bpacked[e]) {
 				r = moe_err_set(err, -ENOMEM, "out of memory");
 				goto out;
 			}
-			be->ops->blob_prepare(&cfg, ST_I, (const uint8_t *)blobs + e * eb, bpacked[e]);
+			be->ops->blob_prepare(&cfg, cfg.weight_dtype, ST_I, (const uint8_t *)blobs + e * eb, bpacked[e]);
 			bp[e] = bpacked[e];
 		}
 	}

@@ -61,6 +61,8 @@ struct moe_backend_options {
 				       * return values (cuda: a failed CUDA or
 				       * cuBLAS call, level 3); NULL: silent */
 	void *log_ctx;
+	const struct moe_model_config *model;  /* the model it is opened to serve;
+				       * NULL: any (the self-test) */
 };
 
 struct moe_backend;
@@ -75,6 +77,13 @@ struct moe_backend_ops {
 		    struct moe_err *err);
 	/* Free be->priv.  Required. */
 	void (*fini)(struct moe_backend *be);
+
+	/* Optional: 0 when this backend computes @cfg's layers right, else
+	 * -ENOTSUP with the reason in @err (a weight dtype it has no kernels
+	 * for).  Called with moe_backend_options.model before init, so that
+	 * "auto" takes the CPU instead and "cuda" refuses, both saying why,
+	 * before a device is touched.  NULL: it serves every model. */
+	int (*supports)(const struct moe_model_config *cfg, struct moe_err *err);
 
 	/*
 	 * Router for @n tokens x[n][H] (float32): logits in float32, then the
@@ -103,24 +112,28 @@ struct moe_backend_ops {
 
 	/*
 	 * Optional: the backend's resident layout of an expert blob.
-	 * blob_bytes gives the size of an expert of intermediate size @inter
-	 * (a routed expert's, or the shared expert's) in that layout;
+	 * blob_bytes gives the size of an expert of dtype @dt and
+	 * intermediate size @inter (a routed expert's: weight_dtype and
+	 * moe_intermediate_size, or the shared expert's: shared_dtype and
+	 * shared_intermediate_size) in that layout;
 	 * blob_prepare converts a blob read from the store into it.  Both NULL:
 	 * experts are used in the store's layout.  The weights in
 	 * moe_layer_weights are always in the resident layout.
 	 */
-	uint64_t (*blob_bytes)(const struct moe_model_config *cfg, uint32_t inter);
-	void (*blob_prepare)(const struct moe_model_config *cfg, uint32_t inter, const void *src,
-			     void *dst);
+	uint64_t (*blob_bytes)(const struct moe_model_config *cfg, enum moe_dtype dt, uint32_t inter);
+	void (*blob_prepare)(const struct moe_model_config *cfg, enum moe_dtype dt, uint32_t inter,
+			     const void *src, void *dst);
 	/*
 	 * Optional, with blob_prepare: convert the bytes [off, off + len) of a
 	 * blob in the store's layout (@src points at byte off; off and len are
-	 * multiples of the element size) into their places in @dst, the whole
+	 * multiples of the element size: a byte for FP8, whose float32 scales
+	 * may then arrive split) into their places in @dst, the whole
 	 * blob in the resident layout.  The pager hands chunks over as they
 	 * arrive; any split gives the bytes blob_prepare gives.
 	 */
-	void (*blob_prepare_range)(const struct moe_model_config *cfg, uint32_t inter,
-				   const void *src, uint64_t off, uint64_t len, void *dst);
+	void (*blob_prepare_range)(const struct moe_model_config *cfg, enum moe_dtype dt,
+				   uint32_t inter, const void *src, uint64_t off, uint64_t len,
+				   void *dst);
 
 	/*
 	 * Optional split form of experts(), so that the experts already
@@ -177,8 +190,11 @@ struct moe_backend_ops {
  *      moe_backend_options has log and log_ctx
  *   2  enum moe_arch has MOE_ARCH_GLM4_MOE: a version-1 module would route
  *      it by another architecture's rule
+ *   3  moe_model_config has shared_dtype; enum moe_dtype has
+ *      MOE_DTYPE_FP8_E4M3_B128; blob_* take the dtype; the ops have
+ *      supports, moe_backend_options has model
  */
-#define MOE_BACKEND_ABI_VERSION 2u
+#define MOE_BACKEND_ABI_VERSION 3u
 
 /*
  * What a backend module exports, as the symbol named

@@ -188,32 +188,32 @@ struct expert_job {
  * (no gate when !gated), each matrix in the packed layout of kernels.h,
  * so that a tile streams one sequential run of memory.
  */
-static uint64_t cpu_blob_bytes(const struct moe_model_config *c, uint32_t I)
+static uint64_t cpu_blob_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
 {
-	uint64_t es = moe_dtype_size(c->weight_dtype);
-	uint64_t in = (uint64_t)I * moe_kern_packed_ld(c->hidden_size) * es;
+	uint64_t H = c->hidden_size;
 
-	return (c->gated ? 2 : 1) * in + (uint64_t)c->hidden_size * moe_kern_packed_ld(I) * es;
+	return (c->gated ? 2 : 1) * moe_kern_packed_bytes(dt, I, H) + moe_kern_packed_bytes(dt, H, I);
 }
 
-static void cpu_blob_prepare(const struct moe_model_config *c, uint32_t I, const void *src, void *dst)
+static void cpu_blob_prepare(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I,
+			     const void *src, void *dst)
 {
-	size_t es = moe_dtype_size(c->weight_dtype), H = c->hidden_size;
-	size_t in_store = (size_t)I * H * es, in_packed = (size_t)I * moe_kern_packed_ld(H) * es;
+	size_t H = c->hidden_size;
+	size_t in_store = moe_matrix_bytes(dt, I, H), in_packed = moe_kern_packed_bytes(dt, I, H);
 	const char *s = src;
 	char *d = dst;
 	int nin = c->gated ? 2 : 1;
 
 	for (int m = 0; m < nin; m++)
-		moe_kern_pack(c->weight_dtype, s + m * in_store, I, H, d + m * in_packed);
-	moe_kern_pack(c->weight_dtype, s + nin * in_store, H, I, d + nin * in_packed);
+		moe_kern_pack(dt, s + m * in_store, I, H, d + m * in_packed);
+	moe_kern_pack(dt, s + nin * in_store, H, I, d + nin * in_packed);
 }
 
 /* Where the expert's matrices start in its resident blob. */
-static void expert_parts(const struct moe_model_config *c, const void *blob, uint32_t I,
-			 const void **gate, const void **up, const void **down)
+static void expert_parts(const struct moe_model_config *c, enum moe_dtype dt, const void *blob,
+			 uint32_t I, const void **gate, const void **up, const void **down)
 {
-	size_t m = (size_t)I * moe_kern_packed_ld(c->hidden_size) * moe_dtype_size(c->weight_dtype);
+	size_t m = moe_kern_packed_bytes(dt, I, c->hidden_size);
 	const char *b = blob;
 
 	if (c->gated) {
@@ -236,8 +236,8 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 	const void *gate, *up, *down, *blob;
 	const float *const *xs;
 	uint32_t I, H = c->hidden_size;
-	size_t es = moe_dtype_size(c->weight_dtype), ntok;
-	size_t ldh = moe_kern_packed_ld(H) * es;     /* bytes per packed row */
+	enum moe_dtype dt = t->expert < 0 ? c->shared_dtype : c->weight_dtype;
+	size_t ntok;
 	float *h;
 
 	if (t->expert < 0) {
@@ -253,18 +253,17 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 		ntok = j->first[t->expert + 1] - j->first[t->expert];
 		h = j->h + j->first[t->expert] * I;
 	}
-	expert_parts(c, blob, I, &gate, &up, &down);
+	expert_parts(c, dt, blob, I, &gate, &up, &down);
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_A) {
 		uint32_t nr = t->r1 - b0 < ROWS_A ? t->r1 - b0 : ROWS_A;
 
 		for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
 			size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
 
-			moe_kern_dot_rows_packed(c->weight_dtype, (const char *)up + b0 * ldh, H, nr,
-						 xs + c0, nc, ws->u, ROWS_A);
+			moe_kern_dot_rows_packed_at(dt, up, I, H, b0, nr, xs + c0, nc, ws->u, ROWS_A);
 			if (gate)
-				moe_kern_dot_rows_packed(c->weight_dtype, (const char *)gate + b0 * ldh, H,
-							 nr, xs + c0, nc, ws->g, ROWS_A);
+				moe_kern_dot_rows_packed_at(dt, gate, I, H, b0, nr, xs + c0, nc, ws->g,
+							    ROWS_A);
 			for (size_t i = 0; i < nc; i++) {
 				float *hr = h + (c0 + i) * I + b0;
 				const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
@@ -287,7 +286,8 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 	const void *gate, *up, *down, *blob;
 	const float *const *hs;
 	uint32_t I, H = c->hidden_size;
-	size_t es = moe_dtype_size(c->weight_dtype), ntok;
+	enum moe_dtype dt = t->expert < 0 ? c->shared_dtype : c->weight_dtype;
+	size_t ntok;
 	float *y;
 
 	(void)worker;
@@ -304,13 +304,11 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 		ntok = j->first[t->expert + 1] - j->first[t->expert];
 		y = j->y + j->first[t->expert] * H;
 	}
-	expert_parts(c, blob, I, &gate, &up, &down);
+	expert_parts(c, dt, blob, I, &gate, &up, &down);
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_B) {
 		uint32_t nr = t->r1 - b0 < ROWS_B ? t->r1 - b0 : ROWS_B;
 
-		moe_kern_dot_rows_packed(c->weight_dtype,
-					 (const char *)down + b0 * moe_kern_packed_ld(I) * es, I, nr,
-					 hs, ntok, y + b0, H);
+		moe_kern_dot_rows_packed_at(dt, down, H, I, b0, nr, hs, ntok, y + b0, H);
 	}
 }
 
@@ -519,28 +517,27 @@ static int cpu_experts(struct moe_backend *be, const struct moe_layer_weights *l
 	return r;
 }
 
-static void cpu_blob_prepare_range(const struct moe_model_config *c, uint32_t I, const void *src,
-				   uint64_t off, uint64_t len, void *dst)
+static void cpu_blob_prepare_range(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I,
+				   const void *src, uint64_t off, uint64_t len, void *dst)
 {
-	uint64_t es = moe_dtype_size(c->weight_dtype), H = c->hidden_size;
-	uint64_t in_store = (uint64_t)I * H * es, in_packed = (uint64_t)I * moe_kern_packed_ld(H) * es;
+	uint64_t H = c->hidden_size;
+	uint64_t in_store = moe_matrix_bytes(dt, I, H), in_packed = moe_kern_packed_bytes(dt, I, H);
+	uint64_t down_store = moe_matrix_bytes(dt, H, I);
 	uint32_t nin = c->gated ? 2 : 1;
 	const char *s = src;
 	char *d = dst;
 
 	/* the matrices of the blob, in store order: [gate], up, down */
 	for (uint32_t m = 0; m <= nin && len; m++) {
-		uint64_t m0 = m * in_store, m1 = m0 + in_store;  /* down has the same byte size */
+		uint64_t m0 = m * in_store, m1 = m0 + (m < nin ? in_store : down_store);
 		uint64_t a = off > m0 ? off : m0, b = off + len < m1 ? off + len : m1;
 
 		if (a >= b)
 			continue;
 		if (m < nin)
-			moe_kern_pack_range(c->weight_dtype, s + (a - off), I, H, (a - m0) / es,
-					    (b - a) / es, d + m * in_packed);
+			moe_kern_pack_bytes(dt, s + (a - off), I, H, a - m0, b - a, d + m * in_packed);
 		else
-			moe_kern_pack_range(c->weight_dtype, s + (a - off), H, I, (a - m0) / es,
-					    (b - a) / es, d + nin * in_packed);
+			moe_kern_pack_bytes(dt, s + (a - off), H, I, a - m0, b - a, d + nin * in_packed);
 	}
 }
 

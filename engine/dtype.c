@@ -12,6 +12,7 @@ size_t moe_dtype_size(enum moe_dtype t)
 	case MOE_DTYPE_F32: return 4;
 	case MOE_DTYPE_BF16: return 2;
 	case MOE_DTYPE_F16: return 2;
+	case MOE_DTYPE_FP8_E4M3_B128: return 1;
 	default: return 0;
 	}
 }
@@ -22,6 +23,7 @@ const char *moe_dtype_name(enum moe_dtype t)
 	case MOE_DTYPE_F32: return "f32";
 	case MOE_DTYPE_BF16: return "bf16";
 	case MOE_DTYPE_F16: return "f16";
+	case MOE_DTYPE_FP8_E4M3_B128: return "fp8_e4m3_b128";
 	default: return "?";
 	}
 }
@@ -32,6 +34,7 @@ const char *moe_dtype_st_name(enum moe_dtype t)
 	case MOE_DTYPE_F32: return "F32";
 	case MOE_DTYPE_BF16: return "BF16";
 	case MOE_DTYPE_F16: return "F16";
+	case MOE_DTYPE_FP8_E4M3_B128: return "F8_E4M3";
 	default: return "?";
 	}
 }
@@ -108,6 +111,48 @@ uint16_t moe_f32_to_f16(float f)
 	return (uint16_t)(sign | r);
 }
 
+float moe_e4m3_to_f32(uint8_t code)
+{
+	uint32_t exp = (code >> 3) & 0xfu, man = code & 7u;
+	float f;
+
+	if ((code & 0x7fu) == 0x7fu)
+		return NAN;
+	if (exp == 0)
+		f = ldexpf((float)man, -9);                     /* m/8 * 2^-6 */
+	else
+		f = ldexpf((float)(8u + man), (int)exp - 10);   /* (1 + m/8) * 2^(e-7) */
+	return (code & 0x80u) ? -f : f;
+}
+
+uint8_t moe_f32_to_e4m3(float f)
+{
+	uint8_t sign = signbit(f) ? 0x80u : 0;
+	float a = fabsf(f);
+	int e;
+
+	if (isnan(f))
+		return 0x7fu;
+	if (a >= 464.0f)                /* halfway between 448 and 480 (NaN) and up */
+		return (uint8_t)(sign | 0x7eu);
+	if (a < ldexpf(1.0f, -6)) {     /* subnormal: multiples of 2^-9 */
+		float q = nearbyintf(ldexpf(a, 9));      /* default rounding: to even */
+
+		return (uint8_t)(sign | (uint8_t)q);     /* q == 8 is the smallest normal */
+	}
+	frexpf(a, &e);                  /* a = m * 2^e, m in [0.5, 1) */
+	/* 3 mantissa bits: a step of 2^(e-4); round to even in that grid */
+	float q = nearbyintf(ldexpf(a, 4 - e));          /* 8..16 */
+	int ex = e - 1 + 7;
+	if (q >= 16.0f) {
+		q = 8.0f;
+		ex++;
+	}
+	if (ex > 15 || (ex == 15 && q > 14.0f))
+		return (uint8_t)(sign | 0x7eu);
+	return (uint8_t)(sign | (uint8_t)(ex << 3) | (uint8_t)((int)q - 8));
+}
+
 void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n)
 {
 	const uint16_t *h = src;
@@ -123,6 +168,10 @@ void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n)
 	case MOE_DTYPE_F16:
 		for (size_t i = 0; i < n; i++)
 			dst[i] = moe_f16_to_f32(h[i]);
+		break;
+	case MOE_DTYPE_FP8_E4M3_B128:
+		for (size_t i = 0; i < n; i++)
+			dst[i] = moe_e4m3_to_f32(((const uint8_t *)src)[i]);
 		break;
 	default:
 		break;
@@ -144,6 +193,10 @@ void moe_dtype_from_f32(enum moe_dtype t, const float *src, void *dst, size_t n)
 	case MOE_DTYPE_F16:
 		for (size_t i = 0; i < n; i++)
 			h[i] = moe_f32_to_f16(src[i]);
+		break;
+	case MOE_DTYPE_FP8_E4M3_B128:
+		for (size_t i = 0; i < n; i++)
+			((uint8_t *)dst)[i] = moe_f32_to_e4m3(src[i]);
 		break;
 	default:
 		break;

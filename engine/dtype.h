@@ -4,10 +4,16 @@
  *
  * bfloat16 and float16 widen to float32 exactly; narrowing rounds to nearest
  * even (NaN stays NaN), as PyTorch and numpy do.
+ *
+ * MOE_DTYPE_FP8_E4M3_B128 is a block-scaled format, not an element type: a
+ * matrix is float8 e4m3fn codes (one byte each) plus one float32 scale per
+ * 128 x 128 block (ARCHITECTURE.md 4.1a).  moe_dtype_size() is the size of
+ * a code; moe_matrix_bytes() (model.h) the size of a whole matrix.
  */
 #ifndef MOE_DTYPE_H
 #define MOE_DTYPE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -17,13 +23,27 @@ enum moe_dtype {
 	MOE_DTYPE_F32 = 0,
 	MOE_DTYPE_BF16 = 1,
 	MOE_DTYPE_F16 = 2,
+	/* float8 e4m3fn codes, w[i][j] = e4m3(code) * scale[i / 128][j / 128]
+	 * with float32 scales: DeepSeek-V3's weight_block_size [128, 128].  The
+	 * block size is in the name because a store of another block size
+	 * would need another kernel, so another number. */
+	MOE_DTYPE_FP8_E4M3_B128 = 3,
 	MOE_DTYPE_COUNT
 };
 
-/* Bytes per element; 0 for an invalid value. */
+/* Rows and columns of one scale block of MOE_DTYPE_FP8_E4M3_B128. */
+#define MOE_FP8_BLOCK 128
+
+/* Bytes per element (per code for FP8); 0 for an invalid value. */
 size_t moe_dtype_size(enum moe_dtype t);
 
-/* Short lower-case name: "f32", "bf16", "f16"; "?" if invalid. */
+/* True for a block-scaled dtype (codes plus scales). */
+static inline bool moe_dtype_is_blocked(enum moe_dtype t)
+{
+	return t == MOE_DTYPE_FP8_E4M3_B128;
+}
+
+/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128"; "?" if invalid. */
 const char *moe_dtype_name(enum moe_dtype t);
 
 /*
@@ -57,12 +77,26 @@ static inline uint16_t moe_f32_to_bf16(float f)
 }
 
 float moe_f16_to_f32(uint16_t h);
+
+/*
+ * float8 e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+ * infinities; exponent 0 is subnormal, m/8 * 2^-6; S.1111.111 is NaN) to
+ * float32, exactly: every e4m3 value is a float32.
+ */
+float moe_e4m3_to_f32(uint8_t code);
+
+/* float32 to e4m3fn, rounding to nearest even; beyond +-448 (the largest
+ * finite code) saturates to +-448, as torch's to(float8_e4m3fn) does not
+ * (it gives NaN): callers scale so |f| <= 448 anyway.  NaN gives 0x7f. */
+uint8_t moe_f32_to_e4m3(float f);
 uint16_t moe_f32_to_f16(float f);
 
-/* Convert @n elements of type @t at @src to float32 at @dst. */
+/* Convert @n elements of type @t at @src to float32 at @dst (FP8: the
+ * codes' values, unscaled). */
 void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n);
 
-/* Convert @n float32 values to type @t (round to nearest even). */
+/* Convert @n float32 values to type @t (round to nearest even; FP8: the
+ * codes of the values, unscaled). */
 void moe_dtype_from_f32(enum moe_dtype t, const float *src, void *dst, size_t n);
 
 #endif

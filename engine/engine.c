@@ -93,13 +93,13 @@ static void *blob_alloc(uint64_t bytes)
  * the store's layout, else through the staging buffer and blob_prepare.
  * Returns the new blob in *ret.
  */
-static int blob_load(struct moe_engine *e, uint32_t I, uint64_t store_bytes,
+static int blob_load(struct moe_engine *e, enum moe_dtype dt, uint32_t I, uint64_t store_bytes,
 		     int (*read)(const struct moe_store *s, uint32_t li, uint32_t x, void *buf,
 				 struct moe_err *err),
 		     uint32_t li, uint32_t x, void **ret, struct moe_err *err)
 {
 	const struct moe_backend_ops *ops = e->backend->ops;
-	uint64_t bytes = ops->blob_prepare ? ops->blob_bytes(e->cfg, I) : store_bytes;
+	uint64_t bytes = ops->blob_prepare ? ops->blob_bytes(e->cfg, dt, I) : store_bytes;
 	void *blob = blob_alloc(bytes), *dst = blob;
 	int r;
 
@@ -123,7 +123,7 @@ static int blob_load(struct moe_engine *e, uint32_t I, uint64_t store_bytes,
 		return r;
 	}
 	if (ops->blob_prepare)
-		ops->blob_prepare(e->cfg, I, e->staging, blob);
+		ops->blob_prepare(e->cfg, dt, I, e->staging, blob);
 	*ret = blob;
 	return 0;
 }
@@ -152,7 +152,7 @@ int engine_layer_load(struct moe_engine *e, uint32_t li, struct moe_err *err)
 	if (r < 0)
 		goto fail;
 	if (e->store->layers[li].flags & MOE_STORE_LAYER_HAS_SHARED) {
-		r = blob_load(e, c->shared_intermediate_size, e->store->layers[li].shared_bytes,
+		r = blob_load(e, c->shared_dtype, c->shared_intermediate_size, e->store->layers[li].shared_bytes,
 			      read_shared, li, 0, &l->shared, err);
 		/* the staging copy is needed only while a layer comes in */
 		free(e->staging);
@@ -194,7 +194,7 @@ static void slot_sink(void *ctx, const void *chunk, uint64_t off, uint64_t len)
 	const struct moe_backend_ops *ops = e->backend->ops;
 
 	if (ops->blob_prepare_range)
-		ops->blob_prepare_range(e->cfg, e->cfg->moe_intermediate_size, chunk, off, len, s->mem);
+		ops->blob_prepare_range(e->cfg, e->cfg->weight_dtype, e->cfg->moe_intermediate_size, chunk, off, len, s->mem);
 	else
 		memcpy(s->mem + off, chunk, len);
 }
@@ -367,7 +367,7 @@ static uint64_t fixed_bytes(const struct moe_engine *e)
 	for (uint32_t li = 0; li < e->store->hdr.num_moe_layers; li++) {
 		total += per;
 		if (e->store->layers[li].flags & MOE_STORE_LAYER_HAS_SHARED)
-			total += ops->blob_prepare ? ops->blob_bytes(c, c->shared_intermediate_size)
+			total += ops->blob_prepare ? ops->blob_bytes(c, c->shared_dtype, c->shared_intermediate_size)
 						   : e->store->layers[li].shared_bytes;
 	}
 	return total;
@@ -378,7 +378,7 @@ static int host_setup(struct moe_engine *e, const struct moe_engine_options *opt
 	const struct moe_model_config *c = e->cfg;
 	const struct moe_backend_ops *ops = e->backend->ops;
 	uint32_t E = c->num_experts, L = e->store->hdr.num_moe_layers;
-	uint64_t blob = ops->blob_prepare ? ops->blob_bytes(c, c->moe_intermediate_size)
+	uint64_t blob = ops->blob_prepare ? ops->blob_bytes(c, c->weight_dtype, c->moe_intermediate_size)
 					  : e->store->hdr.expert_bytes;
 	uint64_t all = (uint64_t)E * L, n;
 	int r;
@@ -548,6 +548,7 @@ int moe_engine_open(const char *store_path, const struct moe_engine_options *opt
 			goto fail;
 		}
 	}
+	bo.model = e->cfg;
 	r = moe_backend_open(opt && opt->backend ? opt->backend : "auto", &bo, &e->backend, err);
 	if (r < 0)
 		goto fail;

@@ -18,7 +18,9 @@
 #ifndef MOE_KERNELS_H
 #define MOE_KERNELS_H
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "dtype.h"
 
@@ -26,6 +28,8 @@ enum moe_kern_isa {
 	MOE_KERN_SCALAR = 0,   /* portable C, 8 lanes emulated */
 	MOE_KERN_AVX2 = 1,     /* AVX2 + FMA + F16C, 8 lanes */
 	MOE_KERN_AVX512 = 2,   /* AVX-512 F/BW/VL, 16 lanes */
+	MOE_KERN_AVX512_VBMI = 3, /* AVX512 and VBMI: FP8 decoded by byte permutes
+				   * (same order and bits as AVX512) */
 	MOE_KERN_ISA_COUNT
 };
 
@@ -38,7 +42,8 @@ typedef void (*moe_kern_dot_rows_fn)(enum moe_dtype dt, const void *W, size_t ld
 				     size_t ldy);
 
 /* The kernel of the instruction set picked for this machine (the best one
- * the CPU has, or $MOE_KERNEL = scalar | avx2 | avx512 if set and usable). */
+ * the CPU has, or $MOE_KERNEL = scalar | avx2 | avx512 | avx512vbmi if set
+ * and usable). */
 void moe_kern_dot_rows(enum moe_dtype dt, const void *W, size_t ldw, size_t K, size_t nr,
 		       const float *const *xs, size_t nt, float *y, size_t ldy);
 
@@ -65,8 +70,8 @@ moe_kern_dot_rows_fn moe_kern_get(enum moe_kern_isa isa);
 /* The padded row length of the packed layout. */
 size_t moe_kern_packed_ld(size_t K);
 
-/* Pack the row-major N x K matrix @src of type @dt into @dst, which holds
- * N * moe_kern_packed_ld(K) elements. */
+/* Pack the N x K matrix @src of type @dt (the store's layout,
+ * moe_matrix_bytes()) into @dst, which holds moe_kern_packed_bytes(). */
 void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void *dst);
 
 /* The same for the elements [e0, e0 + ne) (row-major order) of the matrix
@@ -86,10 +91,44 @@ void moe_kern_dot_rows_packed(enum moe_dtype dt, const void *Wp, size_t K, size_
 			      const float *const *xs, size_t nt, float *y, size_t ldy);
 moe_kern_dot_rows_fn moe_kern_get_packed(enum moe_kern_isa isa);
 
+/*
+ * MOE_DTYPE_FP8_E4M3_B128: the same product with w = e4m3(code) * scale,
+ * computed in float32 as one rounding of the exact product (the e4m3 value
+ * is exact in float32), then the canonical fused multiply-add order.
+ * @W holds nr rows of K codes (row r at r * ldw, or packed as above);
+ * these are rows row0 .. row0 + nr - 1 of their matrix, whose float32
+ * scales are @scales [ceil(N/128)][ceil(K/128)].  A NaN code gives NaN.
+ */
+typedef void (*moe_kern_dot_rows_fp8_fn)(const uint8_t *W, size_t ldw, size_t K, size_t nr,
+					 const float *scales, size_t row0, const float *const *xs,
+					 size_t nt, float *y, size_t ldy);
+/* The FP8 kernel of @isa, plain (@packed false) or packed; NULL if this CPU
+ * cannot run it (for tests). */
+moe_kern_dot_rows_fp8_fn moe_kern_get_fp8(enum moe_kern_isa isa, bool packed);
+
+/*
+ * A whole matrix in the resident packed layout: for plain dtypes the packed
+ * elements (N * moe_kern_packed_ld(K) of them); for FP8 the packed codes,
+ * zeros to a multiple of 64 bytes, then the float32 scales as the store
+ * holds them, zeros to a multiple of 64 bytes.
+ */
+uint64_t moe_kern_packed_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
+
+/* Bytes [b0, b0 + nb) of the N x K matrix in the store's layout
+ * (moe_matrix_bytes(), model.h), @src pointing at byte b0, into their
+ * places in the packed matrix @dst; any split gives the same bytes. */
+void moe_kern_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t K, uint64_t b0,
+			 uint64_t nb, void *dst);
+
+/* dot_rows on rows [row0, row0 + nr) of the packed N x K matrix @Wp of
+ * moe_kern_packed_bytes() (row0 and nr as for moe_kern_dot_rows_packed). */
+void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, size_t K, size_t row0,
+				 size_t nr, const float *const *xs, size_t nt, float *y, size_t ldy);
+
 /* The instruction set moe_kern_dot_rows uses. */
 enum moe_kern_isa moe_kern_active(void);
 
-/* "scalar", "avx2", "avx512". */
+/* "scalar", "avx2", "avx512", "avx512vbmi". */
 const char *moe_kern_isa_name(enum moe_kern_isa isa);
 
 #endif

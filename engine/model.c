@@ -107,21 +107,48 @@ int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *
 				   (double)c->routed_scaling_factor);
 	if (moe_dtype_size(c->weight_dtype) == 0)
 		return moe_err_set(err, -EINVAL, "invalid weight dtype %d", (int)c->weight_dtype);
+	if (c->shared_intermediate_size && moe_dtype_size(c->shared_dtype) == 0)
+		return moe_err_set(err, -EINVAL, "invalid shared expert dtype %d", (int)c->shared_dtype);
 	return 0;
+}
+
+/* Parts of a blob start at multiples of this (model.h). */
+#define PART_ALIGN 64u
+
+static uint64_t align_part(uint64_t n)
+{
+	return (n + PART_ALIGN - 1) / PART_ALIGN * PART_ALIGN;
+}
+
+uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K)
+{
+	return align_part(N * K);
+}
+
+uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
+{
+	uint64_t nb = (N + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+
+	if (dt == MOE_DTYPE_FP8_E4M3_B128)
+		return align_part(N * K) + align_part(nb * kb * sizeof(float));
+	return N * K * moe_dtype_size(dt);
+}
+
+/* gate and up [I][H], down [H][I] */
+static uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t I)
+{
+	return (c->gated ? 2 : 1) * moe_matrix_bytes(dt, I, c->hidden_size) +
+	       moe_matrix_bytes(dt, c->hidden_size, I);
 }
 
 uint64_t moe_expert_bytes(const struct moe_model_config *c)
 {
-	uint64_t m = c->gated ? 3 : 2;
-
-	return m * c->hidden_size * c->moe_intermediate_size * moe_dtype_size(c->weight_dtype);
+	return ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size);
 }
 
 uint64_t moe_shared_bytes(const struct moe_model_config *c)
 {
-	uint64_t m = c->gated ? 3 : 2;
-
-	return m * c->hidden_size * c->shared_intermediate_size * moe_dtype_size(c->weight_dtype);
+	return c->shared_intermediate_size ? ffn_bytes(c, c->shared_dtype, c->shared_intermediate_size) : 0;
 }
 
 bool moe_layer_rule_is_moe(const struct moe_layer_rule *r, uint32_t layer)

@@ -87,7 +87,9 @@ struct moe_model_config {
 	bool gated;                      /* down(act(gate x) * up x); false: down(act(up x)) */
 	enum moe_act act;
 	float routed_scaling_factor;     /* 1.0 unless the config says otherwise */
-	enum moe_dtype weight_dtype;     /* dtype of expert weights in the store */
+	enum moe_dtype weight_dtype;     /* dtype of routed expert weights in the store */
+	enum moe_dtype shared_dtype;     /* dtype of the shared expert(s); DeepSeek-V3's
+					  * release may quantize one and not the other */
 };
 
 /*
@@ -132,10 +134,24 @@ int moe_act_parse(const char *name, enum moe_act *ret);
 struct moe_err;
 int moe_model_config_validate(const struct moe_model_config *cfg, struct moe_err *err);
 
-/* Bytes of one routed expert's weights (gate, up, down), unpadded. */
+/*
+ * Bytes of one N x K (rows x columns) matrix of dtype @dt in an expert blob.
+ * Plain dtypes: N * K elements, row-major.  MOE_DTYPE_FP8_E4M3_B128: the
+ * N * K codes row-major, zeros up to a multiple of 64 bytes, then the
+ * float32 scales [ceil(N/128)][ceil(K/128)] row-major, zeros up to a
+ * multiple of 64 bytes: every part of a blob then starts 64-byte aligned
+ * (blobs are 4096-aligned), so kernels load the scales as floats.
+ */
+uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
+
+/* Byte offset of the scales in an FP8 matrix of moe_matrix_bytes(). */
+uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
+
+/* Bytes of one routed expert's weights: gate [I][H], up [I][H], down [H][I]
+ * back to back (no gate when !gated), each moe_matrix_bytes(). */
 uint64_t moe_expert_bytes(const struct moe_model_config *cfg);
 
-/* Bytes of the shared expert(s) weights, 0 when none. */
+/* Bytes of the shared expert(s) weights in shared_dtype, 0 when none. */
 uint64_t moe_shared_bytes(const struct moe_model_config *cfg);
 
 #endif

@@ -122,7 +122,9 @@ void moe_store_header_from_config(const struct moe_model_config *c, struct moe_s
 	h->gated = c->gated;
 	h->act = (uint32_t)c->act;
 	h->weight_dtype = (uint32_t)c->weight_dtype;
+	h->shared_dtype = (uint32_t)(c->shared_intermediate_size ? c->shared_dtype : c->weight_dtype);
 	h->routed_scaling_factor = c->routed_scaling_factor;
+	h->version = h->shared_dtype == h->weight_dtype ? 1 : 2;
 }
 
 /* Header -> config, checking every enumerated value; the numbers are then
@@ -146,6 +148,8 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 		return moe_err_set(err, -EINVAL, "unknown activation %" PRIu32, h->act);
 	if (h->weight_dtype >= MOE_DTYPE_COUNT)
 		return moe_err_set(err, -EINVAL, "unknown weight dtype %" PRIu32, h->weight_dtype);
+	if (h->version >= 2 && h->shared_dtype >= MOE_DTYPE_COUNT)
+		return moe_err_set(err, -EINVAL, "unknown shared expert dtype %" PRIu32, h->shared_dtype);
 	if (h->norm_topk_prob > 1 || h->shared_gate > 1 || h->has_bias > 1 || h->gated > 1)
 		return moe_err_set(err, -EINVAL, "a 0/1 flag holds another value");
 	if ((h->shared_intermediate_size == 0) != (h->n_shared_experts == 0))
@@ -174,6 +178,7 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 	c->gated = h->gated;
 	c->act = (enum moe_act)h->act;
 	c->weight_dtype = (enum moe_dtype)h->weight_dtype;
+	c->shared_dtype = h->version >= 2 ? (enum moe_dtype)h->shared_dtype : c->weight_dtype;
 	c->routed_scaling_factor = h->routed_scaling_factor;
 	return moe_model_config_validate(c, err);
 }
@@ -381,10 +386,11 @@ int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err
 		r = moe_err_set(err, -EINVAL, "%s: not a .moe store (bad magic)", path);
 		goto fail;
 	}
-	if ((size_t)n >= 12 && s->hdr.version != MOE_STORE_VERSION) {
+	if ((size_t)n >= 12 && (s->hdr.version < MOE_STORE_VERSION_MIN ||
+				s->hdr.version > MOE_STORE_VERSION)) {
 		r = moe_err_set(err, -EPROTO, "%s: store format version %" PRIu32
-				", this program reads version %d (repack the checkpoint)",
-				path, s->hdr.version, MOE_STORE_VERSION);
+				", this program reads versions %d to %d (repack the checkpoint)",
+				path, s->hdr.version, MOE_STORE_VERSION_MIN, MOE_STORE_VERSION);
 		goto fail;
 	}
 	if ((size_t)n < sizeof(s->hdr)) {

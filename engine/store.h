@@ -14,13 +14,15 @@
  *                        correction bias [E] if has_bias; then float32
  *                        shared-expert gate [H] if shared_gate
  *     shared blob        (4096-aligned, only with shared experts) gate [Is][H],
- *                        up [Is][H], down [H][Is] in the weight dtype
+ *                        up [Is][H], down [H][Is] in the shared dtype
  *                        (no gate when !gated)
  *     experts            (expert_align-aligned) expert j at
  *                        experts_offset + j * expert_stride: gate [I][H],
  *                        up [I][H], down [H][I] in the weight dtype, rows
  *                        contiguous (no gate when !gated), zero padding to
  *                        expert_stride.
+ *   Each matrix is moe_matrix_bytes() long (model.h): for FP8 its codes and
+ *   then its float32 block scales, each part padded to 64 bytes.
  *
  * Checksums are XXH3-64 (seed 0): the header's over its 4096 bytes with
  * header_checksum zeroed; each table's over the table; the router region's
@@ -37,7 +39,16 @@
 #include "model.h"
 
 #define MOE_STORE_MAGIC "MOESTOR1"     /* 8 bytes, no NUL */
-#define MOE_STORE_VERSION 1            /* readers refuse a different version */
+/*
+ * Version 2 adds the header's shared_dtype.  A writer writes version 1
+ * whenever a version-1 reader would read the file right (the shared
+ * expert's dtype is the routed experts'; an FP8 store of version 1 is
+ * refused by such a reader for its unknown weight_dtype 3) and version 2
+ * only when the shared expert's dtype differs, which a version-1 reader
+ * would misread.  Readers take both.
+ */
+#define MOE_STORE_VERSION 2            /* the newest version this program reads and writes */
+#define MOE_STORE_VERSION_MIN 1        /* the oldest it reads */
 #define MOE_STORE_HEADER_SIZE 4096
 #define MOE_STORE_MIN_ALIGN 4096u      /* O_DIRECT-safe on every device we know */
 #define MOE_STORE_HUGE_ALIGN (2u << 20) /* experts of >= 2 MiB: huge-page aligned */
@@ -83,7 +94,9 @@ struct moe_store_header {
 
 	char source[512];               /* checkpoint directory pack read (info) */
 	char source_dtype[8];           /* checkpoint dtype of the experts (info) */
-	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8];
+	uint32_t shared_dtype;          /* enum moe_dtype of the shared expert; version 2
+					 * (version 1: weight_dtype's, whatever is here) */
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4];
 };
 _Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
 
@@ -167,7 +180,8 @@ uint64_t moe_store_expert_align_for(uint64_t expert_bytes);
  * writer must agree on. */
 /* Bytes of a layer's router region (router, correction bias, shared gate). */
 uint64_t moe_store_router_bytes(const struct moe_model_config *cfg);
-/* The header's model fields from @cfg (layout and checksum fields untouched). */
+/* The header's model fields from @cfg (layout and checksum fields
+ * untouched), and the version these need (MOE_STORE_VERSION comment). */
 void moe_store_header_from_config(const struct moe_model_config *cfg, struct moe_store_header *h);
 /* The header's checksum: XXH3-64 of the header with header_checksum zero. */
 uint64_t moe_store_header_checksum(const struct moe_store_header *h);

@@ -267,6 +267,9 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		return moe_err_set(err, -EINVAL, "invalid architecture %d", (int)o->arch);
 	if (moe_dtype_size(o->dtype) == 0)
 		return moe_err_set(err, -EINVAL, "invalid dtype %d", (int)o->dtype);
+	if (moe_dtype_is_blocked(o->dtype))
+		return moe_err_set(err, -EINVAL, "dtype %s: ask for FP8 with quant_fp8 (--quant fp8)",
+				   moe_dtype_name(o->dtype));
 	moe_gen_defaults(o->arch, &def);
 	memset(d, 0, sizeof(*d));
 	d->arch = o->arch;
@@ -292,6 +295,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	d->wscale = o->weight_scale;
 	d->mtp = o->num_nextn_predict_layers;
 	d->skew = o->router_skew;
+	d->fp8 = o->quant_fp8;
 	/* Written so that NaN fails too. */
 	if (!(d->skew >= 0.0f && d->skew <= MOE_GEN_MAX_ROUTER_SKEW))
 		return moe_err_set(err, -EINVAL, "router_skew %g: expected a number from 0 to %g",
@@ -311,6 +315,8 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 			return moe_err_set(err, -EINVAL, "routed_scaling_factor exists only in deepseek_v2/"
 					   "deepseek_v3/glm4_moe, not %s", an);
 	}
+	if (d->fp8 && d->fused)
+		return moe_err_set(err, -EINVAL, "FP8 (--quant fp8) is written per expert, not with fused experts");
 	if (o->topk_method && !d->deepseek)
 		return moe_err_set(err, -EINVAL, "topk_method exists only in deepseek_v2/deepseek_v3, "
 				   "not %s%s", an, o->arch == MOE_ARCH_GLM4_MOE ?
@@ -438,11 +444,18 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	cfg.act = act;
 	cfg.routed_scaling_factor = d->scaling;
 	cfg.weight_dtype = d->dtype;
+	cfg.shared_dtype = d->dtype;
 	r = moe_model_config_validate(&cfg, err);
 	if (r < 0)
 		return r;
 	if (d->dense_I > (1u << 20))
 		return moe_err_set(err, -EINVAL, "intermediate_size %u is above %u", d->dense_I, 1u << 20);
+	/* an FP8 matrix is written a block row at a time, in one GEN_CHUNK */
+	if (d->fp8 && ((uint64_t)GEN_FP8_BAND * (d->H > d->I ? d->H : d->I) > GEN_CHUNK ||
+		       (uint64_t)GEN_FP8_BAND * d->dense_I > GEN_CHUNK ||
+		       (uint64_t)GEN_FP8_BAND * d->shared_I > GEN_CHUNK))
+		return moe_err_set(err, -EINVAL, "FP8: matrices wider than %u columns are not generated",
+				   GEN_CHUNK / GEN_FP8_BAND);
 
 	d->rule.arch = o->arch;
 	d->rule.num_hidden_layers = d->L;
@@ -518,6 +531,37 @@ void gen_plan_free(struct gen_plan *p)
 /* A matrix [rows, cols] of the model dtype. */
 #define MAT(p, d, std, rows, cols, ...) \
 	plan_add(p, (d)->dtype, FILL_RANDOM, std, 2, SHAPE(rows, cols), __VA_ARGS__)
+/* A matrix of an MLP or an expert: FP8 with its scales when d->fp8 (the
+ * weight, then X.weight_scale_inv, as DeepSeek-V3's files order them). */
+static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, float std, uint64_t rows,
+		      uint64_t cols, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, float std, uint64_t rows,
+		      uint64_t cols, const char *fmt, ...)
+{
+	char name[256];
+	va_list ap;
+	size_t w;
+
+	va_start(ap, fmt);
+	vsnprintf(name, sizeof(name), fmt, ap);
+	va_end(ap);
+	if (!d->fp8) {
+		MAT(p, d, std, rows, cols, "%s", name);
+		return;
+	}
+	w = p->n;
+	plan_add(p, MOE_DTYPE_FP8_E4M3_B128, FILL_FP8, std, 2, SHAPE(rows, cols), "%s", name);
+	plan_add(p, MOE_DTYPE_F32, FILL_FP8_SCALE, std, 2,
+		 SHAPE((rows + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, (cols + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK),
+		 "%s_scale_inv", name);
+	if (!p->oom) {
+		p->t[p->n - 1].src = w;
+		p->t[p->n - 1].qrows = rows;
+		p->t[p->n - 1].qcols = cols;
+	}
+}
+
 /* A norm weight [n] of ones. */
 #define NORM(p, d, n, ...) plan_add(p, (d)->dtype, FILL_ONES, 0, 1, SHAPE(n), __VA_ARGS__)
 
@@ -584,9 +628,9 @@ static void plan_mlp(struct gen_plan *p, const struct gen_dims *d, uint64_t I, b
 		     float out_std, const char *prefix)
 {
 	if (gated)
-		MAT(p, d, in_std, I, d->H, "%s.gate_proj.weight", prefix);
-	MAT(p, d, in_std, I, d->H, "%s.up_proj.weight", prefix);
-	MAT(p, d, out_std, d->H, I, "%s.down_proj.weight", prefix);
+		plan_qmat(p, d, in_std, I, d->H, "%s.gate_proj.weight", prefix);
+	plan_qmat(p, d, in_std, I, d->H, "%s.up_proj.weight", prefix);
+	plan_qmat(p, d, out_std, d->H, I, "%s.down_proj.weight", prefix);
 }
 
 static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
@@ -619,12 +663,12 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 		for (uint32_t j = 0; j < d->E; j++) {
 			if (mixtral) {
 				if (d->gated)
-					MAT(p, d, s_in, d->I, d->H,
-					    "model.layers.%u.block_sparse_moe.experts.%u.w1.weight", l, j);
-				MAT(p, d, s_out, d->H, d->I, "model.layers.%u.block_sparse_moe.experts.%u.w2.weight",
-				    l, j);
-				MAT(p, d, s_in, d->I, d->H, "model.layers.%u.block_sparse_moe.experts.%u.w3.weight",
-				    l, j);
+					plan_qmat(p, d, s_in, d->I, d->H,
+						  "model.layers.%u.block_sparse_moe.experts.%u.w1.weight", l, j);
+				plan_qmat(p, d, s_out, d->H, d->I,
+					  "model.layers.%u.block_sparse_moe.experts.%u.w2.weight", l, j);
+				plan_qmat(p, d, s_in, d->I, d->H,
+					  "model.layers.%u.block_sparse_moe.experts.%u.w3.weight", l, j);
 			} else {
 				snprintf(prefix, sizeof(prefix), "model.layers.%u.mlp.experts.%u", l, j);
 				plan_mlp(p, d, d->I, d->gated, s_in, s_out, prefix);

@@ -58,6 +58,10 @@ struct moe_gen_options {
 					      checkpoints have */
 	float router_skew;               /* Zipf exponent of the expert popularity, 0 to
 					    MOE_GEN_MAX_ROUTER_SKEW; 0: none (uniform routing) */
+	bool quant_fp8;                  /* FP8 as DeepSeek-V3 is released: every MLP
+					    and expert matrix F8_E4M3 with a float32
+					    weight_scale_inv per 128 x 128 block, and
+					    quantization_config in config.json */
 };
 
 /*

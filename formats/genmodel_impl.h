@@ -33,6 +33,7 @@ struct gen_dims {
 	uint64_t shard_bytes;
 	float wscale;
 	float skew;                      /* router_skew; 0: routers as they were */
+	bool fp8;                        /* quant_fp8 */
 	struct moe_layer_rule rule;
 };
 
@@ -40,6 +41,10 @@ enum gen_fill {
 	FILL_RANDOM,     /* uniform, std given */
 	FILL_ONES,       /* norm weights */
 	FILL_ROUTER,     /* FILL_RANDOM, row j times row_scale[j] (router_skew) */
+	FILL_FP8,        /* the e4m3 codes of FILL_RANDOM's float32 values, per
+			  * 128 x 128 block divided by the block's scale */
+	FILL_FP8_SCALE,  /* those scales: the block's max |value| / 448 (1 for
+			  * a block of zeros); src names the weight */
 };
 
 struct gen_tensor {
@@ -52,6 +57,8 @@ struct gen_tensor {
 	uint64_t nbytes;
 	uint32_t shard;
 	float *row_scale; /* FILL_ROUTER: [shape[0]], set by plan_skew; owned */
+	uint64_t qrows, qcols; /* FILL_FP8_SCALE: the weight's shape */
+	size_t src;       /* FILL_FP8_SCALE: index of the weight in the plan */
 };
 
 struct gen_plan {
@@ -76,7 +83,19 @@ int gen_plan_skew(struct gen_plan *p, const struct gen_dims *d, uint64_t seed, s
 /* The key of a tensor's values: a pure function of the seed and its name. */
 uint64_t gen_tensor_key(uint64_t seed, const char *name);
 
-/* Elements [@first, @first + @count) of tensor @t, in its dtype, into @out. */
+/* Elements [@first, @first + @count) of tensor @t, in its dtype, into @out
+ * (not for FILL_FP8 and FILL_FP8_SCALE: gen_fp8_band, gen_fp8_scales). */
 void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first, size_t count, void *out);
+
+/* Rows a FILL_FP8 tensor is written in at a time: one block row. */
+#define GEN_FP8_BAND 128
+
+/* The codes of rows [@r0, @r0 + GEN_FP8_BAND) (fewer at the end) of the
+ * FILL_FP8 tensor @t into @out; @tmp holds GEN_FP8_BAND * cols floats. */
+void gen_fp8_band(const struct gen_tensor *t, uint64_t key, uint64_t r0, float *tmp, uint8_t *out);
+
+/* The scales of the FILL_FP8 weight @w (key @key) into @out, float32
+ * [ceil(rows/128)][ceil(cols/128)]; @tmp as for gen_fp8_band. */
+void gen_fp8_scales(const struct gen_tensor *w, uint64_t key, float *tmp, float *out);
 
 #endif

@@ -179,6 +179,66 @@ void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first, size_t
 	}
 }
 
+/* ---------------------------------------------------------------- FP8 */
+
+/*
+ * FP8 as DeepSeek-V3's release holds it (and its inference/kernel.py
+ * act_quant computes scales): per 128 x 128 block, scale = max |w| / 448,
+ * code = e4m3(w / scale) rounded to nearest even, from the float32 values
+ * the same tensor has in an f32 checkpoint; partial blocks at the edges.
+ */
+#define E4M3_MAX 448.0f
+
+/* The float32 values of rows [r0, r0 + n) of the FILL_FP8 tensor @t. */
+static void fp8_rows(const struct gen_tensor *t, uint64_t key, uint64_t r0, uint64_t n, float *tmp)
+{
+	struct gen_tensor f = *t;
+
+	f.dtype = MOE_DTYPE_F32;
+	f.fill = FILL_RANDOM;
+	gen_values(&f, key, r0 * t->shape[1], (size_t)(n * t->shape[1]), tmp);
+}
+
+/* The scales of the @n rows (at most one band) in @tmp, [ceil(cols/128)]. */
+static void fp8_band_scales(const float *tmp, uint64_t n, uint64_t cols, float *out)
+{
+	for (uint64_t b = 0; b * MOE_FP8_BLOCK < cols; b++) {
+		uint64_t c1 = (b + 1) * MOE_FP8_BLOCK < cols ? (b + 1) * MOE_FP8_BLOCK : cols;
+		float amax = 0.0f;
+
+		for (uint64_t r = 0; r < n; r++)
+			for (uint64_t c = b * MOE_FP8_BLOCK; c < c1; c++)
+				amax = fmaxf(amax, fabsf(tmp[r * cols + c]));
+		out[b] = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
+	}
+}
+
+void gen_fp8_band(const struct gen_tensor *t, uint64_t key, uint64_t r0, float *tmp, uint8_t *out)
+{
+	uint64_t rows = t->shape[0], cols = t->shape[1];
+	uint64_t n = rows - r0 < GEN_FP8_BAND ? rows - r0 : GEN_FP8_BAND;
+	float sc[(1u << 16) / MOE_FP8_BLOCK];    /* cols <= 65536 (gen_resolve) */
+
+	fp8_rows(t, key, r0, n, tmp);
+	fp8_band_scales(tmp, n, cols, sc);
+	for (uint64_t r = 0; r < n; r++)
+		for (uint64_t c = 0; c < cols; c++)
+			out[r * cols + c] = moe_f32_to_e4m3(tmp[r * cols + c] / sc[c / MOE_FP8_BLOCK]);
+}
+
+void gen_fp8_scales(const struct gen_tensor *w, uint64_t key, float *tmp, float *out)
+{
+	uint64_t rows = w->shape[0], cols = w->shape[1];
+	uint64_t kb = (cols + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+
+	for (uint64_t r0 = 0; r0 < rows; r0 += GEN_FP8_BAND) {
+		uint64_t n = rows - r0 < GEN_FP8_BAND ? rows - r0 : GEN_FP8_BAND;
+
+		fp8_rows(w, key, r0, n, tmp);
+		fp8_band_scales(tmp, n, cols, out + r0 / GEN_FP8_BAND * kb);
+	}
+}
+
 /* -------------------------------------------------------- router skew */
 
 /*

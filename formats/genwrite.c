@@ -66,6 +66,10 @@ static json_t *config_json(const struct gen_dims *d)
 	json_set(c, "torch_dtype", json_string(torch_dtypes[d->dtype]));
 	json_set(c, "use_cache", json_true());
 	json_set(c, "transformers_version", json_string("4.51.0"));
+	if (d->fp8)   /* DeepSeek-V3's, field for field */
+		json_set(c, "quantization_config",
+			 json_pack("{s:s,s:s,s:s,s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
+				   "quant_method", "fp8", "weight_block_size", MOE_FP8_BLOCK, MOE_FP8_BLOCK));
 
 	switch (d->arch) {
 	case MOE_ARCH_MIXTRAL:
@@ -383,6 +387,52 @@ static int pipe_stop(struct gen_pipe *pp, struct moe_err *err)
 	return pp->r;
 }
 
+/* An FP8 weight (a block row per pipe slot) or its scales (in one). */
+static int write_fp8(const struct gen_plan *p, const struct gen_tensor *t, uint64_t seed,
+		     struct gen_pipe *pp, unsigned *slot, uint64_t *done,
+		     void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
+		     struct moe_err *err)
+{
+	const struct gen_tensor *w = t->fill == FILL_FP8 ? t : &p->t[t->src];
+	uint64_t key = gen_tensor_key(seed, w->name), cols = w->shape[1];
+	float *tmp = malloc((size_t)(GEN_FP8_BAND * cols * sizeof(float)));
+
+	if (!tmp)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	if (t->fill == FILL_FP8_SCALE) {
+		float *out = pipe_get(pp, *slot);
+
+		if (out)     /* t->nbytes: ceil(rows/128) x ceil(cols/128) floats, << GEN_CHUNK */
+			gen_fp8_scales(w, key, tmp, out);
+		free(tmp);
+		if (!out)
+			return -EIO;          /* the real error comes from pipe_stop */
+		pipe_put(pp, *slot, t->nbytes);
+		*slot ^= 1;
+		*done += t->nbytes;
+		if (progress)
+			progress(ctx, *done, p->total);
+		return 0;
+	}
+	for (uint64_t r0 = 0; r0 < t->shape[0]; r0 += GEN_FP8_BAND) {
+		uint64_t n = t->shape[0] - r0 < GEN_FP8_BAND ? t->shape[0] - r0 : GEN_FP8_BAND;
+		uint8_t *b = pipe_get(pp, *slot);
+
+		if (!b) {
+			free(tmp);
+			return -EIO;
+		}
+		gen_fp8_band(t, key, r0, tmp, b);
+		pipe_put(pp, *slot, n * cols);
+		*slot ^= 1;
+		*done += n * cols;
+		if (progress)
+			progress(ctx, *done, p->total);
+	}
+	free(tmp);
+	return 0;
+}
+
 static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir, uint32_t shard,
 		       size_t *pos, void *const buf[2], uint64_t *done,
 		       void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
@@ -419,6 +469,12 @@ static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir,
 	for (size_t i = first; i < last && r == 0; i++) {
 		const struct gen_tensor *t = &p->t[i];
 		size_t esz = moe_dtype_size(t->dtype);
+
+		if (t->fill == FILL_FP8 || t->fill == FILL_FP8_SCALE) {
+			r = write_fp8(p, t, seed, &pp, &slot, done, progress, ctx, err);
+			continue;
+		}
+		{
 		/* A power of two per chunk: no chunk crosses 2^32 elements. */
 		uint64_t per = GEN_CHUNK / esz, n_elem = t->nbytes / esz;
 		uint64_t key = gen_tensor_key(seed, t->name);
@@ -437,6 +493,7 @@ static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir,
 			*done += (uint64_t)cnt * esz;
 			if (progress)
 				progress(ctx, *done, p->total);
+		}
 		}
 	}
 	r = pipe_stop(&pp, err);

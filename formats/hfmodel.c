@@ -358,6 +358,62 @@ static int parse_glm4_moe(struct parse_ctx *p)
 #undef U32
 #undef BOOL
 
+/*
+ * quantization_config (ARCHITECTURE.md 4.1a).  Served: quant_method "fp8"
+ * (transformers' FineGrainedFP8Config, DeepSeek-V3's release) with
+ * weight_block_size [128, 128], fmt "e4m3" (the default) and dynamic
+ * activation scales (moed does not quantize activations; static ones
+ * would come with input scales it would ignore).  Anything else is refused
+ * by name, with what is served.
+ */
+#define QUANT_SERVED "fp8 with weight_block_size [128, 128]"
+
+static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc, struct moe_err *err)
+{
+	json_t *q = field(root, "quantization_config"), *bs;
+	const char *method, *fmt, *scheme;
+	int r;
+
+	if (!q)
+		return 0;
+	if (!json_is_object(q))
+		return moe_err_set(err, -EINVAL, "%s: field 'quantization_config' must be an object, not %s",
+				   file, json_type_name(q));
+	r = get_str(q, file, "any", "quant_method", NULL, &method, err);
+	if (r < 0)
+		return moe_err_prefix(err, r, "%s: quantization_config", file);
+	if (strcmp(method, "fp8"))
+		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.quant_method '%s' is not supported "
+				   "(supported: %s)", file, method, QUANT_SERVED);
+	r = get_str(q, file, "any", "fmt", "e4m3", &fmt, err);
+	if (r == 0)
+		r = get_str(q, file, "any", "activation_scheme", "dynamic", &scheme, err);
+	if (r < 0)
+		return r;
+	if (strcmp(fmt, "e4m3"))
+		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.fmt '%s' is not supported "
+				   "(supported: %s, fmt e4m3)", file, fmt, QUANT_SERVED);
+	if (strcmp(scheme, "dynamic"))
+		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.activation_scheme '%s' is not "
+				   "supported (supported: dynamic)", file, scheme);
+	bs = field(q, "weight_block_size");
+	if (!bs)
+		return moe_err_set(err, -ENOTSUP, "%s: quantization_config has no weight_block_size: "
+				   "per-tensor FP8 is not supported (supported: %s)", file, QUANT_SERVED);
+	if (!json_is_array(bs) || json_array_size(bs) != 2 ||
+	    !json_is_integer(json_array_get(bs, 0)) || !json_is_integer(json_array_get(bs, 1)))
+		return moe_err_set(err, -EINVAL, "%s: quantization_config.weight_block_size must be an array "
+				   "of two integers", file);
+	if (json_integer_value(json_array_get(bs, 0)) != MOE_FP8_BLOCK ||
+	    json_integer_value(json_array_get(bs, 1)) != MOE_FP8_BLOCK)
+		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.weight_block_size [%lld, %lld] "
+				   "is not supported (supported: %s)", file,
+				   (long long)json_integer_value(json_array_get(bs, 0)),
+				   (long long)json_integer_value(json_array_get(bs, 1)), QUANT_SERVED);
+	hc->fp8 = true;
+	return 0;
+}
+
 void moe_hf_config_free(struct moe_hf_config *hc)
 {
 	if (!hc)
@@ -395,6 +451,7 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 	c->routed_scaling_factor = 1.0f;
 	c->gated = true;
 	c->weight_dtype = MOE_DTYPE_BF16;
+	c->shared_dtype = MOE_DTYPE_BF16;
 	hc->rule.arch = c->arch;
 	hc->rule.decoder_sparse_step = 1;
 	hc->rule.moe_layer_freq = 1;
@@ -410,6 +467,9 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 		return moe_err_set(err, -EINVAL, "%s: hidden_act '%s' is not supported "
 				   "(silu, swish, gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu)",
 				   file, act);
+	r = parse_quant(root, file, hc, err);
+	if (r < 0)
+		return r;
 
 	switch (c->arch) {
 	case MOE_ARCH_MIXTRAL: r = parse_mixtral(&p); break;
@@ -521,8 +581,10 @@ void moe_hf_model_close(struct moe_hf_model *m)
 	if (!m)
 		return;
 	if (m->layers && m->hc)
-		for (uint32_t i = 0; i < m->hc->n_moe_layers; i++)
+		for (uint32_t i = 0; i < m->hc->n_moe_layers; i++) {
 			free(m->layers[i].experts);
+			free(m->layers[i].scales);
+		}
 	free(m->layers);
 	moe_st_checkpoint_close(m->ckpt);
 	moe_hf_config_free(m->hc);
@@ -565,49 +627,112 @@ static int missing_tensor(const struct moe_hf_model *m, const char *name, struct
 	return -ENOENT;
 }
 
-/* Is @t a float type we serve?  FP8 gets its own message. */
-static int check_dtype(const struct moe_hf_model *m, const struct moe_st_tensor *t,
-		       struct moe_err *err)
+static bool is_fp8(const struct moe_st_tensor *t)
 {
-	char scale[MAX_NAME + 16];
+	return !strcmp(t->st_dtype, "F8_E4M3");
+}
 
-	snprintf(scale, sizeof(scale), "%s_scale_inv", t->name);
-	if (!strncmp(t->st_dtype, "F8", 2) || moe_st_find(m->ckpt, scale))
-		return moe_err_set(err, -ENOTSUP, "FP8 block-quantized weights are not supported yet: "
-				   "tensor '%s' in %s is %s%s (convert the checkpoint to bf16 first)",
-				   t->name, tensor_file(m, t), t->st_dtype,
-				   moe_st_find(m->ckpt, scale) ? " with a weight_scale_inv" : "");
-	if (t->dtype < 0 || moe_dtype_size((enum moe_dtype)t->dtype) == 0)
-		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s has dtype %s; moed reads F32, BF16 and F16",
-				   t->name, tensor_file(m, t), t->st_dtype);
+/* The dtype a checked tensor is served in: FP8 for F8_E4M3 (with scales). */
+static enum moe_dtype served_dtype(const struct moe_st_tensor *t)
+{
+	return is_fp8(t) ? MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)t->dtype;
+}
+
+static bool same_shape(const struct moe_st_tensor *t, uint32_t ndim, const uint64_t *shape)
+{
+	bool same = t->ndim == ndim;
+
+	for (uint32_t i = 0; same && i < ndim; i++)
+		same = t->shape[i] == shape[i];
+	return same;
+}
+
+static int shape_error(const struct moe_hf_model *m, const struct moe_st_tensor *t, uint32_t ndim,
+		       const uint64_t *shape, const char *from, struct moe_err *err)
+{
+	char want[128], got[128];
+
+	shape_str(want, sizeof(want), ndim, shape);
+	shape_str(got, sizeof(got), t->ndim, t->shape);
+	return moe_err_set(err, -EINVAL, "tensor '%s' in %s has shape %s, expected %s from %s",
+			   t->name, tensor_file(m, t), got, want, from);
+}
+
+/*
+ * The scales of the FP8 matrix @t ([rows, cols]): "X.weight_scale_inv" for
+ * "X.weight", float32 (bf16 and f16 widen exactly) of shape
+ * [ceil(rows/128), ceil(cols/128)] (ARCHITECTURE.md 4.1a).  Errors name
+ * the tensor.
+ */
+static int need_scale(const struct moe_hf_model *m, const struct moe_st_tensor *t,
+		      const struct moe_st_tensor **ret, struct moe_err *err)
+{
+	const char *dot = strrchr(t->name, '.');
+	const struct moe_st_tensor *s;
+	char name[MAX_NAME + 16];
+	uint64_t shape[2];
+
+	if (!dot || strcmp(dot, ".weight"))
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s is F8_E4M3: FP8 is served for "
+				   "per-expert X.weight tensors with X.weight_scale_inv, not for fused experts",
+				   t->name, tensor_file(m, t));
+	snprintf(name, sizeof(name), "%s_scale_inv", t->name);
+	s = moe_st_find(m->ckpt, name);
+	if (!s)
+		return moe_err_set(err, -ENOENT, "tensor '%s' in %s is F8_E4M3 but its scales '%s' are "
+				   "missing from the checkpoint", t->name, tensor_file(m, t), name);
+	if (s->dtype < 0 || moe_dtype_is_blocked((enum moe_dtype)s->dtype) ||
+	    moe_dtype_size((enum moe_dtype)s->dtype) == 0)
+		return moe_err_set(err, -ENOTSUP, "scales '%s' in %s have dtype %s; moed reads F32, BF16 "
+				   "and F16 scales", name, tensor_file(m, s), s->st_dtype);
+	shape[0] = (t->shape[0] + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+	shape[1] = (t->shape[1] + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+	if (!same_shape(s, 2, shape))
+		return shape_error(m, s, 2, shape, "its weight's shape and 128 x 128 blocks", err);
+	*ret = s;
 	return 0;
 }
 
-/* Find @name, check dtype and that its shape is exactly @shape. */
-static int need(const struct moe_hf_model *m, const char *name, uint32_t ndim,
-		const uint64_t *shape, const struct moe_st_tensor **ret, struct moe_err *err)
+/* Find @name, check dtype and that its shape is exactly @shape.  With
+ * @ret_scale, an F8_E4M3 matrix is accepted when config.json says fp8, and
+ * its scales are found and checked (*ret_scale NULL for other dtypes). */
+static int need_q(const struct moe_hf_model *m, const char *name, uint32_t ndim,
+		  const uint64_t *shape, const struct moe_st_tensor **ret,
+		  const struct moe_st_tensor **ret_scale, struct moe_err *err)
 {
-	const struct moe_st_tensor *t = moe_st_find(m->ckpt, name);
-	char want[128], got[128];
-	bool same;
+	const struct moe_st_tensor *t = moe_st_find(m->ckpt, name), *scale = NULL;
 	int r;
 
 	if (!t)
 		return missing_tensor(m, name, err);
-	r = check_dtype(m, t, err);
-	if (r < 0)
-		return r;
-	same = t->ndim == ndim;
-	for (uint32_t i = 0; same && i < ndim; i++)
-		same = t->shape[i] == shape[i];
-	if (!same) {
-		shape_str(want, sizeof(want), ndim, shape);
-		shape_str(got, sizeof(got), t->ndim, t->shape);
-		return moe_err_set(err, -EINVAL, "tensor '%s' in %s has shape %s, expected %s from config.json",
-				   name, tensor_file(m, t), got, want);
+	if (is_fp8(t) && !ret_scale)
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s is F8_E4M3; moed reads routers, "
+				   "biases and gates in F32, BF16 or F16", name, tensor_file(m, t));
+	if (is_fp8(t) && !m->hc->fp8)
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s is F8_E4M3 but config.json has no "
+				   "quantization_config with quant_method fp8 and weight_block_size "
+				   "[128, 128]", name, tensor_file(m, t));
+	if (!is_fp8(t) && (t->dtype < 0 || moe_dtype_size((enum moe_dtype)t->dtype) == 0))
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s has dtype %s; moed reads F32, BF16 "
+				   "and F16, and F8_E4M3 with 128 x 128 block scales", name,
+				   tensor_file(m, t), t->st_dtype);
+	if (!same_shape(t, ndim, shape))
+		return shape_error(m, t, ndim, shape, "config.json", err);
+	if (is_fp8(t)) {
+		r = need_scale(m, t, &scale, err);
+		if (r < 0)
+			return r;
 	}
 	*ret = t;
+	if (ret_scale)
+		*ret_scale = scale;
 	return 0;
+}
+
+static int need(const struct moe_hf_model *m, const char *name, uint32_t ndim,
+		const uint64_t *shape, const struct moe_st_tensor **ret, struct moe_err *err)
+{
+	return need_q(m, name, ndim, shape, ret, NULL, err);
 }
 
 static int need2(const struct moe_hf_model *m, const char *name, uint64_t a, uint64_t b,
@@ -616,6 +741,16 @@ static int need2(const struct moe_hf_model *m, const char *name, uint64_t a, uin
 	uint64_t shape[2] = { a, b };
 
 	return need(m, name, 2, shape, ret, err);
+}
+
+/* An expert matrix: may be FP8 with scales. */
+static int need2_q(const struct moe_hf_model *m, const char *name, uint64_t a, uint64_t b,
+		   const struct moe_st_tensor **ret, const struct moe_st_tensor **ret_scale,
+		   struct moe_err *err)
+{
+	uint64_t shape[2] = { a, b };
+
+	return need_q(m, name, 2, shape, ret, ret_scale, err);
 }
 
 /* Name of part @part of routed expert @j under @prefix (per-expert layout). */
@@ -689,21 +824,34 @@ static void find_layout(struct moe_hf_model *m, uint64_t *ret_gates)
 	*ret_gates = gates;
 }
 
-/* Track the experts' dtype: the first tensor sets it, others may differ
- * (recorded for pack to refuse or convert). */
+/* Track the routed experts' dtype: the first tensor sets it, others may
+ * differ (recorded for pack to refuse or convert). */
 static void note_dtype(struct moe_hf_model *m, const struct moe_st_tensor *t, bool *seen)
 {
 	if (!*seen) {
-		m->expert_dtype = (enum moe_dtype)t->dtype;
+		m->expert_dtype = served_dtype(t);
 		*seen = true;
-	} else if ((enum moe_dtype)t->dtype != m->expert_dtype && !m->mixed_tensor[0]) {
+	} else if (served_dtype(t) != m->expert_dtype && !m->mixed_tensor[0]) {
 		snprintf(m->mixed_tensor, sizeof(m->mixed_tensor), "%s", t->name);
-		m->mixed_dtype = (enum moe_dtype)t->dtype;
+		m->mixed_dtype = served_dtype(t);
+	}
+}
+
+/* The same for the shared expert, whose dtype is its own (DeepSeek-V3
+ * quantizes it with the routed ones; another release may not). */
+static void note_shared_dtype(struct moe_hf_model *m, const struct moe_st_tensor *t, bool *seen)
+{
+	if (!*seen) {
+		m->shared_dtype = served_dtype(t);
+		*seen = true;
+	} else if (served_dtype(t) != m->shared_dtype && !m->shared_mixed_tensor[0]) {
+		snprintf(m->shared_mixed_tensor, sizeof(m->shared_mixed_tensor), "%s", t->name);
+		m->shared_mixed_dtype = served_dtype(t);
 	}
 }
 
 static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *seen,
-		       struct moe_err *err)
+		       bool *seen_shared, struct moe_err *err)
 {
 	const struct moe_model_config *c = &m->cfg;
 	uint64_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
@@ -732,37 +880,41 @@ static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *se
 	if (Is) {
 		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
 			shared_name(m, hl->prefix, (enum moe_hf_part)p, name, sizeof(name));
-			r = p == MOE_HF_DOWN ? need2(m, name, H, Is, &hl->shared[p], err)
-					     : need2(m, name, Is, H, &hl->shared[p], err);
+			r = p == MOE_HF_DOWN ? need2_q(m, name, H, Is, &hl->shared[p], &hl->shared_scale[p], err)
+					     : need2_q(m, name, Is, H, &hl->shared[p], &hl->shared_scale[p], err);
 			if (r < 0)
 				return r;
-			note_dtype(m, hl->shared[p], seen);
+			note_shared_dtype(m, hl->shared[p], seen_shared);
 		}
 	}
 	if (hl->fused) {
+		const struct moe_st_tensor *fused_scale;
 		uint64_t gu[3] = { E, c->gated ? 2 * I : I, H }, dn[3] = { E, H, I };
 
 		snprintf(name, sizeof(name), "%sexperts.%s", hl->prefix, c->gated ? "gate_up_proj" : "up_proj");
-		r = need(m, name, 3, gu, &hl->gate_up, err);
+		r = need_q(m, name, 3, gu, &hl->gate_up, &fused_scale, err);  /* FP8: refused */
 		if (r < 0)
 			return r;
 		note_dtype(m, hl->gate_up, seen);
 		snprintf(name, sizeof(name), "%sexperts.down_proj", hl->prefix);
-		r = need(m, name, 3, dn, &hl->down, err);
+		r = need_q(m, name, 3, dn, &hl->down, &fused_scale, err);
 		if (r < 0)
 			return r;
 		note_dtype(m, hl->down, seen);
 		return 0;
 	}
 	hl->experts = calloc(E * 3, sizeof(*hl->experts));
-	if (!hl->experts)
+	hl->scales = calloc(E * 3, sizeof(*hl->scales));
+	if (!hl->experts || !hl->scales)
 		return moe_err_set(err, -ENOMEM, "out of memory");
 	for (uint32_t j = 0; j < E; j++)
 		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
 			const struct moe_st_tensor **t = &hl->experts[(uint64_t)j * 3 + (uint64_t)p];
+			const struct moe_st_tensor **s = &hl->scales[(uint64_t)j * 3 + (uint64_t)p];
 
 			expert_name(m, hl->prefix, j, (enum moe_hf_part)p, name, sizeof(name));
-			r = p == MOE_HF_DOWN ? need2(m, name, H, I, t, err) : need2(m, name, I, H, t, err);
+			r = p == MOE_HF_DOWN ? need2_q(m, name, H, I, t, s, err)
+					     : need2_q(m, name, I, H, t, s, err);
 			if (r < 0)
 				return r;
 			note_dtype(m, *t, seen);
@@ -774,7 +926,7 @@ int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err
 {
 	struct moe_hf_model *m;
 	uint64_t gates = 0;
-	bool seen = false;
+	bool seen = false, seen_shared = false;
 	int r;
 
 	m = calloc(1, sizeof(*m));
@@ -799,11 +951,12 @@ int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err
 	 * must, and check_layer names the first without. */
 	m->cfg.gated = gates > 0;
 	for (uint32_t i = 0; i < m->hc->n_moe_layers; i++) {
-		r = check_layer(m, &m->layers[i], &seen, err);
+		r = check_layer(m, &m->layers[i], &seen, &seen_shared, err);
 		if (r < 0)
 			goto fail;
 	}
 	m->cfg.weight_dtype = m->expert_dtype;
+	m->cfg.shared_dtype = seen_shared ? m->shared_dtype : m->expert_dtype;
 	*ret = m;
 	return 0;
 fail:
@@ -817,7 +970,7 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 	const struct moe_model_config *c = &m->cfg;
 	const struct moe_hf_layer *hl;
 	struct moe_hf_slice s;
-	uint64_t mat, es;
+	uint64_t mat, es, inter;
 
 	if (li >= m->hc->n_moe_layers || (part == MOE_HF_GATE && !c->gated) || part > MOE_HF_DOWN)
 		return -ENOENT;
@@ -827,6 +980,7 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 		if (!c->shared_intermediate_size)
 			return -ENOENT;
 		s.t = hl->shared[part];
+		s.scale = hl->shared_scale[part];
 		s.nbytes = s.t->nbytes;
 		s.n_elems = (uint64_t)c->hidden_size * c->shared_intermediate_size;
 	} else if (expert >= c->num_experts) {
@@ -843,10 +997,14 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 		s.nbytes = mat;
 	} else {
 		s.t = hl->experts[(uint64_t)expert * 3 + part];
+		s.scale = hl->scales[(uint64_t)expert * 3 + part];
 		s.nbytes = s.t->nbytes;
 		s.n_elems = (uint64_t)c->hidden_size * c->moe_intermediate_size;
 	}
-	s.dtype = (enum moe_dtype)s.t->dtype;
+	s.dtype = served_dtype(s.t);
+	inter = expert == UINT32_MAX ? c->shared_intermediate_size : c->moe_intermediate_size;
+	s.rows = part == MOE_HF_DOWN ? c->hidden_size : inter;
+	s.cols = part == MOE_HF_DOWN ? inter : c->hidden_size;
 	*ret = s;
 	return 0;
 }

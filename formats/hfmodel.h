@@ -22,6 +22,8 @@
  */
 struct moe_hf_config {
 	struct moe_model_config cfg;
+	bool fp8;                         /* quantization_config: quant_method fp8,
+					   * weight_block_size [128, 128] */
 	struct moe_layer_rule rule;       /* rule.mlp_only_layers points into this struct */
 	uint32_t n_moe_layers;
 	uint32_t *moe_layers;             /* checkpoint layer numbers, increasing */
@@ -51,13 +53,17 @@ enum moe_hf_part {
 	MOE_HF_DOWN = 2,   /* [H][I] */
 };
 
-/* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint. */
+/* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint.
+ * FP8 (dtype MOE_DTYPE_FP8_E4M3_B128): @t holds the e4m3 codes and @scale
+ * the block scales ([ceil(rows/128)][ceil(cols/128)], F32, BF16 or F16). */
 struct moe_hf_slice {
 	const struct moe_st_tensor *t;
 	uint64_t offset;                  /* inside the tensor's data */
 	uint64_t nbytes;
 	uint64_t n_elems;
 	enum moe_dtype dtype;
+	const struct moe_st_tensor *scale; /* FP8 only */
+	uint64_t rows, cols;
 };
 
 /* Where one MoE layer's tensors are. */
@@ -69,9 +75,11 @@ struct moe_hf_layer {
 	const struct moe_st_tensor *bias;         /* [E] (has_bias) */
 	const struct moe_st_tensor *shared_gate;  /* [1, H] (shared_gate) */
 	const struct moe_st_tensor *shared[3];    /* [Is,H] [Is,H] [H,Is] by part */
+	const struct moe_st_tensor *shared_scale[3]; /* FP8: their weight_scale_inv */
 	const struct moe_st_tensor *gate_up;      /* fused: [E, 2I, H] ([E, I, H] up when plain) */
 	const struct moe_st_tensor *down;         /* fused: [E, H, I] */
 	const struct moe_st_tensor **experts;     /* per expert: [E * 3] by part, unfused */
+	const struct moe_st_tensor **scales;      /* FP8: their weight_scale_inv, or NULL */
 };
 
 /* A checkpoint opened for packing: config plus every tensor located and
@@ -82,19 +90,25 @@ struct moe_hf_model {
 	struct moe_model_config cfg;      /* hc->cfg with gated set from the tensors */
 	struct moe_st_checkpoint *ckpt;
 	struct moe_hf_layer *layers;      /* hc->n_moe_layers */
-	enum moe_dtype expert_dtype;      /* dtype of the first expert tensor */
+	enum moe_dtype expert_dtype;      /* dtype of the first routed expert tensor
+					   * (MOE_DTYPE_FP8_E4M3_B128 for F8_E4M3 + scales) */
 	char mixed_tensor[256];           /* first expert tensor in another dtype, "" if none */
 	enum moe_dtype mixed_dtype;
+	enum moe_dtype shared_dtype;      /* of the shared expert's first tensor */
+	char shared_mixed_tensor[256];    /* first shared tensor in another dtype, "" if none */
+	enum moe_dtype shared_mixed_dtype;
 };
 
 /*
  * Open config.json and the safetensors files of @dir and check every tensor
  * the MoE layers need: present (a missing one is named with the file or
  * checkpoint that should hold it), shape exact (expected and found shown),
- * dtype F32, BF16 or F16 (FP8 block-quantized checkpoints are refused by
- * name).  Experts are gated unless no expert of any layer has a gate tensor.
- * Experts in more than one dtype are allowed here (mixed_tensor says so);
- * moe_pack refuses them unless asked to convert.
+ * dtype F32, BF16 or F16, or F8_E4M3 with its weight_scale_inv when
+ * config.json's quantization_config says fp8 with 128 x 128 blocks (a
+ * missing or misshapen scale tensor is named).  Experts are gated unless no
+ * expert of any layer has a gate tensor.  Routed experts in more than one
+ * dtype are allowed here (mixed_tensor says so); moe_pack refuses them
+ * unless asked to convert.  The shared expert's dtype is tracked apart.
  */
 int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err *err);
 

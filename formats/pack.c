@@ -6,7 +6,9 @@
  * layer's router becomes float32, and each expert's gate, up and down
  * matrices are streamed (in bounded chunks, converted when the dtype
  * changes) into one contiguous blob that the store writer places and
- * checksums.
+ * checksums.  FP8 matrices are copied as they are, codes then scales
+ * (moe_matrix_bytes()), never widened: serving their own bytes is the point;
+ * only --dtype dequantizes them (for a backend without FP8 kernels).
  */
 #include "config.h"
 
@@ -79,8 +81,76 @@ static int copy_tensor_f32(struct packer *pk, const struct moe_st_tensor *t, flo
 	return copy_slice(pk, &s, dst, MOE_DTYPE_F32, err);
 }
 
+/* An FP8 matrix into @dst as moe_matrix_bytes() lays it out: the codes as
+ * they are, then the scales as float32 (a bf16 or f16 scale widens
+ * exactly).  The padding of @dst is left as it is (zeros). */
+static int copy_fp8(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst,
+		    struct moe_err *err)
+{
+	struct moe_hf_slice sc = {
+		.t = s->scale, .offset = 0, .nbytes = s->scale->nbytes,
+		.n_elems = s->scale->shape[0] * s->scale->shape[1],
+		.dtype = (enum moe_dtype)s->scale->dtype,
+	};
+	struct moe_hf_slice codes = *s;
+	int r;
+
+	codes.dtype = MOE_DTYPE_FP8_E4M3_B128;    /* one byte each: copy_slice copies */
+	r = copy_slice(pk, &codes, dst, MOE_DTYPE_FP8_E4M3_B128, err);
+	if (r == 0)
+		r = copy_slice(pk, &sc, dst + moe_matrix_scales_offset(s->rows, s->cols), MOE_DTYPE_F32,
+			       err);
+	return r;
+}
+
+/*
+ * An FP8 matrix dequantized into @dst as @to (--dtype): w = e4m3(code) *
+ * scale in float32, then rounded to @to, as DeepSeek's fp8_cast_bf16.py
+ * (weight_dequant) does.  A block row (128 rows) of codes at a time.
+ */
+static int dequant_fp8(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst,
+		       enum moe_dtype to, struct moe_err *err)
+{
+	uint64_t R = s->rows, C = s->cols, kb = (C + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+	uint64_t nsc = s->scale->shape[0] * s->scale->shape[1];
+	size_t es = moe_dtype_size(to);
+	struct moe_hf_slice sc = {
+		.t = s->scale, .offset = 0, .nbytes = s->scale->nbytes, .n_elems = nsc,
+		.dtype = (enum moe_dtype)s->scale->dtype,
+	};
+	float *scales = malloc(nsc * sizeof(float)), *row = malloc(C * sizeof(float));
+	uint8_t *codes = malloc(MOE_FP8_BLOCK * C);
+	int r;
+
+	if (!scales || !row || !codes) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	r = copy_slice(pk, &sc, scales, MOE_DTYPE_F32, err);
+	for (uint64_t r0 = 0; r == 0 && r0 < R; r0 += MOE_FP8_BLOCK) {
+		uint64_t n = R - r0 < MOE_FP8_BLOCK ? R - r0 : MOE_FP8_BLOCK;
+
+		r = moe_st_read(pk->m->ckpt, s->t, s->offset + r0 * C, codes, n * C, err);
+		for (uint64_t i = 0; r == 0 && i < n; i++) {
+			const float *srow = scales + (r0 / MOE_FP8_BLOCK) * kb;
+
+			for (uint64_t j = 0; j < C; j++)
+				row[j] = moe_e4m3_to_f32(codes[i * C + j]) * srow[j / MOE_FP8_BLOCK];
+			moe_dtype_from_f32(to, row, dst + (r0 + i) * C * es, (size_t)C);
+		}
+		pk->done += n * C;
+		if (r == 0 && pk->opt && pk->opt->progress)
+			pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+	}
+out:
+	free(scales);
+	free(row);
+	free(codes);
+	return r;
+}
+
 /* One expert (@expert, or UINT32_MAX for the shared one) into @blob:
- * gate, up, down back to back in the store's dtype. */
+ * gate, up, down back to back in the store's dtype @to. */
 static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t *blob,
 		       enum moe_dtype to, struct moe_err *err)
 {
@@ -94,10 +164,17 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 		if (r < 0)
 			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
 					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
-		r = copy_slice(pk, &s, blob + pos, to, err);
+		if (moe_dtype_is_blocked(to) && s.dtype != to)   /* pack checked */
+			return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
+					   moe_dtype_name(s.dtype), moe_dtype_name(to));
+		if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
+			r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
+					  : dequant_fp8(pk, &s, blob + pos, to, err);
+		else
+			r = copy_slice(pk, &s, blob + pos, to, err);
 		if (r < 0)
 			return r;
-		pos += s.n_elems * moe_dtype_size(to);
+		pos += moe_matrix_bytes(to, s.rows, s.cols);
 	}
 	return 0;
 }
@@ -134,7 +211,7 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	struct packer pk = { .opt = opt };
 	struct moe_store_writer *w = NULL;
 	struct moe_model_config cfg;
-	enum moe_dtype to;
+	enum moe_dtype to, to_shared;
 	float *router = NULL, *bias = NULL, *sgate = NULL;
 	uint8_t *blob = NULL, *shared = NULL;
 	char *source = NULL;
@@ -152,22 +229,38 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 			r = moe_err_set(err, -EINVAL, "invalid target dtype %d", opt->dtype);
 			goto out;
 		}
-		to = (enum moe_dtype)opt->dtype;
+		to = to_shared = (enum moe_dtype)opt->dtype;
+		/* FP8 weights dequantize to any of them; nothing quantizes */
+		if (moe_dtype_is_blocked(to)) {
+			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: pack does not quantize (an FP8 "
+					"checkpoint keeps its FP8 weights without --dtype)", hf_dir,
+					moe_dtype_name(to));
+			goto out;
+		}
 	} else if (pk.m->mixed_tensor[0]) {
 		r = moe_err_set(err, -EINVAL, "%s: expert weights come in more than one dtype (%s, and %s in "
 				"tensor '%s'); choose one with --dtype", hf_dir,
 				moe_dtype_name(pk.m->expert_dtype), moe_dtype_name(pk.m->mixed_dtype),
 				pk.m->mixed_tensor);
 		goto out;
+	} else if (pk.m->shared_mixed_tensor[0]) {
+		r = moe_err_set(err, -EINVAL, "%s: the shared expert's weights come in more than one dtype "
+				"(%s, and %s in tensor '%s'); choose one with --dtype", hf_dir,
+				moe_dtype_name(pk.m->cfg.shared_dtype), moe_dtype_name(pk.m->shared_mixed_dtype),
+				pk.m->shared_mixed_tensor);
+		goto out;
 	} else {
 		to = pk.m->expert_dtype;
+		to_shared = pk.m->cfg.shared_dtype;
 	}
 	cfg.weight_dtype = to;
+	cfg.shared_dtype = to_shared;
 
 	source = realpath(hf_dir, NULL);
 	r = moe_store_writer_open(out, &cfg, pk.m->hc->n_moe_layers, pk.m->hc->moe_layers,
 				  source ? source : hf_dir,
-				  pk.m->mixed_tensor[0] ? "mixed" : moe_dtype_name(pk.m->expert_dtype),
+				  pk.m->mixed_tensor[0] ? "mixed" :
+				  moe_dtype_is_blocked(pk.m->expert_dtype) ? "fp8" : moe_dtype_name(pk.m->expert_dtype),
 				  &w, err);
 	if (r < 0)
 		goto out;
@@ -183,6 +276,11 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	if (cfg.shared_intermediate_size &&
 	    posix_memalign((void **)&shared, 4096, moe_shared_bytes(&cfg)))
 		shared = NULL;
+	/* the padding inside FP8 blobs stays zero: only the parts are written */
+	if (blob)
+		memset(blob, 0, moe_expert_bytes(&cfg));
+	if (shared)
+		memset(shared, 0, moe_shared_bytes(&cfg));
 	if (!router || !bias || !sgate || !pk.fbuf || !pk.stage || !blob ||
 	    (cfg.shared_intermediate_size && !shared)) {
 		r = moe_err_set(err, -ENOMEM, "out of memory");
@@ -203,7 +301,7 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 			r = moe_store_writer_put_router(w, li, router, cfg.has_bias ? bias : NULL,
 							cfg.shared_gate ? sgate : NULL, err);
 		if (r == 0 && cfg.shared_intermediate_size) {
-			r = copy_expert(&pk, li, UINT32_MAX, shared, to, err);
+			r = copy_expert(&pk, li, UINT32_MAX, shared, to_shared, err);
 			if (r == 0)
 				r = moe_store_writer_put_shared(w, li, shared, err);
 		}

@@ -145,7 +145,6 @@ int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
 	}
 
 	memcpy(w->hdr.magic, MOE_STORE_MAGIC, 8);
-	w->hdr.version = MOE_STORE_VERSION;
 	w->hdr.header_size = MOE_STORE_HEADER_SIZE;
 	moe_store_header_from_config(cfg, &w->hdr);
 	snprintf(w->hdr.source, sizeof(w->hdr.source), "%s", source ? source : "");

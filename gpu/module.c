@@ -37,9 +37,39 @@ static int cuda_init(struct moe_backend *be, const struct moe_backend_options *o
 	return r;
 }
 
+/* The kernels of launch.cu read every expert, the shared one too, as
+ * weight_dtype elements of 4 or 2 bytes: FP8 block-scaled weights (and a
+ * shared expert in another dtype) would be misread, so they are refused
+ * here, before the device is touched, and "auto" serves them on the CPU. */
+static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
+{
+	/* no engine symbol here (the module links none): names written out */
+	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
+	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype))) {
+		if (err) {
+			snprintf(err->msg, sizeof(err->msg), "the CUDA backend has no kernels for FP8 "
+				 "(fp8_e4m3_b128) expert weights yet (the CPU backend serves them; "
+				 "moectl pack --dtype bf16 dequantizes the checkpoint for the GPU)");
+			err->code = -ENOTSUP;
+		}
+		return -ENOTSUP;
+	}
+	if (cfg->shared_intermediate_size && cfg->shared_dtype != cfg->weight_dtype) {
+		if (err) {
+			snprintf(err->msg, sizeof(err->msg), "the CUDA backend needs the shared expert "
+				 "in the routed experts' dtype (%d, not %d)", (int)cfg->weight_dtype,
+				 (int)cfg->shared_dtype);
+			err->code = -ENOTSUP;
+		}
+		return -ENOTSUP;
+	}
+	return 0;
+}
+
 static const struct moe_backend_ops cuda_ops = {
 	.name = "cuda",
 	.init = cuda_init,
+	.supports = cuda_supports,
 	.fini = moe_cuda_fini,
 	.route = moe_cuda_route,
 	.experts = moe_cuda_experts,

@@ -79,7 +79,8 @@ struct moe_model_info {
 	uint32_t num_moe_layers;
 	const uint32_t *moe_layers;     /* [num_moe_layers], the checkpoint's numbers;
 					 * valid until moe_client_disconnect() */
-	uint32_t weight_dtype;          /* 0 float32, 1 bfloat16, 2 float16 (as moe-store(5)) */
+	uint32_t weight_dtype;          /* 0 float32, 1 bfloat16, 2 float16, 3 float8 e4m3
+					 * with 128x128 block scales (as moe-store(5)) */
 	uint32_t n_shared_experts;
 	uint32_t max_tokens;            /* tokens per request: moed's limit, lowered to
 					 * what this session's arena holds */

@@ -264,6 +264,104 @@ START_TEST(gen_model_router_and_expert_values_are_scaled)
 }
 END_TEST
 
+static void expect_gen_error(const struct moe_gen_options *o, const char *needle);
+
+/* --quant fp8 writes what DeepSeek-V3's release holds: F8_E4M3 MLP and
+ * expert matrices with float32 weight_scale_inv [ceil(r/128), ceil(c/128)]
+ * (partial blocks at H 200, I 72), quantization_config, the rest in the
+ * model dtype; each block's scale is its max |w| / 448 of the f32
+ * checkpoint of the same seed, and every code that value over the scale
+ * rounded to nearest e4m3. */
+START_TEST(gen_model_fp8_quantizes_the_same_values)
+{
+	static const char *const mats[] = {
+		"model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.2.mlp.experts.0.down_proj.weight",
+		"model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+	};
+	char *dq = moe_test_tmpdir("genq"), *df = moe_test_tmpdir("genf");
+	struct moe_gen_options o;
+	struct moe_st_checkpoint *cq, *cf;
+	struct moe_err err = { 0 };
+	json_t *cfg, *q;
+
+	moe_gen_defaults(MOE_ARCH_DEEPSEEK_V3, &o);
+	o.hidden_size = 200;
+	o.moe_intermediate_size = 72;
+	o.dtype = MOE_DTYPE_F32;
+	gen(&o, df);
+	o.dtype = MOE_DTYPE_BF16;
+	o.quant_fp8 = true;
+	gen(&o, dq);
+	cfg = load_config(dq);
+	q = json_object_get(cfg, "quantization_config");
+	ck_assert_ptr_nonnull(q);
+	ck_assert_str_eq(json_string_value(json_object_get(q, "quant_method")), "fp8");
+	ck_assert_str_eq(json_string_value(json_object_get(q, "fmt")), "e4m3");
+	ck_assert_str_eq(json_string_value(json_object_get(q, "activation_scheme")), "dynamic");
+	ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(q, "weight_block_size"), 1)), 128);
+	json_decref(cfg);
+	ck_assert_int_eq(moe_st_checkpoint_open(dq, &cq, &err), 0);
+	ck_assert_int_eq(moe_st_checkpoint_open(df, &cf, &err), 0);
+	ck_assert_str_eq(moe_st_find(cq, "model.layers.1.mlp.gate.weight")->st_dtype, "BF16");
+	ck_assert_str_eq(moe_st_find(cq, "model.layers.1.self_attn.o_proj.weight")->st_dtype, "BF16");
+	for (size_t m = 0; m < sizeof(mats) / sizeof(mats[0]); m++) {
+		const struct moe_st_tensor *t = moe_st_find(cq, mats[m]), *f = moe_st_find(cf, mats[m]), *s;
+		char sname[160];
+		uint64_t R, C, kb;
+		uint8_t *codes;
+		float *w, *sc;
+
+		ck_assert_msg(t && f, "%s missing", mats[m]);
+		ck_assert_str_eq(t->st_dtype, "F8_E4M3");
+		snprintf(sname, sizeof(sname), "%s_scale_inv", mats[m]);
+		s = moe_st_find(cq, sname);
+		ck_assert_msg(s != NULL, "%s missing", sname);
+		R = t->shape[0];
+		C = t->shape[1];
+		kb = (C + 127) / 128;
+		ck_assert_str_eq(s->st_dtype, "F32");
+		ck_assert(s->ndim == 2 && s->shape[0] == (R + 127) / 128 && s->shape[1] == kb);
+		codes = malloc(R * C);
+		w = malloc(R * C * 4);
+		sc = malloc(s->nbytes);
+		ck_assert_int_eq(moe_st_read(cq, t, 0, codes, R * C, &err), 0);
+		ck_assert_int_eq(moe_st_read(cf, f, 0, w, R * C * 4, &err), 0);
+		ck_assert_int_eq(moe_st_read(cq, s, 0, sc, s->nbytes, &err), 0);
+		for (uint64_t bi = 0; bi < s->shape[0]; bi++)
+			for (uint64_t bj = 0; bj < kb; bj++) {
+				float amax = 0;
+
+				for (uint64_t r = bi * 128; r < R && r < bi * 128 + 128; r++)
+					for (uint64_t c = bj * 128; c < C && c < bj * 128 + 128; c++)
+						amax = fmaxf(amax, fabsf(w[r * C + c]));
+				ck_assert_msg(sc[bi * kb + bj] == amax / 448.0f, "%s block %llu,%llu: scale %g, "
+					      "max/448 %g", mats[m], (unsigned long long)bi,
+					      (unsigned long long)bj, (double)sc[bi * kb + bj], (double)(amax / 448.0f));
+			}
+		for (uint64_t r = 0; r < R; r++)
+			for (uint64_t c = 0; c < C; c++) {
+				float s1 = sc[r / 128 * kb + c / 128], v = w[r * C + c] / s1;
+
+				ck_assert_msg(codes[r * C + c] == moe_f32_to_e4m3(v), "%s [%llu][%llu]: code 0x%02x, "
+					      "want 0x%02x", mats[m], (unsigned long long)r, (unsigned long long)c,
+					      codes[r * C + c], moe_f32_to_e4m3(v));
+				/* and the dequantized weight is within half an e4m3 step */
+				ck_assert(fabs((double)moe_e4m3_to_f32(codes[r * C + c]) * s1 - w[r * C + c]) <=
+					  fmax(fabs(w[r * C + c]) / 16, 0x1p-10 * s1) * 1.0001);
+			}
+		free(codes);
+		free(w);
+		free(sc);
+	}
+	moe_st_checkpoint_close(cq);
+	moe_st_checkpoint_close(cf);
+	o.fused_experts = true;
+	expect_gen_error(&o, "not with fused experts");
+	free(dq);
+	free(df);
+}
+END_TEST
+
 static char *slurp_file(const char *dir, const char *name, uint64_t *len)
 {
 	char *p = moe_test_path_join(dir, name), *s = moe_test_slurp(p, len);
@@ -751,6 +849,7 @@ static Suite *genmodel_suite(void)
 	tcase_add_loop_test(tc, gen_model_writes_real_layout, 0,
 			    (int)(sizeof(want_archs) / sizeof(want_archs[0])));
 	tcase_add_test(tc, gen_model_router_and_expert_values_are_scaled);
+	tcase_add_test(tc, gen_model_fp8_quantizes_the_same_values);
 	tcase_add_test(tc, gen_model_same_seed_same_bytes);
 	tcase_add_test(tc, gen_model_values_do_not_depend_on_chunking);
 	tcase_add_test(tc, gen_model_reports_write_errors);

@@ -18,6 +18,7 @@
 #include "formats/genmodel.h"
 #include "engine/model.h"
 #include "formats/pack.h"
+#include "engine/store.h"
 #include "testutil.h"
 
 /* The MoE layer every model below has (deepseek's layer 0 is dense). */
@@ -34,7 +35,10 @@ struct model {
  * by the first child's exit handlers).
  *  0: deepseek_v3, bf16 weights, H = 200 (not a multiple of 16), grouped,
  *     one shared expert;
- *  1: mixtral, f32 weights, H = 72, I = 44.
+ *  1: mixtral, f32 weights, H = 72, I = 44;
+ *  2: deepseek_v3 as DeepSeek released it, FP8 block-scaled routed and
+ *     shared experts (gen-model --quant fp8), H = 200, I = 72: partial
+ *     128 x 128 blocks both ways.
  */
 static void model_make(struct model *m, int which)
 {
@@ -43,14 +47,15 @@ static void model_make(struct model *m, int which)
 	int rc;
 
 	memset(m, 0, sizeof(*m));
-	if (which == 0) {
+	if (which == 0 || which == 2) {
 		moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
 		moe_test_gen_grouped(&opt);
 		opt.hidden_size = 200;
-		opt.moe_intermediate_size = 32;
+		opt.moe_intermediate_size = which == 2 ? 72 : 32;
 		opt.num_experts = 32;
 		opt.top_k = 4;
-		m->what = "deepseek_v3/bf16/H200";
+		opt.quant_fp8 = which == 2;
+		m->what = which == 2 ? "deepseek_v3/fp8/H200/I72" : "deepseek_v3/bf16/H200";
 	} else {
 		moe_test_gen_small(MOE_ARCH_MIXTRAL, MOE_DTYPE_F32, &opt);
 		opt.hidden_size = 72;
@@ -66,6 +71,15 @@ static void model_make(struct model *m, int which)
 	opt.num_layers = 2;
 	rc = moe_test_model_make(&m->t, "invariance", &opt, NULL, why, sizeof(why));
 	ck_assert_msg(rc == 0, "%s: %s", m->what, why);
+	if (which == 2) {        /* else this model tests what model 0 does */
+		struct moe_store *s;
+		struct moe_err err = {0};
+
+		ck_assert_msg(moe_store_open(m->t.store, &s, &err) == 0, "%s", err.msg);
+		ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		ck_assert_int_eq(s->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		moe_store_close(s);
+	}
 }
 
 static struct moe_engine *engine_open(const struct model *m, uint32_t threads)
@@ -294,10 +308,10 @@ static Suite *invariance_suite(void)
 
 	/* each test runs for model 0 (deepseek_v3 bf16) and 1 (mixtral f32) */
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 2);
-	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 2);
-	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 2);
-	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 2);
+	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 3);
+	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 3);
+	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 3);
+	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 3);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -118,6 +118,48 @@ START_TEST(refuses_module_without_version)
 }
 END_TEST
 
+/* The real CUDA module ($MOE_BACKEND_DIR as the test harness sets it)
+ * refuses a model with FP8 experts, or an FP8 shared expert, by its
+ * supports entry, before it looks for a device (so this runs without a
+ * GPU): "cuda" fails saying why, "auto" serves it on the CPU saying why. */
+START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
+{
+	const char *dir = getenv("MOE_BACKEND_DIR");
+	struct moe_model_config cfg = {
+		.arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 256, .moe_intermediate_size = 128,
+		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.n_shared_experts = 1, .shared_intermediate_size = 128,
+		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC, .has_bias = true,
+		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+		.weight_dtype = MOE_DTYPE_FP8_E4M3_B128, .shared_dtype = MOE_DTYPE_FP8_E4M3_B128,
+	};
+	struct moe_backend_options o = { .threads = 1, .model = &cfg };
+	char path[PATH_MAX];
+
+	snprintf(path, sizeof(path), "%s/moe-backend-cuda.so", dir ? dir : "");
+	if (!dir || access(path, R_OK) != 0) {
+		printf("no CUDA module at %s: its FP8 refusal is not tested\n", path);
+		return;
+	}
+	for (int shared_only = 0; shared_only < 2; shared_only++) {
+		struct moe_backend *be = NULL;
+		struct moe_err err = { 0 };
+		int r;
+
+		cfg.weight_dtype = shared_only ? MOE_DTYPE_BF16 : MOE_DTYPE_FP8_E4M3_B128;
+		r = moe_backend_open("cuda", &o, &be, &err);
+		ck_assert_msg(r == -ENOTSUP, "cuda on FP8 gave %d (%s), not -ENOTSUP", r, err.msg);
+		ck_assert_ptr_null(be);
+		ck_assert_msg(strstr(err.msg, "no kernels for FP8"), "the reason: %s", err.msg);
+		r = moe_backend_open("auto", &o, &be, &err);
+		ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
+		ck_assert_str_eq(be->ops->name, "cpu");
+		ck_assert_msg(strstr(be->reason, "no kernels for FP8"), "the fallback reason: %s", be->reason);
+		moe_backend_close(be);
+	}
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("backend module");
@@ -126,6 +168,7 @@ int main(void)
 	tcase_add_test(tc, refuses_module_of_another_version);
 	tcase_add_test(tc, refuses_module_of_another_ops_size);
 	tcase_add_test(tc, refuses_module_without_version);
+	tcase_add_test(tc, cuda_module_refuses_fp8_experts_before_the_device);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "check-module");
 }

@@ -51,6 +51,10 @@ struct ncase {
 	uint64_t shard_bytes;        /* 0: one file */
 	bool want_group_limited;     /* deepseek_v2: expect topk_method group_limited_greedy */
 	bool with_f16;               /* also float16 weights */
+	bool with_fp8;               /* also FP8 block-scaled experts (gen-model --quant fp8) */
+	/* FP8 run only: one kind of expert back in bf16 (same seed), so that
+	 * the store holds two dtypes (version 2) */
+	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
 	/* Called on the checkpoint directory between gen-model and pack, to
 	 * plant values random weights would not produce; may be NULL. */
 	void (*patch)(const char *dir, uint32_t layer);
@@ -65,6 +69,12 @@ static uint64_t case_seed(const struct ncase *c)
 	return 0x5eed0000u + (uint64_t)c->arch * 131 + c->H;
 }
 
+/* The routed experts' dtype of case @c run for @dt. */
+static enum moe_dtype routed_dt(const struct ncase *c, enum moe_dtype dt)
+{
+	return c->mix == MIX_ROUTED_BF16 && dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
+}
+
 /* A case built for one weight dtype: checkpoint, store, reference, engine. */
 struct built {
 	char *dir;
@@ -73,6 +83,58 @@ struct built {
 	struct moe_engine *e;
 	uint32_t layer;        /* the MoE layer compared */
 };
+
+/*
+ * The FP8 checkpoint in @dir with the shared expert's (MIX_SHARED_BF16) or
+ * the routed experts' (MIX_ROUTED_BF16) matrices taken from the bf16
+ * checkpoint of the same options in @bf16_dir, their scales dropped: a
+ * release that quantized one kind of expert only.
+ */
+static void mix_checkpoint(const char *dir, const char *bf16_dir, int mix)
+{
+	const char *which = mix == MIX_SHARED_BF16 ? ".mlp.shared_experts." : ".mlp.experts.";
+	struct moe_st_checkpoint *q, *h;
+	struct moe_st_writer *w;
+	struct moe_err err = {0};
+	char path[4096], tmp[4096];
+	const struct moe_st_tensor **src;
+	size_t n = 0;
+
+	ck_assert_int_eq(moe_st_checkpoint_open(dir, &q, &err), 0);
+	ck_assert_int_eq(moe_st_checkpoint_open(bf16_dir, &h, &err), 0);
+	src = calloc(q->n_tensors, sizeof(*src));
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	snprintf(tmp, sizeof(tmp), "%s/model.safetensors.mix", dir);
+	ck_assert_msg(moe_st_writer_new(tmp, &w, &err) == 0, "%s", err.msg);
+	for (size_t i = 0; i < q->n_tensors; i++) {
+		const struct moe_st_tensor *t = &q->tensors[i];
+		bool swap = strstr(t->name, which) != NULL;
+
+		if (swap && strstr(t->name, "_scale_inv"))
+			continue;
+		if (swap)
+			t = moe_st_find(h, t->name);
+		ck_assert_msg(t != NULL, "%s: not in the bf16 checkpoint", q->tensors[i].name);
+		ck_assert(moe_st_writer_declare(w, t->name, !strcmp(t->st_dtype, "F8_E4M3") ?
+						MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)t->dtype,
+						t->ndim, t->shape, &err) >= 0);
+		src[n++] = t;
+	}
+	ck_assert_int_eq(moe_st_writer_begin(w, &err), 0);
+	for (size_t i = 0; i < n; i++) {
+		void *buf = malloc(src[i]->nbytes ? src[i]->nbytes : 1);
+		bool from_h = strstr(src[i]->name, which) != NULL;
+
+		ck_assert_int_eq(moe_st_read(from_h ? h : q, src[i], 0, buf, src[i]->nbytes, &err), 0);
+		ck_assert_int_eq(moe_st_writer_write(w, buf, src[i]->nbytes, &err), 0);
+		free(buf);
+	}
+	ck_assert_msg(moe_st_writer_finish(w, &err) == 0, "%s", err.msg);
+	free(src);
+	moe_st_checkpoint_close(q);
+	moe_st_checkpoint_close(h);
+	ck_assert(rename(tmp, path) == 0);
+}
 
 /* Generate the checkpoint, pack it (weights keep their dtype), load the
  * reference and open the engine; check the checkpoint is the one asked for. */
@@ -96,7 +158,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	b->dir = moe_test_tmpdir("numerics");
 	moe_gen_defaults(c->arch, &opt);
 	opt.arch = c->arch;
-	opt.dtype = dt;
+	/* FP8: the experts (and shared and dense MLPs) quantized, the rest bf16 */
+	opt.dtype = dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
+	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128;
 	opt.seed = seed;
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -129,6 +193,15 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 
 	rc = moe_gen_model(&opt, b->dir, NULL, NULL, &err);
 	ck_assert_msg(rc == 0, "%s %s: gen-model failed: %d %s", c->what, dn, rc, err.msg);
+	if (c->mix && dt == MOE_DTYPE_FP8_E4M3_B128) {
+		char hdir[4096];
+
+		snprintf(hdir, sizeof(hdir), "%s/bf16", b->dir);
+		opt.quant_fp8 = false;
+		rc = moe_gen_model(&opt, hdir, NULL, NULL, &err);
+		ck_assert_msg(rc == 0, "%s bf16: gen-model failed: %d %s", c->what, rc, err.msg);
+		mix_checkpoint(b->dir, hdir, c->mix);
+	}
 	if (c->patch)
 		c->patch(b->dir, b->layer);
 	if (c->shard_bytes) {
@@ -152,9 +225,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 		      "%s %s: checkpoint has E=%u k=%u H=%u I=%u, asked for E=%u k=%u H=%u I=%u",
 		      c->what, dn, ref->routing.num_experts, ref->routing.top_k, ref->hidden,
 		      ref->inter, c->E, k, H, c->I);
-	ck_assert_msg(strcmp(ref->weight_dtype, moe_dtype_st_name(dt)) == 0,
+	ck_assert_msg(strcmp(ref->weight_dtype, moe_dtype_st_name(routed_dt(c, dt))) == 0,
 		      "%s: checkpoint experts are %s, asked for %s", c->what, ref->weight_dtype,
-		      moe_dtype_st_name(dt));
+		      moe_dtype_st_name(routed_dt(c, dt)));
 	ck_assert_msg(ref->gated == !c->plain, "%s %s: gated experts %d, asked plain=%d", c->what,
 		      dn, ref->gated, c->plain);
 	ck_assert_msg((ref->shared_inter != 0) == (c->n_shared != 0),
@@ -176,9 +249,15 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 
 	rc = moe_engine_open(b->store, &eopt, &b->e, &err);
 	ck_assert_msg(rc == 0, "%s %s: engine open failed: %d %s", c->what, dn, rc, err.msg);
-	ck_assert_msg(moe_engine_config(b->e)->weight_dtype == dt,
+	ck_assert_msg(moe_engine_config(b->e)->weight_dtype == routed_dt(c, dt),
 		      "%s: the store holds %s weights, the checkpoint %s (pack must keep the dtype)",
-		      c->what, moe_dtype_name(moe_engine_config(b->e)->weight_dtype), dn);
+		      c->what, moe_dtype_name(moe_engine_config(b->e)->weight_dtype),
+		      moe_dtype_name(routed_dt(c, dt)));
+	if (c->n_shared)
+		ck_assert_msg(moe_engine_config(b->e)->shared_dtype ==
+			      (c->mix == MIX_SHARED_BF16 && dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt),
+			      "%s %s: the store's shared expert is %s", c->what, dn,
+			      moe_dtype_name(moe_engine_config(b->e)->shared_dtype));
 }
 
 static void built_free(struct built *b)
@@ -330,6 +409,8 @@ static void run_case(const struct ncase *c)
 	run_dtype(c, MOE_DTYPE_BF16);
 	if (c->with_f16)
 		run_dtype(c, MOE_DTYPE_F16);
+	if (c->with_fp8)
+		run_dtype(c, MOE_DTYPE_FP8_E4M3_B128);
 }
 
 #define NUMERICS_TEST(name, ...)                                          \
@@ -352,7 +433,12 @@ NUMERICS_TEST(qwen2_moe_shared_expert_gate_matches_float64_reference,
 	      .shared_I = 96, .norm = NORM_OFF)
 NUMERICS_TEST(qwen3_moe_normalised_gelu_experts_match_float64_reference,
 	      .arch = MOE_ARCH_QWEN3_MOE, .H = 200, .I = 64, .E = 32, .k = 8, .norm = NORM_ON,
-	      .act = "gelu")
+	      .act = "gelu", .with_fp8 = true)
+/* FP8 with partial blocks both ways (200 = 128 + 72, 72 < 128) and rows
+ * crossing a block edge (down has 200 rows). */
+NUMERICS_TEST(qwen3_moe_fp8_partial_blocks_match_float64_reference,
+	      .arch = MOE_ARCH_QWEN3_MOE, .H = 200, .I = 72, .E = 16, .k = 4, .norm = NORM_ON,
+	      .with_fp8 = true)
 NUMERICS_TEST(qwen3_moe_fused_experts_match_float64_reference,
 	      .arch = MOE_ARCH_QWEN3_MOE, .H = 64, .I = 48, .E = 16, .k = 4, .norm = NORM_ON,
 	      .fused = true)
@@ -372,10 +458,25 @@ NUMERICS_TEST(deepseek_v2_group_limited_scaled_matches_float64_reference,
 	      .topk_group = 2, .n_shared = 2, .norm = NORM_OFF, .rsf = 2.0f, .want_group_limited = true)
 NUMERICS_TEST(deepseek_v3_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 64, .E = 64, .k = 8, .n_group = 8,
-	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
+	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true)
+/* DeepSeek-V3's release: FP8 routed and shared experts, partial blocks;
+ * two shared experts make Is 144 = 128 + 16. */
+NUMERICS_TEST(deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true)
 NUMERICS_TEST(deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 56, .I = 16, .E = 256, .k = 8, .n_group = 8,
 	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
+/* One kind of expert quantized, the other not: each blob in its own dtype
+ * (store version 2), each matrix computed by its own kernel. */
+NUMERICS_TEST(deepseek_v3_fp8_routed_bf16_shared_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true,
+	      .mix = MIX_SHARED_BF16)
+NUMERICS_TEST(deepseek_v3_bf16_routed_fp8_shared_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true,
+	      .mix = MIX_ROUTED_BF16)
 /* Groups 0 and 1 win through one strongly biased expert each; the other
  * experts have negative biased scores (moe_test_plant_negative_bias). */
 static void plant_negative_bias(const char *dir, uint32_t layer)
@@ -577,6 +678,11 @@ START_TEST(reference_decodes_and_rounds_16_bit_floats_exactly)
 			      "bf16 %#06x decodes to %a, expected %a", bf16[i].bits,
 			      ref_bf16_to_double(bf16[i].bits), bf16[i].v);
 	ck_assert(isnan(ref_bf16_to_double(0x7fc0)) && isnan(ref_f16_to_double(0x7e00)));
+	/* e4m3fn: max, one, smallest subnormal and normal, sign, NaN */
+	ck_assert(ref_e4m3_to_double(0x7e) == 448.0 && ref_e4m3_to_double(0x38) == 1.0 &&
+		  ref_e4m3_to_double(0x01) == 0x1p-9 && ref_e4m3_to_double(0x08) == 0x1p-6 &&
+		  ref_e4m3_to_double(0xc4) == -3.0 && ref_e4m3_to_double(0x3b) == 1.375 &&
+		  isnan(ref_e4m3_to_double(0x7f)) && isnan(ref_e4m3_to_double(0xff)));
 	for (size_t i = 0; i < sizeof(f16) / sizeof(f16[0]); i++)
 		ck_assert_msg(ref_f16_to_double(f16[i].bits) == f16[i].v,
 			      "f16 %#06x decodes to %a, expected %a", f16[i].bits,
@@ -600,6 +706,7 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, mixtral_fused_experts_match_float64_reference);
 	tcase_add_test(tc, qwen2_moe_shared_expert_gate_matches_float64_reference);
 	tcase_add_test(tc, qwen3_moe_normalised_gelu_experts_match_float64_reference);
+	tcase_add_test(tc, qwen3_moe_fp8_partial_blocks_match_float64_reference);
 	tcase_add_test(tc, qwen3_moe_fused_experts_match_float64_reference);
 	tcase_add_test(tc, olmoe_unnormalised_matches_float64_reference);
 	tcase_add_test(tc, olmoe_plain_relu_experts_match_float64_reference);
@@ -607,6 +714,9 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, deepseek_v2_group_limited_normalised_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v2_group_limited_scaled_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_fp8_routed_bf16_shared_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_bf16_routed_fp8_shared_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fused_unnormalised_two_shared_match_float64_reference);
 	tcase_add_test(tc, deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end);

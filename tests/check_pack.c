@@ -6,7 +6,8 @@
  * every architecture are packed and each stored blob is compared with the
  * checkpoint's tensors, read by name here (not through hfmodel) so that a
  * naming mistake there cannot hide; sharded, fused and plain experts, dtype
- * conversion, a failure that leaves nothing, fp8 refused, progress.
+ * conversion, a failure that leaves nothing, FP8 kept in its own bytes
+ * (shared expert apart) and its errors, progress.
  */
 #include "config.h"
 
@@ -522,11 +523,31 @@ START_TEST(pack_failure_leaves_nothing)
 }
 END_TEST
 
-/* A tiny DeepSeek-V3 FP8 checkpoint, written by hand: F8_E4M3 experts with
- * weight_scale_inv, as DeepSeek released V3. */
-static void write_fp8_checkpoint(const char *dir)
+/* A tiny DeepSeek-V3 FP8 checkpoint, written by hand as DeepSeek released
+ * V3: F8_E4M3 expert matrices with X.weight_scale_inv (F32, or @scale_dt),
+ * H = 200 and I = 72 so that both dimensions end in a partial block; with
+ * @shared a shared expert, FP8 unless @shared_bf16 (and then the routed
+ * experts bf16 when @routed_bf16).  @quant is the quantization_config;
+ * @drop names a scale tensor left out.  Every data byte is a pattern, so
+ * that what pack copies can be compared. */
+struct fp8_ckpt {
+	const char *quant;
+	const char *scale_dt;
+	const char *drop;
+	bool shared, shared_bf16, routed_bf16;
+};
+
+#define FP8_H 200
+#define FP8_I 72
+#define FP8_E 4
+#define FP8_QUANT "{\"quant_method\": \"fp8\", \"fmt\": \"e4m3\", " \
+	"\"activation_scheme\": \"dynamic\", \"weight_block_size\": [128, 128]}"
+
+static void write_fp8_checkpoint(const char *dir, const struct fp8_ckpt *o)
 {
-	const uint32_t H = 16, I = 8, E = 4;
+	const uint32_t H = FP8_H, I = FP8_I, E = FP8_E;
+	const char *scale_dt = o->scale_dt ? o->scale_dt : "F32";
+	uint64_t ses = !strcmp(scale_dt, "F32") ? 4 : !strcmp(scale_dt, "F8_E4M3") ? 1 : 2;
 	json_t *hdr = json_object();
 	uint64_t pos = 0;
 	char name[128], *path, *text;
@@ -537,9 +558,9 @@ static void write_fp8_checkpoint(const char *dir)
 	ck_assert(f != NULL);
 	fprintf(f, "{\"model_type\": \"deepseek_v3\", \"hidden_size\": %u, \"num_hidden_layers\": 1,"
 		" \"n_routed_experts\": %u, \"num_experts_per_tok\": 2, \"moe_intermediate_size\": %u,"
-		" \"n_shared_experts\": 0, \"n_group\": 1, \"topk_group\": 1,"
-		" \"quantization_config\": {\"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]}}\n",
-		H, E, I);
+		" \"n_shared_experts\": %d, \"n_group\": 1, \"topk_group\": 1,"
+		" \"quantization_config\": %s}\n", H, E, I, o->shared ? 1 : 0,
+		o->quant ? o->quant : FP8_QUANT);
 	fclose(f);
 	free(path);
 
@@ -555,13 +576,30 @@ static void write_fp8_checkpoint(const char *dir)
 			    json_pack("{s:s,s:[I],s:[I,I]}", "dtype", "F32", "shape", (json_int_t)E,
 				      "data_offsets", (json_int_t)pos, (json_int_t)(pos + 4 * E)));
 	pos += 4 * E;
-	for (uint32_t j = 0; j < E; j++) {
+	for (uint32_t j = 0; j <= E; j++) {
 		static const char *const parts[3] = { "gate_proj", "up_proj", "down_proj" };
+		bool sh = j == E, bf16 = sh ? o->shared_bf16 : o->routed_bf16;
+		char base[96];
 
+		if (sh && !o->shared)
+			break;
+		if (sh)
+			snprintf(base, sizeof(base), "model.layers.0.mlp.shared_experts");
+		else
+			snprintf(base, sizeof(base), "model.layers.0.mlp.experts.%u", j);
 		for (int p = 0; p < 3; p++) {
-			T("F8_E4M3", p == 2 ? H : I, p == 2 ? I : H, 1,
-			  "model.layers.0.mlp.experts.%u.%s.weight", j, parts[p]);
-			T("F32", 1, 1, 4, "model.layers.0.mlp.experts.%u.%s.weight_scale_inv", j, parts[p]);
+			uint64_t a = p == 2 ? H : I, b = p == 2 ? I : H;
+
+			if (bf16) {
+				T("BF16", a, b, 2, "%s.%s.weight", base, parts[p]);
+				continue;
+			}
+			T("F8_E4M3", a, b, 1, "%s.%s.weight", base, parts[p]);
+			snprintf(name, sizeof(name), "%s.%s.weight_scale_inv", base, parts[p]);
+			if (o->drop && !strcmp(o->drop, name))
+				continue;
+			T(scale_dt, (a + 127) / 128, (b + 127) / 128, ses, "%s.%s.weight_scale_inv", base,
+			  parts[p]);
 		}
 	}
 #undef T
@@ -572,38 +610,234 @@ static void write_fp8_checkpoint(const char *dir)
 	ck_assert(f != NULL);
 	{
 		uint64_t n = strlen(text);
-		uint8_t zero[64] = { 0 };
 
 		fwrite(&n, 8, 1, f);
 		fwrite(text, 1, n, f);
-		while (pos > 0) {
-			size_t k = pos > sizeof(zero) ? sizeof(zero) : (size_t)pos;
-
-			fwrite(zero, 1, k, f);
-			pos -= k;
-		}
+		/* a pattern with small exponents: scales and bf16 stay finite */
+		for (uint64_t i = 0; i < pos; i++)
+			fputc((int)((i * 37 + i / 251) & 0x3f), f);
 	}
 	fclose(f);
 	free(path);
 	free(text);
 }
 
-START_TEST(pack_refuses_fp8)
+static int pack_fp8(const char *dir, const struct fp8_ckpt *o, char **ret_out, struct moe_err *err)
 {
-	char *dir = moe_test_tmpdir("fp8"), *out;
 	struct moe_pack_options po = { .dtype = -1 };
-	struct moe_err err = { 0 };
-	int r;
 
-	write_fp8_checkpoint(dir);
-	ck_assert(asprintf(&out, "%s/out.moe", dir) > 0);
-	r = moe_pack(dir, out, &po, &err);
-	ck_assert_int_eq(r, -ENOTSUP);
-	ck_assert_msg(strstr(err.msg, "FP8 block-quantized weights are not supported yet: tensor "
-			     "'model.layers.0.mlp.experts.0.gate_proj.weight'"), "%s", err.msg);
+	write_fp8_checkpoint(dir, o);
+	ck_assert(asprintf(ret_out, "%s/out.moe", dir) > 0);
+	return moe_pack(dir, *ret_out, &po, err);
+}
+
+/* The bytes of matrix @name: codes then float32 scales at @blob. */
+static void expect_fp8_matrix(const struct moe_st_checkpoint *ck, const char *name, uint64_t rows,
+			      uint64_t cols, const uint8_t *blob)
+{
+	const struct moe_st_tensor *t = moe_st_find(ck, name), *s;
+	char sname[160];
+	struct moe_err err = { 0 };
+	uint8_t *codes = malloc(rows * cols);
+	uint64_t nb = (rows + 127) / 128 * ((cols + 127) / 128);
+	float *want = malloc(nb * sizeof(float));
+	uint8_t *raw = malloc(nb * 4);
+
+	ck_assert(t && codes && want && raw);
+	snprintf(sname, sizeof(sname), "%s_scale_inv", name);
+	s = moe_st_find(ck, sname);
+	ck_assert(s);
+	ck_assert_int_eq(moe_st_read(ck, t, 0, codes, rows * cols, &err), 0);
+	ck_assert_msg(memcmp(codes, blob, rows * cols) == 0, "%s: the codes are not the checkpoint's", name);
+	for (uint64_t i = rows * cols; i < moe_matrix_scales_offset(rows, cols); i++)
+		ck_assert_msg(blob[i] == 0, "%s: padding byte %llu is not zero", name, (unsigned long long)i);
+	ck_assert_int_eq(moe_st_read(ck, s, 0, raw, s->nbytes, &err), 0);
+	moe_dtype_to_f32((enum moe_dtype)s->dtype, raw, want, nb);
+	ck_assert_msg(memcmp(want, blob + moe_matrix_scales_offset(rows, cols), nb * 4) == 0,
+		      "%s: the scales are not the checkpoint's", name);
+	free(codes);
+	free(want);
+	free(raw);
+}
+
+/* pack keeps the release's bytes: each FP8 blob is the codes and the
+ * scales of the checkpoint, partial blocks included; bf16 scales widen. */
+START_TEST(pack_keeps_fp8_bytes)
+{
+	static const char *const scale_dts[] = { "F32", "BF16" };
+	static const char *const parts[3] = { "gate_proj", "up_proj", "down_proj" };
+
+	for (int sd = 0; sd < 2; sd++) {
+		char *dir = moe_test_tmpdir("fp8"), *out, name[128];
+		struct fp8_ckpt o = { .scale_dt = scale_dts[sd], .shared = true };
+		struct moe_st_checkpoint *ck;
+		struct moe_store *s;
+		struct moe_err err = { 0 };
+		uint8_t *blob;
+		int r = pack_fp8(dir, &o, &out, &err);
+
+		ck_assert_msg(r == 0, "pack: %s", err.msg);
+		ck_assert_int_eq(moe_store_open(out, &s, &err), 0);
+		ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		ck_assert_int_eq(s->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		ck_assert_int_eq(s->hdr.version, 1);   /* one dtype: old readers refuse dtype 3 */
+		ck_assert_str_eq(s->hdr.source_dtype, "fp8");
+		ck_assert_int_eq(moe_st_checkpoint_open(dir, &ck, &err), 0);
+		blob = malloc(s->hdr.expert_bytes > moe_shared_bytes(&s->cfg) ? s->hdr.expert_bytes
+									       : moe_shared_bytes(&s->cfg));
+		for (uint32_t j = 0; j <= FP8_E; j++) {
+			uint64_t pos = 0;
+
+			if (j < FP8_E)
+				ck_assert_int_eq(moe_store_read_expert(s, 0, j, blob, &err), 0);
+			else
+				ck_assert_int_eq(moe_store_read_shared(s, 0, blob, &err), 0);
+			for (int p = 0; p < 3; p++) {
+				uint64_t a = p == 2 ? FP8_H : FP8_I, b = p == 2 ? FP8_I : FP8_H;
+
+				if (j < FP8_E)
+					snprintf(name, sizeof(name), "model.layers.0.mlp.experts.%u.%s.weight", j,
+						 parts[p]);
+				else
+					snprintf(name, sizeof(name), "model.layers.0.mlp.shared_experts.%s.weight",
+						 parts[p]);
+				expect_fp8_matrix(ck, name, a, b, blob + pos);
+				pos += moe_matrix_bytes(MOE_DTYPE_FP8_E4M3_B128, a, b);
+			}
+		}
+		free(blob);
+		moe_st_checkpoint_close(ck);
+		moe_store_close(s);
+		free(out);
+		free(dir);
+	}
+}
+END_TEST
+
+/* --dtype f32 or bf16 dequantizes: w = e4m3(code) * scale in float32, then
+ * rounded, as DeepSeek's fp8_cast_bf16.py does; the store is one dtype. */
+START_TEST(pack_dtype_dequantizes_fp8)
+{
+	static const enum moe_dtype tos[] = { MOE_DTYPE_F32, MOE_DTYPE_BF16 };
+	static const char *const parts[3] = { "gate_proj", "up_proj", "down_proj" };
+
+	for (int ti = 0; ti < 2; ti++) {
+		char *dir = moe_test_tmpdir("fp8deq"), *out, name[160];
+		struct fp8_ckpt o = { .shared = true, .scale_dt = "BF16" };
+		struct moe_pack_options po = { .dtype = (int)tos[ti] };
+		struct moe_st_checkpoint *ck;
+		struct moe_store *s;
+		struct moe_err err = { 0 };
+		uint8_t *blob;
+		uint64_t pos = 0;
+
+		write_fp8_checkpoint(dir, &o);
+		ck_assert(asprintf(&out, "%s/out.moe", dir) > 0);
+		ck_assert_msg(moe_pack(dir, out, &po, &err) == 0, "pack: %s", err.msg);
+		ck_assert_int_eq(moe_store_open(out, &s, &err), 0);
+		ck_assert_int_eq(s->cfg.weight_dtype, tos[ti]);
+		ck_assert_int_eq(s->cfg.shared_dtype, tos[ti]);
+		ck_assert_int_eq(moe_st_checkpoint_open(dir, &ck, &err), 0);
+		blob = malloc(s->hdr.expert_bytes);
+		ck_assert_int_eq(moe_store_read_expert(s, 0, 1, blob, &err), 0);
+		for (int p = 0; p < 3; p++) {
+			uint64_t a = p == 2 ? FP8_H : FP8_I, b = p == 2 ? FP8_I : FP8_H, kb = (b + 127) / 128;
+			const struct moe_st_tensor *t, *st;
+			uint8_t *codes = malloc(a * b);
+			uint16_t sraw[4];
+			float sc[4];
+
+			snprintf(name, sizeof(name), "model.layers.0.mlp.experts.1.%s.weight", parts[p]);
+			t = moe_st_find(ck, name);
+			snprintf(name, sizeof(name), "model.layers.0.mlp.experts.1.%s.weight_scale_inv", parts[p]);
+			st = moe_st_find(ck, name);
+			ck_assert(t && st && st->nbytes <= sizeof(sraw));
+			ck_assert_int_eq(moe_st_read(ck, t, 0, codes, a * b, &err), 0);
+			ck_assert_int_eq(moe_st_read(ck, st, 0, sraw, st->nbytes, &err), 0);
+			moe_dtype_to_f32(MOE_DTYPE_BF16, sraw, sc, st->nbytes / 2);
+			for (uint64_t i = 0; i < a; i++)
+				for (uint64_t j = 0; j < b; j++) {
+					float w = moe_e4m3_to_f32(codes[i * b + j]) * sc[i / 128 * kb + j / 128];
+					const uint8_t *at = blob + pos + (i * b + j) * moe_dtype_size(tos[ti]);
+
+					if (tos[ti] == MOE_DTYPE_F32)
+						ck_assert_msg(memcmp(at, &w, 4) == 0, "%s [%llu][%llu]", parts[p],
+							      (unsigned long long)i, (unsigned long long)j);
+					else {
+						uint16_t h = moe_f32_to_bf16(w);
+
+						ck_assert_msg(memcmp(at, &h, 2) == 0, "%s [%llu][%llu]", parts[p],
+							      (unsigned long long)i, (unsigned long long)j);
+					}
+				}
+			pos += a * b * moe_dtype_size(tos[ti]);
+			free(codes);
+		}
+		free(blob);
+		moe_st_checkpoint_close(ck);
+		moe_store_close(s);
+		free(out);
+		free(dir);
+	}
+}
+END_TEST
+
+/* DeepSeek-V3's shared expert is FP8 like its routed ones; a release that
+ * quantizes only one of them keeps each in its own dtype: version 2. */
+START_TEST(pack_keeps_shared_expert_dtype_apart)
+{
+	for (int which = 0; which < 2; which++) {
+		char *dir = moe_test_tmpdir("fp8mix"), *out;
+		struct fp8_ckpt o = { .shared = true, .shared_bf16 = which == 0, .routed_bf16 = which == 1 };
+		struct moe_store *s;
+		struct moe_err err = { 0 };
+		int r = pack_fp8(dir, &o, &out, &err);
+
+		ck_assert_msg(r == 0, "pack: %s", err.msg);
+		ck_assert_int_eq(moe_store_open(out, &s, &err), 0);
+		ck_assert_int_eq(s->cfg.weight_dtype, which ? MOE_DTYPE_BF16 : MOE_DTYPE_FP8_E4M3_B128);
+		ck_assert_int_eq(s->cfg.shared_dtype, which ? MOE_DTYPE_FP8_E4M3_B128 : MOE_DTYPE_BF16);
+		ck_assert_int_eq(s->hdr.version, 2);
+		ck_assert_int_eq(moe_store_verify(s, NULL, NULL, NULL, &err), 0);
+		moe_store_close(s);
+		free(out);
+		free(dir);
+	}
+}
+END_TEST
+
+static void expect_pack_fails(const struct fp8_ckpt *o, int code, const char *want)
+{
+	char *dir = moe_test_tmpdir("fp8bad"), *out;
+	struct moe_err err = { 0 };
+	int r = pack_fp8(dir, o, &out, &err);
+
+	ck_assert_msg(r == code, "pack gave %d (%s), not %d", r, err.msg, code);
+	ck_assert_msg(strstr(err.msg, want), "message '%s' lacks '%s'", err.msg, want);
 	ck_assert(!moe_test_exists(out));
 	free(out);
 	free(dir);
+}
+
+START_TEST(pack_fp8_errors_name_the_culprit)
+{
+	struct fp8_ckpt o = { .drop = "model.layers.0.mlp.experts.2.up_proj.weight_scale_inv" };
+
+	expect_pack_fails(&o, -ENOENT, "tensor 'model.layers.0.mlp.experts.2.up_proj.weight' in ");
+	expect_pack_fails(&o, -ENOENT, "is F8_E4M3 but its scales "
+			  "'model.layers.0.mlp.experts.2.up_proj.weight_scale_inv' are missing");
+	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"awq\", \"bits\": 4}" };
+	expect_pack_fails(&o, -ENOTSUP, "quantization_config.quant_method 'awq' is not supported "
+			  "(supported: fp8 with weight_block_size [128, 128])");
+	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"fp8\", \"weight_block_size\": [64, 64]}" };
+	expect_pack_fails(&o, -ENOTSUP, "weight_block_size [64, 64] is not supported");
+	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"fp8\", \"fmt\": \"e5m2\", "
+			       "\"weight_block_size\": [128, 128]}" };
+	expect_pack_fails(&o, -ENOTSUP, "quantization_config.fmt 'e5m2' is not supported");
+	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"fp8\"}" };
+	expect_pack_fails(&o, -ENOTSUP, "no weight_block_size: per-tensor FP8 is not supported");
+	o = (struct fp8_ckpt){ .scale_dt = "F8_E4M3" };
+	expect_pack_fails(&o, -ENOTSUP, "have dtype F8_E4M3; moed reads F32, BF16 and F16 scales");
 }
 END_TEST
 
@@ -694,7 +928,10 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, pack_converts_dtype);
 	tcase_add_test(tc, pack_plain_experts);
 	tcase_add_test(tc, pack_failure_leaves_nothing);
-	tcase_add_test(tc, pack_refuses_fp8);
+	tcase_add_test(tc, pack_keeps_fp8_bytes);
+	tcase_add_test(tc, pack_keeps_shared_expert_dtype_apart);
+	tcase_add_test(tc, pack_dtype_dequantizes_fp8);
+	tcase_add_test(tc, pack_fp8_errors_name_the_culprit);
 	tcase_add_test(tc, pack_progress_reaches_total);
 	tcase_add_test(tc, pack_mixed_dtypes_need_a_target);
 	suite_add_tcase(s, tc);

@@ -60,6 +60,7 @@ static struct moe_model_config make_cfg(enum moe_arch arch, uint32_t E, uint32_t
 		.act = MOE_ACT_SILU,
 		.routed_scaling_factor = 1.0f,
 		.weight_dtype = MOE_DTYPE_F32,
+		.shared_dtype = MOE_DTYPE_F32,
 	};
 
 	if (arch == MOE_ARCH_DEEPSEEK_V3) {

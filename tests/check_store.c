@@ -42,6 +42,7 @@ static void synth_config(struct moe_model_config *c)
 	c->act = MOE_ACT_SILU;
 	c->routed_scaling_factor = 2.5f;
 	c->weight_dtype = MOE_DTYPE_BF16;
+	c->shared_dtype = MOE_DTYPE_BF16;
 }
 
 static const uint32_t synth_layers[] = { 1, 2, 4 };
@@ -323,10 +324,13 @@ END_TEST
 START_TEST(rejects_other_version)
 {
 	char *path = synth_path("store");
-	uint32_t v = 2;
+	uint32_t v = MOE_STORE_VERSION + 1;
 
 	patch(path, 8, &v, 4);
-	expect_open_fails(path, -EPROTO, "version 2, this program reads version 1");
+	expect_open_fails(path, -EPROTO, "version 3, this program reads versions 1 to 2");
+	v = 0;
+	patch(path, 8, &v, 4);
+	expect_open_fails(path, -EPROTO, "version 0, this program reads versions 1 to 2");
 	free(path);
 }
 END_TEST

@@ -89,6 +89,19 @@ gen_model "$T/sharded" --arch mixtral --hidden 256 --moe-intermediate 128 --shar
 rm "$T/sharded/model-00002-of-"*.safetensors
 bad "model-00002-of-.*safetensors" "$MOECTL" pack "$T/sharded" -o "$T/x.moe"
 
+# FP8 checkpoints (DeepSeek-V3's release format): a quant_method moed does
+# not serve, a scale tensor missing (renamed in the header, same length)
+gen_model "$T/fp8" --arch deepseek_v3 --quant fp8 --seed 1
+rm -rf "$T/gptq" && cp -R "$T/fp8" "$T/gptq"
+sed -i 's/"quant_method": *"fp8"/"quant_method": "gptq"/' "$T/gptq/config.json"
+bad "config.json: quantization_config.quant_method 'gptq' is not supported \(supported: fp8 with weight_block_size \[128, 128\]\)" \
+	"$MOECTL" pack "$T/gptq" -o "$T/x.moe"
+rm -rf "$T/noscale" && cp -R "$T/fp8" "$T/noscale"
+sed -i 's/model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight_scale_inv/model.layers.1.mlp.experts.3.up_proj.weight_scale_inX/' \
+	"$T/noscale/model.safetensors"
+bad "tensor 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight' in .*noscale/model\.safetensors is F8_E4M3 but its scales 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight_scale_inv' are missing" \
+	"$MOECTL" pack "$T/noscale" -o "$T/x.moe"
+
 # nothing is left behind by a failed pack
 [ ! -e "$T/x.moe" ] && [ ! -e "$T/x.moe.tmp" ] || fail "a failed pack left $T/x.moe(.tmp)"
 

@@ -191,6 +191,38 @@ grep -F '"scoring": "sigmoid"' "$T/out" >/dev/null || fail "glm-4.5-air: not sig
 ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --random-input 3 --seed 3 --output "$d/out.npy"
 [ "$(npy_shape "$d/out.npy")" = "(3, 64)" ] || fail "glm-4.5-air: output shape $(npy_shape "$d/out.npy")"
 
+# ---- FP8 as DeepSeek-V3 is released --------------------------------------------
+# Codes and 128x128 block scales kept as they are (partial blocks at H 200,
+# I 72), shown by inspect, served by the CPU (check_numerics holds them to
+# the float64 reference).
+
+d=$T/fp8
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --arch deepseek_v3 --hidden 200 --moe-intermediate 72 --quant fp8 --seed 7 \
+	-o "$d/hf"
+grep -F '"quant_method": "fp8"' "$d/hf/config.json" >/dev/null || fail "fp8: no quantization_config"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+grep -F "(fp8_e4m3_b128)" "$T/out" >/dev/null || fail "fp8: pack does not say fp8_e4m3_b128"
+ok "$MOECTL" inspect "$d/model.moe"
+grep -E "^expert blob: .*fp8_e4m3_b128, 8\.[0-9]+ bits/weight" "$T/out" >/dev/null ||
+	fail "fp8: inspect does not show the blob's format and bits per weight"
+grep -E "^shared blob: .*fp8_e4m3_b128" "$T/out" >/dev/null || fail "fp8: inspect: shared blob"
+ok "$MOECTL" inspect --json "$d/model.moe"
+grep -F '"weight_dtype": "fp8_e4m3_b128"' "$T/out" >/dev/null || fail "fp8: inspect --json weight_dtype"
+ok "$MOECTL" verify "$d/model.moe"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --random-input 5 --seed 3 \
+	--save-input "$d/in.npy" --output "$d/out.npy" --threads 2
+[ "$(npy_shape "$d/out.npy")" = "(5, 200)" ] || fail "fp8: output shape $(npy_shape "$d/out.npy")"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 2 --input "$d/in.npy" --output "$d/out1.npy" \
+	--threads 1
+cmp -s "$d/out.npy" "$d/out1.npy" || fail "fp8: the thread count changed the output bits"
+# --dtype bf16 dequantizes (for a backend without FP8 kernels)
+ok "$MOECTL" pack "$d/hf" -o "$d/bf16.moe" --dtype bf16
+ok "$MOECTL" inspect "$d/bf16.moe"
+grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "fp8 --dtype bf16: inspect"
+ok "$MOECTL" forward --model "$d/bf16.moe" --layer 2 --input "$d/in.npy" --output "$d/outb.npy"
+[ "$(npy_shape "$d/outb.npy")" = "(5, 200)" ] || fail "fp8 --dtype bf16: output shape"
+
 # ---- what forward refuses --------------------------------------------------------
 # A DeepSeek-V3 model whose layer 0 is dense.
 

@@ -555,7 +555,68 @@ static int read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t
 	return 0;
 }
 
-/* Allocate and read a whole tensor of @nelem elements. */
+/* float8 e4m3fn from its definition (OCP FP8, the "fn" variant): sign,
+ * 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal
+ * (m/8 * 2^-6); no infinities; exponent 15 with mantissa 7 is NaN. */
+double ref_e4m3_to_double(uint8_t c)
+{
+	int e = (c >> 3) & 15, m = c & 7;
+	double v;
+
+	if (e == 15 && m == 7)
+		return NAN;
+	v = e ? ldexp(1.0 + m / 8.0, e - 7) : ldexp(m / 8.0, -6);
+	return c & 0x80 ? -v : v;
+}
+
+/*
+ * An F8_E4M3 matrix [R][C] with its X_scale_inv [ceil(R/128)][ceil(C/128)]
+ * (ARCHITECTURE.md 4.1a; DeepSeek-V3's weight_dequant): w[i][j] =
+ * e4m3(code[i][j]) * scale[i/128][j/128], in double.
+ */
+static int read_fp8(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem, double *dst)
+{
+	const struct moe_st_tensor *st;
+	struct moe_err err = {0};
+	uint64_t R, C, kb;
+	unsigned char *codes;
+	double *sc;
+	int rc;
+
+	if (t->ndim != 2 || t->shape[0] * t->shape[1] != nelem || t->nbytes != nelem)
+		return fail(ld, -EINVAL, "%s: an FP8 matrix of %llu elements expected", t->name,
+			    (unsigned long long)nelem);
+	R = t->shape[0];
+	C = t->shape[1];
+	kb = (C + 127) / 128;
+	st = find(ld, "%s_scale_inv", t->name);
+	if (!st)
+		return fail(ld, -ENOENT, "%s_scale_inv: not in the checkpoint", t->name);
+	if (st->ndim != 2 || st->shape[0] != (R + 127) / 128 || st->shape[1] != kb)
+		return fail(ld, -EINVAL, "%s: bad scale shape", st->name);
+	codes = malloc(nelem ? nelem : 1);
+	sc = malloc(sizeof(double) * st->shape[0] * kb);
+	if (!codes || !sc) {
+		free(codes);
+		free(sc);
+		return fail(ld, -ENOMEM, "out of memory");
+	}
+	rc = moe_st_read(ld->ck, t, 0, codes, nelem, &err);
+	if (rc < 0)
+		rc = fail(ld, rc, "%s", err.msg);
+	else
+		rc = read_elems(ld, st, st->shape[0] * kb, 0, st->shape[0] * kb, sc);
+	if (rc == 0)
+		for (uint64_t i = 0; i < R; i++)
+			for (uint64_t j = 0; j < C; j++)
+				dst[i * C + j] = ref_e4m3_to_double(codes[i * C + j]) * sc[i / 128 * kb + j / 128];
+	free(codes);
+	free(sc);
+	return rc;
+}
+
+/* Allocate and read a whole tensor of @nelem elements (an FP8 matrix
+ * dequantized with its scales). */
 static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
 		       double **ret)
 {
@@ -564,7 +625,10 @@ static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_
 
 	if (!d)
 		return fail(ld, -ENOMEM, "out of memory");
-	rc = read_elems(ld, t, nelem, 0, nelem, d);
+	if (!strcmp(t->st_dtype, "F8_E4M3"))
+		rc = read_fp8(ld, t, nelem, d);
+	else
+		rc = read_elems(ld, t, nelem, 0, nelem, d);
 	if (rc < 0) {
 		free(d);
 		return rc;

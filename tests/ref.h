@@ -63,6 +63,7 @@ float ref_round_bf16(float f);
 /* Decode 16-bit floats to double, written here rather than taken from dtype.h. */
 double ref_bf16_to_double(uint16_t h);
 double ref_f16_to_double(uint16_t h);
+double ref_e4m3_to_double(uint8_t c);
 
 /* One MoE layer of a Hugging Face checkpoint, every weight as double. */
 struct ref_layer {
@@ -92,7 +93,9 @@ struct ref_layer {
  * index (mixtral w1/w3/w2, the others gate/up/down_proj) or fused
  * (experts.gate_up_proj [E,2I,H] gate rows first, experts.down_proj
  * [E,H,I]), router, deepseek_v3 bias, shared expert(s) and qwen2_moe's
- * shared gate.  F32, BF16 and F16 tensors are decoded to double.  Returns 0
+ * shared gate.  F32, BF16 and F16 tensors are decoded to double; F8_E4M3
+ * expert matrices are dequantized with their X.weight_scale_inv (128 x 128
+ * blocks, ARCHITECTURE.md 4.1a).  Returns 0
  * and *ret, or a negative errno with a message in @msg.
  */
 int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
