@@ -3,9 +3,11 @@
 #
 # moed quick start: generate a small DeepSeek-V3-shaped checkpoint, pack it
 # into a .moe store, run one of its MoE layers on batches of 1, 16 and 256
-# random tokens, compare with the same layer computing every expert, and run
-# every MoE layer with only a quarter of the model in memory, the rest paged
-# in from the store, with and without prefetching.
+# random tokens, compare with the same layer computing every expert, serve
+# the same model in FP8 as DeepSeek-V3 is released (its bytes per expert and
+# tokens/s against bf16), and run every MoE layer with only a quarter of the
+# model in memory, the rest paged in from the store, with and without
+# prefetching.
 #
 #   ./demo.sh                  after a build in the source tree
 #   BUILD_DIR=../build ./demo.sh
@@ -77,15 +79,15 @@ run "$work/gen.log" "$MOECTL" gen-model --arch deepseek_v3 --layers $LAYERS --fi
 	--hidden $H --moe-intermediate $I --intermediate $((2 * I)) --experts $E --top-k $K \
 	--groups $G --topk-group $KG --shared-experts $SHARED --vocab 1024 --mtp-layers 0 \
 	--router-skew 1 --seed 1 -o "$work/hf"
-echo "[1/6] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
+echo "[1/7] gen-model: $(du -sh "$work/hf" | cut -f1)B random checkpoint in $(since "$t0") s"
 
 t0=$(now)
 run "$work/pack.log" "$MOECTL" pack "$work/hf" -o "$work/model.moe"
 rm -rf "$work/hf"
 run "$work/verify.log" "$MOECTL" verify "$work/model.moe"
-echo "[2/6] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
+echo "[2/7] pack: $(du -sh "$work/model.moe" | cut -f1)B store in $(since "$t0") s, every checksum verified"
 
-echo "[3/6] forward, layer $LAYER (first run reads the experts it needs from the store;"
+echo "[3/7] forward, layer $LAYER (first run reads the experts it needs from the store;"
 echo "      then the best of $((REPEAT - 1)) runs):"
 printf '      %6s  %12s  %12s  %10s\n' tokens "first run" "per batch" "tokens/s"
 for T in 1 16 256; do
@@ -107,17 +109,47 @@ run "$work/dense.log" "$MOECTL" forward --model "$work/model.moe" --layer $LAYER
 dense=$(field "$work/dense.log" "ms mean,")
 [ -n "$dense" ] || die "no timing in the output of forward --all-experts"
 awk -v e=$E -v d="$dense" 'BEGIN {
-	printf "[4/6] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
+	printf "[4/7] the same 256 tokens through all %d experts (--all-experts): %.2f ms per batch\n", e, d
 }'
 awk -v s="$best" -v d="$dense" -v e=$E -v k=$K -v sh=$SHARED 'BEGIN {
 	printf "      top-%d of %d experts: %.1fx faster than computing every expert\n", k, e, d / s
 	printf "      (ideal %.1fx: %d instead of %d expert FFNs per token, counting the shared one)\n",
 		(e + sh) / (k + sh), k + sh, e + sh
 }'
+# The checkpoints people download are rarely bf16: DeepSeek-V3 is released
+# in FP8 with 128x128 block scales.  moed keeps those bytes as they are.
+t0=$(now)
+run "$work/gen8.log" "$MOECTL" gen-model --arch deepseek_v3 --layers $LAYERS --first-dense 1 \
+	--hidden $H --moe-intermediate $I --intermediate $((2 * I)) --experts $E --top-k $K \
+	--groups $G --topk-group $KG --shared-experts $SHARED --vocab 1024 --mtp-layers 0 \
+	--router-skew 1 --seed 1 --quant fp8 -o "$work/hf8"
+run "$work/pack8.log" "$MOECTL" pack "$work/hf8" -o "$work/fp8.moe"
+rm -rf "$work/hf8"
+run "$work/inspect.log" "$MOECTL" inspect "$work/model.moe"
+run "$work/inspect8.log" "$MOECTL" inspect "$work/fp8.moe"
+b16=$(field "$work/inspect.log" "expert blob:")
+b8=$(field "$work/inspect8.log" "expert blob:")
+[ -n "$b16" ] && [ -n "$b8" ] || die "no expert blob size in the output of inspect"
+echo "[5/7] the same model as DeepSeek-V3 is released, FP8 with 128x128 block scales,"
+echo "      packed in its own bytes ($(since "$t0") s):"
+awk -v a="$b16" -v b="$b8" 'BEGIN {
+	printf "      bytes per expert: %.2f MB in bf16, %.2f MB in FP8 (%.2fx fewer)\n", a / 1e6, b / 1e6, a / b
+}'
+printf '      %6s  %14s  %14s  %8s\n' tokens "bf16 tokens/s" "FP8 tokens/s" "FP8/bf16"
+for T in 1 16; do
+	run "$work/fwd8_$T.log" "$MOECTL" forward --model "$work/fp8.moe" --layer $LAYER \
+		--random-input $T --repeat "$REPEAT" --stats
+	b=$(field "$work/fwd$T.log" "ms mean,")
+	f=$(field "$work/fwd8_$T.log" "ms mean,")
+	[ -n "$b" ] && [ -n "$f" ] || die "no timing in the output of forward ($work/fwd8_$T.log)"
+	awk -v t=$T -v b="$b" -v f="$f" \
+		'BEGIN { printf "      %6d  %14.0f  %14.0f  %7.2fx\n", t, t / (b / 1e3), t / (f / 1e3), b / f }'
+done
+rm -f "$work/fp8.moe"
 # Paging: a third of the routed experts fit in the host cache.
 store_mb=$(( $(wc -c <"$work/model.moe") / 1048576 ))
 budget=$(( store_mb / 3 ))
-echo "[5/6] every MoE layer on 4-token batches (40 different ones, after a first one that"
+echo "[6/7] every MoE layer on 4-token batches (40 different ones, after a first one that"
 echo "      fills the cache) with a host budget of $budget MiB, a third of the $store_mb MiB store:"
 echo "      the rest is read from the store with io_uring while resident experts compute"
 printf '      %-12s %9s %8s %10s %10s %9s %15s\n' prefetch "ms/batch" "hit" "MiB read" "stall ms" "MB/s" "prec/recall"
@@ -155,7 +187,7 @@ until "$MOECTL" --socket "$work/moed.sock" info >/dev/null 2>&1; do
 	fi
 	sleep 0.1
 done
-echo "[6/6] moed serving the store on $work/moed.sock (pid $moed_pid); clients are"
+echo "[7/7] moed serving the store on $work/moed.sock (pid $moed_pid); clients are"
 echo "      separate processes that share its one copy of the experts and its batches"
 run "$work/same1.log" "$MOECTL" --socket "$work/moed.sock" forward --layer $LAYER --random-input 16 \
 	--output "$work/d.npy"
