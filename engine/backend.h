@@ -32,7 +32,8 @@ struct moe_layer_weights {
 	const struct moe_model_config *cfg;
 	uint32_t layer;               /* the checkpoint's layer number */
 	const float *router;          /* [E][H] float32 */
-	const float *bias;            /* [E] or NULL (deepseek_v3/glm4_moe correction bias) */
+	const float *bias;            /* [E] or NULL (deepseek_v3/glm4_moe correction
+				       * bias, gpt_oss router bias) */
 	const float *shared_gate;     /* [H] or NULL (qwen2_moe) */
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
@@ -61,6 +62,9 @@ struct moe_backend_options {
 				       * return values (cuda: a failed CUDA or
 				       * cuBLAS call, level 3); NULL: silent */
 	void *log_ctx;
+	const struct moe_model_config *model;  /* the model it will serve, so that
+				       * init can refuse one it cannot compute
+				       * (-ENOTSUP and why); NULL: not known */
 };
 
 struct moe_backend;
@@ -177,8 +181,12 @@ struct moe_backend_ops {
  *      moe_backend_options has log and log_ctx
  *   2  enum moe_arch has MOE_ARCH_GLM4_MOE: a version-1 module would route
  *      it by another architecture's rule
+ *   3  MOE_ARCH_GPT_OSS, MOE_ACT_SWIGLU_OAI, moe_model_config's
+ *      has_expert_bias, swiglu_alpha and swiglu_limit (expert blobs may
+ *      end in biases), moe_backend_options.model: a version-2 module would
+ *      serve gpt_oss without its biases and clamp
  */
-#define MOE_BACKEND_ABI_VERSION 2u
+#define MOE_BACKEND_ABI_VERSION 3u
 
 /*
  * What a backend module exports, as the symbol named

@@ -548,6 +548,7 @@ int moe_engine_open(const char *store_path, const struct moe_engine_options *opt
 			goto fail;
 		}
 	}
+	bo.model = e->cfg;
 	r = moe_backend_open(opt && opt->backend ? opt->backend : "auto", &bo, &e->backend, err);
 	if (r < 0)
 		goto fail;

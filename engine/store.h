@@ -11,7 +11,8 @@
  *                        uint64 XXH3-64 values (layer-major)
  *   then per MoE layer, in layer order:
  *     router region      (4096-aligned) float32 router [E][H]; then float32
- *                        correction bias [E] if has_bias; then float32
+ *                        bias [E] if has_bias (deepseek_v3/glm4_moe's
+ *                        correction bias, gpt_oss's router bias); then float32
  *                        shared-expert gate [H] if shared_gate
  *     shared blob        (4096-aligned, only with shared experts) gate [Is][H],
  *                        up [Is][H], down [H][Is] in the weight dtype
@@ -19,8 +20,10 @@
  *     experts            (expert_align-aligned) expert j at
  *                        experts_offset + j * expert_stride: gate [I][H],
  *                        up [I][H], down [H][I] in the weight dtype, rows
- *                        contiguous (no gate when !gated), zero padding to
- *                        expert_stride.
+ *                        contiguous (no gate when !gated); with
+ *                        has_expert_bias (gpt_oss), zero padding to 16 bytes
+ *                        and float32 biases gate [I], up [I], down [H];
+ *                        zero padding to expert_stride.
  *
  * Checksums are XXH3-64 (seed 0): the header's over its 4096 bytes with
  * header_checksum zeroed; each table's over the table; the router region's
@@ -83,7 +86,16 @@ struct moe_store_header {
 
 	char source[512];               /* checkpoint directory pack read (info) */
 	char source_dtype[8];           /* checkpoint dtype of the experts (info) */
-	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8];
+
+	/*
+	 * gpt_oss (taken from the reserved space, no new version: only
+	 * arch 7 with act 4 sets them, and a reader that predates them
+	 * refuses both numbers; 0 in every other store)
+	 */
+	uint32_t has_expert_bias;       /* 0/1: expert blobs end in float32 biases */
+	float swiglu_alpha;             /* act swiglu_oai: sigmoid gain */
+	float swiglu_limit;             /* act swiglu_oai: the clamp */
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 3 * 4];
 };
 _Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
 

@@ -419,7 +419,10 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 	case MOE_ARCH_DEEPSEEK_V2: r = parse_deepseek(&p, false); break;
 	case MOE_ARCH_DEEPSEEK_V3: r = parse_deepseek(&p, true); break;
 	case MOE_ARCH_GLM4_MOE: r = parse_glm4_moe(&p); break;
-	default: r = -EINVAL; break;
+	default:
+		r = moe_err_set(err, -EINVAL, "%s: model_type '%s' is not supported (supported: %s)",
+				file, type, moe_hf_supported_types());
+		break;
 	}
 	if (r < 0)
 		return r;

@@ -84,6 +84,8 @@ double ref_act(enum moe_act act, double v)
 		return 0.5 * v * (1.0 + tanh(sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
 	case MOE_ACT_RELU:
 		return v > 0.0 ? v : 0.0;
+	case MOE_ACT_SWIGLU_OAI:
+		break;          /* takes gate and up: ref_expert */
 	}
 	return NAN;
 }
