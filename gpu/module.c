@@ -9,10 +9,28 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 
 #include "engine/backend.h"
 #include "cuda.h"
+
+/*
+ * What the kernels here do not compute: gpt_oss's expert biases and clamped
+ * SwiGLU (the streaming kernels and the cuBLAS path apply act(gate) * up
+ * and no bias).  Such a model is refused at init, before anything is
+ * served, so that "auto" falls back to the CPU backend with this reason
+ * and "cuda" fails with it; never a wrong answer.
+ */
+static bool model_unsupported(const struct moe_model_config *m, char *why, size_t len)
+{
+	if (!m || (!m->has_expert_bias && m->act != MOE_ACT_SWIGLU_OAI))
+		return false;
+	/* the module does not link the engine: no moe_arch_name() here */
+	snprintf(why, len, "the CUDA backend does not compute %s experts yet (expert biases, clamped "
+		 "SwiGLU): use the CPU backend", m->arch == MOE_ARCH_GPT_OSS ? "gpt_oss" : "these");
+	return true;
+}
 
 static int cuda_init(struct moe_backend *be, const struct moe_backend_options *opt,
 		     struct moe_err *err)
@@ -20,7 +38,9 @@ static int cuda_init(struct moe_backend *be, const struct moe_backend_options *o
 	char why[256] = "";
 	int r;
 
-	if (!be) {
+	if (opt && model_unsupported(opt->model, why, sizeof(why))) {
+		r = -ENOTSUP;
+	} else if (!be) {
 		/* asked only why it cannot serve */
 		r = moe_cuda_probe(why, sizeof(why));
 		if (r >= 0) {
