@@ -487,7 +487,8 @@ NUMERICS_TEST(glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults,
  * biases; inputs large enough that many gate and up values pass
  * swiglu_limit (the case checks that they do), so an engine without the
  * clamp, the (up + 1), the biases or the top-k-then-softmax rule fails;
- * gpt-oss-120b's 128 experts; a config.json without swiglu_limit (7.0)
+ * gpt-oss-120b's 128 experts, at sizes whose matrices do not end on a
+ * 16-byte boundary (the biases follow padding); a config.json without swiglu_limit (7.0)
  * and one with another limit, which must be read. */
 NUMERICS_TEST(gpt_oss_20b_routing_matches_float64_reference,
 	      .arch = MOE_ARCH_GPT_OSS, .H = 96, .I = 40, .E = 32, .k = 4, .with_f16 = true)
@@ -495,7 +496,7 @@ NUMERICS_TEST(gpt_oss_clamped_swiglu_matches_float64_reference,
 	      .arch = MOE_ARCH_GPT_OSS, .H = 72, .I = 48, .E = 32, .k = 4, .x_scale = 12.0f,
 	      .want_clamps = true)
 NUMERICS_TEST(gpt_oss_120b_routing_matches_float64_reference,
-	      .arch = MOE_ARCH_GPT_OSS, .H = 64, .I = 24, .E = 128, .k = 4, .x_scale = 6.0f,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 66, .I = 26, .E = 128, .k = 4, .x_scale = 6.0f,
 	      .want_clamps = true)
 static void strip_swiglu_limit(const char *dir, uint32_t layer)
 {
