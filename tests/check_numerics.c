@@ -58,6 +58,7 @@ struct ncase {
 	float x_scale;               /* inputs uniform in [-x_scale, x_scale); 0: 1 */
 	bool want_clamps;            /* gpt_oss: the reference must hit swiglu_limit */
 	double swiglu_limit;         /* gpt_oss: what config.json must say; 0: 7.0 */
+	uint32_t chunk_kb;           /* the pager's chunk size; 0: its default */
 };
 
 static const uint32_t batch_sizes[] = { 1, 7, 64, 300 };
@@ -84,7 +85,8 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	const char *dn = moe_dtype_name(dt);
 	struct moe_gen_options opt;
 	struct moe_pack_options popt = { .dtype = -1 };
-	struct moe_engine_options eopt = { .backend = "cpu", .threads = 2 };
+	struct moe_engine_options eopt = { .backend = "cpu", .threads = 2,
+					   .pager = { .chunk_kb = c->chunk_kb } };
 	struct moe_err err = {0};
 	struct ref_layer *ref;
 	char msg[512];
@@ -498,6 +500,12 @@ NUMERICS_TEST(gpt_oss_clamped_swiglu_matches_float64_reference,
 NUMERICS_TEST(gpt_oss_120b_routing_matches_float64_reference,
 	      .arch = MOE_ARCH_GPT_OSS, .H = 66, .I = 26, .E = 128, .k = 4, .x_scale = 6.0f,
 	      .want_clamps = true)
+/* Experts paged in 64 KiB chunks whose boundary falls inside the biases
+ * (bf16: matrices end at 65280, biases to 66472; f32: 130560 to 131752):
+ * the CPU backend places each piece of them as it arrives. */
+NUMERICS_TEST(gpt_oss_biases_split_across_pager_chunks_match_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 128, .I = 85, .E = 8, .k = 4, .x_scale = 4.0f,
+	      .chunk_kb = 64)
 static void strip_swiglu_limit(const char *dir, uint32_t layer)
 {
 	char path[4096];
@@ -691,6 +699,7 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, gpt_oss_20b_routing_matches_float64_reference);
 	tcase_add_test(tc, gpt_oss_clamped_swiglu_matches_float64_reference);
 	tcase_add_test(tc, gpt_oss_120b_routing_matches_float64_reference);
+	tcase_add_test(tc, gpt_oss_biases_split_across_pager_chunks_match_float64_reference);
 	tcase_add_test(tc, gpt_oss_config_without_swiglu_limit_clamps_at_7);
 	tcase_add_test(tc, gpt_oss_config_swiglu_limit_is_read);
 	tcase_add_test(tc, all_experts_flag_averages_every_expert_and_adds_the_shared_one);
