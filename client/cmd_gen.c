@@ -71,10 +71,10 @@ static void gen_usage(FILE *f)
 	      "model.safetensors.index.json).  The same options and seed give the same bytes.\n"
 	      "\n"
 	      "  --arch ARCH             mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3,\n"
-	      "                          glm4_moe\n"
+	      "                          glm4_moe, gpt_oss\n"
 	      "  --preset NAME           tiny (default), small, deepseek-v3, deepseek-v2-lite,\n"
 	      "                          qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b,\n"
-	      "                          glm-4.5-air;\n"
+	      "                          glm-4.5-air, gpt-oss-20b, gpt-oss-120b;\n"
 	      "                          the other options override it (real presets keep the real\n"
 	      "                          layer count and vocabulary: lower them with --layers, --vocab)\n"
 	      "  --layers N              num_hidden_layers\n"
@@ -273,7 +273,7 @@ int cmd_gen_model(int argc, char **argv)
 	}
 	if (arch_s && moe_arch_parse(arch_s, &arch) < 0)
 		return moectl_fail("gen-model: unknown architecture '%s' (mixtral, qwen2_moe, qwen3_moe, "
-				   "olmoe, deepseek_v2, deepseek_v3, glm4_moe)", arch_s);
+				   "olmoe, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss)", arch_s);
 	o.arch = arch;
 	if (preset) {
 		r = moe_gen_preset(preset, &o, &err);

@@ -274,6 +274,12 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "sizes", sizes);
 	if (!root)
 		return moectl_fail("inspect: out of memory");
+	if (c->has_expert_bias || c->act == MOE_ACT_SWIGLU_OAI) {
+		/* gpt_oss only, so other stores print what they did */
+		json_object_set_new(root, "has_expert_bias", json_boolean(c->has_expert_bias));
+		json_object_set_new(root, "swiglu_alpha", json_real(float_for_json(c->swiglu_alpha)));
+		json_object_set_new(root, "swiglu_limit", json_real(float_for_json(c->swiglu_limit)));
+	}
 	text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
 	json_decref(root);
 	if (!text)
@@ -305,15 +311,21 @@ static void inspect_text(const char *path, const struct moe_store *s)
 		       c->shared_gate ? ", sigmoid gate" : "");
 	else
 		printf("shared:       none\n");
-	printf("expert FFN:   %s%s, %s\n", c->gated ? "gated " : "plain ", moe_act_name(c->act),
-	       moe_dtype_name(c->weight_dtype));
-	printf("routing:      %s, %s", scoring_name(c->scoring), topk_method_name(c->topk_method));
-	if (c->n_group > 1)
-		printf(" (%" PRIu32 " groups, keep %" PRIu32 ")", c->n_group, c->topk_group);
-	if (c->has_bias)
-		printf(", correction bias");
-	printf(", norm_topk_prob %s, routed_scaling_factor %g\n", c->norm_topk_prob ? "true" : "false",
-	       (double)c->routed_scaling_factor);
+	printf("expert FFN:   %s%s", c->gated ? "gated " : "plain ", moe_act_name(c->act));
+	if (c->act == MOE_ACT_SWIGLU_OAI)
+		printf(" (alpha %g, limit %g)", (double)c->swiglu_alpha, (double)c->swiglu_limit);
+	printf("%s, %s\n", c->has_expert_bias ? ", biases" : "", moe_dtype_name(c->weight_dtype));
+	if (c->arch == MOE_ARCH_GPT_OSS) {
+		printf("routing:      logits + router bias, top-k, softmax of the k\n");
+	} else {
+		printf("routing:      %s, %s", scoring_name(c->scoring), topk_method_name(c->topk_method));
+		if (c->n_group > 1)
+			printf(" (%" PRIu32 " groups, keep %" PRIu32 ")", c->n_group, c->topk_group);
+		if (c->has_bias)
+			printf(", correction bias");
+		printf(", norm_topk_prob %s, routed_scaling_factor %g\n", c->norm_topk_prob ? "true" : "false",
+		       (double)c->routed_scaling_factor);
+	}
 	layer_ranges(s, ranges, sizeof(ranges));
 	printf("layers:       %" PRIu32 " MoE of %" PRIu32 ": %s\n", h->num_moe_layers,
 	       c->num_hidden_layers, ranges);

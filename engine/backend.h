@@ -32,7 +32,8 @@ struct moe_layer_weights {
 	const struct moe_model_config *cfg;
 	uint32_t layer;               /* the checkpoint's layer number */
 	const float *router;          /* [E][H] float32 */
-	const float *bias;            /* [E] or NULL (deepseek_v3/glm4_moe correction bias) */
+	const float *bias;            /* [E] or NULL (deepseek_v3/glm4_moe correction
+				       * bias, gpt_oss router bias) */
 	const float *shared_gate;     /* [H] or NULL (qwen2_moe) */
 	const void *shared;           /* shared expert blob or NULL */
 	const void *const *experts;   /* [E] expert blobs (store layout) */
@@ -61,7 +62,9 @@ struct moe_backend_options {
 				       * return values (cuda: a failed CUDA or
 				       * cuBLAS call, level 3); NULL: silent */
 	void *log_ctx;
-	const struct moe_model_config *model;  /* the model it is opened to serve;
+	const struct moe_model_config *model;  /* the model it will serve, so that
+				       * supports and init can refuse one it
+				       * cannot compute (-ENOTSUP and why);
 				       * NULL: any (the self-test) */
 };
 
@@ -193,8 +196,12 @@ struct moe_backend_ops {
  *   3  moe_model_config has shared_dtype; enum moe_dtype has
  *      MOE_DTYPE_FP8_E4M3_B128; blob_* take the dtype; the ops have
  *      supports, moe_backend_options has model
+ *   4  MOE_ARCH_GPT_OSS, MOE_ACT_SWIGLU_OAI, moe_model_config's
+ *      has_expert_bias, swiglu_alpha and swiglu_limit (expert blobs may
+ *      end in biases): a version-3 module would serve gpt_oss without its
+ *      biases and clamp
  */
-#define MOE_BACKEND_ABI_VERSION 3u
+#define MOE_BACKEND_ABI_VERSION 4u
 
 /*
  * What a backend module exports, as the symbol named

@@ -15,6 +15,7 @@
  */
 #include "config.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdbool.h>
@@ -188,11 +189,27 @@ struct expert_job {
  * (no gate when !gated), each matrix in the packed layout of kernels.h,
  * so that a tile streams one sequential run of memory.
  */
-static uint64_t cpu_blob_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
+static uint64_t cpu_matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
 {
 	uint64_t H = c->hidden_size;
 
 	return (c->gated ? 2 : 1) * moe_kern_packed_bytes(dt, I, H) + moe_kern_packed_bytes(dt, H, I);
+}
+
+/* With has_expert_bias (routed experts only) the float32 biases follow the
+ * packed matrices, as in the store, at a 16-byte boundary.  Never with a
+ * blocked dtype: moe_model_config_validate refuses expert biases with FP8. */
+static uint64_t cpu_bias_offset(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
+{
+	assert(!moe_dtype_is_blocked(dt));
+	return (cpu_matrix_bytes(c, dt, I) + 15) & ~(uint64_t)15;
+}
+
+static uint64_t cpu_blob_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
+{
+	if (c->has_expert_bias)
+		return cpu_bias_offset(c, dt, I) + moe_expert_bias_count(c) * sizeof(float);
+	return cpu_matrix_bytes(c, dt, I);
 }
 
 static void cpu_blob_prepare(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I,
@@ -207,6 +224,19 @@ static void cpu_blob_prepare(const struct moe_model_config *c, enum moe_dtype dt
 	for (int m = 0; m < nin; m++)
 		moe_kern_pack(dt, s + m * in_store, I, H, d + m * in_packed);
 	moe_kern_pack(dt, s + nin * in_store, H, I, d + nin * in_packed);
+	if (c->has_expert_bias)
+		memcpy(d + cpu_bias_offset(c, dt, I), s + moe_expert_bias_offset(c),
+		       moe_expert_bias_count(c) * sizeof(float));
+}
+
+/* The expert's biases in its resident blob, gate [I], up [I], down [H]
+ * (gate absent when !gated), or NULL without has_expert_bias. */
+static const float *expert_bias(const struct moe_model_config *c, enum moe_dtype dt, const void *blob,
+				uint32_t I)
+{
+	if (!c->has_expert_bias)
+		return NULL;
+	return (const float *)((const char *)blob + cpu_bias_offset(c, dt, I));
 }
 
 /* Where the expert's matrices start in its resident blob. */
@@ -238,6 +268,7 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 	uint32_t I, H = c->hidden_size;
 	enum moe_dtype dt = t->expert < 0 ? c->shared_dtype : c->weight_dtype;
 	size_t ntok;
+	const float *bias;
 	float *h;
 
 	if (t->expert < 0) {
@@ -254,6 +285,7 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 		h = j->h + j->first[t->expert] * I;
 	}
 	expert_parts(c, dt, blob, I, &gate, &up, &down);
+	bias = t->expert < 0 ? NULL : expert_bias(c, dt, blob, I);
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_A) {
 		uint32_t nr = t->r1 - b0 < ROWS_A ? t->r1 - b0 : ROWS_A;
 
@@ -266,10 +298,20 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 							    ROWS_A);
 			for (size_t i = 0; i < nc; i++) {
 				float *hr = h + (c0 + i) * I + b0;
-				const float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
+				float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
+				if (bias) {
+					/* per element, after the canonical dot: batch invariant */
+					const float *gb = bias + b0, *ub = bias + (gate ? I : 0) + b0;
+					for (uint32_t r = 0; r < nr; r++) {
+						ur[r] += ub[r];
+						if (gate)
+							gr[r] += gb[r];
+					}
+				}
 				if (gate)
 					for (uint32_t r = 0; r < nr; r++)
-						hr[r] = moe_act_apply(c->act, gr[r]) * ur[r];
+						hr[r] = moe_act_glu(c->act, c->swiglu_alpha, c->swiglu_limit,
+								    gr[r], ur[r]);
 				else
 					for (uint32_t r = 0; r < nr; r++)
 						hr[r] = moe_act_apply(c->act, ur[r]);
@@ -288,6 +330,7 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 	uint32_t I, H = c->hidden_size;
 	enum moe_dtype dt = t->expert < 0 ? c->shared_dtype : c->weight_dtype;
 	size_t ntok;
+	const float *bias;
 	float *y;
 
 	(void)worker;
@@ -305,10 +348,17 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 		y = j->y + j->first[t->expert] * H;
 	}
 	expert_parts(c, dt, blob, I, &gate, &up, &down);
+	bias = t->expert < 0 ? NULL : expert_bias(c, dt, blob, I);
+	if (bias)
+		bias += (c->gated ? 2 : 1) * (size_t)I;     /* down's */
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_B) {
 		uint32_t nr = t->r1 - b0 < ROWS_B ? t->r1 - b0 : ROWS_B;
 
 		moe_kern_dot_rows_packed_at(dt, down, H, I, b0, nr, hs, ntok, y + b0, H);
+		if (bias)
+			for (size_t i = 0; i < ntok; i++)
+				for (uint32_t r = 0; r < nr; r++)
+					y[i * H + b0 + r] += bias[b0 + r];
 	}
 }
 
@@ -527,6 +577,14 @@ static void cpu_blob_prepare_range(const struct moe_model_config *c, enum moe_dt
 	const char *s = src;
 	char *d = dst;
 
+	if (c->has_expert_bias) {
+		/* the biases, after the matrices in both layouts: copied as they are */
+		uint64_t b0 = moe_expert_bias_offset(c), b1 = moe_expert_bytes(c);
+		uint64_t a = off > b0 ? off : b0, b = off + len < b1 ? off + len : b1;
+
+		if (a < b)
+			memcpy(d + cpu_bias_offset(c, dt, I) + (a - b0), s + (a - off), b - a);
+	}
 	/* the matrices of the blob, in store order: [gate], up, down */
 	for (uint32_t m = 0; m <= nin && len; m++) {
 		uint64_t m0 = m * in_store, m1 = m0 + (m < nin ? in_store : down_store);

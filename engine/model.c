@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 #include "config.h"
 
+#include <assert.h>
 #include <errno.h>
+#include <math.h>
 #include <string.h>
 
 #include "err.h"
@@ -15,6 +17,7 @@ static const char *const arch_names[MOE_ARCH_COUNT] = {
 	[MOE_ARCH_DEEPSEEK_V2] = "deepseek_v2",
 	[MOE_ARCH_DEEPSEEK_V3] = "deepseek_v3",
 	[MOE_ARCH_GLM4_MOE] = "glm4_moe",
+	[MOE_ARCH_GPT_OSS] = "gpt_oss",
 };
 
 const char *moe_arch_name(enum moe_arch a)
@@ -41,6 +44,7 @@ const char *moe_act_name(enum moe_act a)
 	case MOE_ACT_GELU: return "gelu";
 	case MOE_ACT_GELU_TANH: return "gelu_pytorch_tanh";
 	case MOE_ACT_RELU: return "relu";
+	case MOE_ACT_SWIGLU_OAI: return "swiglu_oai";
 	}
 	return "?";
 }
@@ -109,6 +113,19 @@ int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *
 		return moe_err_set(err, -EINVAL, "invalid weight dtype %d", (int)c->weight_dtype);
 	if (c->shared_intermediate_size && moe_dtype_size(c->shared_dtype) == 0)
 		return moe_err_set(err, -EINVAL, "invalid shared expert dtype %d", (int)c->shared_dtype);
+	if (c->act == MOE_ACT_SWIGLU_OAI && !c->gated)
+		return moe_err_set(err, -EINVAL, "the clamped SwiGLU needs gated experts");
+	if (c->act == MOE_ACT_SWIGLU_OAI &&
+	    (!(c->swiglu_limit > 0.0f) || !isfinite(c->swiglu_limit) || !isfinite(c->swiglu_alpha)))
+		return moe_err_set(err, -EINVAL, "swiglu_limit %g must be positive and finite, swiglu_alpha %g finite",
+				   (double)c->swiglu_limit, (double)c->swiglu_alpha);
+	if (c->has_expert_bias && c->shared_intermediate_size > 0)
+		return moe_err_set(err, -EINVAL, "expert biases with shared experts are not supported");
+	/* gpt-oss is released in MXFP4, never FP8: no blob layout puts biases
+	 * after block scales (ARCHITECTURE.md 4.1a) */
+	if (c->has_expert_bias && moe_dtype_is_blocked(c->weight_dtype))
+		return moe_err_set(err, -ENOTSUP, "expert biases (gpt_oss) with fp8 weights are not supported "
+				   "yet (weight dtype %s)", moe_dtype_name(c->weight_dtype));
 	return 0;
 }
 
@@ -141,8 +158,22 @@ static uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, u
 	       moe_matrix_bytes(dt, c->hidden_size, I);
 }
 
+uint64_t moe_expert_bias_offset(const struct moe_model_config *c)
+{
+	/* moe_model_config_validate refuses biases with a blocked dtype */
+	assert(!moe_dtype_is_blocked(c->weight_dtype));
+	return (ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size) + 15) & ~15ull;
+}
+
+uint64_t moe_expert_bias_count(const struct moe_model_config *c)
+{
+	return c->has_expert_bias ? (c->gated ? 2ull : 1ull) * c->moe_intermediate_size + c->hidden_size : 0;
+}
+
 uint64_t moe_expert_bytes(const struct moe_model_config *c)
 {
+	if (c->has_expert_bias)
+		return moe_expert_bias_offset(c) + moe_expert_bias_count(c) * sizeof(float);
 	return ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size);
 }
 
@@ -158,6 +189,7 @@ bool moe_layer_rule_is_moe(const struct moe_layer_rule *r, uint32_t layer)
 	switch (r->arch) {
 	case MOE_ARCH_MIXTRAL:
 	case MOE_ARCH_OLMOE:
+	case MOE_ARCH_GPT_OSS:
 		return true;
 	case MOE_ARCH_QWEN2_MOE:
 	case MOE_ARCH_QWEN3_MOE:

@@ -22,6 +22,7 @@ enum moe_arch {
 	MOE_ARCH_DEEPSEEK_V2 = 4,
 	MOE_ARCH_DEEPSEEK_V3 = 5,
 	MOE_ARCH_GLM4_MOE = 6,     /* GLM-4.5/4.6: deepseek_v3's routing (4.1a) */
+	MOE_ARCH_GPT_OSS = 7,      /* gpt-oss: biased router, top-k then softmax (4.1a) */
 	MOE_ARCH_COUNT
 };
 
@@ -52,6 +53,10 @@ enum moe_act {
 	MOE_ACT_GELU = 1,       /* exact erf GELU */
 	MOE_ACT_GELU_TANH = 2,  /* tanh approximation ("gelu_pytorch_tanh") */
 	MOE_ACT_RELU = 3,
+	/* gpt_oss, gated only: g = min(gate, limit), u = clamp(up, -limit,
+	 * limit), h = (u + 1) * g * sigmoid(alpha * g); alpha and limit are
+	 * swiglu_alpha and swiglu_limit of the config */
+	MOE_ACT_SWIGLU_OAI = 4,
 };
 
 /*
@@ -61,6 +66,8 @@ enum moe_act {
  *   w *= routed_scaling_factor
  * glm4_moe: divides whenever norm_topk_prob, even at top_k 1 (transformers'
  * Glm4MoeMoE has no top_k test), with norm_eps 1e-20, then scales.
+ * gpt_oss: none of this: the weights are the softmax of the k chosen
+ * biased logits (router_sel.h).
  * mixtral: norm_topk_prob = true, norm_eps = 0, scaling 1.
  * qwen/olmoe: norm_topk_prob from config (default false), eps 0, scaling 1.
  * deepseek_v2: scaling applies only when not normalised (router.c knows).
@@ -83,9 +90,14 @@ struct moe_model_config {
 	enum moe_topk_method topk_method;
 	bool norm_topk_prob;
 	bool shared_gate;                /* qwen2_moe: sigmoid(shared_expert_gate . x) */
-	bool has_bias;                   /* deepseek_v3, glm4_moe: e_score_correction_bias */
+	bool has_bias;                   /* deepseek_v3, glm4_moe: e_score_correction_bias;
+					  * gpt_oss: the router's bias, added to the logits */
 	bool gated;                      /* down(act(gate x) * up x); false: down(act(up x)) */
+	bool has_expert_bias;            /* gpt_oss: gate, up and down have biases (routed
+					  * experts only; float32 at the blob's end) */
 	enum moe_act act;
+	float swiglu_alpha;              /* MOE_ACT_SWIGLU_OAI only: sigmoid gain (1.702) */
+	float swiglu_limit;              /* MOE_ACT_SWIGLU_OAI only: the clamp (7.0) */
 	float routed_scaling_factor;     /* 1.0 unless the config says otherwise */
 	enum moe_dtype weight_dtype;     /* dtype of routed expert weights in the store */
 	enum moe_dtype shared_dtype;     /* dtype of the shared expert(s); DeepSeek-V3's
@@ -99,6 +111,7 @@ struct moe_model_config {
  *  deepseek_v2/v3: L >= first_k_dense_replace and L % moe_layer_freq == 0.
  *  glm4_moe: L >= first_k_dense_replace (its config has no moe_layer_freq:
  *  the parser leaves it at 1).
+ *  gpt_oss: all.
  * Layers >= num_hidden_layers (DeepSeek-V3's and GLM-4.5's MTP layer) never are.
  */
 struct moe_layer_rule {
@@ -147,9 +160,22 @@ uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
 /* Byte offset of the scales in an FP8 matrix of moe_matrix_bytes(). */
 uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
 
-/* Bytes of one routed expert's weights: gate [I][H], up [I][H], down [H][I]
- * back to back (no gate when !gated), each moe_matrix_bytes(). */
+/*
+ * Bytes of one routed expert's blob, unpadded: gate [I][H], up [I][H],
+ * down [H][I] back to back (no gate when !gated), each moe_matrix_bytes();
+ * with has_expert_bias, at moe_expert_bias_offset() the float32 biases
+ * gate [I], up [I], down [H].  Expert biases with a blocked (FP8) dtype are
+ * refused by moe_model_config_validate(); this asserts it.
+ */
 uint64_t moe_expert_bytes(const struct moe_model_config *cfg);
+
+/* Where a routed expert's biases start in its store blob: the matrices'
+ * bytes rounded up to 16, so that the floats are aligned whatever the
+ * (non-blocked) weight dtype. */
+uint64_t moe_expert_bias_offset(const struct moe_model_config *cfg);
+
+/* Number of float32 biases of a routed expert: 2 I + H, or 0. */
+uint64_t moe_expert_bias_count(const struct moe_model_config *cfg);
 
 /* Bytes of the shared expert(s) weights in shared_dtype, 0 when none. */
 uint64_t moe_shared_bytes(const struct moe_model_config *cfg);

@@ -15,7 +15,8 @@
 /*
  * Select the experts of one token.
  *   logits  [E] float32 router logits
- *   bias    [E] deepseek_v3/glm4_moe correction bias, or NULL
+ *   bias    [E] deepseek_v3/glm4_moe correction bias, gpt_oss router bias,
+ *           or NULL
  *   scratch MOE_ROUTER_SCRATCH(E) = 4 * E doubles (router_sel.h)
  * Writes ids[k] (best first, ties to the lower index) and w[k].  A NaN
  * logit ranks below every number, so malformed input still yields a

@@ -88,9 +88,49 @@ static MOE_HD inline void moe_rs_softmax(const float *logits, uint32_t n, double
 }
 
 /*
+ * gpt_oss (transformers' GptOssTopKRouter): s = logits + bias, the top-k
+ * of s (ties to the lower index, NaN lowest), their weights the softmax of
+ * those k values only.  The whole-E softmax of the other rules is not
+ * taken: it would change nothing but the cost.
+ */
+static MOE_HD inline void moe_rs_select_topk_softmax(const struct moe_model_config *cfg,
+						     const float *logits, const float *bias,
+						     double *scratch, int32_t *ids, float *w)
+{
+	uint32_t E = cfg->num_experts, k = cfg->top_k;
+	double *sel = scratch;            /* [E] biased logits */
+	double max = -INFINITY, sum = 0, *e = scratch + E;  /* [k] exponentials */
+	uint32_t ninf = 0;
+
+	for (uint32_t i = 0; i < E; i++)
+		sel[i] = (double)logits[i] + (bias ? (double)bias[i] : 0.0);
+	moe_rs_top_n(sel, E, NULL, 1, k, ids);
+	for (uint32_t s = 0; s < k; s++)
+		if (sel[ids[s]] > max)    /* false for NaN */
+			max = sel[ids[s]];
+	if (isinf(max) && max > 0) {
+		/* +inf values share the weight, as in moe_rs_softmax */
+		for (uint32_t s = 0; s < k; s++)
+			ninf += isinf(sel[ids[s]]) && sel[ids[s]] > 0;
+		for (uint32_t s = 0; s < k; s++)
+			w[s] = isinf(sel[ids[s]]) && sel[ids[s]] > 0 ? (float)(1.0 / ninf) : 0.0f;
+		return;
+	}
+	if (!isfinite(max))
+		max = 0;
+	for (uint32_t s = 0; s < k; s++) {
+		e[s] = exp(sel[ids[s]] - max);
+		sum += e[s];
+	}
+	for (uint32_t s = 0; s < k; s++)
+		w[s] = (float)(e[s] / sum);
+}
+
+/*
  * Select the experts of one token.
  *   logits  [E] float32 router logits
- *   bias    [E] deepseek_v3/glm4_moe correction bias, or NULL
+ *   bias    [E] deepseek_v3/glm4_moe correction bias, gpt_oss router bias,
+ *           or NULL
  *   scratch MOE_ROUTER_SCRATCH(E) doubles (8-byte aligned)
  * Writes ids[k] (best first, ties to the lower index) and w[k].
  */
@@ -106,6 +146,11 @@ static MOE_HD inline void moe_rs_select(const struct moe_model_config *cfg, cons
 	int32_t *gkept = keep + G;        /* [G] 1: group kept */
 	bool grouped = cfg->topk_method != MOE_TOPK_GREEDY && G > 1 && cfg->topk_group < G;
 	double sum = 0;
+
+	if (cfg->arch == MOE_ARCH_GPT_OSS) {
+		moe_rs_select_topk_softmax(cfg, logits, bias, scratch, ids, w);
+		return;
+	}
 
 	if (cfg->scoring == MOE_SCORING_SIGMOID)
 		for (uint32_t i = 0; i < E; i++)

@@ -125,6 +125,11 @@ void moe_store_header_from_config(const struct moe_model_config *c, struct moe_s
 	h->shared_dtype = (uint32_t)(c->shared_intermediate_size ? c->shared_dtype : c->weight_dtype);
 	h->routed_scaling_factor = c->routed_scaling_factor;
 	h->version = h->shared_dtype == h->weight_dtype ? 1 : 2;
+	h->has_expert_bias = c->has_expert_bias;
+	if (c->act == MOE_ACT_SWIGLU_OAI) {
+		h->swiglu_alpha = c->swiglu_alpha;
+		h->swiglu_limit = c->swiglu_limit;
+	}
 }
 
 /* Header -> config, checking every enumerated value; the numbers are then
@@ -144,13 +149,14 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 		return moe_err_set(err, -EINVAL, "unknown scoring function %" PRIu32, h->scoring);
 	if (h->topk_method > MOE_TOPK_NOAUX_TC)
 		return moe_err_set(err, -EINVAL, "unknown top-k method %" PRIu32, h->topk_method);
-	if (h->act > MOE_ACT_RELU)
+	if (h->act > MOE_ACT_SWIGLU_OAI)
 		return moe_err_set(err, -EINVAL, "unknown activation %" PRIu32, h->act);
 	if (h->weight_dtype >= MOE_DTYPE_COUNT)
 		return moe_err_set(err, -EINVAL, "unknown weight dtype %" PRIu32, h->weight_dtype);
 	if (h->version >= 2 && h->shared_dtype >= MOE_DTYPE_COUNT)
 		return moe_err_set(err, -EINVAL, "unknown shared expert dtype %" PRIu32, h->shared_dtype);
-	if (h->norm_topk_prob > 1 || h->shared_gate > 1 || h->has_bias > 1 || h->gated > 1)
+	if (h->norm_topk_prob > 1 || h->shared_gate > 1 || h->has_bias > 1 || h->gated > 1 ||
+	    h->has_expert_bias > 1)
 		return moe_err_set(err, -EINVAL, "a 0/1 flag holds another value");
 	if ((h->shared_intermediate_size == 0) != (h->n_shared_experts == 0))
 		return moe_err_set(err, -EINVAL,
@@ -158,8 +164,10 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 				   h->n_shared_experts, h->shared_intermediate_size);
 	if (h->shared_gate && h->shared_intermediate_size == 0)
 		return moe_err_set(err, -EINVAL, "shared expert gate without a shared expert");
-	if (h->has_bias && h->topk_method != MOE_TOPK_NOAUX_TC)
+	if (h->has_bias && h->topk_method != MOE_TOPK_NOAUX_TC && h->arch != MOE_ARCH_GPT_OSS)
 		return moe_err_set(err, -EINVAL, "correction bias without noaux_tc routing");
+	if ((h->has_expert_bias || h->act == MOE_ACT_SWIGLU_OAI) && h->arch != MOE_ARCH_GPT_OSS)
+		return moe_err_set(err, -EINVAL, "expert biases or the clamped SwiGLU outside gpt_oss");
 	c->arch = (enum moe_arch)h->arch;
 	c->hidden_size = h->hidden_size;
 	c->moe_intermediate_size = h->moe_intermediate_size;
@@ -180,6 +188,9 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 	c->weight_dtype = (enum moe_dtype)h->weight_dtype;
 	c->shared_dtype = h->version >= 2 ? (enum moe_dtype)h->shared_dtype : c->weight_dtype;
 	c->routed_scaling_factor = h->routed_scaling_factor;
+	c->has_expert_bias = h->has_expert_bias;
+	c->swiglu_alpha = h->swiglu_alpha;
+	c->swiglu_limit = h->swiglu_limit;
 	return moe_model_config_validate(c, err);
 }
 

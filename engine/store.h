@@ -11,7 +11,8 @@
  *                        uint64 XXH3-64 values (layer-major)
  *   then per MoE layer, in layer order:
  *     router region      (4096-aligned) float32 router [E][H]; then float32
- *                        correction bias [E] if has_bias; then float32
+ *                        bias [E] if has_bias (deepseek_v3/glm4_moe's
+ *                        correction bias, gpt_oss's router bias); then float32
  *                        shared-expert gate [H] if shared_gate
  *     shared blob        (4096-aligned, only with shared experts) gate [Is][H],
  *                        up [Is][H], down [H][Is] in the shared dtype
@@ -19,10 +20,13 @@
  *     experts            (expert_align-aligned) expert j at
  *                        experts_offset + j * expert_stride: gate [I][H],
  *                        up [I][H], down [H][I] in the weight dtype, rows
- *                        contiguous (no gate when !gated), zero padding to
- *                        expert_stride.
+ *                        contiguous (no gate when !gated); with
+ *                        has_expert_bias (gpt_oss), zero padding to 16 bytes
+ *                        and float32 biases gate [I], up [I], down [H];
+ *                        zero padding to expert_stride.
  *   Each matrix is moe_matrix_bytes() long (model.h): for FP8 its codes and
- *   then its float32 block scales, each part padded to 64 bytes.
+ *   then its float32 block scales, each part padded to 64 bytes.  Expert
+ *   biases with FP8 weights are refused (not a released format).
  *
  * Checksums are XXH3-64 (seed 0): the header's over its 4096 bytes with
  * header_checksum zeroed; each table's over the table; the router region's
@@ -33,6 +37,7 @@
 #define MOE_STORE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -96,9 +101,24 @@ struct moe_store_header {
 	char source_dtype[8];           /* checkpoint dtype of the experts (info) */
 	uint32_t shared_dtype;          /* enum moe_dtype of the shared expert; version 2
 					 * (version 1: weight_dtype's, whatever is here) */
-	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4];
+
+	/*
+	 * gpt_oss (taken from the reserved space, no new version: only
+	 * arch 7 with act 4 sets them, and a reader that predates them
+	 * refuses both numbers; 0 in every other store)
+	 */
+	uint32_t has_expert_bias;       /* 0/1: expert blobs end in float32 biases */
+	float swiglu_alpha;             /* act swiglu_oai: sigmoid gain */
+	float swiglu_limit;             /* act swiglu_oai: the clamp */
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4 - 3 * 4];
 };
 _Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
+/* the offsets moe-store(5) gives: FP8's shared_dtype, then gpt_oss's fields */
+_Static_assert(offsetof(struct moe_store_header, shared_dtype) == 720, "shared_dtype at 720");
+_Static_assert(offsetof(struct moe_store_header, has_expert_bias) == 724, "has_expert_bias at 724");
+_Static_assert(offsetof(struct moe_store_header, swiglu_alpha) == 728, "swiglu_alpha at 728");
+_Static_assert(offsetof(struct moe_store_header, swiglu_limit) == 732, "swiglu_limit at 732");
+_Static_assert(offsetof(struct moe_store_header, reserved) == 736, "reserved from 736");
 
 #define MOE_STORE_LAYER_HAS_SHARED (1u << 0)
 

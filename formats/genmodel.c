@@ -108,6 +108,12 @@ void moe_gen_defaults(enum moe_arch arch, struct moe_gen_options *o)
 		o->head_dim = 16;
 		o->num_nextn_predict_layers = 1;
 		break;
+	case MOE_ARCH_GPT_OSS:
+		/* gpt-oss in miniature: top-4, head_dim a field of its own
+		 * (64 heads of 64 on a hidden size of 2880 in the release) */
+		o->top_k = 4;
+		o->head_dim = 16;
+		break;
 	default:
 		break;
 	}
@@ -150,6 +156,10 @@ static const struct gen_preset presets[] = {
 	  1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
 	{ "glm-4.5-air", MOE_ARCH_GLM4_MOE, 4096, 1408, 10944, 128, 8, 46, 151552, 96, 8, 128,
 	  1, 1, 1, 0, 1, 1, 1.0f, 0, 0, 0, 0, 0, 1 },
+	{ "gpt-oss-20b", MOE_ARCH_GPT_OSS, 2880, 2880, 0, 32, 4, 24, 201088, 64, 8, 64,
+	  1, 1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0 },
+	{ "gpt-oss-120b", MOE_ARCH_GPT_OSS, 2880, 2880, 0, 128, 4, 36, 201088, 64, 8, 64,
+	  1, 1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0 },
 };
 
 /* "small": big enough for benchmarks to measure something (~100 MB in bf16),
@@ -165,7 +175,7 @@ static void gen_small(struct moe_gen_options *o)
 		o->intermediate_size = 1024;
 	if (o->arch == MOE_ARCH_QWEN2_MOE)
 		o->shared_intermediate_size = 1024;
-	if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE)
+	if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE || o->arch == MOE_ARCH_GPT_OSS)
 		o->head_dim = 64;
 	if (o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_DEEPSEEK_V2 ||
 	    o->arch == MOE_ARCH_DEEPSEEK_V3)
@@ -199,7 +209,8 @@ int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err
 	if (!p)
 		return moe_err_set(err, -EINVAL,
 				   "unknown preset '%s' (presets: tiny, small, deepseek-v3, deepseek-v2-lite, "
-				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air)",
+				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, "
+				   "gpt-oss-20b, gpt-oss-120b)",
 				   name);
 	arch = p->arch < 0 ? opt->arch : (enum moe_arch)p->arch;
 	if ((unsigned)arch >= MOE_ARCH_COUNT)
@@ -327,11 +338,24 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	if (d->mtp > 1)
 		return moe_err_set(err, -EINVAL, "num_nextn_predict_layers %u: only 0 or 1 is supported", d->mtp);
 	if ((o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_QWEN3_MOE ||
-	     o->arch == MOE_ARCH_OLMOE) && d->n_shared)
+	     o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_GPT_OSS) && d->n_shared)
 		return moe_err_set(err, -EINVAL, "%s has no shared experts", an);
 	if (o->arch == MOE_ARCH_MIXTRAL && o->norm_topk_prob >= 0)
 		return moe_err_set(err, -EINVAL, "mixtral has no norm_topk_prob: it always renormalises");
-	if ((o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_OLMOE) && o->intermediate_size)
+	if (o->arch == MOE_ARCH_GPT_OSS) {
+		/* GptOssConfig has none of these; its experts are its own */
+		if (o->norm_topk_prob >= 0)
+			return moe_err_set(err, -EINVAL, "gpt_oss has no norm_topk_prob: its weights are the "
+					   "softmax of the k chosen logits");
+		if (o->plain_experts || o->fused_experts)
+			return moe_err_set(err, -EINVAL, "gpt_oss experts have one layout (gate_up_proj [E, H, 2I], "
+					   "gate and up interleaved): no plain or fused option");
+		if (strcmp(d->act, "silu"))
+			return moe_err_set(err, -EINVAL, "gpt_oss experts apply their clamped SwiGLU: "
+					   "hidden_act is silu");
+	}
+	if ((o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_GPT_OSS) &&
+	    o->intermediate_size)
 		return moe_err_set(err, -EINVAL, "%s has no dense layers: its intermediate_size is the "
 				   "expert size (moe_intermediate_size)", an);
 	if (o->arch != MOE_ARCH_QWEN2_MOE && o->arch != MOE_ARCH_QWEN3_MOE && d->sparse_step != 1)
@@ -345,7 +369,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 				   d->act);
 
 	d->dense_I = o->intermediate_size;
-	if (o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_OLMOE)
+	if (o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_GPT_OSS)
 		d->dense_I = 0;
 	else if (!d->dense_I)
 		d->dense_I = def.intermediate_size ? def.intermediate_size : 4 * d->I;
@@ -377,6 +401,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		d->scaling = o->routed_scaling_factor != 0.0f ? o->routed_scaling_factor : 1.0f;
 		break;
 	case MOE_ARCH_MIXTRAL:
+	case MOE_ARCH_GPT_OSS:
 		d->norm_topk = true;
 		d->scaling = 1.0f;
 		break;
@@ -406,7 +431,8 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		if (d->q_lora > GEN_MAX_ATTN_DIM || d->kv_lora > GEN_MAX_ATTN_DIM ||
 		    d->nope > GEN_MAX_ATTN_DIM || d->rope > GEN_MAX_ATTN_DIM || d->v_head > GEN_MAX_ATTN_DIM)
 			return moe_err_set(err, -EINVAL, "MLA dimensions are at most %u", GEN_MAX_ATTN_DIM);
-	} else if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE) {
+	} else if (o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_GLM4_MOE ||
+		   o->arch == MOE_ARCH_GPT_OSS) {
 		d->head_dim = or_default(o->head_dim, def.head_dim);
 		if (d->head_dim > GEN_MAX_ATTN_DIM)
 			return moe_err_set(err, -EINVAL, "head_dim %u is above %u", d->head_dim, GEN_MAX_ATTN_DIM);
@@ -442,9 +468,19 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	cfg.norm_topk_prob = d->norm_topk;
 	cfg.gated = d->gated;
 	cfg.act = act;
+	if (o->arch == MOE_ARCH_GPT_OSS) {
+		cfg.act = MOE_ACT_SWIGLU_OAI;
+		cfg.swiglu_alpha = 1.702f;
+		cfg.swiglu_limit = 7.0f;
+		cfg.has_bias = true;
+		cfg.has_expert_bias = true;
+	}
 	cfg.routed_scaling_factor = d->scaling;
 	cfg.weight_dtype = d->dtype;
 	cfg.shared_dtype = d->dtype;
+	if (cfg.has_expert_bias && d->fp8)
+		return moe_err_set(err, -ENOTSUP, "--quant fp8: expert biases (gpt_oss) with fp8 weights are "
+				   "not supported yet");
 	r = moe_model_config_validate(&cfg, err);
 	if (r < 0)
 		return r;
@@ -607,7 +643,15 @@ static void plan_attention(struct gen_plan *p, const struct gen_dims *d, uint32_
 	MAT(p, d, s, kv, H, "model.layers.%u.self_attn.k_proj.weight", l);
 	MAT(p, d, s, kv, H, "model.layers.%u.self_attn.v_proj.weight", l);
 	MAT(p, d, s, H, q, "model.layers.%u.self_attn.o_proj.weight", l);
-	if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE) {
+	if (d->arch == MOE_ARCH_GPT_OSS) {
+		/* GptOssAttention: attention_bias true on all four projections,
+		 * and one learned sink logit per head */
+		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(q), "model.layers.%u.self_attn.q_proj.bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.k_proj.bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.v_proj.bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(H), "model.layers.%u.self_attn.o_proj.bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, 1.0f, 1, SHAPE(d->heads), "model.layers.%u.self_attn.sinks", l);
+	} else if (d->arch == MOE_ARCH_QWEN2_MOE || d->arch == MOE_ARCH_GLM4_MOE) {
 		/* GLM-4.5: attention_bias true, on q, k and v only */
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(q), "model.layers.%u.self_attn.q_proj.bias", l);
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.k_proj.bias", l);
@@ -641,6 +685,24 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 	const char *blk = mixtral && !d->fused ? "block_sparse_moe" : "mlp";
 	float s_in = std_fanin(d, d->H, 1.0f), s_out = std_fanin(d, d->I, 1.0f);
 	char prefix[96];
+
+	if (d->arch == MOE_ARCH_GPT_OSS) {
+		/* GptOssMLP: router with a bias; experts input-major (x @ W),
+		 * gate and up interleaved in gate_up_proj's last dimension,
+		 * every projection with a bias */
+		plan_add(p, d->dtype, d->skew > 0.0f ? FILL_ROUTER : FILL_RANDOM, std_fanin(d, d->H, 2.0f), 2,
+			 SHAPE(d->E, d->H), "model.layers.%u.mlp.router.weight", l);
+		plan_add(p, d->dtype, FILL_RANDOM, 0.5f, 1, SHAPE(d->E), "model.layers.%u.mlp.router.bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, s_in, 3, SHAPE(d->E, d->H, 2 * (uint64_t)d->I),
+			 "model.layers.%u.mlp.experts.gate_up_proj", l);
+		plan_add(p, d->dtype, FILL_RANDOM, 0.5f, 2, SHAPE(d->E, 2 * (uint64_t)d->I),
+			 "model.layers.%u.mlp.experts.gate_up_proj_bias", l);
+		plan_add(p, d->dtype, FILL_RANDOM, s_out, 3, SHAPE(d->E, d->I, d->H),
+			 "model.layers.%u.mlp.experts.down_proj", l);
+		plan_add(p, d->dtype, FILL_RANDOM, 0.1f, 2, SHAPE(d->E, d->H),
+			 "model.layers.%u.mlp.experts.down_proj_bias", l);
+		return;
+	}
 
 	/* Without skew, FILL_RANDOM: the bytes the generator wrote before the option. */
 	plan_add(p, d->dtype, d->skew > 0.0f ? FILL_ROUTER : FILL_RANDOM, std_fanin(d, d->H, 2.0f), 2,

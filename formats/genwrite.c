@@ -42,6 +42,7 @@ static json_t *config_json(const struct gen_dims *d)
 		[MOE_ARCH_DEEPSEEK_V2] = "DeepseekV2ForCausalLM",
 		[MOE_ARCH_DEEPSEEK_V3] = "DeepseekV3ForCausalLM",
 		[MOE_ARCH_GLM4_MOE] = "Glm4MoeForCausalLM",
+		[MOE_ARCH_GPT_OSS] = "GptOssForCausalLM",
 	};
 	static const char *const torch_dtypes[MOE_DTYPE_COUNT] = {
 		[MOE_DTYPE_F32] = "float32", [MOE_DTYPE_BF16] = "bfloat16", [MOE_DTYPE_F16] = "float16",
@@ -188,6 +189,40 @@ static json_t *config_json(const struct gen_dims *d)
 		json_set(c, "rope_theta", json_integer(1000000));
 		json_set(c, "transformers_version", json_string("4.54.0"));
 		break;
+	case MOE_ARCH_GPT_OSS: {
+		/* gpt-oss-20b's config.json as transformers reads it, less the
+		 * quantization_config (MXFP4) of the release: this is the bf16
+		 * layout.  Sliding and full attention alternate. */
+		json_t *types = json_array(), *rope = json_object();
+
+		for (uint32_t l = 0; l < d->L; l++)
+			json_array_append_new(types, json_string(l % 2 ? "full_attention" : "sliding_attention"));
+		json_set(rope, "rope_type", json_string("yarn"));
+		json_set(rope, "factor", json_real(32.0));
+		json_set(rope, "beta_fast", json_real(32.0));
+		json_set(rope, "beta_slow", json_real(1.0));
+		json_set(rope, "truncate", json_false());
+		json_set(rope, "original_max_position_embeddings", json_integer(4096));
+		json_set(c, "intermediate_size", json_integer(d->I));
+		json_set(c, "num_local_experts", json_integer(d->E));
+		json_set(c, "experts_per_token", json_integer(d->k));
+		json_set(c, "swiglu_limit", json_real(7.0));
+		json_set(c, "head_dim", json_integer(d->head_dim));
+		json_set(c, "attention_bias", json_true());
+		json_set(c, "layer_types", types);
+		json_set(c, "sliding_window", json_integer(128));
+		json_set(c, "initial_context_length", json_integer(4096));
+		json_set(c, "max_position_embeddings", json_integer(131072));
+		json_set(c, "rope_scaling", rope);
+		json_set(c, "rope_theta", json_real(150000.0));
+		json_set(c, "rms_norm_eps", json_real(1e-5));
+		json_set(c, "router_aux_loss_coef", json_real(0.9));
+		json_set(c, "output_router_logits", json_false());
+		json_set(c, "eos_token_id", json_integer(200002));
+		json_set(c, "pad_token_id", json_integer(199999));
+		json_set(c, "transformers_version", json_string("4.55.0.dev0"));
+		break;
+	}
 	default:
 		break;
 	}

@@ -26,7 +26,7 @@
 
 const char *moe_hf_supported_types(void)
 {
-	return "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe";
+	return "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss";
 }
 
 const char *moe_hf_part_name(enum moe_hf_part part)
@@ -355,6 +355,52 @@ static int parse_glm4_moe(struct parse_ctx *p)
 	return 0;
 }
 
+/*
+ * gpt_oss (gpt-oss-20b, gpt-oss-120b): the fields and defaults of
+ * transformers' GptOssConfig.  Every layer is MoE, no shared expert; the
+ * router has a bias and selects top-k then softmax (GptOssTopKRouter); the
+ * experts have biases and the clamped SwiGLU of GptOssExperts, whatever
+ * hidden_act says (transformers does not read it there).
+ */
+static int parse_gpt_oss(struct parse_ctx *p)
+{
+	struct moe_model_config *c = &p->hc->cfg;
+	int r;
+
+	U32("num_local_experts", false, 128, &c->num_experts);
+	U32("num_experts_per_tok", false, 4, &c->top_k);
+	U32("intermediate_size", false, 2880, &c->moe_intermediate_size);
+	r = get_float(p->root, p->file, "swiglu_limit", 7.0f, &c->swiglu_limit, p->err);
+	if (r == 0)
+		r = get_float(p->root, p->file, "swiglu_alpha", 1.702f, &c->swiglu_alpha, p->err);
+	if (r < 0)
+		return r;
+	c->act = MOE_ACT_SWIGLU_OAI;
+	c->has_bias = true;              /* mlp.router.bias */
+	c->has_expert_bias = true;       /* gate_up_proj_bias, down_proj_bias */
+	c->norm_topk_prob = true;        /* the k weights sum to 1 (softmax of the k) */
+	return 0;
+}
+
+/*
+ * quantization_config.quant_method "mxfp4" is gpt-oss's release layout
+ * (experts as *_blocks and *_scales): not read yet, refused by name before
+ * any tensor is looked for.
+ */
+static int check_quantization(json_t *root, const char *file, struct moe_err *err)
+{
+	json_t *q = field(root, "quantization_config"), *m;
+
+	if (!q || !json_is_object(q))
+		return 0;
+	m = field(q, "quant_method");
+	if (m && json_is_string(m) && !strcmp(json_string_value(m), "mxfp4"))
+		return moe_err_set(err, -ENOTSUP, "%s: quant_method mxfp4 (experts as *_blocks and *_scales) "
+				   "is not supported yet: moed reads F32, BF16 and F16 weights (for gpt_oss, "
+				   "transformers' bf16 layout)", file);
+	return 0;
+}
+
 #undef U32
 #undef BOOL
 
@@ -443,6 +489,10 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 		return moe_err_set(err, -EINVAL, "%s: model_type '%s' is not supported (supported: %s)",
 				   file, type, moe_hf_supported_types());
 
+	r = check_quantization(root, file, err);
+	if (r < 0)
+		return r;
+
 	/* defaults shared by every architecture; parsers override */
 	c->n_group = 1;
 	c->topk_group = 1;
@@ -479,13 +529,22 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 	case MOE_ARCH_DEEPSEEK_V2: r = parse_deepseek(&p, false); break;
 	case MOE_ARCH_DEEPSEEK_V3: r = parse_deepseek(&p, true); break;
 	case MOE_ARCH_GLM4_MOE: r = parse_glm4_moe(&p); break;
-	default: r = -EINVAL; break;
+	case MOE_ARCH_GPT_OSS: r = parse_gpt_oss(&p); break;
+	default:
+		r = moe_err_set(err, -EINVAL, "%s: model_type '%s' is not supported (supported: %s)",
+				file, type, moe_hf_supported_types());
+		break;
 	}
 	if (r < 0)
 		return r;
 	r = moe_model_config_validate(c, err);
 	if (r < 0)
 		return moe_err_prefix(err, r, "%s", file);
+	/* the store config takes the experts' dtype later; refuse now what
+	 * moe_model_config_validate would then refuse */
+	if (c->has_expert_bias && hc->fp8)
+		return moe_err_set(err, -ENOTSUP, "%s: expert biases (gpt_oss) with fp8 weights are not "
+				   "supported yet (gpt-oss is released in MXFP4)", file);
 
 	hc->rule.num_hidden_layers = c->num_hidden_layers;
 	hc->moe_layers = calloc(c->num_hidden_layers, sizeof(uint32_t));
@@ -803,6 +862,12 @@ static void find_layout(struct moe_hf_model *m, uint64_t *ret_gates)
 
 		hl->layer = m->hc->moe_layers[i];
 		layer_prefix(m, hl->layer, hl->prefix, sizeof(hl->prefix));
+		if (m->cfg.arch == MOE_ARCH_GPT_OSS) {
+			/* always fused, input-major (x @ W), gate and up interleaved */
+			hl->fused = true;
+			gates += m->cfg.num_experts;
+			continue;
+		}
 		snprintf(name, sizeof(name), "%sexperts.gate_up_proj", hl->prefix);
 		if (moe_st_find(m->ckpt, name)) {
 			hl->fused = true;
@@ -850,6 +915,57 @@ static void note_shared_dtype(struct moe_hf_model *m, const struct moe_st_tensor
 	}
 }
 
+/*
+ * gpt_oss in transformers' bf16 layout: mlp.router.weight [E, H] and
+ * .bias [E]; mlp.experts.gate_up_proj [E, H, 2I] (applied as x @ W, gate
+ * in the even columns, up in the odd), .gate_up_proj_bias [E, 2I],
+ * .down_proj [E, I, H], .down_proj_bias [E, H].  The release's MXFP4
+ * tensors (gate_up_proj_blocks ...) are refused by name.
+ */
+static int check_gpt_oss_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *seen,
+			       struct moe_err *err)
+{
+	const struct moe_model_config *c = &m->cfg;
+	uint64_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	uint64_t gu[3] = { E, H, 2 * I }, dn[3] = { E, I, H }, rb[1] = { E };
+	const struct moe_st_tensor *t;
+	char name[MAX_NAME];
+	int r;
+
+	snprintf(name, sizeof(name), "%sexperts.gate_up_proj_blocks", hl->prefix);
+	if ((t = moe_st_find(m->ckpt, name)))
+		return moe_err_set(err, -ENOTSUP, "MXFP4 weights are not supported yet: tensor '%s' in %s "
+				   "(moed reads F32, BF16 and F16 weights; for gpt_oss, transformers' bf16 "
+				   "layout)", name, tensor_file(m, t));
+	snprintf(name, sizeof(name), "%srouter.weight", hl->prefix);
+	r = need2(m, name, E, H, &hl->router, err);
+	if (r == 0) {
+		snprintf(name, sizeof(name), "%srouter.bias", hl->prefix);
+		r = need(m, name, 1, rb, &hl->bias, err);
+	}
+	if (r == 0) {
+		snprintf(name, sizeof(name), "%sexperts.gate_up_proj", hl->prefix);
+		r = need(m, name, 3, gu, &hl->gate_up, err);
+	}
+	if (r == 0) {
+		snprintf(name, sizeof(name), "%sexperts.gate_up_proj_bias", hl->prefix);
+		r = need2(m, name, E, 2 * I, &hl->gate_up_bias, err);
+	}
+	if (r == 0) {
+		snprintf(name, sizeof(name), "%sexperts.down_proj", hl->prefix);
+		r = need(m, name, 3, dn, &hl->down, err);
+	}
+	if (r == 0) {
+		snprintf(name, sizeof(name), "%sexperts.down_proj_bias", hl->prefix);
+		r = need2(m, name, E, H, &hl->down_bias, err);
+	}
+	if (r < 0)
+		return r;
+	note_dtype(m, hl->gate_up, seen);
+	note_dtype(m, hl->down, seen);
+	return 0;
+}
+
 static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *seen,
 		       bool *seen_shared, struct moe_err *err)
 {
@@ -859,6 +975,8 @@ static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *se
 	char name[MAX_NAME];
 	int r;
 
+	if (c->arch == MOE_ARCH_GPT_OSS)
+		return check_gpt_oss_layer(m, hl, seen, err);
 	snprintf(name, sizeof(name), "%sgate.weight", hl->prefix);
 	r = need2(m, name, E, H, &hl->router, err);
 	if (r < 0)
@@ -985,6 +1103,15 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 		s.n_elems = (uint64_t)c->hidden_size * c->shared_intermediate_size;
 	} else if (expert >= c->num_experts) {
 		return -ENOENT;
+	} else if (c->arch == MOE_ARCH_GPT_OSS) {
+		/* the expert's whole input-major matrix: [H][2I] for gate and up
+		 * (interleaved), [I][H] for down */
+		s.t = part == MOE_HF_DOWN ? hl->down : hl->gate_up;
+		es = moe_dtype_size((enum moe_dtype)s.t->dtype);
+		s.n_elems = (uint64_t)c->hidden_size * c->moe_intermediate_size * (part == MOE_HF_DOWN ? 1 : 2);
+		s.nbytes = s.n_elems * es;
+		s.offset = expert * s.nbytes;
+		s.layout = part == MOE_HF_DOWN ? MOE_HF_TRANSPOSED : MOE_HF_INTERLEAVED_T;
 	} else if (hl->fused) {
 		s.t = part == MOE_HF_DOWN ? hl->down : hl->gate_up;
 		es = moe_dtype_size((enum moe_dtype)s.t->dtype);
@@ -1005,6 +1132,27 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 	inter = expert == UINT32_MAX ? c->shared_intermediate_size : c->moe_intermediate_size;
 	s.rows = part == MOE_HF_DOWN ? c->hidden_size : inter;
 	s.cols = part == MOE_HF_DOWN ? inter : c->hidden_size;
+	*ret = s;
+	return 0;
+}
+
+int moe_hf_expert_bias_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expert, bool down,
+			     struct moe_hf_slice *ret)
+{
+	const struct moe_model_config *c = &m->cfg;
+	const struct moe_hf_layer *hl;
+	struct moe_hf_slice s;
+
+	if (li >= m->hc->n_moe_layers || expert >= c->num_experts || !c->has_expert_bias)
+		return -ENOENT;
+	hl = &m->layers[li];
+	memset(&s, 0, sizeof(s));
+	s.t = down ? hl->down_bias : hl->gate_up_bias;
+	s.n_elems = down ? c->hidden_size : 2 * (uint64_t)c->moe_intermediate_size;
+	s.nbytes = s.n_elems * moe_dtype_size((enum moe_dtype)s.t->dtype);
+	s.offset = expert * s.nbytes;
+	s.dtype = (enum moe_dtype)s.t->dtype;
+	s.layout = down ? MOE_HF_ROWS : MOE_HF_INTERLEAVED_T;
 	*ret = s;
 	return 0;
 }

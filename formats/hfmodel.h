@@ -53,9 +53,21 @@ enum moe_hf_part {
 	MOE_HF_DOWN = 2,   /* [H][I] */
 };
 
-/* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint.
- * FP8 (dtype MOE_DTYPE_FP8_E4M3_B128): @t holds the e4m3 codes and @scale
- * the block scales ([ceil(rows/128)][ceil(cols/128)], F32, BF16 or F16). */
+/* How a part lies in its slice. */
+enum moe_hf_layout {
+	MOE_HF_ROWS = 0,           /* the part itself, row-major as in the blob */
+	/* gpt_oss gate and up: the expert's input-major [H][2I] (x @ W), gate
+	 * in the even columns, up in the odd; the part is the transpose of
+	 * its columns.  For the [2I] bias: gate even, up odd. */
+	MOE_HF_INTERLEAVED_T = 1,
+	MOE_HF_TRANSPOSED = 2,     /* gpt_oss down: [I][H], the part's transpose */
+};
+
+/* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint
+ * (or, with another layout than MOE_HF_ROWS, the block it is taken from).
+ * FP8 (dtype MOE_DTYPE_FP8_E4M3_B128, MOE_HF_ROWS only): @t holds the e4m3
+ * codes and @scale the block scales ([ceil(rows/128)][ceil(cols/128)], F32,
+ * BF16 or F16). */
 struct moe_hf_slice {
 	const struct moe_st_tensor *t;
 	uint64_t offset;                  /* inside the tensor's data */
@@ -63,7 +75,8 @@ struct moe_hf_slice {
 	uint64_t n_elems;
 	enum moe_dtype dtype;
 	const struct moe_st_tensor *scale; /* FP8 only */
-	uint64_t rows, cols;
+	uint64_t rows, cols;               /* the part's, whatever the layout */
+	enum moe_hf_layout layout;
 };
 
 /* Where one MoE layer's tensors are. */
@@ -77,7 +90,9 @@ struct moe_hf_layer {
 	const struct moe_st_tensor *shared[3];    /* [Is,H] [Is,H] [H,Is] by part */
 	const struct moe_st_tensor *shared_scale[3]; /* FP8: their weight_scale_inv */
 	const struct moe_st_tensor *gate_up;      /* fused: [E, 2I, H] ([E, I, H] up when plain) */
-	const struct moe_st_tensor *down;         /* fused: [E, H, I] */
+	const struct moe_st_tensor *down;         /* fused: [E, H, I]; gpt_oss [E, I, H] */
+	const struct moe_st_tensor *gate_up_bias; /* gpt_oss: [E, 2I] */
+	const struct moe_st_tensor *down_bias;    /* gpt_oss: [E, H] */
 	const struct moe_st_tensor **experts;     /* per expert: [E * 3] by part, unfused */
 	const struct moe_st_tensor **scales;      /* FP8: their weight_scale_inv, or NULL */
 };
@@ -116,11 +131,20 @@ void moe_hf_model_close(struct moe_hf_model *m);
 
 /*
  * Where part @part of expert @expert of layer index @li lies (@expert ==
- * UINT32_MAX: the shared expert).  Returns 0, or -ENOENT for the gate of a
+ * UINT32_MAX: the shared expert); ret->layout says how (gpt_oss: gate and
+ * up share one interleaved block, down is transposed).  Returns 0, or -ENOENT for the gate of a
  * plain expert or a shared expert the model does not have.
  */
 int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expert,
 			enum moe_hf_part part, struct moe_hf_slice *ret);
+
+/*
+ * With has_expert_bias (gpt_oss): the biases of routed expert @expert of
+ * layer index @li: @down false, gate and up interleaved [2I]
+ * (MOE_HF_INTERLEAVED_T); true, down's [H].  0, or -ENOENT.
+ */
+int moe_hf_expert_bias_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expert, bool down,
+			     struct moe_hf_slice *ret);
 
 /* "gate", "up", "down" as Hugging Face names the projections. */
 const char *moe_hf_part_name(enum moe_hf_part part);

@@ -32,6 +32,8 @@ struct packer {
 	struct moe_hf_model *m;
 	uint8_t *stage;                  /* source bytes awaiting conversion */
 	float *fbuf;                     /* float32 between source and target */
+	uint8_t *block;                  /* gpt_oss: one expert's input-major block */
+	uint64_t block_bytes;
 	uint64_t done, total;            /* source bytes, for progress */
 	char what[64];
 };
@@ -149,33 +151,137 @@ out:
 	return r;
 }
 
+/* Element (r, c) of a row-major matrix with @ld columns of @es-byte elements
+ * to element @i of @dst: the permutations below move bytes, not values,
+ * so they hold for any dtype. */
+static inline void move_elem(uint8_t *dst, uint64_t i, const uint8_t *src, uint64_t r, uint64_t c,
+			     uint64_t ld, size_t es)
+{
+	memcpy(dst + i * es, src + (r * ld + c) * es, es);
+}
+
+/*
+ * The row-major [N][K] part from @blk, a block in @layout (elements of @es
+ * bytes): MOE_HF_INTERLEAVED_T, @blk is [K][2N] and the part takes column
+ * 2n + @odd; MOE_HF_TRANSPOSED, @blk is [K][N].
+ */
+static void unpermute(const uint8_t *blk, enum moe_hf_layout layout, bool odd, uint64_t N,
+		      uint64_t K, size_t es, uint8_t *dst)
+{
+	for (uint64_t n = 0; n < N; n++)
+		for (uint64_t k = 0; k < K; k++) {
+			if (layout == MOE_HF_INTERLEAVED_T)
+				move_elem(dst, n * K + k, blk, k, 2 * n + odd, 2 * N, es);
+			else
+				move_elem(dst, n * K + k, blk, k, n, N, es);
+		}
+}
+
+/* The slice @s, which is in another layout than the blob's, converted to
+ * @to in pk->block. */
+static int read_block(struct packer *pk, const struct moe_hf_slice *s, enum moe_dtype to,
+		      struct moe_err *err)
+{
+	uint64_t need = s->n_elems * moe_dtype_size(to);
+
+	if (need > pk->block_bytes) {
+		uint8_t *b = realloc(pk->block, need);
+
+		if (!b)
+			return moe_err_set(err, -ENOMEM, "out of memory");
+		pk->block = b;
+		pk->block_bytes = need;
+	}
+	return copy_slice(pk, s, pk->block, to, err);
+}
+
+/* gpt_oss: expert @expert's biases, float32, at their place in @blob
+ * (gate [I], up [I], down [H]; the padding before them zeroed). */
+static int copy_expert_bias(struct packer *pk, uint32_t li, uint32_t expert, uint8_t *blob,
+			    enum moe_dtype to, uint64_t matrix_end, struct moe_err *err)
+{
+	struct moe_model_config c = pk->m->cfg;
+	struct moe_hf_slice s;
+	uint64_t I, off;
+	float *b, *gu;
+	int r;
+
+	c.weight_dtype = to;            /* the store's, which places the biases */
+	I = c.moe_intermediate_size;
+	off = moe_expert_bias_offset(&c);
+	b = (float *)(void *)(blob + off);
+
+	memset(blob + matrix_end, 0, off - matrix_end);
+	r = moe_hf_expert_bias_slice(pk->m, li, expert, false, &s);
+	if (r == 0)
+		r = read_block(pk, &s, MOE_DTYPE_F32, err);
+	if (r < 0)
+		return r;
+	gu = (float *)(void *)pk->block;
+	for (uint64_t i = 0; i < I; i++) {
+		b[i] = gu[2 * i];               /* gate: even */
+		b[I + i] = gu[2 * i + 1];       /* up: odd */
+	}
+	r = moe_hf_expert_bias_slice(pk->m, li, expert, true, &s);
+	if (r == 0)
+		r = copy_slice(pk, &s, b + 2 * I, MOE_DTYPE_F32, err);
+	return r;
+}
+
 /* One expert (@expert, or UINT32_MAX for the shared one) into @blob:
- * gate, up, down back to back in the store's dtype @to. */
+ * gate, up, down back to back in the store's dtype @to, then its biases if
+ * it has them. */
 static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t *blob,
 		       enum moe_dtype to, struct moe_err *err)
 {
-	uint64_t pos = 0;
+	uint64_t pos = 0, H = pk->m->cfg.hidden_size;
+	size_t es = moe_dtype_size(to);
 	int r;
 
 	for (int p = pk->m->cfg.gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
 		struct moe_hf_slice s;
+		uint64_t I;
 
 		r = moe_hf_expert_slice(pk->m, li, expert, (enum moe_hf_part)p, &s);
 		if (r < 0)
 			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
 					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
-		if (moe_dtype_is_blocked(to) && s.dtype != to)   /* pack checked */
-			return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
-					   moe_dtype_name(s.dtype), moe_dtype_name(to));
-		if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
-			r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
-					  : dequant_fp8(pk, &s, blob + pos, to, err);
-		else
-			r = copy_slice(pk, &s, blob + pos, to, err);
+		if (s.layout == MOE_HF_ROWS) {
+			if (moe_dtype_is_blocked(to) && s.dtype != to)   /* pack checked */
+				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
+						   moe_dtype_name(s.dtype), moe_dtype_name(to));
+			if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
+				r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
+						  : dequant_fp8(pk, &s, blob + pos, to, err);
+			else
+				r = copy_slice(pk, &s, blob + pos, to, err);
+			if (r < 0)
+				return r;
+			pos += moe_matrix_bytes(to, s.rows, s.cols);
+			continue;
+		}
+		/* gpt_oss's layouts: element permutations, never of blocked bytes
+		 * (moe_model_config_validate refuses expert biases with FP8) */
+		if (moe_dtype_is_blocked(s.dtype) || moe_dtype_is_blocked(to))
+			return moe_err_set(err, -ENOTSUP, "tensor '%s': %s in a permuted layout is not supported",
+					   s.t->name, moe_dtype_name(moe_dtype_is_blocked(to) ? to : s.dtype));
+		if (p == MOE_HF_UP && s.layout == MOE_HF_INTERLEAVED_T)
+			continue;               /* taken with the gate from the same block */
+		r = read_block(pk, &s, to, err);
 		if (r < 0)
 			return r;
-		pos += moe_matrix_bytes(to, s.rows, s.cols);
+		I = pk->m->cfg.moe_intermediate_size;
+		if (s.layout == MOE_HF_INTERLEAVED_T) {
+			unpermute(pk->block, s.layout, false, I, H, es, blob + pos);
+			unpermute(pk->block, s.layout, true, I, H, es, blob + pos + I * H * es);
+			pos += 2 * I * H * es;
+		} else {
+			unpermute(pk->block, s.layout, false, H, I, es, blob + pos);
+			pos += I * H * es;
+		}
 	}
+	if (pk->m->cfg.has_expert_bias && expert != UINT32_MAX)
+		return copy_expert_bias(pk, li, expert, blob, to, pos, err);
 	return 0;
 }
 
@@ -198,7 +304,11 @@ static uint64_t source_bytes(const struct moe_hf_model *m)
 			struct moe_hf_slice sl;
 
 			for (int p = MOE_HF_GATE; p <= MOE_HF_DOWN; p++)
-				if (moe_hf_expert_slice(m, li, e, (enum moe_hf_part)p, &sl) == 0)
+				if (moe_hf_expert_slice(m, li, e, (enum moe_hf_part)p, &sl) == 0 &&
+				    !(p == MOE_HF_UP && sl.layout == MOE_HF_INTERLEAVED_T))
+					total += sl.nbytes;     /* gpt_oss: gate and up read once */
+			for (int d = 0; d < 2 && e != UINT32_MAX; d++)
+				if (moe_hf_expert_bias_slice(m, li, e, d, &sl) == 0)
 					total += sl.nbytes;
 		}
 	}
@@ -324,6 +434,7 @@ out:
 	free(sgate);
 	free(pk.fbuf);
 	free(pk.stage);
+	free(pk.block);
 	free(blob);
 	free(shared);
 	return r;

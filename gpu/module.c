@@ -37,31 +37,45 @@ static int cuda_init(struct moe_backend *be, const struct moe_backend_options *o
 	return r;
 }
 
-/* The kernels of launch.cu read every expert, the shared one too, as
- * weight_dtype elements of 4 or 2 bytes: FP8 block-scaled weights (and a
- * shared expert in another dtype) would be misread, so they are refused
- * here, before the device is touched, and "auto" serves them on the CPU. */
+static int refuse(struct moe_err *err, const char *why)
+{
+	if (err) {
+		snprintf(err->msg, sizeof(err->msg), "%s", why);
+		err->code = -ENOTSUP;
+	}
+	return -ENOTSUP;
+}
+
+/*
+ * What the kernels here do not compute, refused before the device is
+ * touched, so that "auto" serves the model on the CPU with this reason and
+ * "cuda" fails with it; never a wrong answer:
+ *  - gpt_oss's expert biases and clamped SwiGLU (the streaming kernels and
+ *    the cuBLAS path apply act(gate) * up and no bias);
+ *  - FP8 block-scaled weights, and a shared expert in another dtype: the
+ *    kernels of launch.cu read every expert, the shared one too, as
+ *    weight_dtype elements of 4 or 2 bytes.
+ * No engine symbol here (the module links none): names written out.
+ */
 static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
 {
-	/* no engine symbol here (the module links none): names written out */
-	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
-	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype))) {
-		if (err) {
-			snprintf(err->msg, sizeof(err->msg), "the CUDA backend has no kernels for FP8 "
-				 "(fp8_e4m3_b128) expert weights yet (the CPU backend serves them; "
-				 "moectl pack --dtype bf16 dequantizes the checkpoint for the GPU)");
-			err->code = -ENOTSUP;
-		}
-		return -ENOTSUP;
+	char why[256];
+
+	if (cfg->has_expert_bias || cfg->act == MOE_ACT_SWIGLU_OAI) {
+		snprintf(why, sizeof(why), "the CUDA backend does not compute %s experts yet (expert "
+			 "biases, clamped SwiGLU): use the CPU backend",
+			 cfg->arch == MOE_ARCH_GPT_OSS ? "gpt_oss" : "these");
+		return refuse(err, why);
 	}
+	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
+	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype)))
+		return refuse(err, "the CUDA backend has no kernels for FP8 (fp8_e4m3_b128) expert weights "
+			      "yet (the CPU backend serves them; moectl pack --dtype bf16 dequantizes the "
+			      "checkpoint for the GPU)");
 	if (cfg->shared_intermediate_size && cfg->shared_dtype != cfg->weight_dtype) {
-		if (err) {
-			snprintf(err->msg, sizeof(err->msg), "the CUDA backend needs the shared expert "
-				 "in the routed experts' dtype (%d, not %d)", (int)cfg->weight_dtype,
-				 (int)cfg->shared_dtype);
-			err->code = -ENOTSUP;
-		}
-		return -ENOTSUP;
+		snprintf(why, sizeof(why), "the CUDA backend needs the shared expert in the routed "
+			 "experts' dtype (%d, not %d)", (int)cfg->weight_dtype, (int)cfg->shared_dtype);
+		return refuse(err, why);
 	}
 	return 0;
 }

@@ -135,6 +135,23 @@ static const struct want_arch want_archs[] = {
 	    { "model.layers.3.shared_head.norm.weight", MD, 1, { 64 } } },
 	  { "n_routed_experts=16", "head_dim=16", "first_k_dense_replace=1", "num_nextn_predict_layers=1" },
 	  { "architectures=Glm4MoeForCausalLM", "hidden_act=silu" } },
+	{ MOE_ARCH_GPT_OSS,
+	  /* transformers' bf16 layout: x @ W experts with biases, a biased
+	   * router, attention with biases and sinks; no dense MLP, no MXFP4 */
+	  { "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj_blocks",
+	    "model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.gate_proj.weight" },
+	  { { "model.layers.0.mlp.router.weight", MD, 2, { 8, 64 } },
+	    { "model.layers.0.mlp.router.bias", MD, 1, { 8 } },
+	    { "model.layers.1.mlp.experts.gate_up_proj", MD, 3, { 8, 64, 64 } },
+	    { "model.layers.1.mlp.experts.gate_up_proj_bias", MD, 2, { 8, 64 } },
+	    { "model.layers.1.mlp.experts.down_proj", MD, 3, { 8, 32, 64 } },
+	    { "model.layers.1.mlp.experts.down_proj_bias", MD, 2, { 8, 64 } },
+	    { "model.layers.0.self_attn.sinks", MD, 1, { 4 } },
+	    { "model.layers.0.self_attn.q_proj.weight", MD, 2, { 64, 64 } },
+	    { "model.layers.0.self_attn.k_proj.bias", MD, 1, { 32 } },
+	    { "model.layers.0.self_attn.o_proj.bias", MD, 1, { 64 } } },
+	  { "num_local_experts=8", "intermediate_size=32", "num_experts_per_tok=4", "head_dim=16" },
+	  { "architectures=GptOssForCausalLM", "hidden_act=silu" } },
 };
 
 static void check_tensor(const struct moe_st_checkpoint *c, const struct want_tensor *w, int model_dtype)
@@ -655,6 +672,40 @@ START_TEST(gen_model_glm4_moe_config_is_glm_45s)
 }
 END_TEST
 
+/* config.json as gpt-oss-20b's, less the release's MXFP4
+ * quantization_config: GptOssConfig's fields (swiglu_limit, layer_types,
+ * sliding_window, yarn rope_scaling) and none it lacks. */
+START_TEST(gen_model_gpt_oss_config_is_gpt_oss_20bs)
+{
+	char *dir = moe_test_tmpdir("genoss");
+	struct moe_gen_options o;
+	json_t *cfg, *types, *rope;
+	static const char *const absent[] = { "quantization_config", "num_experts", "norm_topk_prob",
+					      "moe_intermediate_size", "n_shared_experts" };
+
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.num_layers = 3;
+	gen(&o, dir);
+	cfg = load_config(dir);
+	for (size_t i = 0; i < sizeof(absent) / sizeof(absent[0]); i++)
+		ck_assert_msg(json_object_get(cfg, absent[i]) == NULL, "config.json has %s", absent[i]);
+	ck_assert_double_eq(json_real_value(json_object_get(cfg, "swiglu_limit")), 7.0);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "experts_per_token")), 4);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "sliding_window")), 128);
+	ck_assert(json_is_true(json_object_get(cfg, "attention_bias")));
+	types = json_object_get(cfg, "layer_types");
+	ck_assert_uint_eq(json_array_size(types), 3);
+	ck_assert_str_eq(json_string_value(json_array_get(types, 0)), "sliding_attention");
+	ck_assert_str_eq(json_string_value(json_array_get(types, 1)), "full_attention");
+	rope = json_object_get(cfg, "rope_scaling");
+	ck_assert_str_eq(json_string_value(json_object_get(rope, "rope_type")), "yarn");
+	ck_assert_double_eq(json_real_value(json_object_get(rope, "factor")), 32.0);
+	json_decref(cfg);
+	moe_test_rm_rf(dir);
+	free(dir);
+}
+END_TEST
+
 START_TEST(gen_model_presets_set_real_shapes)
 {
 	struct moe_gen_options o;
@@ -690,6 +741,28 @@ START_TEST(gen_model_presets_set_real_shapes)
 	ck_assert_int_eq(o.norm_topk_prob, 1);
 	ck_assert_float_eq(o.routed_scaling_factor, 1.0f);
 	ck_assert_uint_eq(o.num_nextn_predict_layers, 1);
+	/* gpt-oss-20b's and gpt-oss-120b's config.json */
+	ck_assert_int_eq(moe_gen_preset("gpt-oss-20b", &o, &err), 0);
+	ck_assert_int_eq(o.arch, MOE_ARCH_GPT_OSS);
+	ck_assert_uint_eq(o.hidden_size, 2880);
+	ck_assert_uint_eq(o.moe_intermediate_size, 2880);
+	ck_assert_uint_eq(o.intermediate_size, 0);
+	ck_assert_uint_eq(o.num_experts, 32);
+	ck_assert_uint_eq(o.top_k, 4);
+	ck_assert_uint_eq(o.num_layers, 24);
+	ck_assert_uint_eq(o.vocab_size, 201088);
+	ck_assert_uint_eq(o.num_attention_heads, 64);
+	ck_assert_uint_eq(o.num_key_value_heads, 8);
+	ck_assert_uint_eq(o.head_dim, 64);
+	ck_assert_uint_eq(o.n_shared_experts, 0);
+	ck_assert_int_eq(o.norm_topk_prob, -1);
+	ck_assert_int_eq(moe_gen_preset("gpt-oss-120b", &o, &err), 0);
+	ck_assert_int_eq(o.arch, MOE_ARCH_GPT_OSS);
+	ck_assert_uint_eq(o.hidden_size, 2880);
+	ck_assert_uint_eq(o.num_experts, 128);
+	ck_assert_uint_eq(o.top_k, 4);
+	ck_assert_uint_eq(o.num_layers, 36);
+	ck_assert_uint_eq(o.vocab_size, 201088);
 	ck_assert_int_eq(moe_gen_preset("mixtral-8x7b", &o, &err), 0);
 	ck_assert_uint_eq(o.moe_intermediate_size, 14336);
 	ck_assert_int_eq(moe_gen_preset("qwen3-30b-a3b", &o, &err), 0);
@@ -702,6 +775,7 @@ START_TEST(gen_model_presets_set_real_shapes)
 	moe_test_assert_err_has(&err, "unknown preset 'gpt-5'");
 	moe_test_assert_err_has(&err, "deepseek-v2-lite");
 	moe_test_assert_err_has(&err, "glm-4.5-air");
+	moe_test_assert_err_has(&err, "gpt-oss-120b");
 }
 END_TEST
 
@@ -746,6 +820,18 @@ START_TEST(gen_model_rejects_bad_options)
 	moe_gen_defaults(MOE_ARCH_GLM4_MOE, &o);
 	o.shared_intermediate_size = 64;
 	expect_gen_error(&o, "n_shared_experts x moe_intermediate_size");
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.norm_topk_prob = 1;                           /* not a GptOssConfig field */
+	expect_gen_error(&o, "gpt_oss has no norm_topk_prob");
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.fused_experts = true;
+	expect_gen_error(&o, "gpt_oss experts have one layout");
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.hidden_act = "gelu";
+	expect_gen_error(&o, "clamped SwiGLU");
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.n_shared_experts = 1;
+	expect_gen_error(&o, "gpt_oss has no shared experts");
 	moe_gen_defaults(MOE_ARCH_QWEN3_MOE, &o);
 	o.num_nextn_predict_layers = 1;
 	expect_gen_error(&o, "deepseek_v3 and glm4_moe");
@@ -856,6 +942,7 @@ static Suite *genmodel_suite(void)
 	tcase_add_test(tc, gen_model_shards_with_index);
 	tcase_add_test(tc, gen_model_fused_plain_and_dtype_variants);
 	tcase_add_test(tc, gen_model_glm4_moe_config_is_glm_45s);
+	tcase_add_test(tc, gen_model_gpt_oss_config_is_gpt_oss_20bs);
 	tcase_add_test(tc, gen_model_presets_set_real_shapes);
 	tcase_add_test(tc, gen_model_rejects_bad_options);
 	tcase_add_test(tc, cli_gen_model_help_and_errors);

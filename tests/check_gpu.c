@@ -12,7 +12,9 @@
  * olmoe; deepseek_v2 greedy with scaling and group_limited_greedy;
  * deepseek_v3 with correction bias, groups, scaling and shared experts, up
  * to 256 experts, and with dropped groups masked; glm4_moe with GLM-4.5-Air's
- * routing, top-1 normalised, groups), bfloat16, float32 and
+ * routing, top-1 normalised, groups; gpt_oss with its biases and clamped
+ * SwiGLU, which the CUDA backend must refuse at open, naming it, while the
+ * logic below runs them with MOE_GPU_TEST_BACKEND=cpu), bfloat16, float32 and
  * float16 weights, SwiGLU, GELU-gated and plain ReLU experts, hidden sizes
  * that are not multiples of 16, and batches of 1024, 300, 64, 8, 3 and 1
  * tokens (each the first tokens of the same 1024):
@@ -97,6 +99,8 @@ struct gcase {
 	 * random weights would not produce; may be NULL. */
 	void (*patch)(const char *dir, uint32_t layer, char *why, size_t why_len);
 	uint32_t ids_below;          /* nonzero: every chosen expert must be below this */
+	float x_scale;               /* inputs uniform in [-x_scale, x_scale); 0: 1 */
+	bool cuda_refuses;           /* the CUDA backend refuses the model at open */
 };
 
 static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
@@ -138,6 +142,10 @@ static const struct gcase cases[] = {
 	  .k = 1, .n_shared = 1, .norm = 1, .rsf = 1.8f },
 	{ "groups, unnormalised, two shared", MOE_ARCH_GLM4_MOE, MOE_DTYPE_F16, .H = 96, .I = 32,
 	  .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 2, .norm = 0, .rsf = 2.5f },
+	{ "gpt-oss-20b routing, inputs past the clamp", MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, .H = 96,
+	  .I = 40, .E = 32, .k = 4, .norm = -1, .x_scale = 8.0f, .cuda_refuses = true, .quick = true },
+	{ "gpt-oss-120b routing, 128 experts", MOE_ARCH_GPT_OSS, MOE_DTYPE_F32, .H = 66, .I = 26,
+	  .E = 128, .k = 4, .norm = -1, .x_scale = 4.0f, .cuda_refuses = true },
 };
 
 static bool quick;
@@ -259,7 +267,8 @@ static uint64_t case_seed(const struct gcase *c)
 /*
  * Generate the checkpoint of @c (two MoE layers), pack it, load the
  * reference of LAYER and open a CPU and a device engine on the store.
- * 0, or -1 after a failure was reported.
+ * 0, or -1 after a failure was reported; 1 when the device backend
+ * refused the model as the case expects (nothing more to compare).
  */
 static int run_open(struct run *r, const struct gcase *c)
 {
@@ -291,7 +300,8 @@ static int run_open(struct run *r, const struct gcase *c)
 	/* deepseek, glm4_moe: layer 0 dense, 1 and 2 MoE; the others: 0 and 1 MoE */
 	opt.num_layers = deepseek ? 3 : 2;
 	opt.first_k_dense_replace = deepseek ? 1 : 0;
-	opt.intermediate_size = c->arch == MOE_ARCH_MIXTRAL || c->arch == MOE_ARCH_OLMOE ? 0 : 2 * c->I;
+	opt.intermediate_size = c->arch == MOE_ARCH_MIXTRAL || c->arch == MOE_ARCH_OLMOE ||
+				c->arch == MOE_ARCH_GPT_OSS ? 0 : 2 * c->I;
 	opt.n_group = c->n_group ? c->n_group : 1;
 	opt.topk_group = c->topk_group ? c->topk_group : 1;
 	opt.n_shared_experts = c->n_shared;
@@ -342,6 +352,17 @@ static int run_open(struct run *r, const struct gcase *c)
 	}
 	eo.backend = dev_name;
 	rc = moe_engine_open(r->store, &eo, &r->dev, &err);
+	if (c->cuda_refuses && !strcmp(dev_name, "cuda")) {
+		if (rc == 0) {
+			fail(r, "the CUDA backend opened a model it cannot compute");
+			return -1;
+		}
+		if (!strstr(err.msg, "does not compute gpt_oss")) {
+			fail(r, "the CUDA backend refused with \"%s\", not the reason", err.msg);
+			return -1;
+		}
+		return 1;
+	}
 	if (rc < 0) {
 		fail(r, "%s engine open failed: %d %s", dev_name, rc, err.msg);
 		return -1;
@@ -389,6 +410,12 @@ static void selection_scores(const struct ref_layer *ref, const float *x, double
 	if (ref->routing.arch == MOE_ARCH_DEEPSEEK_V3 || ref->routing.arch == MOE_ARCH_GLM4_MOE) {
 		for (uint32_t e = 0; e < E; e++)
 			s[e] = 1.0 / (1.0 + exp(-s[e])) + (ref->bias ? ref->bias[e] : 0.0);
+		return;
+	}
+	if (ref->routing.arch == MOE_ARCH_GPT_OSS) {
+		/* top-k of the biased logits themselves */
+		for (uint32_t e = 0; e < E; e++)
+			s[e] += ref->bias ? ref->bias[e] : 0.0;
 		return;
 	}
 	for (uint32_t e = 0; e < E; e++) {
@@ -762,9 +789,18 @@ static void run_case(const struct gcase *c, unsigned long *failures)
 	struct moe_engine_stats st;
 	uint64_t xs;
 	double t0 = now_s();
+	float xsc = c->x_scale > 0.0f ? c->x_scale : 1.0f;
+	int rc;
 
 	memset(&b, 0, sizeof(b));
-	if (run_open(&r, c) < 0 || bufs_alloc(&b, c->H, c->k, c->E) < 0) {
+	rc = run_open(&r, c);
+	if (rc == 1) {
+		printf("ok   %-74s refused by %s at open, as it must be\n", r.label, dev_name);
+		fflush(stdout);
+		run_close(&r);
+		return;
+	}
+	if (rc < 0 || bufs_alloc(&b, c->H, c->k, c->E) < 0) {
 		if (!r.failures)
 			fail(&r, "out of memory");
 		*failures += r.failures;
@@ -774,7 +810,7 @@ static void run_case(const struct gcase *c, unsigned long *failures)
 	}
 	xs = case_seed(c) ^ 0xabcdefu;
 	for (size_t i = 0; i < (size_t)MAX_TOKENS * c->H; i++)
-		b.x[i] = (float)moe_test_randf(&xs);
+		b.x[i] = xsc * (float)moe_test_randf(&xs);
 
 	check_batches(&r, &b);
 	check_all_experts(&r, &b);

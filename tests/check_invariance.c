@@ -38,7 +38,9 @@ struct model {
  *  1: mixtral, f32 weights, H = 72, I = 44;
  *  2: deepseek_v3 as DeepSeek released it, FP8 block-scaled routed and
  *     shared experts (gen-model --quant fp8), H = 200, I = 72: partial
- *     128 x 128 blocks both ways.
+ *     128 x 128 blocks both ways;
+ *  3: gpt_oss, bf16 weights, H = 66, I = 26 (matrices off a 16-byte
+ *     boundary), 32 experts, top-4: router bias, expert biases, clamp.
  */
 static void model_make(struct model *m, int which)
 {
@@ -56,6 +58,13 @@ static void model_make(struct model *m, int which)
 		opt.top_k = 4;
 		opt.quant_fp8 = which == 2;
 		m->what = which == 2 ? "deepseek_v3/fp8/H200/I72" : "deepseek_v3/bf16/H200";
+	} else if (which == 3) {
+		moe_test_gen_small(MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, &opt);
+		opt.hidden_size = 66;
+		opt.moe_intermediate_size = 26;
+		opt.num_experts = 32;
+		opt.top_k = 4;
+		m->what = "gpt_oss/bf16/H66";
 	} else {
 		moe_test_gen_small(MOE_ARCH_MIXTRAL, MOE_DTYPE_F32, &opt);
 		opt.hidden_size = 72;
@@ -308,10 +317,10 @@ static Suite *invariance_suite(void)
 
 	/* each test runs for model 0 (deepseek_v3 bf16) and 1 (mixtral f32) */
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 3);
-	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 3);
-	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 3);
-	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 3);
+	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 4);
+	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 4);
+	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 4);
+	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 4);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -160,6 +160,43 @@ START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
 }
 END_TEST
 
+/* Likewise gpt_oss (expert biases and the clamped SwiGLU, which its kernels
+ * do not compute): refused by supports, before any device is looked for. */
+START_TEST(cuda_module_refuses_gpt_oss_before_the_device)
+{
+	const char *dir = getenv("MOE_BACKEND_DIR");
+	struct moe_model_config cfg = {
+		.arch = MOE_ARCH_GPT_OSS, .hidden_size = 64, .moe_intermediate_size = 16,
+		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .has_bias = true,
+		.gated = true, .has_expert_bias = true, .act = MOE_ACT_SWIGLU_OAI,
+		.swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
+		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16,
+	};
+	struct moe_backend_options o = { .threads = 1, .model = &cfg };
+	struct moe_backend *be = NULL;
+	struct moe_err err = { 0 };
+	char path[PATH_MAX];
+	int r;
+
+	snprintf(path, sizeof(path), "%s/moe-backend-cuda.so", dir ? dir : "");
+	if (!dir || access(path, R_OK) != 0) {
+		printf("no CUDA module at %s: its gpt_oss refusal is not tested\n", path);
+		return;
+	}
+	r = moe_backend_open("cuda", &o, &be, &err);
+	ck_assert_msg(r == -ENOTSUP, "cuda on gpt_oss gave %d (%s), not -ENOTSUP", r, err.msg);
+	ck_assert_ptr_null(be);
+	ck_assert_msg(strstr(err.msg, "does not compute gpt_oss experts"), "the reason: %s", err.msg);
+	r = moe_backend_open("auto", &o, &be, &err);
+	ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
+	ck_assert_str_eq(be->ops->name, "cpu");
+	ck_assert_msg(strstr(be->reason, "does not compute gpt_oss experts"), "the fallback reason: %s",
+		      be->reason);
+	moe_backend_close(be);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("backend module");
@@ -169,6 +206,7 @@ int main(void)
 	tcase_add_test(tc, refuses_module_of_another_ops_size);
 	tcase_add_test(tc, refuses_module_without_version);
 	tcase_add_test(tc, cuda_module_refuses_fp8_experts_before_the_device);
+	tcase_add_test(tc, cuda_module_refuses_gpt_oss_before_the_device);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "check-module");
 }

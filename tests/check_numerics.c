@@ -59,6 +59,10 @@ struct ncase {
 	 * plant values random weights would not produce; may be NULL. */
 	void (*patch)(const char *dir, uint32_t layer);
 	uint32_t ids_below;          /* nonzero: every chosen expert must be below this */
+	float x_scale;               /* inputs uniform in [-x_scale, x_scale); 0: 1 */
+	bool want_clamps;            /* gpt_oss: the reference must hit swiglu_limit */
+	double swiglu_limit;         /* gpt_oss: what config.json must say; 0: 7.0 */
+	uint32_t chunk_kb;           /* the pager's chunk size; 0: its default */
 };
 
 static const uint32_t batch_sizes[] = { 1, 7, 64, 300 };
@@ -143,7 +147,8 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	const char *dn = moe_dtype_name(dt);
 	struct moe_gen_options opt;
 	struct moe_pack_options popt = { .dtype = -1 };
-	struct moe_engine_options eopt = { .backend = "cpu", .threads = 2 };
+	struct moe_engine_options eopt = { .backend = "cpu", .threads = 2,
+					   .pager = { .chunk_kb = c->chunk_kb } };
 	struct moe_err err = {0};
 	struct ref_layer *ref;
 	char msg[512];
@@ -165,7 +170,8 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
 	/* mixtral and olmoe have no dense layers (and no intermediate_size) */
-	opt.intermediate_size = c->arch == MOE_ARCH_MIXTRAL || c->arch == MOE_ARCH_OLMOE ? 0 : 2 * c->I;
+	opt.intermediate_size = c->arch == MOE_ARCH_MIXTRAL || c->arch == MOE_ARCH_OLMOE ||
+				c->arch == MOE_ARCH_GPT_OSS ? 0 : 2 * c->I;
 	opt.num_experts = c->E;
 	opt.top_k = c->k;
 	opt.num_layers = 2;
@@ -241,6 +247,13 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 		ck_assert_msg(fabs(ref->routing.routed_scaling_factor - c->rsf) < 1e-6,
 			      "%s %s: config.json routed_scaling_factor %g, asked %g", c->what, dn,
 			      ref->routing.routed_scaling_factor, (double)c->rsf);
+	if (c->arch == MOE_ARCH_GPT_OSS)
+		ck_assert_msg(ref->act == MOE_ACT_SWIGLU_OAI && ref->swiglu_alpha == 1.702 &&
+			      ref->swiglu_limit == (c->swiglu_limit ? c->swiglu_limit : 7.0) &&
+			      ref->gate_bias && ref->down_bias && ref->bias,
+			      "%s %s: the reference reads alpha %g, limit %g (want 1.702, %g), biases %d",
+			      c->what, dn, ref->swiglu_alpha, ref->swiglu_limit,
+			      c->swiglu_limit ? c->swiglu_limit : 7.0, ref->gate_bias != NULL);
 	if (c->arch == MOE_ARCH_DEEPSEEK_V2)
 		ck_assert_msg(ref->routing.group_limited == c->want_group_limited,
 			      "%s %s: config.json topk_method is %s, the case wants %s", c->what, dn,
@@ -292,6 +305,8 @@ static void run_dtype(const struct ncase *c, enum moe_dtype dt)
 	int32_t rid[REF_MAX_EXPERTS];
 	double rw[REF_MAX_EXPERTS], margin;
 	uint64_t xs = case_seed(c) ^ 0xabcdefu;
+	float xsc = c->x_scale > 0.0f ? c->x_scale : 1.0f;
+	unsigned long clamps0 = ref_swiglu_clamps;
 
 	ck_assert(x && out && ids && w && want);
 	/* float32 activations, every batch size; then bfloat16 activations */
@@ -301,7 +316,7 @@ static void run_dtype(const struct ncase *c, enum moe_dtype dt)
 		double tol = bf16_act ? OUT_RTOL_BF16_ACT : OUT_RTOL_F32;
 
 		for (size_t i = 0; i < (size_t)n * H; i++) {
-			x[i] = (float)moe_test_randf(&xs);
+			x[i] = xsc * (float)moe_test_randf(&xs);
 			if (bf16_act)
 				x[i] = ref_round_bf16(x[i]);
 		}
@@ -391,6 +406,11 @@ static void run_dtype(const struct ncase *c, enum moe_dtype dt)
 	ck_assert_msg(exempt * 20 < tokens, "%s %s: %zu of %zu tokens within %g of a tie: the "
 		      "case is too degenerate to test anything", c->what, dn, exempt, tokens,
 		      TIE_MARGIN);
+	if (c->want_clamps)
+		ck_assert_msg(ref_swiglu_clamps - clamps0 > tokens,
+			      "%s %s: only %lu gate/up values reached swiglu_limit in %zu tokens: the "
+			      "case does not test the clamp", c->what, dn, ref_swiglu_clamps - clamps0,
+			      tokens);
 
 	printf("%-66s %-4s %4zu tokens, %zu near a tie; worst relative L2 %.2g (f32 act), "
 	       "%.2g (bf16 act)\n", c->what, dn, tokens, exempt, worst, worst_bf);
@@ -566,6 +586,64 @@ NUMERICS_TEST(glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults,
 	      .arch = MOE_ARCH_GLM4_MOE, .H = 72, .I = 32, .E = 16, .k = 4, .n_shared = 1,
 	      .patch = strip_glm_routing_fields)
 
+/* gpt_oss: gpt-oss-20b's routing (32 experts, top-4) with router and expert
+ * biases; inputs large enough that many gate and up values pass
+ * swiglu_limit (the case checks that they do), so an engine without the
+ * clamp, the (up + 1), the biases or the top-k-then-softmax rule fails;
+ * gpt-oss-120b's 128 experts, at sizes whose matrices do not end on a
+ * 16-byte boundary (the biases follow padding); a config.json without swiglu_limit (7.0)
+ * and one with another limit, which must be read. */
+NUMERICS_TEST(gpt_oss_20b_routing_matches_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 96, .I = 40, .E = 32, .k = 4, .with_f16 = true)
+NUMERICS_TEST(gpt_oss_clamped_swiglu_matches_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 72, .I = 48, .E = 32, .k = 4, .x_scale = 12.0f,
+	      .want_clamps = true)
+NUMERICS_TEST(gpt_oss_120b_routing_matches_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 66, .I = 26, .E = 128, .k = 4, .x_scale = 6.0f,
+	      .want_clamps = true)
+/* Experts paged in 64 KiB chunks whose boundary falls inside the biases
+ * (bf16: matrices end at 65280, biases to 66472; f32: 130560 to 131752):
+ * the CPU backend places each piece of them as it arrives. */
+NUMERICS_TEST(gpt_oss_biases_split_across_pager_chunks_match_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 128, .I = 85, .E = 8, .k = 4, .x_scale = 4.0f,
+	      .chunk_kb = 64)
+static void strip_swiglu_limit(const char *dir, uint32_t layer)
+{
+	char path[4096];
+	json_error_t jerr;
+	json_t *cfg;
+
+	(void)layer;
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	cfg = json_load_file(path, 0, &jerr);
+	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
+	ck_assert_msg(json_object_del(cfg, "swiglu_limit") == 0, "%s has no swiglu_limit", path);
+	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
+	json_decref(cfg);
+}
+
+static void set_swiglu_limit_3(const char *dir, uint32_t layer)
+{
+	char path[4096];
+	json_error_t jerr;
+	json_t *cfg;
+
+	(void)layer;
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	cfg = json_load_file(path, 0, &jerr);
+	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
+	json_object_set_new(cfg, "swiglu_limit", json_real(3.0));
+	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
+	json_decref(cfg);
+}
+
+NUMERICS_TEST(gpt_oss_config_without_swiglu_limit_clamps_at_7,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 64, .I = 32, .E = 16, .k = 4, .x_scale = 12.0f,
+	      .want_clamps = true, .patch = strip_swiglu_limit)
+NUMERICS_TEST(gpt_oss_config_swiglu_limit_is_read,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 64, .I = 32, .E = 16, .k = 4, .x_scale = 6.0f,
+	      .want_clamps = true, .swiglu_limit = 3.0, .patch = set_swiglu_limit_3)
+
 /* MOE_FWD_ALL_EXPERTS: every expert with weight 1/E plus the shared expert;
  * the routing returned is still the real one. */
 static void check_all_experts(const struct ncase *c, enum moe_dtype dt)
@@ -728,6 +806,12 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, glm4_moe_top_1_normalises_to_the_scaling_factor);
 	tcase_add_test(tc, glm4_moe_masks_dropped_groups_with_neg_inf_end_to_end);
 	tcase_add_test(tc, glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults);
+	tcase_add_test(tc, gpt_oss_20b_routing_matches_float64_reference);
+	tcase_add_test(tc, gpt_oss_clamped_swiglu_matches_float64_reference);
+	tcase_add_test(tc, gpt_oss_120b_routing_matches_float64_reference);
+	tcase_add_test(tc, gpt_oss_biases_split_across_pager_chunks_match_float64_reference);
+	tcase_add_test(tc, gpt_oss_config_without_swiglu_limit_clamps_at_7);
+	tcase_add_test(tc, gpt_oss_config_swiglu_limit_is_read);
 	tcase_add_test(tc, all_experts_flag_averages_every_expert_and_adds_the_shared_one);
 	tcase_add_test(tc, layers_that_are_not_moe_are_refused_with_enoent);
 	suite_add_tcase(s, tc);

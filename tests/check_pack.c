@@ -203,6 +203,48 @@ START_TEST(config_glm4_moe_routes_as_deepseek_v3)
 }
 END_TEST
 
+/* gpt_oss: GptOssConfig's defaults (gpt-oss-120b's shapes), every layer MoE,
+ * the clamp and the biases; the MXFP4 release refused by name. */
+START_TEST(config_gpt_oss_defaults_and_mxfp4_refused)
+{
+	struct moe_hf_config *hc;
+	struct moe_err err = { 0 };
+	int r;
+
+	r = parse("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 36}",
+		  &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(hc->cfg.num_experts, 128);
+	ck_assert_uint_eq(hc->cfg.top_k, 4);
+	ck_assert_uint_eq(hc->cfg.moe_intermediate_size, 2880);
+	ck_assert_uint_eq(hc->cfg.shared_intermediate_size, 0);
+	ck_assert_uint_eq(hc->n_moe_layers, 36);
+	ck_assert(hc->cfg.act == MOE_ACT_SWIGLU_OAI && hc->cfg.has_bias && hc->cfg.has_expert_bias &&
+		  hc->cfg.scoring == MOE_SCORING_SOFTMAX && hc->cfg.topk_method == MOE_TOPK_GREEDY);
+	ck_assert_float_eq(hc->cfg.swiglu_limit, 7.0f);
+	ck_assert_float_eq(hc->cfg.swiglu_alpha, 1.702f);
+	moe_hf_config_free(hc);
+
+	/* gpt-oss-20b's MoE fields as released; hidden_act is not the experts' */
+	r = parse("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
+		  " \"intermediate_size\": 2880, \"num_local_experts\": 32, \"num_experts_per_tok\": 4,"
+		  " \"experts_per_token\": 4, \"swiglu_limit\": 7.0, \"hidden_act\": \"silu\"}", &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(hc->cfg.num_experts, 32);
+	ck_assert_uint_eq(hc->n_moe_layers, 24);
+	ck_assert(hc->cfg.act == MOE_ACT_SWIGLU_OAI);
+	moe_hf_config_free(hc);
+
+	expect_config_error("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
+			    " \"quantization_config\": {\"quant_method\": \"mxfp4\","
+			    " \"modules_to_not_convert\": [\"model.layers.*.self_attn\"]}}",
+			    "quant_method mxfp4 (experts as *_blocks and *_scales) is not supported yet: "
+			    "moed reads F32, BF16 and F16");
+	expect_config_error("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
+			    " \"swiglu_limit\": 0}", "swiglu_limit 0 must be positive");
+}
+END_TEST
+
 /* --- pack ---------------------------------------------------------------------------- */
 
 /* Read @n elements at element @first of tensor @name and convert to @to. */
@@ -401,6 +443,126 @@ START_TEST(pack_matches_checkpoint_every_arch)
 	default:
 		break;
 	}
+	moe_store_close(s);
+	free(out);
+	moe_test_rm_rf(dir);
+	free(dir);
+}
+END_TEST
+
+/*
+ * gpt_oss in transformers' layout: gate_up_proj [E, H, 2I] is x @ W with
+ * gate in the even columns and up in the odd ones, down_proj [E, I, H] is
+ * h @ W.  Each stored expert must be gate [I][H], up [I][H], down [H][I]
+ * (element by element from the checkpoint), zero padding to 16 bytes, then
+ * float32 biases gate [I], up [I] (de-interleaved) and down [H]; the router
+ * and its bias as they are.  Sizes whose matrices end off a 16-byte
+ * boundary; bf16 and, converted, f32.
+ */
+static void compare_gpt_oss(const char *dir, const struct moe_store *s)
+{
+	const struct moe_model_config *c = &s->cfg;
+	uint64_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	size_t es = moe_dtype_size(c->weight_dtype);
+	uint64_t boff = moe_expert_bias_offset(c);
+	uint8_t *blob = moe_test_page_alloc(s->hdr.expert_stride), *gu = malloc(H * 2 * I * es);
+	uint8_t *dn = malloc(I * H * es);
+	float *router = malloc(E * H * 4), *bias = malloc(E * 4), *want = malloc(E * H * 4);
+	float *gub = malloc(2 * I * 4), *db = malloc(H * 4);
+	struct moe_st_checkpoint *ck;
+	struct moe_err err = { 0 };
+	char name[256];
+
+	ck_assert_int_eq(moe_st_checkpoint_open(dir, &ck, &err), 0);
+	ck_assert_uint_eq(boff % 16, 0);
+	ck_assert_uint_eq(s->hdr.expert_bytes, boff + 4 * (2 * I + H));
+	for (uint32_t li = 0; li < s->hdr.num_moe_layers; li++) {
+		uint32_t L = s->layers[li].layer;
+
+		ck_assert_int_eq(moe_store_read_router(s, li, router, bias, NULL, &err), 0);
+		snprintf(name, sizeof(name), "model.layers.%u.mlp.router.weight", L);
+		ckpt_read(ck, name, 0, E * H, MOE_DTYPE_F32, want);
+		ck_assert_msg(memcmp(router, want, E * H * 4) == 0, "layer %u router differs", L);
+		snprintf(name, sizeof(name), "model.layers.%u.mlp.router.bias", L);
+		ckpt_read(ck, name, 0, E, MOE_DTYPE_F32, want);
+		ck_assert_msg(memcmp(bias, want, E * 4) == 0, "layer %u router bias differs", L);
+		for (uint32_t j = 0; j < E; j++) {
+			const float *b;
+
+			ck_assert_int_eq(moe_store_read_expert(s, li, j, blob, &err), 0);
+			snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.gate_up_proj", L);
+			ckpt_read(ck, name, j * H * 2 * I, H * 2 * I, c->weight_dtype, gu);
+			snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.down_proj", L);
+			ckpt_read(ck, name, j * I * H, I * H, c->weight_dtype, dn);
+			for (uint64_t i = 0; i < I; i++)
+				for (uint64_t h = 0; h < H; h++) {
+					ck_assert_msg(!memcmp(blob + (i * H + h) * es, gu + (h * 2 * I + 2 * i) * es, es),
+						      "layer %u expert %u gate[%lu][%lu] is not gate_up_proj[%u][%lu][%lu]",
+						      L, j, (unsigned long)i, (unsigned long)h, j, (unsigned long)h,
+						      (unsigned long)(2 * i));
+					ck_assert_msg(!memcmp(blob + ((I + i) * H + h) * es,
+							      gu + (h * 2 * I + 2 * i + 1) * es, es),
+						      "layer %u expert %u up[%lu][%lu] is not column 2i+1", L, j,
+						      (unsigned long)i, (unsigned long)h);
+					ck_assert_msg(!memcmp(blob + (2 * I * H + h * I + i) * es, dn + (i * H + h) * es, es),
+						      "layer %u expert %u down[%lu][%lu] is not down_proj[%u][%lu][%lu]",
+						      L, j, (unsigned long)h, (unsigned long)i, j, (unsigned long)i,
+						      (unsigned long)h);
+				}
+			for (uint64_t p = 3 * I * H * es; p < boff; p++)
+				ck_assert_msg(blob[p] == 0, "layer %u expert %u: padding byte %lu is %u", L, j,
+					      (unsigned long)p, blob[p]);
+			snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.gate_up_proj_bias", L);
+			ckpt_read(ck, name, j * 2 * I, 2 * I, MOE_DTYPE_F32, gub);
+			snprintf(name, sizeof(name), "model.layers.%u.mlp.experts.down_proj_bias", L);
+			ckpt_read(ck, name, j * H, H, MOE_DTYPE_F32, db);
+			b = (const float *)(const void *)(blob + boff);
+			for (uint64_t i = 0; i < I; i++)
+				ck_assert_msg(b[i] == gub[2 * i] && b[I + i] == gub[2 * i + 1],
+					      "layer %u expert %u bias %lu: gate %g up %g, checkpoint %g %g", L, j,
+					      (unsigned long)i, (double)b[i], (double)b[I + i], (double)gub[2 * i],
+					      (double)gub[2 * i + 1]);
+			ck_assert_msg(memcmp(b + 2 * I, db, H * 4) == 0, "layer %u expert %u down bias differs",
+				      L, j);
+		}
+	}
+	moe_st_checkpoint_close(ck);
+	free(blob);
+	free(gu);
+	free(dn);
+	free(router);
+	free(bias);
+	free(want);
+	free(gub);
+	free(db);
+}
+
+START_TEST(pack_gpt_oss_deinterleaves_gate_up_and_keeps_biases)
+{
+	struct moe_gen_options o;
+	struct moe_store *s;
+	char *dir, *out;
+
+	moe_gen_defaults(MOE_ARCH_GPT_OSS, &o);
+	o.seed = 21;
+	o.hidden_size = 62;                             /* 3 x 62 x 30 x 2 bytes: padded */
+	o.moe_intermediate_size = 30;
+	o.num_layers = 3;
+	dir = gen(&o, "gptoss");
+	out = pack_to(dir, -1, &s);
+	ck_assert_str_eq(s->hdr.model_type, "gpt_oss");
+	ck_assert_uint_eq(s->hdr.num_moe_layers, 3);    /* every layer */
+	ck_assert(s->cfg.has_bias && s->cfg.has_expert_bias && s->cfg.act == MOE_ACT_SWIGLU_OAI &&
+		  s->cfg.shared_intermediate_size == 0 && s->cfg.weight_dtype == MOE_DTYPE_BF16);
+	ck_assert_float_eq(s->cfg.swiglu_limit, 7.0f);
+	ck_assert_float_eq(s->cfg.swiglu_alpha, 1.702f);
+	ck_assert(3 * 62 * 30 * 2 % 16 != 0);
+	compare_gpt_oss(dir, s);
+	moe_store_close(s);
+	free(out);
+	out = pack_to(dir, MOE_DTYPE_F32, &s);
+	ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_F32);
+	compare_gpt_oss(dir, s);
 	moe_store_close(s);
 	free(out);
 	moe_test_rm_rf(dir);
@@ -917,6 +1079,7 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, config_errors_name_the_field);
 	tcase_add_test(tc, config_routing_per_architecture);
 	tcase_add_test(tc, config_glm4_moe_routes_as_deepseek_v3);
+	tcase_add_test(tc, config_gpt_oss_defaults_and_mxfp4_refused);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("pack");
@@ -932,6 +1095,7 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, pack_keeps_shared_expert_dtype_apart);
 	tcase_add_test(tc, pack_dtype_dequantizes_fp8);
 	tcase_add_test(tc, pack_fp8_errors_name_the_culprit);
+	tcase_add_test(tc, pack_gpt_oss_deinterleaves_gate_up_and_keeps_biases);
 	tcase_add_test(tc, pack_progress_reaches_total);
 	tcase_add_test(tc, pack_mixed_dtypes_need_a_target);
 	suite_add_tcase(s, tc);

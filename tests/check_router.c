@@ -77,6 +77,15 @@ static struct moe_model_config make_cfg(enum moe_arch arch, uint32_t E, uint32_t
 		c.has_bias = true;
 		c.norm_topk_prob = true;
 	}
+	if (arch == MOE_ARCH_GPT_OSS) {
+		/* GptOssConfig: router bias, expert biases, clamped SwiGLU */
+		c.has_bias = true;
+		c.has_expert_bias = true;
+		c.norm_topk_prob = true;
+		c.act = MOE_ACT_SWIGLU_OAI;
+		c.swiglu_alpha = 1.702f;
+		c.swiglu_limit = 7.0f;
+	}
 	return c;
 }
 
@@ -661,6 +670,45 @@ START_TEST(glm4_moe_top_k_one_still_normalises)
 }
 END_TEST
 
+/* gpt_oss (GptOssTopKRouter): the bias is added to the logits before the
+ * top-k, and the weights are the softmax of the k chosen biased logits. */
+START_TEST(gpt_oss_weights_are_the_softmax_of_the_top_k_biased_logits)
+{
+	const uint32_t E = 8, H = 8;
+	float logits[8] = { 2.0f, 1.5f, 1.0f, 0.5f, 0.0f, -0.5f, -1.0f, -1.5f };
+	/* biased: 2.0 1.5 1.0 0.5 0.0 1.5 0.9 -1.5 (5 ties 1 exactly) */
+	float bias[8] = { 0, 0, 0, 0, 0, 2.0f, 0.1f, 0 };
+	int32_t ids[8];
+	float w[8];
+	float *x = unit_x(H), *router = router_with_logits(E, H, logits, 17);
+	double z = exp(0.0) + 2 * exp(-0.5) + exp(-1.0);
+
+	struct moe_model_config c = make_cfg(MOE_ARCH_GPT_OSS, E, 4, H);
+	route_and_compare(&c, router, bias, x, 1, ids, w);
+	assert_ids(ids, (const int32_t[]){ 0, 1, 5, 2 }, 4, "gpt_oss, bias lifts expert 5 to tie 1");
+	ck_assert_msg(fabs(w[0] - 1.0 / z) < 1e-6 && fabs(w[1] - exp(-0.5) / z) < 1e-6 &&
+		      w[1] == w[2] && fabs(w[3] - exp(-1.0) / z) < 1e-6,
+		      "gpt_oss k=4 weights %.9g %.9g %.9g %.9g, expected the softmax of 2, 1.5, 1.5, 1",
+		      (double)w[0], (double)w[1], (double)w[2], (double)w[3]);
+
+	/* k = 2: the tie at the edge goes to the lower index */
+	c.top_k = 2;
+	route_and_compare(&c, router, bias, x, 1, ids, w);
+	assert_ids(ids, (const int32_t[]){ 0, 1 }, 2, "gpt_oss k=2, experts 1 and 5 tied");
+	ck_assert_msg(fabs(w[0] - 1.0 / (1.0 + exp(-0.5))) < 1e-6,
+		      "gpt_oss k=2 weight %.9g, expected %.9g", (double)w[0], 1.0 / (1.0 + exp(-0.5)));
+
+	/* k = 1: the softmax of one value, whatever the others are */
+	c.top_k = 1;
+	bias[3] = 5.0f;
+	route_and_compare(&c, router, bias, x, 1, ids, w);
+	ck_assert_msg(ids[0] == 3 && w[0] == 1.0f, "gpt_oss k=1: expert %d weight %.9g, expected 3 and 1",
+		      ids[0], (double)w[0]);
+	free(router);
+	free(x);
+}
+END_TEST
+
 /* ---- extreme logits ----------------------------------------------------- */
 
 START_TEST(huge_logits_give_finite_weights)
@@ -682,12 +730,12 @@ START_TEST(huge_logits_give_finite_weights)
 
 	static const enum moe_arch archs[] = { MOE_ARCH_MIXTRAL, MOE_ARCH_QWEN2_MOE,
 					       MOE_ARCH_OLMOE, MOE_ARCH_DEEPSEEK_V2,
-					       MOE_ARCH_DEEPSEEK_V3 };
+					       MOE_ARCH_DEEPSEEK_V3, MOE_ARCH_GPT_OSS };
 	for (size_t a = 0; a < sizeof(archs) / sizeof(archs[0]); a++) {
 		struct moe_model_config c = make_cfg(archs[a], E, 4, H);
 
 		c.norm_topk_prob = true;
-		route_raw(&c, router, archs[a] == MOE_ARCH_DEEPSEEK_V3 ? bias : NULL, x, 1, ids, w);
+		route_raw(&c, router, c.has_bias ? bias : NULL, x, 1, ids, w);
 		for (uint32_t s = 0; s < 4; s++)
 			ck_assert_msg(isfinite(w[s]) && w[s] >= 0.0f,
 				      "%s: slot %u weight %g with huge logits", moe_arch_name(archs[a]),
@@ -746,6 +794,9 @@ START_TEST(random_tokens_route_as_the_reference_for_every_rule)
 		{ MOE_ARCH_GLM4_MOE, 160, 8, 1, 1, MOE_TOPK_NOAUX_TC, true, 2.5f },
 		{ MOE_ARCH_GLM4_MOE, 64, 6, 8, 3, MOE_TOPK_NOAUX_TC, false, 1.5f },
 		{ MOE_ARCH_GLM4_MOE, 32, 1, 4, 2, MOE_TOPK_NOAUX_TC, true, 1.8f },
+		/* gpt-oss-20b, gpt-oss-120b */
+		{ MOE_ARCH_GPT_OSS, 32, 4, 1, 1, MOE_TOPK_GREEDY, true, 1.0f },
+		{ MOE_ARCH_GPT_OSS, 128, 4, 1, 1, MOE_TOPK_GREEDY, true, 1.0f },
 	};
 	const uint32_t H = 72, n = 200;
 	uint64_t seed = 41;
@@ -770,9 +821,8 @@ START_TEST(random_tokens_route_as_the_reference_for_every_rule)
 		for (uint32_t j = 0; j < ru->E * H; j++)
 			router[j] = (float)(moe_test_randf(&seed) * 0.2);
 		for (uint32_t e = 0; e < ru->E; e++)
-			bias[e] = (float)(moe_test_randf(&seed) * 0.05);
-		exempt = route_and_compare(&c, router, ru->method == MOE_TOPK_NOAUX_TC ? bias : NULL,
-					   x, n, ids, w);
+			bias[e] = (float)(moe_test_randf(&seed) * (ru->arch == MOE_ARCH_GPT_OSS ? 0.5 : 0.05));
+		exempt = route_and_compare(&c, router, c.has_bias ? bias : NULL, x, n, ids, w);
 		ck_assert_msg(exempt < n / 10, "rule %zu: %zu of %u tokens near a tie", i, exempt, n);
 		free(router);
 		free(bias);
@@ -803,6 +853,7 @@ static Suite *router_suite(void)
 	tcase_add_test(tc, deepseek_v2_scales_only_when_not_normalising);
 	tcase_add_test(tc, deepseek_top_k_one_does_not_divide);
 	tcase_add_test(tc, glm4_moe_top_k_one_still_normalises);
+	tcase_add_test(tc, gpt_oss_weights_are_the_softmax_of_the_top_k_biased_logits);
 	tcase_add_test(tc, huge_logits_give_finite_weights);
 	tcase_add_test(tc, random_tokens_route_as_the_reference_for_every_rule);
 	suite_add_tcase(s, tc);

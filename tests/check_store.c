@@ -464,6 +464,125 @@ START_TEST(rejects_unknown_architecture_number)
 }
 END_TEST
 
+/* gpt_oss: the header keeps has_expert_bias, swiglu_alpha and swiglu_limit
+ * (taken from the reserved space), and an expert blob is its matrices, 16-byte
+ * padding and 2I + H float32 biases, read back as written. */
+START_TEST(gpt_oss_store_keeps_expert_biases_and_clamp)
+{
+	char *dir = moe_test_tmpdir("store"), *path;
+	struct moe_model_config c;
+	struct moe_store *s;
+	struct moe_err err = { 0 };
+	uint8_t *blob, *want;
+	int r;
+
+	synth_config(&c);
+	c.arch = MOE_ARCH_GPT_OSS;
+	c.n_group = c.topk_group = 1;
+	c.n_shared_experts = c.shared_intermediate_size = 0;
+	c.scoring = MOE_SCORING_SOFTMAX;
+	c.topk_method = MOE_TOPK_GREEDY;
+	c.routed_scaling_factor = 1.0f;
+	c.act = MOE_ACT_SWIGLU_OAI;
+	c.has_expert_bias = true;
+	c.swiglu_alpha = 1.702f;
+	c.swiglu_limit = 7.0f;
+	c.hidden_size = 62;                             /* 3 x 62 x 30 x 2 = 11160: padded to 11168 */
+	c.moe_intermediate_size = 30;
+	ck_assert(asprintf(&path, "%s/oss.moe", dir) > 0);
+	write_synth(path, &c);
+	r = moe_store_open(path, &s, &err);
+	ck_assert_msg(r == 0, "open: %s", err.msg);
+	ck_assert_str_eq(s->hdr.model_type, "gpt_oss");
+	ck_assert(s->cfg.has_expert_bias && s->cfg.has_bias && s->cfg.act == MOE_ACT_SWIGLU_OAI);
+	ck_assert_msg(s->cfg.swiglu_alpha == 1.702f && s->cfg.swiglu_limit == 7.0f,
+		      "alpha %g limit %g", (double)s->cfg.swiglu_alpha, (double)s->cfg.swiglu_limit);
+	ck_assert_uint_eq(moe_expert_bias_offset(&s->cfg), 11168);
+	ck_assert_uint_eq(s->hdr.expert_bytes, 11168 + 4 * (2 * 30 + 62));
+	blob = moe_test_page_alloc(s->hdr.expert_stride);
+	want = malloc(s->hdr.expert_bytes);
+	r = moe_store_read_expert(s, 1, 5, blob, &err);
+	ck_assert_msg(r == 0, "read_expert: %s", err.msg);
+	fill(want, s->hdr.expert_bytes, 1 * 1000 + 10 + 5);
+	ck_assert(memcmp(blob, want, s->hdr.expert_bytes) == 0);
+	moe_store_close(s);
+	free(blob);
+	free(want);
+	moe_test_rm_rf(dir);
+	free(dir);
+	free(path);
+}
+END_TEST
+
+/* The gpt_oss fields mean nothing to another architecture: a store that
+ * sets them elsewhere is refused, as is an activation this reader does not
+ * know (how a reader from before gpt_oss treats act 4). */
+START_TEST(rejects_expert_bias_or_clamp_outside_gpt_oss)
+{
+	char *path = synth_path("store");
+	struct moe_store_header h = read_header(path), orig = h;
+
+	h.has_expert_bias = 1;
+	write_header(path, &h);
+	expect_open_fails(path, -EINVAL, "outside gpt_oss");
+	h = orig;
+	h.act = MOE_ACT_SWIGLU_OAI;
+	write_header(path, &h);
+	expect_open_fails(path, -EINVAL, "outside gpt_oss");
+	h = orig;
+	h.act = MOE_ACT_SWIGLU_OAI + 1;
+	write_header(path, &h);
+	expect_open_fails(path, -EINVAL, "unknown activation");
+	free(path);
+}
+END_TEST
+
+/* gpt_oss with FP8 weights is not a released format and has no blob layout
+ * (biases after block scales): validation, the writer and the reader refuse
+ * it, naming it, instead of placing the biases at a wrong offset. */
+START_TEST(rejects_expert_biases_with_fp8_weights)
+{
+	char *dir = moe_test_tmpdir("store"), *path;
+	struct moe_model_config c;
+	struct moe_store_header h;
+	struct moe_store_writer *w = NULL;
+	struct moe_err err = { 0 };
+	int r;
+
+	synth_config(&c);
+	c.arch = MOE_ARCH_GPT_OSS;
+	c.n_group = c.topk_group = 1;
+	c.n_shared_experts = c.shared_intermediate_size = 0;
+	c.scoring = MOE_SCORING_SOFTMAX;
+	c.topk_method = MOE_TOPK_GREEDY;
+	c.routed_scaling_factor = 1.0f;
+	c.act = MOE_ACT_SWIGLU_OAI;
+	c.has_expert_bias = true;
+	c.swiglu_alpha = 1.702f;
+	c.swiglu_limit = 7.0f;
+	ck_assert(asprintf(&path, "%s/oss.moe", dir) > 0);
+	write_synth(path, &c);
+
+	c.weight_dtype = c.shared_dtype = MOE_DTYPE_FP8_E4M3_B128;
+	r = moe_model_config_validate(&c, &err);
+	ck_assert_msg(r == -ENOTSUP && strstr(err.msg, "expert biases (gpt_oss) with fp8 weights are not "
+					      "supported yet"), "validate: %d %s", r, err.msg);
+	memset(&err, 0, sizeof(err));
+	r = moe_store_writer_open(path, &c, 1, (uint32_t[]){ 0 }, "", "fp8", &w, &err);
+	ck_assert_msg(r == -ENOTSUP && !w, "writer: %d %s", r, err.msg);
+	ck_assert_msg(strstr(err.msg, "with fp8 weights"), "writer: %s", err.msg);
+
+	h = read_header(path);
+	h.weight_dtype = MOE_DTYPE_FP8_E4M3_B128;
+	h.shared_dtype = MOE_DTYPE_FP8_E4M3_B128;
+	write_header(path, &h);
+	expect_open_fails(path, -ENOTSUP, "expert biases (gpt_oss) with fp8 weights are not supported yet");
+	moe_test_rm_rf(dir);
+	free(dir);
+	free(path);
+}
+END_TEST
+
 struct bad_log {
 	int n;
 	char first[MOE_ERR_MSG_MAX];
@@ -584,6 +703,9 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, rejects_tables_outside_file);
 	tcase_add_test(tc, rejects_bad_model_fields);
 	tcase_add_test(tc, rejects_unknown_architecture_number);
+	tcase_add_test(tc, gpt_oss_store_keeps_expert_biases_and_clamp);
+	tcase_add_test(tc, rejects_expert_bias_or_clamp_outside_gpt_oss);
+	tcase_add_test(tc, rejects_expert_biases_with_fp8_weights);
 	tcase_add_test(tc, blob_corruption_is_caught);
 	tcase_add_test(tc, writer_refuses_incomplete_store);
 	suite_add_tcase(s, tc);

@@ -107,7 +107,7 @@ json_num() {
 
 # ---- every architecture ----------------------------------------------------------
 
-for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe; do
+for arch in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe gpt_oss; do
 	d=$T/$arch
 	mkdir "$d" || fail "mkdir $d"
 	ok "$MOECTL" gen-model --arch "$arch" --seed 7 -o "$d/hf"
@@ -222,6 +222,40 @@ ok "$MOECTL" inspect "$d/bf16.moe"
 grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "fp8 --dtype bf16: inspect"
 ok "$MOECTL" forward --model "$d/bf16.moe" --layer 2 --input "$d/in.npy" --output "$d/outb.npy"
 [ "$(npy_shape "$d/outb.npy")" = "(5, 200)" ] || fail "fp8 --dtype bf16: output shape"
+
+# gpt-oss-120b's routing (128 experts, top-4, every layer MoE) at a small
+# width, in transformers' bf16 layout; the store keeps the clamp and the
+# expert biases.  The CUDA backend must refuse it (it has no biases or
+# clamp) and "auto" fall back to the CPU, saying why.
+
+d=$T/gpt-oss-120b
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --preset gpt-oss-120b --layers 2 --vocab 64 --hidden 64 \
+	--moe-intermediate 16 --seed 5 -o "$d/hf"
+grep -F '"model.layers.1.mlp.experts.gate_up_proj_bias"' "$d/hf/model.safetensors" >/dev/null ||
+	fail "gpt-oss-120b: no gate_up_proj_bias in the checkpoint"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+ok "$MOECTL" inspect --json "$d/model.moe"
+for kv in num_experts:128 top_k:4 n_shared_experts:0 num_hidden_layers:2; do
+	[ "$(json_num "$T/out" "${kv%%:*}")" = "${kv#*:}" ] ||
+		fail "gpt-oss-120b: inspect --json ${kv%%:*} is not ${kv#*:}"
+done
+[ "$(tr -d ' \n' <"$T/out" | sed -n 's/.*"moe_layers":\[\([0-9,]*\)\].*/\1/p')" = 0,1 ] ||
+	fail "gpt-oss-120b: the MoE layers are not 0 and 1"
+grep -F '"act": "swiglu_oai"' "$T/out" >/dev/null || fail "gpt-oss-120b: not the clamped SwiGLU"
+grep -F '"has_expert_bias": true' "$T/out" >/dev/null || fail "gpt-oss-120b: no expert biases"
+grep -F '"swiglu_limit": 7.0' "$T/out" >/dev/null || fail "gpt-oss-120b: swiglu_limit is not 7"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --random-input 3 --seed 3 --output "$d/out.npy"
+[ "$(npy_shape "$d/out.npy")" = "(3, 64)" ] || fail "gpt-oss-120b: output shape $(npy_shape "$d/out.npy")"
+if [ -f "$MOE_BACKEND_DIR/moe-backend-cuda.so" ]; then
+	# the module is refused before any device is looked for
+	refuses "does not compute gpt_oss experts" "$MOECTL" forward --model "$d/model.moe" --layer 1 \
+		--random-input 3 --backend cuda --output "$d/cuda.npy"
+	ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --random-input 3 --seed 3 --stats \
+		--output "$d/auto.npy"
+	grep -F "backend: cpu (the CUDA backend does not compute gpt_oss" "$T/out" >/dev/null ||
+		fail "gpt-oss-120b: auto does not fall back to the CPU with the reason: $(head -3 "$T/out")"
+fi
 
 # ---- what forward refuses --------------------------------------------------------
 # A DeepSeek-V3 model whose layer 0 is dense.

@@ -84,6 +84,8 @@ double ref_act(enum moe_act act, double v)
 		return 0.5 * v * (1.0 + tanh(sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
 	case MOE_ACT_RELU:
 		return v > 0.0 ? v : 0.0;
+	case MOE_ACT_SWIGLU_OAI:
+		break;          /* takes gate and up: ref_expert */
 	}
 	return NAN;
 }
@@ -162,6 +164,38 @@ void ref_route_logits(const struct ref_routing *r, const double *logits, const d
 
 	if (!p || !sel || !used)
 		abort();
+
+	if (r->arch == MOE_ARCH_GPT_OSS) {
+		/* GptOssTopKRouter: F.linear with the bias, topk of the logits,
+		 * softmax over the k top values */
+		double mx = -INFINITY, z = 0.0;
+
+		for (int i = 0; i < E; i++)
+			sel[i] = logits[i] + (bias ? bias[i] : 0.0);
+		for (int s = 0; s < k; s++) {
+			int best = argmax_unused(sel, used, E);
+
+			used[best] = true;
+			ids[s] = best;
+			if (sel[best] > mx)
+				mx = sel[best];
+		}
+		for (int s = 0; s < k; s++) {
+			w[s] = exp(sel[ids[s]] - mx);
+			z += w[s];
+		}
+		for (int s = 0; s < k; s++)
+			w[s] /= z;
+		{
+			int next = argmax_unused(sel, used, E);
+
+			*margin = next >= 0 ? sel[ids[k - 1]] - sel[next] : INFINITY;
+		}
+		free(p);
+		free(sel);
+		free(used);
+		return;
+	}
 
 	/* glm4_moe routes as DeepSeek-V3 (transformers' Glm4MoeMoE). */
 	bool v3_rule = r->arch == MOE_ARCH_DEEPSEEK_V3 || r->arch == MOE_ARCH_GLM4_MOE;
@@ -354,6 +388,52 @@ void ref_expert(enum moe_act act, uint32_t hidden, uint32_t inter, const double 
 	}
 }
 
+unsigned long ref_swiglu_clamps;
+
+void ref_expert_oai(double alpha, double limit, uint32_t hidden, uint32_t inter, const double *gate,
+		    const double *up, const double *down, const double *gb, const double *ub,
+		    const double *db, const double *x, double *tmp, double *out)
+{
+	for (uint32_t i = 0; i < inter; i++) {
+		double g = gb[i], u = ub[i];
+
+		for (uint32_t h = 0; h < hidden; h++) {
+			g += gate[(size_t)i * hidden + h] * x[h];
+			u += up[(size_t)i * hidden + h] * x[h];
+		}
+		ref_swiglu_clamps += (g > limit) + (u > limit || u < -limit);
+		if (g > limit)
+			g = limit;
+		if (u > limit)
+			u = limit;
+		if (u < -limit)
+			u = -limit;
+		tmp[i] = (u + 1.0) * g * sigmoid(alpha * g);
+	}
+	for (uint32_t h = 0; h < hidden; h++) {
+		double s = db[h];
+
+		for (uint32_t i = 0; i < inter; i++)
+			s += down[(size_t)h * inter + i] * tmp[i];
+		out[h] = s;
+	}
+}
+
+/* Routed expert @j of @l on @xd into @y. */
+static void layer_expert(const struct ref_layer *l, size_t j, const double *xd, double *tmp, double *y)
+{
+	uint32_t H = l->hidden, I = l->inter;
+	size_t esz = (size_t)I * H;
+
+	if (l->act == MOE_ACT_SWIGLU_OAI)
+		ref_expert_oai(l->swiglu_alpha, l->swiglu_limit, H, I, l->gate + j * esz, l->up + j * esz,
+			       l->down + j * esz, l->gate_bias + j * I, l->up_bias + j * I,
+			       l->down_bias + j * H, xd, tmp, y);
+	else
+		ref_expert(l->act, H, I, l->gate ? l->gate + j * esz : NULL, l->up + j * esz,
+			   l->down + j * esz, xd, tmp, y);
+}
+
 /* out[H] += sigmoid-gated (qwen2_moe) or plain shared expert(s) of x. */
 static void add_shared(const struct ref_layer *l, const double *xd, double *tmp, double *y,
 		       double *out)
@@ -382,7 +462,6 @@ void ref_layer_forward_dense(const struct ref_layer *l, const float *x, double *
 	double *xd = malloc(sizeof(double) * H);
 	double *y = malloc(sizeof(double) * H);
 	double *tmp = malloc(sizeof(double) * tmpn);
-	size_t esz = (size_t)I * H;
 
 	if (!xd || !y || !tmp)
 		abort();
@@ -391,8 +470,7 @@ void ref_layer_forward_dense(const struct ref_layer *l, const float *x, double *
 		out[h] = 0.0;
 	}
 	for (uint32_t j = 0; j < E; j++) {
-		ref_expert(l->act, H, I, l->gate ? l->gate + j * esz : NULL, l->up + j * esz,
-			   l->down + j * esz, xd, tmp, y);
+		layer_expert(l, j, xd, tmp, y);
 		for (uint32_t h = 0; h < H; h++)
 			out[h] += y[h] / E;
 	}
@@ -427,12 +505,10 @@ void ref_layer_forward(const struct ref_layer *l, const float *x, double *out,
 	}
 	ref_route_logits(&l->routing, logits, l->bias, ids, w, margin);
 
-	size_t esz = (size_t)I * H;
 	for (uint32_t s = 0; s < k; s++) {
 		size_t j = (size_t)ids[s];
 
-		ref_expert(l->act, H, I, l->gate ? l->gate + j * esz : NULL, l->up + j * esz,
-			   l->down + j * esz, xd, tmp, y);
+		layer_expert(l, j, xd, tmp, y);
 		for (uint32_t h = 0; h < H; h++)
 			out[h] += w[s] * y[h];
 	}
@@ -456,6 +532,9 @@ void ref_layer_free(struct ref_layer *l)
 	free(l->sh_up);
 	free(l->sh_down);
 	free(l->sh_gate_vec);
+	free(l->gate_bias);
+	free(l->up_bias);
+	free(l->down_bias);
 	free(l);
 }
 
@@ -687,7 +766,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		{ "mixtral", MOE_ARCH_MIXTRAL }, { "qwen2_moe", MOE_ARCH_QWEN2_MOE },
 		{ "qwen3_moe", MOE_ARCH_QWEN3_MOE }, { "olmoe", MOE_ARCH_OLMOE },
 		{ "deepseek_v2", MOE_ARCH_DEEPSEEK_V2 }, { "deepseek_v3", MOE_ARCH_DEEPSEEK_V3 },
-		{ "glm4_moe", MOE_ARCH_GLM4_MOE },
+		{ "glm4_moe", MOE_ARCH_GLM4_MOE }, { "gpt_oss", MOE_ARCH_GPT_OSS },
 	};
 	struct ref_routing *r = &l->routing;
 	char path[4096];
@@ -790,6 +869,16 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 			rc = fail(ld, -EINVAL, "%s: glm4_moe with another scoring_func or topk_method", path);
 			goto out;
 		}
+		break;
+	case MOE_ARCH_GPT_OSS:
+		/* GptOssConfig's defaults; GptOssExperts applies its own
+		 * activation whatever hidden_act says */
+		rc = json_u32(cfg, "num_local_experts", 128, &r->num_experts);
+		rc = rc ? rc : json_u32(cfg, "num_experts_per_tok", 4, &r->top_k);
+		r->norm_topk_prob = true;
+		l->act = MOE_ACT_SWIGLU_OAI;
+		l->swiglu_alpha = json_num(cfg, "swiglu_alpha", 1.702);
+		l->swiglu_limit = json_num(cfg, "swiglu_limit", 7.0);
 		break;
 	default:
 		break;
@@ -934,6 +1023,77 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 	return 0;
 }
 
+/*
+ * gpt_oss in transformers' layout (modeling_gpt_oss.py): router.weight
+ * [E, H] and router.bias [E]; experts.gate_up_proj [E, H, 2I] used as
+ * x @ W, whose column 2i is gate row i and column 2i + 1 up row i;
+ * gate_up_proj_bias [E, 2I] the same way; down_proj [E, I, H] used as
+ * h @ W, so down row h is its column h; down_proj_bias [E, H].
+ */
+static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
+{
+	uint32_t E = l->routing.num_experts, H, I;
+	const struct moe_st_tensor *tr = find(ld, "%srouter.weight", pfx);
+	const struct moe_st_tensor *tb = find(ld, "%srouter.bias", pfx);
+	const struct moe_st_tensor *tgu = find(ld, "%sexperts.gate_up_proj", pfx);
+	const struct moe_st_tensor *tgub = find(ld, "%sexperts.gate_up_proj_bias", pfx);
+	const struct moe_st_tensor *td = find(ld, "%sexperts.down_proj", pfx);
+	const struct moe_st_tensor *tdb = find(ld, "%sexperts.down_proj_bias", pfx);
+	double *gu = NULL, *gub = NULL, *dn = NULL;
+	int rc;
+
+	if (!tr || !tb || !tgu || !tgub || !td || !tdb)
+		return fail(ld, -ENOENT, "%s: a gpt_oss router or expert tensor is missing", pfx);
+	if (tr->ndim != 2 || tr->shape[0] != E || tr->shape[1] == 0 || tr->shape[1] > (1u << 20))
+		return fail(ld, -EINVAL, "%s: shape is not [%u, H]", tr->name, E);
+	H = l->hidden = (uint32_t)tr->shape[1];
+	if (tgu->ndim != 3 || tgu->shape[0] != E || tgu->shape[1] != H || tgu->shape[2] % 2 ||
+	    tgu->shape[2] == 0 || tgu->shape[2] > (1u << 21))
+		return fail(ld, -EINVAL, "%s: shape is not [%u, %u, 2I]", tgu->name, E, H);
+	I = l->inter = (uint32_t)(tgu->shape[2] / 2);
+	if (!shape_is(td, E, I, H) || !shape_is(tgub, E, 2 * I, 0) || !shape_is(tdb, E, H, 0) ||
+	    tb->ndim != 1 || tb->shape[0] != E)
+		return fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, tgu->name);
+	l->gated = true;
+	snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", tgu->st_dtype);
+	size_t esz = (size_t)I * H;
+	if ((rc = read_tensor(ld, tr, (uint64_t)E * H, &l->router)) < 0 ||
+	    (rc = read_tensor(ld, tb, E, &l->bias)) < 0 ||
+	    (rc = read_tensor(ld, tdb, (uint64_t)E * H, &l->down_bias)) < 0 ||
+	    (rc = read_tensor(ld, tgu, (uint64_t)E * 2 * esz, &gu)) < 0 ||
+	    (rc = read_tensor(ld, tgub, (uint64_t)E * 2 * I, &gub)) < 0 ||
+	    (rc = read_tensor(ld, td, (uint64_t)E * esz, &dn)) < 0)
+		goto out;
+	l->gate = malloc(sizeof(double) * esz * E);
+	l->up = malloc(sizeof(double) * esz * E);
+	l->down = malloc(sizeof(double) * esz * E);
+	l->gate_bias = malloc(sizeof(double) * (size_t)I * E);
+	l->up_bias = malloc(sizeof(double) * (size_t)I * E);
+	if (!l->gate || !l->up || !l->down || !l->gate_bias || !l->up_bias) {
+		rc = fail(ld, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t j = 0; j < E; j++) {
+		const double *w = gu + j * 2 * esz, *v = dn + j * esz;
+
+		for (size_t i = 0; i < I; i++) {
+			l->gate_bias[j * I + i] = gub[j * 2 * I + 2 * i];
+			l->up_bias[j * I + i] = gub[j * 2 * I + 2 * i + 1];
+			for (size_t h = 0; h < H; h++) {
+				l->gate[j * esz + i * H + h] = w[h * 2 * I + 2 * i];
+				l->up[j * esz + i * H + h] = w[h * 2 * I + 2 * i + 1];
+				l->down[j * esz + h * I + i] = v[i * H + h];
+			}
+		}
+	}
+	rc = 0;
+out:
+	free(gu);
+	free(gub);
+	free(dn);
+	return rc;
+}
+
 int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 		   char *msg, size_t msglen)
 {
@@ -961,6 +1121,14 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 	snprintf(alt, sizeof(alt), "model.layers.%u.mlp.", layer);
 	E = l->routing.num_experts;
 
+	if (l->routing.arch == MOE_ARCH_GPT_OSS) {
+		rc = read_gpt_oss(&ld, pfx, l);
+		if (rc < 0)
+			goto bad;
+		moe_st_checkpoint_close(ld.ck);
+		*ret = l;
+		return 0;
+	}
 	t = find(&ld, "%sgate.weight", pfx);
 	if (!t && mixtral)
 		t = find(&ld, "%sgate.weight", alt);

@@ -35,8 +35,10 @@ struct ref_routing {
 #define REF_MAX_EXPERTS 1024
 
 /*
- * Route one token from its router logits @logits[E] (and, for deepseek_v3,
- * the correction bias @bias[E]; NULL elsewhere).  Writes @ids[k] in
+ * Route one token from its router logits @logits[E] (and, for deepseek_v3
+ * and glm4_moe, the correction bias @bias[E]; for gpt_oss the router's
+ * bias, added to the logits before the top-k, whose softmax over the k
+ * alone gives the weights; NULL elsewhere).  Writes @ids[k] in
  * selection order (best first, ties to the lower index), @w[k] the final
  * combine weights, and *@margin: the smallest gap that decided the
  * selection, i.e. min(k-th minus (k+1)-th selection score among the
@@ -85,6 +87,11 @@ struct ref_layer {
 	double *sh_up;                 /* [Is][H] */
 	double *sh_down;               /* [H][Is] */
 	double *sh_gate_vec;           /* [H] qwen2_moe shared_expert_gate, or NULL */
+	/* gpt_oss (act MOE_ACT_SWIGLU_OAI) */
+	double swiglu_alpha, swiglu_limit;
+	double *gate_bias;             /* [E][I] or NULL */
+	double *up_bias;               /* [E][I] */
+	double *down_bias;             /* [E][H] */
 };
 
 /*
@@ -115,6 +122,19 @@ void ref_layer_forward(const struct ref_layer *l, const float *x, double *out,
 /* The dense comparison (MOE_FWD_ALL_EXPERTS): every routed expert with
  * weight 1/E, plus the shared expert(s) as in ref_layer_forward. */
 void ref_layer_forward_dense(const struct ref_layer *l, const float *x, double *out);
+
+/* How many gate or up values ref_expert_oai has clamped so far (tests use
+ * it to show that a case reaches the clamp). */
+extern unsigned long ref_swiglu_clamps;
+
+/*
+ * gpt_oss's expert in float64, as GptOssExperts writes it: g = gate x + gb,
+ * u = up x + ub, g = min(g, limit), u = clamp(u, -limit, limit),
+ * h = (u + 1) * g * sigmoid(alpha * g), out = down h + db.
+ */
+void ref_expert_oai(double alpha, double limit, uint32_t hidden, uint32_t inter, const double *gate,
+		    const double *up, const double *down, const double *gb, const double *ub,
+		    const double *db, const double *x, double *tmp, double *out);
 
 /* One expert FFN in float64: down(act(gate x) * (up x)), or down(act(up x))
  * when @gate is NULL.  gate/up [I][H], down [H][I]; @tmp holds I doubles. */
