@@ -510,6 +510,26 @@ NUMERICS_TEST(deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 64, .I = 32, .E = 16, .k = 4, .n_group = 4,
 	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f,
 	      .patch = plant_negative_bias, .ids_below = 8)
+/* Rewrite @dir/config.json: each key of @del removed (all of them must be
+ * there when @must, else those present), then @key set to @value (if @key). */
+static void config_edit(const char *dir, const char *const *del, size_t ndel, bool must, const char *key,
+			json_t *value)
+{
+	char path[4096];
+	json_error_t jerr;
+	json_t *cfg;
+
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	cfg = json_load_file(path, 0, &jerr);
+	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
+	for (size_t i = 0; i < ndel; i++)
+		ck_assert_msg(json_object_del(cfg, del[i]) == 0 || !must, "%s has no %s", path, del[i]);
+	if (key)
+		json_object_set_new(cfg, key, value);
+	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
+	json_decref(cfg);
+}
+
 /* Remove the optional routing fields from config.json: both the reference
  * (Hugging Face's defaults, ref.c) and moed must then fall back to the
  * architecture's defaults. */
@@ -517,18 +537,9 @@ static void strip_optional_routing_fields(const char *dir, uint32_t layer)
 {
 	static const char *const keys[] = { "norm_topk_prob", "routed_scaling_factor",
 					    "topk_method", "scoring_func" };
-	char path[4096];
-	json_error_t jerr;
-	json_t *cfg;
 
 	(void)layer;
-	snprintf(path, sizeof(path), "%s/config.json", dir);
-	cfg = json_load_file(path, 0, &jerr);
-	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		json_object_del(cfg, keys[i]);
-	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
-	json_decref(cfg);
+	config_edit(dir, keys, sizeof(keys) / sizeof(keys[0]), false, NULL, NULL);
 }
 
 NUMERICS_TEST(qwen3_moe_config_without_norm_topk_prob_does_not_renormalise,
@@ -568,18 +579,9 @@ static void strip_glm_routing_fields(const char *dir, uint32_t layer)
 {
 	static const char *const keys[] = { "norm_topk_prob", "routed_scaling_factor", "n_group",
 					    "topk_group" };
-	char path[4096];
-	json_error_t jerr;
-	json_t *cfg;
 
 	(void)layer;
-	snprintf(path, sizeof(path), "%s/config.json", dir);
-	cfg = json_load_file(path, 0, &jerr);
-	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		ck_assert_msg(json_object_del(cfg, keys[i]) == 0, "%s has no %s", path, keys[i]);
-	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
-	json_decref(cfg);
+	config_edit(dir, keys, sizeof(keys) / sizeof(keys[0]), true, NULL, NULL);
 }
 
 NUMERICS_TEST(glm4_moe_config_without_routing_fields_uses_glm4_moe_defaults,
@@ -609,32 +611,16 @@ NUMERICS_TEST(gpt_oss_biases_split_across_pager_chunks_match_float64_reference,
 	      .chunk_kb = 64)
 static void strip_swiglu_limit(const char *dir, uint32_t layer)
 {
-	char path[4096];
-	json_error_t jerr;
-	json_t *cfg;
+	static const char *const keys[] = { "swiglu_limit" };
 
 	(void)layer;
-	snprintf(path, sizeof(path), "%s/config.json", dir);
-	cfg = json_load_file(path, 0, &jerr);
-	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
-	ck_assert_msg(json_object_del(cfg, "swiglu_limit") == 0, "%s has no swiglu_limit", path);
-	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
-	json_decref(cfg);
+	config_edit(dir, keys, 1, true, NULL, NULL);
 }
 
 static void set_swiglu_limit_3(const char *dir, uint32_t layer)
 {
-	char path[4096];
-	json_error_t jerr;
-	json_t *cfg;
-
 	(void)layer;
-	snprintf(path, sizeof(path), "%s/config.json", dir);
-	cfg = json_load_file(path, 0, &jerr);
-	ck_assert_msg(cfg != NULL, "%s: %s", path, jerr.text);
-	json_object_set_new(cfg, "swiglu_limit", json_real(3.0));
-	ck_assert_msg(json_dump_file(cfg, path, JSON_INDENT(2)) == 0, "cannot rewrite %s", path);
-	json_decref(cfg);
+	config_edit(dir, NULL, 0, false, "swiglu_limit", json_real(3.0));
 }
 
 NUMERICS_TEST(gpt_oss_config_without_swiglu_limit_clamps_at_7,
