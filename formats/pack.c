@@ -413,11 +413,11 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 			goto out;
 		}
 		to = to_shared = (enum moe_dtype)opt->dtype;
-		/* FP8 weights dequantize to any of them; nothing quantizes */
+		/* FP8 weights dequantize to any of them; --quantize quantizes */
 		if (moe_dtype_is_blocked(to)) {
-			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: pack does not quantize (an FP8 "
-					"checkpoint keeps its FP8 weights without --dtype)", hf_dir,
-					moe_dtype_name(to));
+			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: --dtype does not quantize: use "
+					"--quantize fp8 (an FP8 checkpoint keeps its FP8 weights without "
+					"--dtype)", hf_dir, moe_dtype_name(to));
 			goto out;
 		}
 	} else if (pk.m->mixed_tensor[0]) {
