@@ -153,6 +153,31 @@ uint8_t moe_f32_to_e4m3(float f)
 	return (uint8_t)(sign | (uint8_t)(ex << 3) | (uint8_t)((int)q - 8));
 }
 
+/* The largest finite e4m3fn value: a block's amax maps to it. */
+#define E4M3_MAX 448.0f
+
+void moe_fp8_band_scales(const float *w, uint64_t n, uint64_t cols, float *scales)
+{
+	for (uint64_t b = 0; b * MOE_FP8_BLOCK < cols; b++) {
+		uint64_t c1 = (b + 1) * MOE_FP8_BLOCK < cols ? (b + 1) * MOE_FP8_BLOCK : cols;
+		float amax = 0.0f;
+
+		for (uint64_t r = 0; r < n; r++)
+			for (uint64_t c = b * MOE_FP8_BLOCK; c < c1; c++)
+				amax = fmaxf(amax, fabsf(w[r * cols + c]));
+		scales[b] = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
+	}
+}
+
+void moe_fp8_quantize_band(const float *w, uint64_t n, uint64_t cols, uint8_t *codes,
+			   float *scales)
+{
+	moe_fp8_band_scales(w, n, cols, scales);
+	for (uint64_t r = 0; r < n; r++)
+		for (uint64_t c = 0; c < cols; c++)
+			codes[r * cols + c] = moe_f32_to_e4m3(w[r * cols + c] / scales[c / MOE_FP8_BLOCK]);
+}
+
 void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n)
 {
 	const uint16_t *h = src;

@@ -91,6 +91,22 @@ float moe_e4m3_to_f32(uint8_t code);
 uint8_t moe_f32_to_e4m3(float f);
 uint16_t moe_f32_to_f16(float f);
 
+/*
+ * Block-scaled FP8 as DeepSeek-V3's release holds it: per 128 x 128 block,
+ * scale = max |w| / 448 (1 for an all-zero block, whose codes are then 0),
+ * code = e4m3(w / scale) rounded to nearest even, all in float32.  The one
+ * quantizer of moed: gen-model --quant fp8 and pack --quantize fp8 both
+ * call it, so they give the same bytes for the same float32 values.
+ *
+ * moe_fp8_band_scales: the ceil(@cols / 128) scales of one band, @n <= 128
+ * rows of @cols float32 values at @w (row-major), into @scales.
+ * moe_fp8_quantize_band: the same scales, and the band's @n * @cols codes
+ * into @codes (row-major, same shape as @w).
+ */
+void moe_fp8_band_scales(const float *w, uint64_t n, uint64_t cols, float *scales);
+void moe_fp8_quantize_band(const float *w, uint64_t n, uint64_t cols, uint8_t *codes,
+			   float *scales);
+
 /* Convert @n elements of type @t at @src to float32 at @dst (FP8: the
  * codes' values, unscaled). */
 void moe_dtype_to_f32(enum moe_dtype t, const void *src, float *dst, size_t n);

@@ -144,6 +144,11 @@ static const struct gen_preset presets[] = {
 	{ .name = "small", .arch = -1 },
 	{ "deepseek-v3", MOE_ARCH_DEEPSEEK_V3, 7168, 2048, 18432, 256, 8, 61, 129280, 128, 128, 0,
 	  8, 4, 1, 0, 3, 1, 2.5f, 1536, 512, 128, 64, 128, 1 },
+	/* Kimi-K2 (config.json model_type kimi_k2, DeepseekV3ForCausalLM):
+	 * DeepSeek-V3's layout with 384 experts in one group, 64 heads, no MTP
+	 * layer; released in FP8 128x128 (add quant_fp8) */
+	{ "kimi-k2", MOE_ARCH_DEEPSEEK_V3, 7168, 2048, 18432, 384, 8, 61, 163840, 64, 64, 0,
+	  1, 1, 1, 0, 1, 1, 2.827f, 1536, 512, 128, 64, 128, 0 },
 	{ "deepseek-v2-lite", MOE_ARCH_DEEPSEEK_V2, 2048, 1408, 10944, 64, 6, 27, 102400, 16, 16, 0,
 	  1, 1, 2, 0, 1, 0, 1.0f, 0, 512, 128, 64, 128, 0 },
 	{ "qwen3-30b-a3b", MOE_ARCH_QWEN3_MOE, 2048, 768, 6144, 128, 8, 48, 151936, 32, 4, 128,
@@ -208,7 +213,7 @@ int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err
 			p = &presets[i];
 	if (!p)
 		return moe_err_set(err, -EINVAL,
-				   "unknown preset '%s' (presets: tiny, small, deepseek-v3, deepseek-v2-lite, "
+				   "unknown preset '%s' (presets: tiny, small, deepseek-v3, kimi-k2, deepseek-v2-lite, "
 				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, "
 				   "gpt-oss-20b, gpt-oss-120b)",
 				   name);

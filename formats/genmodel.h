@@ -73,8 +73,9 @@ struct moe_gen_options {
 
 /*
  * Fill @opt with the named preset's shapes ("tiny", "small", "deepseek-v3",
- * "deepseek-v2-lite", "qwen3-30b-a3b", "qwen2-57b-a14b", "mixtral-8x7b",
- * "olmoe-1b-7b", "glm-4.5-air"), which also sets arch.  "tiny" and "small" have no
+ * "kimi-k2", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen2-57b-a14b",
+ * "mixtral-8x7b", "olmoe-1b-7b", "glm-4.5-air", "gpt-oss-20b",
+ * "gpt-oss-120b"), which also sets arch.  "tiny" and "small" have no
  * architecture of their own: they use the arch already in @opt.  Every
  * field of @opt is reset (seed 0, bf16, ...), so set other options after.
  * The real presets keep the real vocabulary and layer count: lower

@@ -186,8 +186,8 @@ void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first, size_t
  * act_quant computes scales): per 128 x 128 block, scale = max |w| / 448,
  * code = e4m3(w / scale) rounded to nearest even, from the float32 values
  * the same tensor has in an f32 checkpoint; partial blocks at the edges.
+ * The quantizer is engine/dtype.c's, which pack --quantize fp8 shares.
  */
-#define E4M3_MAX 448.0f
 
 /* The float32 values of rows [r0, r0 + n) of the FILL_FP8 tensor @t. */
 static void fp8_rows(const struct gen_tensor *t, uint64_t key, uint64_t r0, uint64_t n, float *tmp)
@@ -199,20 +199,6 @@ static void fp8_rows(const struct gen_tensor *t, uint64_t key, uint64_t r0, uint
 	gen_values(&f, key, r0 * t->shape[1], (size_t)(n * t->shape[1]), tmp);
 }
 
-/* The scales of the @n rows (at most one band) in @tmp, [ceil(cols/128)]. */
-static void fp8_band_scales(const float *tmp, uint64_t n, uint64_t cols, float *out)
-{
-	for (uint64_t b = 0; b * MOE_FP8_BLOCK < cols; b++) {
-		uint64_t c1 = (b + 1) * MOE_FP8_BLOCK < cols ? (b + 1) * MOE_FP8_BLOCK : cols;
-		float amax = 0.0f;
-
-		for (uint64_t r = 0; r < n; r++)
-			for (uint64_t c = b * MOE_FP8_BLOCK; c < c1; c++)
-				amax = fmaxf(amax, fabsf(tmp[r * cols + c]));
-		out[b] = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
-	}
-}
-
 void gen_fp8_band(const struct gen_tensor *t, uint64_t key, uint64_t r0, float *tmp, uint8_t *out)
 {
 	uint64_t rows = t->shape[0], cols = t->shape[1];
@@ -220,10 +206,7 @@ void gen_fp8_band(const struct gen_tensor *t, uint64_t key, uint64_t r0, float *
 	float sc[(1u << 16) / MOE_FP8_BLOCK];    /* cols <= 65536 (gen_resolve) */
 
 	fp8_rows(t, key, r0, n, tmp);
-	fp8_band_scales(tmp, n, cols, sc);
-	for (uint64_t r = 0; r < n; r++)
-		for (uint64_t c = 0; c < cols; c++)
-			out[r * cols + c] = moe_f32_to_e4m3(tmp[r * cols + c] / sc[c / MOE_FP8_BLOCK]);
+	moe_fp8_quantize_band(tmp, n, cols, out, sc);
 }
 
 void gen_fp8_scales(const struct gen_tensor *w, uint64_t key, float *tmp, float *out)
@@ -235,7 +218,7 @@ void gen_fp8_scales(const struct gen_tensor *w, uint64_t key, float *tmp, float 
 		uint64_t n = rows - r0 < GEN_FP8_BAND ? rows - r0 : GEN_FP8_BAND;
 
 		fp8_rows(w, key, r0, n, tmp);
-		fp8_band_scales(tmp, n, cols, out + r0 / GEN_FP8_BAND * kb);
+		moe_fp8_band_scales(tmp, n, cols, out + r0 / GEN_FP8_BAND * kb);
 	}
 }
 

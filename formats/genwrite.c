@@ -32,6 +32,20 @@ static void json_set(json_t *o, const char *k, json_t *v)
 	json_object_set_new(o, k, v);
 }
 
+/* A float option as the shortest decimal that reads back as the same float:
+ * 2.827 rather than 2.826999903, as the released config.json says it. */
+static json_t *json_float(float f)
+{
+	char buf[32];
+
+	for (int prec = 6; prec < 9; prec++) {
+		snprintf(buf, sizeof(buf), "%.*g", prec, (double)f);
+		if (strtof(buf, NULL) == f)
+			return json_real(strtod(buf, NULL));
+	}
+	return json_real((double)f);
+}
+
 static json_t *config_json(const struct gen_dims *d)
 {
 	static const char *const archs[MOE_ARCH_COUNT] = {
@@ -140,7 +154,7 @@ static json_t *config_json(const struct gen_dims *d)
 		json_set(c, "topk_group", json_integer(d->topk_group));
 		json_set(c, "topk_method", json_string(d->topk_method));
 		json_set(c, "norm_topk_prob", json_boolean(d->norm_topk));
-		json_set(c, "routed_scaling_factor", json_real(d->scaling));
+		json_set(c, "routed_scaling_factor", json_float(d->scaling));
 		json_set(c, "scoring_func", json_string(v3 ? "sigmoid" : "softmax"));
 		json_set(c, "first_k_dense_replace", json_integer(d->first_dense));
 		json_set(c, "moe_layer_freq", json_integer(1));
@@ -174,7 +188,7 @@ static json_t *config_json(const struct gen_dims *d)
 		json_set(c, "n_group", json_integer(d->n_group));
 		json_set(c, "topk_group", json_integer(d->topk_group));
 		json_set(c, "norm_topk_prob", json_boolean(d->norm_topk));
-		json_set(c, "routed_scaling_factor", json_real(d->scaling));
+		json_set(c, "routed_scaling_factor", json_float(d->scaling));
 		json_set(c, "first_k_dense_replace", json_integer(d->first_dense));
 		json_set(c, "num_nextn_predict_layers", json_integer(d->mtp));
 		json_set(c, "head_dim", json_integer(d->head_dim));

@@ -9,6 +9,8 @@
  * checksums.  FP8 matrices are copied as they are, codes then scales
  * (moe_matrix_bytes()), never widened: serving their own bytes is the point;
  * only --dtype dequantizes them (for a backend without FP8 kernels).
+ * --quantize fp8 goes the other way, from float weights, with the
+ * quantizer gen-model --quant fp8 uses (moe_fp8_quantize_band()).
  */
 #include "config.h"
 
@@ -151,6 +153,46 @@ out:
 	return r;
 }
 
+/*
+ * A float matrix quantized into @dst as moe_matrix_bytes() lays out FP8:
+ * a block row (128 rows) at a time, widened to float32 exactly and handed
+ * to moe_fp8_quantize_band(), so the codes and scales are those of
+ * gen-model --quant fp8 for the same float32 values.
+ */
+static int quant_fp8(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst,
+		     struct moe_err *err)
+{
+	uint64_t R = s->rows, C = s->cols, kb = (C + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+	size_t es = moe_dtype_size(s->dtype);
+	uint8_t *src = malloc(MOE_FP8_BLOCK * C * es);
+	float *w = malloc(MOE_FP8_BLOCK * C * sizeof(float)), *sc = malloc(kb * sizeof(float));
+	uint8_t *scales = dst + moe_matrix_scales_offset(R, C);
+	int r = 0;
+
+	if (!src || !w || !sc) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	for (uint64_t r0 = 0; r0 < R; r0 += MOE_FP8_BLOCK) {
+		uint64_t n = R - r0 < MOE_FP8_BLOCK ? R - r0 : MOE_FP8_BLOCK;
+
+		r = moe_st_read(pk->m->ckpt, s->t, s->offset + r0 * C * es, src, n * C * es, err);
+		if (r < 0)
+			break;
+		moe_dtype_to_f32(s->dtype, src, w, (size_t)(n * C));
+		moe_fp8_quantize_band(w, n, C, dst + r0 * C, sc);
+		memcpy(scales + (r0 / MOE_FP8_BLOCK) * kb * sizeof(float), sc, kb * sizeof(float));
+		pk->done += n * C * es;
+		if (pk->opt && pk->opt->progress)
+			pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+	}
+out:
+	free(src);
+	free(w);
+	free(sc);
+	return r;
+}
+
 /* Element (r, c) of a row-major matrix with @ld columns of @es-byte elements
  * to element @i of @dst: the permutations below move bytes, not values,
  * so they hold for any dtype. */
@@ -247,10 +289,12 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
 					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
 		if (s.layout == MOE_HF_ROWS) {
-			if (moe_dtype_is_blocked(to) && s.dtype != to)   /* pack checked */
+			if (moe_dtype_is_blocked(to) && s.dtype != to && moe_dtype_is_blocked(s.dtype))
 				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
 						   moe_dtype_name(s.dtype), moe_dtype_name(to));
-			if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
+			if (moe_dtype_is_blocked(to) && s.dtype != to)   /* --quantize */
+				r = quant_fp8(pk, &s, blob + pos, err);
+			else if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
 				r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
 						  : dequant_fp8(pk, &s, blob + pos, to, err);
 			else
@@ -334,17 +378,46 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	cfg = pk.m->cfg;
 	E = cfg.num_experts;
 	H = cfg.hidden_size;
-	if (opt && opt->dtype >= 0) {
+	if (opt && opt->quantize) {
+		if (strcmp(opt->quantize, "fp8") != 0) {
+			r = moe_err_set(err, -EINVAL, "%s: --quantize %s: not supported (supported: fp8)",
+					hf_dir, opt->quantize);
+			goto out;
+		}
+		if (opt->dtype >= 0) {
+			r = moe_err_set(err, -EINVAL, "%s: --quantize and --dtype cannot be combined: "
+					"--quantize chooses the store's dtype", hf_dir);
+			goto out;
+		}
+		if (moe_dtype_is_blocked(pk.m->expert_dtype) ||
+		    (pk.m->mixed_tensor[0] && moe_dtype_is_blocked(pk.m->mixed_dtype)) ||
+		    (cfg.shared_intermediate_size && (moe_dtype_is_blocked(pk.m->cfg.shared_dtype) ||
+		     (pk.m->shared_mixed_tensor[0] && moe_dtype_is_blocked(pk.m->shared_mixed_dtype))))) {
+			r = moe_err_set(err, -EINVAL, "%s: --quantize fp8: the checkpoint is already "
+					"quantized (FP8); pack it without --quantize to keep its bytes",
+					hf_dir);
+			goto out;
+		}
+		if (cfg.has_expert_bias) {
+			r = moe_err_set(err, -ENOTSUP, "%s: --quantize fp8: this model has expert biases "
+					"(gpt_oss), which the store does not hold next to FP8 weights; "
+					"pack it without --quantize", hf_dir);
+			goto out;
+		}
+		/* the shared expert too: DeepSeek-V3's release and gen-model
+		 * --quant fp8 quantize every expert, and it is read for every token */
+		to = to_shared = MOE_DTYPE_FP8_E4M3_B128;
+	} else if (opt && opt->dtype >= 0) {
 		if (opt->dtype >= MOE_DTYPE_COUNT) {
 			r = moe_err_set(err, -EINVAL, "invalid target dtype %d", opt->dtype);
 			goto out;
 		}
 		to = to_shared = (enum moe_dtype)opt->dtype;
-		/* FP8 weights dequantize to any of them; nothing quantizes */
+		/* FP8 weights dequantize to any of them; --quantize quantizes */
 		if (moe_dtype_is_blocked(to)) {
-			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: pack does not quantize (an FP8 "
-					"checkpoint keeps its FP8 weights without --dtype)", hf_dir,
-					moe_dtype_name(to));
+			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: --dtype does not quantize: use "
+					"--quantize fp8 (an FP8 checkpoint keeps its FP8 weights without "
+					"--dtype)", hf_dir, moe_dtype_name(to));
 			goto out;
 		}
 	} else if (pk.m->mixed_tensor[0]) {

@@ -12,6 +12,8 @@
 
 struct moe_pack_options {
 	int dtype;          /* enum moe_dtype to convert expert weights to, or -1: keep */
+	const char *quantize; /* "fp8": quantize float expert weights (routed and
+			       * shared) to MOE_DTYPE_FP8_E4M3_B128; NULL: don't */
 	/* Called as work advances (may be NULL): bytes done, total, and what. */
 	void (*progress)(void *ctx, uint64_t done, uint64_t total, const char *what);
 	void *ctx;
@@ -22,7 +24,9 @@ struct moe_pack_options {
  * and write the MoE layers' tensors to the store @out.  Every failure names
  * the file and the tensor or field: missing config.json, bad JSON, unknown
  * model_type, missing tensor, wrong shape, unsupported dtype, truncated file.
- * Nothing is left at @out on failure.
+ * Nothing is left at @out on failure.  @opt->quantize quantizes a
+ * bf16/f16/f32 checkpoint (moe_fp8_quantize_band(), a block row at a
+ * time); it refuses @opt->dtype too, an FP8 checkpoint and expert biases.
  */
 int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options *opt,
 	     struct moe_err *err);

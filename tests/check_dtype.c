@@ -90,6 +90,33 @@ START_TEST(f16_rounds_to_nearest_even)
 }
 END_TEST
 
+/* A band of 3 rows x 300 columns: an all-zero block gets scale 1 and zero
+ * codes; a block's largest |w| becomes +-448 (0x7e), its scale amax / 448;
+ * the partial last block has its own scale. */
+START_TEST(fp8_band_scales_per_block_zero_block_scale_one)
+{
+	enum { N = 3, K = 300 };
+	float w[N * K] = { 0 }, sc[3];
+	uint8_t codes[N * K];
+
+	w[1 * K + 130] = -3.5f;                 /* block 1's amax */
+	w[2 * K + 200] = 1.75f;                 /* half of it: 224 */
+	w[0 * K + 299] = 0.25f;                 /* block 2, alone */
+	moe_fp8_quantize_band(w, N, K, codes, sc);
+	ck_assert_float_eq(sc[0], 1.0f);
+	ck_assert_float_eq(sc[1], 3.5f / 448.0f);
+	ck_assert_float_eq(sc[2], 0.25f / 448.0f);
+	for (int i = 0; i < N * K; i++)
+		if (i % K < 128)
+			ck_assert_msg(codes[i] == 0, "code %d of the zero block is %#x", i, codes[i]);
+	ck_assert_uint_eq(codes[1 * K + 130], 0xfe);
+	ck_assert_uint_eq(codes[0 * K + 299], 0x7e);
+	ck_assert_float_eq(moe_e4m3_to_f32(codes[2 * K + 200]), 224.0f);
+	moe_fp8_band_scales(w, N, K, sc);
+	ck_assert_float_eq(sc[1], 3.5f / 448.0f);
+}
+END_TEST
+
 START_TEST(dtype_names_parse)
 {
 	enum moe_dtype t;
@@ -116,6 +143,7 @@ int main(void)
 	tcase_add_test(tc, f16_widens_to_the_value_it_encodes);
 	tcase_add_test(tc, f16_rounds_to_nearest_even);
 	tcase_add_test(tc, dtype_names_parse);
+	tcase_add_test(tc, fp8_band_scales_per_block_zero_block_scale_one);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);

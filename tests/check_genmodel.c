@@ -706,6 +706,57 @@ START_TEST(gen_model_gpt_oss_config_is_gpt_oss_20bs)
 }
 END_TEST
 
+/* kimi-k2, shrunk as the other real presets are: config.json has
+ * Kimi-K2's routing fields (routed_scaling_factor written 2.827, as the
+ * release has it, not the float's 2.826999903), no MTP layer, and with
+ * --quant fp8 the release's quantization_config. */
+START_TEST(gen_model_kimi_k2_config_is_kimi_k2s)
+{
+	char *dir = moe_test_tmpdir("genkimi");
+	struct moe_gen_options o;
+	struct moe_err err = { 0 };
+	json_t *cfg, *q;
+
+	ck_assert_int_eq(moe_gen_preset("kimi-k2", &o, &err), 0);
+	o.num_layers = 3;
+	o.hidden_size = 256;
+	o.moe_intermediate_size = 16;
+	o.intermediate_size = 64;
+	o.vocab_size = 64;
+	gen(&o, dir);
+	cfg = load_config(dir);
+	ck_assert_str_eq(json_string_value(json_object_get(cfg, "model_type")), "deepseek_v3");
+	ck_assert_str_eq(json_string_value(json_array_get(json_object_get(cfg, "architectures"), 0)),
+			 "DeepseekV3ForCausalLM");
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "n_routed_experts")), 384);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_experts_per_tok")), 8);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "n_shared_experts")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "n_group")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "topk_group")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "first_k_dense_replace")), 1);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_nextn_predict_layers")), 0);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_hidden_layers")), 3);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "num_attention_heads")), 64);
+	ck_assert_int_eq(json_integer_value(json_object_get(cfg, "vocab_size")), 64);
+	ck_assert_str_eq(json_string_value(json_object_get(cfg, "topk_method")), "noaux_tc");
+	ck_assert_str_eq(json_string_value(json_object_get(cfg, "scoring_func")), "sigmoid");
+	ck_assert(json_is_true(json_object_get(cfg, "norm_topk_prob")));
+	ck_assert_double_eq(json_real_value(json_object_get(cfg, "routed_scaling_factor")), 2.827);
+	ck_assert_ptr_null(json_object_get(cfg, "quantization_config"));
+	json_decref(cfg);
+
+	o.quant_fp8 = true;
+	gen(&o, dir);
+	cfg = load_config(dir);
+	q = json_object_get(cfg, "quantization_config");
+	ck_assert_str_eq(json_string_value(json_object_get(q, "quant_method")), "fp8");
+	ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(q, "weight_block_size"), 0)), 128);
+	ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(q, "weight_block_size"), 1)), 128);
+	json_decref(cfg);
+	free(dir);
+}
+END_TEST
+
 START_TEST(gen_model_presets_set_real_shapes)
 {
 	struct moe_gen_options o;
@@ -721,6 +772,27 @@ START_TEST(gen_model_presets_set_real_shapes)
 	ck_assert_uint_eq(o.topk_group, 4);
 	ck_assert_uint_eq(o.first_k_dense_replace, 3);
 	ck_assert_float_eq(o.routed_scaling_factor, 2.5f);
+	/* Kimi-K2's config.json (model_type kimi_k2, DeepseekV3ForCausalLM) */
+	ck_assert_int_eq(moe_gen_preset("kimi-k2", &o, &err), 0);
+	ck_assert_int_eq(o.arch, MOE_ARCH_DEEPSEEK_V3);
+	ck_assert_uint_eq(o.hidden_size, 7168);
+	ck_assert_uint_eq(o.moe_intermediate_size, 2048);
+	ck_assert_uint_eq(o.intermediate_size, 18432);
+	ck_assert_uint_eq(o.num_experts, 384);
+	ck_assert_uint_eq(o.top_k, 8);
+	ck_assert_uint_eq(o.n_group, 1);
+	ck_assert_uint_eq(o.topk_group, 1);
+	ck_assert_uint_eq(o.n_shared_experts, 1);
+	ck_assert_uint_eq(o.first_k_dense_replace, 1);
+	ck_assert_uint_eq(o.num_layers, 61);
+	ck_assert_uint_eq(o.vocab_size, 163840);
+	ck_assert_uint_eq(o.num_attention_heads, 64);
+	ck_assert_uint_eq(o.num_key_value_heads, 64);
+	ck_assert_int_eq(o.norm_topk_prob, 1);
+	ck_assert_float_eq(o.routed_scaling_factor, 2.827f);
+	ck_assert_uint_eq(o.q_lora_rank, 1536);
+	ck_assert_uint_eq(o.kv_lora_rank, 512);
+	ck_assert_uint_eq(o.num_nextn_predict_layers, 0);
 	/* GLM-4.5-Air's config.json */
 	ck_assert_int_eq(moe_gen_preset("glm-4.5-air", &o, &err), 0);
 	ck_assert_int_eq(o.arch, MOE_ARCH_GLM4_MOE);
@@ -774,6 +846,7 @@ START_TEST(gen_model_presets_set_real_shapes)
 	ck_assert_int_eq(moe_gen_preset("gpt-5", &o, &err), -EINVAL);
 	moe_test_assert_err_has(&err, "unknown preset 'gpt-5'");
 	moe_test_assert_err_has(&err, "deepseek-v2-lite");
+	moe_test_assert_err_has(&err, "kimi-k2");
 	moe_test_assert_err_has(&err, "glm-4.5-air");
 	moe_test_assert_err_has(&err, "gpt-oss-120b");
 }
@@ -944,6 +1017,7 @@ static Suite *genmodel_suite(void)
 	tcase_add_test(tc, gen_model_glm4_moe_config_is_glm_45s);
 	tcase_add_test(tc, gen_model_gpt_oss_config_is_gpt_oss_20bs);
 	tcase_add_test(tc, gen_model_presets_set_real_shapes);
+	tcase_add_test(tc, gen_model_kimi_k2_config_is_kimi_k2s);
 	tcase_add_test(tc, gen_model_rejects_bad_options);
 	tcase_add_test(tc, cli_gen_model_help_and_errors);
 	tcase_add_test(tc, cli_gen_model_options_override_preset);

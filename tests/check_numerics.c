@@ -25,6 +25,7 @@
 #include "engine/err.h"
 #include "formats/genmodel.h"
 #include "engine/model.h"
+#include "engine/store.h"
 #include "formats/pack.h"
 #include "ref.h"
 #include "formats/safetensors.h"
@@ -55,6 +56,9 @@ struct ncase {
 	/* FP8 run only: one kind of expert back in bf16 (same seed), so that
 	 * the store holds two dtypes (version 2) */
 	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
+	/* FP8 run only: a bf16 checkpoint quantized by pack --quantize fp8;
+	 * the reference takes its experts from the store, dequantized here */
+	bool pack_quantize;
 	/* Called on the checkpoint directory between gen-model and pack, to
 	 * plant values random weights would not produce; may be NULL. */
 	void (*patch)(const char *dir, uint32_t layer);
@@ -140,6 +144,58 @@ static void mix_checkpoint(const char *dir, const char *bf16_dir, int mix)
 	ck_assert(rename(tmp, path) == 0);
 }
 
+/*
+ * The experts of @ref (routed and shared) replaced by those of the store
+ * @path, an FP8 one (pack --quantize fp8): w = e4m3(code) * scale decoded
+ * in double by ref.c's e4m3 decoder, as the reference dequantizes FP8
+ * checkpoints; the store's own reader fetches only the bytes.
+ */
+static void ref_take_store_experts(const char *path, uint32_t layer, struct ref_layer *ref)
+{
+	struct moe_err err = { 0 };
+	struct moe_store *s;
+	uint64_t H = ref->hidden;
+	int li;
+
+	ck_assert_msg(moe_store_open(path, &s, &err) == 0, "%s: %s", path, err.msg);
+	ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	li = moe_store_layer_index(s, layer);
+	ck_assert_int_ge(li, 0);
+	for (uint32_t j = 0; j <= ref->routing.num_experts; j++) {
+		bool sh = j == ref->routing.num_experts;
+		uint64_t I = sh ? ref->shared_inter : ref->inter, pos = 0;
+		uint64_t n = sh ? moe_shared_bytes(&s->cfg) : moe_expert_bytes(&s->cfg);
+		double *dst[3];
+		uint8_t *blob;
+
+		if (sh && !I)
+			break;
+		ck_assert_int_eq(s->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		blob = moe_test_page_alloc(n);
+		ck_assert_int_eq(sh ? moe_store_read_shared(s, (uint32_t)li, blob, &err)
+				    : moe_store_read_expert(s, (uint32_t)li, j, blob, &err), 0);
+		dst[0] = sh ? ref->sh_gate : ref->gate + (uint64_t)j * I * H;
+		dst[1] = sh ? ref->sh_up : ref->up + (uint64_t)j * I * H;
+		dst[2] = sh ? ref->sh_down : ref->down + (uint64_t)j * H * I;
+		for (int p = 0; p < 3; p++) {
+			uint64_t N = p == 2 ? H : I, K = p == 2 ? I : H, kb = (K + 127) / 128;
+			const uint8_t *codes = blob + pos;
+			const uint8_t *scb = codes + moe_matrix_scales_offset(N, K);
+
+			for (uint64_t r = 0; r < N; r++)
+				for (uint64_t c = 0; c < K; c++) {
+					float sc;
+
+					memcpy(&sc, scb + (r / 128 * kb + c / 128) * sizeof(float), sizeof(sc));
+					dst[p][r * K + c] = ref_e4m3_to_double(codes[r * K + c]) * sc;
+				}
+			pos += moe_matrix_bytes(MOE_DTYPE_FP8_E4M3_B128, N, K);
+		}
+		free(blob);
+	}
+	moe_store_close(s);
+}
+
 /* Generate the checkpoint, pack it (weights keep their dtype), load the
  * reference and open the engine; check the checkpoint is the one asked for. */
 static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
@@ -154,6 +210,7 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	char msg[512];
 	uint64_t seed = case_seed(c);
 	uint32_t k = c->k, H = c->H;
+	enum moe_dtype ck_dt;
 	/* the architectures whose layer 0 is dense (first_k_dense_replace 1) */
 	bool dense0 = c->arch == MOE_ARCH_DEEPSEEK_V2 || c->arch == MOE_ARCH_DEEPSEEK_V3 ||
 		      c->arch == MOE_ARCH_GLM4_MOE;
@@ -163,9 +220,12 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	b->dir = moe_test_tmpdir("numerics");
 	moe_gen_defaults(c->arch, &opt);
 	opt.arch = c->arch;
-	/* FP8: the experts (and shared and dense MLPs) quantized, the rest bf16 */
+	/* FP8: the experts (and shared and dense MLPs) quantized, the rest bf16;
+	 * by pack --quantize fp8 from bf16 with pack_quantize */
 	opt.dtype = dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
-	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128;
+	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128 && !c->pack_quantize;
+	if (dt == MOE_DTYPE_FP8_E4M3_B128 && c->pack_quantize)
+		popt.quantize = "fp8";
 	opt.seed = seed;
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -231,9 +291,12 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 		      "%s %s: checkpoint has E=%u k=%u H=%u I=%u, asked for E=%u k=%u H=%u I=%u",
 		      c->what, dn, ref->routing.num_experts, ref->routing.top_k, ref->hidden,
 		      ref->inter, c->E, k, H, c->I);
-	ck_assert_msg(strcmp(ref->weight_dtype, moe_dtype_st_name(routed_dt(c, dt))) == 0,
+	ck_dt = popt.quantize ? MOE_DTYPE_BF16 : routed_dt(c, dt);
+	ck_assert_msg(strcmp(ref->weight_dtype, moe_dtype_st_name(ck_dt)) == 0,
 		      "%s: checkpoint experts are %s, asked for %s", c->what, ref->weight_dtype,
-		      moe_dtype_st_name(routed_dt(c, dt)));
+		      moe_dtype_st_name(ck_dt));
+	if (popt.quantize)
+		ref_take_store_experts(b->store, b->layer, ref);
 	ck_assert_msg(ref->gated == !c->plain, "%s %s: gated experts %d, asked plain=%d", c->what,
 		      dn, ref->gated, c->plain);
 	ck_assert_msg((ref->shared_inter != 0) == (c->n_shared != 0),
@@ -484,6 +547,12 @@ NUMERICS_TEST(deepseek_v3_matches_float64_reference,
 NUMERICS_TEST(deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
 	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true)
+/* pack --quantize fp8 of a bf16 checkpoint, routed and shared experts,
+ * partial blocks: served as its dequantized weights say. */
+NUMERICS_TEST(deepseek_v3_pack_quantize_fp8_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true,
+	      .pack_quantize = true)
 NUMERICS_TEST(deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 56, .I = 16, .E = 256, .k = 8, .n_group = 8,
 	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
@@ -779,6 +848,7 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, deepseek_v2_group_limited_scaled_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fp8_quantized_shared_expert_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_pack_quantize_fp8_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fp8_routed_bf16_shared_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_bf16_routed_fp8_shared_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference);

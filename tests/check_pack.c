@@ -7,13 +7,16 @@
  * checkpoint's tensors, read by name here (not through hfmodel) so that a
  * naming mistake there cannot hide; sharded, fused and plain experts, dtype
  * conversion, a failure that leaves nothing, FP8 kept in its own bytes
- * (shared expert apart) and its errors, progress.
+ * (shared expert apart) and its errors, --quantize fp8 (against gen-model
+ * --quant fp8 and an independent quantization) and its refusals, progress.
  */
 #include "config.h"
 
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +29,7 @@
 #include "formats/pack.h"
 #include "formats/safetensors.h"
 #include "engine/store.h"
+#include "ref.h"
 #include "testutil.h"
 
 /* --- config.json ---------------------------------------------------------------- */
@@ -1003,6 +1007,246 @@ START_TEST(pack_fp8_errors_name_the_culprit)
 }
 END_TEST
 
+/* --- pack --quantize fp8 ------------------------------------------------------- */
+
+/* A small deepseek_v3 with a shared expert whose matrices end in partial
+ * blocks both ways (H = 200, I = 136) and span two block rows. */
+static void quant_model(enum moe_dtype dt, struct moe_gen_options *o)
+{
+	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, dt, o);
+	moe_test_gen_grouped(o);
+	o->hidden_size = 200;
+	o->moe_intermediate_size = 136;
+	o->num_experts = 8;
+	o->top_k = 2;
+	o->n_group = 2;
+	o->topk_group = 1;
+	o->num_layers = 3;
+	o->seed = 11;
+}
+
+static char *pack_quantized(const char *dir, struct moe_store **ret)
+{
+	struct moe_pack_options po = { .dtype = -1, .quantize = "fp8" };
+	struct moe_err err = { 0 };
+	char *out;
+	int r;
+
+	ck_assert(asprintf(&out, "%s/q.moe", dir) > 0);
+	r = moe_pack(dir, out, &po, &err);
+	ck_assert_msg(r == 0, "pack --quantize fp8 %s: %s", dir, err.msg);
+	r = moe_store_open(out, ret, &err);
+	ck_assert_msg(r == 0, "open %s: %s", out, err.msg);
+	return out;
+}
+
+/* Blob @j (UINT32_MAX: shared) of layer @li of @s into a fresh buffer. */
+static uint8_t *read_blob(const struct moe_store *s, uint32_t li, uint32_t j, uint64_t *ret_n)
+{
+	uint64_t n = j == UINT32_MAX ? moe_shared_bytes(&s->cfg) : moe_expert_bytes(&s->cfg);
+	uint8_t *b = moe_test_page_alloc(n);
+	struct moe_err err = { 0 };
+	int r = j == UINT32_MAX ? moe_store_read_shared(s, li, b, &err)
+				: moe_store_read_expert(s, li, j, b, &err);
+
+	ck_assert_msg(r == 0, "layer %u expert %u: %s", li, j, err.msg);
+	*ret_n = n;
+	return b;
+}
+
+/* pack --quantize fp8 of the f32 checkpoint of seed S is, blob for blob,
+ * the pack of gen-model --quant fp8 of seed S: gen-model quantizes the
+ * float32 values its f32 checkpoint holds, with the same quantizer. */
+START_TEST(pack_quantize_equals_gen_model_fp8)
+{
+	struct moe_gen_options o;
+	struct moe_store *a, *b;
+	char *fdir, *qdir, *aout, *bout;
+
+	quant_model(MOE_DTYPE_F32, &o);
+	fdir = gen(&o, "qf32");
+	o.quant_fp8 = true;
+	qdir = gen(&o, "qgen");
+	aout = pack_quantized(fdir, &a);
+	bout = pack_to(qdir, -1, &b);
+	ck_assert_int_eq(a->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	ck_assert_int_eq(a->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	ck_assert_int_eq(b->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	ck_assert_int_eq(a->hdr.num_moe_layers, 2);
+	ck_assert_int_eq(b->hdr.num_moe_layers, 2);
+	ck_assert_str_eq(a->hdr.source_dtype, "f32");
+	for (uint32_t li = 0; li < 2; li++) {
+		uint64_t E = a->cfg.num_experts, H = a->cfg.hidden_size;
+		float *ra = calloc(E * H + E, sizeof(float)), *rb = calloc(E * H + E, sizeof(float));
+		struct moe_err err = { 0 };
+
+		ck_assert_int_eq(moe_store_read_router(a, li, ra, ra + E * H, NULL, &err), 0);
+		ck_assert_int_eq(moe_store_read_router(b, li, rb, rb + E * H, NULL, &err), 0);
+		ck_assert_msg(!memcmp(ra, rb, (E * H + E) * sizeof(float)), "layer %u: routers differ", li);
+		free(ra);
+		free(rb);
+		for (uint32_t j = 0; j <= E; j++) {
+			uint32_t e = j == E ? UINT32_MAX : j;
+			uint64_t na, nb;
+			uint8_t *ba = read_blob(a, li, e, &na), *bb = read_blob(b, li, e, &nb);
+
+			ck_assert_uint_eq(na, nb);
+			for (uint64_t i = 0; i < na; i++)
+				ck_assert_msg(ba[i] == bb[i], "layer %u expert %u byte %" PRIu64
+					      ": pack --quantize %#x, gen-model --quant %#x", li, e, i,
+					      ba[i], bb[i]);
+			free(ba);
+			free(bb);
+		}
+	}
+	moe_store_close(a);
+	moe_store_close(b);
+	free(aout);
+	free(bout);
+	free(fdir);
+	free(qdir);
+}
+END_TEST
+
+/* The e4m3fn code nearest to @q, found by search over the finite codes in
+ * double (ties to the even code), not by engine/dtype.c's bit arithmetic. */
+static uint8_t ref_e4m3_nearest(double q)
+{
+	double best_d = INFINITY;
+	uint8_t best = 0;
+
+	for (unsigned c = 0; c < 0x7f; c++) {
+		double d = fabs(fabs(q) - ref_e4m3_to_double((uint8_t)c));
+
+		if (d < best_d || (d == best_d && !(c & 1))) {
+			best_d = d;
+			best = (uint8_t)c;
+		}
+	}
+	return signbit(q) ? (uint8_t)(best | 0x80) : best;
+}
+
+/* One [N][K] float matrix @w quantized as the release is, checked against
+ * @fp8 (moe_matrix_bytes() layout): scale = amax / 448 per block (1 when
+ * all zero), code = nearest e4m3 to w / scale (the division in float32, as
+ * torch does it), ties to even. */
+static void expect_reference_quant(const float *w, uint64_t N, uint64_t K, const uint8_t *fp8,
+				   const char *what)
+{
+	uint64_t kb = (K + 127) / 128;
+	const uint8_t *scb = fp8 + moe_matrix_scales_offset(N, K);
+
+	for (uint64_t bi = 0; bi < (N + 127) / 128; bi++)
+		for (uint64_t bj = 0; bj < kb; bj++) {
+			double amax = 0;
+			float scale, got;
+
+			for (uint64_t i = bi * 128; i < N && i < bi * 128 + 128; i++)
+				for (uint64_t j = bj * 128; j < K && j < bj * 128 + 128; j++)
+					amax = fmax(amax, fabs((double)w[i * K + j]));
+			scale = amax > 0 ? (float)(amax / 448.0) : 1.0f;
+			memcpy(&got, scb + (bi * kb + bj) * sizeof(float), sizeof(got));
+			ck_assert_msg(got == scale, "%s block (%" PRIu64 ", %" PRIu64 "): scale %.9g, "
+				      "reference %.9g", what, bi, bj, got, scale);
+			for (uint64_t i = bi * 128; i < N && i < bi * 128 + 128; i++)
+				for (uint64_t j = bj * 128; j < K && j < bj * 128 + 128; j++) {
+					uint8_t want = ref_e4m3_nearest((double)(w[i * K + j] / scale));
+
+					ck_assert_msg(fp8[i * K + j] == want, "%s (%" PRIu64 ", %" PRIu64 "): "
+						      "w %.9g scale %.9g: code %#x, reference %#x", what, i, j,
+						      w[i * K + j], scale, fp8[i * K + j], want);
+				}
+		}
+}
+
+/* From bf16: gen-model --quant fp8 quantizes the float32 values before
+ * their bf16 rounding, so the bytes differ from pack --quantize of the
+ * bf16 checkpoint; those are checked against a quantization of the bf16
+ * values (the store packed as bf16) done here. */
+START_TEST(pack_quantize_bf16_matches_reference)
+{
+	struct moe_gen_options o;
+	struct moe_store *q, *s;
+	char *dir, *qout, *out;
+
+	quant_model(MOE_DTYPE_BF16, &o);
+	dir = gen(&o, "qbf16");
+	out = pack_to(dir, -1, &s);
+	qout = pack_quantized(dir, &q);
+	ck_assert_str_eq(q->hdr.source_dtype, "bf16");
+	for (uint32_t li = 0; li < 2; li++)
+		for (uint32_t j = 0; j <= s->cfg.num_experts; j++) {
+			uint32_t e = j == s->cfg.num_experts ? UINT32_MAX : j;
+			uint64_t I = e == UINT32_MAX ? s->cfg.shared_intermediate_size
+						     : s->cfg.moe_intermediate_size;
+			uint64_t H = s->cfg.hidden_size, ns, nq, pos_s = 0, pos_q = 0;
+			uint8_t *bs = read_blob(s, li, e, &ns), *bq = read_blob(q, li, e, &nq);
+			float *w = malloc(I * H * sizeof(float));
+			char what[64];
+
+			for (int p = 0; p < 3; p++) {
+				uint64_t N = p == 2 ? H : I, K = p == 2 ? I : H;
+
+				snprintf(what, sizeof(what), "layer %u expert %d matrix %d", li,
+					 e == UINT32_MAX ? -1 : (int)e, p);
+				moe_dtype_to_f32(MOE_DTYPE_BF16, bs + pos_s, w, N * K);
+				expect_reference_quant(w, N, K, bq + pos_q, what);
+				pos_s += moe_matrix_bytes(MOE_DTYPE_BF16, N, K);
+				pos_q += moe_matrix_bytes(MOE_DTYPE_FP8_E4M3_B128, N, K);
+			}
+			ck_assert_uint_eq(pos_q, nq);
+			free(w);
+			free(bs);
+			free(bq);
+		}
+	moe_store_close(s);
+	moe_store_close(q);
+	free(out);
+	free(qout);
+	free(dir);
+}
+END_TEST
+
+static void expect_quantize_fails(const char *dir, int dtype, const char *quant, int want,
+				  const char *needle)
+{
+	struct moe_pack_options po = { .dtype = dtype, .quantize = quant };
+	struct moe_err err = { 0 };
+	char *out;
+	int r;
+
+	ck_assert(asprintf(&out, "%s/refused.moe", dir) > 0);
+	r = moe_pack(dir, out, &po, &err);
+	ck_assert_msg(r == want, "pack --quantize %s: %d (%s), want %d", quant, r, err.msg, want);
+	moe_test_assert_err_has(&err, needle);
+	ck_assert(!moe_test_exists(out));
+	free(out);
+}
+
+/* --quantize refuses what it cannot do, saying what instead. */
+START_TEST(pack_quantize_refusals_say_why)
+{
+	struct fp8_ckpt f = { .shared = true };
+	struct moe_gen_options o;
+	char *dir, *fdir = moe_test_tmpdir("qfp8");
+
+	moe_test_gen_small(MOE_ARCH_QWEN3_MOE, MOE_DTYPE_BF16, &o);
+	dir = gen(&o, "qrefuse");
+	expect_quantize_fails(dir, MOE_DTYPE_BF16, "fp8", -EINVAL, "--quantize and --dtype cannot be combined");
+	expect_quantize_fails(dir, -1, "int4", -EINVAL, "--quantize int4: not supported (supported: fp8)");
+	write_fp8_checkpoint(fdir, &f);
+	expect_quantize_fails(fdir, -1, "fp8", -EINVAL, "the checkpoint is already quantized (FP8); "
+			      "pack it without --quantize");
+	free(dir);
+	moe_test_gen_small(MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, &o);
+	dir = gen(&o, "qoss");
+	expect_quantize_fails(dir, -1, "fp8", -ENOTSUP, "expert biases (gpt_oss), which the store "
+			      "does not hold next to FP8 weights");
+	free(dir);
+	free(fdir);
+}
+END_TEST
+
 struct prog_log {
 	uint64_t done, total, calls;
 	bool backwards;
@@ -1095,6 +1339,9 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, pack_keeps_shared_expert_dtype_apart);
 	tcase_add_test(tc, pack_dtype_dequantizes_fp8);
 	tcase_add_test(tc, pack_fp8_errors_name_the_culprit);
+	tcase_add_test(tc, pack_quantize_equals_gen_model_fp8);
+	tcase_add_test(tc, pack_quantize_bf16_matches_reference);
+	tcase_add_test(tc, pack_quantize_refusals_say_why);
 	tcase_add_test(tc, pack_gpt_oss_deinterleaves_gate_up_and_keeps_biases);
 	tcase_add_test(tc, pack_progress_reaches_total);
 	tcase_add_test(tc, pack_mixed_dtypes_need_a_target);

@@ -222,6 +222,23 @@ ok "$MOECTL" inspect "$d/bf16.moe"
 grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "fp8 --dtype bf16: inspect"
 ok "$MOECTL" forward --model "$d/bf16.moe" --layer 2 --input "$d/in.npy" --output "$d/outb.npy"
 [ "$(npy_shape "$d/outb.npy")" = "(5, 200)" ] || fail "fp8 --dtype bf16: output shape"
+# --quantize fp8 goes the other way: a bf16 checkpoint at ~8 bits/weight,
+# served; the refusals name what to do instead
+ok "$MOECTL" gen-model --arch deepseek_v3 --hidden 200 --moe-intermediate 72 --seed 7 -o "$d/hfb"
+ok "$MOECTL" pack "$d/hfb" -o "$d/q.moe" --quantize fp8
+grep -F "(fp8_e4m3_b128)" "$T/out" >/dev/null || fail "pack --quantize fp8 does not say fp8_e4m3_b128"
+ok "$MOECTL" inspect "$d/q.moe"
+grep -E "^expert blob: .*fp8_e4m3_b128, 8\.[0-9]+ bits/weight" "$T/out" >/dev/null ||
+	fail "pack --quantize fp8: inspect does not show fp8_e4m3_b128 at ~8 bits/weight"
+grep -E "^shared blob: .*fp8_e4m3_b128" "$T/out" >/dev/null || fail "pack --quantize fp8: shared blob"
+ok "$MOECTL" verify "$d/q.moe"
+ok "$MOECTL" forward --model "$d/q.moe" --layer 2 --input "$d/in.npy" --output "$d/outq.npy"
+[ "$(npy_shape "$d/outq.npy")" = "(5, 200)" ] || fail "pack --quantize fp8: output shape"
+refuses "--quantize and --dtype cannot be combined" \
+	"$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize fp8 --dtype bf16
+refuses "'int4' is not supported (supported: fp8)" "$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize int4
+refuses "already quantized" "$MOECTL" pack "$d/hf" -o "$d/no.moe" --quantize fp8
+[ ! -e "$d/no.moe" ] || fail "a refused pack left a store"
 
 # gpt-oss-120b's routing (128 experts, top-4, every layer MoE) at a small
 # width, in transformers' bf16 layout; the store keeps the clamp and the
