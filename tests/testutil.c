@@ -346,3 +346,28 @@ int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, siz
 	moe_st_checkpoint_close(ck);
 	return rc;
 }
+
+char *moe_test_gen(struct moe_gen_options *o, const char *tag)
+{
+	char *dir = moe_test_tmpdir(tag);
+	struct moe_err err = { 0 };
+	int r = moe_gen_model(o, dir, NULL, NULL, &err);
+
+	ck_assert_msg(r == 0, "gen-model: %s", err.msg);
+	return dir;
+}
+
+char *moe_test_pack_to(const char *dir, int dtype, struct moe_store **ret)
+{
+	struct moe_pack_options po = { .dtype = dtype };
+	struct moe_err err = { 0 };
+	char *out;
+	int r;
+
+	ck_assert(asprintf(&out, "%s/model.moe", dir) > 0);
+	r = moe_pack(dir, out, &po, &err);
+	ck_assert_msg(r == 0, "pack %s: %s", dir, err.msg);
+	r = moe_store_open(out, ret, &err);
+	ck_assert_msg(r == 0, "open %s: %s", out, err.msg);
+	return out;
+}

@@ -79,6 +79,16 @@ struct moe_test_model {
 	uint32_t layers[8];          /* their checkpoint numbers */
 };
 
+/* Generate @o's checkpoint in a fresh moe_test_tmpdir(@tag) and return
+ * that directory; a failure fails the test. */
+char *moe_test_gen(struct moe_gen_options *o, const char *tag);
+
+struct moe_store;
+/* Pack @dir into @dir/model.moe (@dtype: a pack --dtype, -1 for as stored)
+ * and open it in *@ret; returns the store's path (free it); a failure fails
+ * the test. */
+char *moe_test_pack_to(const char *dir, int dtype, struct moe_store **ret);
+
 /*
  * Make @m in a fresh moe_test_tmpdir(@tag): generate @opt's checkpoint in
  * its subdirectory @hf_sub (the directory itself when @hf_sub is NULL),
