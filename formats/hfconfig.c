@@ -229,12 +229,25 @@ static int parse_olmoe(struct parse_ctx *p)
 	return 0;
 }
 
+/* DeepSeek's layout (deepseek_v2/v3, glm4_moe): the shared experts are one
+ * MLP of n_shared_experts x moe_intermediate_size. */
+static int set_shared_size(struct parse_ctx *p)
+{
+	struct moe_model_config *c = &p->hc->cfg;
+	uint64_t shared = (uint64_t)c->n_shared_experts * c->moe_intermediate_size;
+
+	if (shared > UINT32_MAX)
+		return moe_err_set(p->err, -EINVAL, "%s: n_shared_experts x moe_intermediate_size overflows",
+				   p->file);
+	c->shared_intermediate_size = (uint32_t)shared;
+	return 0;
+}
+
 static int parse_deepseek(struct parse_ctx *p, bool v3)
 {
 	struct moe_hf_config *hc = p->hc;
 	struct moe_model_config *c = &hc->cfg;
 	const char *method, *scoring;
-	uint64_t shared;
 	int r;
 
 	U32("n_routed_experts", true, 0, &c->num_experts);
@@ -281,12 +294,7 @@ static int parse_deepseek(struct parse_ctx *p, bool v3)
 		c->n_group = 1;
 		c->topk_group = 1;
 	}
-	shared = (uint64_t)c->n_shared_experts * c->moe_intermediate_size;
-	if (shared > UINT32_MAX)
-		return moe_err_set(p->err, -EINVAL, "%s: n_shared_experts x moe_intermediate_size overflows",
-				   p->file);
-	c->shared_intermediate_size = (uint32_t)shared;
-	return 0;
+	return set_shared_size(p);
 }
 
 /*
@@ -304,7 +312,6 @@ static int parse_glm4_moe(struct parse_ctx *p)
 	struct moe_hf_config *hc = p->hc;
 	struct moe_model_config *c = &hc->cfg;
 	const char *method, *scoring;
-	uint64_t shared;
 	int r;
 
 	U32("n_routed_experts", false, 128, &c->num_experts);
@@ -334,12 +341,7 @@ static int parse_glm4_moe(struct parse_ctx *p)
 	c->topk_method = MOE_TOPK_NOAUX_TC;
 	c->has_bias = true;
 	hc->rule.moe_layer_freq = 1;
-	shared = (uint64_t)c->n_shared_experts * c->moe_intermediate_size;
-	if (shared > UINT32_MAX)
-		return moe_err_set(p->err, -EINVAL, "%s: n_shared_experts x moe_intermediate_size overflows",
-				   p->file);
-	c->shared_intermediate_size = (uint32_t)shared;
-	return 0;
+	return set_shared_size(p);
 }
 
 /*
