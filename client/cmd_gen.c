@@ -21,7 +21,7 @@ enum gen_opt {
 	O_ARCH, O_PRESET, O_LAYERS, O_HIDDEN, O_MOE_I, O_I, O_EXPERTS, O_TOPK, O_GROUPS, O_TOPK_GROUP,
 	O_SHARED, O_SHARED_I, O_FIRST_DENSE, O_SPARSE_STEP, O_VOCAB, O_DTYPE, O_SEED, O_NORM,
 	O_SCALING, O_ACT, O_PLAIN, O_FUSED, O_TOPK_METHOD, O_SHARD_MB, O_MTP, O_SKEW, O_OUTPUT, O_HELP,
-	O_QUANT,
+	O_QUANT, O_QUANT_SKIP,
 };
 
 static const struct {
@@ -56,6 +56,7 @@ static const struct {
 	{ "--mtp-layers", O_MTP, true },
 	{ "--router-skew", O_SKEW, true },
 	{ "--quant", O_QUANT, true },
+	{ "--quant-skip", O_QUANT_SKIP, true },
 	{ "-o", O_OUTPUT, true },
 	{ "--output", O_OUTPUT, true },
 	{ "--help", O_HELP, false },
@@ -74,8 +75,8 @@ static void gen_usage(FILE *f)
 	      "                          glm4_moe, gpt_oss\n"
 	      "  --preset NAME           tiny (default), small, deepseek-v3, kimi-k2,\n"
 	      "                          deepseek-v2-lite, qwen3-30b-a3b, qwen2-57b-a14b,\n"
-	      "                          mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, gpt-oss-20b,\n"
-	      "                          gpt-oss-120b;\n"
+	      "                          mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, glm-4.5, glm-4.6,\n"
+	      "                          gpt-oss-20b, gpt-oss-120b;\n"
 	      "                          the other options override it (real presets keep the real\n"
 	      "                          layer count and vocabulary: lower them with --layers, --vocab)\n"
 	      "  --layers N              num_hidden_layers\n"
@@ -111,6 +112,9 @@ static void gen_usage(FILE *f)
 	      "                          matrix F8_E4M3 with a float32 weight_scale_inv per\n"
 	      "                          128x128 block (max |w| / 448), quantization_config\n"
 	      "                          in config.json; the rest in --dtype\n"
+	      "  --quant-skip shared|routed  with --quant fp8: leave the shared (or the routed)\n"
+	      "                          experts in --dtype, named in quantization_config's\n"
+	      "                          modules_to_not_convert as a release that kept them does\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
@@ -197,6 +201,14 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 		if (strcmp(v, "fp8"))
 			return moectl_fail("%s: unknown quantization '%s' (fp8)", name, v), -EINVAL;
 		o->quant_fp8 = true;
+		return 0;
+	case O_QUANT_SKIP:
+		if (!strcmp(v, "shared"))
+			o->quant_skip = MOE_GEN_QUANT_SKIP_SHARED;
+		else if (!strcmp(v, "routed"))
+			o->quant_skip = MOE_GEN_QUANT_SKIP_ROUTED;
+		else
+			return moectl_fail("%s: '%s' is neither shared nor routed", name, v), -EINVAL;
 		return 0;
 	case O_SKEW: {
 		char *end;

@@ -138,6 +138,17 @@ struct gen_preset {
 	uint32_t q_lora, kv_lora, nope, rope, v_head, mtp;
 };
 
+/* Presets' fields added after the table above had its shape: by name, so
+ * that its rows keep theirs. */
+static const struct {
+	const char *name;
+	bool qk_norm;             /* glm4_moe use_qk_norm */
+	uint32_t max_pos;         /* max_position_embeddings; 0: the arch's default */
+} preset_extra[] = {
+	{ "glm-4.5", true, 131072 },
+	{ "glm-4.6", true, 202752 },   /* GLM-4.6's 200K context */
+};
+
 /* The shapes of the released models' config.json files. */
 static const struct gen_preset presets[] = {
 	{ .name = "tiny", .arch = -1 },
@@ -161,6 +172,14 @@ static const struct gen_preset presets[] = {
 	  1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
 	{ "glm-4.5-air", MOE_ARCH_GLM4_MOE, 4096, 1408, 10944, 128, 8, 46, 151552, 96, 8, 128,
 	  1, 1, 1, 0, 1, 1, 1.0f, 0, 0, 0, 0, 0, 1 },
+	/* GLM-4.5 (zai-org/GLM-4.5, and GLM-4.5-FP8 with quant_fp8): 3 dense
+	 * layers of 12288, 160 experts of 1536, scaling 2.5; use_qk_norm in
+	 * preset_extra */
+	{ "glm-4.5", MOE_ARCH_GLM4_MOE, 5120, 1536, 12288, 160, 8, 92, 151552, 96, 8, 128,
+	  1, 1, 1, 0, 3, 1, 2.5f, 0, 0, 0, 0, 0, 1 },
+	/* GLM-4.6: GLM-4.5's layers, a 200K context (max_position_embeddings) */
+	{ "glm-4.6", MOE_ARCH_GLM4_MOE, 5120, 1536, 12288, 160, 8, 92, 151552, 96, 8, 128,
+	  1, 1, 1, 0, 3, 1, 2.5f, 0, 0, 0, 0, 0, 1 },
 	{ "gpt-oss-20b", MOE_ARCH_GPT_OSS, 2880, 2880, 0, 32, 4, 24, 201088, 64, 8, 64,
 	  1, 1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0 },
 	{ "gpt-oss-120b", MOE_ARCH_GPT_OSS, 2880, 2880, 0, 128, 4, 36, 201088, 64, 8, 64,
@@ -215,7 +234,7 @@ int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err
 		return moe_err_set(err, -EINVAL,
 				   "unknown preset '%s' (presets: tiny, small, deepseek-v3, kimi-k2, deepseek-v2-lite, "
 				   "qwen3-30b-a3b, qwen2-57b-a14b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, "
-				   "gpt-oss-20b, gpt-oss-120b)",
+				   "glm-4.5, glm-4.6, gpt-oss-20b, gpt-oss-120b)",
 				   name);
 	arch = p->arch < 0 ? opt->arch : (enum moe_arch)p->arch;
 	if ((unsigned)arch >= MOE_ARCH_COUNT)
@@ -249,6 +268,11 @@ int moe_gen_preset(const char *name, struct moe_gen_options *opt, struct moe_err
 	opt->qk_rope_head_dim = p->rope;
 	opt->v_head_dim = p->v_head;
 	opt->num_nextn_predict_layers = p->mtp;
+	for (size_t i = 0; i < sizeof(preset_extra) / sizeof(preset_extra[0]); i++)
+		if (!strcmp(name, preset_extra[i].name)) {
+			opt->qk_norm = preset_extra[i].qk_norm;
+			opt->max_position_embeddings = preset_extra[i].max_pos;
+		}
 	return 0;
 }
 
@@ -312,6 +336,10 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	d->mtp = o->num_nextn_predict_layers;
 	d->skew = o->router_skew;
 	d->fp8 = o->quant_fp8;
+	d->fp8_shared = d->fp8 && o->quant_skip != MOE_GEN_QUANT_SKIP_SHARED;
+	d->fp8_routed = d->fp8 && o->quant_skip != MOE_GEN_QUANT_SKIP_ROUTED;
+	d->qk_norm = o->qk_norm;
+	d->max_pos = o->max_position_embeddings;
 	/* Written so that NaN fails too. */
 	if (!(d->skew >= 0.0f && d->skew <= MOE_GEN_MAX_ROUTER_SKEW))
 		return moe_err_set(err, -EINVAL, "router_skew %g: expected a number from 0 to %g",
@@ -331,6 +359,19 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 			return moe_err_set(err, -EINVAL, "routed_scaling_factor exists only in deepseek_v2/"
 					   "deepseek_v3/glm4_moe, not %s", an);
 	}
+	if ((unsigned)o->quant_skip > MOE_GEN_QUANT_SKIP_ROUTED)
+		return moe_err_set(err, -EINVAL, "invalid quant_skip %d", (int)o->quant_skip);
+	if (o->quant_skip && !d->fp8)
+		return moe_err_set(err, -EINVAL, "--quant-skip keeps experts out of a quantization: "
+				   "it needs --quant fp8");
+	if (o->quant_skip == MOE_GEN_QUANT_SKIP_SHARED && !d->n_shared)
+		return moe_err_set(err, -EINVAL, "--quant-skip shared: %s has no shared expert here", an);
+	if (o->qk_norm && o->arch != MOE_ARCH_GLM4_MOE)
+		return moe_err_set(err, -EINVAL, "use_qk_norm is a glm4_moe field, not %s's%s", an,
+				   o->arch == MOE_ARCH_QWEN3_MOE || o->arch == MOE_ARCH_OLMOE ?
+				   " (it always has q_norm and k_norm)" : "");
+	if (o->max_position_embeddings && o->arch != MOE_ARCH_GLM4_MOE)
+		return moe_err_set(err, -EINVAL, "max_position_embeddings is set for glm4_moe only, not %s", an);
 	if (d->fp8 && d->fused)
 		return moe_err_set(err, -EINVAL, "FP8 (--quant fp8) is written per expert, not with fused experts");
 	if (o->topk_method && !d->deepseek)
@@ -572,12 +613,13 @@ void gen_plan_free(struct gen_plan *p)
 /* A matrix [rows, cols] of the model dtype. */
 #define MAT(p, d, std, rows, cols, ...) \
 	plan_add(p, (d)->dtype, FILL_RANDOM, std, 2, SHAPE(rows, cols), __VA_ARGS__)
-/* A matrix of an MLP or an expert: FP8 with its scales when d->fp8 (the
- * weight, then X.weight_scale_inv, as DeepSeek-V3's files order them). */
-static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, float std, uint64_t rows,
-		      uint64_t cols, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* A matrix of an MLP or an expert: FP8 with its scales when @q (d->fp8,
+ * less what quant_skip keeps; the weight, then X.weight_scale_inv, as
+ * DeepSeek-V3's files order them). */
+static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, bool q, float std, uint64_t rows,
+		      uint64_t cols, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
 
-static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, float std, uint64_t rows,
+static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, bool q, float std, uint64_t rows,
 		      uint64_t cols, const char *fmt, ...)
 {
 	char name[256];
@@ -587,7 +629,7 @@ static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, float std, u
 	va_start(ap, fmt);
 	vsnprintf(name, sizeof(name), fmt, ap);
 	va_end(ap);
-	if (!d->fp8) {
+	if (!q) {
 		MAT(p, d, std, rows, cols, "%s", name);
 		return;
 	}
@@ -661,8 +703,9 @@ static void plan_attention(struct gen_plan *p, const struct gen_dims *d, uint32_
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(q), "model.layers.%u.self_attn.q_proj.bias", l);
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.k_proj.bias", l);
 		plan_add(p, d->dtype, FILL_RANDOM, s, 1, SHAPE(kv), "model.layers.%u.self_attn.v_proj.bias", l);
-	} else if (d->arch == MOE_ARCH_QWEN3_MOE) {
-		/* Qwen3: RMSNorm over each head. */
+	}
+	if (d->arch == MOE_ARCH_QWEN3_MOE || (d->arch == MOE_ARCH_GLM4_MOE && d->qk_norm)) {
+		/* Qwen3, and GLM-4.5's use_qk_norm: RMSNorm over each head. */
 		NORM(p, d, d->head_dim, "model.layers.%u.self_attn.q_norm.weight", l);
 		NORM(p, d, d->head_dim, "model.layers.%u.self_attn.k_norm.weight", l);
 	} else if (d->arch == MOE_ARCH_OLMOE) {
@@ -672,14 +715,15 @@ static void plan_attention(struct gen_plan *p, const struct gen_dims *d, uint32_
 	}
 }
 
-/* gate/up [I,H] and down [H,I] under @prefix (the plain MLP layout). */
-static void plan_mlp(struct gen_plan *p, const struct gen_dims *d, uint64_t I, bool gated, float in_std,
-		     float out_std, const char *prefix)
+/* gate/up [I,H] and down [H,I] under @prefix (the plain MLP layout), FP8
+ * when @q. */
+static void plan_mlp(struct gen_plan *p, const struct gen_dims *d, bool q, uint64_t I, bool gated,
+		     float in_std, float out_std, const char *prefix)
 {
 	if (gated)
-		plan_qmat(p, d, in_std, I, d->H, "%s.gate_proj.weight", prefix);
-	plan_qmat(p, d, in_std, I, d->H, "%s.up_proj.weight", prefix);
-	plan_qmat(p, d, out_std, d->H, I, "%s.down_proj.weight", prefix);
+		plan_qmat(p, d, q, in_std, I, d->H, "%s.gate_proj.weight", prefix);
+	plan_qmat(p, d, q, in_std, I, d->H, "%s.up_proj.weight", prefix);
+	plan_qmat(p, d, q, out_std, d->H, I, "%s.down_proj.weight", prefix);
 }
 
 static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
@@ -730,15 +774,15 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 		for (uint32_t j = 0; j < d->E; j++) {
 			if (mixtral) {
 				if (d->gated)
-					plan_qmat(p, d, s_in, d->I, d->H,
+					plan_qmat(p, d, d->fp8_routed, s_in, d->I, d->H,
 						  "model.layers.%u.block_sparse_moe.experts.%u.w1.weight", l, j);
-				plan_qmat(p, d, s_out, d->H, d->I,
+				plan_qmat(p, d, d->fp8_routed, s_out, d->H, d->I,
 					  "model.layers.%u.block_sparse_moe.experts.%u.w2.weight", l, j);
-				plan_qmat(p, d, s_in, d->I, d->H,
+				plan_qmat(p, d, d->fp8_routed, s_in, d->I, d->H,
 					  "model.layers.%u.block_sparse_moe.experts.%u.w3.weight", l, j);
 			} else {
 				snprintf(prefix, sizeof(prefix), "model.layers.%u.mlp.experts.%u", l, j);
-				plan_mlp(p, d, d->I, d->gated, s_in, s_out, prefix);
+				plan_mlp(p, d, d->fp8_routed, d->I, d->gated, s_in, s_out, prefix);
 			}
 		}
 	}
@@ -747,7 +791,8 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 
 		snprintf(prefix, sizeof(prefix), "model.layers.%u.mlp.%s", l,
 			 qwen ? "shared_expert" : "shared_experts");
-		plan_mlp(p, d, d->shared_I, d->gated, s_in, std_fanin(d, d->shared_I, 1.0f), prefix);
+		plan_mlp(p, d, d->fp8_shared, d->shared_I, d->gated, s_in, std_fanin(d, d->shared_I, 1.0f),
+			 prefix);
 		if (qwen)
 			MAT(p, d, s_in, 1, d->H, "model.layers.%u.mlp.shared_expert_gate.weight", l);
 	}
@@ -764,7 +809,7 @@ static void plan_layer(struct gen_plan *p, const struct gen_dims *d, uint32_t l,
 		plan_moe(p, d, l);
 	} else {
 		snprintf(prefix, sizeof(prefix), "model.layers.%u.mlp", l);
-		plan_mlp(p, d, d->dense_I, true, std_other(d), std_other(d), prefix);
+		plan_mlp(p, d, d->fp8, d->dense_I, true, std_other(d), std_other(d), prefix);
 	}
 }
 

@@ -62,6 +62,19 @@ struct moe_gen_options {
 					    and expert matrix F8_E4M3 with a float32
 					    weight_scale_inv per 128 x 128 block, and
 					    quantization_config in config.json */
+	/*
+	 * With quant_fp8: one kind of expert left in dtype, as a release whose
+	 * quantization_config.modules_to_not_convert names it (written there:
+	 * "mlp.shared_experts" or "mlp.experts"); the dense MLPs stay FP8.
+	 */
+	enum moe_gen_quant_skip {
+		MOE_GEN_QUANT_SKIP_NONE = 0,
+		MOE_GEN_QUANT_SKIP_SHARED,   /* the shared experts in dtype */
+		MOE_GEN_QUANT_SKIP_ROUTED,   /* the routed experts in dtype */
+	} quant_skip;
+	bool qk_norm;                    /* glm4_moe use_qk_norm (GLM-4.5, GLM-4.6): per-head
+					    q_norm/k_norm in every attention; attention only */
+	uint32_t max_position_embeddings; /* glm4_moe config.json's (GLM-4.6: 202752); 0: 131072 */
 };
 
 /*
@@ -74,8 +87,8 @@ struct moe_gen_options {
 /*
  * Fill @opt with the named preset's shapes ("tiny", "small", "deepseek-v3",
  * "kimi-k2", "deepseek-v2-lite", "qwen3-30b-a3b", "qwen2-57b-a14b",
- * "mixtral-8x7b", "olmoe-1b-7b", "glm-4.5-air", "gpt-oss-20b",
- * "gpt-oss-120b"), which also sets arch.  "tiny" and "small" have no
+ * "mixtral-8x7b", "olmoe-1b-7b", "glm-4.5-air", "glm-4.5", "glm-4.6",
+ * "gpt-oss-20b", "gpt-oss-120b"), which also sets arch.  "tiny" and "small" have no
  * architecture of their own: they use the arch already in @opt.  Every
  * field of @opt is reset (seed 0, bf16, ...), so set other options after.
  * The real presets keep the real vocabulary and layer count: lower

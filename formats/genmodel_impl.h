@@ -34,6 +34,9 @@ struct gen_dims {
 	float wscale;
 	float skew;                      /* router_skew; 0: routers as they were */
 	bool fp8;                        /* quant_fp8 */
+	bool fp8_shared, fp8_routed;     /* fp8, less what quant_skip keeps in dtype */
+	bool qk_norm;                    /* glm4_moe use_qk_norm */
+	uint32_t max_pos;                /* max_position_embeddings; 0: the arch's */
 	struct moe_layer_rule rule;
 };
 

@@ -81,10 +81,18 @@ static json_t *config_json(const struct gen_dims *d)
 	json_set(c, "torch_dtype", json_string(torch_dtypes[d->dtype]));
 	json_set(c, "use_cache", json_true());
 	json_set(c, "transformers_version", json_string("4.51.0"));
-	if (d->fp8)   /* DeepSeek-V3's, field for field */
-		json_set(c, "quantization_config",
-			 json_pack("{s:s,s:s,s:s,s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
-				   "quant_method", "fp8", "weight_block_size", MOE_FP8_BLOCK, MOE_FP8_BLOCK));
+	if (d->fp8) { /* DeepSeek-V3's, field for field */
+		json_t *q = json_pack("{s:s,s:s,s:s,s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
+				      "quant_method", "fp8", "weight_block_size", MOE_FP8_BLOCK, MOE_FP8_BLOCK);
+
+		/* quant_skip: what transformers' FineGrainedFP8Config (and
+		 * vLLM, for want of ignored_layers) leaves unquantized: the
+		 * modules whose name contains one of these */
+		if (q && (!d->fp8_shared || !d->fp8_routed))
+			json_set(q, "modules_to_not_convert",
+				 json_pack("[s]", !d->fp8_shared ? "mlp.shared_experts" : "mlp.experts"));
+		json_set(c, "quantization_config", q);
+	}
 
 	switch (d->arch) {
 	case MOE_ARCH_MIXTRAL:
@@ -193,11 +201,11 @@ static json_t *config_json(const struct gen_dims *d)
 		json_set(c, "num_nextn_predict_layers", json_integer(d->mtp));
 		json_set(c, "head_dim", json_integer(d->head_dim));
 		json_set(c, "attention_bias", json_true());
-		json_set(c, "use_qk_norm", json_false());
+		json_set(c, "use_qk_norm", json_boolean(d->qk_norm));
 		json_set(c, "partial_rotary_factor", json_real(0.5));
 		json_set(c, "pad_token_id", json_integer(151329));
 		json_set(c, "eos_token_id", json_pack("[iii]", 151329, 151336, 151338));
-		json_set(c, "max_position_embeddings", json_integer(131072));
+		json_set(c, "max_position_embeddings", json_integer(d->max_pos ? d->max_pos : 131072));
 		json_set(c, "rms_norm_eps", json_real(1e-5));
 		json_set(c, "rope_scaling", json_null());
 		json_set(c, "rope_theta", json_integer(1000000));
