@@ -48,7 +48,8 @@ static void human_size(char *buf, size_t len, uint64_t n)
 
 static void pack_usage(FILE *f)
 {
-	fputs("usage: moectl pack HF_DIR -o STORE [--dtype bf16|f16|f32 | --quantize fp8]\n"
+	fputs("usage: moectl pack HF_DIR -o STORE [--dtype bf16|f16|f32 |\n"
+	      "                                    --quantize fp8 [--quantize-skip NAME,...]]\n"
 	      "\n"
 	      "Pack the MoE layers of the Hugging Face checkpoint in HF_DIR (config.json and\n"
 	      "model.safetensors or its shards) into the .moe store STORE (see moe-store(5)).\n"
@@ -61,6 +62,11 @@ static void pack_usage(FILE *f)
 	      "                       to FP8 e4m3 with a float32 scale per 128x128 block\n"
 	      "                       (max |w| / 448), as DeepSeek-V3 is released: half the\n"
 	      "                       bytes of bf16; routers and biases stay float32\n"
+	      "  --quantize-skip NAME[,NAME...]\n"
+	      "                       with --quantize: leave these in the checkpoint's dtype:\n"
+	      "                       'shared' (the shared expert), 'routed', or parts of\n"
+	      "                       tensor names as in a release's modules_to_not_convert\n"
+	      "                       (mlp.shared_experts); may be repeated\n"
 	      "  -h, --help           show this help\n", f);
 }
 
@@ -70,23 +76,62 @@ static void pack_progress(void *ctx, uint64_t done, uint64_t total, const char *
 	moectl_progress(ctx, done, total);
 }
 
+/* The rest of pack, options parsed. */
+static int pack_run(const char *dir, const char *out, struct moe_pack_options *po, int argc, char **argv)
+{
+	struct moectl_progress prog;
+	struct moe_err err = { 0 };
+	struct moe_store *s = NULL;
+	char size[32];
+	double t0;
+
+	if (optind < argc)
+		return moectl_fail("pack: unexpected argument '%s' (see moectl pack --help)", argv[optind]);
+	if (!dir)
+		return moectl_fail("pack: missing HF_DIR (see moectl pack --help)");
+	if (!out)
+		return moectl_fail("pack: missing -o STORE (see moectl pack --help)");
+	if (po->dtype >= 0 && po->quantize)
+		return moectl_fail("pack: --quantize and --dtype cannot be combined "
+				   "(--quantize fp8 chooses the store's dtype)");
+
+	moectl_progress_init(&prog, "pack");
+	po->progress = pack_progress;
+	po->ctx = &prog;
+	t0 = moectl_now();
+	if (moe_pack(dir, out, po, &err) < 0) {
+		moectl_progress_done(&prog);
+		return moectl_fail_err(&err);
+	}
+	moectl_progress_done(&prog);
+	if (moe_store_open(out, &s, &err) < 0)
+		return moectl_fail_err(&err);
+	human_size(size, sizeof(size), s->hdr.file_size);
+	printf("packed %" PRIu32 " MoE layers x %" PRIu32 " experts%s (%s%s%s) into %s: %s in %.2f s\n",
+	       s->hdr.num_moe_layers, s->cfg.num_experts,
+	       s->cfg.shared_intermediate_size ? " + shared" : "",
+	       moe_dtype_name(s->cfg.weight_dtype),
+	       s->cfg.shared_intermediate_size && s->cfg.shared_dtype != s->cfg.weight_dtype ? ", shared " : "",
+	       s->cfg.shared_intermediate_size && s->cfg.shared_dtype != s->cfg.weight_dtype ?
+	       moe_dtype_name(s->cfg.shared_dtype) : "", out, size, moectl_now() - t0);
+	moe_store_close(s);
+	return 0;
+}
+
 int cmd_pack(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "output", required_argument, NULL, 'o' },
 		{ "dtype", required_argument, NULL, 'd' },
 		{ "quantize", required_argument, NULL, 'q' },
+		{ "quantize-skip", required_argument, NULL, 'k' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct moe_pack_options po = { .dtype = -1 };
-	struct moectl_progress prog;
-	struct moe_err err = { 0 };
-	struct moe_store *s = NULL;
 	const char *out = NULL, *dir;
-	char size[32];
-	double t0;
-	int c;
+	char *skip = NULL;
+	int c, r;
 
 	optind = 1;
 	opterr = 0;
@@ -100,52 +145,41 @@ int cmd_pack(int argc, char **argv)
 			enum moe_dtype t;
 
 			if (moe_dtype_parse(optarg, &t) < 0)
-				return moectl_fail("pack: --dtype: '%s' is not one of bf16, f16, f32", optarg);
+				return free(skip), moectl_fail("pack: --dtype: '%s' is not one of bf16, f16, f32",
+							       optarg);
 			po.dtype = (int)t;
 			break;
 		}
 		case 'q':
 			if (strcmp(optarg, "fp8") != 0)
-				return moectl_fail("pack: --quantize: '%s' is not supported (supported: fp8)",
-						   optarg);
+				return free(skip), moectl_fail("pack: --quantize: '%s' is not supported "
+							       "(supported: fp8)", optarg);
 			po.quantize = optarg;
 			break;
+		case 'k': {
+			/* repeated: one list */
+			char *s2;
+
+			if (asprintf(&s2, "%s%s%s", skip ? skip : "", skip ? "," : "", optarg) < 0) {
+				free(skip);
+				return moectl_fail("pack: out of memory");
+			}
+			free(skip);
+			skip = s2;
+			break;
+		}
 		case 'h':
 			pack_usage(stdout);
-			return 0;
+			return free(skip), 0;
 		default:
-			return bad_option("pack", argc, argv);
+			return free(skip), bad_option("pack", argc, argv);
 		}
 	}
+	po.quantize_skip = skip;
 	dir = optind < argc ? argv[optind++] : NULL;
-	if (optind < argc)
-		return moectl_fail("pack: unexpected argument '%s' (see moectl pack --help)", argv[optind]);
-	if (!dir)
-		return moectl_fail("pack: missing HF_DIR (see moectl pack --help)");
-	if (!out)
-		return moectl_fail("pack: missing -o STORE (see moectl pack --help)");
-	if (po.dtype >= 0 && po.quantize)
-		return moectl_fail("pack: --quantize and --dtype cannot be combined "
-				   "(--quantize fp8 chooses the store's dtype)");
-
-	moectl_progress_init(&prog, "pack");
-	po.progress = pack_progress;
-	po.ctx = &prog;
-	t0 = moectl_now();
-	if (moe_pack(dir, out, &po, &err) < 0) {
-		moectl_progress_done(&prog);
-		return moectl_fail_err(&err);
-	}
-	moectl_progress_done(&prog);
-	if (moe_store_open(out, &s, &err) < 0)
-		return moectl_fail_err(&err);
-	human_size(size, sizeof(size), s->hdr.file_size);
-	printf("packed %" PRIu32 " MoE layers x %" PRIu32 " experts%s (%s) into %s: %s in %.2f s\n",
-	       s->hdr.num_moe_layers, s->cfg.num_experts,
-	       s->cfg.shared_intermediate_size ? " + shared" : "",
-	       moe_dtype_name(s->cfg.weight_dtype), out, size, moectl_now() - t0);
-	moe_store_close(s);
-	return 0;
+	r = pack_run(dir, out, &po, argc, argv);
+	free(skip);
+	return r;
 }
 
 /* --- inspect ------------------------------------------------------------------ */

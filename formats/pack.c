@@ -329,6 +329,96 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 	return 0;
 }
 
+/*
+ * How many of the tensors of the shared expert (@shared) or of the routed
+ * experts, over every MoE layer, have a name containing @name (as
+ * transformers matches modules_to_not_convert); the first that does and
+ * the first that does not, for messages.
+ */
+static void match_kind(const struct moe_hf_model *m, const char *name, bool shared, uint64_t *n,
+		       uint64_t *hits, const char **hit, const char **miss)
+{
+	uint32_t E = shared ? 1 : m->cfg.num_experts;
+
+	*n = *hits = 0;
+	*hit = *miss = NULL;
+	for (uint32_t li = 0; li < m->hc->n_moe_layers; li++)
+		for (uint32_t j = 0; j < E; j++)
+			for (int p = MOE_HF_GATE; p <= MOE_HF_DOWN; p++) {
+				struct moe_hf_slice s;
+
+				if (moe_hf_expert_slice(m, li, shared ? UINT32_MAX : j, (enum moe_hf_part)p,
+							&s) < 0)
+					continue;
+				(*n)++;
+				if (strstr(s.t->name, name)) {
+					(*hits)++;
+					if (!*hit)
+						*hit = s.t->name;
+				} else if (!*miss) {
+					*miss = s.t->name;
+				}
+			}
+}
+
+/*
+ * --quantize-skip @list: which kind of expert keeps its dtype.  A name of
+ * a module the store does not hold (attention, lm_head: a release's whole
+ * modules_to_not_convert list may be given) changes nothing; one that
+ * names no tensor at all is a typo, refused.
+ */
+static int resolve_skip(const char *dir, const struct moe_hf_model *m, const char *list,
+			bool *keep_shared, bool *keep_routed, struct moe_err *err)
+{
+	char *dup = strdup(list), *save = NULL, *item;
+	int r = 0, items = 0;
+
+	if (!dup)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	for (item = strtok_r(dup, ",", &save); item && r == 0; item = strtok_r(NULL, ",", &save)) {
+		uint64_t n, hits;
+		const char *hit, *miss;
+		bool any = false;
+
+		items++;
+		if (!strcmp(item, "shared")) {
+			if (!m->cfg.shared_intermediate_size)
+				r = moe_err_set(err, -EINVAL, "%s: --quantize-skip shared: this model has no "
+						"shared expert", dir);
+			*keep_shared = true;
+			continue;
+		}
+		if (!strcmp(item, "routed")) {
+			*keep_routed = true;
+			continue;
+		}
+		for (int k = 0; k < 2 && r == 0; k++) {
+			match_kind(m, item, k == 0, &n, &hits, &hit, &miss);
+			if (hits && hits < n)
+				r = moe_err_set(err, -EINVAL, "%s: --quantize-skip '%s' names tensor '%s' but "
+						"not '%s': the store holds all the %s experts in one dtype, so "
+						"a name must cover all of them or none ('%s' does)", dir, item,
+						hit, miss, k == 0 ? "shared" : "routed",
+						k == 0 ? "shared" : "routed");
+			else if (hits)
+				*(k == 0 ? keep_shared : keep_routed) = any = true;
+		}
+		for (size_t i = 0; r == 0 && !any && i < m->ckpt->n_tensors; i++)
+			any = strstr(m->ckpt->tensors[i].name, item) != NULL;
+		if (r == 0 && !any)
+			r = moe_err_set(err, -EINVAL, "%s: --quantize-skip '%s' names no tensor of the "
+					"checkpoint (give 'shared', 'routed' or part of a tensor name, such "
+					"as mlp.shared_experts)", dir, item);
+	}
+	free(dup);
+	if (r == 0 && !items)
+		r = moe_err_set(err, -EINVAL, "%s: --quantize-skip: the list is empty", dir);
+	if (r == 0 && *keep_routed && (*keep_shared || !m->cfg.shared_intermediate_size))
+		r = moe_err_set(err, -EINVAL, "%s: --quantize-skip keeps every expert in its dtype: "
+				"nothing is left to quantize (drop --quantize)", dir);
+	return r;
+}
+
 /* Bytes pack reads from the checkpoint: the total for progress. */
 static uint64_t source_bytes(const struct moe_hf_model *m)
 {
@@ -378,7 +468,14 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	cfg = pk.m->cfg;
 	E = cfg.num_experts;
 	H = cfg.hidden_size;
+	if (opt && opt->quantize_skip && opt->quantize_skip[0] && !opt->quantize) {
+		r = moe_err_set(err, -EINVAL, "%s: --quantize-skip says what --quantize leaves alone: "
+				"it needs --quantize fp8", hf_dir);
+		goto out;
+	}
 	if (opt && opt->quantize) {
+		bool keep_shared = false, keep_routed = false;
+
 		if (strcmp(opt->quantize, "fp8") != 0) {
 			r = moe_err_set(err, -EINVAL, "%s: --quantize %s: not supported (supported: fp8)",
 					hf_dir, opt->quantize);
@@ -404,9 +501,29 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 					"pack it without --quantize", hf_dir);
 			goto out;
 		}
-		/* the shared expert too: DeepSeek-V3's release and gen-model
-		 * --quant fp8 quantize every expert, and it is read for every token */
+		/* the shared expert too unless skipped: DeepSeek-V3's release
+		 * and gen-model --quant fp8 quantize every expert, and it is
+		 * read for every token */
 		to = to_shared = MOE_DTYPE_FP8_E4M3_B128;
+		if (opt->quantize_skip && opt->quantize_skip[0]) {
+			r = resolve_skip(hf_dir, pk.m, opt->quantize_skip, &keep_shared, &keep_routed, err);
+			if (r == 0 && keep_routed && pk.m->mixed_tensor[0])
+				r = moe_err_set(err, -EINVAL, "%s: --quantize-skip: the routed experts come in "
+						"more than one dtype (%s, and %s in tensor '%s'), which a store "
+						"cannot keep", hf_dir, moe_dtype_name(pk.m->expert_dtype),
+						moe_dtype_name(pk.m->mixed_dtype), pk.m->mixed_tensor);
+			if (r == 0 && keep_shared && pk.m->shared_mixed_tensor[0])
+				r = moe_err_set(err, -EINVAL, "%s: --quantize-skip: the shared expert comes in "
+						"more than one dtype (%s, and %s in tensor '%s'), which a store "
+						"cannot keep", hf_dir, moe_dtype_name(pk.m->cfg.shared_dtype),
+						moe_dtype_name(pk.m->shared_mixed_dtype), pk.m->shared_mixed_tensor);
+			if (r < 0)
+				goto out;
+			if (keep_routed)
+				to = pk.m->expert_dtype;
+			if (keep_shared)
+				to_shared = pk.m->cfg.shared_dtype;
+		}
 	} else if (opt && opt->dtype >= 0) {
 		if (opt->dtype >= MOE_DTYPE_COUNT) {
 			r = moe_err_set(err, -EINVAL, "invalid target dtype %d", opt->dtype);

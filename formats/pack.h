@@ -14,6 +14,13 @@ struct moe_pack_options {
 	int dtype;          /* enum moe_dtype to convert expert weights to, or -1: keep */
 	const char *quantize; /* "fp8": quantize float expert weights (routed and
 			       * shared) to MOE_DTYPE_FP8_E4M3_B128; NULL: don't */
+	/* With quantize: what stays in the checkpoint's dtype, a comma-separated
+	 * list of "shared", "routed" or names as in a release's
+	 * modules_to_not_convert (a tensor whose name contains one is not
+	 * quantized; a name must cover all the shared experts, or all the
+	 * routed ones, or neither: the store holds one dtype for each kind).
+	 * NULL or "": nothing. */
+	const char *quantize_skip;
 	/* Called as work advances (may be NULL): bytes done, total, and what. */
 	void (*progress)(void *ctx, uint64_t done, uint64_t total, const char *what);
 	void *ctx;
