@@ -53,8 +53,9 @@ struct ncase {
 	bool want_group_limited;     /* deepseek_v2: expect topk_method group_limited_greedy */
 	bool with_f16;               /* also float16 weights */
 	bool with_fp8;               /* also FP8 block-scaled experts (gen-model --quant fp8) */
-	/* FP8 run only: one kind of expert back in bf16 (same seed), so that
-	 * the store holds two dtypes (version 2) */
+	/* FP8 run only: one kind of expert left in bf16 (gen-model --quant-skip,
+	 * or pack --quantize-skip with pack_quantize), so that the store holds
+	 * two dtypes (version 2) */
 	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
 	/* FP8 run only: a bf16 checkpoint quantized by pack --quantize fp8;
 	 * the reference takes its experts from the store, dequantized here */
@@ -93,64 +94,14 @@ struct built {
 };
 
 /*
- * The FP8 checkpoint in @dir with the shared expert's (MIX_SHARED_BF16) or
- * the routed experts' (MIX_ROUTED_BF16) matrices taken from the bf16
- * checkpoint of the same options in @bf16_dir, their scales dropped: a
- * release that quantized one kind of expert only.
- */
-static void mix_checkpoint(const char *dir, const char *bf16_dir, int mix)
-{
-	const char *which = mix == MIX_SHARED_BF16 ? ".mlp.shared_experts." : ".mlp.experts.";
-	struct moe_st_checkpoint *q, *h;
-	struct moe_st_writer *w;
-	struct moe_err err = {0};
-	char path[4096], tmp[4096];
-	const struct moe_st_tensor **src;
-	size_t n = 0;
-
-	ck_assert_int_eq(moe_st_checkpoint_open(dir, &q, &err), 0);
-	ck_assert_int_eq(moe_st_checkpoint_open(bf16_dir, &h, &err), 0);
-	src = calloc(q->n_tensors, sizeof(*src));
-	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-	snprintf(tmp, sizeof(tmp), "%s/model.safetensors.mix", dir);
-	ck_assert_msg(moe_st_writer_new(tmp, &w, &err) == 0, "%s", err.msg);
-	for (size_t i = 0; i < q->n_tensors; i++) {
-		const struct moe_st_tensor *t = &q->tensors[i];
-		bool swap = strstr(t->name, which) != NULL;
-
-		if (swap && strstr(t->name, "_scale_inv"))
-			continue;
-		if (swap)
-			t = moe_st_find(h, t->name);
-		ck_assert_msg(t != NULL, "%s: not in the bf16 checkpoint", q->tensors[i].name);
-		ck_assert(moe_st_writer_declare(w, t->name, !strcmp(t->st_dtype, "F8_E4M3") ?
-						MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)t->dtype,
-						t->ndim, t->shape, &err) >= 0);
-		src[n++] = t;
-	}
-	ck_assert_int_eq(moe_st_writer_begin(w, &err), 0);
-	for (size_t i = 0; i < n; i++) {
-		void *buf = malloc(src[i]->nbytes ? src[i]->nbytes : 1);
-		bool from_h = strstr(src[i]->name, which) != NULL;
-
-		ck_assert_int_eq(moe_st_read(from_h ? h : q, src[i], 0, buf, src[i]->nbytes, &err), 0);
-		ck_assert_int_eq(moe_st_writer_write(w, buf, src[i]->nbytes, &err), 0);
-		free(buf);
-	}
-	ck_assert_msg(moe_st_writer_finish(w, &err) == 0, "%s", err.msg);
-	free(src);
-	moe_st_checkpoint_close(q);
-	moe_st_checkpoint_close(h);
-	ck_assert(rename(tmp, path) == 0);
-}
-
-/*
  * The experts of @ref (routed and shared) replaced by those of the store
  * @path, an FP8 one (pack --quantize fp8): w = e4m3(code) * scale decoded
  * in double by ref.c's e4m3 decoder, as the reference dequantizes FP8
- * checkpoints; the store's own reader fetches only the bytes.
+ * checkpoints; the store's own reader fetches only the bytes.  A kind
+ * that --quantize-skip kept (@keep: MIX_SHARED_BF16 or MIX_ROUTED_BF16)
+ * must be bf16 in the store and keeps the checkpoint's weights.
  */
-static void ref_take_store_experts(const char *path, uint32_t layer, struct ref_layer *ref)
+static void ref_take_store_experts(const char *path, uint32_t layer, int keep, struct ref_layer *ref)
 {
 	struct moe_err err = { 0 };
 	struct moe_store *s;
@@ -158,7 +109,7 @@ static void ref_take_store_experts(const char *path, uint32_t layer, struct ref_
 	int li;
 
 	ck_assert_msg(moe_store_open(path, &s, &err) == 0, "%s: %s", path, err.msg);
-	ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	ck_assert_int_eq(s->cfg.weight_dtype, keep == MIX_ROUTED_BF16 ? MOE_DTYPE_BF16 : MOE_DTYPE_FP8_E4M3_B128);
 	li = moe_store_layer_index(s, layer);
 	ck_assert_int_ge(li, 0);
 	for (uint32_t j = 0; j <= ref->routing.num_experts; j++) {
@@ -170,7 +121,11 @@ static void ref_take_store_experts(const char *path, uint32_t layer, struct ref_
 
 		if (sh && !I)
 			break;
-		ck_assert_int_eq(s->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		if (sh)
+			ck_assert_int_eq(s->cfg.shared_dtype, keep == MIX_SHARED_BF16 ? MOE_DTYPE_BF16 :
+					 MOE_DTYPE_FP8_E4M3_B128);
+		if ((sh && keep == MIX_SHARED_BF16) || (!sh && keep == MIX_ROUTED_BF16))
+			continue;
 		blob = moe_test_page_alloc(n);
 		ck_assert_int_eq(sh ? moe_store_read_shared(s, (uint32_t)li, blob, &err)
 				    : moe_store_read_expert(s, (uint32_t)li, j, blob, &err), 0);
@@ -224,8 +179,15 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	 * by pack --quantize fp8 from bf16 with pack_quantize */
 	opt.dtype = dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
 	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128 && !c->pack_quantize;
-	if (dt == MOE_DTYPE_FP8_E4M3_B128 && c->pack_quantize)
+	if (dt == MOE_DTYPE_FP8_E4M3_B128 && c->pack_quantize) {
 		popt.quantize = "fp8";
+		/* one kind by keyword, the other by a release's module name */
+		popt.quantize_skip = c->mix == MIX_SHARED_BF16 ? "mlp.shared_experts" :
+				     c->mix == MIX_ROUTED_BF16 ? "routed" : NULL;
+	} else if (dt == MOE_DTYPE_FP8_E4M3_B128) {
+		opt.quant_skip = c->mix == MIX_SHARED_BF16 ? MOE_GEN_QUANT_SKIP_SHARED :
+				 c->mix == MIX_ROUTED_BF16 ? MOE_GEN_QUANT_SKIP_ROUTED : MOE_GEN_QUANT_SKIP_NONE;
+	}
 	opt.seed = seed;
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -259,15 +221,6 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 
 	rc = moe_gen_model(&opt, b->dir, NULL, NULL, &err);
 	ck_assert_msg(rc == 0, "%s %s: gen-model failed: %d %s", c->what, dn, rc, err.msg);
-	if (c->mix && dt == MOE_DTYPE_FP8_E4M3_B128) {
-		char hdir[4096];
-
-		snprintf(hdir, sizeof(hdir), "%s/bf16", b->dir);
-		opt.quant_fp8 = false;
-		rc = moe_gen_model(&opt, hdir, NULL, NULL, &err);
-		ck_assert_msg(rc == 0, "%s bf16: gen-model failed: %d %s", c->what, rc, err.msg);
-		mix_checkpoint(b->dir, hdir, c->mix);
-	}
 	if (c->patch)
 		c->patch(b->dir, b->layer);
 	if (c->shard_bytes) {
@@ -296,7 +249,7 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 		      "%s: checkpoint experts are %s, asked for %s", c->what, ref->weight_dtype,
 		      moe_dtype_st_name(ck_dt));
 	if (popt.quantize)
-		ref_take_store_experts(b->store, b->layer, ref);
+		ref_take_store_experts(b->store, b->layer, c->mix, ref);
 	ck_assert_msg(ref->gated == !c->plain, "%s %s: gated experts %d, asked plain=%d", c->what,
 		      dn, ref->gated, c->plain);
 	ck_assert_msg((ref->shared_inter != 0) == (c->n_shared != 0),
@@ -565,6 +518,24 @@ NUMERICS_TEST(deepseek_v3_fp8_routed_bf16_shared_matches_float64_reference,
 NUMERICS_TEST(deepseek_v3_bf16_routed_fp8_shared_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
 	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true,
+	      .mix = MIX_ROUTED_BF16)
+/* GLM-4.5's routing (one group, scaling 2.5, one shared expert) with one
+ * kind of expert FP8 and the other bf16: as gen-model --quant fp8
+ * --quant-skip writes it (a release's modules_to_not_convert), and as pack
+ * --quantize fp8 --quantize-skip makes it from a bf16 checkpoint. */
+NUMERICS_TEST(glm4_moe_fp8_routed_bf16_shared_matches_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 200, .I = 72, .E = 16, .k = 8, .n_shared = 1,
+	      .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true, .mix = MIX_SHARED_BF16)
+NUMERICS_TEST(glm4_moe_bf16_routed_fp8_shared_matches_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 200, .I = 72, .E = 16, .k = 8, .n_shared = 1,
+	      .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true, .mix = MIX_ROUTED_BF16)
+NUMERICS_TEST(glm4_moe_pack_quantize_fp8_skip_shared_matches_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 200, .I = 72, .E = 16, .k = 8, .n_shared = 1,
+	      .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true, .pack_quantize = true,
+	      .mix = MIX_SHARED_BF16)
+NUMERICS_TEST(glm4_moe_pack_quantize_fp8_skip_routed_matches_float64_reference,
+	      .arch = MOE_ARCH_GLM4_MOE, .H = 200, .I = 72, .E = 16, .k = 8, .n_shared = 1,
+	      .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true, .pack_quantize = true,
 	      .mix = MIX_ROUTED_BF16)
 /* Groups 0 and 1 win through one strongly biased expert each; the other
  * experts have negative biased scores (moe_test_plant_negative_bias). */
@@ -851,6 +822,10 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, deepseek_v3_pack_quantize_fp8_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fp8_routed_bf16_shared_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_bf16_routed_fp8_shared_matches_float64_reference);
+	tcase_add_test(tc, glm4_moe_fp8_routed_bf16_shared_matches_float64_reference);
+	tcase_add_test(tc, glm4_moe_bf16_routed_fp8_shared_matches_float64_reference);
+	tcase_add_test(tc, glm4_moe_pack_quantize_fp8_skip_shared_matches_float64_reference);
+	tcase_add_test(tc, glm4_moe_pack_quantize_fp8_skip_routed_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fused_unnormalised_two_shared_match_float64_reference);
 	tcase_add_test(tc, deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end);
