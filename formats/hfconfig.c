@@ -445,6 +445,23 @@ static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc,
 				   "is not supported (supported: %s)", file,
 				   (long long)json_integer_value(json_array_get(bs, 0)),
 				   (long long)json_integer_value(json_array_get(bs, 1)), QUANT_SERVED);
+	/* Which modules a release left unquantized (GLM-4.5-FP8, and
+	 * pack --quantize-skip's inputs): the tensors say it themselves
+	 * (F8_E4M3 with scales, or not), so the lists are only checked to be
+	 * lists of names. */
+	for (int i = 0; i < 2; i++) {
+		const char *key = i ? "ignored_layers" : "modules_to_not_convert";
+		json_t *l = field(q, key), *e;
+		size_t k;
+
+		if (l && !json_is_array(l))
+			return moe_err_set(err, -EINVAL, "%s: quantization_config.%s must be an array of "
+					   "module names, not %s", file, key, json_type_name(l));
+		json_array_foreach(l, k, e)
+			if (!json_is_string(e))
+				return moe_err_set(err, -EINVAL, "%s: quantization_config.%s item %zu must be "
+						   "a module name, not %s", file, key, k, json_type_name(e));
+	}
 	hc->fp8 = true;
 	return 0;
 }
