@@ -4,7 +4,7 @@
  * scales kept in their own bytes (shared expert apart), `--dtype`
  * dequantizing them, their errors naming the culprit; `--quantize fp8`
  * against gen-model --quant fp8 and against a quantization written here,
- * and its refusals.
+ * its refusals, and `--quantize-skip`.
  */
 #include "config.h"
 
@@ -586,6 +586,83 @@ START_TEST(pack_quantize_refusals_say_why)
 }
 END_TEST
 
+static void expect_skip_fails(const char *dir, const char *quant, const char *skip, const char *needle)
+{
+	struct moe_pack_options po = { .dtype = -1, .quantize = quant, .quantize_skip = skip };
+	struct moe_err err = { 0 };
+	char *out;
+	int r;
+
+	ck_assert(asprintf(&out, "%s/refused.moe", dir) > 0);
+	r = moe_pack(dir, out, &po, &err);
+	ck_assert_msg(r == -EINVAL, "pack --quantize-skip %s: %d (%s), want -EINVAL", skip, r, err.msg);
+	moe_test_assert_err_has(&err, needle);
+	ck_assert(!moe_test_exists(out));
+	free(out);
+}
+
+/*
+ * --quantize-skip: a release's modules_to_not_convert list (names of
+ * modules the store does not hold included) keeps the shared expert's
+ * bytes as they were and quantizes the routed experts as --quantize alone
+ * does; a name covering part of a kind, one naming nothing, a list that
+ * keeps everything and one without --quantize are refused, naming why.
+ */
+START_TEST(pack_quantize_skip_keeps_what_a_release_list_names)
+{
+	struct moe_pack_options po = { .dtype = -1, .quantize = "fp8",
+				       .quantize_skip = "lm_head,model.embed_tokens,mlp.shared_experts" };
+	struct moe_gen_options o;
+	struct moe_store *sq, *sk, *sb;
+	struct moe_err err = { 0 };
+	char *dir, *qout, *kout, *bout;
+	uint64_t n1, n2;
+
+	quant_model(MOE_DTYPE_BF16, &o);
+	dir = moe_test_gen(&o, "qskip");
+	qout = pack_quantized(dir, &sq);
+	ck_assert(asprintf(&kout, "%s/k.moe", dir) > 0);
+	ck_assert_msg(moe_pack(dir, kout, &po, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(moe_store_open(kout, &sk, &err), 0);
+	bout = moe_test_pack_to(dir, -1, &sb);
+	ck_assert_int_eq(sk->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
+	ck_assert_int_eq(sk->cfg.shared_dtype, MOE_DTYPE_BF16);
+	for (uint32_t li = 0; li < sk->hdr.num_moe_layers; li++)
+		for (uint32_t j = 0; j <= sk->cfg.num_experts; j++) {
+			bool sh = j == sk->cfg.num_experts;
+			uint8_t *a = read_blob(sk, li, sh ? UINT32_MAX : j, &n1);
+			uint8_t *b = read_blob(sh ? sb : sq, li, sh ? UINT32_MAX : j, &n2);
+
+			ck_assert_msg(n1 == n2 && memcmp(a, b, n1) == 0, "layer %u %s %u differs from the %s "
+				      "pack's", li, sh ? "shared" : "expert", j, sh ? "bf16" : "--quantize");
+			free(a);
+			free(b);
+		}
+	moe_store_close(sq);
+	moe_store_close(sk);
+	moe_store_close(sb);
+
+	/* layers 1 and 2 are MoE: one layer's experts are not all of them */
+	expect_skip_fails(dir, "fp8", "model.layers.1.mlp.experts", "names tensor 'model.layers.1.mlp.experts.");
+	expect_skip_fails(dir, "fp8", "model.layers.1.mlp.experts", "a name must cover all of them or none");
+	expect_skip_fails(dir, "fp8", "mlp.shared_expert,shared_exprts", "'shared_exprts' names no tensor");
+	expect_skip_fails(dir, "fp8", "shared,routed", "nothing is left to quantize");
+	expect_skip_fails(dir, "fp8", "experts", "nothing is left to quantize");
+	expect_skip_fails(dir, "fp8", ",", "the list is empty");
+	expect_skip_fails(dir, NULL, "shared", "it needs --quantize fp8");
+	free(qout);
+	free(kout);
+	free(bout);
+	free(dir);
+	/* no shared expert: 'shared' names nothing, 'routed' leaves nothing */
+	moe_test_gen_small(MOE_ARCH_QWEN3_MOE, MOE_DTYPE_BF16, &o);
+	dir = moe_test_gen(&o, "qskipq3");
+	expect_skip_fails(dir, "fp8", "shared", "this model has no shared expert");
+	expect_skip_fails(dir, "fp8", "routed", "nothing is left to quantize");
+	free(dir);
+}
+END_TEST
+
 static Suite *pack_fp8_suite(void)
 {
 	Suite *s = suite_create("pack-fp8");
@@ -599,6 +676,7 @@ static Suite *pack_fp8_suite(void)
 	tcase_add_test(tc, pack_quantize_equals_gen_model_fp8);
 	tcase_add_test(tc, pack_quantize_bf16_matches_reference);
 	tcase_add_test(tc, pack_quantize_refusals_say_why);
+	tcase_add_test(tc, pack_quantize_skip_keeps_what_a_release_list_names);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -238,6 +238,24 @@ refuses "--quantize and --dtype cannot be combined" \
 	"$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize fp8 --dtype bf16
 refuses "'int4' is not supported (supported: fp8)" "$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize int4
 refuses "already quantized" "$MOECTL" pack "$d/hf" -o "$d/no.moe" --quantize fp8
+# --quantize-skip, repeated: one list; the shared expert stays bf16
+ok "$MOECTL" pack "$d/hfb" -o "$d/qs.moe" --quantize fp8 --quantize-skip lm_head \
+	--quantize-skip mlp.shared_experts
+grep -F "(fp8_e4m3_b128, shared bf16)" "$T/out" >/dev/null || fail "pack --quantize-skip: not fp8 + shared bf16"
+ok "$MOECTL" inspect "$d/qs.moe"
+grep -E "^shared blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "pack --quantize-skip: shared blob"
+ok "$MOECTL" forward --model "$d/qs.moe" --layer 2 --input "$d/in.npy" --output "$d/outqs.npy"
+refuses "names no tensor of the checkpoint" \
+	"$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize fp8 --quantize-skip shared_exprts
+refuses "it needs --quantize fp8" "$MOECTL" pack "$d/hfb" -o "$d/no.moe" --quantize-skip shared
+# gen-model writes that layout itself, as a release that kept the shared expert
+ok "$MOECTL" gen-model --arch deepseek_v3 --hidden 200 --moe-intermediate 72 --seed 7 --quant fp8 \
+	--quant-skip shared -o "$d/hfs"
+grep -F '"modules_to_not_convert"' "$d/hfs/config.json" >/dev/null || fail "--quant-skip: no modules_to_not_convert"
+ok "$MOECTL" pack "$d/hfs" -o "$d/s.moe"
+grep -F "(fp8_e4m3_b128, shared bf16)" "$T/out" >/dev/null || fail "pack of --quant-skip shared: dtypes"
+refuses "neither shared nor routed" "$MOECTL" gen-model --arch deepseek_v3 --quant fp8 --quant-skip dense \
+	-o "$d/no"
 [ ! -e "$d/no.moe" ] || fail "a refused pack left a store"
 
 # gpt-oss-120b's routing (128 experts, top-4, every layer MoE) at a small
