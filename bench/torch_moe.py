@@ -7,7 +7,11 @@ torch_moe.py [--out FILE] [--budget S] [--batches 1,8,...] [--impl I]
 
 For each Hugging Face checkpoint (what `moectl gen-model` writes, before
 `moectl pack` turns it into the store that bench_gpu times), the first MoE
-layer in PyTorch on the same device, with the same weights (bf16):
+layer in PyTorch on the same device, with the same weights (bf16; FP8
+block-scaled and gpt-oss's MXFP4 weights are dequantized to bf16 once, at
+load, as transformers does for a device without kernels of its own for
+them: w = e4m3 * weight_scale_inv per 128 x 128 block, or e2m1 *
+2^(scale - 127) per 32 inputs, in float32 then rounded to bf16):
 
   loop     the per-expert loop of Hugging Face's MoE blocks (Mixtral, Qwen3
            MoE): one-hot mask of the routing, for each expert that got
@@ -22,8 +26,12 @@ layer in PyTorch on the same device, with the same weights (bf16):
 
 Routing is moed's (ARCHITECTURE.md 4.1): float32 logits, softmax (mixtral,
 qwen, olmoe, deepseek_v2) or sigmoid with the correction bias and group
-limits (deepseek_v3), top-k, the model's normalisation and scaling; it is
-part of every timed forward, as it is of moe_engine_forward.  Inputs are
+limits (deepseek_v3, glm4_moe), top-k, the model's normalisation and
+scaling; gpt_oss adds the router bias to the logits, takes the top-k and
+the softmax of those k alone, and its experts have biases and the clamped
+SwiGLU of GptOssExperts ((up + 1) * gate * sigmoid(alpha * gate), gate
+clamped above and up both ways at swiglu_limit).  Routing is part of every
+timed forward, as it is of moe_engine_forward.  Inputs are
 random bf16 rows already on the device (the usual way PyTorch runs a
 layer); the "batched, host f32" column adds what moe_engine_forward's
 callers pay: a float32 batch in pageable host memory copied in, and the
@@ -53,6 +61,13 @@ DTYPES = {
     "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# FP8 checkpoints (DeepSeek-V3, GLM-4.5-FP8, gen-model --quant fp8): torch 2.1 on
+FP8 = getattr(torch, "float8_e4m3fn", None)
+if FP8 is not None:
+    DTYPES["F8_E4M3"] = FP8
+
+# e2m1 (MXFP4) code -> value: sign in bit 3, then 0, .5, 1, 1.5, 2, 3, 4, 6
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 WARM = 2          # untimed forwards before each measurement
 MIN_REPS = 5      # timed forwards, at least ...
@@ -141,14 +156,55 @@ ACTS = {
 }
 
 
+def dequant_fp8(codes, scale, block):
+    """w = e4m3(code) * scale of its [bo, bi] block, in float32, as bf16."""
+    N, K = codes.shape
+    bo, bi = block
+    s = scale.float().repeat_interleave(bo, 0)[:N].repeat_interleave(bi, 1)[:, :K]
+    return (codes.float() * s).to(torch.bfloat16)
+
+
+def dequant_mxfp4(blocks, scales):
+    """[..., R, G, 16] bytes of two e2m1 codes (low nibble first) and
+    [..., R, G] E8M0 exponents (bias 127) -> [..., R, G * 32] bf16."""
+    lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
+    lo = lut[(blocks & 0x0F).long()]
+    hi = lut[(blocks >> 4).long()]
+    v = torch.stack((lo, hi), dim=-1).reshape(*blocks.shape[:-1], 32)
+    v = torch.ldexp(v, (scales.long() - 127).unsqueeze(-1).to(torch.int32))
+    return v.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(torch.bfloat16)
+
+
 class Layer:
     """One MoE layer of a checkpoint on @dev: router (float32), experts (bf16)."""
+
+    def matrix(self, ck, name, dev):
+        """Weight @name on @dev as bf16; an F8_E4M3 one with its
+        weight_scale_inv dequantized."""
+        t = ck.get(name)
+        if FP8 is not None and t.dtype == FP8:
+            sname = name + "_scale_inv"
+            if not ck.has(sname):
+                die(f"{ck.path}: {name} is F8_E4M3 but {sname} is missing")
+            self.formats.add("fp8")
+            return dequant_fp8(t.to(dev), ck.get(sname).to(dev), self.block)
+        if t.dtype == torch.uint8:
+            die(f"{ck.path}: {name} is F8_E4M3 and torch {torch.__version__} has no float8_e4m3fn")
+        self.formats.add({torch.bfloat16: "bf16", torch.float16: "f16"}.get(t.dtype, "f32"))
+        return t.to(dev, torch.bfloat16)
 
     def __init__(self, ck, dev):
         c = ck.config
         self.arch = c["model_type"]
         self.H = c["hidden_size"]
-        self.k = c["num_experts_per_tok"]
+        self.formats = set()
+        q = c.get("quantization_config") or {}
+        self.block = tuple(q.get("weight_block_size") or (128, 128))
+        # GptOssConfig: num_experts_per_tok, 4 by default (the release also
+        # writes experts_per_token)
+        self.k = c.get("num_experts_per_tok", c.get("experts_per_token", 4 if self.arch == "gpt_oss" else None))
+        if self.k is None:
+            die(f"{ck.path}: no num_experts_per_tok")
         self.act = ACTS.get(c.get("hidden_act", "silu"))
         if self.act is None:
             die(f"{ck.path}: hidden_act {c.get('hidden_act')} is not supported here")
@@ -157,7 +213,16 @@ class Layer:
         self.n_group = c.get("n_group", 1) or 1
         self.topk_group = c.get("topk_group", 1) or 1
         self.topk_method = c.get("topk_method", "greedy")
-        if self.arch == "mixtral":
+        router = "gate"
+        if self.arch == "gpt_oss":
+            # GptOssConfig's defaults; hidden_act is not what its experts apply
+            self.E = c.get("num_local_experts", 128)
+            self.I = c.get("intermediate_size", 2880)
+            self.limit = c.get("swiglu_limit", 7.0)
+            self.alpha = c.get("swiglu_alpha", 1.702)
+            self.norm, self.scale = True, 1.0
+            pre, names, router = "mlp", None, "router"
+        elif self.arch == "mixtral":
             self.E, self.I = c["num_local_experts"], c["intermediate_size"]
             pre, names = "block_sparse_moe", ("w1", "w3", "w2")
         elif self.arch in ("qwen2_moe", "qwen3_moe", "olmoe"):
@@ -178,49 +243,104 @@ class Layer:
         # the first MoE layer: the lowest L with a router (what moectl pack
         # stores first, and bench_gpu times)
         L = next((L for L in range(c["num_hidden_layers"])
-                  if ck.has(f"model.layers.{L}.{pre}.gate.weight")), None)
+                  if ck.has(f"model.layers.{L}.{pre}.{router}.weight")), None)
         if L is None:
             die(f"{ck.path}: no MoE layer found")
         self.layer = L
         p = f"model.layers.{L}.{pre}"
-        if ck.has(f"{p}.experts.gate_up_proj") or ck.has(f"{p}.experts.up_proj"):
+        if self.arch != "gpt_oss" and (ck.has(f"{p}.experts.gate_up_proj") or ck.has(f"{p}.experts.up_proj")):
             die(f"{ck.path}: fused (transformers v5) experts are not supported here")
         E, H, I = self.E, self.H, self.I
         bf = torch.bfloat16
-        self.router = ck.get(f"{p}.gate.weight").to(dev, torch.float32)
+        self.router = ck.get(f"{p}.{router}.weight").to(dev, torch.float32)
         self.bias = None
         if self.arch in ("deepseek_v3", "glm4_moe"):
             self.bias = ck.get(f"{p}.gate.e_score_correction_bias").to(dev, torch.float32)
-        self.gated = ck.has(f"{p}.experts.0.{names[0]}.weight")
+        if self.arch == "gpt_oss":
+            self.bias = ck.get(f"{p}.router.bias").to(dev, torch.float32)
+        # expert biases [E, 2I] (gate, then up) and [E, H]: gpt_oss only
+        self.b13 = self.b2 = None
         # stacked as the batched code wants them; the loop uses views of the
         # same storage (one copy of the weights on the device)
-        rows = 2 * I if self.gated else I
-        self.w13 = torch.empty(E, rows, H, dtype=bf, device=dev)
-        self.w2 = torch.empty(E, H, I, dtype=bf, device=dev)
-        for j in range(E):
-            if self.gated:
-                self.w13[j, :I] = ck.get(f"{p}.experts.{j}.{names[0]}.weight").to(dev, bf)
-                self.w13[j, I:] = ck.get(f"{p}.experts.{j}.{names[1]}.weight").to(dev, bf)
-            else:
-                self.w13[j] = ck.get(f"{p}.experts.{j}.{names[1]}.weight").to(dev, bf)
-            self.w2[j] = ck.get(f"{p}.experts.{j}.{names[2]}.weight").to(dev, bf)
-        # shared expert(s)
+        if self.arch == "gpt_oss":
+            self.gated = True
+            self.load_gpt_oss(ck, p, dev)
+        else:
+            self.gated = ck.has(f"{p}.experts.0.{names[0]}.weight")
+            rows = 2 * I if self.gated else I
+            self.w13 = torch.empty(E, rows, H, dtype=bf, device=dev)
+            self.w2 = torch.empty(E, H, I, dtype=bf, device=dev)
+            for j in range(E):
+                if self.gated:
+                    self.w13[j, :I] = self.matrix(ck, f"{p}.experts.{j}.{names[0]}.weight", dev)
+                    self.w13[j, I:] = self.matrix(ck, f"{p}.experts.{j}.{names[1]}.weight", dev)
+                else:
+                    self.w13[j] = self.matrix(ck, f"{p}.experts.{j}.{names[1]}.weight", dev)
+                self.w2[j] = self.matrix(ck, f"{p}.experts.{j}.{names[2]}.weight", dev)
+        # shared expert(s), in their own dtype (FP8 or not, as the release
+        # quantized them)
         self.shared = None
         self.shared_gate = None
         sp = {"qwen2_moe": f"{p}.shared_expert", "deepseek_v2": f"{p}.shared_experts",
               "deepseek_v3": f"{p}.shared_experts", "glm4_moe": f"{p}.shared_experts"}.get(self.arch)
         if sp and ck.has(f"{sp}.down_proj.weight"):
-            g = ck.get(f"{sp}.gate_proj.weight").to(dev, bf) if ck.has(f"{sp}.gate_proj.weight") else None
-            self.shared = (g, ck.get(f"{sp}.up_proj.weight").to(dev, bf),
-                           ck.get(f"{sp}.down_proj.weight").to(dev, bf))
+            g = self.matrix(ck, f"{sp}.gate_proj.weight", dev) if ck.has(f"{sp}.gate_proj.weight") else None
+            self.shared = (g, self.matrix(ck, f"{sp}.up_proj.weight", dev),
+                           self.matrix(ck, f"{sp}.down_proj.weight", dev))
             if self.arch == "qwen2_moe":
                 self.shared_gate = ck.get(f"{p}.shared_expert_gate.weight").to(dev, torch.float32)
         self.expert_bytes = (self.w13[0].numel() + self.w2[0].numel()) * 2
+
+    def load_gpt_oss(self, ck, p, dev):
+        """GptOssExperts' weights as moed stores them: gate [I][H] and up
+        [I][H] from the interleaved columns (gate even, up odd) of the
+        input-major gate_up_proj [E, H, 2I], down [H][I] from down_proj
+        [E, I, H]; the MXFP4 release holds them output-major as *_blocks
+        and *_scales ([E, 2I, H/32, 16] and [E, H, I/32, 16])."""
+        E, H, I = self.E, self.H, self.I
+        bf = torch.bfloat16
+        self.w13 = torch.empty(E, 2 * I, H, dtype=bf, device=dev)
+        self.w2 = torch.empty(E, H, I, dtype=bf, device=dev)
+        x = f"{p}.experts"
+        if ck.has(f"{x}.gate_up_proj_blocks"):
+            self.formats.add("mxfp4")
+            gub, gus = ck.get(f"{x}.gate_up_proj_blocks"), ck.get(f"{x}.gate_up_proj_scales")
+            dnb, dns = ck.get(f"{x}.down_proj_blocks"), ck.get(f"{x}.down_proj_scales")
+            for j in range(E):      # one expert at a time: bounded float32 temporaries
+                gu = dequant_mxfp4(gub[j].to(dev), gus[j].to(dev))    # [2I, H]
+                self.w13[j, :I] = gu[0::2]
+                self.w13[j, I:] = gu[1::2]
+                self.w2[j] = dequant_mxfp4(dnb[j].to(dev), dns[j].to(dev))  # [H, I]
+        else:
+            gu_all = ck.get(f"{x}.gate_up_proj")
+            dn_all = ck.get(f"{x}.down_proj")
+            self.formats.add({torch.bfloat16: "bf16", torch.float16: "f16"}.get(gu_all.dtype, "f32"))
+            for j in range(E):
+                gu = gu_all[j].to(dev, bf)                 # [H, 2I]
+                self.w13[j, :I] = gu[:, 0::2].t()
+                self.w13[j, I:] = gu[:, 1::2].t()
+                self.w2[j] = dn_all[j].to(dev, bf).t()     # [I, H] -> [H, I]
+        b = ck.get(f"{x}.gate_up_proj_bias").to(dev, bf)   # [E, 2I] interleaved
+        self.b13 = torch.cat((b[:, 0::2], b[:, 1::2]), dim=1).contiguous()
+        self.b2 = ck.get(f"{x}.down_proj_bias").to(dev, bf)
+
+    def glu(self, g, u):
+        """The gated activation of the expert: act(gate) * up, or gpt_oss's
+        clamped SwiGLU (GptOssExperts)."""
+        if self.arch != "gpt_oss":
+            return self.act(g) * u
+        g = g.clamp(max=self.limit)
+        u = u.clamp(min=-self.limit, max=self.limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.alpha))
 
     # --- routing (ARCHITECTURE.md 4.1) -------------------------------------
     def route(self, x):
         s = x.float() @ self.router.t()
         n, E, k = s.shape[0], self.E, self.k
+        if self.arch == "gpt_oss":
+            # GptOssTopKRouter: top-k of the biased logits, softmax of those k
+            v, ids = (s + self.bias).topk(k, dim=-1)
+            return ids, v.softmax(-1)
         if self.arch in ("deepseek_v3", "glm4_moe"):
             p = s.sigmoid()
             b = p + self.bias
@@ -272,11 +392,13 @@ class Layer:
         for e in hit:
             idx, top_x = torch.where(mask[e])
             cur = x[top_x]
+            b13 = self.b13[e] if self.b13 is not None else None
             if self.gated:
-                h = self.act(F.linear(cur, self.w13[e, :I])) * F.linear(cur, self.w13[e, I:])
+                h = self.glu(F.linear(cur, self.w13[e, :I], None if b13 is None else b13[:I]),
+                             F.linear(cur, self.w13[e, I:], None if b13 is None else b13[I:]))
             else:
                 h = self.act(F.linear(cur, self.w13[e]))
-            y = F.linear(h, self.w2[e]) * w[top_x, idx, None]
+            y = F.linear(h, self.w2[e], None if self.b2 is None else self.b2[e]) * w[top_x, idx, None]
             out.index_add_(0, top_x, y.to(x.dtype))
         if self.shared is not None:
             out = out + self.shared_out(x)
@@ -294,8 +416,12 @@ class Layer:
         if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs)
-            a = self.act(h[:, :I]) * h[:, I:] if self.gated else self.act(h)
+            if self.b13 is not None:
+                h = h + self.b13[srt]
+            a = self.glu(h[:, :I], h[:, I:]) if self.gated else self.act(h)
             y = torch._grouped_mm(a, self.w2.transpose(1, 2), offs=offs)
+            if self.b2 is not None:
+                y = y + self.b2[srt]
         else:
             maxc = int(counts.max())
             starts = counts.cumsum(0) - counts
@@ -303,8 +429,13 @@ class Layer:
             buf = torch.zeros((self.E, maxc, H), dtype=x.dtype, device=x.device)
             buf[srt, pos] = xs
             h = torch.bmm(buf, self.w13.transpose(1, 2))
-            a = self.act(h[..., :I]) * h[..., I:] if self.gated else self.act(h)
-            y = torch.bmm(a, self.w2.transpose(1, 2))[srt, pos]
+            if self.b13 is not None:
+                h = h + self.b13[:, None, :]
+            a = self.glu(h[..., :I], h[..., I:]) if self.gated else self.act(h)
+            y = torch.bmm(a, self.w2.transpose(1, 2))
+            if self.b2 is not None:
+                y = y + self.b2[:, None, :]
+            y = y[srt, pos]
         y = y * w.reshape(-1)[order, None].to(y.dtype)
         back = torch.empty_like(y)
         back[order] = y
@@ -395,8 +526,12 @@ def bench_model(label, path, dev, args, batches):
     load_s = time.time() - t0
     impl, note = choose_impl(layer, dev, args.impl)
     lines = [f"# batched: {note}"]
+    stored = "+".join(sorted(layer.formats))
+    lines.append(f"# {label}: weights {stored} in the checkpoint, bf16 in PyTorch"
+                 f"{' (dequantized at load)' if layer.formats - {'bf16'} else ''}")
     print(f"\n{label} ({layer.arch}), layer {layer.layer}: hidden {layer.H}, {layer.E} experts of "
-          f"{layer.I} ({layer.expert_bytes / 1e6:.1f} MB each, bf16), top-{layer.k}"
+          f"{layer.I} ({layer.expert_bytes / 1e6:.1f} MB each in bf16; checkpoint {stored}"
+          f"{', dequantized at load' if layer.formats - {'bf16'} else ''}), top-{layer.k}"
           f"{', shared expert' if layer.shared is not None else ''}; read with the {ck.reader} "
           f"in {load_s:.1f} s")
     print(f"  batched: {note}")
