@@ -12,12 +12,15 @@
  * olmoe; deepseek_v2 greedy with scaling and group_limited_greedy;
  * deepseek_v3 with correction bias, groups, scaling and shared experts, up
  * to 256 experts, and with dropped groups masked; glm4_moe with GLM-4.5-Air's
- * routing, top-1 normalised, groups; gpt_oss with its biases and clamped
- * SwiGLU, which the CUDA backend must refuse at open, naming it, while the
- * logic below runs them with MOE_GPU_TEST_BACKEND=cpu), bfloat16, float32 and
- * float16 weights, SwiGLU, GELU-gated and plain ReLU experts, hidden sizes
- * that are not multiples of 16, and batches of 1024, 300, 64, 8, 3 and 1
- * tokens (each the first tokens of the same 1024):
+ * routing, top-1 normalised, groups; gpt_oss with its router bias, expert
+ * biases and clamped SwiGLU, inputs past the clamp), bfloat16, float32,
+ * float16 and FP8 block-scaled weights (DeepSeek-V3's 128 x 128 blocks,
+ * partial blocks, shared experts in FP8), SwiGLU, GELU-gated and plain ReLU
+ * experts, hidden sizes that are not multiples of 16, and batches of 1024,
+ * 300, 64, 8, 3 and 1 tokens (each the first tokens of the same 1024).  A
+ * case with cuda_refuses is a model the CUDA backend must refuse at open,
+ * saying it has no kernels for its dtype, while the logic below runs it
+ * with MOE_GPU_TEST_BACKEND=cpu:
  *   - per token, the CUDA output is within a relative L2 error of 1e-3 of
  *     the CPU backend's, with the same experts in the same slots and
  *     weights within 1e-5 relative; a token whose selection is within 1e-6
@@ -143,9 +146,19 @@ static const struct gcase cases[] = {
 	{ "groups, unnormalised, two shared", MOE_ARCH_GLM4_MOE, MOE_DTYPE_F16, .H = 96, .I = 32,
 	  .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 2, .norm = 0, .rsf = 2.5f },
 	{ "gpt-oss-20b routing, inputs past the clamp", MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, .H = 96,
-	  .I = 40, .E = 32, .k = 4, .norm = -1, .x_scale = 8.0f, .cuda_refuses = true, .quick = true },
+	  .I = 40, .E = 32, .k = 4, .norm = -1, .x_scale = 8.0f, .quick = true },
 	{ "gpt-oss-120b routing, 128 experts", MOE_ARCH_GPT_OSS, MOE_DTYPE_F32, .H = 66, .I = 26,
-	  .E = 128, .k = 4, .norm = -1, .x_scale = 4.0f, .cuda_refuses = true },
+	  .E = 128, .k = 4, .norm = -1, .x_scale = 4.0f },
+	{ "gpt-oss, vector loads, cuBLAS at 1024 tokens", MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, .H = 128,
+	  .I = 64, .E = 8, .k = 2, .norm = -1, .x_scale = 8.0f },
+	/* FP8: gen-model --quant fp8, every MLP matrix quantized as DeepSeek-V3 is released */
+	{ "partial 128 x 128 blocks, scalar loads", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128, .H = 200,
+	  .I = 72, .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 1, .norm = 1, .rsf = 2.5f,
+	  .quick = true },
+	{ "vector loads, partial row blocks, cuBLAS at 1024 tokens", MOE_ARCH_QWEN3_MOE,
+	  MOE_DTYPE_FP8_E4M3_B128, .H = 256, .I = 144, .E = 16, .k = 4, .norm = 1, .quick = true },
+	{ "FP8 shared expert, GLM-4.5-Air routing", MOE_ARCH_GLM4_MOE, MOE_DTYPE_FP8_E4M3_B128, .H = 128,
+	  .I = 48, .E = 32, .k = 4, .n_shared = 1, .norm = -1 },
 };
 
 static bool quick;
@@ -291,7 +304,9 @@ static int run_open(struct run *r, const struct gcase *c)
 	snprintf(r->hf, sizeof(r->hf), "%s/hf", r->dir);
 	snprintf(r->store, sizeof(r->store), "%s/model.moe", r->dir);
 
-	moe_test_gen_small(c->arch, c->dtype, &opt);
+	/* FP8: a bf16 checkpoint whose MLP matrices gen-model quantizes */
+	moe_test_gen_small(c->arch, moe_dtype_is_blocked(c->dtype) ? MOE_DTYPE_BF16 : c->dtype, &opt);
+	opt.quant_fp8 = moe_dtype_is_blocked(c->dtype);
 	opt.seed = case_seed(c);
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -357,7 +372,7 @@ static int run_open(struct run *r, const struct gcase *c)
 			fail(r, "the CUDA backend opened a model it cannot compute");
 			return -1;
 		}
-		if (!strstr(err.msg, "does not compute gpt_oss")) {
+		if (!strstr(err.msg, "has no kernels for")) {
 			fail(r, "the CUDA backend refused with \"%s\", not the reason", err.msg);
 			return -1;
 		}
