@@ -15,7 +15,8 @@
  * routing, top-1 normalised, groups; gpt_oss with its router bias, expert
  * biases and clamped SwiGLU, inputs past the clamp), bfloat16, float32,
  * float16 and FP8 block-scaled weights (DeepSeek-V3's 128 x 128 blocks,
- * partial blocks, shared experts in FP8), SwiGLU, GELU-gated and plain ReLU
+ * partial blocks, shared experts in FP8, and a release that quantized only
+ * the routed experts or only the shared ones), SwiGLU, GELU-gated and plain ReLU
  * experts, hidden sizes that are not multiples of 16, and batches of 1024,
  * 300, 64, 8, 3 and 1 tokens (each the first tokens of the same 1024).  A
  * case with cuda_refuses is a model the CUDA backend must refuse at open,
@@ -104,6 +105,10 @@ struct gcase {
 	uint32_t ids_below;          /* nonzero: every chosen expert must be below this */
 	float x_scale;               /* inputs uniform in [-x_scale, x_scale); 0: 1 */
 	bool cuda_refuses;           /* the CUDA backend refuses the model at open */
+	/* FP8 only: the shared expert's (MIX_SHARED_BF16) or the routed experts'
+	 * (MIX_ROUTED_BF16) matrices taken from a bf16 twin of the checkpoint,
+	 * as a release that quantized one kind of expert only */
+	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
 };
 
 static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
@@ -159,6 +164,12 @@ static const struct gcase cases[] = {
 	  MOE_DTYPE_FP8_E4M3_B128, .H = 256, .I = 144, .E = 16, .k = 4, .norm = 1, .quick = true },
 	{ "FP8 shared expert, GLM-4.5-Air routing", MOE_ARCH_GLM4_MOE, MOE_DTYPE_FP8_E4M3_B128, .H = 128,
 	  .I = 48, .E = 32, .k = 4, .n_shared = 1, .norm = -1 },
+	{ "FP8 routed experts, bf16 shared expert", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128,
+	  .H = 256, .I = 144, .E = 16, .k = 4, .n_shared = 1, .norm = 1, .rsf = 2.5f,
+	  .mix = MIX_SHARED_BF16, .quick = true },
+	{ "bf16 routed experts, FP8 shared expert, H = 200", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128,
+	  .H = 200, .I = 64, .E = 16, .k = 4, .n_shared = 2, .norm = 1, .rsf = 2.5f,
+	  .mix = MIX_ROUTED_BF16 },
 };
 
 static bool quick;
@@ -272,6 +283,83 @@ static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size
 	moe_test_plant_negative_bias(dir, layer, why, why_len);
 }
 
+/*
+ * The FP8 checkpoint in @dir with the shared experts' (MIX_SHARED_BF16) or
+ * the routed experts' (MIX_ROUTED_BF16) matrices taken from the bf16
+ * checkpoint of the same options in @bf16_dir, their scales dropped.  A
+ * reason in @why on failure.
+ */
+static void mix_checkpoint(const char *dir, const char *bf16_dir, int mix, char *why, size_t why_len)
+{
+	const char *which = mix == MIX_SHARED_BF16 ? ".mlp.shared_experts." : ".mlp.experts.";
+	struct moe_st_checkpoint *q = NULL, *h = NULL;
+	struct moe_st_writer *w = NULL;
+	struct moe_err err = { 0 };
+	char path[4096], tmp[4096];
+	const struct moe_st_tensor **src = NULL;
+	size_t n = 0;
+	void *buf = NULL;
+
+	if (moe_st_checkpoint_open(dir, &q, &err) < 0 || moe_st_checkpoint_open(bf16_dir, &h, &err) < 0)
+		goto fail;
+	src = calloc(q->n_tensors, sizeof(*src));
+	if (!src) {
+		snprintf(why, why_len, "out of memory");
+		goto out;
+	}
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	snprintf(tmp, sizeof(tmp), "%s/model.safetensors.mix", dir);
+	if (moe_st_writer_new(tmp, &w, &err) < 0)
+		goto fail;
+	for (size_t i = 0; i < q->n_tensors; i++) {
+		const struct moe_st_tensor *t = &q->tensors[i];
+		bool swap = strstr(t->name, which) != NULL;
+
+		if (swap && strstr(t->name, "_scale_inv"))
+			continue;
+		if (swap && !(t = moe_st_find(h, t->name))) {
+			snprintf(why, why_len, "mix: %s is not in the bf16 checkpoint", q->tensors[i].name);
+			goto out;
+		}
+		if (moe_st_writer_declare(w, t->name, !strcmp(t->st_dtype, "F8_E4M3") ? MOE_DTYPE_FP8_E4M3_B128
+										     : (enum moe_dtype)t->dtype,
+					  t->ndim, t->shape, &err) < 0)
+			goto fail;
+		src[n++] = t;
+	}
+	if (moe_st_writer_begin(w, &err) < 0)
+		goto fail;
+	for (size_t i = 0; i < n; i++) {
+		bool from_h = strstr(src[i]->name, which) != NULL;
+
+		free(buf);
+		if (!(buf = malloc(src[i]->nbytes ? src[i]->nbytes : 1))) {
+			snprintf(why, why_len, "out of memory");
+			goto out;
+		}
+		if (moe_st_read(from_h ? h : q, src[i], 0, buf, src[i]->nbytes, &err) < 0 ||
+		    moe_st_writer_write(w, buf, src[i]->nbytes, &err) < 0)
+			goto fail;
+	}
+	if (moe_st_writer_finish(w, &err) < 0) {
+		w = NULL;
+		goto fail;
+	}
+	w = NULL;
+	if (rename(tmp, path) < 0)
+		snprintf(why, why_len, "mix: rename %s: %s", tmp, strerror(errno));
+	goto out;
+fail:
+	snprintf(why, why_len, "mix: %s", err.msg);
+out:
+	if (w)
+		moe_st_writer_abort(w);
+	free(buf);
+	free(src);
+	moe_st_checkpoint_close(q);
+	moe_st_checkpoint_close(h);
+}
+
 static uint64_t case_seed(const struct gcase *c)
 {
 	return 0x69700000u + (uint64_t)c->arch * 131 + (uint64_t)c->dtype * 17 + c->H + c->E;
@@ -333,6 +421,23 @@ static int run_open(struct run *r, const struct gcase *c)
 		fail(r, "gen-model failed: %d %s", rc, err.msg);
 		return -1;
 	}
+	if (c->mix) {
+		char twin[4096];
+
+		/* the same options and seed without quantization: the same weights in bf16 */
+		snprintf(twin, sizeof(twin), "%s/hf-bf16", r->dir);
+		opt.quant_fp8 = false;
+		rc = moe_gen_model(&opt, twin, NULL, NULL, &err);
+		if (rc < 0) {
+			fail(r, "gen-model (bf16 twin) failed: %d %s", rc, err.msg);
+			return -1;
+		}
+		mix_checkpoint(r->hf, twin, c->mix, why, sizeof(why));
+		if (why[0]) {
+			fail(r, "%s", why);
+			return -1;
+		}
+	}
 	if (c->patch) {
 		c->patch(r->hf, LAYER, why, sizeof(why));
 		if (why[0]) {
@@ -364,6 +469,18 @@ static int run_open(struct run *r, const struct gcase *c)
 	if (rc < 0) {
 		fail(r, "CPU engine open failed: %d %s", rc, err.msg);
 		return -1;
+	}
+	{
+		/* the store holds the dtypes asked for (else the case tests nothing) */
+		const struct moe_model_config *mc = moe_engine_config(r->cpu);
+		enum moe_dtype wr = c->mix == MIX_ROUTED_BF16 ? MOE_DTYPE_BF16 : c->dtype;
+		enum moe_dtype ws = c->mix == MIX_SHARED_BF16 ? MOE_DTYPE_BF16 : c->dtype;
+
+		if (mc->weight_dtype != wr || (c->n_shared && mc->shared_dtype != ws)) {
+			fail(r, "the store's experts are %s, shared %s: not the dtypes asked for",
+			     moe_dtype_name(mc->weight_dtype), moe_dtype_name(mc->shared_dtype));
+			return -1;
+		}
 	}
 	eo.backend = dev_name;
 	rc = moe_engine_open(r->store, &eo, &r->dev, &err);
