@@ -286,6 +286,50 @@ __device__ __forceinline__ void moe_row_dot(const R &row, uint32_t len, bool vec
 	}
 }
 
+// moe_row_dot for two rows of the same length at once (gate and up): each
+// chunk of x is loaded once for both, which halves phase A's reads of x
+// (for FP8, 64 bytes of x per token against 16 of weights).  Each row's
+// sum is in moe_row_dot's order, so the bits are the same.
+template <typename R>
+__device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t len, bool vec,
+					     const float *const *xs, uint32_t nt, uint32_t lane, float *acc_a,
+					     float *acc_b)
+{
+	if (vec) {
+		size_t nch = len / R::N;
+		// two rows a chunk: as many 16-byte loads in flight as moe_row_dot's 4
+#pragma unroll 2
+		for (size_t c = lane; c < nch; c += 32) {
+			float wa[R::N], wb[R::N];
+			ra.load(c, wa);
+			rb.load(c, wb);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float xv[R::N];
+					moe_load_x<R::N>(xs[t], c, xv);
+#pragma unroll
+					for (int i = 0; i < R::N; i++) {
+						acc_a[t] = fmaf(wa[i], xv[i], acc_a[t]);
+						acc_b[t] = fmaf(wb[i], xv[i], acc_b[t]);
+					}
+				}
+			}
+		}
+	} else {
+		for (size_t i = lane; i < len; i += 32) {
+			float a = ra.one(i), b = rb.one(i);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++)
+				if (t < nt) {
+					float xv = xs[t][i];
+					acc_a[t] = fmaf(a, xv, acc_a[t]);
+					acc_b[t] = fmaf(b, xv, acc_b[t]);
+				}
+		}
+	}
+}
+
 // Phase A: for each row r of the block's rows and each entry e of the item,
 // h[e][r] = glu(gate_r . x[tok e] + bg[r], up_r . x[tok e] + bu[r])
 // (gated; act(g) * u but for gpt_oss's clamped SwiGLU, moe_act_glu), or
@@ -319,8 +363,9 @@ k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint
 				au[t] = 0.0f;
 			}
 			if (gated)
-				moe_row_dot(gr, H, it.vec_a, xs, nt, lane, ag);
-			moe_row_dot(ur, H, it.vec_a, xs, nt, lane, au);
+				moe_row_dot2(gr, ur, H, it.vec_a, xs, nt, lane, ag, au);
+			else
+				moe_row_dot(ur, H, it.vec_a, xs, nt, lane, au);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
