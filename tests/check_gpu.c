@@ -283,83 +283,6 @@ static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size
 	moe_test_plant_negative_bias(dir, layer, why, why_len);
 }
 
-/*
- * The FP8 checkpoint in @dir with the shared experts' (MIX_SHARED_BF16) or
- * the routed experts' (MIX_ROUTED_BF16) matrices taken from the bf16
- * checkpoint of the same options in @bf16_dir, their scales dropped.  A
- * reason in @why on failure.
- */
-static void mix_checkpoint(const char *dir, const char *bf16_dir, int mix, char *why, size_t why_len)
-{
-	const char *which = mix == MIX_SHARED_BF16 ? ".mlp.shared_experts." : ".mlp.experts.";
-	struct moe_st_checkpoint *q = NULL, *h = NULL;
-	struct moe_st_writer *w = NULL;
-	struct moe_err err = { 0 };
-	char path[4096], tmp[4096];
-	const struct moe_st_tensor **src = NULL;
-	size_t n = 0;
-	void *buf = NULL;
-
-	if (moe_st_checkpoint_open(dir, &q, &err) < 0 || moe_st_checkpoint_open(bf16_dir, &h, &err) < 0)
-		goto fail;
-	src = calloc(q->n_tensors, sizeof(*src));
-	if (!src) {
-		snprintf(why, why_len, "out of memory");
-		goto out;
-	}
-	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-	snprintf(tmp, sizeof(tmp), "%s/model.safetensors.mix", dir);
-	if (moe_st_writer_new(tmp, &w, &err) < 0)
-		goto fail;
-	for (size_t i = 0; i < q->n_tensors; i++) {
-		const struct moe_st_tensor *t = &q->tensors[i];
-		bool swap = strstr(t->name, which) != NULL;
-
-		if (swap && strstr(t->name, "_scale_inv"))
-			continue;
-		if (swap && !(t = moe_st_find(h, t->name))) {
-			snprintf(why, why_len, "mix: %s is not in the bf16 checkpoint", q->tensors[i].name);
-			goto out;
-		}
-		if (moe_st_writer_declare(w, t->name, !strcmp(t->st_dtype, "F8_E4M3") ? MOE_DTYPE_FP8_E4M3_B128
-										     : (enum moe_dtype)t->dtype,
-					  t->ndim, t->shape, &err) < 0)
-			goto fail;
-		src[n++] = t;
-	}
-	if (moe_st_writer_begin(w, &err) < 0)
-		goto fail;
-	for (size_t i = 0; i < n; i++) {
-		bool from_h = strstr(src[i]->name, which) != NULL;
-
-		free(buf);
-		if (!(buf = malloc(src[i]->nbytes ? src[i]->nbytes : 1))) {
-			snprintf(why, why_len, "out of memory");
-			goto out;
-		}
-		if (moe_st_read(from_h ? h : q, src[i], 0, buf, src[i]->nbytes, &err) < 0 ||
-		    moe_st_writer_write(w, buf, src[i]->nbytes, &err) < 0)
-			goto fail;
-	}
-	if (moe_st_writer_finish(w, &err) < 0) {
-		w = NULL;
-		goto fail;
-	}
-	w = NULL;
-	if (rename(tmp, path) < 0)
-		snprintf(why, why_len, "mix: rename %s: %s", tmp, strerror(errno));
-	goto out;
-fail:
-	snprintf(why, why_len, "mix: %s", err.msg);
-out:
-	if (w)
-		moe_st_writer_abort(w);
-	free(buf);
-	free(src);
-	moe_st_checkpoint_close(q);
-	moe_st_checkpoint_close(h);
-}
-
 static uint64_t case_seed(const struct gcase *c)
 {
 	return 0x69700000u + (uint64_t)c->arch * 131 + (uint64_t)c->dtype * 17 + c->H + c->E;
@@ -432,8 +355,7 @@ static int run_open(struct run *r, const struct gcase *c)
 			fail(r, "gen-model (bf16 twin) failed: %d %s", rc, err.msg);
 			return -1;
 		}
-		mix_checkpoint(r->hf, twin, c->mix, why, sizeof(why));
-		if (why[0]) {
+		if (moe_test_mix_checkpoint(r->hf, twin, c->mix == MIX_SHARED_BF16, why, sizeof(why)) < 0) {
 			fail(r, "%s", why);
 			return -1;
 		}
