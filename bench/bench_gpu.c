@@ -40,6 +40,13 @@
  *              bytes at copy speed take longer than its flops at cuBLAS
  *              speed, compute-bound otherwise (the roofline), and is held
  *              to the target of that bound;
+ *   dtypes     at the end, each store whose experts are not bf16 (FP8, say)
+ *              against the bf16 store of the same shape (architecture,
+ *              hidden size, expert size, experts, top-k) if one was timed
+ *              too: tokens/s at each batch size and the speed-up; at 1
+ *              token held to the target of its bytes (fp8 >= 1.7x, half
+ *              the bytes of bf16).  The rows above already hold each store
+ *              to the roofline of the bytes its format reads;
  *   PyTorch    with -t, the file bench/torch_moe.py wrote (same device, same
  *              weights, same batch sizes): its per-expert loop and batched
  *              times, and moed's speed-up over each (the target); and, for
@@ -98,6 +105,8 @@
 #define DECODE_MIN_BYTES 300e6 /* ... once the touched weights exceed this */
 #define TARGET_PREFILL 0.65    /* of cuBLAS dense, compute-bound rows */
 #define TARGET_H2D 0.85        /* of page-locked cudaMemcpy, host to device */
+#define TARGET_FP8_SPEEDUP 1.7 /* fp8 over bf16 tokens/s at 1 token (half the bytes) */
+#define MAX_STORES 16
 
 #define GEMM_N 8192            /* the cuBLAS anchor's square size */
 #define COPY_BYTES (1ull << 30) /* the device-to-device anchor's buffer */
@@ -440,6 +449,14 @@ static void tally_add(struct tally *t, bool ok, const char *fmt, ...)
 		snprintf(t->misses + o, sizeof(t->misses) - o, "\n");
 }
 
+/* One store's layer times, for the dtype comparison at the end. */
+struct store_result {
+	char name[64];
+	struct moe_model_config cfg;
+	double tps[MAX_BATCHES];   /* tokens/s of ro->batches[i]; 0: not measured */
+	bool done;
+};
+
 struct run_opts {
 	const char *backend;       /* engine backend: "cuda" (-B for a dry run) */
 	const uint32_t *batches;
@@ -623,7 +640,7 @@ out:
 }
 
 static int run_store(const char *name, const char *path, const struct run_opts *ro,
-		     const struct anchors *an, struct tally *tally)
+		     const struct anchors *an, struct tally *tally, struct store_result *res)
 {
 	struct moe_err err = { 0 };
 	struct moe_engine *e;
@@ -653,6 +670,8 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 	uint8_t *seen = xmalloc(E);
 	uint64_t seed = 42;
 
+	snprintf(res->name, sizeof(res->name), "%s", name);
+	res->cfg = *c;
 	printf("\n%s (%s), layer %" PRIu32 ": hidden %" PRIu32 ", %" PRIu32 " experts of %" PRIu32
 	       " (%s, %.1f MB each), top-%" PRIu32 "%s\n", name, moe_arch_name(c->arch), layer, H, E, Im,
 	       moe_dtype_name(c->weight_dtype), (double)ebytes / 1e6, k,
@@ -743,6 +762,7 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 		}
 		uint64_t miss = device_misses(e) - miss0;
 		double t = median(times, reps), bw = median(bws, reps), fr = median(frs, reps);
+		res->tps[bi] = n / t;
 		double u = median(uniq, reps), bytes = u * (double)ebytes + (double)sbytes;
 		bool membound = bytes / an->copy_bw >= flops / an->gemm_flops;
 		double rb = bw / an->copy_bw, rf = fr / an->gemm_flops;
@@ -776,7 +796,9 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 			snprintf(vs, sizeof(vs), ">1 %s", ok ? "ok" : "MISS");
 			tally_add(tally, ok, "%s, %" PRIu32 " tokens: %.2fx the loop, %.2fx the batched PyTorch (> 1)",
 				  name, n, sl, sb);
-		} else if (ro->torch) {
+		} else if (ro->torch && c->weight_dtype == MOE_DTYPE_BF16) {
+			/* torch_moe.py runs the bf16 checkpoints only: the other
+			 * dtypes are compared with their bf16 store at the end */
 			tally_add(tally, false, "%s, %" PRIu32 " tokens: no PyTorch figure", name, n);
 		}
 		printf("  %6" PRIu32 " %9.1f %7.1f %7.0f %8.0f %6.0f %5.2f %7.1f %6.2f %5s  %-16s %9s %6s %9s %6s %-10s %6s\n",
@@ -790,6 +812,7 @@ static int run_store(const char *name, const char *path, const struct run_opts *
 	}
 	printf("  (layer timing took %.1f s: %d timed forwards, each batch size after %d untimed)\n",
 	       bench_now() - t_layer, total_reps, WARM_REPS);
+	res->done = true;
 	r = 0;
 done:
 	moe_engine_close(e);
@@ -802,6 +825,60 @@ done:
 }
 
 /* ------------------------------------------------------------------------ */
+
+/* The same layer shape, whatever the dtype of its weights. */
+static bool same_shape(const struct moe_model_config *a, const struct moe_model_config *b)
+{
+	return a->arch == b->arch && a->hidden_size == b->hidden_size &&
+	       a->moe_intermediate_size == b->moe_intermediate_size && a->num_experts == b->num_experts &&
+	       a->top_k == b->top_k && a->shared_intermediate_size == b->shared_intermediate_size;
+}
+
+/*
+ * Each store of another expert dtype against the bf16 store of its shape:
+ * tokens/s at each batch size and the speed-up, the one at 1 token held to
+ * the target of its bytes.
+ */
+static void compare_dtypes(const struct store_result *rs, size_t nr, const struct run_opts *ro,
+			   struct tally *tally)
+{
+	bool header = false;
+
+	for (size_t i = 0; i < nr; i++) {
+		const struct store_result *q = &rs[i], *b = NULL;
+
+		if (!q->done || q->cfg.weight_dtype == MOE_DTYPE_BF16)
+			continue;
+		for (size_t j = 0; j < nr && !b; j++)
+			if (rs[j].done && rs[j].cfg.weight_dtype == MOE_DTYPE_BF16 && same_shape(&rs[j].cfg, &q->cfg))
+				b = &rs[j];
+		if (!header) {
+			printf("\nexpert dtypes against bf16 of the same layer shape (tokens/s, median forwards):\n");
+			header = true;
+		}
+		if (!b) {
+			printf("  %s (%s): no bf16 store of its shape was timed\n", q->name,
+			       moe_dtype_name(q->cfg.weight_dtype));
+			continue;
+		}
+		printf("  %s (%s) against %s (bf16)\n  %6s %12s %12s %8s  %s\n", q->name,
+		       moe_dtype_name(q->cfg.weight_dtype), b->name, "tokens", "tok/s", "bf16 tok/s", "speed-up",
+		       "target");
+		for (size_t bi = 0; bi < ro->n_batches; bi++) {
+			uint32_t n = ro->batches[bi];
+			double sp = b->tps[bi] > 0 ? q->tps[bi] / b->tps[bi] : 0;
+			char target[32] = "";
+
+			if (n == 1 && q->cfg.weight_dtype == MOE_DTYPE_FP8_E4M3_B128) {
+				bool ok = sp >= TARGET_FP8_SPEEDUP;
+				snprintf(target, sizeof(target), ">= %.1f %s", TARGET_FP8_SPEEDUP, ok ? "ok" : "MISS");
+				tally_add(tally, ok, "%s: %.2fx the tokens/s of %s (bf16) at 1 token (>= %.1f)", q->name,
+					  sp, b->name, TARGET_FP8_SPEEDUP);
+			}
+			printf("  %6" PRIu32 " %12.0f %12.0f %8.2f  %s\n", n, q->tps[bi], b->tps[bi], sp, target);
+		}
+	}
+}
 
 static long num_arg(char opt, const char *s, long lo, long hi)
 {
@@ -925,13 +1002,17 @@ int main(int argc, char **argv)
 		       torch.batched_impl[0] ? torch.batched_impl : "(not said)");
 
 	int status = 0;
+	struct store_result results[MAX_STORES] = { 0 };
+	size_t nres = 0;
 	for (int i = optind; i < argc; i++) {
 		char name[64];
 		size_t len = strcspn(argv[i], "=");
+		struct store_result scratch, *res = nres < MAX_STORES ? &results[nres++] : &scratch;
 
+		memset(res, 0, sizeof(*res));
 		snprintf(name, sizeof(name), "%.*s", (int)(len < sizeof(name) ? len : sizeof(name) - 1), argv[i]);
 		t0 = bench_now();
-		if (run_store(name, argv[i] + len + 1, &ro, &an, &tally) < 0) {
+		if (run_store(name, argv[i] + len + 1, &ro, &an, &tally, res) < 0) {
 			status = 1;
 			tally.failed++;
 		} else {
@@ -940,6 +1021,7 @@ int main(int argc, char **argv)
 		printf("  (%s took %.1f s)\n", name, bench_now() - t0);
 		fflush(stdout);
 	}
+	compare_dtypes(results, nres, &ro, &tally);
 	printf("\ntargets met: %u, missed: %u%s\n%s", tally.met, tally.missed,
 	       tally.failed ? ", and some measurements FAILED (see above and stderr)" : "", tally.misses);
 	printf("bench_gpu took %.1f s\n", bench_now() - t_all);

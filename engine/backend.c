@@ -147,141 +147,278 @@ static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_b
 /* ------------------------------------------------------------------ self-test */
 
 /*
- * A small layer run through @be and through the CPU backend: every token's
+ * Small layers run through @be and through the CPU backend: every token's
  * experts must agree and its output be within a relative L2 of 1e-3.  A
  * backend that has never been checked on this machine's device (a new GPU,
- * a new driver) proves itself before it serves.  Expert 0 takes every
- * token, so that a large batch reaches the products of many tokens per
- * expert (the CUDA backend's cuBLAS path) as well as the small ones.
- * MOE_BACKEND_SELFTEST_FAULT=1 perturbs @be's output (tests).
+ * a new driver) proves itself before it serves, on every kind of layer it
+ * computes: each dtype it reads (bf16, f32, FP8 with partial 128 x 128
+ * blocks), a shared expert in another dtype than the routed ones (both
+ * ways), shapes that are and are not multiples of 16 (vector and scalar
+ * loads), gpt_oss's biases and clamped SwiGLU past the clamp, and the
+ * routing rules of softmax, sigmoid with correction bias, and gpt_oss.
+ * Expert 0 takes every token, so that a large batch reaches the products
+ * of many tokens per expert (the CUDA backend's cuBLAS path) as well as
+ * the small ones.  MOE_BACKEND_SELFTEST_FAULT=1 perturbs @be's output
+ * (tests).
  */
-#define ST_H 256
-#define ST_I 128
-#define ST_E 8
-#define ST_K 2
 #define ST_TOKENS 200
+
+struct st_case {
+	const char *what;
+	struct moe_model_config cfg;
+	float w_scale;                /* expert weights uniform in +-w_scale */
+};
+
+/*
+ * Largest expert first: a backend may size its device slots on its first
+ * call (the CUDA backend does).  Each case is its own layer number, as the
+ * CUDA backend keeps experts resident by layer and expert.
+ */
+static const struct st_case st_cases[] = {
+	{ "gpt_oss (router and expert biases, clamped SwiGLU past the clamp), bf16",
+	  { .arch = MOE_ARCH_GPT_OSS, .hidden_size = 256, .moe_intermediate_size = 128, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .scoring = MOE_SCORING_SOFTMAX,
+	    .topk_method = MOE_TOPK_GREEDY, .has_bias = true, .gated = true, .has_expert_bias = true,
+	    .act = MOE_ACT_SWIGLU_OAI, .swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
+	    .weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16 }, 1.0f },
+	{ "qwen3_moe, bf16",
+	  { .arch = MOE_ARCH_QWEN3_MOE, .hidden_size = 256, .moe_intermediate_size = 128, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .scoring = MOE_SCORING_SOFTMAX,
+	    .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true, .gated = true, .act = MOE_ACT_SILU,
+	    .routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16 },
+	  0.0625f },
+	{ "gpt_oss, float32, H = 200",
+	  { .arch = MOE_ARCH_GPT_OSS, .hidden_size = 200, .moe_intermediate_size = 60, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .scoring = MOE_SCORING_SOFTMAX,
+	    .topk_method = MOE_TOPK_GREEDY, .has_bias = true, .gated = true, .has_expert_bias = true,
+	    .act = MOE_ACT_SWIGLU_OAI, .swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
+	    .weight_dtype = MOE_DTYPE_F32, .shared_dtype = MOE_DTYPE_F32 }, 1.0f },
+	{ "deepseek_v3, FP8 experts (partial blocks) and a bf16 shared expert",
+	  { .arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 256, .moe_intermediate_size = 144, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .n_shared_experts = 1,
+	    .shared_intermediate_size = 96, .scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC,
+	    .norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
+	    .routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_FP8_E4M3_B128,
+	    .shared_dtype = MOE_DTYPE_BF16 }, 0.0625f },
+	{ "qwen2_moe, bf16 experts and an FP8 shared expert, H = 200, shared I = 72",
+	  { .arch = MOE_ARCH_QWEN2_MOE, .hidden_size = 200, .moe_intermediate_size = 64, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .n_shared_experts = 1,
+	    .shared_intermediate_size = 72, .scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY,
+	    .shared_gate = true, .gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+	    .weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_FP8_E4M3_B128 }, 0.0625f },
+	{ "FP8 experts and FP8 shared expert, H = 200, I = 72 (scalar loads)",
+	  { .arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 200, .moe_intermediate_size = 72, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .n_shared_experts = 1,
+	    .shared_intermediate_size = 72, .scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC,
+	    .norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
+	    .routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_FP8_E4M3_B128,
+	    .shared_dtype = MOE_DTYPE_FP8_E4M3_B128 }, 0.0625f },
+};
 
 static float st_uniform(uint64_t *s, float scale)
 {
 	return scale * (float)((double)(moe_splitmix64(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
 
-int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
+static void *st_zalloc(size_t bytes)
 {
-	const struct moe_model_config cfg = {
-		.arch = MOE_ARCH_QWEN3_MOE, .hidden_size = ST_H, .moe_intermediate_size = ST_I,
-		.num_experts = ST_E, .top_k = ST_K, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
-		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true,
-		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_BF16,
-		.shared_dtype = MOE_DTYPE_BF16,
-	};
-	const size_t eb = 3 * (size_t)ST_H * ST_I * 2;
-	const bool fault = getenv("MOE_BACKEND_SELFTEST_FAULT") && !strcmp(getenv("MOE_BACKEND_SELFTEST_FAULT"), "1");
-	struct moe_backend_options o = { .threads = 1 };
-	struct moe_backend *cpu = NULL;
-	float *router = NULL, *x = NULL, *y0 = NULL, *y1 = NULL, *w0 = NULL, *w1 = NULL;
-	int32_t *i0 = NULL, *i1 = NULL;
-	uint16_t *blobs = NULL;
-	void *packed[ST_E] = { NULL }, *bpacked[ST_E] = { NULL };
-	const void *bp[ST_E], *pp[ST_E];
-	uint64_t seed = 0x5e1f7e57;
-	int r;
+	void *p = NULL;
 
-	r = backend_start(&moe_backend_cpu_ops, NULL, &o, &cpu, err);
-	if (r < 0)
-		return r;
-	router = calloc((size_t)ST_E * ST_H, sizeof(float));
-	x = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
-	y0 = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
-	y1 = malloc((size_t)ST_TOKENS * ST_H * sizeof(float));
-	w0 = malloc((size_t)ST_TOKENS * ST_K * sizeof(float));
-	w1 = malloc((size_t)ST_TOKENS * ST_K * sizeof(float));
-	i0 = malloc((size_t)ST_TOKENS * ST_K * sizeof(int32_t));
-	i1 = malloc((size_t)ST_TOKENS * ST_K * sizeof(int32_t));
-	blobs = malloc(ST_E * eb);
-	if (!router || !x || !y0 || !y1 || !w0 || !w1 || !i0 || !i1 || !blobs) {
-		r = moe_err_set(err, -ENOMEM, "out of memory");
-		goto out;
+	if (posix_memalign(&p, 64, bytes ? bytes : 1))
+		return NULL;
+	memset(p, 0, bytes);
+	return p;
+}
+
+/* An N x K matrix of random weights in the store's layout (moe_matrix_bytes)
+ * at @dst (zeroed), FP8 quantized as gen-model and pack do; @tmp holds N * K
+ * floats. */
+static void st_matrix(enum moe_dtype dt, uint32_t N, uint32_t K, float scale, uint64_t *seed, float *tmp,
+		      uint8_t *dst)
+{
+	for (size_t i = 0; i < (size_t)N * K; i++)
+		tmp[i] = st_uniform(seed, scale);
+	if (moe_dtype_is_blocked(dt)) {
+		uint64_t kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
+		float *sc = (float *)(dst + moe_matrix_scales_offset(N, K));
+
+		for (uint32_t r0 = 0; r0 < N; r0 += MOE_FP8_BLOCK)
+			moe_fp8_quantize_band(tmp + (size_t)r0 * K, N - r0 < MOE_FP8_BLOCK ? N - r0 : MOE_FP8_BLOCK, K,
+					      dst + (size_t)r0 * K, sc + (r0 / MOE_FP8_BLOCK) * kb);
+	} else {
+		moe_dtype_from_f32(dt, tmp, dst, (size_t)N * K);
 	}
-	for (size_t i = 0; i < (size_t)ST_E * ST_H; i++)
+}
+
+/* An expert blob as the store holds it: gate, up, down of dtype @dt, and
+ * with @bias the float32 biases (routed experts of has_expert_bias). */
+static void st_blob(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I, bool bias, float scale,
+		    uint64_t *seed, float *tmp, uint8_t *dst)
+{
+	uint32_t H = c->hidden_size;
+	uint64_t m = moe_matrix_bytes(dt, I, H);
+	uint32_t nin = c->gated ? 2 : 1;
+
+	for (uint32_t j = 0; j < nin; j++)
+		st_matrix(dt, I, H, scale, seed, tmp, dst + j * m);
+	st_matrix(dt, H, I, scale, seed, tmp, dst + nin * m);
+	if (bias) {
+		float *b = (float *)(dst + moe_expert_bias_offset(c));
+		for (uint64_t i = 0; i < moe_expert_bias_count(c); i++)
+			b[i] = st_uniform(seed, 4.0f);
+	}
+}
+
+/* @be's own resident copy of a store blob: the blob itself unless it
+ * converts (blob_prepare).  NULL: out of memory. */
+static void *st_resident(struct moe_backend *be, const struct moe_model_config *c, enum moe_dtype dt, uint32_t I,
+			 const void *blob)
+{
+	void *p;
+
+	if (!be->ops->blob_prepare)
+		return NULL;
+	p = st_zalloc(be->ops->blob_bytes(c, dt, I));
+	if (p)
+		be->ops->blob_prepare(c, dt, I, blob, p);
+	return p;
+}
+
+static int st_run(struct moe_backend *be, struct moe_backend *cpu, const struct st_case *sc, uint32_t layer,
+		  bool fault, struct moe_err *err)
+{
+	const struct moe_model_config *c = &sc->cfg;
+	const uint32_t H = c->hidden_size, I = c->moe_intermediate_size, E = c->num_experts, K = c->top_k;
+	const uint32_t Is = c->shared_intermediate_size;
+	const size_t nmax = ST_TOKENS;
+	uint64_t eb = moe_expert_bytes(c), sb = moe_shared_bytes(c);
+	uint64_t seed = 0x5e1f7e57 + layer;
+	float *router, *bias, *sgate, *x, *y0, *y1, *w0, *w1, *tmp;
+	int32_t *i0, *i1;
+	uint8_t **blobs;
+	void **cpu_res, **be_res;
+	const void **cp, **bp;
+	size_t big = (size_t)(I > Is ? I : Is) * H;
+	int r = -ENOMEM;
+
+	router = calloc((size_t)E * H, sizeof(float));
+	bias = calloc(E, sizeof(float));
+	sgate = calloc(H, sizeof(float));
+	x = malloc(nmax * H * sizeof(float));
+	y0 = malloc(nmax * H * sizeof(float));
+	y1 = malloc(nmax * H * sizeof(float));
+	w0 = malloc(nmax * K * sizeof(float));
+	w1 = malloc(nmax * K * sizeof(float));
+	i0 = malloc(nmax * K * sizeof(int32_t));
+	i1 = malloc(nmax * K * sizeof(int32_t));
+	tmp = malloc(big * sizeof(float));
+	/* E routed experts and the shared one at [E] */
+	blobs = calloc(E + 1, sizeof(*blobs));
+	cpu_res = calloc(E + 1, sizeof(*cpu_res));
+	be_res = calloc(E + 1, sizeof(*be_res));
+	cp = calloc(E + 1, sizeof(*cp));
+	bp = calloc(E + 1, sizeof(*bp));
+	if (!router || !bias || !sgate || !x || !y0 || !y1 || !w0 || !w1 || !i0 || !i1 || !tmp || !blobs || !cpu_res ||
+	    !be_res || !cp || !bp)
+		goto nomem;
+	for (size_t i = 0; i < (size_t)E * H; i++)
 		router[i] = st_uniform(&seed, 0.1f);
-	for (size_t i = 0; i < (size_t)ST_TOKENS * ST_H; i++)
+	for (uint32_t e = 0; e < E; e++)
+		bias[e] = st_uniform(&seed, c->arch == MOE_ARCH_GPT_OSS ? 0.5f : 0.01f);
+	for (uint32_t i = 0; i < H; i++)
+		sgate[i] = st_uniform(&seed, 0.1f);
+	for (size_t i = 0; i < nmax * H; i++)
 		x[i] = st_uniform(&seed, 1.0f);
-	for (size_t t = 0; t < ST_TOKENS; t++)
-		x[t * ST_H] = 4.0f;               /* with router[0][0] = 2: expert 0 for all */
+	for (size_t t = 0; t < nmax; t++)
+		x[t * H] = 4.0f;                  /* with router[0][0] = 2: expert 0 for all */
 	router[0] = 2.0f;
-	for (size_t i = 0; i < ST_E * eb / 2; i++)
-		blobs[i] = moe_f32_to_bf16(st_uniform(&seed, 0.0625f));
-	for (uint32_t e = 0; e < ST_E; e++) {
-		bp[e] = (const uint8_t *)blobs + e * eb;
-		packed[e] = malloc(cpu->ops->blob_bytes(&cfg, cfg.weight_dtype, ST_I));
-		if (!packed[e]) {
-			r = moe_err_set(err, -ENOMEM, "out of memory");
-			goto out;
-		}
-		cpu->ops->blob_prepare(&cfg, cfg.weight_dtype, ST_I, bp[e], packed[e]);
-		pp[e] = packed[e];
-		if (be->ops->blob_prepare) {
-			/* @be's own resident layout, if it has one */
-			bpacked[e] = malloc(be->ops->blob_bytes(&cfg, cfg.weight_dtype, ST_I));
-			if (!bpacked[e]) {
-				r = moe_err_set(err, -ENOMEM, "out of memory");
-				goto out;
-			}
-			be->ops->blob_prepare(&cfg, cfg.weight_dtype, ST_I, (const uint8_t *)blobs + e * eb, bpacked[e]);
-			bp[e] = bpacked[e];
-		}
-	}
-	for (size_t n = 3; n <= ST_TOKENS; n += ST_TOKENS - 3) {
-		struct moe_layer_weights lc = { .cfg = &cfg, .layer = 0, .router = router, .experts = pp };
-		struct moe_layer_weights lb = { .cfg = &cfg, .layer = 0, .router = router, .experts = bp };
+	for (uint32_t e = 0; e <= E; e++) {
+		bool sh = e == E;
+		enum moe_dtype dt = sh ? c->shared_dtype : c->weight_dtype;
+		uint32_t inter = sh ? Is : I;
 
+		if (sh && !Is)
+			break;
+		if (!(blobs[e] = st_zalloc(sh ? sb : eb)))
+			goto nomem;
+		st_blob(c, dt, inter, !sh && c->has_expert_bias, sc->w_scale, &seed, tmp, blobs[e]);
+		cpu_res[e] = st_resident(cpu, c, dt, inter, blobs[e]);
+		be_res[e] = st_resident(be, c, dt, inter, blobs[e]);
+		if (!cpu_res[e] || (be->ops->blob_prepare && !be_res[e]))
+			goto nomem;
+		cp[e] = cpu_res[e];
+		bp[e] = be_res[e] ? be_res[e] : blobs[e];
+	}
+	for (size_t n = 3; n <= nmax; n += nmax - 3) {
+		struct moe_layer_weights lc = { .cfg = c, .layer = layer, .router = router, .experts = cp,
+						.bias = c->has_bias ? bias : NULL,
+						.shared_gate = c->shared_gate ? sgate : NULL, .shared = Is ? cp[E] : NULL };
+		struct moe_layer_weights lb = lc;
+
+		lb.experts = bp;
+		lb.shared = Is ? bp[E] : NULL;
 		if ((r = cpu->ops->route(cpu, &lc, x, n, i0, w0, 0)) < 0 ||
-		    (r = cpu->ops->experts(cpu, &lc, x, n, ST_K, i0, w0, y0, 0)) < 0) {
-			r = moe_err_set(err, r, "self-test: the CPU backend failed: %s", strerror(-r));
+		    (r = cpu->ops->experts(cpu, &lc, x, n, K, i0, w0, y0, 0)) < 0) {
+			r = moe_err_set(err, r, "self-test (%s): the CPU backend failed: %s", sc->what, strerror(-r));
 			goto out;
 		}
 		if ((r = be->ops->route(be, &lb, x, n, i1, w1, 0)) < 0 ||
-		    (r = be->ops->experts(be, &lb, x, n, ST_K, i1, w1, y1, 0)) < 0) {
-			r = moe_err_set(err, r, "self-test: the %s backend failed on %zu tokens: %s", be->ops->name, n,
-					strerror(-r));
+		    (r = be->ops->experts(be, &lb, x, n, K, i1, w1, y1, 0)) < 0) {
+			r = moe_err_set(err, r, "self-test (%s): the %s backend failed on %zu tokens: %s", sc->what,
+					be->ops->name, n, strerror(-r));
 			goto out;
 		}
-		if (fault)
-			y1[(n - 1) * ST_H] += 1.0f;
+		if (fault) {
+			/* a tenth of the last token's norm, whatever its scale */
+			double s = 0;
+			for (uint32_t h = 0; h < H; h++)
+				s += (double)y1[(n - 1) * H + h] * y1[(n - 1) * H + h];
+			y1[(n - 1) * H] += (float)(0.1 * sqrt(s)) + 1.0f;
+		}
 		for (size_t t = 0; t < n; t++) {
 			double d = 0, s = 0;
 
-			for (uint32_t j = 0; j < ST_K; j++)
-				if (i0[t * ST_K + j] != i1[t * ST_K + j] ||
-				    fabsf(w0[t * ST_K + j] - w1[t * ST_K + j]) > 1e-5f * fabsf(w0[t * ST_K + j])) {
-					r = moe_err_set(err, -EIO, "self-test: the %s backend routes token %zu of %zu to "
-							"expert %d (weight %g), the CPU to %d (weight %g)", be->ops->name,
-							t, n, i1[t * ST_K + j], (double)w1[t * ST_K + j],
-							i0[t * ST_K + j], (double)w0[t * ST_K + j]);
+			for (uint32_t j = 0; j < K; j++)
+				if (i0[t * K + j] != i1[t * K + j] ||
+				    fabsf(w0[t * K + j] - w1[t * K + j]) > 1e-5f * fabsf(w0[t * K + j])) {
+					r = moe_err_set(err, -EIO, "self-test (%s): the %s backend routes token %zu of %zu "
+							"to expert %d (weight %g), the CPU to %d (weight %g)", sc->what,
+							be->ops->name, t, n, i1[t * K + j], (double)w1[t * K + j],
+							i0[t * K + j], (double)w0[t * K + j]);
 					goto out;
 				}
-			for (uint32_t h = 0; h < ST_H; h++) {
-				double a = y0[t * ST_H + h], b = y1[t * ST_H + h];
+			for (uint32_t h = 0; h < H; h++) {
+				double a = y0[t * H + h], b = y1[t * H + h];
 
 				d += (a - b) * (a - b);
 				s += a * a;
 			}
 			if (!(d <= 1e-6 * s)) {
-				r = moe_err_set(err, -EIO, "self-test: the %s backend's output of token %zu of %zu is %.2g "
-						"from the CPU backend's (relative L2; at most 1e-3)", be->ops->name, t, n,
-						sqrt(d / (s > 0 ? s : 1)));
+				r = moe_err_set(err, -EIO, "self-test (%s): the %s backend's output of token %zu of %zu "
+						"is %.2g from the CPU backend's (relative L2; at most 1e-3)", sc->what,
+						be->ops->name, t, n, sqrt(d / (s > 0 ? s : 1)));
 				goto out;
 			}
 		}
 	}
 	r = 0;
+	goto out;
+nomem:
+	r = moe_err_set(err, -ENOMEM, "out of memory");
 out:
-	for (uint32_t e = 0; e < ST_E; e++) {
-		free(packed[e]);
-		free(bpacked[e]);
+	for (uint32_t e = 0; e <= E && blobs; e++) {
+		free(blobs[e]);
+		free(cpu_res ? cpu_res[e] : NULL);
+		free(be_res ? be_res[e] : NULL);
 	}
+	free(blobs);
+	free(cpu_res);
+	free(be_res);
+	free(cp);
+	free(bp);
 	free(router);
+	free(bias);
+	free(sgate);
 	free(x);
 	free(y0);
 	free(y1);
@@ -289,7 +426,22 @@ out:
 	free(w1);
 	free(i0);
 	free(i1);
-	free(blobs);
+	free(tmp);
+	return r;
+}
+
+int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
+{
+	const bool fault = getenv("MOE_BACKEND_SELFTEST_FAULT") && !strcmp(getenv("MOE_BACKEND_SELFTEST_FAULT"), "1");
+	struct moe_backend_options o = { .threads = 1 };
+	struct moe_backend *cpu = NULL;
+	int r;
+
+	r = backend_start(&moe_backend_cpu_ops, NULL, &o, &cpu, err);
+	if (r < 0)
+		return r;
+	for (uint32_t i = 0; i < sizeof(st_cases) / sizeof(st_cases[0]) && r == 0; i++)
+		r = st_run(be, cpu, &st_cases[i], i, fault, err);
 	moe_backend_close(cpu);
 	return r;
 }

@@ -159,7 +159,8 @@ static void gpu_destroy(struct gpu *g)
 	free(g->slots);
 	dbuf *d[] = { &g->r_x, &g->r_logits, &g->r_scratch, &g->r_ids, &g->r_w, &g->e_x, &g->e_w, &g->e_pos,
 		      &g->e_tok, &g->e_h, &g->e_y, &g->e_hsh, &g->e_ysh, &g->e_sg, &g->e_out, &g->e_items,
-		      &g->e_blocks, &g->g_xhi, &g->g_xlo, &g->g_G, &g->g_hhi, &g->g_hlo };
+		      &g->e_blocks, &g->g_xhi, &g->g_xlo, &g->g_G, &g->g_hhi, &g->g_hlo,
+		      &g->g_whi, &g->g_wlo };
 	for (dbuf *b : d)
 		dfree(b);
 	hbuf *h[] = { &g->rh_x, &g->rh_ids, &g->rh_w, &g->eh_x, &g->eh_w, &g->eh_pos, &g->eh_tok, &g->eh_out,

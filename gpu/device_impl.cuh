@@ -95,6 +95,7 @@ struct gpu {
 	// experts: the call in progress
 	dbuf e_x, e_w, e_pos, e_tok, e_h, e_y, e_hsh, e_ysh, e_sg, e_out, e_items, e_blocks;
 	dbuf g_xhi, g_xlo, g_G, g_hhi, g_hlo;
+	dbuf g_whi, g_wlo;            // an FP8 expert on cuBLAS: its weights as bf16 hi + lo
 	hbuf eh_x, eh_w, eh_pos, eh_tok, eh_out, eh_items, eh_blocks;
 	uint32_t *count;              // [E] entries per expert
 	uint64_t *first;              // [E] first entry of each expert
@@ -185,14 +186,55 @@ cudaError_t kernel_attributes(cudaFuncAttributes *fa);
 
 // ---- small helpers, inline -------------------------------------------------
 
+// Bytes per element of a plain dtype (f32, bf16, f16), per code of FP8.
 inline size_t dtype_size(enum moe_dtype t)
 {
-	return t == MOE_DTYPE_F32 ? 4 : 2;
+	return t == MOE_DTYPE_F32 ? 4 : t == MOE_DTYPE_FP8_E4M3_B128 ? 1 : 2;
 }
 
-inline uint64_t expert_bytes(const struct moe_model_config *c, uint32_t inter)
+// The store's layout (model.h; the module links no engine symbol, so its
+// formulas are written out here): an N x K matrix is N * K elements, or
+// for FP8 the codes and the float32 scales [ceil(N/128)][ceil(K/128)],
+// each padded to 64 bytes; a blob is gate, up, down back to back, then
+// with expert biases the floats at a 16-byte boundary.
+inline uint64_t pad64(uint64_t b)
 {
-	return (uint64_t)(c->gated ? 3 : 2) * c->hidden_size * inter * dtype_size(c->weight_dtype);
+	return (b + 63) & ~(uint64_t)63;
+}
+
+inline uint64_t matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
+{
+	if (dt == MOE_DTYPE_FP8_E4M3_B128)
+		return pad64(N * K) + pad64(((N + 127) / 128) * ((K + 127) / 128) * sizeof(float));
+	return N * K * dtype_size(dt);
+}
+
+inline uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t inter)
+{
+	return (c->gated ? 2 : 1) * matrix_bytes(dt, inter, c->hidden_size) +
+	       matrix_bytes(dt, c->hidden_size, inter);
+}
+
+// Where a routed expert's biases start (model.h moe_expert_bias_offset).
+inline uint64_t bias_offset(const struct moe_model_config *c)
+{
+	return (ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size) + 15) & ~(uint64_t)15;
+}
+
+// A routed expert's blob as the store holds it (moe_expert_bytes).
+inline uint64_t expert_bytes(const struct moe_model_config *c)
+{
+	uint64_t I = c->moe_intermediate_size;
+
+	if (c->has_expert_bias)
+		return bias_offset(c) + ((c->gated ? 2 : 1) * I + c->hidden_size) * sizeof(float);
+	return ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size);
+}
+
+// The shared expert's blob (moe_shared_bytes): no biases.
+inline uint64_t shared_bytes(const struct moe_model_config *c)
+{
+	return ffn_bytes(c, c->shared_dtype, c->shared_intermediate_size);
 }
 
 inline uint64_t now_ns(void)

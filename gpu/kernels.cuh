@@ -7,6 +7,10 @@
 //   k_gate_up    weight streaming, phase A: h = act(gate x) * (up x); a warp
 //                per weight row, the row read once for up to TT tokens
 //   k_down       weight streaming, phase B: y = down h, a warp per row
+//                (both read f32, bf16, f16 or FP8 rows, widened in registers;
+//                gpt_oss's biases and clamped SwiGLU applied as the CPU does)
+//   k_dequant    large groups, FP8: an expert matrix as bf16 hi + lo
+//   k_add_bias   large groups, gpt_oss: down's bias added to y
 //   k_split_x    large groups: the expert's tokens gathered as bf16 hi + lo
 //   k_act_split  large groups: h = act(g) * u from the cuBLAS product, as
 //                bf16 hi + lo for the second product
@@ -18,6 +22,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 #include "engine/act.h"
@@ -29,9 +34,14 @@
 #define MOE_ROWS_PER_BLOCK (MOE_WARPS * MOE_ROWS_PER_WARP)
 #define MOE_TT 8                    // tokens per pass over a weight row
 
-// One expert of a streaming launch (or the shared expert).
+// One expert of a streaming launch (or the shared expert).  Its matrices
+// in the store's layout (model.h moe_matrix_bytes), of the launch's dtype.
 struct moe_witem {
-	const unsigned char *w;   // blob in the store's layout: gate, up, down
+	const unsigned char *gate; // [inter][H], NULL when not gated
+	const unsigned char *up;   // [inter][H]
+	const unsigned char *down; // [H][inter]
+	const float *bias;        // gpt_oss: gate [inter] (gated), up [inter], down [H];
+				  // NULL: none
 	const int32_t *tok;       // [count] token of each of its entries, ascending
 	float *h;                 // [count][inter]
 	float *y;                 // [count][H]
@@ -117,6 +127,113 @@ template <> struct moe_vec<float> {
 	}
 };
 
+// float8 e4m3fn to float32, exactly (every e4m3 value is a float32): sign,
+// 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal,
+// m/8 * 2^-6; S.1111.111 is NaN; there are no infinities.
+__device__ __forceinline__ float moe_e4m3(uint32_t b)
+{
+	uint32_t e = (b >> 3) & 15u, m = b & 7u;
+	float v;
+
+	if (e == 0)
+		v = (float)m * 0x1p-9f;
+	else if (e == 15 && m == 7)
+		v = __int_as_float(0x7fc00000);
+	else
+		v = __uint_as_float(((e + 120u) << 23) | (m << 20));
+	return (b & 0x80u) ? -v : v;
+}
+
+// Two codes (the low byte first) to float32: by the conversion instruction
+// where the device has one (sm_89 on; e4m3 -> f16 is exact, and so is f16
+// -> f32), else by moe_e4m3.  The same values either way.
+__device__ __forceinline__ float2 moe_e4m3x2(uint32_t pair)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+	__half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)pair, __NV_E4M3);
+	return __half22float2(__half2(r));
+#else
+	return make_float2(moe_e4m3(pair & 0xffu), moe_e4m3((pair >> 8) & 0xffu));
+#endif
+}
+
+// A weight row of a plain dtype, widened as it is read.
+template <typename T> struct moe_prow {
+	static constexpr int N = moe_vec<T>::N;
+	const T *p;
+	__device__ __forceinline__ void load(size_t c, float *f) const
+	{
+		moe_vec<T>::load(p, c, f);
+	}
+	__device__ __forceinline__ float one(size_t i) const
+	{
+		return moe_vec<T>::one(p, i);
+	}
+};
+
+// A row of FP8 codes with the scales of its band of 128 rows: w =
+// e4m3(code) * scale, one float32 rounding as in the CPU kernels
+// (kernels.h).  16-byte chunk c, codes 16c .. 16c + 15, lies in column
+// block c / 8 (128 / 16 chunks per block).
+struct moe_frow {
+	static constexpr int N = 16;
+	const uint8_t *p;
+	const float *s;           // [ceil(K/128)] the band's scales
+	__device__ __forceinline__ void load(size_t c, float *f) const
+	{
+		uint4 u = __ldg(reinterpret_cast<const uint4 *>(p) + c);
+		float sc = __ldg(s + (c >> 3));
+		uint32_t w[4] = { u.x, u.y, u.z, u.w };
+
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			float2 a = moe_e4m3x2(w[i] & 0xffffu), b = moe_e4m3x2(w[i] >> 16);
+			f[4 * i] = a.x * sc;
+			f[4 * i + 1] = a.y * sc;
+			f[4 * i + 2] = b.x * sc;
+			f[4 * i + 3] = b.y * sc;
+		}
+	}
+	__device__ __forceinline__ float one(size_t i) const
+	{
+		return moe_e4m3(__ldg(p + i)) * __ldg(s + (i >> 7));
+	}
+};
+
+// Matrices of N rows of K elements at @b, in the store's layout.
+template <typename T> struct moe_pmat {
+	typedef moe_prow<T> Row;
+	const T *w;
+	uint32_t K;
+	__device__ __forceinline__ moe_pmat(const unsigned char *b, uint32_t N, uint32_t K_)
+		: w(reinterpret_cast<const T *>(b)), K(K_)
+	{
+		(void)N;
+	}
+	__device__ __forceinline__ Row row(uint32_t r) const
+	{
+		return Row{ w + (size_t)r * K };
+	}
+};
+
+// FP8: the N * K codes, zeros to 64 bytes, then the float32 scales
+// [ceil(N/128)][ceil(K/128)] (model.h moe_matrix_bytes).
+struct moe_fmat {
+	typedef moe_frow Row;
+	const uint8_t *codes;
+	const float *scales;
+	uint32_t K, kb;
+	__device__ __forceinline__ moe_fmat(const unsigned char *b, uint32_t N, uint32_t K_)
+		: codes(b), scales(reinterpret_cast<const float *>(b + (((uint64_t)N * K_ + 63) & ~(uint64_t)63))),
+		  K(K_), kb((K_ + 127) / 128)
+	{
+	}
+	__device__ __forceinline__ Row row(uint32_t r) const
+	{
+		return Row{ codes + (size_t)r * K, scales + (size_t)(r / 128) * kb };
+	}
+};
+
 // N float32 activations starting at element c * N of @x (16-byte aligned).
 template <int N>
 __device__ __forceinline__ void moe_load_x(const float *x, size_t c, float *f)
@@ -135,34 +252,32 @@ __device__ __forceinline__ void moe_load_x(const float *x, size_t c, float *f)
 // of 16-byte chunks c = lane, lane + 32, ... in order (vec), or elements
 // i = lane, lane + 32, ... (not vec).  The same order whatever nt is, so
 // a token's result does not depend on the other tokens of the pass.
-template <typename T>
-__device__ __forceinline__ void moe_row_dot(const T *row, uint32_t len, bool vec, const float *const *xs,
+template <typename R>
+__device__ __forceinline__ void moe_row_dot(const R &row, uint32_t len, bool vec, const float *const *xs,
 					    uint32_t nt, uint32_t lane, float *acc)
 {
-	typedef moe_vec<T> V;
-
 	if (vec) {
-		size_t nch = len / V::N;
+		size_t nch = len / R::N;
 		// unrolled so that each lane has several 16-byte loads in flight:
 		// decode is bound by how many bytes are on their way from HBM
 #pragma unroll 4
 		for (size_t c = lane; c < nch; c += 32) {
-			float wv[V::N];
-			V::load(row, c, wv);
+			float wv[R::N];
+			row.load(c, wv);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
-					float xv[V::N];
-					moe_load_x<V::N>(xs[t], c, xv);
+					float xv[R::N];
+					moe_load_x<R::N>(xs[t], c, xv);
 #pragma unroll
-					for (int i = 0; i < V::N; i++)
+					for (int i = 0; i < R::N; i++)
 						acc[t] = fmaf(wv[i], xv[i], acc[t]);
 				}
 			}
 		}
 	} else {
 		for (size_t i = lane; i < len; i += 32) {
-			float wv = V::one(row, i);
+			float wv = row.one(i);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++)
 				if (t < nt)
@@ -171,25 +286,71 @@ __device__ __forceinline__ void moe_row_dot(const T *row, uint32_t len, bool vec
 	}
 }
 
+// moe_row_dot for two rows of the same length at once (gate and up): each
+// chunk of x is loaded once for both, which halves phase A's reads of x
+// (for FP8, 64 bytes of x per token against 16 of weights).  Each row's
+// sum is in moe_row_dot's order, so the bits are the same.
+template <typename R>
+__device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t len, bool vec,
+					     const float *const *xs, uint32_t nt, uint32_t lane, float *acc_a,
+					     float *acc_b)
+{
+	if (vec) {
+		size_t nch = len / R::N;
+		// two rows a chunk: as many 16-byte loads in flight as moe_row_dot's 4
+#pragma unroll 2
+		for (size_t c = lane; c < nch; c += 32) {
+			float wa[R::N], wb[R::N];
+			ra.load(c, wa);
+			rb.load(c, wb);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++) {
+				if (t < nt) {
+					float xv[R::N];
+					moe_load_x<R::N>(xs[t], c, xv);
+#pragma unroll
+					for (int i = 0; i < R::N; i++) {
+						acc_a[t] = fmaf(wa[i], xv[i], acc_a[t]);
+						acc_b[t] = fmaf(wb[i], xv[i], acc_b[t]);
+					}
+				}
+			}
+		}
+	} else {
+		for (size_t i = lane; i < len; i += 32) {
+			float a = ra.one(i), b = rb.one(i);
+#pragma unroll
+			for (uint32_t t = 0; t < MOE_TT; t++)
+				if (t < nt) {
+					float xv = xs[t][i];
+					acc_a[t] = fmaf(a, xv, acc_a[t]);
+					acc_b[t] = fmaf(b, xv, acc_b[t]);
+				}
+		}
+	}
+}
+
 // Phase A: for each row r of the block's rows and each entry e of the item,
-// h[e][r] = act(gate_r . x[tok e]) * (up_r . x[tok e])  (gated), or
-// act(up_r . x[tok e]).
-template <typename T>
+// h[e][r] = glu(gate_r . x[tok e] + bg[r], up_r . x[tok e] + bu[r])
+// (gated; act(g) * u but for gpt_oss's clamped SwiGLU, moe_act_glu), or
+// act(up_r . x[tok e] + bu[r]); the biases only where the item has them.
+// M: the matrix type of the launch's dtype (moe_pmat<T>, moe_fmat).
+template <typename M>
 __global__ void __launch_bounds__(MOE_WARPS * 32)
-k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint32_t H, int act,
-	  int gated)
+k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint32_t H, int act, float alpha,
+	  float limit)
 {
 	const moe_wblock b = blocks[blockIdx.x];
 	const moe_witem it = items[b.item];
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-	const T *gate = reinterpret_cast<const T *>(it.w);
-	const T *up = gated ? gate + (size_t)it.inter * H : gate;
+	const bool gated = it.gate != nullptr;
+	const M gate(gated ? it.gate : it.up, it.inter, H), up(it.up, it.inter, H);
 
 	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
 		uint32_t r = b.row0 + warp * MOE_ROWS_PER_WARP + rr;
 		if (r >= it.inter)
 			break;
-		const T *gr = gate + (size_t)r * H, *ur = up + (size_t)r * H;
+		const typename M::Row gr = gate.row(r), ur = up.row(r);
 		for (uint32_t t0 = 0; t0 < it.count; t0 += MOE_TT) {
 			uint32_t nt = it.count - t0 < MOE_TT ? it.count - t0 : MOE_TT;
 			const float *xs[MOE_TT];
@@ -202,36 +363,46 @@ k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint
 				au[t] = 0.0f;
 			}
 			if (gated)
-				moe_row_dot<T>(gr, H, it.vec_a, xs, nt, lane, ag);
-			moe_row_dot<T>(ur, H, it.vec_a, xs, nt, lane, au);
+				moe_row_dot2(gr, ur, H, it.vec_a, xs, nt, lane, ag, au);
+			else
+				moe_row_dot(ur, H, it.vec_a, xs, nt, lane, au);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
 					float g = moe_warp_sum(ag[t]), u = moe_warp_sum(au[t]);
+					if (it.bias) {
+						// after the dot, as the CPU adds them
+						u += it.bias[(gated ? it.inter : 0) + r];
+						if (gated)
+							g += it.bias[r];
+					}
 					if (lane == 0)
 						it.h[(size_t)(t0 + t) * it.inter + r] =
-							gated ? moe_act(act, g) * u : moe_act(act, u);
+							gated ? moe_act_glu((enum moe_act)act, alpha, limit, g, u)
+							      : moe_act(act, u);
 				}
 			}
 		}
 	}
 }
 
-// Phase B: y[e][c] = down_c . h[e] for the block's rows c of down [H][inter].
-template <typename T>
+// Phase B: y[e][c] = down_c . h[e] (+ bd[c]) for the block's rows c of down
+// [H][inter].
+template <typename M>
 __global__ void __launch_bounds__(MOE_WARPS * 32)
-k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H, int gated)
+k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H)
 {
 	const moe_wblock b = blocks[blockIdx.x];
 	const moe_witem it = items[b.item];
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-	const T *down = reinterpret_cast<const T *>(it.w) + (size_t)(gated ? 2 : 1) * it.inter * H;
+	const M down(it.down, H, it.inter);
+	const float *bd = it.bias ? it.bias + (size_t)(it.gate ? 2 : 1) * it.inter : nullptr;
 
 	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
 		uint32_t c = b.row0 + warp * MOE_ROWS_PER_WARP + rr;
 		if (c >= H)
 			break;
-		const T *dr = down + (size_t)c * it.inter;
+		const typename M::Row dr = down.row(c);
 		for (uint32_t t0 = 0; t0 < it.count; t0 += MOE_TT) {
 			uint32_t nt = it.count - t0 < MOE_TT ? it.count - t0 : MOE_TT;
 			const float *hs[MOE_TT];
@@ -242,11 +413,13 @@ k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H, int gated)
 				hs[t] = it.h + (size_t)(t0 + (t < nt ? t : nt - 1)) * it.inter;
 				acc[t] = 0.0f;
 			}
-			moe_row_dot<T>(dr, it.inter, it.vec_b, hs, nt, lane, acc);
+			moe_row_dot(dr, it.inter, it.vec_b, hs, nt, lane, acc);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
 					float v = moe_warp_sum(acc[t]);
+					if (bd)
+						v += bd[c];
 					if (lane == 0)
 						it.y[(size_t)(t0 + t) * H + c] = v;
 				}
@@ -282,18 +455,33 @@ __global__ void k_gather_x(const float *x, const int32_t *tok, uint32_t count, u
 		xs[i] = x[(size_t)tok[i / H] * H + i % H];
 }
 
-// Large groups: h = act(g) * u (gated; g = G[e][r], u = G[e][I + r]) or
-// act(G[e][r]), from G [count][(gated ? 2 : 1) I]; as bf16 hi and lo when
-// @hi is set, else as float32 into @hf.
-__global__ void k_act_split(const float *G, uint32_t count, uint32_t I, int act, int gated,
-			    __nv_bfloat16 *hi, __nv_bfloat16 *lo, float *hf)
+// Large groups: h = glu(g + bg[r], u + bu[r]) (gated; g = G[e][r], u =
+// G[e][I + r]; moe_act_glu) or act(G[e][r] + bu[r]), from G [count][(gated
+// ? 2 : 1) I], the biases @bias (gate [I] when gated, then up [I]) only
+// when set; as bf16 hi and lo when @hi is set, else as float32 into @hf.
+__global__ void k_act_split(const float *G, uint32_t count, uint32_t I, int act, int gated, float alpha,
+			    float limit, const float *bias, __nv_bfloat16 *hi, __nv_bfloat16 *lo, float *hf)
 {
 	size_t total = (size_t)count * I, ld = (size_t)(gated ? 2 : 1) * I;
 
 	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
 	     i += (size_t)gridDim.x * blockDim.x) {
 		size_t e = i / I, r = i % I;
-		float v = gated ? moe_act(act, G[e * ld + r]) * G[e * ld + I + r] : moe_act(act, G[e * ld + r]);
+		float v;
+
+		if (gated) {
+			float g = G[e * ld + r], u = G[e * ld + I + r];
+			if (bias) {
+				u += bias[I + r];
+				g += bias[r];
+			}
+			v = moe_act_glu((enum moe_act)act, alpha, limit, g, u);
+		} else {
+			float u = G[e * ld + r];
+			if (bias)
+				u += bias[r];
+			v = moe_act(act, u);
+		}
 		if (hi) {
 			__nv_bfloat16 h = __float2bfloat16_rn(v);
 			hi[i] = h;
@@ -302,6 +490,34 @@ __global__ void k_act_split(const float *G, uint32_t count, uint32_t I, int act,
 			hf[i] = v;
 		}
 	}
+}
+
+// Large groups, FP8: the N x K matrix (codes and scales at @m, the store's
+// layout) as bf16 hi and lo, w = e4m3(code) * scale in float32 as the
+// streaming kernels compute it; hi + lo carries 16 of its 24 bits.
+__global__ void k_dequant(const unsigned char *m, uint32_t N, uint32_t K, __nv_bfloat16 *hi, __nv_bfloat16 *lo)
+{
+	const moe_fmat mat(m, N, K);
+	size_t total = (size_t)N * K;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		size_t r = i / K, k = i % K;
+		float v = moe_e4m3(mat.codes[i]) * mat.scales[(r / 128) * mat.kb + k / 128];
+		__nv_bfloat16 h = __float2bfloat16_rn(v);
+		hi[i] = h;
+		lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+	}
+}
+
+// Large groups, gpt_oss: y[e][c] += bd[c] after the down product.
+__global__ void k_add_bias(float *y, uint32_t count, uint32_t H, const float *bd)
+{
+	size_t total = (size_t)count * H;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x)
+		y[i] += bd[i % H];
 }
 
 // qwen2_moe: sg[t] = sigmoid(gate . x[t]), a warp per token.
@@ -368,7 +584,7 @@ k_logits(const float *router, const float *x, size_t n, uint32_t E, uint32_t H, 
 				xs[t] = x + (t0 + (t < nt ? t : nt - 1)) * H;
 				acc[t] = 0.0f;
 			}
-			moe_row_dot<float>(row, H, vec, xs, nt, lane, acc);
+			moe_row_dot(moe_prow<float>{ row }, H, vec, xs, nt, lane, acc);
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {

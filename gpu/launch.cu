@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "device_impl.cuh"
 #include "kernels.cuh"
@@ -21,33 +22,38 @@ namespace moe_gpu __attribute__((visibility("hidden"))) {
 
 // ---- launches --------------------------------------------------------------
 
-// Launch the streaming kernels for items [i0, i1) and blocks [b0, b1) of
-// phase A, with phase B's blocks following in [b1, b2).
-template <typename T>
-int launch_stream(struct gpu *g, const struct moe_model_config *c, size_t i0, size_t b0, size_t b1, size_t b2)
+// Launch the streaming kernels for blocks [b0, b1) of phase A, with phase
+// B's blocks following in [b1, b2); M reads the launch's dtype.
+template <typename M>
+int launch_stream(struct gpu *g, const struct moe_model_config *c, size_t b0, size_t b1, size_t b2)
 {
 	const moe_witem *items = (const moe_witem *)g->e_items.p;
 	const moe_wblock *blocks = (const moe_wblock *)g->e_blocks.p;
-	(void)i0;
+
 	if (b1 > b0)
-		k_gate_up<T><<<(unsigned)(b1 - b0), MOE_WARPS * 32, 0, g->cs>>>(
-			items, blocks + b0, (const float *)g->e_x.p, c->hidden_size, (int)c->act, c->gated);
+		k_gate_up<M><<<(unsigned)(b1 - b0), MOE_WARPS * 32, 0, g->cs>>>(
+			items, blocks + b0, (const float *)g->e_x.p, c->hidden_size, (int)c->act, c->swiglu_alpha,
+			c->swiglu_limit);
 	if (b2 > b1)
-		k_down<T><<<(unsigned)(b2 - b1), MOE_WARPS * 32, 0, g->cs>>>(items, blocks + b1, c->hidden_size,
-									     c->gated);
+		k_down<M><<<(unsigned)(b2 - b1), MOE_WARPS * 32, 0, g->cs>>>(items, blocks + b1, c->hidden_size);
 	CK(cudaGetLastError());
 	return 0;
 }
 
-int launch_stream_any(struct gpu *g, const struct moe_model_config *c, size_t i0, size_t b0, size_t b1, size_t b2)
+int launch_stream_any(struct gpu *g, const struct moe_model_config *c, enum moe_dtype dt, size_t b0, size_t b1,
+		      size_t b2)
 {
-	switch (c->weight_dtype) {
+	switch (dt) {
 	case MOE_DTYPE_BF16:
-		return launch_stream<__nv_bfloat16>(g, c, i0, b0, b1, b2);
+		return launch_stream<moe_pmat<__nv_bfloat16>>(g, c, b0, b1, b2);
 	case MOE_DTYPE_F16:
-		return launch_stream<__half>(g, c, i0, b0, b1, b2);
+		return launch_stream<moe_pmat<__half>>(g, c, b0, b1, b2);
+	case MOE_DTYPE_F32:
+		return launch_stream<moe_pmat<float>>(g, c, b0, b1, b2);
+	case MOE_DTYPE_FP8_E4M3_B128:
+		return launch_stream<moe_fmat>(g, c, b0, b1, b2);
 	default:
-		return launch_stream<float>(g, c, i0, b0, b1, b2);
+		return -EINVAL;   // cuda_supports refused it
 	}
 }
 
@@ -57,19 +63,33 @@ unsigned grid_for(size_t total)
 	return (unsigned)(b < 1 ? 1 : b > 65535 ? 65535 : b);
 }
 
-// One expert (or the shared one) with many tokens, by cuBLAS.  @it is the
-// host copy of its item.
-int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem *it)
+// C = A B (@beta 0) or C += A B (@beta 1) in float32 from bf16 operands, in
+// cuBLAS's column-major terms: A^T of the [M][K] row-major weights @W,
+// B the [m][K] row-major activations @X, C [m][M] row-major.
+int gemm_bf16(struct gpu *g, uint32_t M, uint32_t m, uint32_t K, const void *W, const void *X, float *C, float beta)
+{
+	const float one = 1.0f;
+
+	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)M, (int)m, (int)K, &one, W, CUDA_R_16BF, (int)K, X,
+			 CUDA_R_16BF, (int)K, &beta, C, CUDA_R_32F, (int)M, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+	return 0;
+}
+
+// One expert (or the shared one) of dtype @dt with many tokens, by cuBLAS.
+// @it is the host copy of its item.
+int launch_gemm(struct gpu *g, const struct moe_model_config *c, enum moe_dtype dt, const moe_witem *it)
 {
 	uint32_t H = c->hidden_size, I = it->inter, nin = c->gated ? 2 : 1, m = it->count;
 	const float one = 1.0f, zero = 0.0f;
-	const unsigned char *w = it->w;
-	const unsigned char *wd = w + (size_t)nin * I * H * dtype_size(c->weight_dtype);
+	// gate and up are back to back in the blob: one product of nin * I rows
+	const unsigned char *w = it->gate ? it->gate : it->up;
+	const unsigned char *wd = it->down;
+	const float *bd = it->bias ? it->bias + (size_t)nin * I : nullptr;
 	int r;
 
 	if ((r = dgrow(g, &g->g_G, (size_t)m * nin * I * sizeof(float))) < 0)
 		return r;
-	if (c->weight_dtype == MOE_DTYPE_F32) {
+	if (dt == MOE_DTYPE_F32) {
 		// float32 weights: plain float32 products
 		if ((r = dgrow(g, &g->g_xhi, (size_t)m * (H > I ? H : I) * sizeof(float))) < 0)
 			return r;
@@ -77,53 +97,80 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, const moe_witem
 		k_gather_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, xs);
 		CKB(blas.sgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one,
 				(const float *)w, (int)H, xs, (int)H, &zero, G, (int)(nin * I)));
-		k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, nullptr,
-									  nullptr, xs);
+		k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, c->swiglu_alpha,
+									  c->swiglu_limit, it->bias, nullptr, nullptr,
+									  xs);
 		CKB(blas.sgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, (const float *)wd,
 				(int)I, xs, (int)I, &zero, it->y, (int)H));
+		if (bd)
+			k_add_bias<<<grid_for((size_t)m * H), 256, 0, g->cs>>>(it->y, m, H, bd);
 		CK(cudaGetLastError());
 		return 0;
 	}
 	// bf16 weights: x = hi + lo in bf16, two tensor-core products summed in
-	// float32 (C += lo W^T), which keeps float32-level accuracy
+	// float32 (C += lo W^T), which keeps float32-level accuracy.  FP8
+	// weights: the expert dequantized to bf16 hi + lo (w = e4m3 * scale
+	// is not a bf16), a third product W_lo x_hi; W_lo x_lo, under 2^-18
+	// of the sum, is left out.
 	size_t wid = H > I ? H : I;
 	if ((r = dgrow(g, &g->g_xhi, (size_t)m * wid * 2)) < 0 || (r = dgrow(g, &g->g_xlo, (size_t)m * wid * 2)) < 0)
 		return r;
 	__nv_bfloat16 *hi = (__nv_bfloat16 *)g->g_xhi.p, *lo = (__nv_bfloat16 *)g->g_xlo.p;
+	__nv_bfloat16 *whi = nullptr, *wlo = nullptr;
 	float *G = (float *)g->g_G.p;
+	const void *wdl = nullptr, *wl = nullptr;
+	if (dt == MOE_DTYPE_FP8_E4M3_B128) {
+		size_t up_el = (size_t)nin * I * H, all = up_el + (size_t)H * I;
+		if ((r = dgrow(g, &g->g_whi, all * 2)) < 0 || (r = dgrow(g, &g->g_wlo, all * 2)) < 0)
+			return r;
+		whi = (__nv_bfloat16 *)g->g_whi.p;
+		wlo = (__nv_bfloat16 *)g->g_wlo.p;
+		// [gate; up] as one [nin * I][H] matrix, then down [H][I]
+		if (it->gate)
+			k_dequant<<<grid_for((size_t)I * H), 256, 0, g->cs>>>(it->gate, I, H, whi, wlo);
+		k_dequant<<<grid_for((size_t)I * H), 256, 0, g->cs>>>(it->up, I, H, whi + (size_t)(nin - 1) * I * H,
+								      wlo + (size_t)(nin - 1) * I * H);
+		k_dequant<<<grid_for((size_t)H * I), 256, 0, g->cs>>>(it->down, H, I, whi + up_el, wlo + up_el);
+		CK(cudaGetLastError());
+		w = (const unsigned char *)whi;
+		wl = wlo;
+		wd = (const unsigned char *)(whi + up_el);
+		wdl = wlo + up_el;
+	}
 	k_split_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, hi, lo);
-	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
-			 (int)H, hi, CUDA_R_16BF, (int)H, &zero, G, CUDA_R_32F, (int)(nin * I), CUBLAS_COMPUTE_32F,
-			 CUBLAS_GEMM_DEFAULT));
-	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(nin * I), (int)m, (int)H, &one, w, CUDA_R_16BF,
-			 (int)H, lo, CUDA_R_16BF, (int)H, &one, G, CUDA_R_32F, (int)(nin * I), CUBLAS_COMPUTE_32F,
-			 CUBLAS_GEMM_DEFAULT));
-	k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, hi, lo, nullptr);
-	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
-			 hi, CUDA_R_16BF, (int)I, &zero, it->y, CUDA_R_32F, (int)H, CUBLAS_COMPUTE_32F,
-			 CUBLAS_GEMM_DEFAULT));
-	CKB(blas.gemm_ex(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)H, (int)m, (int)I, &one, wd, CUDA_R_16BF, (int)I,
-			 lo, CUDA_R_16BF, (int)I, &one, it->y, CUDA_R_32F, (int)H, CUBLAS_COMPUTE_32F,
-			 CUBLAS_GEMM_DEFAULT));
+	if ((r = gemm_bf16(g, nin * I, m, H, w, hi, G, 0.0f)) < 0 || (r = gemm_bf16(g, nin * I, m, H, w, lo, G, 1.0f)) < 0 ||
+	    (wl && (r = gemm_bf16(g, nin * I, m, H, wl, hi, G, 1.0f)) < 0))
+		return r;
+	k_act_split<<<grid_for((size_t)m * I), 256, 0, g->cs>>>(G, m, I, (int)c->act, c->gated, c->swiglu_alpha,
+								  c->swiglu_limit, it->bias, hi, lo, nullptr);
+	if ((r = gemm_bf16(g, H, m, I, wd, hi, it->y, 0.0f)) < 0 || (r = gemm_bf16(g, H, m, I, wd, lo, it->y, 1.0f)) < 0 ||
+	    (wdl && (r = gemm_bf16(g, H, m, I, wdl, hi, it->y, 1.0f)) < 0))
+		return r;
+	if (bd)
+		k_add_bias<<<grid_for((size_t)m * H), 256, 0, g->cs>>>(it->y, m, H, bd);
 	CK(cudaGetLastError());
 	return 0;
 }
 
-bool use_gemm(const struct moe_model_config *c, uint32_t count)
+// An expert of dtype @dt with @count tokens goes to cuBLAS (float16 never:
+// the hi + lo split is in bf16).
+bool use_gemm(enum moe_dtype dt, uint32_t count)
 {
-	return count >= MOE_GEMM_MIN_TOKENS && c->weight_dtype != MOE_DTYPE_F16;
+	return count >= MOE_GEMM_MIN_TOKENS && dt != MOE_DTYPE_F16;
 }
 
-// Queue the experts @list[0..nl) (expert E: the shared one), whose weights
-// are at @mem[]: items and blocks go up, then the launches.
-int launch_experts(struct gpu *g, const uint32_t *list, unsigned char *const *mem, uint32_t nl)
+// Queue the experts @list[0..nl) (expert E: the shared one), all of dtype
+// @dt, whose weights are at @mem[]: items and blocks go up, then the
+// launches.
+int launch_group(struct gpu *g, enum moe_dtype dt, const uint32_t *list, unsigned char *const *mem, uint32_t nl)
 {
 	const struct moe_model_config *c = g->lw->cfg;
 	uint32_t H = c->hidden_size, E = c->num_experts;
-	size_t esz = dtype_size(c->weight_dtype);
+	size_t esz = dtype_size(dt);
+	bool fp8 = dt == MOE_DTYPE_FP8_E4M3_B128;
 	moe_witem *hi = (moe_witem *)g->eh_items.p;
 	moe_wblock *hb = (moe_wblock *)g->eh_blocks.p;
-	size_t i0 = g->nitems, b0 = g->nblocks, b1, b2;
+	size_t i0 = g->nitems, b0 = g->nblocks, b1 = b0, b2;
 	int r;
 
 	if (!nl)
@@ -135,14 +182,26 @@ int launch_experts(struct gpu *g, const uint32_t *list, unsigned char *const *me
 		moe_witem *it = &hi[i0 + j];
 		bool sh = e == E;
 
-		it->w = mem[j];
 		it->inter = sh ? c->shared_intermediate_size : c->moe_intermediate_size;
+		uint64_t mb = matrix_bytes(dt, it->inter, H);
+		it->gate = c->gated ? mem[j] : nullptr;
+		it->up = mem[j] + (c->gated ? mb : 0);
+		it->down = mem[j] + (c->gated ? 2 : 1) * mb;
+		// routed experts only (the shared ones of other models have none)
+		it->bias = !sh && c->has_expert_bias ? (const float *)(mem[j] + bias_offset(c)) : nullptr;
 		it->count = sh ? (uint32_t)g->n : g->count[e];
 		it->tok = (const int32_t *)g->e_tok.p + (sh ? g->n * g->kk : g->first[e]);
 		it->h = sh ? (float *)g->e_hsh.p : (float *)g->e_h.p + g->first[e] * c->moe_intermediate_size;
 		it->y = sh ? (float *)g->e_ysh.p : (float *)g->e_y.p + g->first[e] * H;
-		it->vec_a = (H * esz) % 16 == 0;
-		it->vec_b = ((size_t)it->inter * esz) % 16 == 0 && it->inter % 4 == 0;
+		// 16-byte loads need 16-byte aligned rows of weights and of x or h
+		// (float32: a multiple of 4 elements); FP8 reads 16 codes a load
+		if (fp8) {
+			it->vec_a = H % 16 == 0;
+			it->vec_b = it->inter % 16 == 0;
+		} else {
+			it->vec_a = (H * esz) % 16 == 0;
+			it->vec_b = ((size_t)it->inter * esz) % 16 == 0 && it->inter % 4 == 0;
+		}
 	}
 	// phase A blocks, then phase B blocks, of the streaming experts
 	size_t nb = b0;
@@ -152,7 +211,7 @@ int launch_experts(struct gpu *g, const uint32_t *list, unsigned char *const *me
 		for (uint32_t j = 0; j < nl; j++) {
 			const moe_witem *it = &hi[i0 + j];
 			uint32_t rows = phase == 0 ? it->inter : H;
-			if (use_gemm(c, it->count))
+			if (use_gemm(dt, it->count))
 				continue;
 			for (uint32_t r0 = 0; r0 < rows; r0 += MOE_ROWS_PER_BLOCK) {
 				if (nb >= g->blocks_cap)
@@ -170,12 +229,35 @@ int launch_experts(struct gpu *g, const uint32_t *list, unsigned char *const *me
 				   cudaMemcpyHostToDevice, g->cs));
 	g->nitems = i0 + nl;
 	g->nblocks = b2;
-	if ((r = launch_stream_any(g, c, i0, b0, b1, b2)) < 0)
+	if ((r = launch_stream_any(g, c, dt, b0, b1, b2)) < 0)
 		return r;
 	for (uint32_t j = 0; j < nl; j++)
-		if (use_gemm(c, hi[i0 + j].count) && (r = launch_gemm(g, c, &hi[i0 + j])) < 0)
+		if (use_gemm(dt, hi[i0 + j].count) && (r = launch_gemm(g, c, dt, &hi[i0 + j])) < 0)
 			return r;
 	return 0;
+}
+
+// Queue the experts @list[0..nl) (expert E: the shared one), whose weights
+// are at @mem[]: one group per dtype (the shared expert may have its own).
+int launch_experts(struct gpu *g, uint32_t *list, unsigned char **mem, uint32_t nl)
+{
+	const struct moe_model_config *c = g->lw->cfg;
+	uint32_t E = c->num_experts;
+
+	if (c->shared_dtype == c->weight_dtype)
+		return launch_group(g, c->weight_dtype, list, mem, nl);
+	// the shared expert, if here, to the end of the list, on its own
+	for (uint32_t j = 0; j + 1 < nl; j++)
+		if (list[j] == E) {
+			std::swap(list[j], list[nl - 1]);
+			std::swap(mem[j], mem[nl - 1]);
+			break;
+		}
+	bool sh = nl && list[nl - 1] == E;
+	int r = launch_group(g, c->weight_dtype, list, mem, nl - sh);
+	if (r < 0 || !sh)
+		return r;
+	return launch_group(g, c->shared_dtype, list + nl - 1, mem + nl - 1, 1);
 }
 
 // Wait for everything queued so far, copies and launches, and let its
@@ -259,7 +341,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 
 	if (kk == 0 || nk / kk != n || nk > UINT32_MAX)
 		return -EINVAL;
-	if ((r = tier_setup(g, expert_bytes(c, I))) < 0)
+	if ((r = tier_setup(g, expert_bytes(c))) < 0)
 		return r;
 	struct dlayer *cl;
 	if ((r = layer_get(g, lw, shared, &cl)) < 0)
@@ -325,20 +407,27 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	// the cuBLAS experts' scratch, grown now: in run() the device tier's
 	// slots are busy and cannot make room
 	{
-		size_t need_g = 0, need_x = 0, esz = c->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
+		size_t need_g = 0, need_x = 0, need_lo = 0, need_w = 0;
 		uint32_t nin = c->gated ? 2 : 1;
 
 		for (uint32_t e = 0; e <= E; e++) {
 			size_t m = e < E ? g->count[e] : shared ? n : 0;
 			uint32_t inter = e < E ? I : Is;
+			enum moe_dtype dt = e < E ? c->weight_dtype : c->shared_dtype;
+			size_t esz = dt == MOE_DTYPE_F32 ? 4 : 2;   // x as float32, or bf16 hi + lo
 
-			if (!m || !use_gemm(c, (uint32_t)m))
+			if (!m || !use_gemm(dt, (uint32_t)m))
 				continue;
 			need_g = std::max(need_g, m * nin * inter * sizeof(float));
 			need_x = std::max(need_x, m * std::max(H, inter) * esz);
+			if (esz == 2)
+				need_lo = std::max(need_lo, m * std::max(H, inter) * esz);
+			if (dt == MOE_DTYPE_FP8_E4M3_B128)
+				need_w = std::max(need_w, ((size_t)nin + 1) * inter * H * sizeof(__nv_bfloat16));
 		}
 		if (need_g && ((r = dgrow(g, &g->g_G, need_g)) < 0 || (r = dgrow(g, &g->g_xhi, need_x)) < 0 ||
-			       (esz == 2 && (r = dgrow(g, &g->g_xlo, need_x)) < 0)))
+			       (need_lo && (r = dgrow(g, &g->g_xlo, need_lo)) < 0) ||
+			       (need_w && ((r = dgrow(g, &g->g_whi, need_w)) < 0 || (r = dgrow(g, &g->g_wlo, need_w)) < 0))))
 			return r;
 	}
 	if (shared)
@@ -384,7 +473,7 @@ int run(struct gpu *g, const struct moe_layer_weights *lw, const uint8_t *ready,
 {
 	const struct moe_model_config *c = lw->cfg;
 	uint32_t E = c->num_experts;
-	uint64_t eb = expert_bytes(c, c->moe_intermediate_size);
+	uint64_t eb = expert_bytes(c);
 	struct moe_device_counters *dc = lw->dev;
 	struct dlayer *cl = &g->layers[g->cli];
 	uint32_t *list = g->list, nl = 0;

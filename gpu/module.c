@@ -9,6 +9,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 
 #include "engine/backend.h"
@@ -46,35 +47,42 @@ static int refuse(struct moe_err *err, const char *why)
 	return -ENOTSUP;
 }
 
+/* The dtypes the kernels of launch.cu read: an allowlist, so that a dtype
+ * added to the store later is refused here until it has kernels. */
+static bool cuda_dtype_ok(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_F32:
+	case MOE_DTYPE_BF16:
+	case MOE_DTYPE_F16:
+	case MOE_DTYPE_FP8_E4M3_B128:
+		return true;
+	default:
+		return false;
+	}
+}
+
 /*
  * What the kernels here do not compute, refused before the device is
  * touched, so that "auto" serves the model on the CPU with this reason and
- * "cuda" fails with it; never a wrong answer:
- *  - gpt_oss's expert biases and clamped SwiGLU (the streaming kernels and
- *    the cuBLAS path apply act(gate) * up and no bias);
- *  - FP8 block-scaled weights, and a shared expert in another dtype: the
- *    kernels of launch.cu read every expert, the shared one too, as
- *    weight_dtype elements of 4 or 2 bytes.
+ * "cuda" fails with it; never a wrong answer: expert weights (routed or
+ * shared) of a dtype not in cuda_dtype_ok.  Everything else the store
+ * holds is computed: every architecture's routing (router_sel.h), gpt_oss's
+ * expert biases and clamped SwiGLU, FP8 block-scaled experts, a shared
+ * expert in another dtype than the routed ones.
  * No engine symbol here (the module links none): names written out.
  */
 static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
 {
 	char why[256];
+	bool sh = cfg->shared_intermediate_size != 0;
 
-	if (cfg->has_expert_bias || cfg->act == MOE_ACT_SWIGLU_OAI) {
-		snprintf(why, sizeof(why), "the CUDA backend does not compute %s experts yet (expert "
-			 "biases, clamped SwiGLU): use the CPU backend",
-			 cfg->arch == MOE_ARCH_GPT_OSS ? "gpt_oss" : "these");
-		return refuse(err, why);
-	}
-	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
-	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype)))
-		return refuse(err, "the CUDA backend has no kernels for FP8 (fp8_e4m3_b128) expert weights "
-			      "yet (the CPU backend serves them; moectl pack --dtype bf16 dequantizes the "
-			      "checkpoint for the GPU)");
-	if (cfg->shared_intermediate_size && cfg->shared_dtype != cfg->weight_dtype) {
-		snprintf(why, sizeof(why), "the CUDA backend needs the shared expert in the routed "
-			 "experts' dtype (%d, not %d)", (int)cfg->weight_dtype, (int)cfg->shared_dtype);
+	if (!cuda_dtype_ok(cfg->weight_dtype) || (sh && !cuda_dtype_ok(cfg->shared_dtype))) {
+		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights of dtype %d "
+			 "(it computes f32, bf16, f16 and fp8_e4m3_b128): use the CPU backend, or moectl pack "
+			 "--dtype bf16 for a copy the GPU serves",
+			 cuda_dtype_ok(cfg->weight_dtype) ? "shared" : "routed",
+			 (int)(cuda_dtype_ok(cfg->weight_dtype) ? cfg->shared_dtype : cfg->weight_dtype));
 		return refuse(err, why);
 	}
 	return 0;

@@ -164,7 +164,7 @@ int layer_get(struct gpu *g, const struct moe_layer_weights *lw, bool need_share
 	}
 	if (need_shared && lw->shared && l->h_shared != lw->shared) {
 		l->h_shared = nullptr;
-		if ((r = dreplace(g, &l->shared, expert_bytes(c, c->shared_intermediate_size), lw->shared)) < 0)
+		if ((r = dreplace(g, &l->shared, shared_bytes(c), lw->shared)) < 0)
 			return r;
 		l->h_shared = lw->shared;
 	}

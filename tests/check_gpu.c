@@ -12,12 +12,16 @@
  * olmoe; deepseek_v2 greedy with scaling and group_limited_greedy;
  * deepseek_v3 with correction bias, groups, scaling and shared experts, up
  * to 256 experts, and with dropped groups masked; glm4_moe with GLM-4.5-Air's
- * routing, top-1 normalised, groups; gpt_oss with its biases and clamped
- * SwiGLU, which the CUDA backend must refuse at open, naming it, while the
- * logic below runs them with MOE_GPU_TEST_BACKEND=cpu), bfloat16, float32 and
- * float16 weights, SwiGLU, GELU-gated and plain ReLU experts, hidden sizes
- * that are not multiples of 16, and batches of 1024, 300, 64, 8, 3 and 1
- * tokens (each the first tokens of the same 1024):
+ * routing, top-1 normalised, groups; gpt_oss with its router bias, expert
+ * biases and clamped SwiGLU, inputs past the clamp), bfloat16, float32,
+ * float16 and FP8 block-scaled weights (DeepSeek-V3's 128 x 128 blocks,
+ * partial blocks, shared experts in FP8, and a release that quantized only
+ * the routed experts or only the shared ones), SwiGLU, GELU-gated and plain ReLU
+ * experts, hidden sizes that are not multiples of 16, and batches of 1024,
+ * 300, 64, 8, 3 and 1 tokens (each the first tokens of the same 1024).  A
+ * case with cuda_refuses is a model the CUDA backend must refuse at open,
+ * saying it has no kernels for its dtype, while the logic below runs it
+ * with MOE_GPU_TEST_BACKEND=cpu:
  *   - per token, the CUDA output is within a relative L2 error of 1e-3 of
  *     the CPU backend's, with the same experts in the same slots and
  *     weights within 1e-5 relative; a token whose selection is within 1e-6
@@ -101,6 +105,10 @@ struct gcase {
 	uint32_t ids_below;          /* nonzero: every chosen expert must be below this */
 	float x_scale;               /* inputs uniform in [-x_scale, x_scale); 0: 1 */
 	bool cuda_refuses;           /* the CUDA backend refuses the model at open */
+	/* FP8 only: the shared expert's (MIX_SHARED_BF16) or the routed experts'
+	 * (MIX_ROUTED_BF16) matrices taken from a bf16 twin of the checkpoint,
+	 * as a release that quantized one kind of expert only */
+	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
 };
 
 static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
@@ -143,9 +151,25 @@ static const struct gcase cases[] = {
 	{ "groups, unnormalised, two shared", MOE_ARCH_GLM4_MOE, MOE_DTYPE_F16, .H = 96, .I = 32,
 	  .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 2, .norm = 0, .rsf = 2.5f },
 	{ "gpt-oss-20b routing, inputs past the clamp", MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, .H = 96,
-	  .I = 40, .E = 32, .k = 4, .norm = -1, .x_scale = 8.0f, .cuda_refuses = true, .quick = true },
+	  .I = 40, .E = 32, .k = 4, .norm = -1, .x_scale = 8.0f, .quick = true },
 	{ "gpt-oss-120b routing, 128 experts", MOE_ARCH_GPT_OSS, MOE_DTYPE_F32, .H = 66, .I = 26,
-	  .E = 128, .k = 4, .norm = -1, .x_scale = 4.0f, .cuda_refuses = true },
+	  .E = 128, .k = 4, .norm = -1, .x_scale = 4.0f },
+	{ "gpt-oss, vector loads, cuBLAS at 1024 tokens", MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, .H = 128,
+	  .I = 64, .E = 8, .k = 2, .norm = -1, .x_scale = 8.0f },
+	/* FP8: gen-model --quant fp8, every MLP matrix quantized as DeepSeek-V3 is released */
+	{ "partial 128 x 128 blocks, scalar loads", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128, .H = 200,
+	  .I = 72, .E = 32, .k = 4, .n_group = 4, .topk_group = 2, .n_shared = 1, .norm = 1, .rsf = 2.5f,
+	  .quick = true },
+	{ "vector loads, partial row blocks, cuBLAS at 1024 tokens", MOE_ARCH_QWEN3_MOE,
+	  MOE_DTYPE_FP8_E4M3_B128, .H = 256, .I = 144, .E = 16, .k = 4, .norm = 1, .quick = true },
+	{ "FP8 shared expert, GLM-4.5-Air routing", MOE_ARCH_GLM4_MOE, MOE_DTYPE_FP8_E4M3_B128, .H = 128,
+	  .I = 48, .E = 32, .k = 4, .n_shared = 1, .norm = -1 },
+	{ "FP8 routed experts, bf16 shared expert", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128,
+	  .H = 256, .I = 144, .E = 16, .k = 4, .n_shared = 1, .norm = 1, .rsf = 2.5f,
+	  .mix = MIX_SHARED_BF16, .quick = true },
+	{ "bf16 routed experts, FP8 shared expert, H = 200", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128,
+	  .H = 200, .I = 64, .E = 16, .k = 4, .n_shared = 2, .norm = 1, .rsf = 2.5f,
+	  .mix = MIX_ROUTED_BF16 },
 };
 
 static bool quick;
@@ -291,7 +315,9 @@ static int run_open(struct run *r, const struct gcase *c)
 	snprintf(r->hf, sizeof(r->hf), "%s/hf", r->dir);
 	snprintf(r->store, sizeof(r->store), "%s/model.moe", r->dir);
 
-	moe_test_gen_small(c->arch, c->dtype, &opt);
+	/* FP8: a bf16 checkpoint whose MLP matrices gen-model quantizes */
+	moe_test_gen_small(c->arch, moe_dtype_is_blocked(c->dtype) ? MOE_DTYPE_BF16 : c->dtype, &opt);
+	opt.quant_fp8 = moe_dtype_is_blocked(c->dtype);
 	opt.seed = case_seed(c);
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;
@@ -317,6 +343,22 @@ static int run_open(struct run *r, const struct gcase *c)
 	if (rc < 0) {
 		fail(r, "gen-model failed: %d %s", rc, err.msg);
 		return -1;
+	}
+	if (c->mix) {
+		char twin[4096];
+
+		/* the same options and seed without quantization: the same weights in bf16 */
+		snprintf(twin, sizeof(twin), "%s/hf-bf16", r->dir);
+		opt.quant_fp8 = false;
+		rc = moe_gen_model(&opt, twin, NULL, NULL, &err);
+		if (rc < 0) {
+			fail(r, "gen-model (bf16 twin) failed: %d %s", rc, err.msg);
+			return -1;
+		}
+		if (moe_test_mix_checkpoint(r->hf, twin, c->mix == MIX_SHARED_BF16, why, sizeof(why)) < 0) {
+			fail(r, "%s", why);
+			return -1;
+		}
 	}
 	if (c->patch) {
 		c->patch(r->hf, LAYER, why, sizeof(why));
@@ -350,6 +392,18 @@ static int run_open(struct run *r, const struct gcase *c)
 		fail(r, "CPU engine open failed: %d %s", rc, err.msg);
 		return -1;
 	}
+	{
+		/* the store holds the dtypes asked for (else the case tests nothing) */
+		const struct moe_model_config *mc = moe_engine_config(r->cpu);
+		enum moe_dtype wr = c->mix == MIX_ROUTED_BF16 ? MOE_DTYPE_BF16 : c->dtype;
+		enum moe_dtype ws = c->mix == MIX_SHARED_BF16 ? MOE_DTYPE_BF16 : c->dtype;
+
+		if (mc->weight_dtype != wr || (c->n_shared && mc->shared_dtype != ws)) {
+			fail(r, "the store's experts are %s, shared %s: not the dtypes asked for",
+			     moe_dtype_name(mc->weight_dtype), moe_dtype_name(mc->shared_dtype));
+			return -1;
+		}
+	}
 	eo.backend = dev_name;
 	rc = moe_engine_open(r->store, &eo, &r->dev, &err);
 	if (c->cuda_refuses && !strcmp(dev_name, "cuda")) {
@@ -357,7 +411,7 @@ static int run_open(struct run *r, const struct gcase *c)
 			fail(r, "the CUDA backend opened a model it cannot compute");
 			return -1;
 		}
-		if (!strstr(err.msg, "does not compute gpt_oss")) {
+		if (!strstr(err.msg, "has no kernels for")) {
 			fail(r, "the CUDA backend refused with \"%s\", not the reason", err.msg);
 			return -1;
 		}

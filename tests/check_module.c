@@ -5,7 +5,8 @@
  * another version, another ops size or none (fake_module.c, whose ops
  * abort if called) is refused when it is opened, with a message that
  * names the module and both versions, and "auto" falls back to the CPU
- * and gives that message as its reason.
+ * and gives that message as its reason.  The real CUDA module refuses the
+ * expert dtypes it has no kernels for, and accepts the others.
  */
 #include "config.h"
 
@@ -119,10 +120,12 @@ START_TEST(refuses_module_without_version)
 END_TEST
 
 /* The real CUDA module ($MOE_BACKEND_DIR as the test harness sets it)
- * refuses a model with FP8 experts, or an FP8 shared expert, by its
- * supports entry, before it looks for a device (so this runs without a
- * GPU): "cuda" fails saying why, "auto" serves it on the CPU saying why. */
-START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
+ * refuses a model whose routed experts, or whose shared expert, are of a
+ * dtype it has no kernels for (an allowlist: dtypes 4 and 5, MXFP4 and
+ * int4 in other builds, and anything later), by its supports entry, before
+ * it looks for a device (so this runs without a GPU): "cuda" fails saying
+ * why, "auto" serves it on the CPU saying why. */
+START_TEST(cuda_module_refuses_unknown_dtypes_before_the_device)
 {
 	const char *dir = getenv("MOE_BACKEND_DIR");
 	struct moe_model_config cfg = {
@@ -131,41 +134,56 @@ START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
 		.n_shared_experts = 1, .shared_intermediate_size = 128,
 		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC, .has_bias = true,
 		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
-		.weight_dtype = MOE_DTYPE_FP8_E4M3_B128, .shared_dtype = MOE_DTYPE_FP8_E4M3_B128,
+		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16,
 	};
 	struct moe_backend_options o = { .threads = 1, .model = &cfg };
 	char path[PATH_MAX];
 
 	snprintf(path, sizeof(path), "%s/moe-backend-cuda.so", dir ? dir : "");
 	if (!dir || access(path, R_OK) != 0) {
-		printf("no CUDA module at %s: its FP8 refusal is not tested\n", path);
+		printf("no CUDA module at %s: its dtype refusal is not tested\n", path);
 		return;
 	}
-	for (int shared_only = 0; shared_only < 2; shared_only++) {
-		struct moe_backend *be = NULL;
-		struct moe_err err = { 0 };
-		int r;
+	for (int dt = 4; dt <= 5; dt++)
+		for (int shared_only = 0; shared_only < 2; shared_only++) {
+			struct moe_backend *be = NULL;
+			struct moe_err err = { 0 };
+			char num[32];
+			int r;
 
-		cfg.weight_dtype = shared_only ? MOE_DTYPE_BF16 : MOE_DTYPE_FP8_E4M3_B128;
-		r = moe_backend_open("cuda", &o, &be, &err);
-		ck_assert_msg(r == -ENOTSUP, "cuda on FP8 gave %d (%s), not -ENOTSUP", r, err.msg);
-		ck_assert_ptr_null(be);
-		ck_assert_msg(strstr(err.msg, "no kernels for FP8"), "the reason: %s", err.msg);
-		r = moe_backend_open("auto", &o, &be, &err);
-		ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
-		ck_assert_str_eq(be->ops->name, "cpu");
-		ck_assert_msg(strstr(be->reason, "no kernels for FP8"), "the fallback reason: %s", be->reason);
-		moe_backend_close(be);
-	}
+			cfg.weight_dtype = shared_only ? MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)dt;
+			cfg.shared_dtype = (enum moe_dtype)dt;
+			snprintf(num, sizeof(num), "dtype %d", dt);
+			r = moe_backend_open("cuda", &o, &be, &err);
+			ck_assert_msg(r == -ENOTSUP, "cuda on dtype %d gave %d (%s), not -ENOTSUP", dt, r, err.msg);
+			ck_assert_ptr_null(be);
+			ck_assert_msg(strstr(err.msg, "no kernels for") && strstr(err.msg, num) &&
+				      strstr(err.msg, shared_only ? "shared" : "routed"), "the reason: %s", err.msg);
+			r = moe_backend_open("auto", &o, &be, &err);
+			ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
+			ck_assert_str_eq(be->ops->name, "cpu");
+			ck_assert_msg(strstr(be->reason, "no kernels for"), "the fallback reason: %s", be->reason);
+			moe_backend_close(be);
+		}
 }
 END_TEST
 
-/* Likewise gpt_oss (expert biases and the clamped SwiGLU, which its kernels
- * do not compute): refused by supports, before any device is looked for. */
-START_TEST(cuda_module_refuses_gpt_oss_before_the_device)
+/* What the CUDA backend computes passes its supports entry: FP8 experts, a
+ * shared expert in FP8 with bf16 routed ones and the other way round, and
+ * gpt_oss's biased experts.  Without a device the open then fails for want
+ * of one (-ENODEV), never -ENOTSUP; with one it opens (after its
+ * self-test). */
+START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
 {
 	const char *dir = getenv("MOE_BACKEND_DIR");
-	struct moe_model_config cfg = {
+	const struct moe_model_config base = {
+		.arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 256, .moe_intermediate_size = 128,
+		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.n_shared_experts = 1, .shared_intermediate_size = 128,
+		.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC, .has_bias = true,
+		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+	};
+	const struct moe_model_config oss = {
 		.arch = MOE_ARCH_GPT_OSS, .hidden_size = 64, .moe_intermediate_size = 16,
 		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
 		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .has_bias = true,
@@ -173,27 +191,40 @@ START_TEST(cuda_module_refuses_gpt_oss_before_the_device)
 		.swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
 		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16,
 	};
-	struct moe_backend_options o = { .threads = 1, .model = &cfg };
-	struct moe_backend *be = NULL;
-	struct moe_err err = { 0 };
+	const enum moe_dtype pairs[][2] = {
+		{ MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_FP8_E4M3_B128 },
+		{ MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_BF16 },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_FP8_E4M3_B128 },
+	};
 	char path[PATH_MAX];
-	int r;
 
 	snprintf(path, sizeof(path), "%s/moe-backend-cuda.so", dir ? dir : "");
 	if (!dir || access(path, R_OK) != 0) {
-		printf("no CUDA module at %s: its gpt_oss refusal is not tested\n", path);
+		printf("no CUDA module at %s: what it accepts is not tested\n", path);
 		return;
 	}
-	r = moe_backend_open("cuda", &o, &be, &err);
-	ck_assert_msg(r == -ENOTSUP, "cuda on gpt_oss gave %d (%s), not -ENOTSUP", r, err.msg);
-	ck_assert_ptr_null(be);
-	ck_assert_msg(strstr(err.msg, "does not compute gpt_oss experts"), "the reason: %s", err.msg);
-	r = moe_backend_open("auto", &o, &be, &err);
-	ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
-	ck_assert_str_eq(be->ops->name, "cpu");
-	ck_assert_msg(strstr(be->reason, "does not compute gpt_oss experts"), "the fallback reason: %s",
-		      be->reason);
-	moe_backend_close(be);
+	for (size_t i = 0; i <= sizeof(pairs) / sizeof(pairs[0]); i++) {
+		struct moe_model_config cfg = i < sizeof(pairs) / sizeof(pairs[0]) ? base : oss;
+		struct moe_backend_options o = { .threads = 1, .model = &cfg };
+		struct moe_backend *be = NULL;
+		struct moe_err err = { 0 };
+		int r;
+
+		if (i < sizeof(pairs) / sizeof(pairs[0])) {
+			cfg.weight_dtype = pairs[i][0];
+			cfg.shared_dtype = pairs[i][1];
+		}
+		r = moe_backend_open("cuda", &o, &be, &err);
+		ck_assert_msg(r != -ENOTSUP && !strstr(err.msg, "no kernels"),
+			      "cuda refused %s (%s routed, %s shared): %d %s", moe_arch_name(cfg.arch),
+			      moe_dtype_name(cfg.weight_dtype), moe_dtype_name(cfg.shared_dtype), r, err.msg);
+		if (r == 0) {
+			ck_assert_str_eq(be->ops->name, "cuda");
+			moe_backend_close(be);
+		} else {
+			ck_assert_int_eq(r, -ENODEV);
+		}
+	}
 }
 END_TEST
 
@@ -205,8 +236,8 @@ int main(void)
 	tcase_add_test(tc, refuses_module_of_another_version);
 	tcase_add_test(tc, refuses_module_of_another_ops_size);
 	tcase_add_test(tc, refuses_module_without_version);
-	tcase_add_test(tc, cuda_module_refuses_fp8_experts_before_the_device);
-	tcase_add_test(tc, cuda_module_refuses_gpt_oss_before_the_device);
+	tcase_add_test(tc, cuda_module_refuses_unknown_dtypes_before_the_device);
+	tcase_add_test(tc, cuda_module_accepts_fp8_and_gpt_oss);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "check-module");
 }

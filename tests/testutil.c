@@ -347,6 +347,79 @@ int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, siz
 	return rc;
 }
 
+int moe_test_mix_checkpoint(const char *dir, const char *bf16_dir, bool shared, char *why, size_t why_len)
+{
+	const char *which = shared ? ".mlp.shared_experts." : ".mlp.experts.";
+	struct moe_st_checkpoint *q = NULL, *h = NULL;
+	struct moe_st_writer *w = NULL;
+	struct moe_err err = { 0 };
+	char path[4096], tmp[4096];
+	const struct moe_st_tensor **src = NULL;
+	size_t n = 0;
+	void *buf = NULL;
+	int rc = -1;
+
+	if (moe_st_checkpoint_open(dir, &q, &err) < 0 || moe_st_checkpoint_open(bf16_dir, &h, &err) < 0)
+		goto fail;
+	src = calloc(q->n_tensors, sizeof(*src));
+	if (!src) {
+		snprintf(why, why_len, "out of memory");
+		goto out;
+	}
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	snprintf(tmp, sizeof(tmp), "%s/model.safetensors.mix", dir);
+	if (moe_st_writer_new(tmp, &w, &err) < 0)
+		goto fail;
+	for (size_t i = 0; i < q->n_tensors; i++) {
+		const struct moe_st_tensor *t = &q->tensors[i];
+		bool swap = strstr(t->name, which) != NULL;
+
+		if (swap && strstr(t->name, "_scale_inv"))
+			continue;
+		if (swap && !(t = moe_st_find(h, t->name))) {
+			snprintf(why, why_len, "mix: %s is not in the bf16 checkpoint", q->tensors[i].name);
+			goto out;
+		}
+		if (moe_st_writer_declare(w, t->name, !strcmp(t->st_dtype, "F8_E4M3") ? MOE_DTYPE_FP8_E4M3_B128
+										     : (enum moe_dtype)t->dtype,
+					  t->ndim, t->shape, &err) < 0)
+			goto fail;
+		src[n++] = t;
+	}
+	if (moe_st_writer_begin(w, &err) < 0)
+		goto fail;
+	for (size_t i = 0; i < n; i++) {
+		bool from_h = strstr(src[i]->name, which) != NULL;
+
+		free(buf);
+		if (!(buf = malloc(src[i]->nbytes ? src[i]->nbytes : 1))) {
+			snprintf(why, why_len, "out of memory");
+			goto out;
+		}
+		if (moe_st_read(from_h ? h : q, src[i], 0, buf, src[i]->nbytes, &err) < 0 ||
+		    moe_st_writer_write(w, buf, src[i]->nbytes, &err) < 0)
+			goto fail;
+	}
+	rc = moe_st_writer_finish(w, &err);
+	w = NULL;           /* freed either way */
+	if (rc < 0)
+		goto fail;
+	rc = rename(tmp, path);
+	if (rc < 0)
+		snprintf(why, why_len, "mix: rename %s: %s", tmp, strerror(errno));
+	goto out;
+fail:
+	rc = -1;
+	snprintf(why, why_len, "mix: %s", err.msg);
+out:
+	moe_st_writer_abort(w);
+	free(buf);
+	free(src);
+	moe_st_checkpoint_close(q);
+	moe_st_checkpoint_close(h);
+	return rc;
+}
+
 char *moe_test_gen(struct moe_gen_options *o, const char *tag)
 {
 	char *dir = moe_test_tmpdir(tag);

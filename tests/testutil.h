@@ -114,4 +114,13 @@ void moe_test_model_free(struct moe_test_model *m);
  */
 int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
 
+/*
+ * The FP8 checkpoint (gen-model quant_fp8, one model.safetensors) in @dir
+ * with the shared experts' (@shared) or the routed experts' matrices taken
+ * from the bf16 checkpoint of the same options in @bf16_dir, their scales
+ * dropped: a release that quantized one kind of expert only.  0, or -1
+ * with the reason in @why.
+ */
+int moe_test_mix_checkpoint(const char *dir, const char *bf16_dir, bool shared, char *why, size_t why_len);
+
 #endif
