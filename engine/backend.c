@@ -119,28 +119,33 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 	return r;
 }
 
-/* The CUDA backend, once it has passed the self-test on a throwaway
- * instance (so that the test leaves no state in the one that serves); once
- * per process: the device does not change under it. */
+static uint32_t st_needed(const struct moe_model_config *model);
+static int st_run_mask(struct moe_backend *be, uint32_t mask, struct moe_err *err);
+
+/* The CUDA backend, once it has passed the self-test layers @opt's model
+ * needs, on a throwaway instance (so that the test leaves no state in the
+ * one that serves); each layer once per process: the device does not change
+ * under it. */
 static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_backend **ret,
 			     struct moe_err *err)
 {
-	static bool passed;
+	static uint32_t passed;
 	struct moe_backend_options small = opt ? *opt : (struct moe_backend_options){ 0 };
+	uint32_t todo = st_needed(opt ? opt->model : NULL) & ~__atomic_load_n(&passed, __ATOMIC_ACQUIRE);
 	struct moe_backend *be;
 	int r;
 
-	if (__atomic_load_n(&passed, __ATOMIC_ACQUIRE))
+	if (!todo)
 		return cuda_open(opt, ret, err);
 	small.device_bytes = 64u << 20;
 	r = cuda_open(&small, &be, err);
 	if (r < 0)
 		return r;
-	r = moe_backend_selftest(be, err);
+	r = st_run_mask(be, todo, err);
 	moe_backend_close(be);
 	if (r < 0)
 		return r;
-	__atomic_store_n(&passed, true, __ATOMIC_RELEASE);
+	__atomic_fetch_or(&passed, todo, __ATOMIC_ACQ_REL);
 	return cuda_open(opt, ret, err);
 }
 
@@ -151,14 +156,15 @@ static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_b
  * experts must agree and its output be within a relative L2 of 1e-3.  A
  * backend that has never been checked on this machine's device (a new GPU,
  * a new driver) proves itself before it serves, on every kind of layer it
- * computes: each dtype it reads (bf16, f32, FP8 with partial 128 x 128
- * blocks), a shared expert in another dtype than the routed ones (both
+ * computes that the model needs (st_needed()): each dtype it reads (bf16,
+ * f32, FP8 with partial 128 x 128 blocks), a shared expert in another dtype than the routed ones (both
  * ways), shapes that are and are not multiples of 16 (vector and scalar
  * loads), gpt_oss's biases and clamped SwiGLU past the clamp, and the
  * routing rules of softmax, sigmoid with correction bias, and gpt_oss.
  * Expert 0 takes every token, so that a large batch reaches the products
  * of many tokens per expert (the CUDA backend's cuBLAS path) as well as
  * the small ones.  MOE_BACKEND_SELFTEST_FAULT=1 perturbs @be's output
+ * in every case, =TEXT in the cases whose description contains TEXT
  * (tests).
  */
 #define ST_TOKENS 200
@@ -430,9 +436,34 @@ out:
 	return r;
 }
 
-int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
+static bool st_uses(const struct moe_model_config *c, enum moe_dtype dt)
 {
-	const bool fault = getenv("MOE_BACKEND_SELFTEST_FAULT") && !strcmp(getenv("MOE_BACKEND_SELFTEST_FAULT"), "1");
+	return c->weight_dtype == dt || (c->shared_intermediate_size && c->shared_dtype == dt);
+}
+
+/* The self-test cases @model needs, as a mask of st_cases indices (all
+ * with NULL): a case of FP8 weights only for a model that reads FP8, a
+ * gpt_oss case only for gpt_oss; the plain ones always. */
+static uint32_t st_needed(const struct moe_model_config *model)
+{
+	uint32_t mask = 0;
+
+	_Static_assert(sizeof(st_cases) / sizeof(st_cases[0]) <= 32, "self-test cases fit a mask");
+	for (uint32_t i = 0; i < sizeof(st_cases) / sizeof(st_cases[0]); i++) {
+		const struct moe_model_config *c = &st_cases[i].cfg;
+
+		if (model && st_uses(c, MOE_DTYPE_FP8_E4M3_B128) && !st_uses(model, MOE_DTYPE_FP8_E4M3_B128))
+			continue;
+		if (model && c->arch == MOE_ARCH_GPT_OSS && model->arch != MOE_ARCH_GPT_OSS)
+			continue;
+		mask |= 1u << i;
+	}
+	return mask;
+}
+
+static int st_run_mask(struct moe_backend *be, uint32_t mask, struct moe_err *err)
+{
+	const char *fault = getenv("MOE_BACKEND_SELFTEST_FAULT");
 	struct moe_backend_options o = { .threads = 1 };
 	struct moe_backend *cpu = NULL;
 	int r;
@@ -441,9 +472,22 @@ int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
 	if (r < 0)
 		return r;
 	for (uint32_t i = 0; i < sizeof(st_cases) / sizeof(st_cases[0]) && r == 0; i++)
-		r = st_run(be, cpu, &st_cases[i], i, fault, err);
+		if (mask & (1u << i))
+			r = st_run(be, cpu, &st_cases[i], i,
+				   fault && (!strcmp(fault, "1") || strstr(st_cases[i].what, fault)), err);
 	moe_backend_close(cpu);
 	return r;
+}
+
+int moe_backend_selftest_model(struct moe_backend *be, const struct moe_model_config *model,
+			       struct moe_err *err)
+{
+	return st_run_mask(be, st_needed(model), err);
+}
+
+int moe_backend_selftest(struct moe_backend *be, struct moe_err *err)
+{
+	return moe_backend_selftest_model(be, NULL, err);
 }
 
 int moe_backend_open(const char *name, const struct moe_backend_options *opt,

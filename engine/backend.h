@@ -242,12 +242,20 @@ int moe_backend_open(const char *name, const struct moe_backend_options *opt,
 void moe_backend_close(struct moe_backend *be);
 
 /*
- * Run a small layer (softmax routing, bf16 SwiGLU experts, 3 and 200
- * tokens, one expert taking every token) through @be and through the CPU
- * backend: 0 when every token's experts agree and its output is within a
- * relative L2 of 1e-3; -EIO with the first difference in @err otherwise.
- * moe_backend_open() runs it on the CUDA backend before it serves.
+ * The self-test: small layers run through @be and through the CPU backend
+ * (3 and 200 tokens, one expert taking every token): 0 when every token's
+ * experts agree and its output is within a relative L2 of 1e-3; -EIO with
+ * the first difference in @err otherwise.  With @model, only the layers of
+ * the kinds @model needs (a bf16 layer always; FP8 layers if @model reads
+ * FP8; gpt_oss layers if it is gpt_oss), so that a device kernel that fails
+ * for one format does not take the device from models that do not use it;
+ * with NULL, every layer.  moe_backend_open() runs it on the CUDA backend
+ * before it serves, once per kind per process.
  */
+int moe_backend_selftest_model(struct moe_backend *be, const struct moe_model_config *model,
+			       struct moe_err *err);
+
+/* moe_backend_selftest_model(@be, NULL, @err): every kind of layer. */
 int moe_backend_selftest(struct moe_backend *be, struct moe_err *err);
 
 #endif

@@ -228,6 +228,59 @@ START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
 }
 END_TEST
 
+/*
+ * The self-test runs the layers the model needs, and only those: checked
+ * on the CPU backend standing in for a device one, with
+ * MOE_BACKEND_SELFTEST_FAULT spoiling one kind of layer.  A bf16 model
+ * must not be failed by a spoiled FP8 or gpt_oss layer (so a broken FP8
+ * kernel cannot take the device from it); an FP8 model and a gpt_oss one
+ * must be, naming the layer; an unspoiled run passes.
+ */
+START_TEST(selftest_runs_the_layers_the_model_needs)
+{
+	const struct moe_model_config bf16 = {
+		.arch = MOE_ARCH_QWEN3_MOE, .hidden_size = 64, .moe_intermediate_size = 32,
+		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .gated = true,
+		.act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16,
+	};
+	struct moe_model_config fp8 = bf16, fp8_shared = bf16, oss = bf16;
+	struct moe_backend_options o = { .threads = 1 };
+	struct moe_backend *cpu = NULL;
+	struct moe_err err = { 0 };
+
+	fp8.weight_dtype = MOE_DTYPE_FP8_E4M3_B128;
+	fp8_shared.n_shared_experts = 1;
+	fp8_shared.shared_intermediate_size = 32;
+	fp8_shared.shared_dtype = MOE_DTYPE_FP8_E4M3_B128;
+	oss.arch = MOE_ARCH_GPT_OSS;
+	ck_assert_int_eq(moe_backend_open("cpu", &o, &cpu, &err), 0);
+
+	unsetenv("MOE_BACKEND_SELFTEST_FAULT");
+	ck_assert_msg(moe_backend_selftest(cpu, &err) == 0, "clean self-test failed: %s", err.msg);
+
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "FP8", 1);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &bf16, &err) == 0, "bf16 model ran FP8 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &oss, &err) == 0, "gpt_oss model ran FP8 layers: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &fp8, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, "FP8"), "the failure names the layer: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &fp8_shared, &err), -EIO);
+	ck_assert_int_eq(moe_backend_selftest(cpu, &err), -EIO);
+
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "gpt_oss", 1);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &bf16, &err) == 0, "bf16 model ran gpt_oss layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &fp8, &err) == 0, "FP8 model ran gpt_oss layers: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &oss, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, "gpt_oss"), "the failure names the layer: %s", err.msg);
+
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "1", 1);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &bf16, &err), -EIO);
+	unsetenv("MOE_BACKEND_SELFTEST_FAULT");
+	moe_backend_close(cpu);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("backend module");
@@ -238,6 +291,7 @@ int main(void)
 	tcase_add_test(tc, refuses_module_without_version);
 	tcase_add_test(tc, cuda_module_refuses_unknown_dtypes_before_the_device);
 	tcase_add_test(tc, cuda_module_accepts_fp8_and_gpt_oss);
+	tcase_add_test(tc, selftest_runs_the_layers_the_model_needs);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "check-module");
 }
