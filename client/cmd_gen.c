@@ -194,9 +194,12 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 		return 0;
 	}
 	case O_QUANT:
-		if (strcmp(v, "fp8"))
-			return moectl_fail("%s: unknown quantization '%s' (fp8)", name, v), -EINVAL;
-		o->quant_fp8 = true;
+		if (!strcmp(v, "fp8"))
+			o->quant_fp8 = true;
+		else if (!strcmp(v, "mxfp4"))
+			o->quant_mxfp4 = true;
+		else
+			return moectl_fail("%s: unknown quantization '%s' (fp8, mxfp4)", name, v), -EINVAL;
 		return 0;
 	case O_SKEW: {
 		char *end;

@@ -62,6 +62,10 @@ struct moe_gen_options {
 					    and expert matrix F8_E4M3 with a float32
 					    weight_scale_inv per 128 x 128 block, and
 					    quantization_config in config.json */
+	bool quant_mxfp4;                /* gpt_oss only: the experts in MXFP4 as
+					    gpt-oss is released (*_blocks, *_scales
+					    U8, gate and up rows interleaved), and
+					    quantization_config in config.json */
 };
 
 /*
