@@ -486,7 +486,7 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 		     (pk.m->shared_mixed_tensor[0] && moe_dtype_is_blocked(pk.m->shared_mixed_dtype))))) {
 			r = moe_err_set(err, -EINVAL, "%s: --quantize fp8: the checkpoint is already "
 					"quantized (%s); pack it without --quantize to keep its bytes",
-					hf_dir, moe_dtype_name(pk.m->expert_dtype));
+					hf_dir, pk.m->expert_dtype == MOE_DTYPE_MXFP4 ? "MXFP4" : "FP8");
 			goto out;
 		}
 		if (cfg.has_expert_bias) {
