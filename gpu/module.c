@@ -68,10 +68,14 @@ static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err
 		return refuse(err, why);
 	}
 	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
-	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype)))
-		return refuse(err, "the CUDA backend has no kernels for FP8 (fp8_e4m3_b128) expert weights "
-			      "yet (the CPU backend serves them; moectl pack --dtype bf16 dequantizes the "
-			      "checkpoint for the GPU)");
+	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype))) {
+		bool mx = cfg->weight_dtype == MOE_DTYPE_MXFP4 || cfg->shared_dtype == MOE_DTYPE_MXFP4;
+
+		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights yet (the "
+			 "CPU backend serves them; moectl pack --dtype bf16 dequantizes the checkpoint "
+			 "for the GPU)", mx ? "MXFP4 (mxfp4)" : "FP8 (fp8_e4m3_b128)");
+		return refuse(err, why);
+	}
 	if (cfg->shared_intermediate_size && cfg->shared_dtype != cfg->weight_dtype) {
 		snprintf(why, sizeof(why), "the CUDA backend needs the shared expert in the routed "
 			 "experts' dtype (%d, not %d)", (int)cfg->weight_dtype, (int)cfg->shared_dtype);

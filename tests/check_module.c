@@ -157,6 +157,17 @@ START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
 		ck_assert_msg(strstr(be->reason, "no kernels for FP8"), "the fallback reason: %s", be->reason);
 		moe_backend_close(be);
 	}
+	/* MXFP4 too (a store can hold it without gpt_oss's biases) */
+	{
+		struct moe_backend *be = NULL;
+		struct moe_err err = { 0 };
+		int r;
+
+		cfg.weight_dtype = cfg.shared_dtype = MOE_DTYPE_MXFP4;
+		r = moe_backend_open("cuda", &o, &be, &err);
+		ck_assert_msg(r == -ENOTSUP, "cuda on MXFP4 gave %d (%s), not -ENOTSUP", r, err.msg);
+		ck_assert_msg(strstr(err.msg, "no kernels for MXFP4"), "the reason: %s", err.msg);
+	}
 }
 END_TEST
 
