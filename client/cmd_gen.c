@@ -111,6 +111,9 @@ static void gen_usage(FILE *f)
 	      "                          matrix F8_E4M3 with a float32 weight_scale_inv per\n"
 	      "                          128x128 block (max |w| / 448), quantization_config\n"
 	      "                          in config.json; the rest in --dtype\n"
+	      "  --quant mxfp4           gpt_oss only: the experts in MXFP4 as gpt-oss is released\n"
+	      "                          (*_blocks, *_scales U8, gate/up rows interleaved; per 32\n"
+	      "                          values scale 2^(floor(log2 max|w|) - 2), nearest e2m1)\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
