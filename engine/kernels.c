@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "kernels_mxfp4.h"
 #include "model.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -876,8 +877,8 @@ void moe_kern_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t K,
 	uint64_t so, sb, a, b;
 	size_t es = moe_dtype_size(dt);
 
-	if (dt == MOE_DTYPE_MXFP4) {     /* resident as stored */
-		memcpy((char *)dst + b0, src, nb);
+	if (dt == MOE_DTYPE_MXFP4) {
+		moe_kern_mxfp4_pack_bytes(src, N, K, b0, nb, dst);
 		return;
 	}
 	if (dt != MOE_DTYPE_FP8_E4M3_B128) {
@@ -931,8 +932,8 @@ void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void 
 	const char *s = src;
 	char *d = dst;
 
-	if (dt == MOE_DTYPE_MXFP4) {             /* resident as stored */
-		memcpy(dst, src, moe_matrix_bytes(dt, N, K));
+	if (dt == MOE_DTYPE_MXFP4) {
+		moe_kern_mxfp4_pack_bytes(src, N, K, 0, moe_matrix_bytes(dt, N, K), dst);
 		return;
 	}
 	if (dt == MOE_DTYPE_FP8_E4M3_B128) {     /* the scales, then the codes as bytes */

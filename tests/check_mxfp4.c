@@ -153,12 +153,14 @@ START_TEST(kernels_match_float64_and_the_canonical_order)
 	for (size_t ki = 0; ki < sizeof(Ks) / sizeof(Ks[0]); ki++) {
 		size_t K = Ks[ki];
 		uint8_t *M = random_matrix(N, K, &seed, 0);
-		const uint8_t *S = M + moe_mxfp4_scales_offset(N, K);
+		uint8_t *P = malloc(moe_kern_packed_bytes(MOE_DTYPE_MXFP4, N, K));
+		const uint8_t *S = P + moe_mxfp4_scales_offset(N, K);
 		float *x = malloc(nt * K * sizeof(float)), *y = malloc(N * nt * sizeof(float));
 		const float *xs[9];
 		int ran = 0;
 
-		ck_assert(x && y);
+		ck_assert(x && y && P);
+		moe_kern_pack(MOE_DTYPE_MXFP4, M, N, K, P);
 		for (size_t i = 0; i < nt * K; i++)
 			x[i] = (float)moe_test_randf(&seed);
 		for (size_t t = 0; t < nt; t++)
@@ -171,7 +173,7 @@ START_TEST(kernels_match_float64_and_the_canonical_order)
 			if (!fn)
 				continue;
 			ran++;
-			fn(M, S, K, N, xs, nt, y, N);
+			fn(P, S, K, N, xs, nt, y, N);
 			for (size_t t = 0; t < nt; t++)
 				for (size_t r = 0; r < N; r++) {
 					double ref = 0, mag = 0;
@@ -189,7 +191,7 @@ START_TEST(kernels_match_float64_and_the_canonical_order)
 					ck_assert_msg(memcmp(&want, &y[t * N + r], 4) == 0,
 						      "%s K=%zu row %zu token %zu: %.9g, canonical order %.9g",
 						      name, K, r, t, (double)y[t * N + r], (double)want);
-					fn(M + r * (K / 2), S + r * (K / 32), K, 1, &xs[t], 1, &one, 1);
+					fn(P + r * (K / 2), S + r * (K / 32), K, 1, &xs[t], 1, &one, 1);
 					ck_assert_msg(memcmp(&one, &y[t * N + r], 4) == 0,
 						      "%s K=%zu row %zu token %zu: alone %.9g in tile %.9g",
 						      name, K, r, t, (double)one, (double)y[t * N + r]);
@@ -197,6 +199,7 @@ START_TEST(kernels_match_float64_and_the_canonical_order)
 		}
 		ck_assert_int_ge(ran, 1);
 		free(M);
+		free(P);
 		free(x);
 		free(y);
 	}
@@ -211,21 +214,24 @@ START_TEST(extreme_scales_and_nan)
 	const size_t N = 5, K = 64;
 	uint64_t seed = 3;
 	uint8_t *M = random_matrix(N, K, &seed, 1);
-	uint8_t *S = M + moe_mxfp4_scales_offset(N, K);
+	uint8_t *P = malloc(moe_kern_packed_bytes(MOE_DTYPE_MXFP4, N, K));
+	uint8_t *S = P + moe_mxfp4_scales_offset(N, K);
 	float x[64], y[5], ys[5], one;
 	const float *xs[1] = { x };
 	uint8_t keep;
 
+	ck_assert(P);
+	moe_kern_pack(MOE_DTYPE_MXFP4, M, N, K, P);
 	for (size_t k = 0; k < K; k++)
 		x[k] = (float)moe_test_randf(&seed);
-	moe_kern_get_mxfp4(MOE_KERN_SCALAR)(M, S, K, N, xs, 1, ys, 1);
+	moe_kern_get_mxfp4(MOE_KERN_SCALAR)(P, S, K, N, xs, 1, ys, 1);
 	for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
 		moe_kern_dot_rows_mxfp4_fn fn = moe_kern_get_mxfp4((enum moe_kern_isa)isa);
 		int W = isa >= MOE_KERN_AVX512 ? 16 : 8;
 
 		if (!fn)
 			continue;
-		fn(M, S, K, N, xs, 1, y, 1);
+		fn(P, S, K, N, xs, 1, y, 1);
 		for (size_t r = 0; r < N; r++) {
 			float want = canonical(M, N, K, r, x, W);
 
@@ -237,17 +243,20 @@ START_TEST(extreme_scales_and_nan)
 		}
 		keep = S[1];
 		S[1] = 255;             /* row 0's second block: NaN */
-		fn(M, S, K, 1, xs, 1, &one, 1);
+		fn(P, S, K, 1, xs, 1, &one, 1);
 		ck_assert_msg(isnan(one), "%s: the NaN scale gives %g",
 			      moe_kern_isa_name((enum moe_kern_isa)isa), (double)one);
 		S[1] = keep;
 	}
 	free(M);
+	free(P);
 }
 END_TEST
 
-/* The resident layout is the store's: packing (whole or in pieces) copies,
- * and packed_at from any row gives the rows' bits. */
+/* The resident layout (kernels.h): scales as stored, each group of 16
+ * values with its even values' nibbles in bytes 0..3 and its odd ones' in
+ * 4..7; packing in pieces, in any order, gives the bytes of packing it
+ * whole; packed_at from any row gives the rows' bits. */
 START_TEST(resident_layout_and_packed_at)
 {
 	const size_t N = 13, K = 96, nt = 3;
@@ -262,11 +271,20 @@ START_TEST(resident_layout_and_packed_at)
 	for (size_t i = 0; i < nt * K; i++)
 		x[i] = (float)moe_test_randf(&seed);
 	moe_kern_pack(MOE_DTYPE_MXFP4, M, N, K, P);
-	ck_assert(memcmp(M, P, mb) == 0);
-	for (size_t p = 0; p + 1 < sizeof(cut) / sizeof(cut[0]); p++)
+	ck_assert(memcmp(M + N * K / 2, P + N * K / 2, mb - N * K / 2) == 0);
+	for (size_t r = 0; r < N; r++)
+		for (size_t k = 0; k < K; k++) {
+			size_t g = r * K / 2 + k / 16 * 8, m = k % 16 / 2;
+			unsigned want = M[r * K / 2 + k / 2] >> (k % 2 * 4) & 15u;
+			unsigned got = P[g + k % 2 * 4 + m / 2] >> (m % 2 * 4) & 15u;
+
+			ck_assert_msg(got == want, "row %zu value %zu: nibble %u, stored %u", r, k, got, want);
+		}
+	memset(Q, 0xa5, mb);     /* every byte is written */
+	for (size_t p = sizeof(cut) / sizeof(cut[0]) - 1; p-- > 0;)
 		moe_kern_pack_bytes(MOE_DTYPE_MXFP4, M + cut[p], N, K, cut[p], cut[p + 1] - cut[p], Q);
-	ck_assert(memcmp(M, Q, mb) == 0);
-	moe_kern_get_mxfp4(moe_kern_active())(M, M + moe_mxfp4_scales_offset(N, K), K, N, xs, nt, y, N);
+	ck_assert(memcmp(P, Q, mb) == 0);
+	moe_kern_get_mxfp4(moe_kern_active())(P, P + moe_mxfp4_scales_offset(N, K), K, N, xs, nt, y, N);
 	moe_kern_dot_rows_packed_at(MOE_DTYPE_MXFP4, P, N, K, 0, N, xs, nt, y2, N);
 	ck_assert(memcmp(y, y2, sizeof(y)) == 0);
 	moe_kern_dot_rows_packed_at(MOE_DTYPE_MXFP4, P, N, K, 5, N - 5, xs, nt, y2, N);
