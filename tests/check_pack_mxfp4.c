@@ -125,6 +125,21 @@ START_TEST(pack_keeps_mxfp4_bytes)
 		uint8_t *blob = moe_test_page_alloc(moe_expert_bytes(&s->cfg));
 
 		layer_read(ck, L, &m);
+		/* gen-model's quantizer: amax / 2^e in [4, 8) goes to 4 or 6, so
+		 * every block not all zero has a code of magnitude 4 or 6 and
+		 * none above */
+		for (uint64_t b = 0; b < (uint64_t)MX_E * 2 * MX_I * MX_H / 32; b++) {
+			unsigned top = 0;
+
+			for (unsigned i = 0; i < 32; i++) {
+				unsigned c = m.gu[b * 16 + i / 2] >> (i % 2 * 4) & 7u;
+
+				top = c > top ? c : top;
+			}
+			ck_assert_msg(top >= 6 || (top == 0 && m.gus[b] == 0),
+				      "layer %u block %llu: largest code magnitude %g at scale %u", L,
+				      (unsigned long long)b, e2m1_spec(top), m.gus[b]);
+		}
 		for (uint32_t j = 0; j < MX_E; j++) {
 			const uint8_t *gc = m.gu + (uint64_t)j * 2 * MX_I * MX_H / 2;
 			const uint8_t *gs = m.gus + (uint64_t)j * 2 * MX_I * MX_H / 32;
