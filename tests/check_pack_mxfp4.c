@@ -111,7 +111,8 @@ START_TEST(pack_keeps_mxfp4_bytes)
 	struct moe_st_checkpoint *ck;
 	struct moe_store *s;
 	struct moe_err err = { 0 };
-	uint64_t gm = moe_matrix_bytes(MOE_DTYPE_MXFP4, MX_I, MX_H), dm = moe_matrix_bytes(MOE_DTYPE_MXFP4, MX_H, MX_I);
+	uint64_t gm = moe_matrix_bytes(MOE_DTYPE_MXFP4, MX_I, MX_H);
+	uint64_t dm = moe_matrix_bytes(MOE_DTYPE_MXFP4, MX_H, MX_I);
 
 	ck_assert(asprintf(&out, "%s/out.moe", dir) > 0);
 	ck_assert_msg(moe_pack(dir, out, &po, &err) == 0, "%s", err.msg);
