@@ -35,9 +35,16 @@
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
-/* Bytes ahead of the current position each row stream prefetches (the
- * rows are separate streams here; see PREFETCH_AHEAD in kernels.c). */
-#define MX_PREFETCH_AHEAD 1024
+/*
+ * Bytes ahead of the current position each row stream prefetches.  The
+ * rows of a tile are separate streams, but the matrix's rows lie back to
+ * back, so far enough ahead this fetches the next tiles' rows: the
+ * hardware prefetchers do not follow 4 streams of 1440 bytes.  Measured
+ * on one core, 48 matrices of 2880 x 2880 (out of cache), one token,
+ * paired runs on a shared host: 1024 bytes 0.12-0.14 ns a weight, 12288
+ * 0.063-0.071 (bf16 packed: 0.22).
+ */
+#define MX_PREFETCH_AHEAD 12288
 
 /* 2^(s - 127) as float32, by the byte: s << 23 is the float but for s = 0
  * (the subnormal 2^-127) and 255 (NaN, as the OCP spec says). */
