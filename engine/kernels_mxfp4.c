@@ -136,21 +136,21 @@ AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
 }
 
 /* 8 weights from the broadcast group @q shifted by @sh: vpermps picks the
- * scaled magnitude by the low 3 bits, bit 3 (moved to the sign) picks the
- * negative table. */
-AVX2_TARGET static ALWAYS_INLINE __m256 avx2_mx_decode(__m256i q, __m256i sh, __m256 pos, __m256 neg)
+ * scaled magnitude by the low 3 bits, and bit 3, moved to bit 31, is the
+ * sign (one table a row: the registers hold 4 rows x 2 tokens of sums). */
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_mx_decode(__m256i q, __m256i sh, __m256 mag)
 {
 	__m256i idx = _mm256_srlv_epi32(q, sh);
+	__m256i sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32(INT32_MIN));
 
-	return _mm256_blendv_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_permutevar8x32_ps(neg, idx),
-				_mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+	return _mm256_xor_ps(_mm256_permutevar8x32_ps(mag, idx), _mm256_castsi256_ps(sign));
 }
 
 AVX2_TARGET static ALWAYS_INLINE void
 avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, const float *const *xs,
 		float *y, size_t ldy)
 {
-	__m256 mpos = _mm256_load_ps(e2m1_values), mneg = _mm256_load_ps(e2m1_values + 8);
+	__m256 mpos = _mm256_load_ps(e2m1_values);
 	__m256i sh0 = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
 	__m256i sh1 = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
 	__m256 acc[AVX2_RMAX][AVX2_CMAX];
@@ -161,36 +161,33 @@ avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, cons
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm256_setzero_ps();
 	for (size_t k = 0; k < K; k += MOE_MXFP4_BLOCK) {
-		__m256 pos[AVX2_RMAX], neg[AVX2_RMAX];
+		__m256 mag[AVX2_RMAX];
 
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++) {
-			__m256 sc = _mm256_broadcast_ss(&e8m0_values[S[(size_t)r * (K / MOE_MXFP4_BLOCK) +
-								       k / MOE_MXFP4_BLOCK]]);
-
-			pos[r] = _mm256_mul_ps(mpos, sc);
-			neg[r] = _mm256_mul_ps(mneg, sc);
+			mag[r] = _mm256_mul_ps(mpos, _mm256_broadcast_ss(&e8m0_values[S[(size_t)r * (K / MOE_MXFP4_BLOCK) +
+										  k / MOE_MXFP4_BLOCK]]));
 			if (k % 128 == 0)
 				_mm_prefetch((const char *)W + (size_t)r * (K / 2) + k / 2 + MX_PREFETCH_AHEAD,
 					     _MM_HINT_T0);
 		}
 #pragma GCC unroll 4
 		for (size_t j = 0; j < MOE_MXFP4_BLOCK; j += 8) {
-			__m256 w[AVX2_RMAX];
+			__m256 xv[AVX2_CMAX];
 
+#pragma GCC unroll 4
+			for (int c = 0; c < C; c++)
+				xv[c] = _mm256_loadu_ps(xs[c] + k + j);
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
 				int64_t g;
+				__m256 w;
 
 				memcpy(&g, W + (size_t)r * (K / 2) + (k + j) / 16 * 8, sizeof(g));
-				w[r] = avx2_mx_decode(_mm256_set1_epi64x(g), j % 16 ? sh1 : sh0, pos[r], neg[r]);
-			}
+				w = avx2_mx_decode(_mm256_set1_epi64x(g), j % 16 ? sh1 : sh0, mag[r]);
 #pragma GCC unroll 4
-			for (int c = 0; c < C; c++) {
-				__m256 xv = _mm256_loadu_ps(xs[c] + k + j);
-#pragma GCC unroll 4
-				for (int r = 0; r < R; r++)
-					acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
+				for (int c = 0; c < C; c++)
+					acc[r][c] = _mm256_fmadd_ps(w, xv[c], acc[r][c]);
 			}
 		}
 	}
