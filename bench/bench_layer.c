@@ -203,13 +203,47 @@ static void fill_fp8(uint8_t *blob, const struct moe_model_config *c, uint32_t i
 	}
 }
 
+/* An MXFP4 blob in the store's layout: random codes, E8M0 scales about
+ * 2^-6 (as gpt-oss's), then small float32 biases when the model has them. */
+static void fill_mxfp4(uint8_t *blob, const struct moe_model_config *c, uint32_t inter, uint64_t seed)
+{
+	uint64_t H = c->hidden_size, pos = 0;
+
+	for (int m = c->gated ? 0 : 1; m < 3; m++) {
+		uint64_t N = m < 2 ? inter : H, K = m < 2 ? H : inter, so = moe_mxfp4_scales_offset(N, K);
+
+		for (uint64_t i = 0; i < N * K / 2; i += 8) {
+			uint64_t r = bench_rng(&seed);
+			for (uint64_t j = 0; j < 8 && i + j < N * K / 2; j++)
+				blob[pos + i + j] = (uint8_t)(r >> (8 * j));
+		}
+		for (uint64_t i = 0; i < N * K / 32; i++)
+			blob[pos + so + i] = (uint8_t)(119 + bench_rng(&seed) % 4);
+		pos += moe_matrix_bytes(MOE_DTYPE_MXFP4, N, K);
+	}
+	if (c->has_expert_bias) {
+		float *b = (float *)(void *)(blob + moe_expert_bias_offset(c));
+
+		for (uint64_t i = 0; i < moe_expert_bias_count(c); i++)
+			b[i] = rngf(&seed) * 0.1f;
+	}
+}
+
 static void fill_blob(void *blob, const struct moe_model_config *c, enum moe_dtype dt, uint32_t inter,
 		      uint64_t bytes, uint64_t seed)
 {
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		fill_fp8(blob, c, inter, seed);
+	else if (dt == MOE_DTYPE_MXFP4)
+		fill_mxfp4(blob, c, inter, seed);
 	else
 		fill_bf16(blob, bytes / 2, seed);
+	if (dt == MOE_DTYPE_BF16 && c->has_expert_bias) {     /* biases: floats, not bf16 pairs */
+		float *b = (float *)(void *)((char *)blob + moe_expert_bias_offset(c));
+
+		for (uint64_t i = 0; i < moe_expert_bias_count(c); i++)
+			b[i] = rngf(&seed) * 0.1f;
+	}
 }
 
 /* ------------------------------------------------------------------------ */
@@ -389,16 +423,18 @@ int main(int argc, char **argv)
 		case 'q': quick = true; break;
 		case 's':
 			only = optarg;
-			if (strcmp(only, "qwen") && strcmp(only, "deepseek")) {
-				fprintf(stderr, "bench_layer: -s: qwen or deepseek, not '%s'\n", only);
+			if (strcmp(only, "qwen") && strcmp(only, "deepseek") && strcmp(only, "gpt-oss-20b")) {
+				fprintf(stderr, "bench_layer: -s: qwen, deepseek or gpt-oss-20b, not '%s'\n", only);
 				return 2;
 			}
 			break;
 		case 'w':
 			if (!strcmp(optarg, "fp8")) {
 				wdt = MOE_DTYPE_FP8_E4M3_B128;
+			} else if (!strcmp(optarg, "mxfp4")) {
+				wdt = MOE_DTYPE_MXFP4;
 			} else if (strcmp(optarg, "bf16")) {
-				fprintf(stderr, "bench_layer: -w: bf16 or fp8, not '%s'\n", optarg);
+				fprintf(stderr, "bench_layer: -w: bf16, fp8 or mxfp4, not '%s'\n", optarg);
 				return 2;
 			}
 			break;
@@ -408,7 +444,7 @@ int main(int argc, char **argv)
 			break;
 		default:
 			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
-				"[-s qwen|deepseek] [-b TOKENS]... [-w bf16|fp8]\n");
+				"[-s qwen|deepseek|gpt-oss-20b] [-b TOKENS]... [-w bf16|fp8|mxfp4]\n");
 			return 2;
 		}
 	}
@@ -450,6 +486,21 @@ int main(int argc, char **argv)
 		.norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
 		.routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_BF16,
 		.shared_dtype = MOE_DTYPE_BF16 } };
+	/* gpt-oss-20b's layer: 32 experts of 2880 x 2880, top-4, router and
+	 * expert biases, the clamped SwiGLU; released in MXFP4 */
+	struct shape oss = { "gpt-oss-20b layer", {
+		.arch = MOE_ARCH_GPT_OSS, .hidden_size = 2880, .moe_intermediate_size = 2880,
+		.num_experts = 32, .top_k = 4, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true,
+		.has_bias = true, .has_expert_bias = true, .gated = true, .act = MOE_ACT_SWIGLU_OAI,
+		.swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
+		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16 } };
+	oss.cfg.weight_dtype = oss.cfg.shared_dtype = wdt;
+	if (wdt == MOE_DTYPE_FP8_E4M3_B128 && only && !strcmp(only, "gpt-oss-20b")) {
+		fprintf(stderr, "bench_layer: gpt-oss-20b has no FP8 layout (expert biases): "
+			"-w bf16 or mxfp4, or -s qwen|deepseek\n");
+		return 2;
+	}
 	qwen.cfg.weight_dtype = qwen.cfg.shared_dtype = wdt;
 	ds.cfg.weight_dtype = ds.cfg.shared_dtype = wdt;
 	if (ds_experts < 256)
@@ -459,6 +510,8 @@ int main(int argc, char **argv)
 		run_shape(&qwen, be, pool, bl, nb, budget);
 	if (!only || !strcmp(only, "deepseek"))
 		run_shape(&ds, be, pool, bl, nb, budget);
+	if (only && !strcmp(only, "gpt-oss-20b"))      /* asked for only: the default run is unchanged */
+		run_shape(&oss, be, pool, bl, nb, budget);
 	moe_threadpool_free(pool);
 	moe_backend_close(be);
 	return 0;

@@ -54,9 +54,11 @@ static int parse_json_flag(const char *cmd, int argc, char **argv, bool *json)
 
 int cmd_info(int argc, char **argv)
 {
-	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128" };   /* moe-store(5)'s numbers */
+	/* moe-store(5)'s numbers */
+	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4" };
 	struct moe_client *c;
 	struct moe_model_info in;
+	const char *dn;
 	bool json;
 	int r = parse_json_flag("info", argc, argv, &json);
 
@@ -65,6 +67,7 @@ int cmd_info(int argc, char **argv)
 	if (connect_or_fail("info", &c))
 		return 1;
 	moe_client_info(c, &in);
+	dn = in.weight_dtype < sizeof(dtypes) / sizeof(dtypes[0]) ? dtypes[in.weight_dtype] : "?";
 	if (json) {
 		json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:s,s:i,s:i,s:I}", "model_type", in.model_type,
 				      "backend", in.backend, "hidden_size", (int)in.hidden_size,
@@ -72,7 +75,7 @@ int cmd_info(int argc, char **argv)
 				      "num_experts", (int)in.num_experts, "top_k", (int)in.top_k,
 				      "num_hidden_layers", (int)in.num_hidden_layers,
 				      "n_shared_experts", (int)in.n_shared_experts,
-				      "weight_dtype", in.weight_dtype < 4 ? dtypes[in.weight_dtype] : "?",
+				      "weight_dtype", dn,
 				      "max_tokens", (int)in.max_tokens, "num_moe_layers", (int)in.num_moe_layers,
 				      "arena_bytes", (json_int_t)in.arena_bytes);
 		json_t *layers = json_array();
@@ -87,7 +90,7 @@ int cmd_info(int argc, char **argv)
 		json_decref(o);
 	} else {
 		printf("model: %s, backend %s, %s weights\n", in.model_type, in.backend,
-		       in.weight_dtype < 4 ? dtypes[in.weight_dtype] : "?");
+		       dn);
 		printf("hidden %u, %u experts of %u, top-%u, %u shared; %u layers, %u of them MoE:",
 		       in.hidden_size, in.num_experts, in.moe_intermediate_size, in.top_k, in.n_shared_experts,
 		       in.num_hidden_layers, in.num_moe_layers);

@@ -115,6 +115,9 @@ static void gen_usage(FILE *f)
 	      "  --quant-skip shared|routed  with --quant fp8: leave the shared (or the routed)\n"
 	      "                          experts in --dtype, named in quantization_config's\n"
 	      "                          modules_to_not_convert as a release that kept them does\n"
+	      "  --quant mxfp4           gpt_oss only: the experts in MXFP4 as gpt-oss is released\n"
+	      "                          (*_blocks, *_scales U8, gate/up rows interleaved; per 32\n"
+	      "                          values scale 2^(floor(log2 max|w|) - 2), nearest e2m1)\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
@@ -198,9 +201,12 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 		return 0;
 	}
 	case O_QUANT:
-		if (strcmp(v, "fp8"))
-			return moectl_fail("%s: unknown quantization '%s' (fp8)", name, v), -EINVAL;
-		o->quant_fp8 = true;
+		if (!strcmp(v, "fp8"))
+			o->quant_fp8 = true;
+		else if (!strcmp(v, "mxfp4"))
+			o->quant_mxfp4 = true;
+		else
+			return moectl_fail("%s: unknown quantization '%s' (fp8, mxfp4)", name, v), -EINVAL;
 		return 0;
 	case O_QUANT_SKIP:
 		if (!strcmp(v, "shared"))

@@ -13,6 +13,7 @@ size_t moe_dtype_size(enum moe_dtype t)
 	case MOE_DTYPE_BF16: return 2;
 	case MOE_DTYPE_F16: return 2;
 	case MOE_DTYPE_FP8_E4M3_B128: return 1;
+	case MOE_DTYPE_MXFP4: return 1;
 	default: return 0;
 	}
 }
@@ -24,6 +25,7 @@ const char *moe_dtype_name(enum moe_dtype t)
 	case MOE_DTYPE_BF16: return "bf16";
 	case MOE_DTYPE_F16: return "f16";
 	case MOE_DTYPE_FP8_E4M3_B128: return "fp8_e4m3_b128";
+	case MOE_DTYPE_MXFP4: return "mxfp4";
 	default: return "?";
 	}
 }
@@ -35,6 +37,7 @@ const char *moe_dtype_st_name(enum moe_dtype t)
 	case MOE_DTYPE_BF16: return "BF16";
 	case MOE_DTYPE_F16: return "F16";
 	case MOE_DTYPE_FP8_E4M3_B128: return "F8_E4M3";
+	case MOE_DTYPE_MXFP4: return "U8";
 	default: return "?";
 	}
 }
@@ -151,6 +154,63 @@ uint8_t moe_f32_to_e4m3(float f)
 	if (ex > 15 || (ex == 15 && q > 14.0f))
 		return (uint8_t)(sign | 0x7eu);
 	return (uint8_t)(sign | (uint8_t)(ex << 3) | (uint8_t)((int)q - 8));
+}
+
+/* e2m1 magnitudes by the code's low 3 bits */
+static const float e2m1_mag[8] = { 0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f };
+
+float moe_e2m1_to_f32(uint8_t code)
+{
+	float f = e2m1_mag[code & 7u];
+
+	return (code & 8u) ? -f : f;
+}
+
+float moe_e8m0_to_f32(uint8_t s)
+{
+	uint32_t u = s == 0 ? 0x00400000u : (uint32_t)s << 23;   /* 2^-127 is subnormal */
+	float f;
+
+	if (s == 255)
+		return NAN;
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* The nearest of the 16 codes to @x at scale @d, the first (smaller
+ * magnitude, +0 before -0) on ties, as ggml's best_index_mxfp4 scans. */
+static uint8_t e2m1_nearest(float x, float d)
+{
+	uint8_t best = 0;
+	float best_err = fabsf(x);
+
+	for (uint8_t i = 1; i < 16; i++) {
+		float err = fabsf(moe_e2m1_to_f32(i) * d - x);
+
+		if (err < best_err) {
+			best = i;
+			best_err = err;
+		}
+	}
+	return best;
+}
+
+uint8_t moe_mxfp4_quantize_block(const float *w, uint8_t *codes)
+{
+	float amax = 0.0f, d;
+	int s = 0, ex;
+
+	for (int i = 0; i < MOE_MXFP4_BLOCK; i++)
+		amax = fmaxf(amax, fabsf(w[i]));
+	if (amax > 0.0f && isfinite(amax)) {
+		frexpf(amax, &ex);                  /* amax = m 2^ex, m in [0.5, 1): exact floor(log2) */
+		s = ex - 1 - 2 + 127;
+		s = s < 0 ? 0 : s > 254 ? 254 : s;
+	}
+	d = moe_e8m0_to_f32((uint8_t)s);
+	for (int j = 0; j < MOE_MXFP4_BLOCK / 2; j++)
+		codes[j] = (uint8_t)(e2m1_nearest(w[2 * j], d) | e2m1_nearest(w[2 * j + 1], d) << 4);
+	return (uint8_t)s;
 }
 
 /* The largest finite e4m3fn value: a block's amax maps to it. */

@@ -28,22 +28,32 @@ enum moe_dtype {
 	 * block size is in the name because a store of another block size
 	 * would need another kernel, so another number. */
 	MOE_DTYPE_FP8_E4M3_B128 = 3,
+	/* MXFP4 as gpt-oss is released (OCP microscaling): e2m1 codes, two per
+	 * byte (low nibble first), and one E8M0 exponent byte per 32 values
+	 * along K, w = e2m1(code) * 2^(s - 127).  Layout: moe_matrix_bytes(). */
+	MOE_DTYPE_MXFP4 = 4,
 	MOE_DTYPE_COUNT
 };
 
 /* Rows and columns of one scale block of MOE_DTYPE_FP8_E4M3_B128. */
 #define MOE_FP8_BLOCK 128
 
-/* Bytes per element (per code for FP8); 0 for an invalid value. */
+/* Values per E8M0 scale of MOE_DTYPE_MXFP4, along K. */
+#define MOE_MXFP4_BLOCK 32
+
+/* Bytes per element (per code for FP8; 1 for MXFP4, whose codes are half
+ * a byte: only moe_matrix_bytes() sizes its matrices); 0 for an invalid
+ * value. */
 size_t moe_dtype_size(enum moe_dtype t);
 
 /* True for a block-scaled dtype (codes plus scales). */
 static inline bool moe_dtype_is_blocked(enum moe_dtype t)
 {
-	return t == MOE_DTYPE_FP8_E4M3_B128;
+	return t == MOE_DTYPE_FP8_E4M3_B128 || t == MOE_DTYPE_MXFP4;
 }
 
-/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128"; "?" if invalid. */
+/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4";
+ * "?" if invalid. */
 const char *moe_dtype_name(enum moe_dtype t);
 
 /*
@@ -106,6 +116,26 @@ uint16_t moe_f32_to_f16(float f);
 void moe_fp8_band_scales(const float *w, uint64_t n, uint64_t cols, float *scales);
 void moe_fp8_quantize_band(const float *w, uint64_t n, uint64_t cols, uint8_t *codes,
 			   float *scales);
+
+/*
+ * MXFP4: the e2m1 value of the 4-bit @code (sign bit 3, magnitudes 0, .5,
+ * 1, 1.5, 2, 3, 4, 6), and the E8M0 scale 2^(@s - 127) as a float32 (s = 0
+ * is the subnormal 2^-127; 255 is NaN).  Their product is exact in float32
+ * (or overflows to infinity for the largest scales).
+ */
+float moe_e2m1_to_f32(uint8_t code);
+float moe_e8m0_to_f32(uint8_t s);
+
+/*
+ * Quantize 32 float32 values to MXFP4 as OpenAI's and ggml's quantizers do:
+ * the scale exponent is floor(log2(amax)) - 2 (so amax / 2^e lies in
+ * [4, 8), the top binade of e2m1, whose largest value is 6), clamped to
+ * E8M0's range (s = 0 for an all-zero block); each value / 2^e rounds to the
+ * nearest e2m1 value (ties to even code, values past 6 saturate to 6).
+ * Writes 16 bytes of codes (value 2j in the low nibble of byte j) to @codes
+ * and returns the scale byte.
+ */
+uint8_t moe_mxfp4_quantize_block(const float *w, uint8_t *codes);
 
 /* Convert @n elements of type @t at @src to float32 at @dst (FP8: the
  * codes' values, unscaled). */

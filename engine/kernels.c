@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "kernels_mxfp4.h"
 #include "model.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -865,6 +866,8 @@ uint64_t moe_kern_packed_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
 {
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		return fp8_scales_at(N, K) + (fp8_scales_bytes(N, K) + 63) / 64 * 64;
+	if (dt == MOE_DTYPE_MXFP4)
+		return moe_matrix_bytes(dt, N, K);
 	return N * moe_kern_packed_ld(K) * moe_dtype_size(dt);
 }
 
@@ -874,6 +877,10 @@ void moe_kern_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t K,
 	uint64_t so, sb, a, b;
 	size_t es = moe_dtype_size(dt);
 
+	if (dt == MOE_DTYPE_MXFP4) {
+		moe_kern_mxfp4_pack_bytes(src, N, K, b0, nb, dst);
+		return;
+	}
 	if (dt != MOE_DTYPE_FP8_E4M3_B128) {
 		moe_kern_pack_range(dt, src, N, K, b0 / es, nb / es, dst);
 		return;
@@ -897,6 +904,12 @@ void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, si
 	size_t ld = moe_kern_packed_ld(K);
 
 	pthread_once(&pick_once, pick);
+	if (dt == MOE_DTYPE_MXFP4) {
+		moe_kern_get_mxfp4(active_isa)((const uint8_t *)Wp + row0 * (K / 2),
+					       (const uint8_t *)Wp + moe_mxfp4_scales_offset(N, K) +
+					       row0 * (K / MOE_MXFP4_BLOCK), K, nr, xs, nt, y, ldy);
+		return;
+	}
 	if (dt != MOE_DTYPE_FP8_E4M3_B128) {
 		kernels[active_isa][1](dt, (const char *)Wp + row0 * ld * moe_dtype_size(dt), ld, K, nr,
 				       xs, nt, y, ldy);
@@ -919,6 +932,10 @@ void moe_kern_pack(enum moe_dtype dt, const void *src, size_t N, size_t K, void 
 	const char *s = src;
 	char *d = dst;
 
+	if (dt == MOE_DTYPE_MXFP4) {
+		moe_kern_mxfp4_pack_bytes(src, N, K, 0, moe_matrix_bytes(dt, N, K), dst);
+		return;
+	}
 	if (dt == MOE_DTYPE_FP8_E4M3_B128) {     /* the scales, then the codes as bytes */
 		memset((char *)dst + N * ld, 0, fp8_scales_at(N, K) - N * ld);
 		memset((char *)dst + fp8_scales_at(N, K), 0,

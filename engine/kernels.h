@@ -29,7 +29,8 @@ enum moe_kern_isa {
 	MOE_KERN_AVX2 = 1,     /* AVX2 + FMA + F16C, 8 lanes */
 	MOE_KERN_AVX512 = 2,   /* AVX-512 F/BW/VL, 16 lanes */
 	MOE_KERN_AVX512_VBMI = 3, /* AVX512 and VBMI: FP8 decoded by byte permutes
-				   * (same order and bits as AVX512) */
+				   * (same order and bits as AVX512); MXFP4 is
+				   * AVX512's kernel */
 	MOE_KERN_ISA_COUNT
 };
 
@@ -107,10 +108,30 @@ typedef void (*moe_kern_dot_rows_fp8_fn)(const uint8_t *W, size_t ldw, size_t K,
 moe_kern_dot_rows_fp8_fn moe_kern_get_fp8(enum moe_kern_isa isa, bool packed);
 
 /*
+ * MOE_DTYPE_MXFP4: the same product with w = e2m1(code) * 2^(s - 127), one
+ * float32 multiplication of two exact values (an E8M0 byte of 255 is NaN),
+ * then the canonical fused multiply-add order.  @W holds nr rows of K/2
+ * code bytes back to back (row r at r * K/2) in the resident order below,
+ * @S their nr rows of K/32 scale bytes; K must be a multiple of 32.
+ * Resident order: rows stay whole (the codes are a quarter of bf16's
+ * bytes already), but each group of 16 values (8 bytes) holds the 8 even
+ * values' nibbles in bytes 0..3 and the 8 odd values' in bytes 4..7, each
+ * half in order, low nibble first, so that one 64-bit broadcast and one
+ * variable shift give every 32-bit lane its own value's nibble
+ * (kernels_mxfp4.c).  The scales are as stored.
+ */
+typedef void (*moe_kern_dot_rows_mxfp4_fn)(const uint8_t *W, const uint8_t *S, size_t K, size_t nr,
+					   const float *const *xs, size_t nt, float *y, size_t ldy);
+/* The MXFP4 kernel of @isa (kernels_mxfp4.c); NULL if this CPU cannot run
+ * it (for tests). */
+moe_kern_dot_rows_mxfp4_fn moe_kern_get_mxfp4(enum moe_kern_isa isa);
+
+/*
  * A whole matrix in the resident packed layout: for plain dtypes the packed
  * elements (N * moe_kern_packed_ld(K) of them); for FP8 the packed codes,
  * zeros to a multiple of 64 bytes, then the float32 scales as the store
- * holds them, zeros to a multiple of 64 bytes.
+ * holds them, zeros to a multiple of 64 bytes; for MXFP4 the size of the
+ * store's (moe_matrix_bytes()), the codes in the resident order above.
  */
 uint64_t moe_kern_packed_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
 

@@ -121,9 +121,20 @@ int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *
 				   (double)c->swiglu_limit, (double)c->swiglu_alpha);
 	if (c->has_expert_bias && c->shared_intermediate_size > 0)
 		return moe_err_set(err, -EINVAL, "expert biases with shared experts are not supported");
-	/* gpt-oss is released in MXFP4, never FP8: no blob layout puts biases
-	 * after block scales (ARCHITECTURE.md 4.1a) */
-	if (c->has_expert_bias && moe_dtype_is_blocked(c->weight_dtype))
+	/* MXFP4 needs whole 32-value scale blocks along every K */
+	if (c->weight_dtype == MOE_DTYPE_MXFP4 &&
+	    (c->hidden_size % MOE_MXFP4_BLOCK || c->moe_intermediate_size % MOE_MXFP4_BLOCK))
+		return moe_err_set(err, -EINVAL, "mxfp4 weights need hidden_size %u and moe_intermediate_size "
+				   "%u to be multiples of %u (one E8M0 scale per %u values)", c->hidden_size,
+				   c->moe_intermediate_size, MOE_MXFP4_BLOCK, MOE_MXFP4_BLOCK);
+	if (c->shared_intermediate_size && c->shared_dtype == MOE_DTYPE_MXFP4 &&
+	    (c->hidden_size % MOE_MXFP4_BLOCK || c->shared_intermediate_size % MOE_MXFP4_BLOCK))
+		return moe_err_set(err, -EINVAL, "mxfp4 shared experts need hidden_size %u and shared "
+				   "intermediate size %u to be multiples of %u", c->hidden_size,
+				   c->shared_intermediate_size, MOE_MXFP4_BLOCK);
+	/* gpt-oss is released in MXFP4 (biases allowed), never FP8: no blob
+	 * layout puts biases after FP8 block scales (ARCHITECTURE.md 4.1a) */
+	if (c->has_expert_bias && c->weight_dtype == MOE_DTYPE_FP8_E4M3_B128)
 		return moe_err_set(err, -ENOTSUP, "expert biases (gpt_oss) with fp8 weights are not supported "
 				   "yet (weight dtype %s)", moe_dtype_name(c->weight_dtype));
 	return 0;
@@ -142,12 +153,19 @@ uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K)
 	return align_part(N * K);
 }
 
+uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K)
+{
+	return align_part(N * (K / 2));
+}
+
 uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
 {
 	uint64_t nb = (N + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
 
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		return align_part(N * K) + align_part(nb * kb * sizeof(float));
+	if (dt == MOE_DTYPE_MXFP4)
+		return moe_mxfp4_scales_offset(N, K) + align_part(N * (K / MOE_MXFP4_BLOCK));
 	return N * K * moe_dtype_size(dt);
 }
 
@@ -160,8 +178,8 @@ static uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, u
 
 uint64_t moe_expert_bias_offset(const struct moe_model_config *c)
 {
-	/* moe_model_config_validate refuses biases with a blocked dtype */
-	assert(!moe_dtype_is_blocked(c->weight_dtype));
+	/* moe_model_config_validate refuses biases with FP8 */
+	assert(c->weight_dtype != MOE_DTYPE_FP8_E4M3_B128);
 	return (ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size) + 15) & ~15ull;
 }
 

@@ -160,18 +160,26 @@ uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
 /* Byte offset of the scales in an FP8 matrix of moe_matrix_bytes(). */
 uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
 
+/* MOE_DTYPE_MXFP4 (K a multiple of 32, which moe_model_config_validate
+ * checks): the codes, N * K/2 bytes row-major (value k of row n in the
+ * low nibble of byte n*K/2 + k/2 for even k, the high one for odd k),
+ * zeros to a multiple of 64 bytes, then the E8M0 scales, N * K/32 bytes
+ * row-major (one per 32 values along K), zeros to a multiple of 64.  This
+ * is the byte offset of the scales. */
+uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K);
+
 /*
  * Bytes of one routed expert's blob, unpadded: gate [I][H], up [I][H],
  * down [H][I] back to back (no gate when !gated), each moe_matrix_bytes();
  * with has_expert_bias, at moe_expert_bias_offset() the float32 biases
- * gate [I], up [I], down [H].  Expert biases with a blocked (FP8) dtype are
- * refused by moe_model_config_validate(); this asserts it.
+ * gate [I], up [I], down [H].  Expert biases with FP8 are refused by
+ * moe_model_config_validate(); this asserts it (MXFP4 has them: gpt-oss).
  */
 uint64_t moe_expert_bytes(const struct moe_model_config *cfg);
 
 /* Where a routed expert's biases start in its store blob: the matrices'
  * bytes rounded up to 16, so that the floats are aligned whatever the
- * (non-blocked) weight dtype. */
+ * weight dtype (not FP8). */
 uint64_t moe_expert_bias_offset(const struct moe_model_config *cfg);
 
 /* Number of float32 biases of a routed expert: 2 I + H, or 0. */

@@ -340,6 +340,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	d->fp8_routed = d->fp8 && o->quant_skip != MOE_GEN_QUANT_SKIP_ROUTED;
 	d->qk_norm = o->qk_norm;
 	d->max_pos = o->max_position_embeddings;
+	d->mxfp4 = o->quant_mxfp4;
 	/* Written so that NaN fails too. */
 	if (!(d->skew >= 0.0f && d->skew <= MOE_GEN_MAX_ROUTER_SKEW))
 		return moe_err_set(err, -EINVAL, "router_skew %g: expected a number from 0 to %g",
@@ -400,6 +401,11 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 			return moe_err_set(err, -EINVAL, "gpt_oss experts apply their clamped SwiGLU: "
 					   "hidden_act is silu");
 	}
+	if (d->mxfp4 && o->arch != MOE_ARCH_GPT_OSS)
+		return moe_err_set(err, -EINVAL, "--quant mxfp4 writes gpt-oss's release layout: gpt_oss only, "
+				   "not %s", an);
+	if (d->mxfp4 && d->fp8)
+		return moe_err_set(err, -EINVAL, "--quant fp8 and --quant mxfp4 cannot be combined");
 	if ((o->arch == MOE_ARCH_MIXTRAL || o->arch == MOE_ARCH_OLMOE || o->arch == MOE_ARCH_GPT_OSS) &&
 	    o->intermediate_size)
 		return moe_err_set(err, -EINVAL, "%s has no dense layers: its intermediate_size is the "
@@ -522,7 +528,7 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		cfg.has_expert_bias = true;
 	}
 	cfg.routed_scaling_factor = d->scaling;
-	cfg.weight_dtype = d->dtype;
+	cfg.weight_dtype = d->mxfp4 ? MOE_DTYPE_MXFP4 : d->dtype;   /* checks K % 32 */
 	cfg.shared_dtype = d->dtype;
 	if (cfg.has_expert_bias && d->fp8)
 		return moe_err_set(err, -ENOTSUP, "--quant fp8: expert biases (gpt_oss) with fp8 weights are "
@@ -538,6 +544,11 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		       (uint64_t)GEN_FP8_BAND * d->shared_I > GEN_CHUNK))
 		return moe_err_set(err, -EINVAL, "FP8: matrices wider than %u columns are not generated",
 				   GEN_CHUNK / GEN_FP8_BAND);
+
+	/* an MXFP4 tensor is written GEN_MX_BAND rows at a time, in one GEN_CHUNK */
+	if (d->mxfp4 && (uint64_t)GEN_MX_BAND * (d->H > d->I ? d->H : d->I) / 2 > GEN_CHUNK)
+		return moe_err_set(err, -EINVAL, "MXFP4: matrices wider than %u columns are not generated",
+				   GEN_CHUNK / GEN_MX_BAND * 2);
 
 	d->rule.arch = o->arch;
 	d->rule.num_hidden_layers = d->L;
@@ -645,6 +656,29 @@ static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, bool q, floa
 	}
 }
 
+/*
+ * gpt_oss MXFP4 experts as the release holds them: @name_blocks [E, N,
+ * K/32, 16] and @name_scales [E, N, K/32], U8, output-major rows (gate_up:
+ * N = 2I with gate in the even rows, up in the odd; down: N = H).
+ */
+static void plan_mxfp4(struct gen_plan *p, float std, uint64_t E, uint64_t N, uint64_t K, const char *fmt,
+		       unsigned l) __attribute__((format(printf, 6, 0)));
+
+static void plan_mxfp4(struct gen_plan *p, float std, uint64_t E, uint64_t N, uint64_t K, const char *fmt,
+		       unsigned l)
+{
+	char name[256];
+	size_t w = p->n;
+
+	snprintf(name, sizeof(name), fmt, l);
+	plan_add(p, MOE_DTYPE_MXFP4, FILL_MXFP4, std, 4, SHAPE(E, N, K / MOE_MXFP4_BLOCK, MOE_MXFP4_BLOCK / 2),
+		 "%s_blocks", name);
+	plan_add(p, MOE_DTYPE_MXFP4, FILL_MXFP4_SCALE, std, 3, SHAPE(E, N, K / MOE_MXFP4_BLOCK),
+		 "%s_scales", name);
+	if (!p->oom)
+		p->t[p->n - 1].src = w;
+}
+
 /* A norm weight [n] of ones. */
 #define NORM(p, d, n, ...) plan_add(p, (d)->dtype, FILL_ONES, 0, 1, SHAPE(n), __VA_ARGS__)
 
@@ -742,6 +776,15 @@ static void plan_moe(struct gen_plan *p, const struct gen_dims *d, uint32_t l)
 		plan_add(p, d->dtype, d->skew > 0.0f ? FILL_ROUTER : FILL_RANDOM, std_fanin(d, d->H, 2.0f), 2,
 			 SHAPE(d->E, d->H), "model.layers.%u.mlp.router.weight", l);
 		plan_add(p, d->dtype, FILL_RANDOM, 0.5f, 1, SHAPE(d->E), "model.layers.%u.mlp.router.bias", l);
+		if (d->mxfp4) {
+			plan_mxfp4(p, s_in, d->E, 2 * (uint64_t)d->I, d->H, "model.layers.%u.mlp.experts.gate_up_proj", l);
+			plan_add(p, d->dtype, FILL_RANDOM, 0.5f, 2, SHAPE(d->E, 2 * (uint64_t)d->I),
+				 "model.layers.%u.mlp.experts.gate_up_proj_bias", l);
+			plan_mxfp4(p, s_out, d->E, d->H, d->I, "model.layers.%u.mlp.experts.down_proj", l);
+			plan_add(p, d->dtype, FILL_RANDOM, 0.1f, 2, SHAPE(d->E, d->H),
+				 "model.layers.%u.mlp.experts.down_proj_bias", l);
+			return;
+		}
 		plan_add(p, d->dtype, FILL_RANDOM, s_in, 3, SHAPE(d->E, d->H, 2 * (uint64_t)d->I),
 			 "model.layers.%u.mlp.experts.gate_up_proj", l);
 		plan_add(p, d->dtype, FILL_RANDOM, 0.5f, 2, SHAPE(d->E, 2 * (uint64_t)d->I),

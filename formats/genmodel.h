@@ -75,6 +75,10 @@ struct moe_gen_options {
 	bool qk_norm;                    /* glm4_moe use_qk_norm (GLM-4.5, GLM-4.6): per-head
 					    q_norm/k_norm in every attention; attention only */
 	uint32_t max_position_embeddings; /* glm4_moe config.json's (GLM-4.6: 202752); 0: 131072 */
+	bool quant_mxfp4;                /* gpt_oss only: the experts in MXFP4 as
+					    gpt-oss is released (*_blocks, *_scales
+					    U8, gate and up rows interleaved), and
+					    quantization_config in config.json */
 };
 
 /*

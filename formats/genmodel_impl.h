@@ -37,6 +37,7 @@ struct gen_dims {
 	bool fp8_shared, fp8_routed;     /* fp8, less what quant_skip keeps in dtype */
 	bool qk_norm;                    /* glm4_moe use_qk_norm */
 	uint32_t max_pos;                /* max_position_embeddings; 0: the arch's */
+	bool mxfp4;                      /* quant_mxfp4 */
 	struct moe_layer_rule rule;
 };
 
@@ -48,13 +49,17 @@ enum gen_fill {
 			  * 128 x 128 block divided by the block's scale */
 	FILL_FP8_SCALE,  /* those scales: the block's max |value| / 448 (1 for
 			  * a block of zeros); src names the weight */
+	FILL_MXFP4,      /* [E, N, K/32, 16] U8: the e2m1 codes of FILL_RANDOM's
+			  * float32 values [E][N][K] (moe_mxfp4_quantize_block) */
+	FILL_MXFP4_SCALE, /* [E, N, K/32] U8: their E8M0 scales; src names the
+			  * blocks */
 };
 
 struct gen_tensor {
 	char *name;
 	enum moe_dtype dtype;
 	uint32_t ndim;
-	uint64_t shape[3];
+	uint64_t shape[4];
 	enum gen_fill fill;
 	float amp;       /* half-width of the uniform distribution */
 	uint64_t nbytes;
@@ -96,6 +101,16 @@ void gen_values(const struct gen_tensor *t, uint64_t key, uint64_t first, size_t
 /* The codes of rows [@r0, @r0 + GEN_FP8_BAND) (fewer at the end) of the
  * FILL_FP8 tensor @t into @out; @tmp holds GEN_FP8_BAND * cols floats. */
 void gen_fp8_band(const struct gen_tensor *t, uint64_t key, uint64_t r0, float *tmp, uint8_t *out);
+
+/* Rows of values a FILL_MXFP4 tensor is written in at a time. */
+#define GEN_MX_BAND 256
+
+/* Rows [@r0, @r0 + GEN_MX_BAND) (fewer at the end) of the FILL_MXFP4 blocks
+ * @w (rows: the first dimensions but the last two; K = 32 x the third),
+ * codes into @codes (K/2 bytes a row) and scales into @scales (K/32 a
+ * row), either NULL to skip; @tmp holds GEN_MX_BAND * K floats. */
+void gen_mxfp4_band(const struct gen_tensor *w, uint64_t key, uint64_t r0, float *tmp, uint8_t *codes,
+		    uint8_t *scales);
 
 /* The scales of the FILL_FP8 weight @w (key @key) into @out, float32
  * [ceil(rows/128)][ceil(cols/128)]; @tmp as for gen_fp8_band. */

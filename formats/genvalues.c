@@ -329,3 +329,31 @@ int gen_plan_skew(struct gen_plan *p, const struct gen_dims *d, uint64_t seed, s
 	}
 	return 0;
 }
+
+/* -------------------------------------------------------------- MXFP4 */
+
+/*
+ * MXFP4 as gpt-oss is released: per 32 values of a row, the E8M0 exponent
+ * floor(log2(amax)) - 2 and the nearest e2m1 codes of the values over it
+ * (moe_mxfp4_quantize_block(), the rule of OpenAI's and ggml's
+ * quantizers), from the float32 values the tensor would have unquantized.
+ */
+void gen_mxfp4_band(const struct gen_tensor *w, uint64_t key, uint64_t r0, float *tmp, uint8_t *codes,
+		    uint8_t *scales)
+{
+	uint64_t K = w->shape[2] * MOE_MXFP4_BLOCK, rows = w->shape[0] * w->shape[1];
+	uint64_t n = rows - r0 < GEN_MX_BAND ? rows - r0 : GEN_MX_BAND;
+	struct gen_tensor f = *w;
+	uint8_t junk[MOE_MXFP4_BLOCK / 2];
+
+	f.dtype = MOE_DTYPE_F32;
+	f.fill = FILL_RANDOM;
+	gen_values(&f, key, r0 * K, (size_t)(n * K), tmp);
+	for (uint64_t b = 0; b < n * (K / MOE_MXFP4_BLOCK); b++) {
+		uint8_t s = moe_mxfp4_quantize_block(tmp + b * MOE_MXFP4_BLOCK,
+						     codes ? codes + b * (MOE_MXFP4_BLOCK / 2) : junk);
+
+		if (scales)
+			scales[b] = s;
+	}
+}

@@ -212,10 +212,16 @@ static json_t *config_json(const struct gen_dims *d)
 		json_set(c, "transformers_version", json_string("4.54.0"));
 		break;
 	case MOE_ARCH_GPT_OSS: {
-		/* gpt-oss-20b's config.json as transformers reads it, less the
-		 * quantization_config (MXFP4) of the release: this is the bf16
-		 * layout.  Sliding and full attention alternate. */
+		/* gpt-oss-20b's config.json as transformers reads it; with
+		 * --quant mxfp4 the release's quantization_config too, else this
+		 * is the bf16 layout.  Sliding and full attention alternate. */
 		json_t *types = json_array(), *rope = json_object();
+
+		if (d->mxfp4)
+			json_set(c, "quantization_config",
+				 json_pack("{s:[ssss],s:s}", "modules_to_not_convert", "model.layers.*.self_attn",
+					   "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+					   "quant_method", "mxfp4"));
 
 		for (uint32_t l = 0; l < d->L; l++)
 			json_array_append_new(types, json_string(l % 2 ? "full_attention" : "sliding_attention"));
@@ -444,6 +450,43 @@ static int pipe_stop(struct gen_pipe *pp, struct moe_err *err)
 	return pp->r;
 }
 
+/* MXFP4 blocks or their scales, GEN_MX_BAND rows of values per pipe slot
+ * (at most 256 x 65536 / 2 bytes: GEN_CHUNK). */
+static int write_mxfp4(const struct gen_plan *p, const struct gen_tensor *t, uint64_t seed,
+		       struct gen_pipe *pp, unsigned *slot, uint64_t *done,
+		       void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
+		       struct moe_err *err)
+{
+	const struct gen_tensor *w = t->fill == FILL_MXFP4 ? t : &p->t[t->src];
+	uint64_t key = gen_tensor_key(seed, w->name), K = w->shape[2] * MOE_MXFP4_BLOCK;
+	uint64_t rows = w->shape[0] * w->shape[1];
+	size_t per_row = t->fill == FILL_MXFP4 ? K / 2 : K / MOE_MXFP4_BLOCK;
+	float *tmp = malloc((size_t)(GEN_MX_BAND * K * sizeof(float)));
+
+	if (!tmp)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	for (uint64_t r0 = 0; r0 < rows; r0 += GEN_MX_BAND) {
+		uint64_t n = rows - r0 < GEN_MX_BAND ? rows - r0 : GEN_MX_BAND;
+		uint8_t *b = pipe_get(pp, *slot);
+
+		if (!b) {
+			free(tmp);
+			return -EIO;          /* the real error comes from pipe_stop */
+		}
+		if (t->fill == FILL_MXFP4)
+			gen_mxfp4_band(w, key, r0, tmp, b, NULL);
+		else
+			gen_mxfp4_band(w, key, r0, tmp, NULL, b);
+		pipe_put(pp, *slot, n * per_row);
+		*slot ^= 1;
+		*done += n * per_row;
+		if (progress)
+			progress(ctx, *done, p->total);
+	}
+	free(tmp);
+	return 0;
+}
+
 /* An FP8 weight (a block row per pipe slot) or its scales (in one). */
 static int write_fp8(const struct gen_plan *p, const struct gen_tensor *t, uint64_t seed,
 		     struct gen_pipe *pp, unsigned *slot, uint64_t *done,
@@ -529,6 +572,10 @@ static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir,
 
 		if (t->fill == FILL_FP8 || t->fill == FILL_FP8_SCALE) {
 			r = write_fp8(p, t, seed, &pp, &slot, done, progress, ctx, err);
+			continue;
+		}
+		if (t->fill == FILL_MXFP4 || t->fill == FILL_MXFP4_SCALE) {
+			r = write_mxfp4(p, t, seed, &pp, &slot, done, progress, ctx, err);
 			continue;
 		}
 		{

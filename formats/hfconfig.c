@@ -373,20 +373,20 @@ static int parse_gpt_oss(struct parse_ctx *p)
 
 /*
  * quantization_config.quant_method "mxfp4" is gpt-oss's release layout
- * (experts as *_blocks and *_scales): not read yet, refused by name before
- * any tensor is looked for.
+ * (experts as *_blocks and *_scales): served for model_type gpt_oss only,
+ * the one architecture whose tensor names moed knows in that form; another
+ * model_type is refused by name before any tensor is looked for.
  */
-static int check_quantization(json_t *root, const char *file, struct moe_err *err)
+static int check_quantization(json_t *root, const char *file, enum moe_arch arch, struct moe_err *err)
 {
 	json_t *q = field(root, "quantization_config"), *m;
 
 	if (!q || !json_is_object(q))
 		return 0;
 	m = field(q, "quant_method");
-	if (m && json_is_string(m) && !strcmp(json_string_value(m), "mxfp4"))
-		return moe_err_set(err, -ENOTSUP, "%s: quant_method mxfp4 (experts as *_blocks and *_scales) "
-				   "is not supported yet: moed reads F32, BF16 and F16 weights (for gpt_oss, "
-				   "transformers' bf16 layout)", file);
+	if (m && json_is_string(m) && !strcmp(json_string_value(m), "mxfp4") && arch != MOE_ARCH_GPT_OSS)
+		return moe_err_set(err, -ENOTSUP, "%s: quant_method mxfp4 is read in gpt-oss's release layout "
+				   "(model_type gpt_oss), not for model_type %s", file, moe_arch_name(arch));
 	return 0;
 }
 
@@ -398,10 +398,14 @@ static int check_quantization(json_t *root, const char *file, struct moe_err *er
  * (transformers' FineGrainedFP8Config, DeepSeek-V3's release) with
  * weight_block_size [128, 128], fmt "e4m3" (the default) and dynamic
  * activation scales (moed does not quantize activations; static ones
- * would come with input scales it would ignore).  Anything else is refused
- * by name, with what is served.
+ * would come with input scales it would ignore); quant_method "mxfp4"
+ * (transformers' Mxfp4Config, gpt-oss's release: the experts' *_blocks and
+ * *_scales, whatever else in modules_to_not_convert stays in its float
+ * dtype, which is how moed reads every non-expert tensor anyway).
+ * Anything else is refused by name, with what is served: the list is
+ * QUANT_SERVED, one place.
  */
-#define QUANT_SERVED "fp8 with weight_block_size [128, 128]"
+#define QUANT_SERVED "fp8 with weight_block_size [128, 128]; mxfp4"
 
 static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc, struct moe_err *err)
 {
@@ -417,6 +421,15 @@ static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc,
 	r = get_str(q, file, "any", "quant_method", NULL, &method, err);
 	if (r < 0)
 		return moe_err_prefix(err, r, "%s: quantization_config", file);
+	if (!strcmp(method, "mxfp4")) {
+		json_t *keep = field(q, "modules_to_not_convert");
+
+		if (keep && !json_is_array(keep) && !json_is_null(keep))
+			return moe_err_set(err, -EINVAL, "%s: quantization_config.modules_to_not_convert must "
+					   "be an array of module names, not %s", file, json_type_name(keep));
+		hc->mxfp4 = true;
+		return 0;
+	}
 	if (strcmp(method, "fp8"))
 		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.quant_method '%s' is not supported "
 				   "(supported: %s)", file, method, QUANT_SERVED);
@@ -495,7 +508,7 @@ static int config_from_json(const char *file, json_t *root, struct moe_hf_config
 		return moe_err_set(err, -EINVAL, "%s: model_type '%s' is not supported (supported: %s)",
 				   file, type, moe_hf_supported_types());
 
-	r = check_quantization(root, file, err);
+	r = check_quantization(root, file, c->arch, err);
 	if (r < 0)
 		return r;
 

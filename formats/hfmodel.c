@@ -91,9 +91,18 @@ static bool is_fp8(const struct moe_st_tensor *t)
 	return !strcmp(t->st_dtype, "F8_E4M3");
 }
 
-/* The dtype a checked tensor is served in: FP8 for F8_E4M3 (with scales). */
+/* U8: only gpt_oss's MXFP4 *_blocks are let through as U8 (need_mxfp4) */
+static bool is_u8(const struct moe_st_tensor *t)
+{
+	return !strcmp(t->st_dtype, "U8");
+}
+
+/* The dtype a checked tensor is served in: FP8 for F8_E4M3 (with scales),
+ * MXFP4 for U8 blocks (with scales). */
 static enum moe_dtype served_dtype(const struct moe_st_tensor *t)
 {
+	if (is_u8(t))
+		return MOE_DTYPE_MXFP4;
 	return is_fp8(t) ? MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)t->dtype;
 }
 
@@ -315,12 +324,76 @@ static void note_shared_dtype(struct moe_hf_model *m, const struct moe_st_tensor
 	}
 }
 
+/* A U8 tensor of exactly @shape (MXFP4 codes or scales). */
+static int need_u8(const struct moe_hf_model *m, const char *name, uint32_t ndim, const uint64_t *shape,
+		   const struct moe_st_tensor **ret, struct moe_err *err)
+{
+	const struct moe_st_tensor *t = moe_st_find(m->ckpt, name);
+
+	if (!t)
+		return missing_tensor(m, name, err);
+	if (!is_u8(t))
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s has dtype %s; MXFP4 blocks and scales "
+				   "are U8", name, tensor_file(m, t), t->st_dtype);
+	if (!same_shape(t, ndim, shape))
+		return shape_error(m, t, ndim, shape, "config.json and MXFP4's 32-value blocks", err);
+	*ret = t;
+	return 0;
+}
+
+/*
+ * gpt_oss's MXFP4 release (transformers' Mxfp4GptOssExperts): per layer
+ * experts.gate_up_proj_blocks [E, 2I, H/32, 16] and _scales [E, 2I, H/32],
+ * experts.down_proj_blocks [E, H, I/32, 16] and _scales [E, H, I/32], all
+ * U8; output-major rows (so down needs no transpose), the gate in the even
+ * rows of gate_up and up in the odd (transformers' convert_moe_packed_tensors
+ * decodes them to [E, 2I, H] and transposes to the bf16 layout's [E, H, 2I],
+ * gate in the even columns).  A row's K/32 blocks of 16 bytes are its K/2
+ * code bytes in order: the store's layout as it is.
+ */
+static int check_gpt_oss_mxfp4(struct moe_hf_model *m, struct moe_hf_layer *hl, struct moe_err *err)
+{
+	const struct moe_model_config *c = &m->cfg;
+	uint64_t E = c->num_experts, H = c->hidden_size, I = c->moe_intermediate_size;
+	const struct moe_st_tensor *t;
+	char name[MAX_NAME];
+	int r;
+
+	for (int d = 0; d < 2; d++) {
+		uint64_t N = d ? H : 2 * I, K = d ? I : H;
+		uint64_t bs[4] = { E, N, K / MOE_MXFP4_BLOCK, MOE_MXFP4_BLOCK / 2 };
+		const struct moe_st_tensor **tb = d ? &hl->down : &hl->gate_up;
+		const struct moe_st_tensor **ts = d ? &hl->down_scales : &hl->gate_up_scales;
+
+		snprintf(name, sizeof(name), "%sexperts.%s_blocks", hl->prefix, d ? "down_proj" : "gate_up_proj");
+		if (K % MOE_MXFP4_BLOCK) {
+			t = moe_st_find(m->ckpt, name);
+			return moe_err_set(err, -EINVAL, "tensor '%s' in %s: MXFP4 needs its input size (%s %" PRIu64
+					   ") to be a multiple of %u, one E8M0 scale per %u values",
+					   name, t ? tensor_file(m, t) : m->dir,
+					   d ? "intermediate_size" : "hidden_size", K, MOE_MXFP4_BLOCK, MOE_MXFP4_BLOCK);
+		}
+		r = need_u8(m, name, 4, bs, tb, err);
+		if (r < 0)
+			return r;
+		snprintf(name, sizeof(name), "%sexperts.%s_scales", hl->prefix, d ? "down_proj" : "gate_up_proj");
+		if (!moe_st_find(m->ckpt, name))
+			return moe_err_set(err, -ENOENT, "tensor '%s' in %s is MXFP4 codes but its scales '%s' are "
+					   "missing from the checkpoint", (*tb)->name, tensor_file(m, *tb), name);
+		r = need_u8(m, name, 3, bs, ts, err);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
 /*
  * gpt_oss in transformers' bf16 layout: mlp.router.weight [E, H] and
  * .bias [E]; mlp.experts.gate_up_proj [E, H, 2I] (applied as x @ W, gate
  * in the even columns, up in the odd), .gate_up_proj_bias [E, 2I],
- * .down_proj [E, I, H], .down_proj_bias [E, H].  The release's MXFP4
- * tensors (gate_up_proj_blocks ...) are refused by name.
+ * .down_proj [E, I, H], .down_proj_bias [E, H].  Or, for the release in
+ * MXFP4, the *_blocks and *_scales of check_gpt_oss_mxfp4 in place of
+ * gate_up_proj and down_proj (biases and router as in bf16).
  */
 static int check_gpt_oss_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *seen,
 			       struct moe_err *err)
@@ -332,18 +405,27 @@ static int check_gpt_oss_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, 
 	char name[MAX_NAME];
 	int r;
 
-	snprintf(name, sizeof(name), "%sexperts.gate_up_proj_blocks", hl->prefix);
-	if ((t = moe_st_find(m->ckpt, name)))
-		return moe_err_set(err, -ENOTSUP, "MXFP4 weights are not supported yet: tensor '%s' in %s "
-				   "(moed reads F32, BF16 and F16 weights; for gpt_oss, transformers' bf16 "
-				   "layout)", name, tensor_file(m, t));
+	char blocks[MAX_NAME], plain[MAX_NAME];
+	bool mx;
+
+	/* MXFP4 when the blocks are there, or config.json says mxfp4 and the
+	 * bf16 tensor is not (then the blocks are what is missing) */
+	snprintf(blocks, sizeof(blocks), "%sexperts.gate_up_proj_blocks", hl->prefix);
+	snprintf(plain, sizeof(plain), "%sexperts.gate_up_proj", hl->prefix);
+	t = moe_st_find(m->ckpt, blocks);
+	mx = t || (m->hc->mxfp4 && !moe_st_find(m->ckpt, plain));
+	if (t && !m->hc->mxfp4)
+		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s is MXFP4 blocks but config.json has no "
+				   "quantization_config with quant_method mxfp4", blocks, tensor_file(m, t));
 	snprintf(name, sizeof(name), "%srouter.weight", hl->prefix);
 	r = need2(m, name, E, H, &hl->router, err);
 	if (r == 0) {
 		snprintf(name, sizeof(name), "%srouter.bias", hl->prefix);
 		r = need(m, name, 1, rb, &hl->bias, err);
 	}
-	if (r == 0) {
+	if (r == 0 && mx) {
+		r = check_gpt_oss_mxfp4(m, hl, err);
+	} else if (r == 0) {
 		snprintf(name, sizeof(name), "%sexperts.gate_up_proj", hl->prefix);
 		r = need(m, name, 3, gu, &hl->gate_up, err);
 	}
@@ -351,7 +433,7 @@ static int check_gpt_oss_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, 
 		snprintf(name, sizeof(name), "%sexperts.gate_up_proj_bias", hl->prefix);
 		r = need2(m, name, E, 2 * I, &hl->gate_up_bias, err);
 	}
-	if (r == 0) {
+	if (r == 0 && !mx) {
 		snprintf(name, sizeof(name), "%sexperts.down_proj", hl->prefix);
 		r = need(m, name, 3, dn, &hl->down, err);
 	}
@@ -503,6 +585,19 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 		s.n_elems = (uint64_t)c->hidden_size * c->shared_intermediate_size;
 	} else if (expert >= c->num_experts) {
 		return -ENOENT;
+	} else if (c->arch == MOE_ARCH_GPT_OSS && hl->gate_up_scales) {
+		/* MXFP4: the expert's output-major rows, codes and scales; gate
+		 * and up together, [2I][H] interleaved by rows */
+		uint64_t N = part == MOE_HF_DOWN ? c->hidden_size : 2 * (uint64_t)c->moe_intermediate_size;
+		uint64_t K = part == MOE_HF_DOWN ? c->moe_intermediate_size : c->hidden_size;
+
+		s.t = part == MOE_HF_DOWN ? hl->down : hl->gate_up;
+		s.scale = part == MOE_HF_DOWN ? hl->down_scales : hl->gate_up_scales;
+		s.n_elems = N * K;
+		s.nbytes = N * (K / 2);
+		s.offset = expert * s.nbytes;
+		s.scale_offset = expert * N * (K / MOE_MXFP4_BLOCK);
+		s.layout = part == MOE_HF_DOWN ? MOE_HF_ROWS : MOE_HF_ROWS_INTERLEAVED;
 	} else if (c->arch == MOE_ARCH_GPT_OSS) {
 		/* the expert's whole input-major matrix: [H][2I] for gate and up
 		 * (interleaved), [I][H] for down */

@@ -24,6 +24,8 @@ struct moe_hf_config {
 	struct moe_model_config cfg;
 	bool fp8;                         /* quantization_config: quant_method fp8,
 					   * weight_block_size [128, 128] */
+	bool mxfp4;                       /* quantization_config: quant_method mxfp4
+					   * (gpt_oss's *_blocks and *_scales) */
 	struct moe_layer_rule rule;       /* rule.mlp_only_layers points into this struct */
 	uint32_t n_moe_layers;
 	uint32_t *moe_layers;             /* checkpoint layer numbers, increasing */
@@ -61,20 +63,27 @@ enum moe_hf_layout {
 	 * its columns.  For the [2I] bias: gate even, up odd. */
 	MOE_HF_INTERLEAVED_T = 1,
 	MOE_HF_TRANSPOSED = 2,     /* gpt_oss down: [I][H], the part's transpose */
+	/* gpt_oss MXFP4 gate and up: the expert's output-major [2I][H] rows
+	 * (codes and scales), gate in the even rows, up in the odd */
+	MOE_HF_ROWS_INTERLEAVED = 3,
 };
 
 /* Bytes [offset, offset + nbytes) of tensor @t: one matrix of a checkpoint
  * (or, with another layout than MOE_HF_ROWS, the block it is taken from).
  * FP8 (dtype MOE_DTYPE_FP8_E4M3_B128, MOE_HF_ROWS only): @t holds the e4m3
  * codes and @scale the block scales ([ceil(rows/128)][ceil(cols/128)], F32,
- * BF16 or F16). */
+ * BF16 or F16).  MXFP4 (MOE_DTYPE_MXFP4, gpt_oss): @t holds the codes
+ * (U8 *_blocks, @offset and @nbytes the expert's, or the [2I][H] gate and up
+ * block with MOE_HF_ROWS_INTERLEAVED), @scale the U8 *_scales, from
+ * @scale_offset, one byte per 32 codes. */
 struct moe_hf_slice {
 	const struct moe_st_tensor *t;
 	uint64_t offset;                  /* inside the tensor's data */
 	uint64_t nbytes;
 	uint64_t n_elems;
 	enum moe_dtype dtype;
-	const struct moe_st_tensor *scale; /* FP8 only */
+	const struct moe_st_tensor *scale; /* FP8 and MXFP4 only */
+	uint64_t scale_offset;             /* MXFP4: inside the scales' data */
 	uint64_t rows, cols;               /* the part's, whatever the layout */
 	enum moe_hf_layout layout;
 };
@@ -93,6 +102,10 @@ struct moe_hf_layer {
 	const struct moe_st_tensor *down;         /* fused: [E, H, I]; gpt_oss [E, I, H] */
 	const struct moe_st_tensor *gate_up_bias; /* gpt_oss: [E, 2I] */
 	const struct moe_st_tensor *down_bias;    /* gpt_oss: [E, H] */
+	/* gpt_oss MXFP4: gate_up is gate_up_proj_blocks [E, 2I, H/32, 16] and
+	 * down down_proj_blocks [E, H, I/32, 16] (U8), with their scales */
+	const struct moe_st_tensor *gate_up_scales; /* [E, 2I, H/32] */
+	const struct moe_st_tensor *down_scales;    /* [E, H, I/32] */
 	const struct moe_st_tensor **experts;     /* per expert: [E * 3] by part, unfused */
 	const struct moe_st_tensor **scales;      /* FP8: their weight_scale_inv, or NULL */
 };
@@ -106,7 +119,8 @@ struct moe_hf_model {
 	struct moe_st_checkpoint *ckpt;
 	struct moe_hf_layer *layers;      /* hc->n_moe_layers */
 	enum moe_dtype expert_dtype;      /* dtype of the first routed expert tensor
-					   * (MOE_DTYPE_FP8_E4M3_B128 for F8_E4M3 + scales) */
+					   * (MOE_DTYPE_FP8_E4M3_B128 for F8_E4M3 + scales,
+					   * MOE_DTYPE_MXFP4 for gpt_oss's U8 *_blocks) */
 	char mixed_tensor[256];           /* first expert tensor in another dtype, "" if none */
 	enum moe_dtype mixed_dtype;
 	enum moe_dtype shared_dtype;      /* of the shared expert's first tensor */
@@ -120,7 +134,9 @@ struct moe_hf_model {
  * checkpoint that should hold it), shape exact (expected and found shown),
  * dtype F32, BF16 or F16, or F8_E4M3 with its weight_scale_inv when
  * config.json's quantization_config says fp8 with 128 x 128 blocks (a
- * missing or misshapen scale tensor is named).  Experts are gated unless no
+ * missing or misshapen scale tensor is named), or gpt_oss's MXFP4 *_blocks
+ * and *_scales (U8) when it says mxfp4 (a blocks tensor without its scales
+ * is named, and so is one whose K is not a multiple of 32).  Experts are gated unless no
  * expert of any layer has a gate tensor.  Routed experts in more than one
  * dtype are allowed here (mixed_tensor says so); moe_pack refuses them
  * unless asked to convert.  The shared expert's dtype is tracked apart.

@@ -9,6 +9,8 @@
  * checksums.  FP8 matrices are copied as they are, codes then scales
  * (moe_matrix_bytes()), never widened: serving their own bytes is the point;
  * only --dtype dequantizes them (for a backend without FP8 kernels).
+ * gpt_oss's MXFP4 experts likewise: their rows of codes and scales are
+ * moved (gate and up de-interleaved), never decoded unless --dtype asks.
  * --quantize fp8 goes the other way, from float weights, with the
  * quantizer gen-model --quant fp8 uses (moe_fp8_quantize_band()).
  */
@@ -193,6 +195,81 @@ out:
 	return r;
 }
 
+/*
+ * MXFP4 (gpt_oss): the expert's codes and scales of @s read into pk->block
+ * (codes, then scales at *ret_scales), N rows of K values.
+ */
+static int read_mxfp4(struct packer *pk, const struct moe_hf_slice *s, uint64_t N, uint64_t K,
+		      uint8_t **ret_scales, struct moe_err *err)
+{
+	uint64_t need = s->nbytes + N * (K / MOE_MXFP4_BLOCK);
+	int r;
+
+	if (need > pk->block_bytes) {
+		uint8_t *b = realloc(pk->block, need);
+
+		if (!b)
+			return moe_err_set(err, -ENOMEM, "out of memory");
+		pk->block = b;
+		pk->block_bytes = need;
+	}
+	r = moe_st_read(pk->m->ckpt, s->t, s->offset, pk->block, s->nbytes, err);
+	if (r == 0)
+		r = moe_st_read(pk->m->ckpt, s->scale, s->scale_offset, pk->block + s->nbytes,
+				N * (K / MOE_MXFP4_BLOCK), err);
+	*ret_scales = pk->block + s->nbytes;
+	pk->done += need;
+	if (r == 0 && pk->opt && pk->opt->progress)
+		pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+	return r;
+}
+
+/* Row @src_row of the MXFP4 rows (@codes, @scales; K values each) to row
+ * @dst_row of the N x K matrix @dst of dtype @to: the bytes as they are
+ * for MXFP4, else w = e2m1 * 2^(s - 127) (exact in float32) rounded to @to,
+ * as transformers' convert_moe_packed_tensors dequantizes. */
+static void put_mxfp4_row(struct packer *pk, const uint8_t *codes, const uint8_t *scales, uint64_t src_row,
+			  uint8_t *dst, enum moe_dtype to, uint64_t N, uint64_t K, uint64_t dst_row)
+{
+	const uint8_t *c = codes + src_row * (K / 2), *sc = scales + src_row * (K / MOE_MXFP4_BLOCK);
+
+	if (to == MOE_DTYPE_MXFP4) {
+		memcpy(dst + dst_row * (K / 2), c, K / 2);
+		memcpy(dst + moe_mxfp4_scales_offset(N, K) + dst_row * (K / MOE_MXFP4_BLOCK), sc,
+		       K / MOE_MXFP4_BLOCK);
+		return;
+	}
+	for (uint64_t k = 0; k < K; k++)
+		pk->fbuf[k] = moe_e2m1_to_f32((uint8_t)(c[k / 2] >> (4 * (k & 1)))) *
+			      moe_e8m0_to_f32(sc[k / MOE_MXFP4_BLOCK]);
+	moe_dtype_from_f32(to, pk->fbuf, dst + dst_row * K * moe_dtype_size(to), (size_t)K);
+}
+
+/* gpt_oss MXFP4 gate and up (MOE_HF_ROWS_INTERLEAVED: rows 2i and 2i + 1
+ * of the [2I][H] block), or down (MOE_HF_ROWS), into @dst as @to: moving
+ * rows of bytes is lossless, so the store keeps the release's codes. */
+static int copy_mxfp4(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst, enum moe_dtype to,
+		      struct moe_err *err)
+{
+	uint64_t N = s->rows, K = s->cols, mb = moe_matrix_bytes(to, N, K);
+	bool pair = s->layout == MOE_HF_ROWS_INTERLEAVED;
+	uint8_t *scales = NULL;
+	int r;
+
+	r = read_mxfp4(pk, s, pair ? 2 * N : N, K, &scales, err);
+	if (r < 0)
+		return r;
+	for (uint64_t n = 0; n < N; n++) {
+		if (!pair) {
+			put_mxfp4_row(pk, pk->block, scales, n, dst, to, N, K, n);
+			continue;
+		}
+		put_mxfp4_row(pk, pk->block, scales, 2 * n, dst, to, N, K, n);          /* gate */
+		put_mxfp4_row(pk, pk->block, scales, 2 * n + 1, dst + mb, to, N, K, n); /* up */
+	}
+	return 0;
+}
+
 /* Element (r, c) of a row-major matrix with @ld columns of @es-byte elements
  * to element @i of @dst: the permutations below move bytes, not values,
  * so they hold for any dtype. */
@@ -288,6 +365,18 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 		if (r < 0)
 			return moe_err_set(err, r, "layer %" PRIu32 ": no %s projection",
 					   pk->m->layers[li].layer, moe_hf_part_name((enum moe_hf_part)p));
+		if (s.dtype == MOE_DTYPE_MXFP4) {
+			if (moe_dtype_is_blocked(to) && to != s.dtype)
+				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
+						   moe_dtype_name(s.dtype), moe_dtype_name(to));
+			if (p == MOE_HF_UP && s.layout == MOE_HF_ROWS_INTERLEAVED)
+				continue;       /* taken with the gate from the same block */
+			r = copy_mxfp4(pk, &s, blob + pos, to, err);
+			if (r < 0)
+				return r;
+			pos += (s.layout == MOE_HF_ROWS_INTERLEAVED ? 2 : 1) * moe_matrix_bytes(to, s.rows, s.cols);
+			continue;
+		}
 		if (s.layout == MOE_HF_ROWS) {
 			if (moe_dtype_is_blocked(to) && s.dtype != to && moe_dtype_is_blocked(s.dtype))
 				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
@@ -439,8 +528,10 @@ static uint64_t source_bytes(const struct moe_hf_model *m)
 
 			for (int p = MOE_HF_GATE; p <= MOE_HF_DOWN; p++)
 				if (moe_hf_expert_slice(m, li, e, (enum moe_hf_part)p, &sl) == 0 &&
-				    !(p == MOE_HF_UP && sl.layout == MOE_HF_INTERLEAVED_T))
-					total += sl.nbytes;     /* gpt_oss: gate and up read once */
+				    !(p == MOE_HF_UP && (sl.layout == MOE_HF_INTERLEAVED_T ||
+							 sl.layout == MOE_HF_ROWS_INTERLEAVED)))
+					total += sl.nbytes +    /* gpt_oss: gate and up read once */
+						 (sl.dtype == MOE_DTYPE_MXFP4 ? sl.n_elems / MOE_MXFP4_BLOCK : 0);
 			for (int d = 0; d < 2 && e != UINT32_MAX; d++)
 				if (moe_hf_expert_bias_slice(m, li, e, d, &sl) == 0)
 					total += sl.nbytes;
@@ -491,8 +582,8 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 		    (cfg.shared_intermediate_size && (moe_dtype_is_blocked(pk.m->cfg.shared_dtype) ||
 		     (pk.m->shared_mixed_tensor[0] && moe_dtype_is_blocked(pk.m->shared_mixed_dtype))))) {
 			r = moe_err_set(err, -EINVAL, "%s: --quantize fp8: the checkpoint is already "
-					"quantized (FP8); pack it without --quantize to keep its bytes",
-					hf_dir);
+					"quantized (%s); pack it without --quantize to keep its bytes",
+					hf_dir, pk.m->expert_dtype == MOE_DTYPE_MXFP4 ? "MXFP4" : "FP8");
 			goto out;
 		}
 		if (cfg.has_expert_bias) {
@@ -530,11 +621,11 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 			goto out;
 		}
 		to = to_shared = (enum moe_dtype)opt->dtype;
-		/* FP8 weights dequantize to any of them; --quantize quantizes */
+		/* FP8 and MXFP4 weights dequantize to any of them; --quantize quantizes */
 		if (moe_dtype_is_blocked(to)) {
 			r = moe_err_set(err, -ENOTSUP, "%s: --dtype %s: --dtype does not quantize: use "
-					"--quantize fp8 (an FP8 checkpoint keeps its FP8 weights without "
-					"--dtype)", hf_dir, moe_dtype_name(to));
+					"--quantize fp8 (an FP8 or MXFP4 checkpoint keeps its weights' bytes "
+					"without --dtype)", hf_dir, moe_dtype_name(to));
 			goto out;
 		}
 	} else if (pk.m->mixed_tensor[0]) {
@@ -560,7 +651,8 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	r = moe_store_writer_open(out, &cfg, pk.m->hc->n_moe_layers, pk.m->hc->moe_layers,
 				  source ? source : hf_dir,
 				  pk.m->mixed_tensor[0] ? "mixed" :
-				  moe_dtype_is_blocked(pk.m->expert_dtype) ? "fp8" : moe_dtype_name(pk.m->expert_dtype),
+				  pk.m->expert_dtype == MOE_DTYPE_FP8_E4M3_B128 ? "fp8" :
+				  moe_dtype_name(pk.m->expert_dtype),
 				  &w, err);
 	if (r < 0)
 		goto out;

@@ -40,7 +40,9 @@ struct model {
  *     shared experts (gen-model --quant fp8), H = 200, I = 72: partial
  *     128 x 128 blocks both ways;
  *  3: gpt_oss, bf16 weights, H = 66, I = 26 (matrices off a 16-byte
- *     boundary), 32 experts, top-4: router bias, expert biases, clamp.
+ *     boundary), 32 experts, top-4: router bias, expert biases, clamp;
+ *  4: gpt_oss as OpenAI released it, MXFP4 experts (gen-model --quant
+ *     mxfp4), H = 96, I = 160, 13 rows of 4 and none left: odd tiles.
  */
 static void model_make(struct model *m, int which)
 {
@@ -58,6 +60,14 @@ static void model_make(struct model *m, int which)
 		opt.top_k = 4;
 		opt.quant_fp8 = which == 2;
 		m->what = which == 2 ? "deepseek_v3/fp8/H200/I72" : "deepseek_v3/bf16/H200";
+	} else if (which == 4) {
+		moe_test_gen_small(MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, &opt);
+		opt.hidden_size = 96;
+		opt.moe_intermediate_size = 160;
+		opt.num_experts = 16;
+		opt.top_k = 4;
+		opt.quant_mxfp4 = true;
+		m->what = "gpt_oss/mxfp4/H96/I160";
 	} else if (which == 3) {
 		moe_test_gen_small(MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, &opt);
 		opt.hidden_size = 66;
@@ -80,6 +90,14 @@ static void model_make(struct model *m, int which)
 	opt.num_layers = 2;
 	rc = moe_test_model_make(&m->t, "invariance", &opt, NULL, why, sizeof(why));
 	ck_assert_msg(rc == 0, "%s: %s", m->what, why);
+	if (which == 4) {        /* else this model tests what model 3 does */
+		struct moe_store *s;
+		struct moe_err err = {0};
+
+		ck_assert_msg(moe_store_open(m->t.store, &s, &err) == 0, "%s", err.msg);
+		ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_MXFP4);
+		moe_store_close(s);
+	}
 	if (which == 2) {        /* else this model tests what model 0 does */
 		struct moe_store *s;
 		struct moe_err err = {0};
@@ -317,10 +335,10 @@ static Suite *invariance_suite(void)
 
 	/* each test runs for model 0 (deepseek_v3 bf16) and 1 (mixtral f32) */
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 4);
-	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 4);
-	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 4);
-	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 4);
+	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 5);
+	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 5);
+	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 5);
+	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 5);
 	suite_add_tcase(s, tc);
 	return s;
 }

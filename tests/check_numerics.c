@@ -53,6 +53,8 @@ struct ncase {
 	bool want_group_limited;     /* deepseek_v2: expect topk_method group_limited_greedy */
 	bool with_f16;               /* also float16 weights */
 	bool with_fp8;               /* also FP8 block-scaled experts (gen-model --quant fp8) */
+	bool with_mxfp4;             /* also MXFP4 experts (gen-model --quant mxfp4, gpt_oss) */
+	bool mxfp4_only;             /* MXFP4 alone (real shapes: float copies are costly) */
 	/* FP8 run only: one kind of expert left in bf16 (gen-model --quant-skip,
 	 * or pack --quantize-skip with pack_quantize), so that the store holds
 	 * two dtypes (version 2) */
@@ -177,8 +179,9 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	opt.arch = c->arch;
 	/* FP8: the experts (and shared and dense MLPs) quantized, the rest bf16;
 	 * by pack --quantize fp8 from bf16 with pack_quantize */
-	opt.dtype = dt == MOE_DTYPE_FP8_E4M3_B128 ? MOE_DTYPE_BF16 : dt;
+	opt.dtype = moe_dtype_is_blocked(dt) ? MOE_DTYPE_BF16 : dt;
 	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128 && !c->pack_quantize;
+	opt.quant_mxfp4 = dt == MOE_DTYPE_MXFP4;
 	if (dt == MOE_DTYPE_FP8_E4M3_B128 && c->pack_quantize) {
 		popt.quantize = "fp8";
 		/* one kind by keyword, the other by a release's module name */
@@ -441,12 +444,18 @@ static void run_dtype(const struct ncase *c, enum moe_dtype dt)
 
 static void run_case(const struct ncase *c)
 {
+	if (c->mxfp4_only) {
+		run_dtype(c, MOE_DTYPE_MXFP4);
+		return;
+	}
 	run_dtype(c, MOE_DTYPE_F32);
 	run_dtype(c, MOE_DTYPE_BF16);
 	if (c->with_f16)
 		run_dtype(c, MOE_DTYPE_F16);
 	if (c->with_fp8)
 		run_dtype(c, MOE_DTYPE_FP8_E4M3_B128);
+	if (c->with_mxfp4)
+		run_dtype(c, MOE_DTYPE_MXFP4);
 }
 
 #define NUMERICS_TEST(name, ...)                                          \
@@ -649,6 +658,15 @@ NUMERICS_TEST(gpt_oss_120b_routing_matches_float64_reference,
 NUMERICS_TEST(gpt_oss_biases_split_across_pager_chunks_match_float64_reference,
 	      .arch = MOE_ARCH_GPT_OSS, .H = 128, .I = 85, .E = 8, .k = 4, .x_scale = 4.0f,
 	      .chunk_kb = 64)
+/* MXFP4 as gpt-oss is released (*_blocks, *_scales, gate and up rows
+ * interleaved): the reference decodes the checkpoint's codes itself.  A
+ * small layer with the clamp reached and 13 row tiles of 4 (odd), and
+ * gpt-oss-20b's own expert shape (H = I = 2880) with few experts. */
+NUMERICS_TEST(gpt_oss_mxfp4_matches_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 96, .I = 160, .E = 32, .k = 4, .x_scale = 6.0f,
+	      .want_clamps = true, .with_mxfp4 = true)
+NUMERICS_TEST(gpt_oss_20b_shape_mxfp4_matches_float64_reference,
+	      .arch = MOE_ARCH_GPT_OSS, .H = 2880, .I = 2880, .E = 4, .k = 2, .mxfp4_only = true)
 static void strip_swiglu_limit(const char *dir, uint32_t layer)
 {
 	static const char *const keys[] = { "swiglu_limit" };
@@ -830,6 +848,8 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, deepseek_v3_fused_unnormalised_two_shared_match_float64_reference);
 	tcase_add_test(tc, deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end);
 	tcase_add_test(tc, qwen3_moe_config_without_norm_topk_prob_does_not_renormalise);
+	tcase_add_test(tc, gpt_oss_mxfp4_matches_float64_reference);
+	tcase_add_test(tc, gpt_oss_20b_shape_mxfp4_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v2_config_without_routing_fields_uses_greedy_unscaled_defaults);
 	tcase_add_test(tc, deepseek_v3_config_without_routing_fields_uses_deepseek_v3_defaults);
 	tcase_add_test(tc, glm4_moe_air_routing_matches_float64_reference);

@@ -207,8 +207,9 @@ START_TEST(config_glm4_moe_routes_as_deepseek_v3)
 END_TEST
 
 /* gpt_oss: GptOssConfig's defaults (gpt-oss-120b's shapes), every layer MoE,
- * the clamp and the biases; the MXFP4 release refused by name. */
-START_TEST(config_gpt_oss_defaults_and_mxfp4_refused)
+ * the clamp and the biases; the MXFP4 release's quantization_config read,
+ * for gpt_oss only. */
+START_TEST(config_gpt_oss_defaults_and_mxfp4)
 {
 	struct moe_hf_config *hc;
 	struct moe_err err = { 0 };
@@ -238,11 +239,20 @@ START_TEST(config_gpt_oss_defaults_and_mxfp4_refused)
 	ck_assert(hc->cfg.act == MOE_ACT_SWIGLU_OAI);
 	moe_hf_config_free(hc);
 
+	r = parse("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
+		  " \"quantization_config\": {\"quant_method\": \"mxfp4\","
+		  " \"modules_to_not_convert\": [\"model.layers.*.self_attn\"]}}", &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert(hc->mxfp4 && !hc->fp8);
+	moe_hf_config_free(hc);
+	expect_config_error("{\"model_type\": \"mixtral\", \"hidden_size\": 64, \"num_hidden_layers\": 2,"
+			    " \"quantization_config\": {\"quant_method\": \"mxfp4\"}}",
+			    "quant_method mxfp4 is read in gpt-oss's release layout (model_type gpt_oss), "
+			    "not for model_type mixtral");
 	expect_config_error("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
 			    " \"quantization_config\": {\"quant_method\": \"mxfp4\","
-			    " \"modules_to_not_convert\": [\"model.layers.*.self_attn\"]}}",
-			    "quant_method mxfp4 (experts as *_blocks and *_scales) is not supported yet: "
-			    "moed reads F32, BF16 and F16");
+			    " \"modules_to_not_convert\": \"lm_head\"}}",
+			    "modules_to_not_convert must be an array");
 	expect_config_error("{\"model_type\": \"gpt_oss\", \"hidden_size\": 2880, \"num_hidden_layers\": 24,"
 			    " \"swiglu_limit\": 0}", "swiglu_limit 0 must be positive");
 }
@@ -739,7 +749,7 @@ static Suite *pack_suite(void)
 	tcase_add_test(tc, config_errors_name_the_field);
 	tcase_add_test(tc, config_routing_per_architecture);
 	tcase_add_test(tc, config_glm4_moe_routes_as_deepseek_v3);
-	tcase_add_test(tc, config_gpt_oss_defaults_and_mxfp4_refused);
+	tcase_add_test(tc, config_gpt_oss_defaults_and_mxfp4);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("pack");

@@ -258,6 +258,29 @@ refuses "neither shared nor routed" "$MOECTL" gen-model --arch deepseek_v3 --qua
 	-o "$d/no"
 [ ! -e "$d/no.moe" ] || fail "a refused pack left a store"
 
+# gpt-oss's MXFP4 release: kept in its bytes at 4.25 bits per weight,
+# served on the CPU whatever the thread count, decoded by --dtype
+d=$T/mxfp4
+mkdir "$d" || fail "mkdir $d"
+ok "$MOECTL" gen-model --arch gpt_oss --hidden 96 --moe-intermediate 64 --quant mxfp4 --seed 7 -o "$d/hf"
+grep -F '"quant_method": "mxfp4"' "$d/hf/config.json" >/dev/null || fail "mxfp4: no quantization_config"
+ok "$MOECTL" pack "$d/hf" -o "$d/model.moe"
+grep -F "(mxfp4)" "$T/out" >/dev/null || fail "mxfp4: pack does not say mxfp4"
+ok "$MOECTL" inspect "$d/model.moe"
+grep -E "^expert blob: .*; mxfp4, 4\.250 bits/weight" "$T/out" >/dev/null ||
+	fail "mxfp4: inspect does not show the format at 4.25 bits per weight"
+ok "$MOECTL" verify "$d/model.moe"
+ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --random-input 5 --seed 3 \
+	--save-input "$d/in.npy" --output "$d/out.npy" --threads 2
+ok "$MOECTL" forward --model "$d/model.moe" --layer 1 --input "$d/in.npy" --output "$d/out1.npy" \
+	--threads 1
+cmp -s "$d/out.npy" "$d/out1.npy" || fail "mxfp4: the thread count changed the output bits"
+ok "$MOECTL" pack "$d/hf" -o "$d/bf16.moe" --dtype bf16
+ok "$MOECTL" inspect "$d/bf16.moe"
+grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "mxfp4 --dtype bf16: inspect"
+refuses "already quantized (MXFP4)" "$MOECTL" pack "$d/hf" -o "$d/no.moe" --quantize fp8
+[ ! -e "$d/no.moe" ] || fail "a refused pack left a store"
+
 # gpt-oss-120b's routing (128 experts, top-4, every layer MoE) at a small
 # width, in transformers' bf16 layout; the store keeps the clamp and the
 # expert biases.  The CUDA backend computes it (biases, clamp): it serves

@@ -176,6 +176,66 @@ static int read_fp8(struct loader *ld, const struct moe_st_tensor *t, uint64_t n
 	return rc;
 }
 
+/*
+ * MXFP4 from the OCP Microscaling spec and gpt-oss's release: @pfx_blocks
+ * [E, N, K/32, 16] U8, two e2m1 values a byte, the low nibble first;
+ * @pfx_scales [E, N, K/32] U8, E8M0 (2^(s - 127), 255 NaN), one per 32
+ * values.  Decoded into *ret as [E][N][K] doubles, as transformers'
+ * convert_moe_packed_tensors does before its transpose.
+ */
+static double ref_e2m1_to_double(unsigned c)
+{
+	unsigned e = (c >> 1) & 3u, m = c & 1u;
+	double v = e ? ldexp(1.0 + m / 2.0, (int)e - 1) : m / 2.0;
+
+	return c & 8u ? -v : v;
+}
+
+static int read_mxfp4(struct loader *ld, const char *pfx, uint64_t E, uint64_t N, uint64_t K, double **ret)
+{
+	const struct moe_st_tensor *tb = find(ld, "%s_blocks", pfx), *ts = find(ld, "%s_scales", pfx);
+	uint64_t nb = E * N * (K / 32);
+	struct moe_err err = {0};
+	unsigned char *codes, *sc;
+	double *d;
+	int rc;
+
+	if (!tb || !ts)
+		return fail(ld, -ENOENT, "%s_blocks or _scales: not in the checkpoint", pfx);
+	if (K % 32 || tb->ndim != 4 || tb->shape[0] != E || tb->shape[1] != N || tb->shape[2] != K / 32 ||
+	    tb->shape[3] != 16 || strcmp(tb->st_dtype, "U8") || ts->ndim != 3 || ts->shape[0] != E ||
+	    ts->shape[1] != N || ts->shape[2] != K / 32 || strcmp(ts->st_dtype, "U8"))
+		return fail(ld, -EINVAL, "%s_blocks/_scales: not [%llu, %llu, %llu/32, 16] and [.., .., ..] U8",
+			    pfx, (unsigned long long)E, (unsigned long long)N, (unsigned long long)K);
+	codes = malloc(nb * 16);
+	sc = malloc(nb);
+	d = malloc(sizeof(double) * nb * 32);
+	if (!codes || !sc || !d) {
+		rc = fail(ld, -ENOMEM, "out of memory");
+		goto out;
+	}
+	rc = moe_st_read(ld->ck, tb, 0, codes, nb * 16, &err);
+	if (rc == 0)
+		rc = moe_st_read(ld->ck, ts, 0, sc, nb, &err);
+	if (rc < 0) {
+		rc = fail(ld, rc, "%s", err.msg);
+		goto out;
+	}
+	for (uint64_t b = 0; b < nb; b++)
+		for (unsigned i = 0; i < 32; i++) {
+			unsigned c = i % 2 ? codes[b * 16 + i / 2] >> 4 : codes[b * 16 + i / 2] & 15u;
+
+			d[b * 32 + i] = sc[b] == 255 ? NAN : ldexp(ref_e2m1_to_double(c), (int)sc[b] - 127);
+		}
+	*ret = d;
+	d = NULL;
+out:
+	free(codes);
+	free(sc);
+	free(d);
+	return rc;
+}
+
 /* Allocate and read a whole tensor of @nelem elements (an FP8 matrix
  * dequantized with its scales). */
 static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
@@ -505,12 +565,21 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 	return 0;
 }
 
+static int gpt_oss_split(struct loader *ld, struct ref_layer *l, const struct moe_st_tensor *tr,
+			 const struct moe_st_tensor *tb, const struct moe_st_tensor *tgub,
+			 const struct moe_st_tensor *tdb, const double *gu, const double *dn);
+static int read_gpt_oss_mxfp4(struct loader *ld, const char *pfx, struct ref_layer *l,
+			      const struct moe_st_tensor *mgu);
+
 /*
  * gpt_oss in transformers' layout (modeling_gpt_oss.py): router.weight
  * [E, H] and router.bias [E]; experts.gate_up_proj [E, H, 2I] used as
  * x @ W, whose column 2i is gate row i and column 2i + 1 up row i;
  * gate_up_proj_bias [E, 2I] the same way; down_proj [E, I, H] used as
- * h @ W, so down row h is its column h; down_proj_bias [E, H].
+ * h @ W, so down row h is its column h; down_proj_bias [E, H].  The
+ * MXFP4 release has gate_up_proj_blocks/_scales decoding to [E, 2I, H] and
+ * down_proj_blocks/_scales to [E, H, I] (read_mxfp4), which transformers
+ * transposes to the layout above: so does this.
  */
 static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
 {
@@ -521,9 +590,12 @@ static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
 	const struct moe_st_tensor *tgub = find(ld, "%sexperts.gate_up_proj_bias", pfx);
 	const struct moe_st_tensor *td = find(ld, "%sexperts.down_proj", pfx);
 	const struct moe_st_tensor *tdb = find(ld, "%sexperts.down_proj_bias", pfx);
-	double *gu = NULL, *gub = NULL, *dn = NULL;
+	const struct moe_st_tensor *mgu = find(ld, "%sexperts.gate_up_proj_blocks", pfx);
+	double *gu = NULL, *dn = NULL;
 	int rc;
 
+	if (!tgu && mgu && tr && tr->ndim == 2)
+		return read_gpt_oss_mxfp4(ld, pfx, l, mgu);
 	if (!tr || !tb || !tgu || !tgub || !td || !tdb)
 		return fail(ld, -ENOENT, "%s: a gpt_oss router or expert tensor is missing", pfx);
 	if (tr->ndim != 2 || tr->shape[0] != E || tr->shape[1] == 0 || tr->shape[1] > (1u << 20))
@@ -539,12 +611,83 @@ static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
 	l->gated = true;
 	snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", tgu->st_dtype);
 	size_t esz = (size_t)I * H;
+	if ((rc = read_tensor(ld, tgu, (uint64_t)E * 2 * esz, &gu)) < 0 ||
+	    (rc = read_tensor(ld, td, (uint64_t)E * esz, &dn)) < 0)
+		goto out;
+	rc = gpt_oss_split(ld, l, tr, tb, tgub, tdb, gu, dn);
+out:
+	free(gu);
+	free(dn);
+	return rc;
+}
+
+/* The MXFP4 release: the matrices decoded and transposed to the bf16
+ * layout, biases and router as there. */
+static int read_gpt_oss_mxfp4(struct loader *ld, const char *pfx, struct ref_layer *l,
+			      const struct moe_st_tensor *mgu)
+{
+	uint32_t E = l->routing.num_experts, H, I;
+	const struct moe_st_tensor *tr = find(ld, "%srouter.weight", pfx);
+	const struct moe_st_tensor *tb = find(ld, "%srouter.bias", pfx);
+	const struct moe_st_tensor *tgub = find(ld, "%sexperts.gate_up_proj_bias", pfx);
+	const struct moe_st_tensor *tdb = find(ld, "%sexperts.down_proj_bias", pfx);
+	double *mx = NULL, *gu = NULL, *dn = NULL;
+	char name[512];
+	int rc;
+
+	if (!tb || !tgub || !tdb)
+		return fail(ld, -ENOENT, "%s: a gpt_oss router or expert bias is missing", pfx);
+	H = l->hidden = (uint32_t)tr->shape[1];
+	if (mgu->ndim != 4 || mgu->shape[1] % 2 || mgu->shape[1] == 0 || mgu->shape[1] > (1u << 21))
+		return fail(ld, -EINVAL, "%s: shape is not [E, 2I, H/32, 16]", mgu->name);
+	I = l->inter = (uint32_t)(mgu->shape[1] / 2);
+	if (!shape_is(tgub, E, 2 * I, 0) || !shape_is(tdb, E, H, 0) || tb->ndim != 1 || tb->shape[0] != E)
+		return fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, mgu->name);
+	l->gated = true;
+	snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", mgu->st_dtype);   /* U8 */
+	size_t esz = (size_t)I * H;
+	snprintf(name, sizeof(name), "%sexperts.gate_up_proj", pfx);
+	rc = read_mxfp4(ld, name, E, 2 * (uint64_t)I, H, &mx);
+	gu = malloc(sizeof(double) * 2 * esz * E);
+	dn = malloc(sizeof(double) * esz * E);
+	if (rc == 0 && (!gu || !dn))
+		rc = fail(ld, -ENOMEM, "out of memory");
+	for (size_t j = 0; rc == 0 && j < E; j++)          /* [2I][H] -> [H][2I] */
+		for (size_t n = 0; n < 2 * (size_t)I; n++)
+			for (size_t h = 0; h < H; h++)
+				gu[j * 2 * esz + h * 2 * I + n] = mx[j * 2 * esz + n * H + h];
+	free(mx);
+	mx = NULL;
+	snprintf(name, sizeof(name), "%sexperts.down_proj", pfx);
+	if (rc == 0)
+		rc = read_mxfp4(ld, name, E, H, I, &mx);
+	for (size_t j = 0; rc == 0 && j < E; j++)          /* [H][I] -> [I][H] */
+		for (size_t h = 0; h < H; h++)
+			for (size_t i = 0; i < I; i++)
+				dn[j * esz + i * H + h] = mx[j * esz + h * I + i];
+	if (rc == 0)
+		rc = gpt_oss_split(ld, l, tr, tb, tgub, tdb, gu, dn);
+	free(mx);
+	free(gu);
+	free(dn);
+	return rc;
+}
+
+/* Router, biases, and gate/up/down in moed's orientation from @gu [E][H][2I]
+ * and @dn [E][I][H] (transformers' bf16 layout). */
+static int gpt_oss_split(struct loader *ld, struct ref_layer *l, const struct moe_st_tensor *tr,
+			 const struct moe_st_tensor *tb, const struct moe_st_tensor *tgub,
+			 const struct moe_st_tensor *tdb, const double *gu, const double *dn)
+{
+	uint32_t E = l->routing.num_experts, H = l->hidden, I = l->inter;
+	size_t esz = (size_t)I * H;
+	double *gub = NULL;
+	int rc;
+
 	if ((rc = read_tensor(ld, tr, (uint64_t)E * H, &l->router)) < 0 ||
 	    (rc = read_tensor(ld, tb, E, &l->bias)) < 0 ||
 	    (rc = read_tensor(ld, tdb, (uint64_t)E * H, &l->down_bias)) < 0 ||
-	    (rc = read_tensor(ld, tgu, (uint64_t)E * 2 * esz, &gu)) < 0 ||
-	    (rc = read_tensor(ld, tgub, (uint64_t)E * 2 * I, &gub)) < 0 ||
-	    (rc = read_tensor(ld, td, (uint64_t)E * esz, &dn)) < 0)
+	    (rc = read_tensor(ld, tgub, (uint64_t)E * 2 * I, &gub)) < 0)
 		goto out;
 	l->gate = malloc(sizeof(double) * esz * E);
 	l->up = malloc(sizeof(double) * esz * E);
@@ -570,9 +713,7 @@ static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
 	}
 	rc = 0;
 out:
-	free(gu);
 	free(gub);
-	free(dn);
 	return rc;
 }
 
