@@ -28,22 +28,32 @@ enum moe_dtype {
 	 * block size is in the name because a store of another block size
 	 * would need another kernel, so another number. */
 	MOE_DTYPE_FP8_E4M3_B128 = 3,
+	/* 4-bit group-quantized integers (GPTQ, AWQ, compressed-tensors),
+	 * w[n][perm[j]] = (q[n][j] - z[n][j / G]) * s[n][j / G]: codes, float16
+	 * or bfloat16 scales, optional zero points and column permutation, in
+	 * one canonical layout (model.h moe_q4_layout()).  The group size and
+	 * the optional parts are the store's (moe_model_config q4_group,
+	 * q4_flags), the same for every INT4 matrix of it. */
+	MOE_DTYPE_INT4 = 5,
 	MOE_DTYPE_COUNT
 };
 
 /* Rows and columns of one scale block of MOE_DTYPE_FP8_E4M3_B128. */
 #define MOE_FP8_BLOCK 128
 
-/* Bytes per element (per code for FP8); 0 for an invalid value. */
+/* Bytes per element (per code for FP8; 1 for INT4, whose byte holds two
+ * codes: only moe_matrix_bytes() sizes its matrices); 0 for an invalid
+ * value. */
 size_t moe_dtype_size(enum moe_dtype t);
 
 /* True for a block-scaled dtype (codes plus scales). */
 static inline bool moe_dtype_is_blocked(enum moe_dtype t)
 {
-	return t == MOE_DTYPE_FP8_E4M3_B128;
+	return t == MOE_DTYPE_FP8_E4M3_B128 || t == MOE_DTYPE_INT4;
 }
 
-/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128"; "?" if invalid. */
+/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128", "int4"; "?" if
+ * invalid. */
 const char *moe_dtype_name(enum moe_dtype t);
 
 /*

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "kernels_impl.h"
 #include "model.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -772,6 +773,11 @@ static bool isa_usable(enum moe_kern_isa isa)
 	default:
 		return false;
 	}
+}
+
+bool moe_kern_isa_usable(enum moe_kern_isa isa)
+{
+	return isa_usable(isa);
 }
 
 static const moe_kern_dot_rows_fn kernels[MOE_KERN_ISA_COUNT][2] = {

@@ -1,0 +1,325 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * CPU kernels for MOE_DTYPE_INT4 (kernels.h, model.h moe_q4_layout()): the
+ * 4-bit codes are read as the store holds them and dequantized in
+ * registers, w = (q - z) * s in float32, which is exact (|q - z| <= 16
+ * times a float16 or bfloat16 scale needs at most 16 significant bits), so
+ * every instruction set computes the same weights and the canonical fused
+ * multiply-add order of kernels.h gives batch-invariant results.
+ *
+ * A permuted matrix (act-order, MOE_Q4_PERM) takes x[perm[j]] for stored
+ * column j, by a gather of the lanes' x values per vector step: no copy
+ * of x is made, so the kernel needs no memory of its own, and the product
+ * is the same sum in the same order as over the unpermuted matrix.
+ *
+ * The resident layout of an INT4 matrix is the store's: its rows of K/2
+ * bytes are a quarter of a bf16 row, so a tile of four of them is already
+ * a short stream per row; the group interleaving of the wider dtypes is
+ * not used.
+ */
+#include "config.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <immintrin.h>
+
+#include "kernels.h"
+#include "kernels_impl.h"
+#include "model.h"
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+void moe_q4_matrix_at(const void *m, uint32_t q4_group, uint32_t q4_flags, size_t N, size_t K,
+		      struct moe_q4_matrix *ret)
+{
+	struct moe_q4_layout l;
+	const char *b = m;
+
+	moe_q4_layout(q4_group, q4_flags, N, K, &l);
+	ret->codes = (const uint8_t *)b;
+	ret->scales = (const uint16_t *)(const void *)(b + l.scales);
+	ret->zeros = l.zeros ? (const uint8_t *)b + l.zeros : NULL;
+	ret->perm = l.perm ? (const uint32_t *)(const void *)(b + l.perm) : NULL;
+	ret->N = N;
+	ret->K = K;
+	ret->G = l.G;
+	ret->bf16 = (q4_flags & MOE_Q4_BF16_SCALES) != 0;
+}
+
+static ALWAYS_INLINE float q4_scale(const struct moe_q4_matrix *m, size_t row, size_t g)
+{
+	uint16_t h = m->scales[row * (m->K / m->G) + g];
+
+	return m->bf16 ? moe_bf16_to_f32(h) : moe_f16_to_f32(h);
+}
+
+static ALWAYS_INLINE int q4_zero(const struct moe_q4_matrix *m, size_t row, size_t g)
+{
+	return m->zeros ? m->zeros[row * (m->K / m->G) + g] : 8;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Scalar reference: 8 emulated lanes, the AVX2 order.                        */
+
+static float sc_hsum8(const float *a)
+{
+	float b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
+	float c0 = b0 + b2, c1 = b1 + b3;
+
+	return c0 + c1;
+}
+
+static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+			       const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	size_t K = m->K, G = m->G;
+
+	for (size_t c = 0; c < nt; c++)
+		for (size_t r = 0; r < nr; r++) {
+			const uint8_t *q = m->codes + (row0 + r) * (K / 2);
+			float acc[8] = { 0 };
+
+			for (size_t g = 0; g < K / G; g++) {
+				float s = q4_scale(m, row0 + r, g);
+				int z = q4_zero(m, row0 + r, g);
+
+				for (size_t k = g * G; k < (g + 1) * G; k += 8)
+					for (size_t l = 0; l < 8; l++) {
+						size_t j = k + l;
+						int v = (q[j / 2] >> (4 * (j & 1))) & 15;
+						float x = xs[c][m->perm ? m->perm[j] : j];
+
+						acc[l] = __builtin_fmaf((float)(v - z) * s, x, acc[l]);
+					}
+			}
+			y[c * ldy + r] = sc_hsum8(acc);
+		}
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX2: 8 lanes, tiles of up to 4 rows x 2 tokens.                            */
+
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define Q4_RMAX 4
+#define AVX2_CMAX 2
+
+AVX2_TARGET static ALWAYS_INLINE float avx2_hsum8(__m256 v)
+{
+	__m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+
+	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+/* Lanes l = 0..7: nibble l of the 4 bytes at @p (column k + l of the row). */
+AVX2_TARGET static ALWAYS_INLINE __m256i avx2_nibbles(const uint8_t *p, __m256i shifts)
+{
+	uint32_t v;
+
+	memcpy(&v, p, sizeof(v));
+	return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts),
+				_mm256_set1_epi32(15));
+}
+
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x(const float *x, const uint32_t *perm, size_t k)
+{
+	if (perm)
+		return _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(perm + k)), 4);
+	return _mm256_loadu_ps(x + k);
+}
+
+AVX2_TARGET static ALWAYS_INLINE void
+avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
+	     float *y, size_t ldy)
+{
+	size_t K = m->K, G = m->G;
+	const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+	__m256 acc[Q4_RMAX][AVX2_CMAX];
+	const uint8_t *row[Q4_RMAX];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		row[r] = m->codes + (row0 + (size_t)r) * (K / 2);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			acc[r][c] = _mm256_setzero_ps();
+	}
+	for (size_t g = 0; g < K / G; g++) {
+		__m256 s[Q4_RMAX];
+		__m256i z[Q4_RMAX];
+
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++) {
+			s[r] = _mm256_set1_ps(q4_scale(m, row0 + (size_t)r, g));
+			z[r] = _mm256_set1_epi32(q4_zero(m, row0 + (size_t)r, g));
+		}
+		for (size_t k = g * G; k < (g + 1) * G; k += 8) {
+			__m256 w[Q4_RMAX];
+
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++) {
+				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
+				w[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(
+							avx2_nibbles(row[r] + k / 2, shifts), z[r])), s[r]);
+			}
+#pragma GCC unroll 4
+			for (int c = 0; c < C; c++) {
+				__m256 xv = avx2_load_x(xs[c], m->perm, k);
+#pragma GCC unroll 4
+				for (int r = 0; r < R; r++)
+					acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			y[(size_t)c * ldy + (size_t)r] = avx2_hsum8(acc[r][c]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX-512: 16 lanes, tiles of up to 4 rows x 4 tokens.                       */
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define AVX512_CMAX 4
+
+AVX512_TARGET static ALWAYS_INLINE float avx512_hsum16(__m512 v)
+{
+	__m256 lo = _mm512_castps512_ps256(v);
+	__m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+	__m256 s = _mm256_add_ps(lo, hi);
+	__m128 a = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+
+	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+/* Lanes l = 0..15: nibble l of the 8 bytes at @p. */
+AVX512_TARGET static ALWAYS_INLINE __m512i avx512_nibbles(const uint8_t *p, __m512i shifts)
+{
+	uint32_t v[2];
+
+	memcpy(v, p, sizeof(v));
+	__m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)v[0])),
+				       _mm256_set1_epi32((int)v[1]), 1);
+	return _mm512_and_si512(_mm512_srlv_epi32(b, shifts), _mm512_set1_epi32(15));
+}
+
+AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_x(const float *x, const uint32_t *perm, size_t k)
+{
+	if (perm)
+		return _mm512_i32gather_ps(_mm512_loadu_si512(perm + k), x, 4);
+	return _mm512_loadu_ps(x + k);
+}
+
+AVX512_TARGET static ALWAYS_INLINE void
+avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
+	       float *y, size_t ldy)
+{
+	size_t K = m->K, G = m->G;
+	const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28,
+						 0, 4, 8, 12, 16, 20, 24, 28);
+	__m512 acc[Q4_RMAX][AVX512_CMAX];
+	const uint8_t *row[Q4_RMAX];
+
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		row[r] = m->codes + (row0 + (size_t)r) * (K / 2);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			acc[r][c] = _mm512_setzero_ps();
+	}
+	for (size_t g = 0; g < K / G; g++) {
+		__m512 s[Q4_RMAX];
+		__m512i z[Q4_RMAX];
+
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++) {
+			s[r] = _mm512_set1_ps(q4_scale(m, row0 + (size_t)r, g));
+			z[r] = _mm512_set1_epi32(q4_zero(m, row0 + (size_t)r, g));
+		}
+		for (size_t k = g * G; k < (g + 1) * G; k += 16) {
+			__m512 w[Q4_RMAX];
+
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++) {
+				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
+				w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+							avx512_nibbles(row[r] + k / 2, shifts), z[r])), s[r]);
+			}
+#pragma GCC unroll 4
+			for (int c = 0; c < C; c++) {
+				__m512 xv = avx512_load_x(xs[c], m->perm, k);
+#pragma GCC unroll 4
+				for (int r = 0; r < R; r++)
+					acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
+			}
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++)
+			y[(size_t)c * ldy + (size_t)r] = avx512_hsum16(acc[r][c]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Drivers: chunks of CMAX tokens; rows by fours, then one at a time (a row's
+ * result does not depend on its tile: the order is per row and token).      */
+
+#define Q4_CASE(isa, R, C) case C: isa##_tile_q4(R, C, m, row0 + r, xc, yc + r, ldy); break;
+
+AVX2_TARGET static void dot_rows_q4_avx2(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+					 const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	for (size_t c0 = 0; c0 < nt; c0 += AVX2_CMAX) {
+		size_t nc = nt - c0 < AVX2_CMAX ? nt - c0 : AVX2_CMAX, r = 0;
+		const float *const *xc = xs + c0;
+		float *yc = y + c0 * ldy;
+
+		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
+			switch (nc) { Q4_CASE(avx2, 4, 1) Q4_CASE(avx2, 4, 2) }
+		for (; r < nr; r++)
+			switch (nc) { Q4_CASE(avx2, 1, 1) Q4_CASE(avx2, 1, 2) }
+	}
+}
+
+AVX512_TARGET static void dot_rows_q4_avx512(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+					     const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	for (size_t c0 = 0; c0 < nt; c0 += AVX512_CMAX) {
+		size_t nc = nt - c0 < AVX512_CMAX ? nt - c0 : AVX512_CMAX, r = 0;
+		const float *const *xc = xs + c0;
+		float *yc = y + c0 * ldy;
+
+		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
+			switch (nc) {
+			Q4_CASE(avx512, 4, 1) Q4_CASE(avx512, 4, 2) Q4_CASE(avx512, 4, 3) Q4_CASE(avx512, 4, 4)
+			}
+		for (; r < nr; r++)
+			switch (nc) {
+			Q4_CASE(avx512, 1, 1) Q4_CASE(avx512, 1, 2) Q4_CASE(avx512, 1, 3) Q4_CASE(avx512, 1, 4)
+			}
+	}
+}
+
+static const moe_kern_dot_rows_q4_fn kernels_q4[MOE_KERN_ISA_COUNT] = {
+	[MOE_KERN_SCALAR] = dot_rows_q4_scalar,
+	[MOE_KERN_AVX2] = dot_rows_q4_avx2,
+	[MOE_KERN_AVX512] = dot_rows_q4_avx512,
+	[MOE_KERN_AVX512_VBMI] = dot_rows_q4_avx512,    /* no byte permutes needed */
+};
+
+moe_kern_dot_rows_q4_fn moe_kern_get_q4(enum moe_kern_isa isa)
+{
+	return (unsigned)isa < MOE_KERN_ISA_COUNT && moe_kern_isa_usable(isa) ? kernels_q4[isa] : NULL;
+}
+
+void moe_kern_dot_rows_q4(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+			  const float *const *xs, size_t nt, float *y, size_t ldy)
+{
+	kernels_q4[moe_kern_active()](m, row0, nr, xs, nt, y, ldy);
+}
