@@ -401,7 +401,8 @@ static int check_quantization(json_t *root, const char *file, struct moe_err *er
  * would come with input scales it would ignore).  Anything else is refused
  * by name, with what is served.
  */
-#define QUANT_SERVED "fp8 with weight_block_size [128, 128]"
+#define QUANT_SERVED "fp8 with weight_block_size [128, 128]; gptq, awq (gemm) and " \
+	"compressed-tensors (pack-quantized) with 4 bits"
 
 static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc, struct moe_err *err)
 {
@@ -417,6 +418,8 @@ static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc,
 	r = get_str(q, file, "any", "quant_method", NULL, &method, err);
 	if (r < 0)
 		return moe_err_prefix(err, r, "%s: quantization_config", file);
+	if (!strcmp(method, "gptq") || !strcmp(method, "awq") || !strcmp(method, "compressed-tensors"))
+		return moe_q4_parse_config(q, file, method, &hc->q4, err);
 	if (strcmp(method, "fp8"))
 		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.quant_method '%s' is not supported "
 				   "(supported: %s)", file, method, QUANT_SERVED);
@@ -455,6 +458,7 @@ void moe_hf_config_free(struct moe_hf_config *hc)
 		return;
 	free(hc->moe_layers);
 	free(hc->mlp_only_layers);
+	moe_q4_config_clear(&hc->q4);
 	free(hc);
 }
 
