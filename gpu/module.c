@@ -52,11 +52,27 @@ static int refuse(struct moe_err *err, const char *why)
  * "cuda" fails with it; never a wrong answer:
  *  - gpt_oss's expert biases and clamped SwiGLU (the streaming kernels and
  *    the cuBLAS path apply act(gate) * up and no bias);
- *  - FP8 block-scaled weights, and a shared expert in another dtype: the
+ *  - any weight dtype but f32, bf16 and f16 (FP8, int4), and a shared
+ *    expert in another dtype than the routed ones: the
  *    kernels of launch.cu read every expert, the shared one too, as
  *    weight_dtype elements of 4 or 2 bytes.
  * No engine symbol here (the module links none): names written out.
  */
+static bool plain_dtype(enum moe_dtype t)
+{
+	return t == MOE_DTYPE_F32 || t == MOE_DTYPE_BF16 || t == MOE_DTYPE_F16;
+}
+
+/* The name of a dtype for the message (no engine symbol: written out). */
+static const char *dtype_word(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_FP8_E4M3_B128: return "FP8 (fp8_e4m3_b128)";
+	case MOE_DTYPE_INT4: return "int4 (GPTQ, AWQ, compressed-tensors)";
+	default: return "these";
+	}
+}
+
 static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
 {
 	char why[256];
@@ -67,11 +83,17 @@ static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err
 			 cfg->arch == MOE_ARCH_GPT_OSS ? "gpt_oss" : "these");
 		return refuse(err, why);
 	}
-	if (moe_dtype_is_blocked(cfg->weight_dtype) ||
-	    (cfg->shared_intermediate_size && moe_dtype_is_blocked(cfg->shared_dtype)))
-		return refuse(err, "the CUDA backend has no kernels for FP8 (fp8_e4m3_b128) expert weights "
-			      "yet (the CPU backend serves them; moectl pack --dtype bf16 dequantizes the "
-			      "checkpoint for the GPU)");
+	/* an allowlist: a dtype added to the engine stays on the CPU until
+	 * kernels here read it */
+	if (!plain_dtype(cfg->weight_dtype) ||
+	    (cfg->shared_intermediate_size && !plain_dtype(cfg->shared_dtype))) {
+		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights yet "
+			 "(it reads f32, bf16 and f16; the CPU backend serves them; moectl pack --dtype "
+			 "bf16 dequantizes the checkpoint for the GPU)",
+			 !plain_dtype(cfg->weight_dtype) ? dtype_word(cfg->weight_dtype)
+							 : dtype_word(cfg->shared_dtype));
+		return refuse(err, why);
+	}
 	if (cfg->shared_intermediate_size && cfg->shared_dtype != cfg->weight_dtype) {
 		snprintf(why, sizeof(why), "the CUDA backend needs the shared expert in the routed "
 			 "experts' dtype (%d, not %d)", (int)cfg->weight_dtype, (int)cfg->shared_dtype);

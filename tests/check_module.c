@@ -119,7 +119,7 @@ START_TEST(refuses_module_without_version)
 END_TEST
 
 /* The real CUDA module ($MOE_BACKEND_DIR as the test harness sets it)
- * refuses a model with FP8 experts, or an FP8 shared expert, by its
+ * refuses a model with FP8 or int4 experts, or such a shared expert, by its
  * supports entry, before it looks for a device (so this runs without a
  * GPU): "cuda" fails saying why, "auto" serves it on the CPU saying why. */
 START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
@@ -141,20 +141,27 @@ START_TEST(cuda_module_refuses_fp8_experts_before_the_device)
 		printf("no CUDA module at %s: its FP8 refusal is not tested\n", path);
 		return;
 	}
-	for (int shared_only = 0; shared_only < 2; shared_only++) {
+	/* FP8, then int4 (GPTQ-like: groups of 64 with zero points) */
+	for (int q = 0; q < 4; q++) {
+		enum moe_dtype dt = q < 2 ? MOE_DTYPE_FP8_E4M3_B128 : MOE_DTYPE_INT4;
+		const char *why = q < 2 ? "no kernels for FP8" : "no kernels for int4";
 		struct moe_backend *be = NULL;
 		struct moe_err err = { 0 };
 		int r;
 
-		cfg.weight_dtype = shared_only ? MOE_DTYPE_BF16 : MOE_DTYPE_FP8_E4M3_B128;
+		cfg.shared_dtype = dt;
+		cfg.weight_dtype = q % 2 ? MOE_DTYPE_BF16 : dt;      /* odd: the shared expert only */
+		cfg.q4_group = dt == MOE_DTYPE_INT4 ? 64 : 0;
+		cfg.q4_flags = dt == MOE_DTYPE_INT4 ? MOE_Q4_ZEROS : 0;
 		r = moe_backend_open("cuda", &o, &be, &err);
-		ck_assert_msg(r == -ENOTSUP, "cuda on FP8 gave %d (%s), not -ENOTSUP", r, err.msg);
+		ck_assert_msg(r == -ENOTSUP, "cuda on %s gave %d (%s), not -ENOTSUP", moe_dtype_name(dt), r,
+			      err.msg);
 		ck_assert_ptr_null(be);
-		ck_assert_msg(strstr(err.msg, "no kernels for FP8"), "the reason: %s", err.msg);
+		ck_assert_msg(strstr(err.msg, why), "the reason: %s", err.msg);
 		r = moe_backend_open("auto", &o, &be, &err);
 		ck_assert_msg(r == 0, "auto did not open: %d %s", r, err.msg);
 		ck_assert_str_eq(be->ops->name, "cpu");
-		ck_assert_msg(strstr(be->reason, "no kernels for FP8"), "the fallback reason: %s", be->reason);
+		ck_assert_msg(strstr(be->reason, why), "the fallback reason: %s", be->reason);
 		moe_backend_close(be);
 	}
 }
