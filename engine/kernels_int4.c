@@ -147,13 +147,14 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 			acc[r][c] = _mm256_setzero_ps();
 	}
 	for (size_t g = 0; g < K / G; g++) {
-		__m256 s[Q4_RMAX];
-		__m256i z[Q4_RMAX];
+		__m256 s[Q4_RMAX], zs[Q4_RMAX];
 
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++) {
-			s[r] = _mm256_set1_ps(q4_scale(m, row0 + (size_t)r, g));
-			z[r] = _mm256_set1_epi32(q4_zero(m, row0 + (size_t)r, g));
+			float sr = q4_scale(m, row0 + (size_t)r, g);
+
+			s[r] = _mm256_set1_ps(sr);
+			zs[r] = _mm256_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr);
 		}
 		for (size_t k = g * G; k < (g + 1) * G; k += 8) {
 			__m256 w[Q4_RMAX];
@@ -161,8 +162,10 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
 				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
-				w[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(
-							avx2_nibbles(row[r] + k / 2, shifts), z[r])), s[r]);
+				/* q s - z s: both products exact, so the one rounding
+				 * of the fused form gives (q - z) s exactly */
+				w[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(avx2_nibbles(row[r] + k / 2, shifts)),
+						       s[r], zs[r]);
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
@@ -197,15 +200,14 @@ AVX512_TARGET static ALWAYS_INLINE float avx512_hsum16(__m512 v)
 	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-/* Lanes l = 0..15: nibble l of the 8 bytes at @p. */
-AVX512_TARGET static ALWAYS_INLINE __m512i avx512_nibbles(const uint8_t *p, __m512i shifts)
+/* Lanes l = 0..15: nibble l of the 8 bytes at @p in the low 4 bits (the
+ * bits above are garbage: the table lookup ignores them).  @sel puts the
+ * first 4 bytes in lanes 0..7 and the next 4 in lanes 8..15. */
+AVX512_TARGET static ALWAYS_INLINE __m512i avx512_nibbles(const uint8_t *p, __m512i sel, __m512i shifts)
 {
-	uint32_t v[2];
+	__m512i b = _mm512_permutexvar_epi32(sel, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)p)));
 
-	memcpy(v, p, sizeof(v));
-	__m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)v[0])),
-				       _mm256_set1_epi32((int)v[1]), 1);
-	return _mm512_and_si512(_mm512_srlv_epi32(b, shifts), _mm512_set1_epi32(15));
+	return _mm512_srlv_epi32(b, shifts);
 }
 
 AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_x(const float *x, const uint32_t *perm, size_t k)
@@ -222,6 +224,8 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 	size_t K = m->K, G = m->G;
 	const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28,
 						 0, 4, 8, 12, 16, 20, 24, 28);
+	const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+	const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 	__m512 acc[Q4_RMAX][AVX512_CMAX];
 	const uint8_t *row[Q4_RMAX];
 
@@ -233,13 +237,16 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 			acc[r][c] = _mm512_setzero_ps();
 	}
 	for (size_t g = 0; g < K / G; g++) {
-		__m512 s[Q4_RMAX];
-		__m512i z[Q4_RMAX];
+		__m512 lut[Q4_RMAX];
 
+		/* the group's 16 weights of a row, (q - z) s for q = 0..15,
+		 * exact (q s - z s in one rounding): one lookup per lane */
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++) {
-			s[r] = _mm512_set1_ps(q4_scale(m, row0 + (size_t)r, g));
-			z[r] = _mm512_set1_epi32(q4_zero(m, row0 + (size_t)r, g));
+			float sr = q4_scale(m, row0 + (size_t)r, g);
+
+			lut[r] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sr),
+						 _mm512_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr));
 		}
 		for (size_t k = g * G; k < (g + 1) * G; k += 16) {
 			__m512 w[Q4_RMAX];
@@ -247,8 +254,7 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
 				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
-				w[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
-							avx512_nibbles(row[r] + k / 2, shifts), z[r])), s[r]);
+				w[r] = _mm512_permutexvar_ps(avx512_nibbles(row[r] + k / 2, sel, shifts), lut[r]);
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
