@@ -272,8 +272,8 @@ static const char *tfile(const struct moe_st_checkpoint *ck, const struct moe_st
 
 /* Tensor @module.@suffix, 2-D [a][b] (1-D [a] when b is 0) of st dtype
  * @dt (or F16/BF16 when @dt is NULL). */
-static int need_t(const struct moe_st_checkpoint *ck, const char *module, const char *suffix,
-		  const char *why, uint64_t a, uint64_t b, const char *dt,
+static int need_t(const struct moe_st_checkpoint *ck, const struct moe_st_tensor *q, const char *module,
+		  const char *suffix, const char *why, uint64_t a, uint64_t b, const char *dt,
 		  const struct moe_st_tensor **ret, struct moe_err *err)
 {
 	const struct moe_st_tensor *t;
@@ -282,8 +282,8 @@ static int need_t(const struct moe_st_checkpoint *ck, const char *module, const 
 	snprintf(name, sizeof(name), "%s.%s", module, suffix);
 	t = moe_st_find(ck, name);
 	if (!t)
-		return moe_err_set(err, -ENOENT, "int4 matrix '%s' (%s) has no %s: tensor '%s' is missing "
-				   "from the checkpoint", module, why, suffix, name);
+		return moe_err_set(err, -ENOENT, "int4 matrix '%s' (%s) in %s has no %s: tensor '%s' is "
+				   "missing from the checkpoint", module, why, tfile(ck, q), suffix, name);
 	if (dt ? strcmp(t->st_dtype, dt) != 0
 	       : strcmp(t->st_dtype, "F16") != 0 && strcmp(t->st_dtype, "BF16") != 0)
 		return moe_err_set(err, -ENOTSUP, "tensor '%s' in %s has dtype %s, expected %s", name,
@@ -326,26 +326,26 @@ int moe_q4_find(const struct moe_st_checkpoint *ck, const struct moe_q4_config *
 	ng = K / G;
 	switch (qc->format) {
 	case MOE_Q4F_GPTQ:
-		r = need_t(ck, module, "qweight", shape, K / 8, N, "I32", &ret->qweight, err);
+		r = need_t(ck, t, module, "qweight", shape, K / 8, N, "I32", &ret->qweight, err);
 		if (r == 0)
-			r = need_t(ck, module, "scales", shape, ng, N, NULL, &ret->scales, err);
+			r = need_t(ck, t, module, "scales", shape, ng, N, NULL, &ret->scales, err);
 		if (r == 0)
-			r = need_t(ck, module, "qzeros", shape, ng, N / 8, "I32", &ret->qzeros, err);
+			r = need_t(ck, t, module, "qzeros", shape, ng, N / 8, "I32", &ret->qzeros, err);
 		snprintf(name, sizeof(name), "%s.g_idx", module);
 		if (r == 0 && (moe_st_find(ck, name) || qc->desc_act))
-			r = need_t(ck, module, "g_idx", shape, K, 0, "I32", &ret->g_idx, err);
+			r = need_t(ck, t, module, "g_idx", shape, K, 0, "I32", &ret->g_idx, err);
 		break;
 	case MOE_Q4F_AWQ:
-		r = need_t(ck, module, "qweight", shape, K, N / 8, "I32", &ret->qweight, err);
+		r = need_t(ck, t, module, "qweight", shape, K, N / 8, "I32", &ret->qweight, err);
 		if (r == 0)
-			r = need_t(ck, module, "scales", shape, ng, N, NULL, &ret->scales, err);
+			r = need_t(ck, t, module, "scales", shape, ng, N, NULL, &ret->scales, err);
 		if (r == 0)
-			r = need_t(ck, module, "qzeros", shape, ng, N / 8, "I32", &ret->qzeros, err);
+			r = need_t(ck, t, module, "qzeros", shape, ng, N / 8, "I32", &ret->qzeros, err);
 		break;
 	default:
-		r = need_t(ck, module, "weight_packed", shape, N, K / 8, "I32", &ret->qweight, err);
+		r = need_t(ck, t, module, "weight_packed", shape, N, K / 8, "I32", &ret->qweight, err);
 		if (r == 0)
-			r = need_t(ck, module, "weight_scale", shape, N, ng, NULL, &ret->scales, err);
+			r = need_t(ck, t, module, "weight_scale", shape, N, ng, NULL, &ret->scales, err);
 		break;
 	}
 	if (r == 0 && N % 8)
