@@ -8,9 +8,9 @@
  * multiply-add order of kernels.h gives batch-invariant results.
  *
  * A permuted matrix (act-order, MOE_Q4_PERM) takes x[perm[j]] for stored
- * column j, by a gather of the lanes' x values per vector step: no copy
- * of x is made, so the kernel needs no memory of its own, and the product
- * is the same sum in the same order as over the unpermuted matrix.
+ * column j: gathered once per chunk of tokens (q4_gather), or per vector
+ * step for rows too wide for its buffer; the product is the same sum in
+ * the same order as over the unpermuted matrix.
  *
  * The resident layout of an INT4 matrix is the store's: its rows of K/2
  * bytes are a quarter of a bf16 row, so a tile of four of them is already
@@ -276,14 +276,45 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 /* Drivers: chunks of CMAX tokens; rows by fours, then one at a time (a row's
  * result does not depend on its tile: the order is per row and token).      */
 
-#define Q4_CASE(isa, R, C) case C: isa##_tile_q4(R, C, m, row0 + r, xc, yc + r, ldy); break;
+#define Q4_CASE(isa, R, C) case C: isa##_tile_q4(R, C, mm, row0 + r, xc, yc + r, ldy); break;
+
+/*
+ * With a permutation, a chunk's tokens are gathered once, x[perm[j]] into
+ * a per-thread buffer, before its row tiles, which then read it as plain x (the
+ * same values in the same order: the same bits as the in-register
+ * gather, which rows wider than Q4_GATHER_MAX keep).  8192 covers the
+ * released shapes (DeepSeek-V3's hidden 7168): 128 KiB of thread-local
+ * storage per thread that runs the AVX-512 kernel, 64 KiB for AVX2.
+ */
+#define Q4_GATHER_MAX 8192
+
+static ALWAYS_INLINE const struct moe_q4_matrix *
+q4_gather(const struct moe_q4_matrix *m, const float *const *xs, size_t nc, float (*gx)[Q4_GATHER_MAX],
+	  const float **xg, struct moe_q4_matrix *plain)
+{
+	if (!m->perm || m->K > Q4_GATHER_MAX)
+		return m;
+	for (size_t c = 0; c < nc; c++) {
+		for (size_t j = 0; j < m->K; j++)
+			gx[c][j] = xs[c][m->perm[j]];
+		xg[c] = gx[c];
+	}
+	*plain = *m;
+	plain->perm = NULL;
+	return plain;
+}
 
 AVX2_TARGET static void dot_rows_q4_avx2(const struct moe_q4_matrix *m, size_t row0, size_t nr,
 					 const float *const *xs, size_t nt, float *y, size_t ldy)
 {
+	static __thread float gx[AVX2_CMAX][Q4_GATHER_MAX] __attribute__((aligned(64)));
+
 	for (size_t c0 = 0; c0 < nt; c0 += AVX2_CMAX) {
 		size_t nc = nt - c0 < AVX2_CMAX ? nt - c0 : AVX2_CMAX, r = 0;
-		const float *const *xc = xs + c0;
+		const float *xg[AVX2_CMAX];
+		struct moe_q4_matrix plain;
+		const struct moe_q4_matrix *mm = q4_gather(m, xs + c0, nc, gx, xg, &plain);
+		const float *const *xc = mm == m ? xs + c0 : xg;
 		float *yc = y + c0 * ldy;
 
 		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
@@ -296,9 +327,14 @@ AVX2_TARGET static void dot_rows_q4_avx2(const struct moe_q4_matrix *m, size_t r
 AVX512_TARGET static void dot_rows_q4_avx512(const struct moe_q4_matrix *m, size_t row0, size_t nr,
 					     const float *const *xs, size_t nt, float *y, size_t ldy)
 {
+	static __thread float gx[AVX512_CMAX][Q4_GATHER_MAX] __attribute__((aligned(64)));
+
 	for (size_t c0 = 0; c0 < nt; c0 += AVX512_CMAX) {
 		size_t nc = nt - c0 < AVX512_CMAX ? nt - c0 : AVX512_CMAX, r = 0;
-		const float *const *xc = xs + c0;
+		const float *xg[AVX512_CMAX];
+		struct moe_q4_matrix plain;
+		const struct moe_q4_matrix *mm = q4_gather(m, xs + c0, nc, gx, xg, &plain);
+		const float *const *xc = mm == m ? xs + c0 : xg;
 		float *yc = y + c0 * ldy;
 
 		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
