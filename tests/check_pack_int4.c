@@ -40,6 +40,7 @@ struct q4_ckpt {
 	int group;                 /* -1: one group per row */
 	bool sym, desc_act, v2;    /* GPTQ */
 	bool shared_plain;         /* the shared expert unquantized (CT: ignored) */
+	bool routed_plain;         /* CT: the routed experts ignored, the shared quantized */
 	const char *quant;         /* another quantization_config */
 	const char *drop;          /* a tensor left out */
 	bool bad_g_idx;            /* one column moved to another group */
@@ -227,8 +228,9 @@ static void quant_config(const struct q4_ckpt *o, char *buf, size_t len)
 			 "\"config_groups\": {\"group_0\": {\"targets\": [\"Linear\"], \"weights\": "
 			 "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": true, \"strategy\": \"group\", "
 			 "\"group_size\": %d, \"actorder\": null}}}, \"ignore\": [\"lm_head\", "
-			 "\"re:.*self_attn.*\", \"re:.*mlp\\\\.gate$\"%s]}", o->group,
-			 o->shared_plain ? ", \"re:.*shared_experts.*\"" : "");
+			 "\"re:.*self_attn.*\", \"re:.*mlp\\\\.gate$\"%s%s]}", o->group,
+			 o->shared_plain ? ", \"re:.*shared_experts.*\"" : "",
+			 o->routed_plain ? ", \"re:.*mlp\\\\.experts\\\\.[0-9]+\\\\..*\"" : "");
 }
 
 /* A DeepSeek-V3 layer (routed and one shared expert) as @o's checkpoint. */
@@ -273,7 +275,7 @@ static void write_checkpoint(const char *dir, const struct q4_ckpt *o)
 			for (uint64_t i = 0; i < a * b; i++)
 				w[i] = randw(&rng);
 			snprintf(name, sizeof(name), "%s.%s", base, parts[p]);
-			if (j == E && o->shared_plain) {
+			if (j == E ? o->shared_plain : o->routed_plain) {
 				uint16_t *bf = malloc(a * b * 2);
 
 				for (uint64_t i = 0; i < a * b; i++)
@@ -367,8 +369,17 @@ static void check_forward(const char *what, const char *dir, const char *store)
 	ref_layer_free(ref);
 }
 
+static void run_case_mixed(const char *what, const struct q4_ckpt *o, uint32_t want_group,
+			   uint32_t want_flags, enum moe_dtype want_routed, enum moe_dtype want_shared);
+
 static void run_case(const char *what, const struct q4_ckpt *o, uint32_t want_group,
 		     uint32_t want_flags, enum moe_dtype want_shared)
+{
+	run_case_mixed(what, o, want_group, want_flags, MOE_DTYPE_INT4, want_shared);
+}
+
+static void run_case_mixed(const char *what, const struct q4_ckpt *o, uint32_t want_group,
+			   uint32_t want_flags, enum moe_dtype want_routed, enum moe_dtype want_shared)
 {
 	char *dir = moe_test_tmpdir("int4"), *out;
 	struct moe_err err = { 0 };
@@ -377,14 +388,14 @@ static void run_case(const char *what, const struct q4_ckpt *o, uint32_t want_gr
 
 	ck_assert_msg(r == 0, "%s: pack: %s", what, err.msg);
 	ck_assert_int_eq(moe_store_open(out, &s, &err), 0);
-	ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_INT4);
+	ck_assert_int_eq(s->cfg.weight_dtype, want_routed);
 	ck_assert_int_eq(s->cfg.shared_dtype, want_shared);
 	ck_assert_uint_eq(s->cfg.q4_group, want_group);
 	ck_assert_uint_eq(s->cfg.q4_flags, want_flags);
 	ck_assert_uint_eq(s->hdr.q4_group, want_group);
 	/* a quarter of bf16's bytes, and the scales, zero points, permutation
 	 * and padding that weigh much in so small a matrix */
-	ck_assert_msg(s->hdr.expert_bytes < 3ull * H * I * 2 / 2, "%s: %" PRIu64 " bytes per expert",
+	ck_assert_msg(want_routed != MOE_DTYPE_INT4 || s->hdr.expert_bytes < 3ull * H * I * 2 / 2, "%s: %" PRIu64 " bytes per expert",
 		      what, s->hdr.expert_bytes);
 	moe_store_close(s);
 	check_forward(what, dir, out);
@@ -444,6 +455,10 @@ START_TEST(compressed_tensors_served_within_contract)
 	run_case("compressed-tensors g32, shared ignored", &o, 32, MOE_Q4_BF16_SCALES, MOE_DTYPE_BF16);
 	o.shared_plain = false;
 	run_case("compressed-tensors g32", &o, 32, MOE_Q4_BF16_SCALES, MOE_DTYPE_INT4);
+	/* the other way round: routed experts ignored (bf16), the shared int4 */
+	o.routed_plain = true;
+	run_case_mixed("compressed-tensors g32, routed ignored", &o, 32, MOE_Q4_BF16_SCALES,
+		       MOE_DTYPE_BF16, MOE_DTYPE_INT4);
 }
 END_TEST
 
