@@ -199,6 +199,11 @@ int moe_q4_parse_config(json_t *q, const char *file, const char *method, struct 
 			r = moe_err_set(err, -ENOTSUP, "%s: AWQ version '%s' is not supported (gemm)", file, v);
 			goto out;
 		}
+		if (json_is_false(json_object_get(q, "zero_point"))) {
+			r = moe_err_set(err, -ENOTSUP, "%s: AWQ without zero points (zero_point false) is not "
+					"supported (zero_point true)", file);
+			goto out;
+		}
 		goto out;               /* zero points always, never permuted */
 	}
 	r = q_bool(q, file, "quantization_config", "desc_act", false, &qc.desc_act, err);
@@ -206,6 +211,11 @@ int moe_q4_parse_config(json_t *q, const char *file, const char *method, struct 
 		r = q_bool(q, file, "quantization_config", "sym", true, &qc.sym, err);
 	if (r < 0)
 		goto out;
+	if (json_is_true(json_object_get(q, "is_marlin_format"))) {
+		r = moe_err_set(err, -ENOTSUP, "%s: GPTQ in Marlin's layout (is_marlin_format) is not supported "
+				"(checkpoint_format gptq, gptq_v2)", file);
+		goto out;
+	}
 	{
 		const char *cf = q_str(q, "checkpoint_format", "gptq");
 

@@ -531,6 +531,58 @@ START_TEST(int4_refusals_name_the_culprit)
 				       "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": false, "
 				       "\"strategy\": \"group\", \"group_size\": 32}}}}" };
 	expect_refusal(&o, "asymmetric");
+	o = (struct q4_ckpt){ .fmt = GPTQ, .group = 32,
+			      .quant = "{\"quant_method\": \"gptq\", \"bits\": 4, \"group_size\": 32, "
+				       "\"is_marlin_format\": true}" };
+	expect_refusal(&o, "Marlin");
+	o = (struct q4_ckpt){ .fmt = GPTQ, .group = 32,
+			      .quant = "{\"quant_method\": \"gptq\", \"bits\": 4, \"group_size\": 32, "
+				       "\"checkpoint_format\": \"marlin\"}" };
+	expect_refusal(&o, "checkpoint_format 'marlin' is not supported");
+	o = (struct q4_ckpt){ .fmt = AWQ, .group = 32,
+			      .quant = "{\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 32, "
+				       "\"version\": \"gemv\"}" };
+	expect_refusal(&o, "AWQ version 'gemv' is not supported");
+}
+END_TEST
+
+/* The store's int4 parameters, checked with the model (a header that
+ * passed its checksum can still hold them wrong). */
+START_TEST(int4_store_parameters_are_validated)
+{
+	static const struct {
+		enum moe_dtype routed, shared;
+		uint32_t group, flags;
+		const char *want;
+	} cases[] = {
+		{ MOE_DTYPE_INT4, MOE_DTYPE_INT4, 128, MOE_Q4_ZEROS, NULL },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_INT4, 0, MOE_Q4_PERM | MOE_Q4_BF16_SCALES, NULL },
+		{ MOE_DTYPE_INT4, MOE_DTYPE_INT4, 24, 0, "int4 group size 24 is not a multiple of 16" },
+		{ MOE_DTYPE_INT4, MOE_DTYPE_INT4, 96, 0, "int4 group size 96 does not divide hidden_size (256)" },
+		{ MOE_DTYPE_INT4, MOE_DTYPE_INT4, 64, 8, "int4 flags 0x8: unknown bits" },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_BF16, 64, 0, "int4 parameters (group 64, flags 0) without int4 weights" },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct moe_model_config c = {
+			.arch = MOE_ARCH_DEEPSEEK_V3, .hidden_size = 256, .moe_intermediate_size = 128,
+			.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
+			.n_shared_experts = 1, .shared_intermediate_size = 128,
+			.scoring = MOE_SCORING_SIGMOID, .topk_method = MOE_TOPK_NOAUX_TC, .has_bias = true,
+			.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+			.weight_dtype = cases[i].routed, .shared_dtype = cases[i].shared,
+			.q4_group = cases[i].group, .q4_flags = cases[i].flags,
+		};
+		struct moe_err err = { 0 };
+		int r = moe_model_config_validate(&c, &err);
+
+		if (!cases[i].want) {
+			ck_assert_msg(r == 0, "case %zu: %s", i, err.msg);
+			continue;
+		}
+		ck_assert_msg(r < 0 && strstr(err.msg, cases[i].want), "case %zu: '%s' does not say '%s'", i,
+			      err.msg, cases[i].want);
+	}
 }
 END_TEST
 
@@ -646,6 +698,7 @@ int main(void)
 	tcase_add_test(tc, compressed_tensors_served_within_contract);
 	tcase_add_test(tc, pack_dtype_dequantizes_int4);
 	tcase_add_test(tc, int4_refusals_name_the_culprit);
+	tcase_add_test(tc, int4_store_parameters_are_validated);
 	tcase_add_loop_test(tc, int4_kernels_match_scalar_and_float64, 0, 2);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "pack_int4");
