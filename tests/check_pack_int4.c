@@ -600,9 +600,10 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 		uint64_t rng = 7 + flags;
 		uint8_t *M;
 		struct moe_q4_matrix m;
-		float (*xs_)[8208] = malloc(sizeof(float) * 5 * 8208), y0[5 * 13], y[5 * 13], y1[13];
+		float (*xs_)[8208] = malloc(sizeof(float) * 11 * 8208), y0[5 * 13], y[5 * 13], y1[13];
+		float y11[11 * 13];
 		double mags[5 * 13];
-		const float *xs[5];
+		const float *xs[11];
 
 		moe_q4_layout((uint32_t)G, flags, N, K, &l);
 		M = moe_test_page_alloc(l.bytes);
@@ -629,7 +630,7 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 				p[j] = t;
 			}
 		}
-		for (int c = 0; c < 5; c++) {
+		for (int c = 0; c < 11; c++) {
 			for (size_t k = 0; k < K; k++)
 				xs_[c][k] = (float)(moe_test_randf(&rng) * 2 - 1);
 			xs[c] = xs_[c];
@@ -670,6 +671,11 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 					      flags, (double)y[i], (double)y0[i]);
 			if (isa == MOE_KERN_AVX2)     /* the scalar order: the same bits */
 				ck_assert(memcmp(y, y0, sizeof(y)) == 0);
+			/* 11 tokens at once (a row tile dequantized once for all,
+			 * without a permutation): the first 5 give the same bits */
+			fn(&m, 0, N, xs, 11, y11, N);
+			ck_assert_msg(memcmp(y11, y, sizeof(y)) == 0, "%s flags %u: a batch of 11 differs",
+				      moe_kern_isa_name((enum moe_kern_isa)isa), flags);
 			/* rows 5.. alone, one token at a time: the same bits */
 			for (int c = 0; c < 5; c++) {
 				fn(&m, 5, N - 5, xs + c, 1, y1, N);
