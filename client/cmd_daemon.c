@@ -52,9 +52,16 @@ static int parse_json_flag(const char *cmd, int argc, char **argv, bool *json)
 	return 0;
 }
 
+static const char *wdt_name(const char *const *names, size_t n, uint32_t dt)
+{
+	return dt < n && names[dt] ? names[dt] : "?";
+}
+
 int cmd_info(int argc, char **argv)
 {
-	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128" };   /* moe-store(5)'s numbers */
+	/* moe-store(5)'s numbers */
+	static const char *const dtypes[] = { [0] = "f32", [1] = "bf16", [2] = "f16", [3] = "fp8_e4m3_b128",
+					      [5] = "int4" };
 	struct moe_client *c;
 	struct moe_model_info in;
 	bool json;
@@ -72,7 +79,7 @@ int cmd_info(int argc, char **argv)
 				      "num_experts", (int)in.num_experts, "top_k", (int)in.top_k,
 				      "num_hidden_layers", (int)in.num_hidden_layers,
 				      "n_shared_experts", (int)in.n_shared_experts,
-				      "weight_dtype", in.weight_dtype < 4 ? dtypes[in.weight_dtype] : "?",
+				      "weight_dtype", wdt_name(dtypes, sizeof(dtypes) / sizeof(dtypes[0]), in.weight_dtype),
 				      "max_tokens", (int)in.max_tokens, "num_moe_layers", (int)in.num_moe_layers,
 				      "arena_bytes", (json_int_t)in.arena_bytes);
 		json_t *layers = json_array();
@@ -87,7 +94,7 @@ int cmd_info(int argc, char **argv)
 		json_decref(o);
 	} else {
 		printf("model: %s, backend %s, %s weights\n", in.model_type, in.backend,
-		       in.weight_dtype < 4 ? dtypes[in.weight_dtype] : "?");
+		       wdt_name(dtypes, sizeof(dtypes) / sizeof(dtypes[0]), in.weight_dtype));
 		printf("hidden %u, %u experts of %u, top-%u, %u shared; %u layers, %u of them MoE:",
 		       in.hidden_size, in.num_experts, in.moe_intermediate_size, in.top_k, in.n_shared_experts,
 		       in.num_hidden_layers, in.num_moe_layers);

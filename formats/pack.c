@@ -324,11 +324,14 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 			    (moe_dtype_is_blocked(s.dtype) || to == MOE_DTYPE_INT4))
 				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
 						   moe_dtype_name(s.dtype), moe_dtype_name(to));
-			if (s.dtype == MOE_DTYPE_INT4)
-				r = to == s.dtype ? moe_q4_read(pk->m->ckpt, &pk->m->hc->q4, s.q4,
-								pk->m->cfg.q4_flags, s.rows, s.cols,
-								blob + pos, err)
-						  : dequant_q4(pk, &s, blob + pos, to, err);
+			if (s.dtype == MOE_DTYPE_INT4 && to == s.dtype) {
+				r = moe_q4_read(pk->m->ckpt, &pk->m->hc->q4, s.q4, pk->m->cfg.q4_flags, s.rows,
+						s.cols, blob + pos, err);
+				pk->done += s.nbytes;
+				if (r == 0 && pk->opt && pk->opt->progress)
+					pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+			} else if (s.dtype == MOE_DTYPE_INT4)
+				r = dequant_q4(pk, &s, blob + pos, to, err);
 			else if (moe_dtype_is_blocked(to) && s.dtype != to)   /* --quantize */
 				r = quant_fp8(pk, &s, blob + pos, err);
 			else if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
