@@ -14,7 +14,9 @@
  *     w = (q - z) * s.
  *   compressed-tensors pack-quantized: weight_packed [N][K/8] int32, input
  *     column k in bits 4 (k % 8), the signed value plus 8; weight_scale
- *     [N][K/G]; weight_shape [N, K]; w = (q - 8) * s.
+ *     [N][K/G]; weight_shape [N, K]; w = (q - 8) * s; asymmetric,
+ *     weight_zero_point int32 [N/8][K/G] packed along N (row n in bits
+ *     4 (n % 8)), the signed zero point plus 8: w = (q - zp) * s.
  */
 #include "config.h"
 
@@ -133,9 +135,6 @@ static int parse_ct(json_t *q, const char *file, struct moe_q4_config *qc, struc
 		if (strcmp(q_str(w, "strategy", "?"), "group"))
 			return moe_err_set(err, -ENOTSUP, "%s: compressed-tensors strategy '%s' is not supported "
 					   "(group)", file, q_str(w, "strategy", "?"));
-		if (!qc->sym)
-			return moe_err_set(err, -ENOTSUP, "%s: asymmetric compressed-tensors weights "
-					   "(weight_zero_point) are not supported yet (symmetric)", file);
 		if (json_object_get(w, "actorder") && !json_is_null(json_object_get(w, "actorder")))
 			return moe_err_set(err, -ENOTSUP, "%s: compressed-tensors actorder is not supported",
 					   file);
@@ -239,7 +238,7 @@ uint32_t moe_q4_flags(const struct moe_q4_config *qc)
 {
 	uint32_t f = 0;
 
-	if (qc->format == MOE_Q4F_AWQ || (qc->format == MOE_Q4F_GPTQ && !qc->sym))
+	if (qc->format == MOE_Q4F_AWQ || !qc->sym)
 		f |= MOE_Q4_ZEROS;
 	if (qc->format == MOE_Q4F_GPTQ && qc->desc_act)
 		f |= MOE_Q4_PERM;
@@ -356,6 +355,9 @@ int moe_q4_find(const struct moe_st_checkpoint *ck, const struct moe_q4_config *
 		r = need_t(ck, t, module, "weight_packed", shape, N, K / 8, "I32", &ret->qweight, err);
 		if (r == 0)
 			r = need_t(ck, t, module, "weight_scale", shape, N, ng, NULL, &ret->scales, err);
+		if (r == 0 && !qc->sym)
+			r = need_t(ck, t, module, "weight_zero_point", shape, N / 8, ng, "I32", &ret->qzeros,
+				   err);
 		break;
 	}
 	if (r == 0 && N % 8)
@@ -477,6 +479,13 @@ int moe_q4_read(const struct moe_st_checkpoint *ck, const struct moe_q4_config *
 		 * low nibble first), weight_scale the canonical scales */
 		memcpy(dst, qw, N * K / 2);
 		memcpy(scales, sc, N * l.groups * 2);
+		/* asymmetric: weight_zero_point [N/8][K/G] packed along N, in
+		 * the same +8 encoding as the values, so (q - 8) - (zp - 8)
+		 * is q - zp: the stored nibble is the canonical zero point */
+		for (uint64_t n = 0; zeros && n < N; n++)
+			for (uint64_t g = 0; g < l.groups; g++)
+				zeros[n * l.groups + g] = (uint8_t)((((const uint32_t *)qz)[(n / 8) * l.groups + g] >>
+								      (4 * (n % 8))) & 15u);
 		goto out;
 	}
 	{

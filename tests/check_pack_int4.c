@@ -41,6 +41,7 @@ struct q4_ckpt {
 	bool sym, desc_act, v2;    /* GPTQ */
 	bool shared_plain;         /* the shared expert unquantized (CT: ignored) */
 	bool routed_plain;         /* CT: the routed experts ignored, the shared quantized */
+	bool ct_asym;              /* CT: asymmetric, with weight_zero_point */
 	const char *quant;         /* another quantization_config */
 	const char *drop;          /* a tensor left out */
 	bool bad_g_idx;            /* one column moved to another group */
@@ -121,7 +122,7 @@ static void write_matrix(struct stw *st, const struct q4_ckpt *o, const char *mo
 					lo = fminf(lo, w[n * K + k]);
 					hi = fmaxf(hi, w[n * K + k]);
 				}
-			if (o->fmt == CT || o->sym) {
+			if ((o->fmt == CT && !o->ct_asym) || o->sym) {
 				sc = fmaxf(-lo, hi) / (o->fmt == CT ? 7.0f : 7.5f);
 				zero = 8;
 			} else {
@@ -159,6 +160,17 @@ static void write_matrix(struct stw *st, const struct q4_ckpt *o, const char *mo
 			st_add(st, name, "BF16", N, ng, s, N * ng * 2);
 		snprintf(name, sizeof(name), "%s.weight_shape", mod);
 		st_add(st, name, "I64", 2, 0, shape, 16);
+		if (o->ct_asym) {     /* zero point + 8 (= the unsigned zero), packed along N */
+			uint32_t *zp = calloc(N / 8 * ng, 4);
+
+			for (uint64_t n = 0; n < N; n++)
+				for (uint64_t g = 0; g < ng; g++)
+					zp[(n / 8) * ng + g] |= (uint32_t)z[n * ng + g] << (4 * (n % 8));
+			snprintf(name, sizeof(name), "%s.weight_zero_point", mod);
+			if (!o->drop || strcmp(o->drop, "weight_zero_point"))
+				st_add(st, name, "I32", N / 8, ng, zp, N / 8 * ng * 4);
+			free(zp);
+		}
 		free(wp);
 	} else {
 		static const unsigned awq_order[8] = { 0, 2, 4, 6, 1, 3, 5, 7 };
@@ -226,9 +238,9 @@ static void quant_config(const struct q4_ckpt *o, char *buf, size_t len)
 	else
 		snprintf(buf, len, "{\"quant_method\": \"compressed-tensors\", \"format\": \"pack-quantized\", "
 			 "\"config_groups\": {\"group_0\": {\"targets\": [\"Linear\"], \"weights\": "
-			 "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": true, \"strategy\": \"group\", "
+			 "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": %s, \"strategy\": \"group\", "
 			 "\"group_size\": %d, \"actorder\": null}}}, \"ignore\": [\"lm_head\", "
-			 "\"re:.*self_attn.*\", \"re:.*mlp\\\\.gate$\"%s%s]}", o->group,
+			 "\"re:.*self_attn.*\", \"re:.*mlp\\\\.gate$\"%s%s]}", o->ct_asym ? "false" : "true", o->group,
 			 o->shared_plain ? ", \"re:.*shared_experts.*\"" : "",
 			 o->routed_plain ? ", \"re:.*mlp\\\\.experts\\\\.[0-9]+\\\\..*\"" : "");
 }
@@ -455,6 +467,11 @@ START_TEST(compressed_tensors_served_within_contract)
 	run_case("compressed-tensors g32, shared ignored", &o, 32, MOE_Q4_BF16_SCALES, MOE_DTYPE_BF16);
 	o.shared_plain = false;
 	run_case("compressed-tensors g32", &o, 32, MOE_Q4_BF16_SCALES, MOE_DTYPE_INT4);
+	/* asymmetric: weight_zero_point, packed along the output */
+	o = (struct q4_ckpt){ .fmt = CT, .group = 32, .ct_asym = true };
+	run_case("compressed-tensors asymmetric g32", &o, 32, MOE_Q4_BF16_SCALES | MOE_Q4_ZEROS,
+		 MOE_DTYPE_INT4);
+	o = (struct q4_ckpt){ .fmt = CT, .group = 32 };
 	/* the other way round: routed experts ignored (bf16), the shared int4 */
 	o.routed_plain = true;
 	run_case_mixed("compressed-tensors g32, routed ignored", &o, 32, MOE_Q4_BF16_SCALES,
@@ -525,12 +542,14 @@ START_TEST(int4_refusals_name_the_culprit)
 	o = (struct q4_ckpt){ .fmt = GPTQ, .group = 32,
 			      .quant = "{\"quant_method\": \"gptq\", \"bits\": 8, \"group_size\": 32}" };
 	expect_refusal(&o, "bits 8");
+	o = (struct q4_ckpt){ .fmt = CT, .group = 32, .ct_asym = true, .drop = "weight_zero_point" };
+	expect_refusal(&o, "has no weight_zero_point");
 	o = (struct q4_ckpt){ .fmt = CT, .group = 32,
 			      .quant = "{\"quant_method\": \"compressed-tensors\", \"format\": "
 				       "\"pack-quantized\", \"config_groups\": {\"g\": {\"weights\": "
-				       "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": false, "
-				       "\"strategy\": \"group\", \"group_size\": 32}}}}" };
-	expect_refusal(&o, "asymmetric");
+				       "{\"num_bits\": 4, \"type\": \"int\", \"symmetric\": true, "
+				       "\"strategy\": \"channel\"}}}}" };
+	expect_refusal(&o, "strategy 'channel' is not supported");
 	o = (struct q4_ckpt){ .fmt = GPTQ, .group = 32,
 			      .quant = "{\"quant_method\": \"gptq\", \"bits\": 4, \"group_size\": 32, "
 				       "\"is_marlin_format\": true}" };

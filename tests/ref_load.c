@@ -228,7 +228,9 @@ static unsigned nib(double v, unsigned i)
  *     7]): qweight [K][N/8] and qzeros [K/G][N/8], column 8c + j in
  *     nibble order[j]; scales [K/G][N]; group k / G.
  *   compressed-tensors (unpack_from_int32, minus the offset 8):
- *     weight_packed [N][K/8], k in nibble k % 8; weight_scale [N][K/G].
+ *     weight_packed [N][K/8], k in nibble k % 8; weight_scale [N][K/G];
+ *     asymmetric, weight_zero_point [N/8][K/G] packed along N, n in
+ *     nibble n % 8, also minus 8.
  */
 static int read_int4(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem, double *dst)
 {
@@ -267,14 +269,12 @@ static int read_int4(struct loader *ld, const struct moe_st_tensor *t, uint64_t 
 	}
 	if (!ct)
 		z = aux(ld, base, "qzeros", ng * N / 8);
+	else if (ld->ct_asym)
+		z = aux(ld, base, "weight_zero_point", N / 8 * ng);
 	if (!ct && !awq)
 		gi = aux(ld, base, "g_idx", K);
-	if (!q || !s || (!ct && !z) || ng == 0 || K % ng) {
+	if (!q || !s || ((!ct || ld->ct_asym) && !z) || ng == 0 || K % ng) {
 		rc = fail(ld, -EINVAL, "%s: int4 tensors missing or misshapen", t->name);
-		goto out;
-	}
-	if (ct && ld->ct_asym) {
-		rc = fail(ld, -ENOTSUP, "%s: asymmetric compressed-tensors", t->name);
 		goto out;
 	}
 	for (uint64_t n = 0; n < N; n++)
@@ -287,8 +287,9 @@ static int read_int4(struct loader *ld, const struct moe_st_tensor *t, uint64_t 
 				goto out;
 			}
 			if (ct) {
-				qv = nib(q[n * (K / 8) + k / 8], (unsigned)(k % 8));
-				zv = 8;
+				/* the value and the zero point both stored plus 8 */
+				qv = (double)nib(q[n * (K / 8) + k / 8], (unsigned)(k % 8)) - 8;
+				zv = z ? (double)nib(z[(n / 8) * ng + g], (unsigned)(n % 8)) - 8 : 0;
 				sv = s[n * ng + g];
 			} else if (awq) {
 				qv = nib(q[k * (N / 8) + n / 8], awq_rev[n % 8]);
