@@ -21,7 +21,8 @@ enum moe_q4_format {
 	MOE_Q4F_NONE = 0,
 	MOE_Q4F_GPTQ = 1,    /* X.qweight [K/8][N], X.qzeros [K/G][N/8], X.scales, X.g_idx */
 	MOE_Q4F_AWQ = 2,     /* X.qweight [K][N/8] in AWQ's order, X.qzeros, X.scales */
-	MOE_Q4F_CT = 3,      /* X.weight_packed [N][K/8], X.weight_scale [N][K/G], X.weight_shape */
+	MOE_Q4F_CT = 3,      /* X.weight_packed [N][K/8], X.weight_scale [N][K/G], X.weight_shape
+			      * (X.weight_zero_point [N/8][K/G] when asymmetric) */
 };
 
 /* quantization_config of an int4 checkpoint. */
@@ -41,9 +42,9 @@ const char *moe_q4_format_name(enum moe_q4_format f);
 /*
  * quantization_config @q whose quant_method is @method ("gptq", "awq" or
  * "compressed-tensors"): 4 bits, the group size, the zero convention.  What
- * moed does not read (other bit widths, AWQ's gemv layouts, other
- * compressed-tensors formats or strategies, asymmetric compressed-tensors)
- * is refused by name.  @file is for messages.
+ * moed does not read (other bit widths, AWQ's gemv layouts, Marlin's GPTQ,
+ * other compressed-tensors formats, strategies or actorder) is refused by
+ * name.  @file is for messages.
  */
 int moe_q4_parse_config(json_t *q, const char *file, const char *method, struct moe_q4_config *ret,
 			struct moe_err *err);
@@ -57,7 +58,7 @@ uint32_t moe_q4_flags(const struct moe_q4_config *qc);
 struct moe_hf_q4 {
 	const struct moe_st_tensor *qweight;   /* qweight, or weight_packed */
 	const struct moe_st_tensor *scales;    /* scales, or weight_scale */
-	const struct moe_st_tensor *qzeros;    /* GPTQ, AWQ */
+	const struct moe_st_tensor *qzeros;    /* GPTQ, AWQ; compressed-tensors' weight_zero_point */
 	const struct moe_st_tensor *g_idx;     /* GPTQ; may be absent */
 };
 
