@@ -31,6 +31,10 @@
 #include "engine/dtype.h"
 #include "engine/model.h"
 
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "hfq4.c moves packed int32 words as the canonical code bytes: port it before using a big-endian host"
+#endif
+
 const char *moe_q4_format_name(enum moe_q4_format f)
 {
 	switch (f) {
@@ -492,15 +496,24 @@ int moe_q4_read(const struct moe_st_checkpoint *ck, const struct moe_q4_config *
 		const uint32_t *w = qw, *z = qz;
 		const uint16_t *s = sc;
 
-		for (uint64_t n = 0; n < N; n++)
-			for (uint64_t j = 0; j < K; j++) {
-				uint64_t k = cols[j];
-				unsigned v = qc->format == MOE_Q4F_GPTQ
-					? (w[(k / 8) * N + n] >> (4 * (k % 8))) & 15u
-					: (w[k * (N / 8) + n / 8] >> (4 * awq_nibble[n % 8])) & 15u;
+		if (qc->format == MOE_Q4F_GPTQ && !perm) {
+			/* a GPTQ word holds columns 8i .. 8i+7 of one row, low
+			 * nibble first: as little-endian bytes, the canonical
+			 * codes themselves; the matrix is a transpose of words */
+			for (uint64_t n = 0; n < N; n++)
+				for (uint64_t i = 0; i < K / 8; i++)
+					memcpy(dst + n * (K / 2) + 4 * i, &w[i * N + n], 4);
+		} else {
+			for (uint64_t n = 0; n < N; n++)
+				for (uint64_t j = 0; j < K; j++) {
+					uint64_t k = cols[j];
+					unsigned v = qc->format == MOE_Q4F_GPTQ
+						? (w[(k / 8) * N + n] >> (4 * (k % 8))) & 15u
+						: (w[k * (N / 8) + n / 8] >> (4 * awq_nibble[n % 8])) & 15u;
 
-				put_code(dst, K, n, j, v);
-			}
+					put_code(dst, K, n, j, v);
+				}
+		}
 		for (uint64_t g = 0; g < l.groups; g++)
 			for (uint64_t n = 0; n < N; n++) {
 				unsigned zv = qc->format == MOE_Q4F_GPTQ
