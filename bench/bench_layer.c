@@ -229,6 +229,45 @@ static void fill_mxfp4(uint8_t *blob, const struct moe_model_config *c, uint32_t
 	}
 }
 
+/* An int4 blob in the store's layout (moe_q4_layout): random codes and
+ * zero points, float16 or bfloat16 scales about 2^-7, a shuffled
+ * permutation when the store has one. */
+static void fill_int4(uint8_t *blob, const struct moe_model_config *c, uint32_t inter, uint64_t seed)
+{
+	uint64_t H = c->hidden_size, pos = 0;
+
+	for (int m = c->gated ? 0 : 1; m < 3; m++) {
+		uint64_t N = m < 2 ? inter : H, K = m < 2 ? H : inter;
+		struct moe_q4_layout l;
+
+		moe_q4_layout(c->q4_group, c->q4_flags, N, K, &l);
+		for (uint64_t i = 0; i < N * K / 2; i++)
+			blob[pos + i] = (uint8_t)bench_rng(&seed);
+		for (uint64_t i = 0; i < N * l.groups; i++) {
+			float sc = 0x1p-7f * (1.0f + (float)(bench_rng(&seed) >> 40) * 0x1p-24f);
+			uint16_t h = c->q4_flags & MOE_Q4_BF16_SCALES ? moe_f32_to_bf16(sc) : moe_f32_to_f16(sc);
+
+			memcpy(blob + pos + l.scales + 2 * i, &h, 2);
+			if (l.zeros)
+				blob[pos + l.zeros + i] = (uint8_t)(bench_rng(&seed) % 16);
+		}
+		if (l.perm) {
+			uint32_t *p = (uint32_t *)(void *)(blob + pos + l.perm);
+
+			for (uint64_t k = 0; k < K; k++)
+				p[k] = (uint32_t)k;
+			for (uint64_t k = K - 1; k > 0; k--) {
+				uint64_t j = bench_rng(&seed) % (k + 1);
+				uint32_t t = p[k];
+
+				p[k] = p[j];
+				p[j] = t;
+			}
+		}
+		pos += l.bytes;
+	}
+}
+
 static void fill_blob(void *blob, const struct moe_model_config *c, enum moe_dtype dt, uint32_t inter,
 		      uint64_t bytes, uint64_t seed)
 {
@@ -236,6 +275,8 @@ static void fill_blob(void *blob, const struct moe_model_config *c, enum moe_dty
 		fill_fp8(blob, c, inter, seed);
 	else if (dt == MOE_DTYPE_MXFP4)
 		fill_mxfp4(blob, c, inter, seed);
+	else if (dt == MOE_DTYPE_INT4)
+		fill_int4(blob, c, inter, seed);
 	else
 		fill_bf16(blob, bytes / 2, seed);
 	if (dt == MOE_DTYPE_BF16 && c->has_expert_bias) {     /* biases: floats, not bf16 pairs */
@@ -415,6 +456,7 @@ int main(int argc, char **argv)
 	const char *only = NULL;
 
 	enum moe_dtype wdt = MOE_DTYPE_BF16;
+	uint32_t q4_flags = 0;
 
 	while ((opt = getopt(argc, argv, "t:d:qs:b:w:")) != -1) {
 		switch (opt) {
@@ -429,12 +471,26 @@ int main(int argc, char **argv)
 			}
 			break;
 		case 'w':
+			/* int4 as the releases hold it, groups of 128: GPTQ and AWQ
+			 * with zero points and float16 scales (the same canonical
+			 * bytes), GPTQ act-order with its permutation too,
+			 * compressed-tensors symmetric with bfloat16 scales */
 			if (!strcmp(optarg, "fp8")) {
 				wdt = MOE_DTYPE_FP8_E4M3_B128;
 			} else if (!strcmp(optarg, "mxfp4")) {
 				wdt = MOE_DTYPE_MXFP4;
+			} else if (!strcmp(optarg, "gptq") || !strcmp(optarg, "awq")) {
+				wdt = MOE_DTYPE_INT4;
+				q4_flags = MOE_Q4_ZEROS;
+			} else if (!strcmp(optarg, "gptq-desc-act")) {
+				wdt = MOE_DTYPE_INT4;
+				q4_flags = MOE_Q4_ZEROS | MOE_Q4_PERM;
+			} else if (!strcmp(optarg, "ct-int4")) {
+				wdt = MOE_DTYPE_INT4;
+				q4_flags = MOE_Q4_BF16_SCALES;
 			} else if (strcmp(optarg, "bf16")) {
-				fprintf(stderr, "bench_layer: -w: bf16, fp8 or mxfp4, not '%s'\n", optarg);
+				fprintf(stderr, "bench_layer: -w: bf16, fp8, mxfp4, gptq, gptq-desc-act, awq or "
+					"ct-int4, not '%s'\n", optarg);
 				return 2;
 			}
 			break;
@@ -444,7 +500,8 @@ int main(int argc, char **argv)
 			break;
 		default:
 			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
-				"[-s qwen|deepseek|gpt-oss-20b] [-b TOKENS]... [-w bf16|fp8|mxfp4]\n");
+				"[-s qwen|deepseek|gpt-oss-20b] [-b TOKENS]... "
+				"[-w bf16|fp8|mxfp4|gptq|gptq-desc-act|awq|ct-int4]\n");
 			return 2;
 		}
 	}
@@ -496,13 +553,17 @@ int main(int argc, char **argv)
 		.swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
 		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16 } };
 	oss.cfg.weight_dtype = oss.cfg.shared_dtype = wdt;
-	if (wdt == MOE_DTYPE_FP8_E4M3_B128 && only && !strcmp(only, "gpt-oss-20b")) {
-		fprintf(stderr, "bench_layer: gpt-oss-20b has no FP8 layout (expert biases): "
+	if ((wdt == MOE_DTYPE_FP8_E4M3_B128 || wdt == MOE_DTYPE_INT4) && only && !strcmp(only, "gpt-oss-20b")) {
+		fprintf(stderr, "bench_layer: gpt-oss-20b has no FP8 or int4 layout (expert biases): "
 			"-w bf16 or mxfp4, or -s qwen|deepseek\n");
 		return 2;
 	}
 	qwen.cfg.weight_dtype = qwen.cfg.shared_dtype = wdt;
 	ds.cfg.weight_dtype = ds.cfg.shared_dtype = wdt;
+	if (wdt == MOE_DTYPE_INT4) {
+		qwen.cfg.q4_group = ds.cfg.q4_group = 128;
+		qwen.cfg.q4_flags = ds.cfg.q4_flags = q4_flags;
+	}
 	if (ds_experts < 256)
 		printf("  (DeepSeek-V3 with %u of its 256 experts: %u x 88 MB must fit in RAM)\n",
 		       ds_experts, ds_experts);

@@ -55,7 +55,7 @@ static int parse_json_flag(const char *cmd, int argc, char **argv, bool *json)
 int cmd_info(int argc, char **argv)
 {
 	/* moe-store(5)'s numbers */
-	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4" };
+	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4", "int4" };
 	struct moe_client *c;
 	struct moe_model_info in;
 	const char *dn;

@@ -21,7 +21,7 @@ enum gen_opt {
 	O_ARCH, O_PRESET, O_LAYERS, O_HIDDEN, O_MOE_I, O_I, O_EXPERTS, O_TOPK, O_GROUPS, O_TOPK_GROUP,
 	O_SHARED, O_SHARED_I, O_FIRST_DENSE, O_SPARSE_STEP, O_VOCAB, O_DTYPE, O_SEED, O_NORM,
 	O_SCALING, O_ACT, O_PLAIN, O_FUSED, O_TOPK_METHOD, O_SHARD_MB, O_MTP, O_SKEW, O_OUTPUT, O_HELP,
-	O_QUANT, O_QUANT_SKIP,
+	O_QUANT, O_QUANT_SKIP, O_GROUP_SIZE, O_DESC_ACT, O_SYM,
 };
 
 static const struct {
@@ -57,6 +57,9 @@ static const struct {
 	{ "--router-skew", O_SKEW, true },
 	{ "--quant", O_QUANT, true },
 	{ "--quant-skip", O_QUANT_SKIP, true },
+	{ "--group-size", O_GROUP_SIZE, true },
+	{ "--desc-act", O_DESC_ACT, false },
+	{ "--sym", O_SYM, false },
 	{ "-o", O_OUTPUT, true },
 	{ "--output", O_OUTPUT, true },
 	{ "--help", O_HELP, false },
@@ -118,6 +121,14 @@ static void gen_usage(FILE *f)
 	      "  --quant mxfp4           gpt_oss only: the experts in MXFP4 as gpt-oss is released\n"
 	      "                          (*_blocks, *_scales U8, gate/up rows interleaved; per 32\n"
 	      "                          values scale 2^(floor(log2 max|w|) - 2), nearest e2m1)\n"
+	      "  --quant gptq|awq|ct-int4 int4 as GPTQ (checkpoint_format gptq), AutoAWQ (gemm)\n"
+	      "                          or compressed-tensors (pack-quantized) write it: every\n"
+	      "                          MLP and expert matrix rounded to nearest per group\n"
+	      "                          (min/max asymmetric; ct-int4 symmetric max |w| / 7)\n"
+	      "  --group-size N          int4 group size along the input (default 128; -1: one\n"
+	      "                          group per row)\n"
+	      "  --desc-act              gptq: act-order, columns dealt to groups shuffled (g_idx)\n"
+	      "  --sym                   gptq: symmetric (zero point 8)\n"
 	      "  --shard-mb N            shard above N MB (default 5000)\n"
 	      "  -o, --output DIR        directory to write (created if missing)\n", f);
 }
@@ -205,8 +216,11 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 			o->quant_fp8 = true;
 		else if (!strcmp(v, "mxfp4"))
 			o->quant_mxfp4 = true;
+		else if (!strcmp(v, "gptq") || !strcmp(v, "awq") || !strcmp(v, "ct-int4"))
+			o->quant_int4 = v;
 		else
-			return moectl_fail("%s: unknown quantization '%s' (fp8, mxfp4)", name, v), -EINVAL;
+			return moectl_fail("%s: unknown quantization '%s' (fp8, mxfp4, gptq, awq, ct-int4)", name,
+					   v), -EINVAL;
 		return 0;
 	case O_QUANT_SKIP:
 		if (!strcmp(v, "shared"))
@@ -215,6 +229,23 @@ static int apply_opt(struct moe_gen_options *o, enum gen_opt id, const char *nam
 			o->quant_skip = MOE_GEN_QUANT_SKIP_ROUTED;
 		else
 			return moectl_fail("%s: '%s' is neither shared nor routed", name, v), -EINVAL;
+		return 0;
+	case O_GROUP_SIZE: {
+		char *end;
+		long g;
+
+		errno = 0;
+		g = strtol(v, &end, 10);
+		if (errno || end == v || *end || (g != -1 && (g <= 0 || g > (1 << 20) || g % 16)))
+			return moectl_fail("%s: expected a multiple of 16 or -1, got '%s'", name, v), -EINVAL;
+		o->q4_group_size = (int32_t)g;
+		return 0;
+	}
+	case O_DESC_ACT:
+		o->q4_desc_act = true;
+		return 0;
+	case O_SYM:
+		o->q4_sym = true;
 		return 0;
 	case O_SKEW: {
 		char *end;

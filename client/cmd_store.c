@@ -230,7 +230,8 @@ struct sizes {
 static double expert_bits_per_weight(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
 {
 	uint64_t H = c->hidden_size, weights = (uint64_t)(c->gated ? 3 : 2) * H * I;
-	uint64_t bytes = (c->gated ? 2 : 1) * moe_matrix_bytes(dt, I, H) + moe_matrix_bytes(dt, H, I);
+	uint64_t bytes = (c->gated ? 2 : 1) * moe_cfg_matrix_bytes(c, dt, I, H) +
+			 moe_cfg_matrix_bytes(c, dt, H, I);
 
 	return weights ? 8.0 * (double)bytes / (double)weights : 0.0;
 }
@@ -242,6 +243,12 @@ static double blob_bits_per_weight(const struct moe_model_config *c, uint64_t by
 	uint64_t weights = (uint64_t)(c->gated ? 3 : 2) * c->hidden_size * I;
 
 	return weights ? 8.0 * (double)bytes / (double)weights : 0.0;
+}
+
+static bool has_int4(const struct moe_model_config *c)
+{
+	return c->weight_dtype == MOE_DTYPE_INT4 ||
+	       (c->shared_intermediate_size && c->shared_dtype == MOE_DTYPE_INT4);
 }
 
 static void store_sizes(const struct moe_store *s, struct sizes *z)
@@ -334,6 +341,11 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "sizes", sizes);
 	if (!root)
 		return moectl_fail("inspect: out of memory");
+	if (has_int4(c))       /* int4 stores only, so other stores print what they did */
+		json_object_set_new(root, "int4", json_pack("{s:I,s:b,s:b,s:s}",
+			"group_size", (json_int_t)c->q4_group, "zero_points", (c->q4_flags & MOE_Q4_ZEROS) != 0,
+			"act_order", (c->q4_flags & MOE_Q4_PERM) != 0,
+			"scales", c->q4_flags & MOE_Q4_BF16_SCALES ? "bf16" : "f16"));
 	if (c->has_expert_bias || c->act == MOE_ACT_SWIGLU_OAI) {
 		/* gpt_oss only, so other stores print what they did */
 		json_object_set_new(root, "has_expert_bias", json_boolean(c->has_expert_bias));
@@ -397,6 +409,16 @@ static void inspect_text(const char *path, const struct moe_store *s)
 		printf("shared blob:  %" PRIu64 " bytes; %s, %.3f bits/weight\n", moe_shared_bytes(c),
 		       moe_dtype_name(c->shared_dtype),
 		       blob_bits_per_weight(c, moe_shared_bytes(c), c->shared_intermediate_size));
+	if (has_int4(c)) {
+		char g[32] = "one per row";
+
+		if (c->q4_group)
+			snprintf(g, sizeof(g), "%" PRIu32, c->q4_group);
+		printf("int4:         group %s, %s, %s scales%s\n", g,
+		       c->q4_flags & MOE_Q4_ZEROS ? "zero points" : "symmetric (zero 8)",
+		       c->q4_flags & MOE_Q4_BF16_SCALES ? "bf16" : "f16",
+		       c->q4_flags & MOE_Q4_PERM ? ", act-order permutation" : "");
+	}
 	human_size(a, sizeof(a), z.experts);
 	human_size(b, sizeof(b), z.routers);
 	human_size(d, sizeof(d), z.shared);

@@ -226,9 +226,9 @@ static int send_msg(int fd, uint32_t type, const void *payload, uint32_t len, in
  * documents by number; the activation dtypes of a request (enum moe_dtype_act)
  * are the same numbers for the same types. */
 _Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_BF16 == 1 && MOE_DTYPE_F16 == 2 &&
-	       MOE_DTYPE_FP8_E4M3_B128 == 3 && MOE_DTYPE_MXFP4 == 4,
+	       MOE_DTYPE_FP8_E4M3_B128 == 3 && MOE_DTYPE_MXFP4 == 4 && MOE_DTYPE_INT4 == 5,
 	       "moe_model_info.weight_dtype is documented as 0 float32, 1 bfloat16, 2 float16, 3 fp8, "
-	       "4 mxfp4");
+	       "4 mxfp4, 5 int4");
 _Static_assert((int)MOE_F32 == (int)MOE_DTYPE_F32 && (int)MOE_BF16 == (int)MOE_DTYPE_BF16,
 	       "an activation dtype and the weight dtype of the same type share a number");
 

@@ -200,8 +200,10 @@ struct moe_backend_ops {
  *      has_expert_bias, swiglu_alpha and swiglu_limit (expert blobs may
  *      end in biases): a version-3 module would serve gpt_oss without its
  *      biases and clamp
+ *   5  MOE_DTYPE_INT4 and moe_model_config's q4_group and q4_flags (the
+ *      struct grew; a version-4 module would misread every field after)
  */
-#define MOE_BACKEND_ABI_VERSION 4u
+#define MOE_BACKEND_ABI_VERSION 5u
 
 /*
  * What a backend module exports, as the symbol named

@@ -185,6 +185,42 @@ struct expert_job {
 };
 
 /*
+ * One N x K matrix of @dt in the resident layout: the packed layout of
+ * kernels.h, or for INT4 the store's own (kernels_int4.c says why), whose
+ * size depends on the store's q4_group and q4_flags.
+ */
+static uint64_t res_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N, uint64_t K)
+{
+	if (dt == MOE_DTYPE_INT4)
+		return moe_cfg_matrix_bytes(c, dt, N, K);
+	return moe_kern_packed_bytes(dt, N, K);
+}
+
+/* Bytes [b0, b0 + nb) of the matrix in the store's layout into @dst. */
+static void res_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t K, uint64_t b0,
+			   uint64_t nb, void *dst)
+{
+	if (dt == MOE_DTYPE_INT4)
+		memcpy((char *)dst + b0, src, nb);
+	else
+		moe_kern_pack_bytes(dt, src, N, K, b0, nb, dst);
+}
+
+static void res_dot(const struct moe_model_config *c, enum moe_dtype dt, const void *Wp, size_t N,
+		    size_t K, size_t row0, size_t nr, const float *const *xs, size_t nt, float *y,
+		    size_t ldy)
+{
+	struct moe_q4_matrix m;
+
+	if (dt != MOE_DTYPE_INT4) {
+		moe_kern_dot_rows_packed_at(dt, Wp, N, K, row0, nr, xs, nt, y, ldy);
+		return;
+	}
+	moe_q4_matrix_at(Wp, c->q4_group, c->q4_flags, N, K, &m);
+	moe_kern_dot_rows_q4(&m, row0, nr, xs, nt, y, ldy);
+}
+
+/*
  * The resident layout of an expert: gate [I][H], up [I][H], down [H][I]
  * (no gate when !gated), each matrix in the packed layout of kernels.h,
  * so that a tile streams one sequential run of memory.
@@ -193,7 +229,7 @@ static uint64_t cpu_matrix_bytes(const struct moe_model_config *c, enum moe_dtyp
 {
 	uint64_t H = c->hidden_size;
 
-	return (c->gated ? 2 : 1) * moe_kern_packed_bytes(dt, I, H) + moe_kern_packed_bytes(dt, H, I);
+	return (c->gated ? 2 : 1) * res_bytes(c, dt, I, H) + res_bytes(c, dt, H, I);
 }
 
 /* With has_expert_bias (routed experts only) the float32 biases follow the
@@ -216,11 +252,15 @@ static void cpu_blob_prepare(const struct moe_model_config *c, enum moe_dtype dt
 			     const void *src, void *dst)
 {
 	size_t H = c->hidden_size;
-	size_t in_store = moe_matrix_bytes(dt, I, H), in_packed = moe_kern_packed_bytes(dt, I, H);
+	size_t in_store = moe_cfg_matrix_bytes(c, dt, I, H), in_packed = res_bytes(c, dt, I, H);
 	const char *s = src;
 	char *d = dst;
 	int nin = c->gated ? 2 : 1;
 
+	if (dt == MOE_DTYPE_INT4) {     /* the store's layout is the resident one */
+		memcpy(d, s, cpu_matrix_bytes(c, dt, I));
+		return;
+	}
 	for (int m = 0; m < nin; m++)
 		moe_kern_pack(dt, s + m * in_store, I, H, d + m * in_packed);
 	moe_kern_pack(dt, s + nin * in_store, H, I, d + nin * in_packed);
@@ -243,7 +283,7 @@ static const float *expert_bias(const struct moe_model_config *c, enum moe_dtype
 static void expert_parts(const struct moe_model_config *c, enum moe_dtype dt, const void *blob,
 			 uint32_t I, const void **gate, const void **up, const void **down)
 {
-	size_t m = moe_kern_packed_bytes(dt, I, c->hidden_size);
+	size_t m = res_bytes(c, dt, I, c->hidden_size);
 	const char *b = blob;
 
 	if (c->gated) {
@@ -292,10 +332,9 @@ static void phase_a_task(void *ctx, size_t ti, uint32_t worker)
 		for (size_t c0 = 0; c0 < ntok; c0 += TOKENS_A) {
 			size_t nc = ntok - c0 < TOKENS_A ? ntok - c0 : TOKENS_A;
 
-			moe_kern_dot_rows_packed_at(dt, up, I, H, b0, nr, xs + c0, nc, ws->u, ROWS_A);
+			res_dot(c, dt, up, I, H, b0, nr, xs + c0, nc, ws->u, ROWS_A);
 			if (gate)
-				moe_kern_dot_rows_packed_at(dt, gate, I, H, b0, nr, xs + c0, nc, ws->g,
-							    ROWS_A);
+				res_dot(c, dt, gate, I, H, b0, nr, xs + c0, nc, ws->g, ROWS_A);
 			for (size_t i = 0; i < nc; i++) {
 				float *hr = h + (c0 + i) * I + b0;
 				float *ur = ws->u + i * ROWS_A, *gr = ws->g + i * ROWS_A;
@@ -354,7 +393,7 @@ static void phase_b_task(void *ctx, size_t ti, uint32_t worker)
 	for (uint32_t b0 = t->r0; b0 < t->r1; b0 += ROWS_B) {
 		uint32_t nr = t->r1 - b0 < ROWS_B ? t->r1 - b0 : ROWS_B;
 
-		moe_kern_dot_rows_packed_at(dt, down, H, I, b0, nr, hs, ntok, y + b0, H);
+		res_dot(c, dt, down, H, I, b0, nr, hs, ntok, y + b0, H);
 		if (bias)
 			for (size_t i = 0; i < ntok; i++)
 				for (uint32_t r = 0; r < nr; r++)
@@ -571,8 +610,8 @@ static void cpu_blob_prepare_range(const struct moe_model_config *c, enum moe_dt
 				   const void *src, uint64_t off, uint64_t len, void *dst)
 {
 	uint64_t H = c->hidden_size;
-	uint64_t in_store = moe_matrix_bytes(dt, I, H), in_packed = moe_kern_packed_bytes(dt, I, H);
-	uint64_t down_store = moe_matrix_bytes(dt, H, I);
+	uint64_t in_store = moe_cfg_matrix_bytes(c, dt, I, H), in_packed = res_bytes(c, dt, I, H);
+	uint64_t down_store = moe_cfg_matrix_bytes(c, dt, H, I);
 	uint32_t nin = c->gated ? 2 : 1;
 	const char *s = src;
 	char *d = dst;
@@ -593,9 +632,9 @@ static void cpu_blob_prepare_range(const struct moe_model_config *c, enum moe_dt
 		if (a >= b)
 			continue;
 		if (m < nin)
-			moe_kern_pack_bytes(dt, s + (a - off), I, H, a - m0, b - a, d + m * in_packed);
+			res_pack_bytes(dt, s + (a - off), I, H, a - m0, b - a, d + m * in_packed);
 		else
-			moe_kern_pack_bytes(dt, s + (a - off), H, I, a - m0, b - a, d + nin * in_packed);
+			res_pack_bytes(dt, s + (a - off), H, I, a - m0, b - a, d + nin * in_packed);
 	}
 }
 

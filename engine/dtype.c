@@ -14,6 +14,7 @@ size_t moe_dtype_size(enum moe_dtype t)
 	case MOE_DTYPE_F16: return 2;
 	case MOE_DTYPE_FP8_E4M3_B128: return 1;
 	case MOE_DTYPE_MXFP4: return 1;
+	case MOE_DTYPE_INT4: return 1;
 	default: return 0;
 	}
 }
@@ -26,6 +27,7 @@ const char *moe_dtype_name(enum moe_dtype t)
 	case MOE_DTYPE_F16: return "f16";
 	case MOE_DTYPE_FP8_E4M3_B128: return "fp8_e4m3_b128";
 	case MOE_DTYPE_MXFP4: return "mxfp4";
+	case MOE_DTYPE_INT4: return "int4";
 	default: return "?";
 	}
 }

@@ -32,6 +32,13 @@ enum moe_dtype {
 	 * byte (low nibble first), and one E8M0 exponent byte per 32 values
 	 * along K, w = e2m1(code) * 2^(s - 127).  Layout: moe_matrix_bytes(). */
 	MOE_DTYPE_MXFP4 = 4,
+	/* 4-bit group-quantized integers (GPTQ, AWQ, compressed-tensors),
+	 * w[n][perm[j]] = (q[n][j] - z[n][j / G]) * s[n][j / G]: codes, float16
+	 * or bfloat16 scales, optional zero points and column permutation, in
+	 * one canonical layout (model.h moe_q4_layout()).  The group size and
+	 * the optional parts are the store's (moe_model_config q4_group,
+	 * q4_flags), the same for every INT4 matrix of it. */
+	MOE_DTYPE_INT4 = 5,
 	MOE_DTYPE_COUNT
 };
 
@@ -41,19 +48,20 @@ enum moe_dtype {
 /* Values per E8M0 scale of MOE_DTYPE_MXFP4, along K. */
 #define MOE_MXFP4_BLOCK 32
 
-/* Bytes per element (per code for FP8; 1 for MXFP4, whose codes are half
- * a byte: only moe_matrix_bytes() sizes its matrices); 0 for an invalid
+/* Bytes per element (per code for FP8; 1 for MXFP4 and INT4, whose bytes
+ * hold two codes: only moe_matrix_bytes() / moe_cfg_matrix_bytes() size
+ * their matrices); 0 for an invalid
  * value. */
 size_t moe_dtype_size(enum moe_dtype t);
 
 /* True for a block-scaled dtype (codes plus scales). */
 static inline bool moe_dtype_is_blocked(enum moe_dtype t)
 {
-	return t == MOE_DTYPE_FP8_E4M3_B128 || t == MOE_DTYPE_MXFP4;
+	return t == MOE_DTYPE_FP8_E4M3_B128 || t == MOE_DTYPE_MXFP4 || t == MOE_DTYPE_INT4;
 }
 
-/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4";
- * "?" if invalid. */
+/* Short lower-case name: "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4",
+ * "int4"; "?" if invalid. */
 const char *moe_dtype_name(enum moe_dtype t);
 
 /*

@@ -21,6 +21,7 @@
 
 #include "kernels.h"
 #include "kernels_mxfp4.h"
+#include "kernels_impl.h"
 #include "model.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -773,6 +774,11 @@ static bool isa_usable(enum moe_kern_isa isa)
 	default:
 		return false;
 	}
+}
+
+bool moe_kern_isa_usable(enum moe_kern_isa isa)
+{
+	return isa_usable(isa);
 }
 
 static const moe_kern_dot_rows_fn kernels[MOE_KERN_ISA_COUNT][2] = {

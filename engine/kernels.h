@@ -146,6 +146,40 @@ void moe_kern_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t K,
 void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, size_t K, size_t row0,
 				 size_t nr, const float *const *xs, size_t nt, float *y, size_t ldy);
 
+/*
+ * MOE_DTYPE_INT4 (model.h moe_q4_layout()): one matrix in the store's
+ * layout, which is also its resident layout (moe_kern_packed_bytes() and
+ * moe_kern_pack_bytes() do not take INT4: its size depends on the store's
+ * q4_group and q4_flags, moe_cfg_matrix_bytes()).
+ */
+struct moe_q4_matrix {
+	const uint8_t *codes;            /* [N][K/2] */
+	const uint16_t *scales;          /* [N][K/G] float16, or bfloat16 with bf16 */
+	const uint8_t *zeros;            /* [N][K/G], or NULL: 8 */
+	const uint32_t *perm;            /* [K], or NULL: the identity */
+	size_t N, K, G;
+	bool bf16;
+};
+
+/* The parts of the N x K INT4 matrix at @m (64-byte aligned). */
+void moe_q4_matrix_at(const void *m, uint32_t q4_group, uint32_t q4_flags, size_t N, size_t K,
+		      struct moe_q4_matrix *ret);
+
+/*
+ * y[c * ldy + r] = sum_k W[row0 + r][k] * xs[c][k] for r < nr, c < nt, with
+ * W dequantized in registers, w = (q - z) * s exactly in float32, then the
+ * canonical fused multiply-add order (K and G are multiples of 16, so a
+ * vector of lanes never straddles a group).  With a permutation, stored
+ * column j multiplies xs[c][perm[j]].
+ */
+typedef void (*moe_kern_dot_rows_q4_fn)(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+					const float *const *xs, size_t nt, float *y, size_t ldy);
+/* The INT4 kernel of @isa, or NULL if this CPU cannot run it (for tests). */
+moe_kern_dot_rows_q4_fn moe_kern_get_q4(enum moe_kern_isa isa);
+/* The INT4 kernel of the picked instruction set. */
+void moe_kern_dot_rows_q4(const struct moe_q4_matrix *m, size_t row0, size_t nr,
+			  const float *const *xs, size_t nt, float *y, size_t ldy);
+
 /* The instruction set moe_kern_dot_rows uses. */
 enum moe_kern_isa moe_kern_active(void);
 

@@ -72,8 +72,55 @@ int moe_act_parse(const char *name, enum moe_act *ret)
 #define MOE_MAX_EXPERTS      4096u
 #define MOE_MAX_LAYERS       1024u
 
+/*
+ * INT4 parameters: a group size that divides every K of the store's INT4
+ * matrices (H and the intermediate sizes), a multiple of 16 so that a
+ * kernel's vector of 16 columns lies in one group; every K a multiple of 16
+ * too (the checkpoints pack 8 codes per int32 along K).  Without INT4
+ * matrices both are 0.
+ */
+static int q4_check_k(const struct moe_model_config *c, const char *what, uint32_t K,
+		      struct moe_err *err)
+{
+	if (K % 16)
+		return moe_err_set(err, -EINVAL, "int4 weights need %s (%u) to be a multiple of 16",
+				   what, K);
+	if (c->q4_group && K % c->q4_group)
+		return moe_err_set(err, -EINVAL, "int4 group size %u does not divide %s (%u)",
+				   c->q4_group, what, K);
+	return 0;
+}
+
+static int q4_validate(const struct moe_model_config *c, struct moe_err *err)
+{
+	bool routed = c->weight_dtype == MOE_DTYPE_INT4;
+	bool shared = c->shared_intermediate_size && c->shared_dtype == MOE_DTYPE_INT4;
+	int r;
+
+	if (!routed && !shared) {
+		if (c->q4_group || c->q4_flags)
+			return moe_err_set(err, -EINVAL, "int4 parameters (group %u, flags %u) without "
+					   "int4 weights", c->q4_group, c->q4_flags);
+		return 0;
+	}
+	if (c->q4_flags & ~MOE_Q4_FLAGS_ALL)
+		return moe_err_set(err, -EINVAL, "int4 flags %#x: unknown bits", c->q4_flags);
+	if (c->q4_group % 16)
+		return moe_err_set(err, -EINVAL, "int4 group size %u is not a multiple of 16",
+				   c->q4_group);
+	r = q4_check_k(c, "hidden_size", c->hidden_size, err);
+	if (r == 0 && routed)
+		r = q4_check_k(c, "moe_intermediate_size", c->moe_intermediate_size, err);
+	if (r == 0 && shared)
+		r = q4_check_k(c, "the shared expert's intermediate size", c->shared_intermediate_size,
+			       err);
+	return r;
+}
+
 int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *err)
 {
+	int r;
+
 	if ((unsigned)c->arch >= MOE_ARCH_COUNT)
 		return moe_err_set(err, -EINVAL, "model_type: invalid architecture %d", (int)c->arch);
 	if (c->hidden_size == 0 || c->hidden_size > MOE_MAX_HIDDEN)
@@ -132,9 +179,13 @@ int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *
 		return moe_err_set(err, -EINVAL, "mxfp4 shared experts need hidden_size %u and shared "
 				   "intermediate size %u to be multiples of %u", c->hidden_size,
 				   c->shared_intermediate_size, MOE_MXFP4_BLOCK);
-	/* gpt-oss is released in MXFP4 (biases allowed), never FP8: no blob
-	 * layout puts biases after FP8 block scales (ARCHITECTURE.md 4.1a) */
-	if (c->has_expert_bias && c->weight_dtype == MOE_DTYPE_FP8_E4M3_B128)
+	r = q4_validate(c, err);
+	if (r < 0)
+		return r;
+	/* gpt-oss is released in MXFP4 (biases allowed), never FP8 or int4: no
+	 * blob layout puts biases after their scales (ARCHITECTURE.md 4.1a) */
+	if (c->has_expert_bias &&
+	    (c->weight_dtype == MOE_DTYPE_FP8_E4M3_B128 || c->weight_dtype == MOE_DTYPE_INT4))
 		return moe_err_set(err, -ENOTSUP, "expert biases (gpt_oss) with fp8 weights are not supported "
 				   "yet (weight dtype %s)", moe_dtype_name(c->weight_dtype));
 	return 0;
@@ -162,6 +213,7 @@ uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
 {
 	uint64_t nb = (N + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
 
+	assert(dt != MOE_DTYPE_INT4);       /* moe_cfg_matrix_bytes() */
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		return align_part(N * K) + align_part(nb * kb * sizeof(float));
 	if (dt == MOE_DTYPE_MXFP4)
@@ -169,17 +221,51 @@ uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
 	return N * K * moe_dtype_size(dt);
 }
 
+void moe_q4_layout(uint32_t q4_group, uint32_t q4_flags, uint64_t N, uint64_t K,
+		   struct moe_q4_layout *l)
+{
+	uint64_t at;
+
+	l->G = q4_group ? q4_group : K;
+	l->groups = l->G ? K / l->G : 0;
+	at = align_part(N * (K / 2));
+	l->scales = at;
+	at += align_part(N * l->groups * 2);
+	l->zeros = 0;
+	if (q4_flags & MOE_Q4_ZEROS) {
+		l->zeros = at;
+		at += align_part(N * l->groups);
+	}
+	l->perm = 0;
+	if (q4_flags & MOE_Q4_PERM) {
+		l->perm = at;
+		at += align_part(K * sizeof(uint32_t));
+	}
+	l->bytes = at;
+}
+
+uint64_t moe_cfg_matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N,
+			      uint64_t K)
+{
+	struct moe_q4_layout l;
+
+	if (dt != MOE_DTYPE_INT4)
+		return moe_matrix_bytes(dt, N, K);
+	moe_q4_layout(c->q4_group, c->q4_flags, N, K, &l);
+	return l.bytes;
+}
+
 /* gate and up [I][H], down [H][I] */
 static uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t I)
 {
-	return (c->gated ? 2 : 1) * moe_matrix_bytes(dt, I, c->hidden_size) +
-	       moe_matrix_bytes(dt, c->hidden_size, I);
+	return (c->gated ? 2 : 1) * moe_cfg_matrix_bytes(c, dt, I, c->hidden_size) +
+	       moe_cfg_matrix_bytes(c, dt, c->hidden_size, I);
 }
 
 uint64_t moe_expert_bias_offset(const struct moe_model_config *c)
 {
-	/* moe_model_config_validate refuses biases with FP8 */
-	assert(c->weight_dtype != MOE_DTYPE_FP8_E4M3_B128);
+	/* moe_model_config_validate refuses biases with FP8 and INT4 */
+	assert(c->weight_dtype != MOE_DTYPE_FP8_E4M3_B128 && c->weight_dtype != MOE_DTYPE_INT4);
 	return (ffn_bytes(c, c->weight_dtype, c->moe_intermediate_size) + 15) & ~15ull;
 }
 

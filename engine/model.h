@@ -102,6 +102,9 @@ struct moe_model_config {
 	enum moe_dtype weight_dtype;     /* dtype of routed expert weights in the store */
 	enum moe_dtype shared_dtype;     /* dtype of the shared expert(s); DeepSeek-V3's
 					  * release may quantize one and not the other */
+	uint32_t q4_group;               /* MOE_DTYPE_INT4: group size G along K, 0 for
+					  * one group per row (GPTQ's group_size -1) */
+	uint32_t q4_flags;               /* MOE_DTYPE_INT4: MOE_Q4_* */
 };
 
 /*
@@ -156,6 +159,7 @@ int moe_model_config_validate(const struct moe_model_config *cfg, struct moe_err
  * (blobs are 4096-aligned), so kernels load the scales as floats.
  */
 uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K);
+/* (MOE_DTYPE_INT4's size depends on the store: moe_cfg_matrix_bytes().) */
 
 /* Byte offset of the scales in an FP8 matrix of moe_matrix_bytes(). */
 uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
@@ -167,6 +171,41 @@ uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
  * row-major (one per 32 values along K), zeros to a multiple of 64.  This
  * is the byte offset of the scales. */
 uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K);
+
+/*
+ * MOE_DTYPE_INT4 (ARCHITECTURE.md 4.1a, moe-store(5)): the optional parts of
+ * the store's INT4 matrices (moe_model_config q4_flags).
+ */
+#define MOE_Q4_ZEROS (1u << 0)        /* per-group uint8 zero points; else 8 */
+#define MOE_Q4_PERM (1u << 1)         /* a uint32 column permutation (act-order) */
+#define MOE_Q4_BF16_SCALES (1u << 2)  /* bfloat16 scales; else float16 */
+#define MOE_Q4_FLAGS_ALL 7u
+
+/*
+ * Where the parts of one N x K INT4 matrix lie, each from a multiple of 64
+ * bytes, zeros up to the next:
+ *   codes   N * K/2 bytes, row n at n * K/2, column j in byte j/2, the low
+ *           nibble for even j: unsigned q in [0, 15];
+ *   scales  [N][K/G] float16 or bfloat16;
+ *   zeros   (MOE_Q4_ZEROS) [N][K/G] uint8, the zero point z itself;
+ *   perm    (MOE_Q4_PERM) [K] uint32: stored column j is input column
+ *           perm[j]; column j is in group j / G.
+ * w[n][perm[j]] = (q[n][j] - z[n][j/G]) * s[n][j/G], z = 8 without zeros.
+ */
+struct moe_q4_layout {
+	uint64_t G;                       /* the group size of this matrix */
+	uint64_t groups;                  /* K / G */
+	uint64_t scales, zeros, perm;     /* byte offsets; 0 for an absent part */
+	uint64_t bytes;                   /* the whole matrix */
+};
+void moe_q4_layout(uint32_t q4_group, uint32_t q4_flags, uint64_t N, uint64_t K,
+		   struct moe_q4_layout *l);
+
+/* Bytes of one N x K matrix of @dt as a blob of the store @c holds it: as
+ * moe_matrix_bytes(), and for MOE_DTYPE_INT4 moe_q4_layout()'s with the
+ * store's q4_group and q4_flags. */
+uint64_t moe_cfg_matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N,
+			      uint64_t K);
 
 /*
  * Bytes of one routed expert's blob, unpadded: gate [I][H], up [I][H],

@@ -130,6 +130,8 @@ void moe_store_header_from_config(const struct moe_model_config *c, struct moe_s
 		h->swiglu_alpha = c->swiglu_alpha;
 		h->swiglu_limit = c->swiglu_limit;
 	}
+	h->q4_group = c->q4_group;
+	h->q4_flags = c->q4_flags;
 }
 
 /* Header -> config, checking every enumerated value; the numbers are then
@@ -191,6 +193,8 @@ static int header_to_config(const struct moe_store_header *h, struct moe_model_c
 	c->has_expert_bias = h->has_expert_bias;
 	c->swiglu_alpha = h->swiglu_alpha;
 	c->swiglu_limit = h->swiglu_limit;
+	c->q4_group = h->q4_group;
+	c->q4_flags = h->q4_flags;
 	return moe_model_config_validate(c, err);
 }
 

@@ -110,7 +110,13 @@ struct moe_store_header {
 	uint32_t has_expert_bias;       /* 0/1: expert blobs end in float32 biases */
 	float swiglu_alpha;             /* act swiglu_oai: sigmoid gain */
 	float swiglu_limit;             /* act swiglu_oai: the clamp */
-	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4 - 3 * 4];
+	/*
+	 * MOE_DTYPE_INT4 (the same way: only a store with an int4 weight or
+	 * shared dtype sets them, which an older reader refuses; 0 otherwise)
+	 */
+	uint32_t q4_group;              /* group size along K; 0: one group per row */
+	uint32_t q4_flags;              /* MOE_Q4_* (model.h) */
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4 - 3 * 4 - 2 * 4];
 };
 _Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
 /* the offsets moe-store(5) gives: FP8's shared_dtype, then gpt_oss's fields */
@@ -118,7 +124,9 @@ _Static_assert(offsetof(struct moe_store_header, shared_dtype) == 720, "shared_d
 _Static_assert(offsetof(struct moe_store_header, has_expert_bias) == 724, "has_expert_bias at 724");
 _Static_assert(offsetof(struct moe_store_header, swiglu_alpha) == 728, "swiglu_alpha at 728");
 _Static_assert(offsetof(struct moe_store_header, swiglu_limit) == 732, "swiglu_limit at 732");
-_Static_assert(offsetof(struct moe_store_header, reserved) == 736, "reserved from 736");
+_Static_assert(offsetof(struct moe_store_header, q4_group) == 736, "q4_group at 736");
+_Static_assert(offsetof(struct moe_store_header, q4_flags) == 740, "q4_flags at 740");
+_Static_assert(offsetof(struct moe_store_header, reserved) == 744, "reserved from 744");
 
 #define MOE_STORE_LAYER_HAS_SHARED (1u << 0)
 

@@ -30,6 +30,7 @@
 #include <jansson.h>
 
 #include "genmodel_impl.h"
+#include "hfq4.h"
 
 /* HF's default max_shard_size is "5GB" (decimal). */
 #define GEN_DEFAULT_SHARD (5000ull * 1000 * 1000)
@@ -295,6 +296,52 @@ static uint32_t or_default(uint32_t v, uint32_t d)
 	return v ? v : d;
 }
 
+/* --quant gptq | awq | ct-int4 and their options (genq4.c). */
+static int resolve_q4(const struct moe_gen_options *o, struct gen_dims *d, struct moe_err *err)
+{
+	const char *f = o->quant_int4;
+
+	if (!f) {
+		if (o->q4_group_size || o->q4_desc_act || o->q4_sym)
+			return moe_err_set(err, -EINVAL, "--group-size, --desc-act and --sym need --quant "
+					   "gptq, awq or ct-int4");
+		return 0;
+	}
+	if (!strcmp(f, "gptq"))
+		d->q4 = MOE_Q4F_GPTQ;
+	else if (!strcmp(f, "awq"))
+		d->q4 = MOE_Q4F_AWQ;
+	else if (!strcmp(f, "ct-int4"))
+		d->q4 = MOE_Q4F_CT;
+	else
+		return moe_err_set(err, -EINVAL, "--quant %s: unknown (fp8, gptq, awq, ct-int4)", f);
+	if (d->fp8)
+		return moe_err_set(err, -EINVAL, "--quant fp8 and --quant %s cannot be combined", f);
+	if ((o->q4_desc_act || o->q4_sym) && d->q4 != MOE_Q4F_GPTQ)
+		return moe_err_set(err, -EINVAL, "--desc-act and --sym are GPTQ's (--quant gptq), not %s", f);
+	if (o->q4_group_size < -1 || (o->q4_group_size > 0 && o->q4_group_size % 16))
+		return moe_err_set(err, -EINVAL, "--group-size %d: a multiple of 16, or -1 for one group "
+				   "per row", (int)o->q4_group_size);
+	d->q4_group = o->q4_group_size == 0 ? 128 : o->q4_group_size < 0 ? 0 : (uint32_t)o->q4_group_size;
+	d->q4_desc_act = o->q4_desc_act;
+	d->q4_sym = o->q4_sym;
+	return 0;
+}
+
+/* Every matrix int4 quantizes: rows a multiple of 8 (packed along N),
+ * columns of 16 and of the group size. */
+static int check_q4_shape(const struct gen_dims *d, const char *what, uint32_t rows, uint32_t cols,
+			  struct moe_err *err)
+{
+	if (!d->q4 || !rows)
+		return 0;
+	if (rows % 8 || cols % 16 || (d->q4_group && cols % d->q4_group))
+		return moe_err_set(err, -EINVAL, "--quant %s: %s is %u x %u; int4 needs rows a multiple of 8 "
+				   "and columns of 16 and of the group size %u", moe_q4_format_name(d->q4),
+				   what, rows, cols, d->q4_group);
+	return 0;
+}
+
 int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_err *err)
 {
 	struct moe_gen_options def;
@@ -341,6 +388,9 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 	d->qk_norm = o->qk_norm;
 	d->max_pos = o->max_position_embeddings;
 	d->mxfp4 = o->quant_mxfp4;
+	r = resolve_q4(o, d, err);
+	if (r < 0)
+		return r;
 	/* Written so that NaN fails too. */
 	if (!(d->skew >= 0.0f && d->skew <= MOE_GEN_MAX_ROUTER_SKEW))
 		return moe_err_set(err, -EINVAL, "router_skew %g: expected a number from 0 to %g",
@@ -375,6 +425,12 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		return moe_err_set(err, -EINVAL, "max_position_embeddings is set for glm4_moe only, not %s", an);
 	if (d->fp8 && d->fused)
 		return moe_err_set(err, -EINVAL, "FP8 (--quant fp8) is written per expert, not with fused experts");
+	if (d->q4 && d->fused)
+		return moe_err_set(err, -EINVAL, "int4 (--quant %s) is written per expert, not with fused "
+				   "experts", moe_q4_format_name(d->q4));
+	if (d->q4 && o->arch == MOE_ARCH_GPT_OSS)
+		return moe_err_set(err, -EINVAL, "int4 (--quant %s) is not written for gpt_oss (released in "
+				   "MXFP4)", moe_q4_format_name(d->q4));
 	if (o->topk_method && !d->deepseek)
 		return moe_err_set(err, -EINVAL, "topk_method exists only in deepseek_v2/deepseek_v3, "
 				   "not %s%s", an, o->arch == MOE_ARCH_GLM4_MOE ?
@@ -534,6 +590,18 @@ int gen_resolve(const struct moe_gen_options *o, struct gen_dims *d, struct moe_
 		return moe_err_set(err, -ENOTSUP, "--quant fp8: expert biases (gpt_oss) with fp8 weights are "
 				   "not supported yet");
 	r = moe_model_config_validate(&cfg, err);
+	if (r == 0)
+		r = check_q4_shape(d, "an expert's gate and up", d->I, d->H, err);
+	if (r == 0)
+		r = check_q4_shape(d, "an expert's down", d->H, d->I, err);
+	if (r == 0)
+		r = check_q4_shape(d, "the shared expert's gate and up", d->shared_I, d->H, err);
+	if (r == 0)
+		r = check_q4_shape(d, "the shared expert's down", d->shared_I ? d->H : 0, d->shared_I, err);
+	if (r == 0)
+		r = check_q4_shape(d, "a dense MLP's gate and up", d->dense_I, d->H, err);
+	if (r == 0)
+		r = check_q4_shape(d, "a dense MLP's down", d->dense_I ? d->H : 0, d->dense_I, err);
 	if (r < 0)
 		return r;
 	if (d->dense_I > (1u << 20))
@@ -615,6 +683,7 @@ void gen_plan_free(struct gen_plan *p)
 	for (size_t i = 0; i < p->n; i++) {
 		free(p->t[i].name);
 		free(p->t[i].row_scale);
+		free(p->t[i].wname);
 	}
 	free(p->t);
 }
@@ -624,6 +693,50 @@ void gen_plan_free(struct gen_plan *p)
 /* A matrix [rows, cols] of the model dtype. */
 #define MAT(p, d, std, rows, cols, ...) \
 	plan_add(p, (d)->dtype, FILL_RANDOM, std, 2, SHAPE(rows, cols), __VA_ARGS__)
+/* The int4 tensors of weight @name ("X.weight") [rows][cols] in d->q4's
+ * format, in the order the releases write them (genq4.c). */
+static void plan_q4(struct gen_plan *p, const struct gen_dims *d, float std, uint64_t rows,
+		    uint64_t cols, const char *name)
+{
+	uint64_t G = d->q4_group ? d->q4_group : cols, ng = cols / G;
+	int n = (int)strlen(name) - 7;   /* "X" of "X.weight" */
+	size_t first = p->n;
+
+	if (d->q4 == MOE_Q4F_CT) {
+		plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 2, SHAPE(rows, cols / 8), "%.*s.weight_packed", n, name);
+		plan_add(p, MOE_DTYPE_BF16, FILL_Q4, std, 2, SHAPE(rows, ng), "%.*s.weight_scale", n, name);
+		plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 1, SHAPE(2), "%.*s.weight_shape", n, name);
+	} else {
+		if (d->q4 == MOE_Q4F_GPTQ)
+			plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 2, SHAPE(cols / 8, rows), "%.*s.qweight", n, name);
+		else
+			plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 2, SHAPE(cols, rows / 8), "%.*s.qweight", n, name);
+		plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 2, SHAPE(ng, rows / 8), "%.*s.qzeros", n, name);
+		plan_add(p, MOE_DTYPE_F16, FILL_Q4, std, 2, SHAPE(ng, rows), "%.*s.scales", n, name);
+		if (d->q4 == MOE_Q4F_GPTQ)
+			plan_add(p, MOE_DTYPE_COUNT, FILL_Q4, std, 1, SHAPE(cols), "%.*s.g_idx", n, name);
+	}
+	for (size_t i = first; !p->oom && i < p->n; i++) {
+		struct gen_tensor *t = &p->t[i];
+		const char *suf = strrchr(t->name, '.') + 1;
+
+		t->qrows = rows;
+		t->qcols = cols;
+		t->wname = strdup(name);
+		if (!t->wname)
+			p->oom = 1;
+		t->q4_part = !strcmp(suf, "qweight") ? Q4_QWEIGHT : !strcmp(suf, "qzeros") ? Q4_QZEROS :
+			     !strcmp(suf, "scales") ? Q4_SCALES : !strcmp(suf, "g_idx") ? Q4_G_IDX :
+			     !strcmp(suf, "weight_packed") ? Q4_PACKED : !strcmp(suf, "weight_scale") ? Q4_SCALE :
+			     Q4_SHAPE;
+		/* int32 tensors (I64 weight_shape): bytes by hand, not by dtype */
+		if (t->dtype == MOE_DTYPE_COUNT) {
+			t->nbytes = (t->q4_part == Q4_SHAPE ? 8 : 4) * t->shape[0] * (t->ndim == 2 ? t->shape[1] : 1);
+			p->total += t->nbytes;
+		}
+	}
+}
+
 /* A matrix of an MLP or an expert: FP8 with its scales when @q (d->fp8,
  * less what quant_skip keeps; the weight, then X.weight_scale_inv, as
  * DeepSeek-V3's files order them). */
@@ -640,6 +753,10 @@ static void plan_qmat(struct gen_plan *p, const struct gen_dims *d, bool q, floa
 	va_start(ap, fmt);
 	vsnprintf(name, sizeof(name), fmt, ap);
 	va_end(ap);
+	if (d->q4) {
+		plan_q4(p, d, std, rows, cols, name);
+		return;
+	}
 	if (!q) {
 		MAT(p, d, std, rows, cols, "%s", name);
 		return;

@@ -79,6 +79,12 @@ struct moe_gen_options {
 					    gpt-oss is released (*_blocks, *_scales
 					    U8, gate and up rows interleaved), and
 					    quantization_config in config.json */
+	/* int4 as GPTQ, AWQ or compressed-tensors write it: every MLP and
+	 * expert matrix, round to nearest per group (ARCHITECTURE.md 4.1a) */
+	const char *quant_int4;          /* "gptq", "awq", "ct-int4"; NULL: none */
+	int32_t q4_group_size;           /* 0: 128; -1: one group per row */
+	bool q4_desc_act;                /* gptq: act-order g_idx (shuffled groups) */
+	bool q4_sym;                     /* gptq: symmetric (zero point 8) */
 };
 
 /*

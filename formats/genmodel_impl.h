@@ -38,6 +38,9 @@ struct gen_dims {
 	bool qk_norm;                    /* glm4_moe use_qk_norm */
 	uint32_t max_pos;                /* max_position_embeddings; 0: the arch's */
 	bool mxfp4;                      /* quant_mxfp4 */
+	int q4;                          /* enum moe_q4_format of quant_int4 (0: none) */
+	uint32_t q4_group;               /* 0: one group per row */
+	bool q4_desc_act, q4_sym;
 	struct moe_layer_rule rule;
 };
 
@@ -53,6 +56,10 @@ enum gen_fill {
 			  * float32 values [E][N][K] (moe_mxfp4_quantize_block) */
 	FILL_MXFP4_SCALE, /* [E, N, K/32] U8: their E8M0 scales; src names the
 			  * blocks */
+	FILL_Q4,         /* a tensor of an int4 matrix (genq4.c): qweight, qzeros,
+			  * scales, g_idx, weight_packed, weight_scale or
+			  * weight_shape, as q4_part says; wname the weight whose
+			  * FILL_RANDOM values are quantized */
 };
 
 struct gen_tensor {
@@ -67,7 +74,33 @@ struct gen_tensor {
 	float *row_scale; /* FILL_ROUTER: [shape[0]], set by plan_skew; owned */
 	uint64_t qrows, qcols; /* FILL_FP8_SCALE: the weight's shape */
 	size_t src;       /* FILL_FP8_SCALE: index of the weight in the plan */
+	char *wname;      /* FILL_Q4: the weight's name ("X.weight"), owned */
+	int q4_part;      /* FILL_Q4: enum gen_q4_part */
 };
+
+enum gen_q4_part {
+	Q4_QWEIGHT, Q4_QZEROS, Q4_SCALES, Q4_G_IDX,           /* GPTQ, AWQ */
+	Q4_PACKED, Q4_SCALE, Q4_SHAPE,                        /* compressed-tensors */
+};
+
+/* One int4 matrix quantized (genq4.c): codes, zero points and scales (in
+ * the checkpoint's float dtype) per row and group, the group of each
+ * input column. */
+struct gen_q4 {
+	char *wname;                      /* which weight this is; NULL: none yet */
+	uint64_t N, K, G;
+	uint8_t *q;                       /* [N][K] */
+	uint8_t *z;                       /* [N][K/G] actual zero points */
+	uint16_t *s;                      /* [N][K/G] f16 (bf16 for compressed-tensors) */
+	int32_t *g_idx;                   /* [K] */
+};
+
+void gen_q4_free(struct gen_q4 *q);
+
+/* Quantize the weight of FILL_Q4 tensor @t (key @key: the weight's) into
+ * @q unless it holds it already; then @t's bytes into @out (t->nbytes). */
+int gen_q4_tensor(const struct gen_dims *d, const struct gen_tensor *t, uint64_t key,
+		  struct gen_q4 *q, void *out);
 
 struct gen_plan {
 	struct gen_tensor *t;

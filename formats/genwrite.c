@@ -23,6 +23,7 @@
 #include <jansson.h>
 
 #include "genmodel_impl.h"
+#include "hfq4.h"
 #include "safetensors.h"
 
 /* ------------------------------------------------------------ writing */
@@ -44,6 +45,36 @@ static json_t *json_float(float f)
 			return json_real(strtod(buf, NULL));
 	}
 	return json_real((double)f);
+}
+
+/*
+ * quantization_config of an int4 checkpoint, field for field as GPTQModel
+ * (checkpoint_format gptq), AutoAWQ (gemm) and llm-compressor
+ * (compressed-tensors pack-quantized, Kimi-K2-Thinking's ignore list)
+ * write it.
+ */
+static json_t *q4_config(const struct gen_dims *d)
+{
+	json_int_t g = d->q4_group ? (json_int_t)d->q4_group : -1;
+
+	if (d->q4 == MOE_Q4F_GPTQ)
+		return json_pack("{s:i,s:I,s:b,s:b,s:f,s:b,s:b,s:s,s:s,s:s}", "bits", 4, "group_size", g,
+				 "desc_act", d->q4_desc_act, "sym", d->q4_sym, "damp_percent", 0.01,
+				 "static_groups", 0, "true_sequential", 1, "quant_method", "gptq",
+				 "checkpoint_format", "gptq", "model_file_base_name", "model");
+	if (d->q4 == MOE_Q4F_AWQ)
+		return json_pack("{s:s,s:i,s:I,s:s,s:b,s:n}", "quant_method", "awq", "bits", 4,
+				 "group_size", g, "version", "gemm", "zero_point", 1,
+				 "modules_to_not_convert");
+	return json_pack("{s:{s:{s:n,s:n,s:[s],s:{s:n,s:n,s:b,s:I,s:i,s:s,s:{},s:s,s:b,s:s}}},"
+			 "s:s,s:[s,s,s],s:n,s:s,s:s}",
+			 "config_groups", "group_0", "input_activations", "output_activations",
+			 "targets", "Linear", "weights", "actorder", "block_structure", "dynamic", 0,
+			 "group_size", g, "num_bits", 4, "observer", "minmax", "observer_kwargs",
+			 "strategy", "group", "symmetric", 1, "type", "int",
+			 "format", "pack-quantized", "ignore", "lm_head", "re:.*self_attn.*",
+			 "re:.*mlp\\.gate$", "kv_cache_scheme", "quant_method", "compressed-tensors",
+			 "quantization_status", "compressed");
 }
 
 static json_t *config_json(const struct gen_dims *d)
@@ -93,6 +124,9 @@ static json_t *config_json(const struct gen_dims *d)
 				 json_pack("[s]", !d->fp8_shared ? "mlp.shared_experts" : "mlp.experts"));
 		json_set(c, "quantization_config", q);
 	}
+
+	if (d->q4)
+		json_set(c, "quantization_config", q4_config(d));
 
 	switch (d->arch) {
 	case MOE_ARCH_MIXTRAL:
@@ -533,8 +567,45 @@ static int write_fp8(const struct gen_plan *p, const struct gen_tensor *t, uint6
 	return 0;
 }
 
-static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir, uint32_t shard,
-		       size_t *pos, void *const buf[2], uint64_t *done,
+/* An int4 tensor (genq4.c): its matrix quantized once for all its
+ * tensors (@q4 keeps the last), the bytes sent a GEN_CHUNK at a time. */
+static int write_q4(const struct gen_dims *d, const struct gen_tensor *t, uint64_t seed,
+		    struct gen_q4 *q4, struct gen_pipe *pp, unsigned *slot, uint64_t *done,
+		    uint64_t total, void (*progress)(void *ctx, uint64_t done, uint64_t total),
+		    void *ctx, struct moe_err *err)
+{
+	uint8_t *all = malloc(t->nbytes);
+	int r;
+
+	if (!all)
+		return moe_err_set(err, -ENOMEM, "out of memory");
+	r = gen_q4_tensor(d, t, gen_tensor_key(seed, t->wname), q4, all);
+	if (r < 0) {
+		free(all);
+		return moe_err_set(err, r, "%s: out of memory", t->name);
+	}
+	for (uint64_t o = 0; o < t->nbytes; o += GEN_CHUNK) {
+		uint64_t n = t->nbytes - o < GEN_CHUNK ? t->nbytes - o : GEN_CHUNK;
+		void *b = pipe_get(pp, *slot);
+
+		if (!b) {
+			free(all);
+			return -EIO;          /* the real error comes from pipe_stop */
+		}
+		memcpy(b, all + o, n);
+		pipe_put(pp, *slot, n);
+		*slot ^= 1;
+		*done += n;
+		if (progress)
+			progress(ctx, *done, total);
+	}
+	free(all);
+	return 0;
+}
+
+static int write_shard(const struct gen_plan *p, const struct gen_dims *d, uint64_t seed,
+		       const char *dir, uint32_t shard, size_t *pos, void *const buf[2],
+		       struct gen_q4 *q4, uint64_t *done,
 		       void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
 		       struct moe_err *err)
 {
@@ -555,7 +626,11 @@ static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir,
 	while (last < p->n && p->t[last].shard == shard) {
 		const struct gen_tensor *t = &p->t[last];
 
-		r = moe_st_writer_declare(w, t->name, t->dtype, t->ndim, t->shape, err);
+		if (t->fill == FILL_Q4 && t->dtype == MOE_DTYPE_COUNT)   /* int32, int64 */
+			r = moe_st_writer_declare_int(w, t->name, t->q4_part == Q4_SHAPE ? "I64" : "I32",
+						      t->ndim, t->shape, err);
+		else
+			r = moe_st_writer_declare(w, t->name, t->dtype, t->ndim, t->shape, err);
 		if (r < 0)
 			goto fail;
 		last++;
@@ -576,6 +651,10 @@ static int write_shard(const struct gen_plan *p, uint64_t seed, const char *dir,
 		}
 		if (t->fill == FILL_MXFP4 || t->fill == FILL_MXFP4_SCALE) {
 			r = write_mxfp4(p, t, seed, &pp, &slot, done, progress, ctx, err);
+			continue;
+		}
+		if (t->fill == FILL_Q4) {
+			r = write_q4(d, t, seed, q4, &pp, &slot, done, p->total, progress, ctx, err);
 			continue;
 		}
 		{
@@ -638,6 +717,7 @@ int moe_gen_model(const struct moe_gen_options *opt, const char *dir,
 {
 	struct gen_dims d;
 	struct gen_plan plan;
+	struct gen_q4 q4 = { 0 };
 	json_t *cfg;
 	void *buf[2];
 	uint64_t done = 0;
@@ -673,7 +753,8 @@ int moe_gen_model(const struct moe_gen_options *opt, const char *dir,
 	if (!buf[0] || !buf[1])
 		r = moe_err_set(err, -ENOMEM, "out of memory");
 	for (uint32_t s = 0; s < plan.n_shards && r >= 0; s++)
-		r = write_shard(&plan, opt->seed, dir, s, &pos, buf, &done, progress, ctx, err);
+		r = write_shard(&plan, &d, opt->seed, dir, s, &pos, buf, &q4, &done, progress, ctx, err);
+	gen_q4_free(&q4);
 	if (r >= 0 && plan.n_shards > 1)
 		r = write_index(&plan, dir, err);
 	free(buf[0]);

@@ -405,7 +405,8 @@ static int check_quantization(json_t *root, const char *file, enum moe_arch arch
  * Anything else is refused by name, with what is served: the list is
  * QUANT_SERVED, one place.
  */
-#define QUANT_SERVED "fp8 with weight_block_size [128, 128]; mxfp4"
+#define QUANT_SERVED "fp8 with weight_block_size [128, 128]; mxfp4; gptq, awq (gemm) and " \
+	"compressed-tensors (pack-quantized) with 4 bits"
 
 static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc, struct moe_err *err)
 {
@@ -430,6 +431,8 @@ static int parse_quant(json_t *root, const char *file, struct moe_hf_config *hc,
 		hc->mxfp4 = true;
 		return 0;
 	}
+	if (!strcmp(method, "gptq") || !strcmp(method, "awq") || !strcmp(method, "compressed-tensors"))
+		return moe_q4_parse_config(q, file, method, &hc->q4, err);
 	if (strcmp(method, "fp8"))
 		return moe_err_set(err, -ENOTSUP, "%s: quantization_config.quant_method '%s' is not supported "
 				   "(supported: %s)", file, method, QUANT_SERVED);
@@ -485,6 +488,7 @@ void moe_hf_config_free(struct moe_hf_config *hc)
 		return;
 	free(hc->moe_layers);
 	free(hc->mlp_only_layers);
+	moe_q4_config_clear(&hc->q4);
 	free(hc);
 }
 

@@ -43,6 +43,7 @@ void moe_hf_model_close(struct moe_hf_model *m)
 		for (uint32_t i = 0; i < m->hc->n_moe_layers; i++) {
 			free(m->layers[i].experts);
 			free(m->layers[i].scales);
+			free(m->layers[i].q4);
 		}
 	free(m->layers);
 	moe_st_checkpoint_close(m->ckpt);
@@ -98,11 +99,15 @@ static bool is_u8(const struct moe_st_tensor *t)
 }
 
 /* The dtype a checked tensor is served in: FP8 for F8_E4M3 (with scales),
- * MXFP4 for U8 blocks (with scales). */
+ * MXFP4 for U8 blocks (with scales), INT4 for the int32 qweight /
+ * weight_packed of an int4 matrix (moe_q4_find found it; no other I32
+ * tensor gets past the checks). */
 static enum moe_dtype served_dtype(const struct moe_st_tensor *t)
 {
 	if (is_u8(t))
 		return MOE_DTYPE_MXFP4;
+	if (!strcmp(t->st_dtype, "I32"))
+		return MOE_DTYPE_INT4;
 	return is_fp8(t) ? MOE_DTYPE_FP8_E4M3_B128 : (enum moe_dtype)t->dtype;
 }
 
@@ -221,6 +226,43 @@ static int need2_q(const struct moe_hf_model *m, const char *name, uint64_t a, u
 	return need_q(m, name, 2, shape, ret, ret_scale, err);
 }
 
+/*
+ * An expert matrix "X.weight" [a][b] of an int4 checkpoint: X's int4
+ * tensors (hfq4.c) into *@q4 when X is quantized, else X.weight as
+ * need2_q() takes it (a module the checkpoint left unquantized).  Every
+ * int4 matrix must have scales of one float dtype (the store's
+ * MOE_Q4_BF16_SCALES); the first other one is recorded.
+ */
+static int need2_q4(struct moe_hf_model *m, const char *name, uint64_t a, uint64_t b,
+		    const struct moe_st_tensor **ret, const struct moe_st_tensor **ret_scale,
+		    struct moe_hf_q4 *q4, struct moe_err *err)
+{
+	char module[MAX_NAME];
+	size_t n = strlen(name);
+	bool found = false;
+	int r;
+
+	memset(q4, 0, sizeof(*q4));
+	if (m->hc->q4.format != MOE_Q4F_NONE && n > 7 && !strcmp(name + n - 7, ".weight")) {
+		snprintf(module, sizeof(module), "%.*s", (int)(n - 7), name);
+		r = moe_q4_find(m->ckpt, &m->hc->q4, module, a, b, q4, &found, err);
+		if (r < 0)
+			return r;
+	}
+	if (!found)
+		return need2_q(m, name, a, b, ret, ret_scale, err);
+	*ret = q4->qweight;
+	if (ret_scale)
+		*ret_scale = NULL;
+	if (!m->q4_seen) {
+		m->q4_seen = true;
+		m->q4_bf16 = moe_q4_bf16_scales(q4);
+	} else if (m->q4_bf16 != moe_q4_bf16_scales(q4) && !m->q4_scales_tensor[0]) {
+		snprintf(m->q4_scales_tensor, sizeof(m->q4_scales_tensor), "%s", q4->scales->name);
+	}
+	return 0;
+}
+
 /* Name of part @part of routed expert @j under @prefix (per-expert layout). */
 static void expert_name(const struct moe_hf_model *m, const char *prefix, uint32_t j,
 			enum moe_hf_part part, char *buf, size_t len)
@@ -259,6 +301,23 @@ static void layer_prefix(const struct moe_hf_model *m, uint32_t L, char *buf, si
 	snprintf(buf, len, "model.layers.%" PRIu32 ".mlp.", L);
 }
 
+/* Whether "X.weight" @name is in the checkpoint as int4 tensors. */
+static bool q4_present(const struct moe_hf_model *m, const char *name)
+{
+	static const char *const q[] = { ".qweight", ".weight_packed" };
+	size_t n = strlen(name);
+	char alt[MAX_NAME + 16];
+
+	if (m->hc->q4.format == MOE_Q4F_NONE || n < 7)
+		return false;
+	for (int i = 0; i < 2; i++) {
+		snprintf(alt, sizeof(alt), "%.*s%s", (int)(n - 7), name, q[i]);
+		if (moe_st_find(m->ckpt, alt))
+			return true;
+	}
+	return false;
+}
+
 /* First pass: the layout of each layer and whether any expert has a gate. */
 static void find_layout(struct moe_hf_model *m, uint64_t *ret_gates)
 {
@@ -291,7 +350,7 @@ static void find_layout(struct moe_hf_model *m, uint64_t *ret_gates)
 		}
 		for (uint32_t j = 0; j < m->cfg.num_experts; j++) {
 			expert_name(m, hl->prefix, j, MOE_HF_GATE, name, sizeof(name));
-			if (moe_st_find(m->ckpt, name))
+			if (moe_st_find(m->ckpt, name) || q4_present(m, name))
 				gates++;
 		}
 	}
@@ -480,8 +539,10 @@ static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *se
 	if (Is) {
 		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
 			shared_name(m, hl->prefix, (enum moe_hf_part)p, name, sizeof(name));
-			r = p == MOE_HF_DOWN ? need2_q(m, name, H, Is, &hl->shared[p], &hl->shared_scale[p], err)
-					     : need2_q(m, name, Is, H, &hl->shared[p], &hl->shared_scale[p], err);
+			r = p == MOE_HF_DOWN ? need2_q4(m, name, H, Is, &hl->shared[p], &hl->shared_scale[p],
+							&hl->shared_q4[p], err)
+					     : need2_q4(m, name, Is, H, &hl->shared[p], &hl->shared_scale[p],
+							&hl->shared_q4[p], err);
 			if (r < 0)
 				return r;
 			note_shared_dtype(m, hl->shared[p], seen_shared);
@@ -505,7 +566,8 @@ static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *se
 	}
 	hl->experts = calloc(E * 3, sizeof(*hl->experts));
 	hl->scales = calloc(E * 3, sizeof(*hl->scales));
-	if (!hl->experts || !hl->scales)
+	hl->q4 = calloc(E * 3, sizeof(*hl->q4));
+	if (!hl->experts || !hl->scales || !hl->q4)
 		return moe_err_set(err, -ENOMEM, "out of memory");
 	for (uint32_t j = 0; j < E; j++)
 		for (int p = c->gated ? MOE_HF_GATE : MOE_HF_UP; p <= MOE_HF_DOWN; p++) {
@@ -513,8 +575,10 @@ static int check_layer(struct moe_hf_model *m, struct moe_hf_layer *hl, bool *se
 			const struct moe_st_tensor **s = &hl->scales[(uint64_t)j * 3 + (uint64_t)p];
 
 			expert_name(m, hl->prefix, j, (enum moe_hf_part)p, name, sizeof(name));
-			r = p == MOE_HF_DOWN ? need2_q(m, name, H, I, t, s, err)
-					     : need2_q(m, name, I, H, t, s, err);
+			struct moe_hf_q4 *q = &hl->q4[(uint64_t)j * 3 + (uint64_t)p];
+
+			r = p == MOE_HF_DOWN ? need2_q4(m, name, H, I, t, s, q, err)
+					     : need2_q4(m, name, I, H, t, s, q, err);
 			if (r < 0)
 				return r;
 			note_dtype(m, *t, seen);
@@ -557,6 +621,16 @@ int moe_hf_model_open(const char *dir, struct moe_hf_model **ret, struct moe_err
 	}
 	m->cfg.weight_dtype = m->expert_dtype;
 	m->cfg.shared_dtype = seen_shared ? m->shared_dtype : m->expert_dtype;
+	if (m->q4_seen) {
+		if (m->q4_scales_tensor[0]) {
+			r = moe_err_set(err, -ENOTSUP, "%s: int4 scales come in both F16 and BF16 (tensor "
+					"'%s' differs from the first); moed keeps one scale dtype per store",
+					dir, m->q4_scales_tensor);
+			goto fail;
+		}
+		m->cfg.q4_group = m->hc->q4.group;
+		m->cfg.q4_flags = moe_q4_flags(&m->hc->q4) | (m->q4_bf16 ? MOE_Q4_BF16_SCALES : 0);
+	}
 	*ret = m;
 	return 0;
 fail:
@@ -581,6 +655,7 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 			return -ENOENT;
 		s.t = hl->shared[part];
 		s.scale = hl->shared_scale[part];
+		s.q4 = hl->shared_q4[part].qweight ? &hl->shared_q4[part] : NULL;
 		s.nbytes = s.t->nbytes;
 		s.n_elems = (uint64_t)c->hidden_size * c->shared_intermediate_size;
 	} else if (expert >= c->num_experts) {
@@ -620,6 +695,7 @@ int moe_hf_expert_slice(const struct moe_hf_model *m, uint32_t li, uint32_t expe
 	} else {
 		s.t = hl->experts[(uint64_t)expert * 3 + part];
 		s.scale = hl->scales[(uint64_t)expert * 3 + part];
+		s.q4 = hl->q4[(uint64_t)expert * 3 + part].qweight ? &hl->q4[(uint64_t)expert * 3 + part] : NULL;
 		s.nbytes = s.t->nbytes;
 		s.n_elems = (uint64_t)c->hidden_size * c->moe_intermediate_size;
 	}

@@ -13,6 +13,7 @@
 
 #include "engine/err.h"
 #include "engine/model.h"
+#include "hfq4.h"
 #include "safetensors.h"
 
 /*
@@ -26,6 +27,8 @@ struct moe_hf_config {
 					   * weight_block_size [128, 128] */
 	bool mxfp4;                       /* quantization_config: quant_method mxfp4
 					   * (gpt_oss's *_blocks and *_scales) */
+	struct moe_q4_config q4;          /* quant_method gptq, awq, compressed-tensors
+					   * (format MOE_Q4F_NONE otherwise) */
 	struct moe_layer_rule rule;       /* rule.mlp_only_layers points into this struct */
 	uint32_t n_moe_layers;
 	uint32_t *moe_layers;             /* checkpoint layer numbers, increasing */
@@ -84,6 +87,8 @@ struct moe_hf_slice {
 	enum moe_dtype dtype;
 	const struct moe_st_tensor *scale; /* FP8 and MXFP4 only */
 	uint64_t scale_offset;             /* MXFP4: inside the scales' data */
+	const struct moe_hf_q4 *q4;        /* MOE_DTYPE_INT4 only: its tensors (t is
+					    * the qweight / weight_packed) */
 	uint64_t rows, cols;               /* the part's, whatever the layout */
 	enum moe_hf_layout layout;
 };
@@ -108,6 +113,8 @@ struct moe_hf_layer {
 	const struct moe_st_tensor *down_scales;    /* [E, H, I/32] */
 	const struct moe_st_tensor **experts;     /* per expert: [E * 3] by part, unfused */
 	const struct moe_st_tensor **scales;      /* FP8: their weight_scale_inv, or NULL */
+	struct moe_hf_q4 *q4;                     /* int4: per expert [E * 3] by part */
+	struct moe_hf_q4 shared_q4[3];            /* int4: the shared expert's by part */
 };
 
 /* A checkpoint opened for packing: config plus every tensor located and
@@ -126,6 +133,9 @@ struct moe_hf_model {
 	enum moe_dtype shared_dtype;      /* of the shared expert's first tensor */
 	char shared_mixed_tensor[256];    /* first shared tensor in another dtype, "" if none */
 	enum moe_dtype shared_mixed_dtype;
+	bool q4_seen, q4_bf16;            /* int4: a matrix found; its scales' dtype */
+	char q4_scales_tensor[256];       /* int4: first scales tensor in the other float
+					   * dtype (F16 vs BF16), "" if none */
 };
 
 /*

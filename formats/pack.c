@@ -270,6 +270,37 @@ static int copy_mxfp4(struct packer *pk, const struct moe_hf_slice *s, uint8_t *
 	return 0;
 }
 
+/*
+ * An int4 matrix dequantized into @dst as @to (--dtype): read into the
+ * canonical layout, w = (q - z) * s in float32 (exact), rounded to @to.
+ */
+static int dequant_q4(struct packer *pk, const struct moe_hf_slice *s, uint8_t *dst,
+		      enum moe_dtype to, struct moe_err *err)
+{
+	const struct moe_model_config *c = &pk->m->cfg;
+	uint64_t mb = moe_cfg_matrix_bytes(c, MOE_DTYPE_INT4, s->rows, s->cols);
+	uint8_t *m = calloc(1, mb);
+	float *w = malloc(s->rows * s->cols * sizeof(float));
+	int r;
+
+	if (!m || !w) {
+		r = moe_err_set(err, -ENOMEM, "out of memory");
+		goto out;
+	}
+	r = moe_q4_read(pk->m->ckpt, &pk->m->hc->q4, s->q4, c->q4_flags, s->rows, s->cols, m, err);
+	if (r < 0)
+		goto out;
+	moe_q4_dequant(m, c->q4_group, c->q4_flags, s->rows, s->cols, w);
+	moe_dtype_from_f32(to, w, dst, (size_t)(s->rows * s->cols));
+	pk->done += s->nbytes;
+	if (pk->opt && pk->opt->progress)
+		pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+out:
+	free(m);
+	free(w);
+	return r;
+}
+
 /* Element (r, c) of a row-major matrix with @ld columns of @es-byte elements
  * to element @i of @dst: the permutations below move bytes, not values,
  * so they hold for any dtype. */
@@ -378,10 +409,19 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 			continue;
 		}
 		if (s.layout == MOE_HF_ROWS) {
-			if (moe_dtype_is_blocked(to) && s.dtype != to && moe_dtype_is_blocked(s.dtype))
+			if (moe_dtype_is_blocked(to) && s.dtype != to &&
+			    (moe_dtype_is_blocked(s.dtype) || to == MOE_DTYPE_INT4))
 				return moe_err_set(err, -EINVAL, "tensor '%s': %s cannot become %s", s.t->name,
 						   moe_dtype_name(s.dtype), moe_dtype_name(to));
-			if (moe_dtype_is_blocked(to) && s.dtype != to)   /* --quantize */
+			if (s.dtype == MOE_DTYPE_INT4 && to == s.dtype) {
+				r = moe_q4_read(pk->m->ckpt, &pk->m->hc->q4, s.q4, pk->m->cfg.q4_flags, s.rows,
+						s.cols, blob + pos, err);
+				pk->done += s.nbytes;
+				if (r == 0 && pk->opt && pk->opt->progress)
+					pk->opt->progress(pk->opt->ctx, pk->done, pk->total, pk->what);
+			} else if (s.dtype == MOE_DTYPE_INT4)
+				r = dequant_q4(pk, &s, blob + pos, to, err);
+			else if (moe_dtype_is_blocked(to) && s.dtype != to)   /* --quantize */
 				r = quant_fp8(pk, &s, blob + pos, err);
 			else if (s.dtype == MOE_DTYPE_FP8_E4M3_B128)
 				r = to == s.dtype ? copy_fp8(pk, &s, blob + pos, err)
@@ -390,7 +430,7 @@ static int copy_expert(struct packer *pk, uint32_t li, uint32_t expert, uint8_t 
 				r = copy_slice(pk, &s, blob + pos, to, err);
 			if (r < 0)
 				return r;
-			pos += moe_matrix_bytes(to, s.rows, s.cols);
+			pos += moe_cfg_matrix_bytes(&pk->m->cfg, to, s.rows, s.cols);
 			continue;
 		}
 		/* gpt_oss's layouts: element permutations, never of blocked bytes
@@ -583,7 +623,8 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 		     (pk.m->shared_mixed_tensor[0] && moe_dtype_is_blocked(pk.m->shared_mixed_dtype))))) {
 			r = moe_err_set(err, -EINVAL, "%s: --quantize fp8: the checkpoint is already "
 					"quantized (%s); pack it without --quantize to keep its bytes",
-					hf_dir, pk.m->expert_dtype == MOE_DTYPE_MXFP4 ? "MXFP4" : "FP8");
+					hf_dir, pk.m->hc->q4.format ? moe_q4_format_name(pk.m->hc->q4.format) :
+					pk.m->expert_dtype == MOE_DTYPE_MXFP4 ? "MXFP4" : "FP8");
 			goto out;
 		}
 		if (cfg.has_expert_bias) {
@@ -646,11 +687,14 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 	}
 	cfg.weight_dtype = to;
 	cfg.shared_dtype = to_shared;
+	if (to != MOE_DTYPE_INT4 && (!cfg.shared_intermediate_size || to_shared != MOE_DTYPE_INT4))
+		cfg.q4_group = cfg.q4_flags = 0;   /* dequantized (--dtype): no int4 left */
 
 	source = realpath(hf_dir, NULL);
 	r = moe_store_writer_open(out, &cfg, pk.m->hc->n_moe_layers, pk.m->hc->moe_layers,
 				  source ? source : hf_dir,
 				  pk.m->mixed_tensor[0] ? "mixed" :
+				  pk.m->expert_dtype == MOE_DTYPE_INT4 ? moe_q4_format_name(pk.m->hc->q4.format) :
 				  pk.m->expert_dtype == MOE_DTYPE_FP8_E4M3_B128 ? "fp8" :
 				  moe_dtype_name(pk.m->expert_dtype),
 				  &w, err);

@@ -569,6 +569,7 @@ int moe_st_read(const struct moe_st_checkpoint *c, const struct moe_st_tensor *t
 
 struct st_wtensor {
 	char *name;
+	char st_dtype[16];        /* the header's dtype ("BF16", "I32") */
 	enum moe_dtype dtype;
 	uint32_t ndim;
 	uint64_t shape[MOE_ST_MAX_DIMS];
@@ -607,11 +608,30 @@ int moe_st_writer_new(const char *path, struct moe_st_writer **ret, struct moe_e
 	return 0;
 }
 
+static int declare(struct moe_st_writer *w, const char *name, enum moe_dtype dtype,
+		   const char *st_dtype, uint64_t esize, uint32_t ndim, const uint64_t *shape,
+		   struct moe_err *err);
+
 int moe_st_writer_declare(struct moe_st_writer *w, const char *name, enum moe_dtype dtype,
 			  uint32_t ndim, const uint64_t *shape, struct moe_err *err)
 {
+	return declare(w, name, dtype, moe_dtype_st_name(dtype), moe_dtype_size(dtype), ndim, shape, err);
+}
+
+int moe_st_writer_declare_int(struct moe_st_writer *w, const char *name, const char *st_dtype,
+			      uint32_t ndim, const uint64_t *shape, struct moe_err *err)
+{
+	uint64_t es = !strcmp(st_dtype, "I32") ? 4 : !strcmp(st_dtype, "I64") ? 8 : 0;
+
+	return declare(w, name, MOE_DTYPE_COUNT, st_dtype, es, ndim, shape, err);
+}
+
+static int declare(struct moe_st_writer *w, const char *name, enum moe_dtype dtype,
+		   const char *st_dtype, uint64_t esize, uint32_t ndim, const uint64_t *shape,
+		   struct moe_err *err)
+{
 	struct st_wtensor *t;
-	uint64_t nbytes = moe_dtype_size(dtype);
+	uint64_t nbytes = esize;
 
 	if (w->begun)
 		return moe_err_set(err, -EINVAL, "%s: tensor '%s' declared after the header was written",
@@ -643,6 +663,7 @@ int moe_st_writer_declare(struct moe_st_writer *w, const char *name, enum moe_dt
 	if (!t->name)
 		return moe_err_set(err, -ENOMEM, "%s: out of memory", w->path);
 	t->dtype = dtype;
+	snprintf(t->st_dtype, sizeof(t->st_dtype), "%s", st_dtype);
 	t->ndim = ndim;
 	if (ndim)
 		memcpy(t->shape, shape, ndim * sizeof(*shape));
@@ -703,7 +724,7 @@ int moe_st_writer_begin(struct moe_st_writer *w, struct moe_err *err)
 			goto out;
 		for (uint32_t d = 0; d < t->ndim; d++)
 			json_array_append_new(shape, json_integer((json_int_t)t->shape[d]));
-		tj = json_pack("{s:s,s:o,s:[I,I]}", "dtype", moe_dtype_st_name(t->dtype), "shape", shape,
+		tj = json_pack("{s:s,s:o,s:[I,I]}", "dtype", t->st_dtype, "shape", shape,
 			       "data_offsets", (json_int_t)off, (json_int_t)(off + t->nbytes));
 		/* json_pack takes over @shape ("o") even when it fails. */
 		if (!tj || json_object_set_new(root, t->name, tj) < 0)

@@ -87,6 +87,11 @@ int moe_st_writer_new(const char *path, struct moe_st_writer **ret, struct moe_e
  * Shapes are row-major; @shape may be NULL when @ndim is 0. */
 int moe_st_writer_declare(struct moe_st_writer *w, const char *name, enum moe_dtype dtype,
 			  uint32_t ndim, const uint64_t *shape, struct moe_err *err);
+
+/* The same for an integer tensor ("I32" or "I64"): int4 checkpoints'
+ * packed codes, g_idx and weight_shape. */
+int moe_st_writer_declare_int(struct moe_st_writer *w, const char *name, const char *st_dtype,
+			      uint32_t ndim, const uint64_t *shape, struct moe_err *err);
 /* Write the header; after it, the tensors' data in declaration order. */
 int moe_st_writer_begin(struct moe_st_writer *w, struct moe_err *err);
 /* Append @len bytes of the data (any split: pieces may cross tensors).

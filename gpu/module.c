@@ -72,17 +72,27 @@ static bool cuda_dtype_ok(enum moe_dtype t)
  * expert in another dtype than the routed ones.
  * No engine symbol here (the module links none): names written out.
  */
+static const char *dtype_word(enum moe_dtype t)
+{
+	switch (t) {
+	case MOE_DTYPE_MXFP4: return "mxfp4";
+	case MOE_DTYPE_INT4: return "int4 (GPTQ, AWQ, compressed-tensors)";
+	default: return "unknown";
+	}
+}
+
 static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
 {
 	char why[256];
 	bool sh = cfg->shared_intermediate_size != 0;
 
 	if (!cuda_dtype_ok(cfg->weight_dtype) || (sh && !cuda_dtype_ok(cfg->shared_dtype))) {
-		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights of dtype %d "
-			 "(it computes f32, bf16, f16 and fp8_e4m3_b128): use the CPU backend, or moectl pack "
-			 "--dtype bf16 for a copy the GPU serves",
-			 cuda_dtype_ok(cfg->weight_dtype) ? "shared" : "routed",
-			 (int)(cuda_dtype_ok(cfg->weight_dtype) ? cfg->shared_dtype : cfg->weight_dtype));
+		enum moe_dtype bad = cuda_dtype_ok(cfg->weight_dtype) ? cfg->shared_dtype : cfg->weight_dtype;
+
+		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights of dtype %d, "
+			 "%s (it computes f32, bf16, f16 and fp8_e4m3_b128): use the CPU backend, or moectl "
+			 "pack --dtype bf16 for a copy the GPU serves",
+			 cuda_dtype_ok(cfg->weight_dtype) ? "shared" : "routed", (int)bad, dtype_word(bad));
 		return refuse(err, why);
 	}
 	return 0;

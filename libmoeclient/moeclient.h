@@ -81,7 +81,8 @@ struct moe_model_info {
 					 * valid until moe_client_disconnect() */
 	uint32_t weight_dtype;          /* 0 float32, 1 bfloat16, 2 float16, 3 float8 e4m3
 					 * with 128x128 block scales, 4 mxfp4 (e2m1 with
-					 * an E8M0 scale per 32; as moe-store(5)) */
+					 * an E8M0 scale per 32), 5 int4 in groups (as
+					 * moe-store(5)) */
 	uint32_t n_shared_experts;
 	uint32_t max_tokens;            /* tokens per request: moed's limit, lowered to
 					 * what this session's arena holds */

@@ -123,7 +123,8 @@ struct moe_msg_welcome {
 	uint32_t top_k;
 	uint32_t num_hidden_layers;
 	uint32_t num_moe_layers;        /* entries of moe_layers used (at most MOE_INFO_MAX_LAYERS) */
-	uint32_t weight_dtype;          /* the store's enum moe_dtype (0 f32, 1 bf16, 2 f16, 3 fp8) */
+	uint32_t weight_dtype;          /* the store's enum moe_dtype (0 f32, 1 bf16, 2 f16, 3 fp8,
+					 * 5 int4) */
 	uint32_t n_shared_experts;
 	uint32_t max_tokens;            /* per request */
 	uint32_t reserved1[7];

@@ -42,7 +42,10 @@ struct model {
  *  3: gpt_oss, bf16 weights, H = 66, I = 26 (matrices off a 16-byte
  *     boundary), 32 experts, top-4: router bias, expert biases, clamp;
  *  4: gpt_oss as OpenAI released it, MXFP4 experts (gen-model --quant
- *     mxfp4), H = 96, I = 160, 13 rows of 4 and none left: odd tiles.
+ *     mxfp4), H = 96, I = 160, 13 rows of 4 and none left: odd tiles;
+ *  5: deepseek_v3 in GPTQ int4 with act-order (gen-model --quant gptq
+ *     --desc-act), groups of 16, H = 192, I = 48: routed, shared and
+ *     dense matrices int4.
  */
 static void model_make(struct model *m, int which)
 {
@@ -68,6 +71,17 @@ static void model_make(struct model *m, int which)
 		opt.top_k = 4;
 		opt.quant_mxfp4 = true;
 		m->what = "gpt_oss/mxfp4/H96/I160";
+	} else if (which == 5) {
+		moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
+		moe_test_gen_grouped(&opt);
+		opt.hidden_size = 192;
+		opt.moe_intermediate_size = 48;
+		opt.num_experts = 32;
+		opt.top_k = 4;
+		opt.quant_int4 = "gptq";
+		opt.q4_group_size = 16;
+		opt.q4_desc_act = true;
+		m->what = "deepseek_v3/gptq-desc-act/H192/I48";
 	} else if (which == 3) {
 		moe_test_gen_small(MOE_ARCH_GPT_OSS, MOE_DTYPE_BF16, &opt);
 		opt.hidden_size = 66;
@@ -105,6 +119,15 @@ static void model_make(struct model *m, int which)
 		ck_assert_msg(moe_store_open(m->t.store, &s, &err) == 0, "%s", err.msg);
 		ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_FP8_E4M3_B128);
 		ck_assert_int_eq(s->cfg.shared_dtype, MOE_DTYPE_FP8_E4M3_B128);
+		moe_store_close(s);
+	}
+	if (which == 5) {
+		struct moe_store *s;
+		struct moe_err err = {0};
+
+		ck_assert_msg(moe_store_open(m->t.store, &s, &err) == 0, "%s", err.msg);
+		ck_assert_int_eq(s->cfg.weight_dtype, MOE_DTYPE_INT4);
+		ck_assert_uint_eq(s->cfg.q4_flags, MOE_Q4_ZEROS | MOE_Q4_PERM);
 		moe_store_close(s);
 	}
 }
@@ -335,10 +358,10 @@ static Suite *invariance_suite(void)
 
 	/* each test runs for model 0 (deepseek_v3 bf16) and 1 (mixtral f32) */
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 5);
-	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 5);
-	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 5);
-	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 5);
+	tcase_add_loop_test(tc, token_output_is_independent_of_position_and_batch_mates, 0, 6);
+	tcase_add_loop_test(tc, every_token_of_a_batch_matches_the_same_token_in_sub_batches, 0, 6);
+	tcase_add_loop_test(tc, repeated_runs_give_identical_bits, 0, 6);
+	tcase_add_loop_test(tc, thread_count_does_not_change_output_bits, 0, 6);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -58,6 +58,10 @@ struct ncase {
 	/* FP8 run only: one kind of expert left in bf16 (gen-model --quant-skip,
 	 * or pack --quantize-skip with pack_quantize), so that the store holds
 	 * two dtypes (version 2) */
+	/* also int4 experts: gen-model --quant gptq | awq | ct-int4 with these */
+	const char *int4;
+	int32_t q4_group;            /* --group-size (0: 128, -1: one group per row) */
+	bool q4_desc_act, q4_sym;
 	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
 	/* FP8 run only: a bf16 checkpoint quantized by pack --quantize fp8;
 	 * the reference takes its experts from the store, dequantized here */
@@ -182,6 +186,13 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 	opt.dtype = moe_dtype_is_blocked(dt) ? MOE_DTYPE_BF16 : dt;
 	opt.quant_fp8 = dt == MOE_DTYPE_FP8_E4M3_B128 && !c->pack_quantize;
 	opt.quant_mxfp4 = dt == MOE_DTYPE_MXFP4;
+	if (dt == MOE_DTYPE_INT4) {       /* the rest of the checkpoint in bf16 */
+		opt.dtype = MOE_DTYPE_BF16;
+		opt.quant_int4 = c->int4;
+		opt.q4_group_size = c->q4_group;
+		opt.q4_desc_act = c->q4_desc_act;
+		opt.q4_sym = c->q4_sym;
+	}
 	if (dt == MOE_DTYPE_FP8_E4M3_B128 && c->pack_quantize) {
 		popt.quantize = "fp8";
 		/* one kind by keyword, the other by a release's module name */
@@ -248,9 +259,10 @@ static void build(const struct ncase *c, enum moe_dtype dt, struct built *b)
 		      c->what, dn, ref->routing.num_experts, ref->routing.top_k, ref->hidden,
 		      ref->inter, c->E, k, H, c->I);
 	ck_dt = popt.quantize ? MOE_DTYPE_BF16 : routed_dt(c, dt);
-	ck_assert_msg(strcmp(ref->weight_dtype, moe_dtype_st_name(ck_dt)) == 0,
+	/* int4 experts: their packed int32 codes */
+	ck_assert_msg(strcmp(ref->weight_dtype, ck_dt == MOE_DTYPE_INT4 ? "I32" : moe_dtype_st_name(ck_dt)) == 0,
 		      "%s: checkpoint experts are %s, asked for %s", c->what, ref->weight_dtype,
-		      moe_dtype_st_name(ck_dt));
+		      moe_dtype_name(ck_dt));
 	if (popt.quantize)
 		ref_take_store_experts(b->store, b->layer, c->mix, ref);
 	ck_assert_msg(ref->gated == !c->plain, "%s %s: gated experts %d, asked plain=%d", c->what,
@@ -456,6 +468,8 @@ static void run_case(const struct ncase *c)
 		run_dtype(c, MOE_DTYPE_FP8_E4M3_B128);
 	if (c->with_mxfp4)
 		run_dtype(c, MOE_DTYPE_MXFP4);
+	if (c->int4)
+		run_dtype(c, MOE_DTYPE_INT4);
 }
 
 #define NUMERICS_TEST(name, ...)                                          \
@@ -515,6 +529,23 @@ NUMERICS_TEST(deepseek_v3_pack_quantize_fp8_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 200, .I = 72, .E = 16, .k = 4, .n_group = 4,
 	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .with_fp8 = true,
 	      .pack_quantize = true)
+/* int4 as GPTQ (act-order, asymmetric; one group per row, symmetric), AWQ
+ * and compressed-tensors release it, gen-model's round to nearest: the
+ * routed, shared and dense matrices quantized, served within the contract. */
+NUMERICS_TEST(qwen3_moe_gptq_desc_act_matches_float64_reference,
+	      .arch = MOE_ARCH_QWEN3_MOE, .H = 192, .I = 64, .E = 16, .k = 4, .norm = NORM_ON,
+	      .int4 = "gptq", .q4_group = 32, .q4_desc_act = true)
+NUMERICS_TEST(mixtral_gptq_symmetric_row_groups_match_float64_reference,
+	      .arch = MOE_ARCH_MIXTRAL, .H = 96, .I = 48, .E = 8, .k = 2,
+	      .int4 = "gptq", .q4_group = -1, .q4_sym = true)
+NUMERICS_TEST(deepseek_v3_awq_quantized_shared_expert_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 128, .I = 64, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f, .int4 = "awq",
+	      .q4_group = 64)
+NUMERICS_TEST(deepseek_v3_compressed_tensors_int4_matches_float64_reference,
+	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 128, .I = 64, .E = 16, .k = 4, .n_group = 4,
+	      .topk_group = 2, .n_shared = 2, .norm = NORM_ON, .rsf = 2.5f, .int4 = "ct-int4",
+	      .q4_group = 32)
 NUMERICS_TEST(deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference,
 	      .arch = MOE_ARCH_DEEPSEEK_V3, .H = 56, .I = 16, .E = 256, .k = 8, .n_group = 8,
 	      .topk_group = 4, .n_shared = 1, .norm = NORM_ON, .rsf = 2.5f)
@@ -844,6 +875,10 @@ static Suite *numerics_suite(void)
 	tcase_add_test(tc, glm4_moe_bf16_routed_fp8_shared_matches_float64_reference);
 	tcase_add_test(tc, glm4_moe_pack_quantize_fp8_skip_shared_matches_float64_reference);
 	tcase_add_test(tc, glm4_moe_pack_quantize_fp8_skip_routed_matches_float64_reference);
+	tcase_add_test(tc, qwen3_moe_gptq_desc_act_matches_float64_reference);
+	tcase_add_test(tc, mixtral_gptq_symmetric_row_groups_match_float64_reference);
+	tcase_add_test(tc, deepseek_v3_awq_quantized_shared_expert_matches_float64_reference);
+	tcase_add_test(tc, deepseek_v3_compressed_tensors_int4_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_with_256_experts_in_8_groups_matches_float64_reference);
 	tcase_add_test(tc, deepseek_v3_fused_unnormalised_two_shared_match_float64_reference);
 	tcase_add_test(tc, deepseek_v3_masks_dropped_groups_with_neg_inf_end_to_end);

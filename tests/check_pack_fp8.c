@@ -331,9 +331,10 @@ START_TEST(pack_fp8_errors_name_the_culprit)
 	expect_pack_fails(&o, -ENOENT, "tensor 'model.layers.0.mlp.experts.2.up_proj.weight' in ");
 	expect_pack_fails(&o, -ENOENT, "is F8_E4M3 but its scales "
 			  "'model.layers.0.mlp.experts.2.up_proj.weight_scale_inv' are missing");
-	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"awq\", \"bits\": 4}" };
-	expect_pack_fails(&o, -ENOTSUP, "quantization_config.quant_method 'awq' is not supported "
-			  "(supported: fp8 with weight_block_size [128, 128]");
+	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"bitsandbytes\", \"bits\": 4}" };
+	expect_pack_fails(&o, -ENOTSUP, "quantization_config.quant_method 'bitsandbytes' is not supported "
+			  "(supported: fp8 with weight_block_size [128, 128]; mxfp4; gptq, awq (gemm) and "
+			  "compressed-tensors (pack-quantized) with 4 bits)");
 	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"fp8\", \"weight_block_size\": [64, 64]}" };
 	expect_pack_fails(&o, -ENOTSUP, "weight_block_size [64, 64] is not supported");
 	o = (struct fp8_ckpt){ .quant = "{\"quant_method\": \"fp8\", \"fmt\": \"e5m2\", "

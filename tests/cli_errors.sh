@@ -92,10 +92,23 @@ bad "model-00002-of-.*safetensors" "$MOECTL" pack "$T/sharded" -o "$T/x.moe"
 # FP8 checkpoints (DeepSeek-V3's release format): a quant_method moed does
 # not serve, a scale tensor missing (renamed in the header, same length)
 gen_model "$T/fp8" --arch deepseek_v3 --quant fp8 --seed 1
-rm -rf "$T/gptq" && cp -R "$T/fp8" "$T/gptq"
-sed -i 's/"quant_method": *"fp8"/"quant_method": "gptq"/' "$T/gptq/config.json"
-bad "config.json: quantization_config.quant_method 'gptq' is not supported \(supported: fp8 with weight_block_size \[128, 128\].*mxfp4" \
+rm -rf "$T/bnb" && cp -R "$T/fp8" "$T/bnb"
+sed -i 's/"quant_method": *"fp8"/"quant_method": "bitsandbytes"/' "$T/bnb/config.json"
+bad "config.json: quantization_config.quant_method 'bitsandbytes' is not supported \(supported: fp8 with weight_block_size \[128, 128\]; mxfp4; gptq, awq \(gemm\) and compressed-tensors \(pack-quantized\) with 4 bits\)" \
+	"$MOECTL" pack "$T/bnb" -o "$T/x.moe"
+# int4: a GPTQ checkpoint with its scales missing (renamed in the header),
+# gen-model's group size not dividing a matrix, int4 options without int4
+gen_model "$T/gptq" --arch qwen3_moe --hidden 256 --moe-intermediate 128 --quant gptq --group-size 64 --seed 1
+sed -i 's/model\.layers\.0\.mlp\.experts\.2\.down_proj\.scales/model.layers.0.mlp.experts.2.down_proj.scaleX/' \
+	"$T/gptq/model.safetensors"
+bad "int4 matrix 'model\.layers\.0\.mlp\.experts\.2\.down_proj' \(256 x 128\) in .*gptq/model\.safetensors has no scales: tensor 'model\.layers\.0\.mlp\.experts\.2\.down_proj\.scales' is missing" \
 	"$MOECTL" pack "$T/gptq" -o "$T/x.moe"
+bad "gen-model: --quant awq: an expert's down is 256 x 80; int4 needs rows a multiple of 8 and columns of 16 and of the group size 32" \
+	"$MOECTL" gen-model --arch qwen3_moe --hidden 256 --moe-intermediate 80 --quant awq --group-size 32 -o "$T/x"
+bad "gen-model: --group-size, --desc-act and --sym need --quant gptq, awq or ct-int4" \
+	"$MOECTL" gen-model --arch qwen3_moe --desc-act -o "$T/x"
+bad "gen-model: --desc-act and --sym are GPTQ's \(--quant gptq\), not awq" \
+	"$MOECTL" gen-model --arch qwen3_moe --quant awq --desc-act -o "$T/x"
 rm -rf "$T/noscale" && cp -R "$T/fp8" "$T/noscale"
 sed -i 's/model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight_scale_inv/model.layers.1.mlp.experts.3.up_proj.weight_scale_inX/' \
 	"$T/noscale/model.safetensors"

@@ -281,6 +281,39 @@ grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fai
 refuses "already quantized (MXFP4)" "$MOECTL" pack "$d/hf" -o "$d/no.moe" --quantize fp8
 [ ! -e "$d/no.moe" ] || fail "a refused pack left a store"
 
+# int4 as GPTQ (act-order), AWQ and compressed-tensors release it: 4-bit
+# codes kept, about 4.4 bits per weight with the scales, served, the same
+# bits at any thread count; --dtype bf16 dequantizes
+d=$T/int4
+mkdir "$d" || fail "mkdir $d"
+for q in gptq awq ct-int4; do
+	extra=
+	[ "$q" = gptq ] && extra=--desc-act
+	ok "$MOECTL" gen-model --arch deepseek_v3 --hidden 256 --moe-intermediate 64 --quant $q \
+		--group-size 64 $extra --seed 7 -o "$d/$q"
+	ok "$MOECTL" pack "$d/$q" -o "$d/$q.moe"
+	grep -F "(int4)" "$T/out" >/dev/null || fail "$q: pack does not say int4"
+	ok "$MOECTL" inspect "$d/$q.moe"
+	grep -E "^expert blob: .*; int4, 4\.[0-9]+ bits/weight" "$T/out" >/dev/null ||
+		fail "$q: inspect does not show int4 at ~4.4 bits/weight"
+	grep -E "^int4: +group 64, " "$T/out" >/dev/null || fail "$q: inspect does not show the group"
+	grep -E "^source: .*\($q\)" "$T/out" >/dev/null || fail "$q: inspect does not show the source format"
+	ok "$MOECTL" verify "$d/$q.moe"
+	ok "$MOECTL" forward --model "$d/$q.moe" --layer 2 --random-input 5 --seed 3 \
+		--save-input "$d/in.npy" --output "$d/out.npy" --threads 2
+	[ "$(npy_shape "$d/out.npy")" = "(5, 256)" ] || fail "$q: output shape $(npy_shape "$d/out.npy")"
+	ok "$MOECTL" forward --model "$d/$q.moe" --layer 2 --input "$d/in.npy" --output "$d/out1.npy" \
+		--threads 1
+	cmp -s "$d/out.npy" "$d/out1.npy" || fail "$q: the thread count changed the output bits"
+done
+grep -E "act-order permutation" "$T/out" >/dev/null && fail "ct-int4 has no permutation"
+ok "$MOECTL" inspect --json "$d/gptq.moe"
+grep -F '"act_order": true' "$T/out" >/dev/null || fail "gptq --desc-act: inspect --json act_order"
+ok "$MOECTL" pack "$d/awq" -o "$d/bf16.moe" --dtype bf16
+ok "$MOECTL" inspect "$d/bf16.moe"
+grep -E "^expert blob: .*; bf16, 16\.000 bits/weight" "$T/out" >/dev/null || fail "awq --dtype bf16: inspect"
+refuses "already quantized (awq)" "$MOECTL" pack "$d/awq" -o "$d/no.moe" --quantize fp8
+
 # gpt-oss-120b's routing (128 experts, top-4, every layer MoE) at a small
 # width, in transformers' bf16 layout; the store keeps the clamp and the
 # expert biases.  The CUDA backend computes it (biases, clamp): it serves

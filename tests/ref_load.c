@@ -26,6 +26,9 @@ struct loader {
 	struct moe_st_checkpoint *ck;
 	char *msg;
 	size_t msglen;
+	char quant[32];          /* quantization_config.quant_method, "" if none */
+	bool gptq_v1;            /* GPTQ checkpoint_format "gptq": zero = stored + 1 */
+	bool ct_asym;            /* compressed-tensors not symmetric */
 };
 
 __attribute__((format(printf, 3, 4)))
@@ -236,6 +239,137 @@ out:
 	return rc;
 }
 
+/* Tensor @base.@suffix decoded to doubles (any float dtype, or int32),
+ * NULL when absent. */
+static double *aux(struct loader *ld, const char *base, const char *suffix, uint64_t n)
+{
+	const struct moe_st_tensor *t = find(ld, "%s.%s", base, suffix);
+	double *d;
+
+	if (!t || t->nbytes == 0)
+		return NULL;
+	d = malloc(sizeof(double) * n);
+	if (!d)
+		return NULL;
+	if (!strcmp(t->st_dtype, "I32")) {
+		int32_t *v = malloc(t->nbytes);
+		struct moe_err err = {0};
+
+		if (!v || t->nbytes != n * 4 || moe_st_read(ld->ck, t, 0, v, t->nbytes, &err) < 0) {
+			free(v);
+			free(d);
+			return NULL;
+		}
+		for (uint64_t i = 0; i < n; i++)
+			d[i] = (double)v[i];
+		free(v);
+		return d;
+	}
+	if (read_elems(ld, t, n, 0, n, d) < 0) {
+		free(d);
+		return NULL;
+	}
+	return d;
+}
+
+/* Nibble @i (bits 4i .. 4i+3) of the int32 @v held as a double. */
+static unsigned nib(double v, unsigned i)
+{
+	return ((uint32_t)(int32_t)v >> (4 * i)) & 15u;
+}
+
+/*
+ * An int4 matrix [N][K] from its packed int32 tensor @t, as each project
+ * dequantizes it:
+ *   GPTQ (auto_gptq's dequantize): qweight [K/8][N], k in nibble k % 8;
+ *     qzeros [K/G][N/8], n in nibble n % 8, plus one for checkpoint_format
+ *     "gptq"; scales [K/G][N]; input column k uses group g_idx[k].
+ *   AWQ (awq/utils/packing_utils.py, reverse order [0, 4, 1, 5, 2, 6, 3,
+ *     7]): qweight [K][N/8] and qzeros [K/G][N/8], column 8c + j in
+ *     nibble order[j]; scales [K/G][N]; group k / G.
+ *   compressed-tensors (unpack_from_int32, minus the offset 8):
+ *     weight_packed [N][K/8], k in nibble k % 8; weight_scale [N][K/G];
+ *     asymmetric, weight_zero_point [N/8][K/G] packed along N, n in
+ *     nibble n % 8, also minus 8.
+ */
+static int read_int4(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem, double *dst)
+{
+	static const unsigned awq_rev[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
+	const char *dot = strrchr(t->name, '.');
+	char base[512];
+	bool ct = dot && !strcmp(dot, ".weight_packed"), awq = !strcmp(ld->quant, "awq");
+	uint64_t N, K, ng;
+	double *q = NULL, *s = NULL, *z = NULL, *gi = NULL;
+	int rc = 0;
+
+	if (!dot || (!ct && strcmp(dot, ".qweight")) || t->ndim != 2)
+		return fail(ld, -EINVAL, "%s: an I32 tensor that is no int4 weight", t->name);
+	snprintf(base, sizeof(base), "%.*s", (int)(dot - t->name), t->name);
+	if (ct) {
+		N = t->shape[0];
+		K = t->shape[1] * 8;
+	} else if (awq) {
+		K = t->shape[0];
+		N = t->shape[1] * 8;
+	} else {
+		K = t->shape[0] * 8;
+		N = t->shape[1];
+	}
+	if (N * K != nelem)
+		return fail(ld, -EINVAL, "%s: %llu x %llu codes, %llu weights expected", t->name,
+			    (unsigned long long)N, (unsigned long long)K, (unsigned long long)nelem);
+	q = aux(ld, base, ct ? "weight_packed" : "qweight", N * K / 8);
+	{
+		const struct moe_st_tensor *st = find(ld, "%s.%s", base, ct ? "weight_scale" : "scales");
+
+		if (!st || st->ndim != 2)
+			return fail(ld, -ENOENT, "%s: no scales", t->name);
+		ng = ct ? st->shape[1] : st->shape[0];
+		s = aux(ld, base, ct ? "weight_scale" : "scales", N * ng);
+	}
+	if (!ct)
+		z = aux(ld, base, "qzeros", ng * N / 8);
+	else if (ld->ct_asym)
+		z = aux(ld, base, "weight_zero_point", N / 8 * ng);
+	if (!ct && !awq)
+		gi = aux(ld, base, "g_idx", K);
+	if (!q || !s || ((!ct || ld->ct_asym) && !z) || ng == 0 || K % ng) {
+		rc = fail(ld, -EINVAL, "%s: int4 tensors missing or misshapen", t->name);
+		goto out;
+	}
+	for (uint64_t n = 0; n < N; n++)
+		for (uint64_t k = 0; k < K; k++) {
+			uint64_t g = gi ? (uint64_t)gi[k] : k / (K / ng);
+			double qv, zv, sv;
+
+			if (g >= ng) {
+				rc = fail(ld, -EINVAL, "%s: g_idx out of range", t->name);
+				goto out;
+			}
+			if (ct) {
+				/* the value and the zero point both stored plus 8 */
+				qv = (double)nib(q[n * (K / 8) + k / 8], (unsigned)(k % 8)) - 8;
+				zv = z ? (double)nib(z[(n / 8) * ng + g], (unsigned)(n % 8)) - 8 : 0;
+				sv = s[n * ng + g];
+			} else if (awq) {
+				qv = nib(q[k * (N / 8) + n / 8], awq_rev[n % 8]);
+				zv = nib(z[g * (N / 8) + n / 8], awq_rev[n % 8]);
+				sv = s[g * N + n];
+			} else {
+				qv = nib(q[(k / 8) * N + n], (unsigned)(k % 8));
+				zv = nib(z[g * (N / 8) + n / 8], (unsigned)(n % 8)) + (ld->gptq_v1 ? 1 : 0);
+				sv = s[g * N + n];
+			}
+			dst[n * K + k] = (qv - zv) * sv;
+		}
+out:
+	free(q);
+	free(s);
+	free(z);
+	free(gi);
+	return rc;
+}
+
 /* Allocate and read a whole tensor of @nelem elements (an FP8 matrix
  * dequantized with its scales). */
 static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
@@ -248,6 +382,8 @@ static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_
 		return fail(ld, -ENOMEM, "out of memory");
 	if (!strcmp(t->st_dtype, "F8_E4M3"))
 		rc = read_fp8(ld, t, nelem, d);
+	else if (!strcmp(t->st_dtype, "I32"))
+		rc = read_int4(ld, t, nelem, d);
 	else
 		rc = read_elems(ld, t, nelem, 0, nelem, d);
 	if (rc < 0) {
@@ -322,6 +458,25 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 	cfg = json_load_file(path, 0, &jerr);
 	if (!cfg)
 		return fail(ld, -EINVAL, "%s: %s", path, jerr.text);
+	{
+		json_t *q = json_object_get(cfg, "quantization_config");
+
+		if (q && json_is_object(q)) {
+			snprintf(ld->quant, sizeof(ld->quant), "%s", json_str(q, "quant_method", ""));
+			ld->gptq_v1 = !strcmp(json_str(q, "checkpoint_format", "gptq"), "gptq");
+			json_t *g = json_object_get(q, "config_groups");
+			const char *key;
+			json_t *grp;
+
+			if (g && json_is_object(g))
+				json_object_foreach(g, key, grp) {
+					json_t *w = json_object_get(grp, "weights");
+
+					if (w && json_is_false(json_object_get(w, "symmetric")))
+						ld->ct_asym = true;
+				}
+		}
+	}
 	mt = json_str(cfg, "model_type", "");
 	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++)
 		if (!strcmp(mt, archs[i].name)) {
@@ -439,6 +594,40 @@ out:
 	return rc;
 }
 
+/* Weight "@pfx@name.weight", or its int4 tensor (X.qweight, X.weight_packed)
+ * when the checkpoint quantized it; NULL when none. */
+static const struct moe_st_tensor *find_w(struct loader *ld, const char *pfx, const char *name)
+{
+	const struct moe_st_tensor *t = find(ld, "%s%s.weight", pfx, name);
+
+	if (!t)
+		t = find(ld, "%s%s.qweight", pfx, name);
+	if (!t)
+		t = find(ld, "%s%s.weight_packed", pfx, name);
+	return t;
+}
+
+/* The [rows, cols] of weight @t as the layer uses it (an int4 tensor's
+ * from its packing). */
+static void w_shape(struct loader *ld, const struct moe_st_tensor *t, uint64_t *rows, uint64_t *cols)
+{
+	const char *dot = strrchr(t->name, '.');
+
+	*rows = t->ndim == 2 ? t->shape[0] : 0;
+	*cols = t->ndim == 2 ? t->shape[1] : 0;
+	if (strcmp(t->st_dtype, "I32") || !dot || t->ndim != 2)
+		return;
+	if (!strcmp(dot, ".weight_packed")) {
+		*cols = t->shape[1] * 8;
+	} else if (!strcmp(ld->quant, "awq")) {
+		*rows = t->shape[1] * 8;
+		*cols = t->shape[0];
+	} else {
+		*rows = t->shape[1];
+		*cols = t->shape[0] * 8;
+	}
+}
+
 /* Shape check: tensor @t is [a, b] (or [a, b, c] when c != 0). */
 static bool shape_is(const struct moe_st_tensor *t, uint64_t a, uint64_t b, uint64_t c)
 {
@@ -454,18 +643,23 @@ static int read_mlp(struct loader *ld, const char *pfx, bool mixtral_names, uint
 	const char *gn = mixtral_names ? "w1" : "gate_proj";
 	const char *un = mixtral_names ? "w3" : "up_proj";
 	const char *dn = mixtral_names ? "w2" : "down_proj";
-	const struct moe_st_tensor *tg = find(ld, "%s%s.weight", pfx, gn);
-	const struct moe_st_tensor *tu = find(ld, "%s%s.weight", pfx, un);
-	const struct moe_st_tensor *td = find(ld, "%s%s.weight", pfx, dn);
+	const struct moe_st_tensor *tg = find_w(ld, pfx, gn);
+	const struct moe_st_tensor *tu = find_w(ld, pfx, un);
+	const struct moe_st_tensor *td = find_w(ld, pfx, dn);
+	uint64_t ur, uc, dr, dc, gr = 0, gc = 0;
 	uint32_t I;
 	int rc;
 
 	if (!tu || !td)
 		return fail(ld, -ENOENT, "%s%s.weight or %s.weight: not in the checkpoint", pfx, un, dn);
-	if (tu->ndim != 2 || tu->shape[1] != H || tu->shape[0] == 0 || tu->shape[0] > (1u << 20))
+	w_shape(ld, tu, &ur, &uc);
+	w_shape(ld, td, &dr, &dc);
+	if (tg)
+		w_shape(ld, tg, &gr, &gc);
+	if (uc != H || ur == 0 || ur > (1u << 20))
 		return fail(ld, -EINVAL, "%s: bad shape", tu->name);
-	I = (uint32_t)tu->shape[0];
-	if (!shape_is(td, H, I, 0) || (tg && !shape_is(tg, I, H, 0)))
+	I = (uint32_t)ur;
+	if (dr != H || dc != I || (tg && (gr != I || gc != H)))
 		return fail(ld, -EINVAL, "%s: shapes disagree with %s", pfx, tu->name);
 	*g = NULL;
 	if (tg && (rc = read_tensor(ld, tg, (uint64_t)I * H, g)) < 0)
@@ -531,8 +725,7 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 		if ((rc = read_mlp(ld, epfx, mixtral, H, &I, &gated, &g, &u, &d)) < 0)
 			return rc;
 		if (j == 0) {
-			const struct moe_st_tensor *t = find(ld, "%s%s.weight", epfx,
-							     mixtral ? "w3" : "up_proj");
+			const struct moe_st_tensor *t = find_w(ld, epfx, mixtral ? "w3" : "up_proj");
 
 			snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", t->st_dtype);
 			l->inter = I;
@@ -784,7 +977,7 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 		char spfx[300];
 
 		snprintf(spfx, sizeof(spfx), "%sshared_expert.", pfx);
-		t = find(&ld, "%sup_proj.weight", spfx);
+		t = find_w(&ld, spfx, "up_proj");
 		if (t) {
 			if ((rc = read_mlp(&ld, spfx, false, H, &l->shared_inter, &l->shared_gated,
 					   &l->sh_gate, &l->sh_up, &l->sh_down)) < 0)
@@ -803,7 +996,7 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 		char spfx[300];
 
 		snprintf(spfx, sizeof(spfx), "%sshared_experts.", pfx);
-		t = find(&ld, "%sup_proj.weight", spfx);
+		t = find_w(&ld, spfx, "up_proj");
 		if (t && (rc = read_mlp(&ld, spfx, false, H, &l->shared_inter, &l->shared_gated,
 					&l->sh_gate, &l->sh_up, &l->sh_down)) < 0)
 			goto bad;
