@@ -20,6 +20,11 @@
  *              at 512 tokens, because sgemm is poor at a few rows and a
  *              roofline must bound the time from below, not excuse it.
  *
+ * Successive iterations run on successive copies of the layer (the same
+ * bytes at other addresses), enough copies for 8 times the last-level
+ * cache (-L to choose), because a model's next layer never finds its
+ * experts in the cache and a layer rerun alone would.
+ *
  * Prints tokens/s and roofline/achieved time (1.0 = at the limit; above 1
  * means faster than the anchor, possible where OpenBLAS's kernel is not
  * the machine's best, e.g. AVX2 code on an AVX-512 CPU).  Timing only:
@@ -294,6 +299,40 @@ struct shape {
 	struct moe_model_config cfg;
 };
 
+/*
+ * The last-level cache, in bytes (0 if unknown).  A quantized layer can
+ * nearly fit in a large LLC (this VM's is 260 MiB; an int4 Qwen3-30B-A3B
+ * layer is 340 MB), and re-running one layer would then read most experts
+ * from the cache, which a model of 48 layers never allows: run_shape
+ * rotates over enough copies of the layer to exceed it many times.
+ */
+static uint64_t llc_bytes(void)
+{
+	long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+	FILE *f;
+	char buf[64];
+	unsigned long long n = 0;
+	char unit = 0;
+
+	if (v > 0)
+		return (uint64_t)v;
+	f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+	if (!f)
+		return 0;
+	if (fgets(buf, sizeof(buf), f) && sscanf(buf, "%llu%c", &n, &unit) >= 1)
+		n *= unit == 'K' ? 1024ull : unit == 'M' ? 1048576ull : 1ull;
+	fclose(f);
+	return n;
+}
+
+/* Copies of the layer rotated through: total experts >= LLC_FACTOR x the
+ * LLC, at most ROTATE_MAX_BYTES of them (this machine's memory). */
+#define LLC_FACTOR 8
+#define ROTATE_MAX_BYTES (10ull << 30)
+#define ROTATE_MAX_COPIES 16
+
+static uint32_t n_rotate = 0;     /* -L: 0 = from the LLC */
+
 static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe_threadpool *pool,
 		      const uint32_t *batches, size_t n_batches, double budget_s)
 {
@@ -301,7 +340,17 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	uint32_t E = c->num_experts, H = c->hidden_size, Im = c->moe_intermediate_size, k = c->top_k;
 	uint64_t ebytes = moe_expert_bytes(c), sbytes = moe_shared_bytes(c);
 	struct rate_cache *rc_up = calloc(1, sizeof(*rc_up)), *rc_down = calloc(1, sizeof(*rc_down));
-	void **experts = calloc(E, sizeof(void *));
+	uint64_t rbytes = be->ops->blob_bytes(c, c->weight_dtype, Im), layer_bytes = rbytes * E;
+	uint64_t llc = llc_bytes();
+	uint32_t L = n_rotate;
+	if (!L) {
+		L = llc ? (uint32_t)((LLC_FACTOR * llc + layer_bytes - 1) / layer_bytes) : 1;
+		if (L > ROTATE_MAX_COPIES)
+			L = ROTATE_MAX_COPIES;
+		while (L > 1 && L * layer_bytes > ROTATE_MAX_BYTES)
+			L--;
+	}
+	void **experts = calloc((size_t)E * L, sizeof(void *));
 	float *router = xalloc((size_t)E * H * sizeof(float));
 	float *bias = c->has_bias ? xalloc(E * sizeof(float)) : NULL;
 	void *shared = NULL;
@@ -315,9 +364,15 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	void *staging = xalloc(ebytes > sbytes ? ebytes : sbytes);
 	for (uint32_t e = 0; e < E; e++) {
 		fill_blob(staging, c, c->weight_dtype, Im, ebytes, 1000 + e);
-		experts[e] = xalloc(be->ops->blob_bytes(c, c->weight_dtype, Im));
+		experts[e] = xalloc(rbytes);
 		be->ops->blob_prepare(c, c->weight_dtype, Im, staging, experts[e]);
 	}
+	/* the other copies: the same bytes at other addresses */
+	for (uint32_t l = 1; l < L; l++)
+		for (uint32_t e = 0; e < E; e++) {
+			experts[(size_t)l * E + e] = xalloc(rbytes);
+			memcpy(experts[(size_t)l * E + e], experts[e], rbytes);
+		}
 	if (sbytes) {
 		fill_blob(staging, c, c->shared_dtype, c->shared_intermediate_size, sbytes, 999);
 		shared = xalloc(be->ops->blob_bytes(c, c->shared_dtype, c->shared_intermediate_size));
@@ -332,6 +387,9 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 	printf("\n%s: hidden %u, %u experts of %u (%s, %.1f MB each), top-%u%s (weights made in %.1f s)\n",
 	       sh->name, H, E, Im, moe_dtype_name(c->weight_dtype), (double)ebytes / 1e6, k,
 	       sbytes ? ", 1 shared expert" : "", bench_now() - t0);
+	printf("  rotating over %u cop%s of the layer (%.0f MB of experts; LLC %.0f MiB): a batch never\n"
+	       "  finds the previous batch's experts in the cache unless a model would\n",
+	       L, L == 1 ? "y" : "ies", (double)layer_bytes * L / 1e6, (double)llc / 1048576.0);
 	printf("  %6s %10s %10s %9s %10s %8s %10s %8s  %s\n", "tokens", "tokens/s", "ms/batch",
 	       "experts", "MB read", "GB/s bw", "roof ms", "bound", "roofline/achieved");
 
@@ -357,6 +415,7 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 		for (int it = -1; it < 64 && (it < 3 || spent < budget_s); it++) {
 			for (size_t i = 0; i < (size_t)n * H; i++)
 				x[i] = rngf(&s);
+			lw.experts = (const void *const *)(experts + (size_t)((uint32_t)(it + 1) % L) * E);
 			double a = bench_now();
 			be->ops->route(be, &lw, x, n, ids, w, 0);
 			be->ops->experts(be, &lw, x, n, k, ids, w, out, 0);
@@ -416,7 +475,7 @@ static void run_shape(const struct shape *sh, struct moe_backend *be, struct moe
 		free(w);
 		free(cnt);
 	}
-	for (uint32_t e = 0; e < E; e++)
+	for (size_t e = 0; e < (size_t)E * L; e++)
 		free(experts[e]);
 	free(experts);
 	free(router);
@@ -458,11 +517,12 @@ int main(int argc, char **argv)
 	enum moe_dtype wdt = MOE_DTYPE_BF16;
 	uint32_t q4_flags = 0;
 
-	while ((opt = getopt(argc, argv, "t:d:qs:b:w:")) != -1) {
+	while ((opt = getopt(argc, argv, "t:d:qs:b:w:L:")) != -1) {
 		switch (opt) {
 		case 't': bo.threads = (uint32_t)num_arg('t', optarg, 1, 1024); break;
 		case 'd': ds_experts = (uint32_t)num_arg('d', optarg, 8, 256); break;
 		case 'q': quick = true; break;
+		case 'L': n_rotate = (uint32_t)num_arg('L', optarg, 1, ROTATE_MAX_COPIES); break;
 		case 's':
 			only = optarg;
 			if (strcmp(only, "qwen") && strcmp(only, "deepseek") && strcmp(only, "gpt-oss-20b")) {
@@ -500,7 +560,7 @@ int main(int argc, char **argv)
 			break;
 		default:
 			fprintf(stderr, "usage: bench_layer [-t THREADS] [-d DEEPSEEK_EXPERTS] [-q] "
-				"[-s qwen|deepseek|gpt-oss-20b] [-b TOKENS]... "
+				"[-s qwen|deepseek|gpt-oss-20b] [-b TOKENS]... [-L COPIES] "
 				"[-w bf16|fp8|mxfp4|gptq|gptq-desc-act|awq|ct-int4]\n");
 			return 2;
 		}
