@@ -178,8 +178,12 @@ struct st_case {
 
 /*
  * Largest expert first: a backend may size its device slots on its first
- * call (the CUDA backend does).  Each case is its own layer number, as the
- * CUDA backend keeps experts resident by layer and expert.
+ * call (the CUDA backend does), and st_needed() runs a subset in this
+ * order, so each case's routed expert is no larger than that of the first
+ * case of any subset that holds it (the MXFP4 and int4 cases, last, are
+ * small in bytes; the int4 ones largest first among themselves).  Each
+ * case is its own layer number, as the CUDA backend keeps experts
+ * resident by layer and expert.
  */
 static const struct st_case st_cases[] = {
 	{ "gpt_oss (router and expert biases, clamped SwiGLU past the clamp), bf16",
@@ -510,13 +514,13 @@ static bool st_uses(const struct moe_model_config *c, enum moe_dtype dt)
  * always. */
 static uint32_t st_needed(const struct moe_model_config *model)
 {
+	/* the dtypes whose cases only their models run */
+	static const enum moe_dtype only[] = { MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_MXFP4, MOE_DTYPE_INT4 };
 	uint32_t mask = 0;
 
 	_Static_assert(sizeof(st_cases) / sizeof(st_cases[0]) <= 32, "self-test cases fit a mask");
 	for (uint32_t i = 0; i < sizeof(st_cases) / sizeof(st_cases[0]); i++) {
 		const struct moe_model_config *c = &st_cases[i].cfg;
-
-		static const enum moe_dtype only[] = { MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_MXFP4, MOE_DTYPE_INT4 };
 		bool skip = false;
 
 		for (size_t d = 0; d < sizeof(only) / sizeof(only[0]); d++)
