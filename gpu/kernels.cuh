@@ -332,7 +332,8 @@ struct moe_mxmat {
 	typedef moe_mxrow Row;
 	const uint8_t *codes, *scales;
 	uint32_t K;
-	__device__ __forceinline__ moe_mxmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g, uint32_t q4f)
+	__device__ __forceinline__ moe_mxmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
+					     uint32_t q4f)
 		: codes(b), scales(b + moe_gmx_scales(N, K_)), K(K_)
 	{
 		(void)q4g;
@@ -421,7 +422,8 @@ struct moe_q4mat {
 	const uint32_t *perm;
 	uint32_t K, G, groups;
 	bool bf16;
-	__device__ __forceinline__ moe_q4mat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g, uint32_t q4f)
+	__device__ __forceinline__ moe_q4mat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
+					     uint32_t q4f)
 	{
 		moe_gq4 l = moe_gq4_layout(q4g, q4f, N, K_);
 
