@@ -157,8 +157,9 @@ static int cuda_open_checked(const struct moe_backend_options *opt, struct moe_b
  * backend that has never been checked on this machine's device (a new GPU,
  * a new driver) proves itself before it serves, on every kind of layer it
  * computes that the model needs (st_needed()): each dtype it reads (bf16,
- * f32, FP8 with partial 128 x 128 blocks), a shared expert in another dtype than the routed ones (both
- * ways), shapes that are and are not multiples of 16 (vector and scalar
+ * f32, FP8 with partial 128 x 128 blocks, MXFP4, INT4 with groups, zero
+ * points and act-order or one symmetric group a row), a shared expert in
+ * another dtype than the routed ones (both ways), shapes that are and are not multiples of 16 (vector and scalar
  * loads), gpt_oss's biases and clamped SwiGLU past the clamp, and the
  * routing rules of softmax, sigmoid with correction bias, and gpt_oss.
  * Expert 0 takes every token, so that a large batch reaches the products
@@ -177,8 +178,12 @@ struct st_case {
 
 /*
  * Largest expert first: a backend may size its device slots on its first
- * call (the CUDA backend does).  Each case is its own layer number, as the
- * CUDA backend keeps experts resident by layer and expert.
+ * call (the CUDA backend does), and st_needed() runs a subset in this
+ * order, so each case's routed expert is no larger than that of the first
+ * case of any subset that holds it (the MXFP4 and int4 cases, last, are
+ * small in bytes; the int4 ones largest first among themselves).  Each
+ * case is its own layer number, as the CUDA backend keeps experts
+ * resident by layer and expert.
  */
 static const struct st_case st_cases[] = {
 	{ "gpt_oss (router and expert biases, clamped SwiGLU past the clamp), bf16",
@@ -219,6 +224,25 @@ static const struct st_case st_cases[] = {
 	    .norm_topk_prob = true, .has_bias = true, .gated = true, .act = MOE_ACT_SILU,
 	    .routed_scaling_factor = 2.5f, .weight_dtype = MOE_DTYPE_FP8_E4M3_B128,
 	    .shared_dtype = MOE_DTYPE_FP8_E4M3_B128 }, 0.0625f },
+	{ "gpt_oss, MXFP4 experts (router and expert biases, clamped SwiGLU past the clamp), H = 288, I = 96",
+	  { .arch = MOE_ARCH_GPT_OSS, .hidden_size = 288, .moe_intermediate_size = 96, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .scoring = MOE_SCORING_SOFTMAX,
+	    .topk_method = MOE_TOPK_GREEDY, .has_bias = true, .gated = true, .has_expert_bias = true,
+	    .act = MOE_ACT_SWIGLU_OAI, .swiglu_alpha = 1.702f, .swiglu_limit = 7.0f, .routed_scaling_factor = 1.0f,
+	    .weight_dtype = MOE_DTYPE_MXFP4, .shared_dtype = MOE_DTYPE_MXFP4 }, 1.0f },
+	{ "qwen3_moe, int4 experts in groups of 32 with zero points and act-order, f16 scales",
+	  { .arch = MOE_ARCH_QWEN3_MOE, .hidden_size = 256, .moe_intermediate_size = 128, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .scoring = MOE_SCORING_SOFTMAX,
+	    .topk_method = MOE_TOPK_GREEDY, .norm_topk_prob = true, .gated = true, .act = MOE_ACT_SILU,
+	    .routed_scaling_factor = 1.0f, .weight_dtype = MOE_DTYPE_INT4, .shared_dtype = MOE_DTYPE_INT4,
+	    .q4_group = 32, .q4_flags = MOE_Q4_ZEROS | MOE_Q4_PERM }, 0.0625f },
+	{ "qwen2_moe, int4 experts and shared expert, one group a row, symmetric, bf16 scales, H = 208, I = 80",
+	  { .arch = MOE_ARCH_QWEN2_MOE, .hidden_size = 208, .moe_intermediate_size = 80, .num_experts = 8,
+	    .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1, .n_shared_experts = 1,
+	    .shared_intermediate_size = 48, .scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY,
+	    .shared_gate = true, .gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
+	    .weight_dtype = MOE_DTYPE_INT4, .shared_dtype = MOE_DTYPE_INT4, .q4_group = 0,
+	    .q4_flags = MOE_Q4_BF16_SCALES }, 0.0625f },
 };
 
 static float st_uniform(uint64_t *s, float scale)
@@ -236,15 +260,58 @@ static void *st_zalloc(size_t bytes)
 	return p;
 }
 
-/* An N x K matrix of random weights in the store's layout (moe_matrix_bytes)
- * at @dst (zeroed), FP8 quantized as gen-model and pack do; @tmp holds N * K
- * floats. */
-static void st_matrix(enum moe_dtype dt, uint32_t N, uint32_t K, float scale, uint64_t *seed, float *tmp,
-		      uint8_t *dst)
+/* INT4: random codes, zero points and a permutation, scales in [scale/16,
+ * scale/8] (so that w = (q - z) s lies within about +-scale), in @c's
+ * layout (moe_q4_layout). */
+static void st_matrix_q4(const struct moe_model_config *c, uint32_t N, uint32_t K, float scale, uint64_t *seed,
+			 uint8_t *dst)
 {
+	struct moe_q4_layout l;
+	enum moe_dtype sd = c->q4_flags & MOE_Q4_BF16_SCALES ? MOE_DTYPE_BF16 : MOE_DTYPE_F16;
+
+	moe_q4_layout(c->q4_group, c->q4_flags, N, K, &l);
+	for (size_t i = 0; i < (size_t)N * K / 2; i++)
+		dst[i] = (uint8_t)moe_splitmix64(seed);
+	for (size_t i = 0; i < (size_t)N * l.groups; i++) {
+		float v = scale / 16.0f * (1.5f + 0.5f * st_uniform(seed, 1.0f));
+
+		moe_dtype_from_f32(sd, &v, dst + l.scales + 2 * i, 1);
+		if (l.zeros)
+			dst[l.zeros + i] = (uint8_t)(moe_splitmix64(seed) & 15);
+	}
+	if (l.perm) {
+		uint32_t *perm = (uint32_t *)(void *)(dst + l.perm);
+
+		for (uint32_t j = 0; j < K; j++)
+			perm[j] = j;
+		for (uint32_t j = K - 1; j > 0; j--) {   /* Fisher-Yates */
+			uint32_t k = (uint32_t)(moe_splitmix64(seed) % (j + 1)), t = perm[j];
+
+			perm[j] = perm[k];
+			perm[k] = t;
+		}
+	}
+}
+
+/* An N x K matrix of random weights in the store's layout
+ * (moe_cfg_matrix_bytes) at @dst (zeroed), FP8 and MXFP4 quantized as
+ * gen-model and pack do, INT4 random in its own terms; @tmp holds N * K
+ * floats. */
+static void st_matrix(const struct moe_model_config *c, enum moe_dtype dt, uint32_t N, uint32_t K, float scale,
+		      uint64_t *seed, float *tmp, uint8_t *dst)
+{
+	if (dt == MOE_DTYPE_INT4) {
+		st_matrix_q4(c, N, K, scale, seed, dst);
+		return;
+	}
 	for (size_t i = 0; i < (size_t)N * K; i++)
 		tmp[i] = st_uniform(seed, scale);
-	if (dt == MOE_DTYPE_FP8_E4M3_B128) {   /* the only blocked dtype of the cases */
+	if (dt == MOE_DTYPE_MXFP4) {
+		uint8_t *sc = dst + moe_mxfp4_scales_offset(N, K);
+
+		for (size_t b = 0; b < (size_t)N * K / MOE_MXFP4_BLOCK; b++)
+			sc[b] = moe_mxfp4_quantize_block(tmp + b * MOE_MXFP4_BLOCK, dst + b * (MOE_MXFP4_BLOCK / 2));
+	} else if (dt == MOE_DTYPE_FP8_E4M3_B128) {
 		uint64_t kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK;
 		float *sc = (float *)(dst + moe_matrix_scales_offset(N, K));
 
@@ -262,12 +329,12 @@ static void st_blob(const struct moe_model_config *c, enum moe_dtype dt, uint32_
 		    uint64_t *seed, float *tmp, uint8_t *dst)
 {
 	uint32_t H = c->hidden_size;
-	uint64_t m = moe_matrix_bytes(dt, I, H);
+	uint64_t m = moe_cfg_matrix_bytes(c, dt, I, H);
 	uint32_t nin = c->gated ? 2 : 1;
 
 	for (uint32_t j = 0; j < nin; j++)
-		st_matrix(dt, I, H, scale, seed, tmp, dst + j * m);
-	st_matrix(dt, H, I, scale, seed, tmp, dst + nin * m);
+		st_matrix(c, dt, I, H, scale, seed, tmp, dst + j * m);
+	st_matrix(c, dt, H, I, scale, seed, tmp, dst + nin * m);
 	if (bias) {
 		float *b = (float *)(dst + moe_expert_bias_offset(c));
 		for (uint64_t i = 0; i < moe_expert_bias_count(c); i++)
@@ -442,17 +509,24 @@ static bool st_uses(const struct moe_model_config *c, enum moe_dtype dt)
 }
 
 /* The self-test cases @model needs, as a mask of st_cases indices (all
- * with NULL): a case of FP8 weights only for a model that reads FP8, a
- * gpt_oss case only for gpt_oss; the plain ones always. */
+ * with NULL): a case of FP8, MXFP4 or INT4 weights only for a model that
+ * reads that dtype, a gpt_oss case only for gpt_oss; the plain ones
+ * always. */
 static uint32_t st_needed(const struct moe_model_config *model)
 {
+	/* the dtypes whose cases only their models run */
+	static const enum moe_dtype only[] = { MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_MXFP4, MOE_DTYPE_INT4 };
 	uint32_t mask = 0;
 
 	_Static_assert(sizeof(st_cases) / sizeof(st_cases[0]) <= 32, "self-test cases fit a mask");
 	for (uint32_t i = 0; i < sizeof(st_cases) / sizeof(st_cases[0]); i++) {
 		const struct moe_model_config *c = &st_cases[i].cfg;
+		bool skip = false;
 
-		if (model && st_uses(c, MOE_DTYPE_FP8_E4M3_B128) && !st_uses(model, MOE_DTYPE_FP8_E4M3_B128))
+		for (size_t d = 0; d < sizeof(only) / sizeof(only[0]); d++)
+			if (model && st_uses(c, only[d]) && !st_uses(model, only[d]))
+				skip = true;
+		if (skip)
 			continue;
 		if (model && c->arch == MOE_ARCH_GPT_OSS && model->arch != MOE_ARCH_GPT_OSS)
 			continue;

@@ -17,6 +17,7 @@
 extern "C" {
 #include "engine/backend.h"
 }
+#include "layout.cuh"
 
 namespace moe_gpu __attribute__((visibility("hidden"))) {
 
@@ -95,7 +96,8 @@ struct gpu {
 	// experts: the call in progress
 	dbuf e_x, e_w, e_pos, e_tok, e_h, e_y, e_hsh, e_ysh, e_sg, e_out, e_items, e_blocks;
 	dbuf g_xhi, g_xlo, g_G, g_hhi, g_hlo;
-	dbuf g_whi, g_wlo;            // an FP8 expert on cuBLAS: its weights as bf16 hi + lo
+	dbuf g_whi, g_wlo;            // an FP8 or INT4 expert on cuBLAS: its weights as bf16
+				      // hi + lo (MXFP4: hi alone, exact)
 	hbuf eh_x, eh_w, eh_pos, eh_tok, eh_out, eh_items, eh_blocks;
 	uint32_t *count;              // [E] entries per expert
 	uint64_t *first;              // [E] first entry of each expert
@@ -186,7 +188,8 @@ cudaError_t kernel_attributes(cudaFuncAttributes *fa);
 
 // ---- small helpers, inline -------------------------------------------------
 
-// Bytes per element of a plain dtype (f32, bf16, f16), per code of FP8.
+// Bytes per element of a plain dtype (f32, bf16, f16), per code of FP8
+// (the 4-bit dtypes are never asked).
 inline size_t dtype_size(enum moe_dtype t)
 {
 	return t == MOE_DTYPE_F32 ? 4 : t == MOE_DTYPE_FP8_E4M3_B128 ? 1 : 2;
@@ -195,24 +198,29 @@ inline size_t dtype_size(enum moe_dtype t)
 // The store's layout (model.h; the module links no engine symbol, so its
 // formulas are written out here): an N x K matrix is N * K elements, or
 // for FP8 the codes and the float32 scales [ceil(N/128)][ceil(K/128)],
-// each padded to 64 bytes; a blob is gate, up, down back to back, then
-// with expert biases the floats at a 16-byte boundary.
+// each padded to 64 bytes, or for MXFP4 and INT4 layout.cuh's parts (INT4
+// by the store's q4_group and q4_flags); a blob is gate, up, down back to
+// back, then with expert biases the floats at a 16-byte boundary.
 inline uint64_t pad64(uint64_t b)
 {
-	return (b + 63) & ~(uint64_t)63;
+	return moe_gpad64(b);
 }
 
-inline uint64_t matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
+inline uint64_t matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N, uint64_t K)
 {
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		return pad64(N * K) + pad64(((N + 127) / 128) * ((K + 127) / 128) * sizeof(float));
+	if (dt == MOE_DTYPE_MXFP4)
+		return moe_gmx_bytes(N, K);
+	if (dt == MOE_DTYPE_INT4)
+		return moe_gq4_layout(c->q4_group, c->q4_flags, N, K).bytes;
 	return N * K * dtype_size(dt);
 }
 
 inline uint64_t ffn_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint32_t inter)
 {
-	return (c->gated ? 2 : 1) * matrix_bytes(dt, inter, c->hidden_size) +
-	       matrix_bytes(dt, c->hidden_size, inter);
+	return (c->gated ? 2 : 1) * matrix_bytes(c, dt, inter, c->hidden_size) +
+	       matrix_bytes(c, dt, c->hidden_size, inter);
 }
 
 // Where a routed expert's biases start (model.h moe_expert_bias_offset).

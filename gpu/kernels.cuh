@@ -7,9 +7,13 @@
 //   k_gate_up    weight streaming, phase A: h = act(gate x) * (up x); a warp
 //                per weight row, the row read once for up to TT tokens
 //   k_down       weight streaming, phase B: y = down h, a warp per row
-//                (both read f32, bf16, f16 or FP8 rows, widened in registers;
-//                gpt_oss's biases and clamped SwiGLU applied as the CPU does)
+//                (both read f32, bf16, f16, FP8, MXFP4 or INT4 rows, widened
+//                or dequantized in registers; gpt_oss's biases and clamped
+//                SwiGLU applied as the CPU does)
 //   k_dequant    large groups, FP8: an expert matrix as bf16 hi + lo
+//   k_dequant_mx large groups, MXFP4: an expert matrix as bf16 (exact)
+//   k_dequant_q4 large groups, INT4: an expert matrix as bf16 hi + lo, its
+//                columns in input order
 //   k_add_bias   large groups, gpt_oss: down's bias added to y
 //   k_split_x    large groups: the expert's tokens gathered as bf16 hi + lo
 //   k_act_split  large groups: h = act(g) * u from the cuBLAS product, as
@@ -28,6 +32,7 @@
 #include "engine/act.h"
 #include "engine/model.h"
 #include "engine/router_sel.h"
+#include "layout.cuh"
 
 #define MOE_WARPS 8                 // warps per block of the streaming kernels
 #define MOE_ROWS_PER_WARP 4         // weight rows per warp
@@ -157,6 +162,38 @@ __device__ __forceinline__ float2 moe_e4m3x2(uint32_t pair)
 #endif
 }
 
+// N float32 activations starting at element c * N of @x (16-byte aligned).
+template <int N>
+__device__ __forceinline__ void moe_load_x(const float *x, size_t c, float *f)
+{
+	const float4 *p = reinterpret_cast<const float4 *>(x + c * N);
+	for (int i = 0; i < N / 4; i++) {
+		float4 u = __ldg(p + i);
+		f[4 * i] = u.x;
+		f[4 * i + 1] = u.y;
+		f[4 * i + 2] = u.z;
+		f[4 * i + 3] = u.w;
+	}
+}
+
+// The activations a row's elements multiply: x itself, in the row's chunks
+// of N (x) or one by one (xone); a permuted INT4 row gathers them instead.
+// own_x: the row's x differs from another row's of the same length (gate
+// and up then cannot share their loads of x).
+#define MOE_ROW_PLAIN_X                                                              \
+	__device__ __forceinline__ void x(const float *xr, size_t c, float *f) const \
+	{                                                                            \
+		moe_load_x<N>(xr, c, f);                                             \
+	}                                                                            \
+	__device__ __forceinline__ float xone(const float *xr, size_t i) const       \
+	{                                                                            \
+		return xr[i];                                                        \
+	}                                                                            \
+	__device__ __forceinline__ bool own_x() const                                \
+	{                                                                            \
+		return false;                                                        \
+	}
+
 // A weight row of a plain dtype, widened as it is read.
 template <typename T> struct moe_prow {
 	static constexpr int N = moe_vec<T>::N;
@@ -169,6 +206,7 @@ template <typename T> struct moe_prow {
 	{
 		return moe_vec<T>::one(p, i);
 	}
+	MOE_ROW_PLAIN_X
 };
 
 // A row of FP8 codes with the scales of its band of 128 rows: w =
@@ -198,6 +236,7 @@ struct moe_frow {
 	{
 		return moe_e4m3(__ldg(p + i)) * __ldg(s + (i >> 7));
 	}
+	MOE_ROW_PLAIN_X
 };
 
 // Matrices of N rows of K elements at @b, in the store's layout.
@@ -205,10 +244,12 @@ template <typename T> struct moe_pmat {
 	typedef moe_prow<T> Row;
 	const T *w;
 	uint32_t K;
-	__device__ __forceinline__ moe_pmat(const unsigned char *b, uint32_t N, uint32_t K_)
+	__device__ __forceinline__ moe_pmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g, uint32_t q4f)
 		: w(reinterpret_cast<const T *>(b)), K(K_)
 	{
 		(void)N;
+		(void)q4g;
+		(void)q4f;
 	}
 	__device__ __forceinline__ Row row(uint32_t r) const
 	{
@@ -223,10 +264,12 @@ struct moe_fmat {
 	const uint8_t *codes;
 	const float *scales;
 	uint32_t K, kb;
-	__device__ __forceinline__ moe_fmat(const unsigned char *b, uint32_t N, uint32_t K_)
+	__device__ __forceinline__ moe_fmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g, uint32_t q4f)
 		: codes(b), scales(reinterpret_cast<const float *>(b + (((uint64_t)N * K_ + 63) & ~(uint64_t)63))),
 		  K(K_), kb((K_ + 127) / 128)
 	{
+		(void)q4g;
+		(void)q4f;
 	}
 	__device__ __forceinline__ Row row(uint32_t r) const
 	{
@@ -234,19 +277,171 @@ struct moe_fmat {
 	}
 };
 
-// N float32 activations starting at element c * N of @x (16-byte aligned).
-template <int N>
-__device__ __forceinline__ void moe_load_x(const float *x, size_t c, float *f)
+// e2m1 (MXFP4's 4-bit value: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3,
+// 4, 6 by the low 3 bits), exactly, by arithmetic on the code rather than a
+// table (lanes index it divergently).
+__device__ __forceinline__ float moe_e2m1(uint32_t code)
 {
-	const float4 *p = reinterpret_cast<const float4 *>(x + c * N);
-	for (int i = 0; i < N / 4; i++) {
-		float4 u = __ldg(p + i);
-		f[4 * i] = u.x;
-		f[4 * i + 1] = u.y;
-		f[4 * i + 2] = u.z;
-		f[4 * i + 3] = u.w;
-	}
+	uint32_t m = code & 7u;
+	float v = m < 4 ? (float)m * 0.5f : m < 6 ? (float)m - 2.0f : ((float)m - 4.0f) * 2.0f;
+
+	return (code & 8u) ? -v : v;
 }
+
+// E8M0: 2^(s - 127) as a float32; s = 0 is the subnormal 2^-127, 255 NaN
+// (dtype.h moe_e8m0_to_f32).
+__device__ __forceinline__ float moe_e8m0(uint32_t s)
+{
+	if (s == 255)
+		return __int_as_float(0x7fc00000);
+	return __uint_as_float(s == 0 ? 0x00400000u : s << 23);
+}
+
+// A row of MXFP4 codes and its E8M0 scales: w = e2m1(code) * scale, exact
+// in float32 as on the CPU.  16-byte chunk c holds values 32c .. 32c + 31,
+// one scale block (value 2i in the low nibble of byte i).
+struct moe_mxrow {
+	static constexpr int N = 32;
+	const uint8_t *p;         // K/2 bytes
+	const uint8_t *s;         // K/32 scales
+	__device__ __forceinline__ void load(size_t c, float *f) const
+	{
+		uint4 u = __ldg(reinterpret_cast<const uint4 *>(p) + c);
+		float sc = moe_e8m0(__ldg(s + c));
+		uint32_t w[4] = { u.x, u.y, u.z, u.w };
+
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+#pragma unroll
+			for (int b = 0; b < 4; b++) {
+				uint32_t byte = (w[i] >> (8 * b)) & 0xffu;
+				f[8 * i + 2 * b] = moe_e2m1(byte & 15u) * sc;
+				f[8 * i + 2 * b + 1] = moe_e2m1(byte >> 4) * sc;
+			}
+	}
+	__device__ __forceinline__ float one(size_t i) const
+	{
+		return moe_e2m1((__ldg(p + i / 2) >> (4 * (i & 1))) & 15u) * moe_e8m0(__ldg(s + i / 32));
+	}
+	MOE_ROW_PLAIN_X
+};
+
+// MXFP4: codes, then scales at layout.cuh's offset (K a multiple of 32,
+// which the store validates).
+struct moe_mxmat {
+	typedef moe_mxrow Row;
+	const uint8_t *codes, *scales;
+	uint32_t K;
+	__device__ __forceinline__ moe_mxmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
+					     uint32_t q4f)
+		: codes(b), scales(b + moe_gmx_scales(N, K_)), K(K_)
+	{
+		(void)q4g;
+		(void)q4f;
+	}
+	__device__ __forceinline__ Row row(uint32_t r) const
+	{
+		return Row{ codes + (size_t)r * (K / 2), scales + (size_t)r * (K / 32) };
+	}
+};
+
+// A row of INT4 codes with its group's scale (float16 or bfloat16) and
+// zero point (8 without MOE_Q4_ZEROS): w = (q - z) * s in float32, exact,
+// as the CPU computes it.  8-byte chunk c holds stored columns 16c ..
+// 16c + 15, all in one group (G and K are multiples of 16, which the store
+// validates).  With a permutation, stored column j multiplies x[perm[j]]
+// (clamped into the row: a store with a bad perm reads no foreign memory).
+struct moe_q4row {
+	static constexpr int N = 16;
+	const uint8_t *p;         // K/2 bytes
+	const uint16_t *s;        // [K/G] scales
+	const uint8_t *z;         // [K/G] zero points, or NULL
+	const uint32_t *perm;     // [K], or NULL
+	uint32_t G, K;
+	bool bf16;
+	__device__ __forceinline__ float scale(size_t g) const
+	{
+		uint16_t h = __ldg(s + g);
+		return bf16 ? __uint_as_float((uint32_t)h << 16) : __half2float(__ushort_as_half(h));
+	}
+	__device__ __forceinline__ int zero(size_t g) const
+	{
+		return z ? (int)__ldg(z + g) : 8;
+	}
+	__device__ __forceinline__ void load(size_t c, float *f) const
+	{
+		uint2 u = __ldg(reinterpret_cast<const uint2 *>(p) + c);
+		size_t g = (c * 16) / G;
+		float sc = scale(g);
+		int zz = zero(g);
+		uint32_t w[2] = { u.x, u.y };
+
+#pragma unroll
+		for (int i = 0; i < 2; i++)
+#pragma unroll
+			for (int n = 0; n < 8; n++)
+				f[8 * i + n] = (float)((int)((w[i] >> (4 * n)) & 15u) - zz) * sc;
+	}
+	__device__ __forceinline__ float one(size_t i) const
+	{
+		size_t g = i / G;
+		return (float)((int)((__ldg(p + i / 2) >> (4 * (i & 1))) & 15u) - zero(g)) * scale(g);
+	}
+	__device__ __forceinline__ size_t col(size_t j) const
+	{
+		uint32_t k = __ldg(perm + j);
+		return k < K ? k : K - 1;
+	}
+	__device__ __forceinline__ void x(const float *xr, size_t c, float *f) const
+	{
+		if (!perm) {
+			moe_load_x<N>(xr, c, f);
+			return;
+		}
+#pragma unroll
+		for (int i = 0; i < N; i++)
+			f[i] = __ldg(xr + col(c * N + i));
+	}
+	__device__ __forceinline__ float xone(const float *xr, size_t i) const
+	{
+		return perm ? xr[col(i)] : xr[i];
+	}
+	__device__ __forceinline__ bool own_x() const
+	{
+		return perm != nullptr;
+	}
+};
+
+// INT4: the parts where layout.cuh puts them for the store's q4_group and
+// q4_flags.
+struct moe_q4mat {
+	typedef moe_q4row Row;
+	const uint8_t *codes;
+	const uint16_t *scales;
+	const uint8_t *zeros;
+	const uint32_t *perm;
+	uint32_t K, G, groups;
+	bool bf16;
+	__device__ __forceinline__ moe_q4mat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
+					     uint32_t q4f)
+	{
+		moe_gq4 l = moe_gq4_layout(q4g, q4f, N, K_);
+
+		codes = b;
+		scales = reinterpret_cast<const uint16_t *>(b + l.scales);
+		zeros = l.zeros ? b + l.zeros : nullptr;
+		perm = l.perm ? reinterpret_cast<const uint32_t *>(b + l.perm) : nullptr;
+		K = K_;
+		G = (uint32_t)l.G;
+		groups = (uint32_t)l.groups;
+		bf16 = (q4f & MOE_Q4_BF16_SCALES) != 0;
+	}
+	__device__ __forceinline__ Row row(uint32_t r) const
+	{
+		return Row{ codes + (size_t)r * (K / 2), scales + (size_t)r * groups,
+			    zeros ? zeros + (size_t)r * groups : nullptr, perm, G, K, bf16 };
+	}
+};
 
 // acc[t] += row . xs[t] for t < nt, the lane's share of the sum: elements
 // of 16-byte chunks c = lane, lane + 32, ... in order (vec), or elements
@@ -268,7 +463,7 @@ __device__ __forceinline__ void moe_row_dot(const R &row, uint32_t len, bool vec
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
 					float xv[R::N];
-					moe_load_x<R::N>(xs[t], c, xv);
+					row.x(xs[t], c, xv);
 #pragma unroll
 					for (int i = 0; i < R::N; i++)
 						acc[t] = fmaf(wv[i], xv[i], acc[t]);
@@ -281,7 +476,7 @@ __device__ __forceinline__ void moe_row_dot(const R &row, uint32_t len, bool vec
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++)
 				if (t < nt)
-					acc[t] = fmaf(wv, xs[t][i], acc[t]);
+					acc[t] = fmaf(wv, row.xone(xs[t], i), acc[t]);
 		}
 	}
 }
@@ -289,7 +484,8 @@ __device__ __forceinline__ void moe_row_dot(const R &row, uint32_t len, bool vec
 // moe_row_dot for two rows of the same length at once (gate and up): each
 // chunk of x is loaded once for both, which halves phase A's reads of x
 // (for FP8, 64 bytes of x per token against 16 of weights).  Each row's
-// sum is in moe_row_dot's order, so the bits are the same.
+// sum is in moe_row_dot's order, so the bits are the same.  Only for rows
+// that read the same x (!own_x()).
 template <typename R>
 __device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t len, bool vec,
 					     const float *const *xs, uint32_t nt, uint32_t lane, float *acc_a,
@@ -307,7 +503,7 @@ __device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t 
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
 					float xv[R::N];
-					moe_load_x<R::N>(xs[t], c, xv);
+					ra.x(xs[t], c, xv);
 #pragma unroll
 					for (int i = 0; i < R::N; i++) {
 						acc_a[t] = fmaf(wa[i], xv[i], acc_a[t]);
@@ -322,7 +518,7 @@ __device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t 
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++)
 				if (t < nt) {
-					float xv = xs[t][i];
+					float xv = ra.xone(xs[t], i);
 					acc_a[t] = fmaf(a, xv, acc_a[t]);
 					acc_b[t] = fmaf(b, xv, acc_b[t]);
 				}
@@ -338,13 +534,13 @@ __device__ __forceinline__ void moe_row_dot2(const R &ra, const R &rb, uint32_t 
 template <typename M>
 __global__ void __launch_bounds__(MOE_WARPS * 32)
 k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint32_t H, int act, float alpha,
-	  float limit)
+	  float limit, uint32_t q4g, uint32_t q4f)
 {
 	const moe_wblock b = blocks[blockIdx.x];
 	const moe_witem it = items[b.item];
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 	const bool gated = it.gate != nullptr;
-	const M gate(gated ? it.gate : it.up, it.inter, H), up(it.up, it.inter, H);
+	const M gate(gated ? it.gate : it.up, it.inter, H, q4g, q4f), up(it.up, it.inter, H, q4g, q4f);
 
 	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
 		uint32_t r = b.row0 + warp * MOE_ROWS_PER_WARP + rr;
@@ -362,10 +558,15 @@ k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint
 				ag[t] = 0.0f;
 				au[t] = 0.0f;
 			}
-			if (gated)
+			if (gated && !gr.own_x()) {
 				moe_row_dot2(gr, ur, H, it.vec_a, xs, nt, lane, ag, au);
-			else
+			} else {
+				// gate and up permuted each in its own way (INT4
+				// act-order): x gathered for each
+				if (gated)
+					moe_row_dot(gr, H, it.vec_a, xs, nt, lane, ag);
 				moe_row_dot(ur, H, it.vec_a, xs, nt, lane, au);
+			}
 #pragma unroll
 			for (uint32_t t = 0; t < MOE_TT; t++) {
 				if (t < nt) {
@@ -390,12 +591,12 @@ k_gate_up(const moe_witem *items, const moe_wblock *blocks, const float *x, uint
 // [H][inter].
 template <typename M>
 __global__ void __launch_bounds__(MOE_WARPS * 32)
-k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H)
+k_down(const moe_witem *items, const moe_wblock *blocks, uint32_t H, uint32_t q4g, uint32_t q4f)
 {
 	const moe_wblock b = blocks[blockIdx.x];
 	const moe_witem it = items[b.item];
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-	const M down(it.down, H, it.inter);
+	const M down(it.down, H, it.inter, q4g, q4f);
 	const float *bd = it.bias ? it.bias + (size_t)(it.gate ? 2 : 1) * it.inter : nullptr;
 
 	for (uint32_t rr = 0; rr < MOE_ROWS_PER_WARP; rr++) {
@@ -497,7 +698,7 @@ __global__ void k_act_split(const float *G, uint32_t count, uint32_t I, int act,
 // streaming kernels compute it; hi + lo carries 16 of its 24 bits.
 __global__ void k_dequant(const unsigned char *m, uint32_t N, uint32_t K, __nv_bfloat16 *hi, __nv_bfloat16 *lo)
 {
-	const moe_fmat mat(m, N, K);
+	const moe_fmat mat(m, N, K, 0, 0);
 	size_t total = (size_t)N * K;
 
 	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
@@ -507,6 +708,42 @@ __global__ void k_dequant(const unsigned char *m, uint32_t N, uint32_t K, __nv_b
 		__nv_bfloat16 h = __float2bfloat16_rn(v);
 		hi[i] = h;
 		lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+	}
+}
+
+// Large groups, MXFP4: the N x K matrix at @m as bf16, w = e2m1 * 2^e,
+// which bf16 holds exactly (two significant bits, float32's exponents).
+__global__ void k_dequant_mx(const unsigned char *m, uint32_t N, uint32_t K, __nv_bfloat16 *hi)
+{
+	const moe_mxmat mat(m, N, K, 0, 0);
+	size_t total = (size_t)N * K;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		size_t r = i / K, k = i % K;
+		hi[i] = __float2bfloat16_rn(mat.row((uint32_t)r).one(k));
+	}
+}
+
+// Large groups, INT4: the N x K matrix at @m as bf16 hi + lo, w = (q - z)
+// * s in float32 as the streaming kernels compute it, stored column j
+// written to input column perm[j] (a permutation: every column once), so
+// that the products take x unpermuted; hi + lo carries 16 of its bits.
+__global__ void k_dequant_q4(const unsigned char *m, uint32_t N, uint32_t K, uint32_t q4g, uint32_t q4f,
+			     __nv_bfloat16 *hi, __nv_bfloat16 *lo)
+{
+	const moe_q4mat mat(m, N, K, q4g, q4f);
+	size_t total = (size_t)N * K;
+
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		size_t r = i / K, j = i % K;
+		const moe_q4row row = mat.row((uint32_t)r);
+		float v = row.one(j);
+		size_t o = r * K + (row.perm ? row.col(j) : j);
+		__nv_bfloat16 h = __float2bfloat16_rn(v);
+		hi[o] = h;
+		lo[o] = __float2bfloat16_rn(v - __bfloat162float(h));
 	}
 }
 

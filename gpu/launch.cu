@@ -33,9 +33,10 @@ int launch_stream(struct gpu *g, const struct moe_model_config *c, size_t b0, si
 	if (b1 > b0)
 		k_gate_up<M><<<(unsigned)(b1 - b0), MOE_WARPS * 32, 0, g->cs>>>(
 			items, blocks + b0, (const float *)g->e_x.p, c->hidden_size, (int)c->act, c->swiglu_alpha,
-			c->swiglu_limit);
+			c->swiglu_limit, c->q4_group, c->q4_flags);
 	if (b2 > b1)
-		k_down<M><<<(unsigned)(b2 - b1), MOE_WARPS * 32, 0, g->cs>>>(items, blocks + b1, c->hidden_size);
+		k_down<M><<<(unsigned)(b2 - b1), MOE_WARPS * 32, 0, g->cs>>>(items, blocks + b1, c->hidden_size,
+									      c->q4_group, c->q4_flags);
 	CK(cudaGetLastError());
 	return 0;
 }
@@ -52,6 +53,10 @@ int launch_stream_any(struct gpu *g, const struct moe_model_config *c, enum moe_
 		return launch_stream<moe_pmat<float>>(g, c, b0, b1, b2);
 	case MOE_DTYPE_FP8_E4M3_B128:
 		return launch_stream<moe_fmat>(g, c, b0, b1, b2);
+	case MOE_DTYPE_MXFP4:
+		return launch_stream<moe_mxmat>(g, c, b0, b1, b2);
+	case MOE_DTYPE_INT4:
+		return launch_stream<moe_q4mat>(g, c, b0, b1, b2);
 	default:
 		return -EINVAL;   // cuda_supports refused it
 	}
@@ -108,10 +113,11 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, enum moe_dtype 
 		return 0;
 	}
 	// bf16 weights: x = hi + lo in bf16, two tensor-core products summed in
-	// float32 (C += lo W^T), which keeps float32-level accuracy.  FP8
-	// weights: the expert dequantized to bf16 hi + lo (w = e4m3 * scale
-	// is not a bf16), a third product W_lo x_hi; W_lo x_lo, under 2^-18
-	// of the sum, is left out.
+	// float32 (C += lo W^T), which keeps float32-level accuracy.  FP8 and
+	// INT4 weights: the expert dequantized to bf16 hi + lo (w = e4m3 *
+	// scale, (q - z) * s are not bf16s), a third product W_lo x_hi; W_lo
+	// x_lo, under 2^-18 of the sum, is left out.  MXFP4: dequantized to one
+	// bf16 copy, exact, and the two products of bf16 weights.
 	size_t wid = H > I ? H : I;
 	if ((r = dgrow(g, &g->g_xhi, (size_t)m * wid * 2)) < 0 || (r = dgrow(g, &g->g_xlo, (size_t)m * wid * 2)) < 0)
 		return r;
@@ -119,23 +125,34 @@ int launch_gemm(struct gpu *g, const struct moe_model_config *c, enum moe_dtype 
 	__nv_bfloat16 *whi = nullptr, *wlo = nullptr;
 	float *G = (float *)g->g_G.p;
 	const void *wdl = nullptr, *wl = nullptr;
-	if (dt == MOE_DTYPE_FP8_E4M3_B128) {
+	if (dt == MOE_DTYPE_FP8_E4M3_B128 || dt == MOE_DTYPE_INT4 || dt == MOE_DTYPE_MXFP4) {
 		size_t up_el = (size_t)nin * I * H, all = up_el + (size_t)H * I;
-		if ((r = dgrow(g, &g->g_whi, all * 2)) < 0 || (r = dgrow(g, &g->g_wlo, all * 2)) < 0)
+		bool two = dt != MOE_DTYPE_MXFP4;
+		if ((r = dgrow(g, &g->g_whi, all * 2)) < 0 || (two && (r = dgrow(g, &g->g_wlo, all * 2)) < 0))
 			return r;
 		whi = (__nv_bfloat16 *)g->g_whi.p;
-		wlo = (__nv_bfloat16 *)g->g_wlo.p;
+		wlo = two ? (__nv_bfloat16 *)g->g_wlo.p : nullptr;
 		// [gate; up] as one [nin * I][H] matrix, then down [H][I]
-		if (it->gate)
-			k_dequant<<<grid_for((size_t)I * H), 256, 0, g->cs>>>(it->gate, I, H, whi, wlo);
-		k_dequant<<<grid_for((size_t)I * H), 256, 0, g->cs>>>(it->up, I, H, whi + (size_t)(nin - 1) * I * H,
-								      wlo + (size_t)(nin - 1) * I * H);
-		k_dequant<<<grid_for((size_t)H * I), 256, 0, g->cs>>>(it->down, H, I, whi + up_el, wlo + up_el);
+		const unsigned char *src[3] = { it->gate, it->up, it->down };
+		const uint32_t rows[3] = { I, I, H }, cols[3] = { H, H, I };
+		const size_t at[3] = { 0, (size_t)(nin - 1) * I * H, up_el };
+		for (int k = 0; k < 3; k++) {
+			if (!src[k])
+				continue;
+			unsigned gr = grid_for((size_t)rows[k] * cols[k]);
+			if (dt == MOE_DTYPE_FP8_E4M3_B128)
+				k_dequant<<<gr, 256, 0, g->cs>>>(src[k], rows[k], cols[k], whi + at[k], wlo + at[k]);
+			else if (dt == MOE_DTYPE_INT4)
+				k_dequant_q4<<<gr, 256, 0, g->cs>>>(src[k], rows[k], cols[k], c->q4_group, c->q4_flags,
+								     whi + at[k], wlo + at[k]);
+			else
+				k_dequant_mx<<<gr, 256, 0, g->cs>>>(src[k], rows[k], cols[k], whi + at[k]);
+		}
 		CK(cudaGetLastError());
 		w = (const unsigned char *)whi;
 		wl = wlo;
 		wd = (const unsigned char *)(whi + up_el);
-		wdl = wlo + up_el;
+		wdl = two ? wlo + up_el : nullptr;
 	}
 	k_split_x<<<grid_for((size_t)m * H), 256, 0, g->cs>>>((const float *)g->e_x.p, it->tok, m, H, hi, lo);
 	if ((r = gemm_bf16(g, nin * I, m, H, w, hi, G, 0.0f)) < 0 || (r = gemm_bf16(g, nin * I, m, H, w, lo, G, 1.0f)) < 0 ||
@@ -183,7 +200,7 @@ int launch_group(struct gpu *g, enum moe_dtype dt, const uint32_t *list, unsigne
 		bool sh = e == E;
 
 		it->inter = sh ? c->shared_intermediate_size : c->moe_intermediate_size;
-		uint64_t mb = matrix_bytes(dt, it->inter, H);
+		uint64_t mb = matrix_bytes(c, dt, it->inter, H);
 		it->gate = c->gated ? mem[j] : nullptr;
 		it->up = mem[j] + (c->gated ? mb : 0);
 		it->down = mem[j] + (c->gated ? 2 : 1) * mb;
@@ -194,8 +211,17 @@ int launch_group(struct gpu *g, enum moe_dtype dt, const uint32_t *list, unsigne
 		it->h = sh ? (float *)g->e_hsh.p : (float *)g->e_h.p + g->first[e] * c->moe_intermediate_size;
 		it->y = sh ? (float *)g->e_ysh.p : (float *)g->e_y.p + g->first[e] * H;
 		// 16-byte loads need 16-byte aligned rows of weights and of x or h
-		// (float32: a multiple of 4 elements); FP8 reads 16 codes a load
-		if (fp8) {
+		// (float32: a multiple of 4 elements); FP8 reads 16 codes a load,
+		// MXFP4 32 (16 bytes, one scale block), INT4 16 (8 bytes, in one
+		// group: G and K multiples of 16)
+		if (dt == MOE_DTYPE_MXFP4) {
+			it->vec_a = H % 32 == 0;
+			it->vec_b = it->inter % 32 == 0;
+		} else if (dt == MOE_DTYPE_INT4) {
+			uint32_t ga = c->q4_group ? c->q4_group : H, gb = c->q4_group ? c->q4_group : it->inter;
+			it->vec_a = H % 16 == 0 && ga % 16 == 0;
+			it->vec_b = it->inter % 16 == 0 && gb % 16 == 0;
+		} else if (fp8) {
 			it->vec_a = H % 16 == 0;
 			it->vec_b = it->inter % 16 == 0;
 		} else {
@@ -407,7 +433,7 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 	// the cuBLAS experts' scratch, grown now: in run() the device tier's
 	// slots are busy and cannot make room
 	{
-		size_t need_g = 0, need_x = 0, need_lo = 0, need_w = 0;
+		size_t need_g = 0, need_x = 0, need_lo = 0, need_w = 0, need_wlo = 0;
 		uint32_t nin = c->gated ? 2 : 1;
 
 		for (uint32_t e = 0; e <= E; e++) {
@@ -422,12 +448,16 @@ int begin(struct gpu *g, const struct moe_layer_weights *lw, const float *x, siz
 			need_x = std::max(need_x, m * std::max(H, inter) * esz);
 			if (esz == 2)
 				need_lo = std::max(need_lo, m * std::max(H, inter) * esz);
-			if (dt == MOE_DTYPE_FP8_E4M3_B128)
+			// the dequantized weights: hi + lo, MXFP4 hi alone
+			if (dt == MOE_DTYPE_FP8_E4M3_B128 || dt == MOE_DTYPE_INT4 || dt == MOE_DTYPE_MXFP4)
 				need_w = std::max(need_w, ((size_t)nin + 1) * inter * H * sizeof(__nv_bfloat16));
+			if (dt == MOE_DTYPE_FP8_E4M3_B128 || dt == MOE_DTYPE_INT4)
+				need_wlo = std::max(need_wlo, ((size_t)nin + 1) * inter * H * sizeof(__nv_bfloat16));
 		}
 		if (need_g && ((r = dgrow(g, &g->g_G, need_g)) < 0 || (r = dgrow(g, &g->g_xhi, need_x)) < 0 ||
 			       (need_lo && (r = dgrow(g, &g->g_xlo, need_lo)) < 0) ||
-			       (need_w && ((r = dgrow(g, &g->g_whi, need_w)) < 0 || (r = dgrow(g, &g->g_wlo, need_w)) < 0))))
+			       (need_w && (r = dgrow(g, &g->g_whi, need_w)) < 0) ||
+			       (need_wlo && (r = dgrow(g, &g->g_wlo, need_wlo)) < 0)))
 			return r;
 	}
 	if (shared)

@@ -56,6 +56,8 @@ static bool cuda_dtype_ok(enum moe_dtype t)
 	case MOE_DTYPE_BF16:
 	case MOE_DTYPE_F16:
 	case MOE_DTYPE_FP8_E4M3_B128:
+	case MOE_DTYPE_MXFP4:
+	case MOE_DTYPE_INT4:
 		return true;
 	default:
 		return false;
@@ -68,19 +70,11 @@ static bool cuda_dtype_ok(enum moe_dtype t)
  * "cuda" fails with it; never a wrong answer: expert weights (routed or
  * shared) of a dtype not in cuda_dtype_ok.  Everything else the store
  * holds is computed: every architecture's routing (router_sel.h), gpt_oss's
- * expert biases and clamped SwiGLU, FP8 block-scaled experts, a shared
- * expert in another dtype than the routed ones.
- * No engine symbol here (the module links none): names written out.
+ * expert biases and clamped SwiGLU, FP8 block-scaled, MXFP4 and INT4
+ * (GPTQ, AWQ, compressed-tensors) experts, a shared expert in another
+ * dtype than the routed ones.
+ * No engine symbol here (the module links none).
  */
-static const char *dtype_word(enum moe_dtype t)
-{
-	switch (t) {
-	case MOE_DTYPE_MXFP4: return "mxfp4";
-	case MOE_DTYPE_INT4: return "int4 (GPTQ, AWQ, compressed-tensors)";
-	default: return "unknown";
-	}
-}
-
 static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err)
 {
 	char why[256];
@@ -90,9 +84,9 @@ static int cuda_supports(const struct moe_model_config *cfg, struct moe_err *err
 		enum moe_dtype bad = cuda_dtype_ok(cfg->weight_dtype) ? cfg->shared_dtype : cfg->weight_dtype;
 
 		snprintf(why, sizeof(why), "the CUDA backend has no kernels for %s expert weights of dtype %d, "
-			 "%s (it computes f32, bf16, f16 and fp8_e4m3_b128): use the CPU backend, or moectl "
-			 "pack --dtype bf16 for a copy the GPU serves",
-			 cuda_dtype_ok(cfg->weight_dtype) ? "shared" : "routed", (int)bad, dtype_word(bad));
+			 "unknown to this build (it computes f32, bf16, f16, fp8_e4m3_b128, mxfp4 and int4): use the "
+			 "CPU backend, or a moed built with this store's version",
+			 cuda_dtype_ok(cfg->weight_dtype) ? "shared" : "routed", (int)bad);
 		return refuse(err, why);
 	}
 	return 0;

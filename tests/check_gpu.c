@@ -16,7 +16,9 @@
  * biases and clamped SwiGLU, inputs past the clamp), bfloat16, float32,
  * float16 and FP8 block-scaled weights (DeepSeek-V3's 128 x 128 blocks,
  * partial blocks, shared experts in FP8, and a release that quantized only
- * the routed experts or only the shared ones), SwiGLU, GELU-gated and plain ReLU
+ * the routed experts or only the shared ones), gpt-oss's MXFP4 experts,
+ * int4 experts as GPTQ (act-order groups; symmetric, one group a row), AWQ
+ * and compressed-tensors write them, SwiGLU, GELU-gated and plain ReLU
  * experts, hidden sizes that are not multiples of 16, and batches of 1024,
  * 300, 64, 8, 3 and 1 tokens (each the first tokens of the same 1024).  A
  * case with cuda_refuses is a model the CUDA backend must refuse at open,
@@ -109,6 +111,11 @@ struct gcase {
 	 * (MIX_ROUTED_BF16) matrices taken from a bf16 twin of the checkpoint,
 	 * as a release that quantized one kind of expert only */
 	enum { MIX_NONE, MIX_SHARED_BF16, MIX_ROUTED_BF16 } mix;
+	/* INT4 only: gen-model's --quant (gptq, awq, ct-int4), group size (-1:
+	 * one group a row), act-order, symmetric */
+	const char *int4;
+	int32_t q4_group;
+	bool q4_desc_act, q4_sym;
 };
 
 static void plant_negative_bias(const char *dir, uint32_t layer, char *why, size_t why_len);
@@ -170,6 +177,23 @@ static const struct gcase cases[] = {
 	{ "bf16 routed experts, FP8 shared expert, H = 200", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_FP8_E4M3_B128,
 	  .H = 200, .I = 64, .E = 16, .k = 4, .n_shared = 2, .norm = 1, .rsf = 2.5f,
 	  .mix = MIX_ROUTED_BF16 },
+	/* MXFP4: gen-model --quant mxfp4, the experts as gpt-oss is released */
+	{ "gpt-oss in MXFP4, inputs past the clamp, cuBLAS at 1024 tokens", MOE_ARCH_GPT_OSS, MOE_DTYPE_MXFP4,
+	  .H = 128, .I = 64, .E = 8, .k = 2, .norm = -1, .x_scale = 8.0f, .quick = true },
+	{ "gpt-oss in MXFP4, 32 experts, partial row blocks", MOE_ARCH_GPT_OSS, MOE_DTYPE_MXFP4, .H = 96,
+	  .I = 96, .E = 32, .k = 4, .norm = -1, .x_scale = 4.0f },
+	/* int4: gen-model --quant gptq|awq|ct-int4, every MLP matrix */
+	{ "GPTQ act-order, groups of 32, cuBLAS at 1024 tokens", MOE_ARCH_QWEN3_MOE, MOE_DTYPE_INT4, .H = 256,
+	  .I = 128, .E = 8, .k = 2, .norm = 1, .int4 = "gptq", .q4_group = 32, .q4_desc_act = true,
+	  .quick = true },
+	{ "GPTQ symmetric, one group a row, shared expert, H = 208", MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_INT4,
+	  .H = 208, .I = 80, .E = 16, .k = 4, .n_shared = 1, .norm = 1, .rsf = 2.5f, .int4 = "gptq",
+	  .q4_group = -1, .q4_sym = true, .quick = true },
+	{ "AWQ, groups of 32", MOE_ARCH_MIXTRAL, MOE_DTYPE_INT4, .H = 128, .I = 64, .E = 8, .k = 2, .norm = -1,
+	  .int4 = "awq", .q4_group = 32 },
+	{ "compressed-tensors, sigmoid-gated shared expert", MOE_ARCH_QWEN2_MOE, MOE_DTYPE_INT4, .H = 128,
+	  .I = 32, .E = 16, .k = 4, .n_shared = 1, .shared_I = 96, .norm = 0, .int4 = "ct-int4",
+	  .q4_group = 32 },
 };
 
 static bool quick;
@@ -315,9 +339,17 @@ static int run_open(struct run *r, const struct gcase *c)
 	snprintf(r->hf, sizeof(r->hf), "%s/hf", r->dir);
 	snprintf(r->store, sizeof(r->store), "%s/model.moe", r->dir);
 
-	/* FP8: a bf16 checkpoint whose MLP matrices gen-model quantizes */
+	/* FP8, MXFP4, int4: a bf16 checkpoint whose MLP matrices (MXFP4: the
+	 * experts) gen-model quantizes */
 	moe_test_gen_small(c->arch, moe_dtype_is_blocked(c->dtype) ? MOE_DTYPE_BF16 : c->dtype, &opt);
-	opt.quant_fp8 = moe_dtype_is_blocked(c->dtype);
+	opt.quant_fp8 = c->dtype == MOE_DTYPE_FP8_E4M3_B128;
+	opt.quant_mxfp4 = c->dtype == MOE_DTYPE_MXFP4;
+	if (c->dtype == MOE_DTYPE_INT4) {
+		opt.quant_int4 = c->int4;
+		opt.q4_group_size = c->q4_group;
+		opt.q4_desc_act = c->q4_desc_act;
+		opt.q4_sym = c->q4_sym;
+	}
 	opt.seed = case_seed(c);
 	opt.hidden_size = c->H;
 	opt.moe_intermediate_size = c->I;

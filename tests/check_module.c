@@ -121,9 +121,9 @@ END_TEST
 
 /* The real CUDA module ($MOE_BACKEND_DIR as the test harness sets it)
  * refuses a model whose routed experts, or whose shared expert, are of a
- * dtype it has no kernels for (an allowlist: dtypes 4 and 5, MXFP4 and
- * int4 in other builds, and anything later), by its supports entry, before
- * it looks for a device (so this runs without a GPU): "cuda" fails saying
+ * dtype it has no kernels for (an allowlist: a dtype number past the
+ * store's, as a later store could write), by its supports entry, before it
+ * looks for a device (so this runs without a GPU): "cuda" fails saying
  * why, "auto" serves it on the CPU saying why. */
 START_TEST(cuda_module_refuses_unknown_dtypes_before_the_device)
 {
@@ -144,7 +144,7 @@ START_TEST(cuda_module_refuses_unknown_dtypes_before_the_device)
 		printf("no CUDA module at %s: its dtype refusal is not tested\n", path);
 		return;
 	}
-	for (int dt = 4; dt <= 5; dt++)
+	for (int dt = MOE_DTYPE_COUNT; dt <= MOE_DTYPE_COUNT + 100; dt += 100)
 		for (int shared_only = 0; shared_only < 2; shared_only++) {
 			struct moe_backend *be = NULL;
 			struct moe_err err = { 0 };
@@ -168,9 +168,9 @@ START_TEST(cuda_module_refuses_unknown_dtypes_before_the_device)
 }
 END_TEST
 
-/* What the CUDA backend computes passes its supports entry: FP8 experts, a
- * shared expert in FP8 with bf16 routed ones and the other way round, and
- * gpt_oss's biased experts.  Without a device the open then fails for want
+/* What the CUDA backend computes passes its supports entry: FP8 and INT4
+ * experts, a shared expert in FP8 or INT4 with bf16 routed ones and the
+ * other way round, and gpt_oss's biased experts in bf16 and MXFP4.  Without a device the open then fails for want
  * of one (-ENODEV), never -ENOTSUP; with one it opens (after its
  * self-test). */
 START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
@@ -184,7 +184,7 @@ START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
 		.gated = true, .act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
 	};
 	const struct moe_model_config oss = {
-		.arch = MOE_ARCH_GPT_OSS, .hidden_size = 64, .moe_intermediate_size = 16,
+		.arch = MOE_ARCH_GPT_OSS, .hidden_size = 64, .moe_intermediate_size = 32,
 		.num_experts = 8, .top_k = 2, .num_hidden_layers = 1, .n_group = 1, .topk_group = 1,
 		.scoring = MOE_SCORING_SOFTMAX, .topk_method = MOE_TOPK_GREEDY, .has_bias = true,
 		.gated = true, .has_expert_bias = true, .act = MOE_ACT_SWIGLU_OAI,
@@ -195,7 +195,11 @@ START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
 		{ MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_FP8_E4M3_B128 },
 		{ MOE_DTYPE_FP8_E4M3_B128, MOE_DTYPE_BF16 },
 		{ MOE_DTYPE_BF16, MOE_DTYPE_FP8_E4M3_B128 },
+		{ MOE_DTYPE_INT4, MOE_DTYPE_INT4 },
+		{ MOE_DTYPE_INT4, MOE_DTYPE_BF16 },
+		{ MOE_DTYPE_BF16, MOE_DTYPE_INT4 },
 	};
+	const size_t np = sizeof(pairs) / sizeof(pairs[0]);
 	char path[PATH_MAX];
 
 	snprintf(path, sizeof(path), "%s/moe-backend-cuda.so", dir ? dir : "");
@@ -203,16 +207,24 @@ START_TEST(cuda_module_accepts_fp8_and_gpt_oss)
 		printf("no CUDA module at %s: what it accepts is not tested\n", path);
 		return;
 	}
-	for (size_t i = 0; i <= sizeof(pairs) / sizeof(pairs[0]); i++) {
-		struct moe_model_config cfg = i < sizeof(pairs) / sizeof(pairs[0]) ? base : oss;
+	/* the pairs, then gpt_oss in bf16 and in MXFP4 */
+	for (size_t i = 0; i < np + 2; i++) {
+		struct moe_model_config cfg = i < np ? base : oss;
 		struct moe_backend_options o = { .threads = 1, .model = &cfg };
 		struct moe_backend *be = NULL;
 		struct moe_err err = { 0 };
 		int r;
 
-		if (i < sizeof(pairs) / sizeof(pairs[0])) {
+		if (i < np) {
 			cfg.weight_dtype = pairs[i][0];
 			cfg.shared_dtype = pairs[i][1];
+			/* int4: groups of 32 with zero points and act-order */
+			if (cfg.weight_dtype == MOE_DTYPE_INT4 || cfg.shared_dtype == MOE_DTYPE_INT4) {
+				cfg.q4_group = 32;
+				cfg.q4_flags = MOE_Q4_ZEROS | MOE_Q4_PERM;
+			}
+		} else if (i == np + 1) {
+			cfg.weight_dtype = cfg.shared_dtype = MOE_DTYPE_MXFP4;
 		}
 		r = moe_backend_open("cuda", &o, &be, &err);
 		ck_assert_msg(r != -ENOTSUP && !strstr(err.msg, "no kernels"),
@@ -245,7 +257,8 @@ START_TEST(selftest_runs_the_layers_the_model_needs)
 		.act = MOE_ACT_SILU, .routed_scaling_factor = 1.0f,
 		.weight_dtype = MOE_DTYPE_BF16, .shared_dtype = MOE_DTYPE_BF16,
 	};
-	struct moe_model_config fp8 = bf16, fp8_shared = bf16, oss = bf16;
+	struct moe_model_config fp8 = bf16, fp8_shared = bf16, oss = bf16, mxfp4 = bf16, int4 = bf16;
+	struct moe_model_config int4_shared = bf16;
 	struct moe_backend_options o = { .threads = 1 };
 	struct moe_backend *cpu = NULL;
 	struct moe_err err = { 0 };
@@ -255,6 +268,12 @@ START_TEST(selftest_runs_the_layers_the_model_needs)
 	fp8_shared.shared_intermediate_size = 32;
 	fp8_shared.shared_dtype = MOE_DTYPE_FP8_E4M3_B128;
 	oss.arch = MOE_ARCH_GPT_OSS;
+	mxfp4.arch = MOE_ARCH_GPT_OSS;
+	mxfp4.weight_dtype = mxfp4.shared_dtype = MOE_DTYPE_MXFP4;
+	int4.weight_dtype = int4.shared_dtype = MOE_DTYPE_INT4;
+	int4_shared.n_shared_experts = 1;
+	int4_shared.shared_intermediate_size = 32;
+	int4_shared.shared_dtype = MOE_DTYPE_INT4;
 	ck_assert_int_eq(moe_backend_open("cpu", &o, &cpu, &err), 0);
 
 	unsetenv("MOE_BACKEND_SELFTEST_FAULT");
@@ -273,6 +292,26 @@ START_TEST(selftest_runs_the_layers_the_model_needs)
 	ck_assert_msg(moe_backend_selftest_model(cpu, &fp8, &err) == 0, "FP8 model ran gpt_oss layers: %s", err.msg);
 	ck_assert_int_eq(moe_backend_selftest_model(cpu, &oss, &err), -EIO);
 	ck_assert_msg(strstr(err.msg, "gpt_oss"), "the failure names the layer: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &mxfp4, &err), -EIO);
+
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "MXFP4", 1);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &bf16, &err) == 0, "bf16 model ran MXFP4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &oss, &err) == 0, "bf16 gpt_oss ran MXFP4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &fp8, &err) == 0, "FP8 model ran MXFP4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &int4, &err) == 0, "int4 model ran MXFP4 layers: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &mxfp4, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, "MXFP4"), "the failure names the layer: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest(cpu, &err), -EIO);
+
+	setenv("MOE_BACKEND_SELFTEST_FAULT", "int4", 1);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &bf16, &err) == 0, "bf16 model ran int4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &oss, &err) == 0, "gpt_oss ran int4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &fp8, &err) == 0, "FP8 model ran int4 layers: %s", err.msg);
+	ck_assert_msg(moe_backend_selftest_model(cpu, &mxfp4, &err) == 0, "MXFP4 model ran int4 layers: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &int4, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, "int4"), "the failure names the layer: %s", err.msg);
+	ck_assert_int_eq(moe_backend_selftest_model(cpu, &int4_shared, &err), -EIO);
+	ck_assert_int_eq(moe_backend_selftest(cpu, &err), -EIO);
 
 	setenv("MOE_BACKEND_SELFTEST_FAULT", "1", 1);
 	ck_assert_int_eq(moe_backend_selftest_model(cpu, &bf16, &err), -EIO);
