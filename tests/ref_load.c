@@ -2,8 +2,8 @@
 /*
  * The float64 reference's loader (see ref.h): a layer read straight from a
  * Hugging Face checkpoint (config.json and safetensors), every dtype
- * decoded here from its definition (bf16, f16, e4m3 with block scales),
- * each architecture's tensor names and layouts.  Written from the upstream
+ * decoded here from its definition (bf16, f16; the quantized formats in
+ * ref_quant.c), each architecture's tensor names and layouts.  Written from the upstream
  * model code, not from formats/ or the engine: keep it that way.
  */
 #include "config.h"
@@ -19,20 +19,11 @@
 #include "engine/err.h"
 #include "ref.h"
 #include "formats/safetensors.h"
+#include "ref_load_impl.h"
 
 /* ---- loading a checkpoint ---------------------------------------------- */
 
-struct loader {
-	struct moe_st_checkpoint *ck;
-	char *msg;
-	size_t msglen;
-	char quant[32];          /* quantization_config.quant_method, "" if none */
-	bool gptq_v1;            /* GPTQ checkpoint_format "gptq": zero = stored + 1 */
-	bool ct_asym;            /* compressed-tensors not symmetric */
-};
-
-__attribute__((format(printf, 3, 4)))
-static int fail(struct loader *ld, int code, const char *fmt, ...)
+int ref_ld_fail(struct loader *ld, int code, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -42,10 +33,7 @@ static int fail(struct loader *ld, int code, const char *fmt, ...)
 	return code;
 }
 
-static const struct moe_st_tensor *find(struct loader *ld, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static const struct moe_st_tensor *find(struct loader *ld, const char *fmt, ...)
+const struct moe_st_tensor *ref_ld_find(struct loader *ld, const char *fmt, ...)
 {
 	char name[512];
 	va_list ap;
@@ -60,7 +48,7 @@ static const struct moe_st_tensor *find(struct loader *ld, const char *fmt, ...)
  * Decode @count elements of tensor @t starting at element @first into
  * dst[0..count), checking that the tensor has @nelem elements in all.
  */
-static int read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
+int ref_ld_read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
 		      uint64_t first, uint64_t count, double *dst)
 {
 	struct moe_err err = {0};
@@ -71,25 +59,25 @@ static int read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t
 	for (uint32_t d = 0; d < t->ndim; d++)
 		have *= t->shape[d];
 	if (have != nelem)
-		return fail(ld, -EINVAL, "%s: %llu elements, expected %llu", t->name,
+		return ref_ld_fail(ld, -EINVAL, "%s: %llu elements, expected %llu", t->name,
 			    (unsigned long long)have, (unsigned long long)nelem);
 	if (!strcmp(t->st_dtype, "F32"))
 		esz = 4;
 	else if (!strcmp(t->st_dtype, "BF16") || !strcmp(t->st_dtype, "F16"))
 		esz = 2;
 	else
-		return fail(ld, -EINVAL, "%s: dtype %s is not one the reference reads",
+		return ref_ld_fail(ld, -EINVAL, "%s: dtype %s is not one the reference reads",
 			    t->name, t->st_dtype);
 	if (t->nbytes != nelem * esz)
-		return fail(ld, -EINVAL, "%s: %llu bytes for %llu elements of %s", t->name,
+		return ref_ld_fail(ld, -EINVAL, "%s: %llu bytes for %llu elements of %s", t->name,
 			    (unsigned long long)t->nbytes, (unsigned long long)nelem, t->st_dtype);
 	buf = malloc(count * esz);
 	if (!buf)
-		return fail(ld, -ENOMEM, "out of memory");
+		return ref_ld_fail(ld, -ENOMEM, "out of memory");
 	rc = moe_st_read(ld->ck, t, first * esz, buf, count * esz, &err);
 	if (rc < 0) {
 		free(buf);
-		return fail(ld, rc, "%s", err.msg);
+		return ref_ld_fail(ld, rc, "%s", err.msg);
 	}
 	for (uint64_t i = 0; i < count; i++) {
 		const unsigned char *b = buf + i * esz;
@@ -119,257 +107,6 @@ static int read_elems(struct loader *ld, const struct moe_st_tensor *t, uint64_t
 	return 0;
 }
 
-/* float8 e4m3fn from its definition (OCP FP8, the "fn" variant): sign,
- * 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal
- * (m/8 * 2^-6); no infinities; exponent 15 with mantissa 7 is NaN. */
-double ref_e4m3_to_double(uint8_t c)
-{
-	int e = (c >> 3) & 15, m = c & 7;
-	double v;
-
-	if (e == 15 && m == 7)
-		return NAN;
-	v = e ? ldexp(1.0 + m / 8.0, e - 7) : ldexp(m / 8.0, -6);
-	return c & 0x80 ? -v : v;
-}
-
-/*
- * An F8_E4M3 matrix [R][C] with its X_scale_inv [ceil(R/128)][ceil(C/128)]
- * (ARCHITECTURE.md 4.1a; DeepSeek-V3's weight_dequant): w[i][j] =
- * e4m3(code[i][j]) * scale[i/128][j/128], in double.
- */
-static int read_fp8(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem, double *dst)
-{
-	const struct moe_st_tensor *st;
-	struct moe_err err = {0};
-	uint64_t R, C, kb;
-	unsigned char *codes;
-	double *sc;
-	int rc;
-
-	if (t->ndim != 2 || t->shape[0] * t->shape[1] != nelem || t->nbytes != nelem)
-		return fail(ld, -EINVAL, "%s: an FP8 matrix of %llu elements expected", t->name,
-			    (unsigned long long)nelem);
-	R = t->shape[0];
-	C = t->shape[1];
-	kb = (C + 127) / 128;
-	st = find(ld, "%s_scale_inv", t->name);
-	if (!st)
-		return fail(ld, -ENOENT, "%s_scale_inv: not in the checkpoint", t->name);
-	if (st->ndim != 2 || st->shape[0] != (R + 127) / 128 || st->shape[1] != kb)
-		return fail(ld, -EINVAL, "%s: bad scale shape", st->name);
-	codes = malloc(nelem ? nelem : 1);
-	sc = malloc(sizeof(double) * st->shape[0] * kb);
-	if (!codes || !sc) {
-		free(codes);
-		free(sc);
-		return fail(ld, -ENOMEM, "out of memory");
-	}
-	rc = moe_st_read(ld->ck, t, 0, codes, nelem, &err);
-	if (rc < 0)
-		rc = fail(ld, rc, "%s", err.msg);
-	else
-		rc = read_elems(ld, st, st->shape[0] * kb, 0, st->shape[0] * kb, sc);
-	if (rc == 0)
-		for (uint64_t i = 0; i < R; i++)
-			for (uint64_t j = 0; j < C; j++)
-				dst[i * C + j] = ref_e4m3_to_double(codes[i * C + j]) * sc[i / 128 * kb + j / 128];
-	free(codes);
-	free(sc);
-	return rc;
-}
-
-/*
- * MXFP4 from the OCP Microscaling spec and gpt-oss's release: @pfx_blocks
- * [E, N, K/32, 16] U8, two e2m1 values a byte, the low nibble first;
- * @pfx_scales [E, N, K/32] U8, E8M0 (2^(s - 127), 255 NaN), one per 32
- * values.  Decoded into *ret as [E][N][K] doubles, as transformers'
- * convert_moe_packed_tensors does before its transpose.
- */
-static double ref_e2m1_to_double(unsigned c)
-{
-	unsigned e = (c >> 1) & 3u, m = c & 1u;
-	double v = e ? ldexp(1.0 + m / 2.0, (int)e - 1) : m / 2.0;
-
-	return c & 8u ? -v : v;
-}
-
-static int read_mxfp4(struct loader *ld, const char *pfx, uint64_t E, uint64_t N, uint64_t K, double **ret)
-{
-	const struct moe_st_tensor *tb = find(ld, "%s_blocks", pfx), *ts = find(ld, "%s_scales", pfx);
-	uint64_t nb = E * N * (K / 32);
-	struct moe_err err = {0};
-	unsigned char *codes, *sc;
-	double *d;
-	int rc;
-
-	if (!tb || !ts)
-		return fail(ld, -ENOENT, "%s_blocks or _scales: not in the checkpoint", pfx);
-	if (K % 32 || tb->ndim != 4 || tb->shape[0] != E || tb->shape[1] != N || tb->shape[2] != K / 32 ||
-	    tb->shape[3] != 16 || strcmp(tb->st_dtype, "U8") || ts->ndim != 3 || ts->shape[0] != E ||
-	    ts->shape[1] != N || ts->shape[2] != K / 32 || strcmp(ts->st_dtype, "U8"))
-		return fail(ld, -EINVAL, "%s_blocks/_scales: not [%llu, %llu, %llu/32, 16] and [.., .., ..] U8",
-			    pfx, (unsigned long long)E, (unsigned long long)N, (unsigned long long)K);
-	codes = malloc(nb * 16);
-	sc = malloc(nb);
-	d = malloc(sizeof(double) * nb * 32);
-	if (!codes || !sc || !d) {
-		rc = fail(ld, -ENOMEM, "out of memory");
-		goto out;
-	}
-	rc = moe_st_read(ld->ck, tb, 0, codes, nb * 16, &err);
-	if (rc == 0)
-		rc = moe_st_read(ld->ck, ts, 0, sc, nb, &err);
-	if (rc < 0) {
-		rc = fail(ld, rc, "%s", err.msg);
-		goto out;
-	}
-	for (uint64_t b = 0; b < nb; b++)
-		for (unsigned i = 0; i < 32; i++) {
-			unsigned c = i % 2 ? codes[b * 16 + i / 2] >> 4 : codes[b * 16 + i / 2] & 15u;
-
-			d[b * 32 + i] = sc[b] == 255 ? NAN : ldexp(ref_e2m1_to_double(c), (int)sc[b] - 127);
-		}
-	*ret = d;
-	d = NULL;
-out:
-	free(codes);
-	free(sc);
-	free(d);
-	return rc;
-}
-
-/* Tensor @base.@suffix decoded to doubles (any float dtype, or int32),
- * NULL when absent. */
-static double *aux(struct loader *ld, const char *base, const char *suffix, uint64_t n)
-{
-	const struct moe_st_tensor *t = find(ld, "%s.%s", base, suffix);
-	double *d;
-
-	if (!t || t->nbytes == 0)
-		return NULL;
-	d = malloc(sizeof(double) * n);
-	if (!d)
-		return NULL;
-	if (!strcmp(t->st_dtype, "I32")) {
-		int32_t *v = malloc(t->nbytes);
-		struct moe_err err = {0};
-
-		if (!v || t->nbytes != n * 4 || moe_st_read(ld->ck, t, 0, v, t->nbytes, &err) < 0) {
-			free(v);
-			free(d);
-			return NULL;
-		}
-		for (uint64_t i = 0; i < n; i++)
-			d[i] = (double)v[i];
-		free(v);
-		return d;
-	}
-	if (read_elems(ld, t, n, 0, n, d) < 0) {
-		free(d);
-		return NULL;
-	}
-	return d;
-}
-
-/* Nibble @i (bits 4i .. 4i+3) of the int32 @v held as a double. */
-static unsigned nib(double v, unsigned i)
-{
-	return ((uint32_t)(int32_t)v >> (4 * i)) & 15u;
-}
-
-/*
- * An int4 matrix [N][K] from its packed int32 tensor @t, as each project
- * dequantizes it:
- *   GPTQ (auto_gptq's dequantize): qweight [K/8][N], k in nibble k % 8;
- *     qzeros [K/G][N/8], n in nibble n % 8, plus one for checkpoint_format
- *     "gptq"; scales [K/G][N]; input column k uses group g_idx[k].
- *   AWQ (awq/utils/packing_utils.py, reverse order [0, 4, 1, 5, 2, 6, 3,
- *     7]): qweight [K][N/8] and qzeros [K/G][N/8], column 8c + j in
- *     nibble order[j]; scales [K/G][N]; group k / G.
- *   compressed-tensors (unpack_from_int32, minus the offset 8):
- *     weight_packed [N][K/8], k in nibble k % 8; weight_scale [N][K/G];
- *     asymmetric, weight_zero_point [N/8][K/G] packed along N, n in
- *     nibble n % 8, also minus 8.
- */
-static int read_int4(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem, double *dst)
-{
-	static const unsigned awq_rev[8] = { 0, 4, 1, 5, 2, 6, 3, 7 };
-	const char *dot = strrchr(t->name, '.');
-	char base[512];
-	bool ct = dot && !strcmp(dot, ".weight_packed"), awq = !strcmp(ld->quant, "awq");
-	uint64_t N, K, ng;
-	double *q = NULL, *s = NULL, *z = NULL, *gi = NULL;
-	int rc = 0;
-
-	if (!dot || (!ct && strcmp(dot, ".qweight")) || t->ndim != 2)
-		return fail(ld, -EINVAL, "%s: an I32 tensor that is no int4 weight", t->name);
-	snprintf(base, sizeof(base), "%.*s", (int)(dot - t->name), t->name);
-	if (ct) {
-		N = t->shape[0];
-		K = t->shape[1] * 8;
-	} else if (awq) {
-		K = t->shape[0];
-		N = t->shape[1] * 8;
-	} else {
-		K = t->shape[0] * 8;
-		N = t->shape[1];
-	}
-	if (N * K != nelem)
-		return fail(ld, -EINVAL, "%s: %llu x %llu codes, %llu weights expected", t->name,
-			    (unsigned long long)N, (unsigned long long)K, (unsigned long long)nelem);
-	q = aux(ld, base, ct ? "weight_packed" : "qweight", N * K / 8);
-	{
-		const struct moe_st_tensor *st = find(ld, "%s.%s", base, ct ? "weight_scale" : "scales");
-
-		if (!st || st->ndim != 2)
-			return fail(ld, -ENOENT, "%s: no scales", t->name);
-		ng = ct ? st->shape[1] : st->shape[0];
-		s = aux(ld, base, ct ? "weight_scale" : "scales", N * ng);
-	}
-	if (!ct)
-		z = aux(ld, base, "qzeros", ng * N / 8);
-	else if (ld->ct_asym)
-		z = aux(ld, base, "weight_zero_point", N / 8 * ng);
-	if (!ct && !awq)
-		gi = aux(ld, base, "g_idx", K);
-	if (!q || !s || ((!ct || ld->ct_asym) && !z) || ng == 0 || K % ng) {
-		rc = fail(ld, -EINVAL, "%s: int4 tensors missing or misshapen", t->name);
-		goto out;
-	}
-	for (uint64_t n = 0; n < N; n++)
-		for (uint64_t k = 0; k < K; k++) {
-			uint64_t g = gi ? (uint64_t)gi[k] : k / (K / ng);
-			double qv, zv, sv;
-
-			if (g >= ng) {
-				rc = fail(ld, -EINVAL, "%s: g_idx out of range", t->name);
-				goto out;
-			}
-			if (ct) {
-				/* the value and the zero point both stored plus 8 */
-				qv = (double)nib(q[n * (K / 8) + k / 8], (unsigned)(k % 8)) - 8;
-				zv = z ? (double)nib(z[(n / 8) * ng + g], (unsigned)(n % 8)) - 8 : 0;
-				sv = s[n * ng + g];
-			} else if (awq) {
-				qv = nib(q[k * (N / 8) + n / 8], awq_rev[n % 8]);
-				zv = nib(z[g * (N / 8) + n / 8], awq_rev[n % 8]);
-				sv = s[g * N + n];
-			} else {
-				qv = nib(q[(k / 8) * N + n], (unsigned)(k % 8));
-				zv = nib(z[g * (N / 8) + n / 8], (unsigned)(n % 8)) + (ld->gptq_v1 ? 1 : 0);
-				sv = s[g * N + n];
-			}
-			dst[n * K + k] = (qv - zv) * sv;
-		}
-out:
-	free(q);
-	free(s);
-	free(z);
-	free(gi);
-	return rc;
-}
-
 /* Allocate and read a whole tensor of @nelem elements (an FP8 matrix
  * dequantized with its scales). */
 static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_t nelem,
@@ -379,13 +116,13 @@ static int read_tensor(struct loader *ld, const struct moe_st_tensor *t, uint64_
 	int rc;
 
 	if (!d)
-		return fail(ld, -ENOMEM, "out of memory");
+		return ref_ld_fail(ld, -ENOMEM, "out of memory");
 	if (!strcmp(t->st_dtype, "F8_E4M3"))
-		rc = read_fp8(ld, t, nelem, d);
+		rc = ref_ld_read_fp8(ld, t, nelem, d);
 	else if (!strcmp(t->st_dtype, "I32"))
-		rc = read_int4(ld, t, nelem, d);
+		rc = ref_ld_read_int4(ld, t, nelem, d);
 	else
-		rc = read_elems(ld, t, nelem, 0, nelem, d);
+		rc = ref_ld_read_elems(ld, t, nelem, 0, nelem, d);
 	if (rc < 0) {
 		free(d);
 		return rc;
@@ -457,7 +194,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 	snprintf(path, sizeof(path), "%s/config.json", hf_dir);
 	cfg = json_load_file(path, 0, &jerr);
 	if (!cfg)
-		return fail(ld, -EINVAL, "%s: %s", path, jerr.text);
+		return ref_ld_fail(ld, -EINVAL, "%s: %s", path, jerr.text);
 	{
 		json_t *q = json_object_get(cfg, "quantization_config");
 
@@ -484,7 +221,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 			found = true;
 		}
 	if (!found) {
-		rc = fail(ld, -EINVAL, "%s: model_type \"%s\" unknown to the reference", path, mt);
+		rc = ref_ld_fail(ld, -EINVAL, "%s: model_type \"%s\" unknown to the reference", path, mt);
 		goto out;
 	}
 
@@ -499,7 +236,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 	else if (!strcmp(act, "relu"))
 		l->act = MOE_ACT_RELU;
 	else {
-		rc = fail(ld, -EINVAL, "%s: hidden_act \"%s\" unknown to the reference", path, act);
+		rc = ref_ld_fail(ld, -EINVAL, "%s: hidden_act \"%s\" unknown to the reference", path, act);
 		goto out;
 	}
 
@@ -532,21 +269,21 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		r->routed_scaling_factor = json_num(cfg, "routed_scaling_factor", v3 ? 2.5 : 1.0);
 		method = json_str(cfg, "topk_method", v3 ? "noaux_tc" : "greedy");
 		if (v3 && strcmp(method, "noaux_tc")) {
-			rc = fail(ld, -EINVAL, "%s: topk_method \"%s\" for deepseek_v3", path, method);
+			rc = ref_ld_fail(ld, -EINVAL, "%s: topk_method \"%s\" for deepseek_v3", path, method);
 			goto out;
 		}
 		if (!v3) {
 			if (!strcmp(method, "group_limited_greedy"))
 				r->group_limited = true;
 			else if (strcmp(method, "greedy") && strcmp(method, "gready")) {
-				rc = fail(ld, -EINVAL, "%s: topk_method \"%s\" unknown to the reference",
+				rc = ref_ld_fail(ld, -EINVAL, "%s: topk_method \"%s\" unknown to the reference",
 					  path, method);
 				goto out;
 			}
 		}
 		if (strcmp(json_str(cfg, "scoring_func", v3 ? "sigmoid" : "softmax"),
 			   v3 ? "sigmoid" : "softmax")) {
-			rc = fail(ld, -EINVAL, "%s: unexpected scoring_func", path);
+			rc = ref_ld_fail(ld, -EINVAL, "%s: unexpected scoring_func", path);
 			goto out;
 		}
 		break;
@@ -563,7 +300,7 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		r->routed_scaling_factor = json_num(cfg, "routed_scaling_factor", 1.0);
 		if (strcmp(json_str(cfg, "scoring_func", "sigmoid"), "sigmoid") ||
 		    strcmp(json_str(cfg, "topk_method", "noaux_tc"), "noaux_tc")) {
-			rc = fail(ld, -EINVAL, "%s: glm4_moe with another scoring_func or topk_method", path);
+			rc = ref_ld_fail(ld, -EINVAL, "%s: glm4_moe with another scoring_func or topk_method", path);
 			goto out;
 		}
 		break;
@@ -581,14 +318,14 @@ static int read_config(struct loader *ld, const char *hf_dir, struct ref_layer *
 		break;
 	}
 	if (rc < 0) {
-		rc = fail(ld, rc, "%s: a size field is not a non-negative integer", path);
+		rc = ref_ld_fail(ld, rc, "%s: a size field is not a non-negative integer", path);
 		goto out;
 	}
 	if (r->num_experts == 0 || r->num_experts > REF_MAX_EXPERTS || r->top_k == 0 ||
 	    r->top_k > r->num_experts || r->n_group == 0 || r->num_experts % r->n_group ||
 	    r->topk_group == 0 || r->topk_group > r->n_group ||
 	    r->topk_group * (r->num_experts / r->n_group) < r->top_k)
-		rc = fail(ld, -EINVAL, "%s: routing fields out of range for the reference", path);
+		rc = ref_ld_fail(ld, -EINVAL, "%s: routing fields out of range for the reference", path);
 out:
 	json_decref(cfg);
 	return rc;
@@ -598,12 +335,12 @@ out:
  * when the checkpoint quantized it; NULL when none. */
 static const struct moe_st_tensor *find_w(struct loader *ld, const char *pfx, const char *name)
 {
-	const struct moe_st_tensor *t = find(ld, "%s%s.weight", pfx, name);
+	const struct moe_st_tensor *t = ref_ld_find(ld, "%s%s.weight", pfx, name);
 
 	if (!t)
-		t = find(ld, "%s%s.qweight", pfx, name);
+		t = ref_ld_find(ld, "%s%s.qweight", pfx, name);
 	if (!t)
-		t = find(ld, "%s%s.weight_packed", pfx, name);
+		t = ref_ld_find(ld, "%s%s.weight_packed", pfx, name);
 	return t;
 }
 
@@ -651,16 +388,16 @@ static int read_mlp(struct loader *ld, const char *pfx, bool mixtral_names, uint
 	int rc;
 
 	if (!tu || !td)
-		return fail(ld, -ENOENT, "%s%s.weight or %s.weight: not in the checkpoint", pfx, un, dn);
+		return ref_ld_fail(ld, -ENOENT, "%s%s.weight or %s.weight: not in the checkpoint", pfx, un, dn);
 	w_shape(ld, tu, &ur, &uc);
 	w_shape(ld, td, &dr, &dc);
 	if (tg)
 		w_shape(ld, tg, &gr, &gc);
 	if (uc != H || ur == 0 || ur > (1u << 20))
-		return fail(ld, -EINVAL, "%s: bad shape", tu->name);
+		return ref_ld_fail(ld, -EINVAL, "%s: bad shape", tu->name);
 	I = (uint32_t)ur;
 	if (dr != H || dc != I || (tg && (gr != I || gc != H)))
-		return fail(ld, -EINVAL, "%s: shapes disagree with %s", pfx, tu->name);
+		return ref_ld_fail(ld, -EINVAL, "%s: shapes disagree with %s", pfx, tu->name);
 	*g = NULL;
 	if (tg && (rc = read_tensor(ld, tg, (uint64_t)I * H, g)) < 0)
 		return rc;
@@ -676,13 +413,13 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 			struct ref_layer *l)
 {
 	uint32_t E = l->routing.num_experts, H = l->hidden;
-	const struct moe_st_tensor *fgu = find(ld, "%sexperts.gate_up_proj", pfx);
-	const struct moe_st_tensor *fd = find(ld, "%sexperts.down_proj", pfx);
+	const struct moe_st_tensor *fgu = ref_ld_find(ld, "%sexperts.gate_up_proj", pfx);
+	const struct moe_st_tensor *fd = ref_ld_find(ld, "%sexperts.down_proj", pfx);
 	int rc;
 
 	if (!fgu && alt_pfx) {
-		fgu = find(ld, "%sexperts.gate_up_proj", alt_pfx);
-		fd = find(ld, "%sexperts.down_proj", alt_pfx);
+		fgu = ref_ld_find(ld, "%sexperts.gate_up_proj", alt_pfx);
+		fd = ref_ld_find(ld, "%sexperts.down_proj", alt_pfx);
 	}
 	if (fgu) {
 		/* transformers v5 fused layout: gate_up_proj [E, 2I, H] gate rows
@@ -690,24 +427,24 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 		uint32_t I;
 
 		if (!fd)
-			return fail(ld, -ENOENT, "%s: fused down_proj missing", fgu->name);
+			return ref_ld_fail(ld, -ENOENT, "%s: fused down_proj missing", fgu->name);
 		if (fgu->ndim != 3 || fgu->shape[0] != E || fgu->shape[2] != H ||
 		    fgu->shape[1] % 2 || fgu->shape[1] == 0)
-			return fail(ld, -EINVAL, "%s: bad fused shape", fgu->name);
+			return ref_ld_fail(ld, -EINVAL, "%s: bad fused shape", fgu->name);
 		I = (uint32_t)(fgu->shape[1] / 2);
 		if (!shape_is(fd, E, H, I))
-			return fail(ld, -EINVAL, "%s: bad fused shape", fd->name);
+			return ref_ld_fail(ld, -EINVAL, "%s: bad fused shape", fd->name);
 		size_t esz = (size_t)I * H;
 		l->inter = I;
 		l->gated = true;
 		l->gate = malloc(sizeof(double) * esz * E);
 		l->up = malloc(sizeof(double) * esz * E);
 		if (!l->gate || !l->up)
-			return fail(ld, -ENOMEM, "out of memory");
+			return ref_ld_fail(ld, -ENOMEM, "out of memory");
 		for (uint32_t j = 0; j < E; j++) {
-			if ((rc = read_elems(ld, fgu, (uint64_t)E * 2 * esz, (uint64_t)j * 2 * esz,
+			if ((rc = ref_ld_read_elems(ld, fgu, (uint64_t)E * 2 * esz, (uint64_t)j * 2 * esz,
 					     esz, l->gate + j * esz)) < 0 ||
-			    (rc = read_elems(ld, fgu, (uint64_t)E * 2 * esz,
+			    (rc = ref_ld_read_elems(ld, fgu, (uint64_t)E * 2 * esz,
 					     (uint64_t)j * 2 * esz + esz, esz, l->up + j * esz)) < 0)
 				return rc;
 		}
@@ -737,14 +474,14 @@ static int read_experts(struct loader *ld, const char *pfx, const char *alt_pfx,
 				free(g);
 				free(u);
 				free(d);
-				return fail(ld, -ENOMEM, "out of memory");
+				return ref_ld_fail(ld, -ENOMEM, "out of memory");
 			}
 		}
 		if (I != l->inter || gated != l->gated) {
 			free(g);
 			free(u);
 			free(d);
-			return fail(ld, -EINVAL, "%s: differs in shape from expert 0", epfx);
+			return ref_ld_fail(ld, -EINVAL, "%s: differs in shape from expert 0", epfx);
 		}
 		size_t esz = (size_t)I * H;
 		if (gated)
@@ -777,30 +514,30 @@ static int read_gpt_oss_mxfp4(struct loader *ld, const char *pfx, struct ref_lay
 static int read_gpt_oss(struct loader *ld, const char *pfx, struct ref_layer *l)
 {
 	uint32_t E = l->routing.num_experts, H, I;
-	const struct moe_st_tensor *tr = find(ld, "%srouter.weight", pfx);
-	const struct moe_st_tensor *tb = find(ld, "%srouter.bias", pfx);
-	const struct moe_st_tensor *tgu = find(ld, "%sexperts.gate_up_proj", pfx);
-	const struct moe_st_tensor *tgub = find(ld, "%sexperts.gate_up_proj_bias", pfx);
-	const struct moe_st_tensor *td = find(ld, "%sexperts.down_proj", pfx);
-	const struct moe_st_tensor *tdb = find(ld, "%sexperts.down_proj_bias", pfx);
-	const struct moe_st_tensor *mgu = find(ld, "%sexperts.gate_up_proj_blocks", pfx);
+	const struct moe_st_tensor *tr = ref_ld_find(ld, "%srouter.weight", pfx);
+	const struct moe_st_tensor *tb = ref_ld_find(ld, "%srouter.bias", pfx);
+	const struct moe_st_tensor *tgu = ref_ld_find(ld, "%sexperts.gate_up_proj", pfx);
+	const struct moe_st_tensor *tgub = ref_ld_find(ld, "%sexperts.gate_up_proj_bias", pfx);
+	const struct moe_st_tensor *td = ref_ld_find(ld, "%sexperts.down_proj", pfx);
+	const struct moe_st_tensor *tdb = ref_ld_find(ld, "%sexperts.down_proj_bias", pfx);
+	const struct moe_st_tensor *mgu = ref_ld_find(ld, "%sexperts.gate_up_proj_blocks", pfx);
 	double *gu = NULL, *dn = NULL;
 	int rc;
 
 	if (!tgu && mgu && tr && tr->ndim == 2)
 		return read_gpt_oss_mxfp4(ld, pfx, l, mgu);
 	if (!tr || !tb || !tgu || !tgub || !td || !tdb)
-		return fail(ld, -ENOENT, "%s: a gpt_oss router or expert tensor is missing", pfx);
+		return ref_ld_fail(ld, -ENOENT, "%s: a gpt_oss router or expert tensor is missing", pfx);
 	if (tr->ndim != 2 || tr->shape[0] != E || tr->shape[1] == 0 || tr->shape[1] > (1u << 20))
-		return fail(ld, -EINVAL, "%s: shape is not [%u, H]", tr->name, E);
+		return ref_ld_fail(ld, -EINVAL, "%s: shape is not [%u, H]", tr->name, E);
 	H = l->hidden = (uint32_t)tr->shape[1];
 	if (tgu->ndim != 3 || tgu->shape[0] != E || tgu->shape[1] != H || tgu->shape[2] % 2 ||
 	    tgu->shape[2] == 0 || tgu->shape[2] > (1u << 21))
-		return fail(ld, -EINVAL, "%s: shape is not [%u, %u, 2I]", tgu->name, E, H);
+		return ref_ld_fail(ld, -EINVAL, "%s: shape is not [%u, %u, 2I]", tgu->name, E, H);
 	I = l->inter = (uint32_t)(tgu->shape[2] / 2);
 	if (!shape_is(td, E, I, H) || !shape_is(tgub, E, 2 * I, 0) || !shape_is(tdb, E, H, 0) ||
 	    tb->ndim != 1 || tb->shape[0] != E)
-		return fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, tgu->name);
+		return ref_ld_fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, tgu->name);
 	l->gated = true;
 	snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", tgu->st_dtype);
 	size_t esz = (size_t)I * H;
@@ -820,31 +557,31 @@ static int read_gpt_oss_mxfp4(struct loader *ld, const char *pfx, struct ref_lay
 			      const struct moe_st_tensor *mgu)
 {
 	uint32_t E = l->routing.num_experts, H, I;
-	const struct moe_st_tensor *tr = find(ld, "%srouter.weight", pfx);
-	const struct moe_st_tensor *tb = find(ld, "%srouter.bias", pfx);
-	const struct moe_st_tensor *tgub = find(ld, "%sexperts.gate_up_proj_bias", pfx);
-	const struct moe_st_tensor *tdb = find(ld, "%sexperts.down_proj_bias", pfx);
+	const struct moe_st_tensor *tr = ref_ld_find(ld, "%srouter.weight", pfx);
+	const struct moe_st_tensor *tb = ref_ld_find(ld, "%srouter.bias", pfx);
+	const struct moe_st_tensor *tgub = ref_ld_find(ld, "%sexperts.gate_up_proj_bias", pfx);
+	const struct moe_st_tensor *tdb = ref_ld_find(ld, "%sexperts.down_proj_bias", pfx);
 	double *mx = NULL, *gu = NULL, *dn = NULL;
 	char name[512];
 	int rc;
 
 	if (!tb || !tgub || !tdb)
-		return fail(ld, -ENOENT, "%s: a gpt_oss router or expert bias is missing", pfx);
+		return ref_ld_fail(ld, -ENOENT, "%s: a gpt_oss router or expert bias is missing", pfx);
 	H = l->hidden = (uint32_t)tr->shape[1];
 	if (mgu->ndim != 4 || mgu->shape[1] % 2 || mgu->shape[1] == 0 || mgu->shape[1] > (1u << 21))
-		return fail(ld, -EINVAL, "%s: shape is not [E, 2I, H/32, 16]", mgu->name);
+		return ref_ld_fail(ld, -EINVAL, "%s: shape is not [E, 2I, H/32, 16]", mgu->name);
 	I = l->inter = (uint32_t)(mgu->shape[1] / 2);
 	if (!shape_is(tgub, E, 2 * I, 0) || !shape_is(tdb, E, H, 0) || tb->ndim != 1 || tb->shape[0] != E)
-		return fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, mgu->name);
+		return ref_ld_fail(ld, -EINVAL, "%s: gpt_oss shapes disagree with %s", pfx, mgu->name);
 	l->gated = true;
 	snprintf(l->weight_dtype, sizeof(l->weight_dtype), "%s", mgu->st_dtype);   /* U8 */
 	size_t esz = (size_t)I * H;
 	snprintf(name, sizeof(name), "%sexperts.gate_up_proj", pfx);
-	rc = read_mxfp4(ld, name, E, 2 * (uint64_t)I, H, &mx);
+	rc = ref_ld_read_mxfp4(ld, name, E, 2 * (uint64_t)I, H, &mx);
 	gu = malloc(sizeof(double) * 2 * esz * E);
 	dn = malloc(sizeof(double) * esz * E);
 	if (rc == 0 && (!gu || !dn))
-		rc = fail(ld, -ENOMEM, "out of memory");
+		rc = ref_ld_fail(ld, -ENOMEM, "out of memory");
 	for (size_t j = 0; rc == 0 && j < E; j++)          /* [2I][H] -> [H][2I] */
 		for (size_t n = 0; n < 2 * (size_t)I; n++)
 			for (size_t h = 0; h < H; h++)
@@ -853,7 +590,7 @@ static int read_gpt_oss_mxfp4(struct loader *ld, const char *pfx, struct ref_lay
 	mx = NULL;
 	snprintf(name, sizeof(name), "%sexperts.down_proj", pfx);
 	if (rc == 0)
-		rc = read_mxfp4(ld, name, E, H, I, &mx);
+		rc = ref_ld_read_mxfp4(ld, name, E, H, I, &mx);
 	for (size_t j = 0; rc == 0 && j < E; j++)          /* [H][I] -> [I][H] */
 		for (size_t h = 0; h < H; h++)
 			for (size_t i = 0; i < I; i++)
@@ -888,7 +625,7 @@ static int gpt_oss_split(struct loader *ld, struct ref_layer *l, const struct mo
 	l->gate_bias = malloc(sizeof(double) * (size_t)I * E);
 	l->up_bias = malloc(sizeof(double) * (size_t)I * E);
 	if (!l->gate || !l->up || !l->down || !l->gate_bias || !l->up_bias) {
-		rc = fail(ld, -ENOMEM, "out of memory");
+		rc = ref_ld_fail(ld, -ENOMEM, "out of memory");
 		goto out;
 	}
 	for (size_t j = 0; j < E; j++) {
@@ -923,13 +660,13 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 	int rc;
 
 	if (!l)
-		return fail(&ld, -ENOMEM, "out of memory");
+		return ref_ld_fail(&ld, -ENOMEM, "out of memory");
 	l->layer = layer;
 	if ((rc = read_config(&ld, hf_dir, l)) < 0)
 		goto bad;
 	rc = moe_st_checkpoint_open(hf_dir, &ld.ck, &err);
 	if (rc < 0) {
-		rc = fail(&ld, rc, "%s", err.msg);
+		rc = ref_ld_fail(&ld, rc, "%s", err.msg);
 		goto bad;
 	}
 	mixtral = l->routing.arch == MOE_ARCH_MIXTRAL;
@@ -945,15 +682,15 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 		*ret = l;
 		return 0;
 	}
-	t = find(&ld, "%sgate.weight", pfx);
+	t = ref_ld_find(&ld, "%sgate.weight", pfx);
 	if (!t && mixtral)
-		t = find(&ld, "%sgate.weight", alt);
+		t = ref_ld_find(&ld, "%sgate.weight", alt);
 	if (!t) {
-		rc = fail(&ld, -ENOENT, "%sgate.weight: not in the checkpoint", pfx);
+		rc = ref_ld_fail(&ld, -ENOENT, "%sgate.weight: not in the checkpoint", pfx);
 		goto bad;
 	}
 	if (t->ndim != 2 || t->shape[0] != E || t->shape[1] == 0 || t->shape[1] > (1u << 20)) {
-		rc = fail(&ld, -EINVAL, "%s: shape is not [%u, H]", t->name, E);
+		rc = ref_ld_fail(&ld, -EINVAL, "%s: shape is not [%u, H]", t->name, E);
 		goto bad;
 	}
 	H = l->hidden = (uint32_t)t->shape[1];
@@ -961,9 +698,9 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 		goto bad;
 
 	if (l->routing.arch == MOE_ARCH_DEEPSEEK_V3 || l->routing.arch == MOE_ARCH_GLM4_MOE) {
-		t = find(&ld, "%sgate.e_score_correction_bias", pfx);
+		t = ref_ld_find(&ld, "%sgate.e_score_correction_bias", pfx);
 		if (!t) {
-			rc = fail(&ld, -ENOENT, "%sgate.e_score_correction_bias: missing", pfx);
+			rc = ref_ld_fail(&ld, -ENOENT, "%sgate.e_score_correction_bias: missing", pfx);
 			goto bad;
 		}
 		if ((rc = read_tensor(&ld, t, E, &l->bias)) < 0)
@@ -982,9 +719,9 @@ int ref_layer_load(const char *hf_dir, uint32_t layer, struct ref_layer **ret,
 			if ((rc = read_mlp(&ld, spfx, false, H, &l->shared_inter, &l->shared_gated,
 					   &l->sh_gate, &l->sh_up, &l->sh_down)) < 0)
 				goto bad;
-			t = find(&ld, "%sshared_expert_gate.weight", pfx);
+			t = ref_ld_find(&ld, "%sshared_expert_gate.weight", pfx);
 			if (!t) {
-				rc = fail(&ld, -ENOENT, "%sshared_expert_gate.weight: missing", pfx);
+				rc = ref_ld_fail(&ld, -ENOENT, "%sshared_expert_gate.weight: missing", pfx);
 				goto bad;
 			}
 			if ((rc = read_tensor(&ld, t, H, &l->sh_gate_vec)) < 0)
