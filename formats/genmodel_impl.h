@@ -149,4 +149,8 @@ void gen_mxfp4_band(const struct gen_tensor *w, uint64_t key, uint64_t r0, float
  * [ceil(rows/128)][ceil(cols/128)]; @tmp as for gen_fp8_band. */
 void gen_fp8_scales(const struct gen_tensor *w, uint64_t key, float *tmp, float *out);
 
+/* The int4 options of @o (--quant gptq|awq|ct-int4, --group-size,
+ * --desc-act, --sym) checked and set in @d (genq4.c). */
+int gen_resolve_q4(const struct moe_gen_options *o, struct gen_dims *d, struct moe_err *err);
+
 #endif

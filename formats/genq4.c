@@ -213,3 +213,35 @@ int gen_q4_tensor(const struct gen_dims *d, const struct gen_tensor *t, uint64_t
 	}
 	return 0;
 }
+
+/* --quant gptq | awq | ct-int4 and their options, checked into @d. */
+int gen_resolve_q4(const struct moe_gen_options *o, struct gen_dims *d, struct moe_err *err)
+{
+	const char *f = o->quant_int4;
+
+	if (!f) {
+		if (o->q4_group_size || o->q4_desc_act || o->q4_sym)
+			return moe_err_set(err, -EINVAL, "--group-size, --desc-act and --sym need --quant "
+					   "gptq, awq or ct-int4");
+		return 0;
+	}
+	if (!strcmp(f, "gptq"))
+		d->q4 = MOE_Q4F_GPTQ;
+	else if (!strcmp(f, "awq"))
+		d->q4 = MOE_Q4F_AWQ;
+	else if (!strcmp(f, "ct-int4"))
+		d->q4 = MOE_Q4F_CT;
+	else
+		return moe_err_set(err, -EINVAL, "--quant %s: unknown (fp8, gptq, awq, ct-int4)", f);
+	if (d->fp8)
+		return moe_err_set(err, -EINVAL, "--quant fp8 and --quant %s cannot be combined", f);
+	if ((o->q4_desc_act || o->q4_sym) && d->q4 != MOE_Q4F_GPTQ)
+		return moe_err_set(err, -EINVAL, "--desc-act and --sym are GPTQ's (--quant gptq), not %s", f);
+	if (o->q4_group_size < -1 || (o->q4_group_size > 0 && o->q4_group_size % 16))
+		return moe_err_set(err, -EINVAL, "--group-size %d: a multiple of 16, or -1 for one group "
+				   "per row", (int)o->q4_group_size);
+	d->q4_group = o->q4_group_size == 0 ? 128 : o->q4_group_size < 0 ? 0 : (uint32_t)o->q4_group_size;
+	d->q4_desc_act = o->q4_desc_act;
+	d->q4_sym = o->q4_sym;
+	return 0;
+}
