@@ -166,13 +166,14 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 
 			s[r] = _mm256_set1_ps(sr);
 			zs[r] = _mm256_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr);
+			/* one tile ahead, as avx512_tile_q4i says why */
+			_mm_prefetch((const char *)row[r] + g * G / 2 + (size_t)R * K / 2, _MM_HINT_T0);
 		}
 		for (size_t k = g * G; k < (g + 1) * G; k += 8) {
 			__m256 w[Q4_RMAX];
 
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
-				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
 				/* q s - z s: both products exact, so the one rounding
 				 * of the fused form gives (q - z) s exactly */
 				w[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(avx2_nibbles(row[r] + k / 2, shifts)),
