@@ -31,6 +31,20 @@
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/*
+ * Input column of stored column @j of a permuted matrix.  A store's
+ * permutation is checked by nothing at load time (pack writes true ones and
+ * blobs are checksummed), so an index past the row is clamped: a damaged
+ * or crafted store gives wrong numbers, never a read outside x.  The vector
+ * gathers clamp the same way (min with K - 1).
+ */
+static inline size_t q4_col(const struct moe_q4_matrix *m, size_t j)
+{
+	uint32_t p = m->perm[j];
+
+	return p < m->K ? p : m->K - 1;
+}
+
 void moe_q4_matrix_at(const void *m, uint32_t q4_group, uint32_t q4_flags, size_t N, size_t K,
 		      struct moe_q4_matrix *ret)
 {
@@ -100,7 +114,7 @@ static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_
 					for (size_t l = 0; l < 8; l++) {
 						size_t j = k + l;
 						int v = (q[j / 2] >> (4 * (j & 1))) & 15;
-						float x = xs[c][m->perm ? m->perm[j] : j];
+						float x = xs[c][m->perm ? q4_col(m, j) : j];
 
 						acc[l] = __builtin_fmaf((float)(v - z) * s, x, acc[l]);
 					}
@@ -134,10 +148,11 @@ AVX2_TARGET static ALWAYS_INLINE __m256i avx2_nibbles(const uint8_t *p, __m256i 
 				_mm256_set1_epi32(15));
 }
 
-AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x(const float *x, const uint32_t *perm, size_t k)
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x(const float *x, const uint32_t *perm, size_t k, size_t K)
 {
 	if (perm)
-		return _mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(perm + k)), 4);
+		return _mm256_i32gather_ps(x, _mm256_min_epu32(_mm256_loadu_si256((const __m256i *)(perm + k)),
+							       _mm256_set1_epi32((int)(K - 1))), 4);
 	return _mm256_loadu_ps(x + k);
 }
 
@@ -181,7 +196,7 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
-				__m256 xv = avx2_load_x(xs[c], m->perm, k);
+				__m256 xv = avx2_load_x(xs[c], m->perm, k, m->K);
 #pragma GCC unroll 4
 				for (int r = 0; r < R; r++)
 					acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
@@ -222,10 +237,12 @@ AVX512_TARGET static ALWAYS_INLINE __m512i avx512_nibbles(const uint8_t *p, __m5
 	return _mm512_srlv_epi32(b, shifts);
 }
 
-AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_x(const float *x, const uint32_t *perm, size_t k)
+AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_x(const float *x, const uint32_t *perm, size_t k,
+							 size_t K)
 {
 	if (perm)
-		return _mm512_i32gather_ps(_mm512_loadu_si512(perm + k), x, 4);
+		return _mm512_i32gather_ps(_mm512_min_epu32(_mm512_loadu_si512(perm + k), _mm512_set1_epi32((int)(K - 1))),
+					   x, 4);
 	return _mm512_loadu_ps(x + k);
 }
 
@@ -270,7 +287,7 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
-				__m512 xv = avx512_load_x(xs[c], m->perm, k);
+				__m512 xv = avx512_load_x(xs[c], m->perm, k, m->K);
 #pragma GCC unroll 4
 				for (int r = 0; r < R; r++)
 					acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
@@ -402,7 +419,7 @@ q4_gather(const struct moe_q4_matrix *m, const float *const *xs, size_t nc, floa
 		return m;
 	for (size_t c = 0; c < nc; c++) {
 		for (size_t j = 0; j < m->K; j++)
-			gx[c][j] = xs[c][m->perm[j]];
+			gx[c][j] = xs[c][q4_col(m, j)];
 		xg[c] = gx[c];
 	}
 	*plain = *m;
@@ -439,14 +456,15 @@ AVX512_TARGET static void q4_interleave(const struct moe_q4_matrix *m, const flo
 					float (*px)[Q4_GATHER_MAX], const float **pxc)
 {
 	const __m512i fwd = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+	const __m512i last = _mm512_set1_epi32((int)(m->K - 1));
 
 	for (size_t c = 0; c < nc; c++) {
 		for (size_t k = 0; k < m->K; k += 16) {
 			__m512 v;
 
 			if (m->perm)
-				v = _mm512_i32gather_ps(_mm512_permutexvar_epi32(fwd, _mm512_loadu_si512(m->perm + k)),
-							xs[c], 4);
+				v = _mm512_i32gather_ps(_mm512_min_epu32(_mm512_permutexvar_epi32(fwd,
+								_mm512_loadu_si512(m->perm + k)), last), xs[c], 4);
 			else
 				v = _mm512_permutexvar_ps(fwd, _mm512_loadu_ps(xs[c] + k));
 			_mm512_store_ps(px[c] + k, v);
