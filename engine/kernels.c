@@ -24,7 +24,6 @@
 #include "kernels_impl.h"
 #include "model.h"
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /*
  * How far ahead of the current position a packed tile prefetches its own
@@ -65,14 +64,6 @@ static ALWAYS_INLINE float sc_load(enum moe_dtype dt, const void *W, size_t i)
 	}
 }
 
-static float sc_hsum(const float *a)
-{
-	float b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
-	float c0 = b0 + b2, c1 = b1 + b3;
-
-	return c0 + c1;
-}
-
 static ALWAYS_INLINE void dot_rows_scalar(enum moe_dtype dt, int packed, const void *W, size_t ldw,
 					   size_t K, size_t nr, const float *const *xs, size_t nt,
 					   float *y, size_t ldy)
@@ -102,7 +93,7 @@ static ALWAYS_INLINE void dot_rows_scalar(enum moe_dtype dt, int packed, const v
 				acc[l] = __builtin_fmaf(sc_load(dt, base, SC_IDX(k + (size_t)l)),
 							x[k + (size_t)l], acc[l]);
 #undef SC_IDX
-			y[c * ldy + r] = sc_hsum(acc);
+			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
 		}
 	}
 }
@@ -147,7 +138,7 @@ static ALWAYS_INLINE void dot_rows_scalar_fp8(int packed, const uint8_t *W, size
 				acc[k % SC_W] = __builtin_fmaf(w, x[k], acc[k % SC_W]);
 			}
 #undef SC_IDX
-			y[c * ldy + r] = sc_hsum(acc);
+			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
 		}
 	}
 }
@@ -169,7 +160,6 @@ static void dot_rows_scalar_fp8_1(const uint8_t *W, size_t ldw, size_t K, size_t
 /* ------------------------------------------------------------------------ */
 /* AVX2 + FMA + F16C: 8 lanes, tiles of up to 4 rows x 2 tokens.              */
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_RMAX 4
 #define AVX2_CMAX 2
 
@@ -206,14 +196,6 @@ AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x_tail(const float *p, size_t 
 
 	memcpy(t, p, n * sizeof(float));
 	return _mm256_loadu_ps(t);
-}
-
-AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
-{
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
 AVX2_TARGET static ALWAYS_INLINE void
@@ -267,7 +249,7 @@ avx2_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t ldw
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx2_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx2_hsum(acc[r][c]);
 }
 
 /*
@@ -351,14 +333,13 @@ avx2_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K, 
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx2_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx2_hsum(acc[r][c]);
 }
 
 /* ------------------------------------------------------------------------ */
 /* AVX-512: 16 lanes, tiles of up to 4 rows x 6 tokens (24 accumulators, 4  */
 /* weight and 1 token register of the 32).                                   */
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 #define AVX512_RMAX 4
 #define AVX512_CMAX 6
 
@@ -375,17 +356,6 @@ AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_w(enum moe_dtype dt, const
 	if (dt == MOE_DTYPE_F32)
 		return masked ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
 	return avx512_widen(dt, masked ? _mm256_maskz_loadu_epi16(m, p) : _mm256_loadu_si256(p));
-}
-
-AVX512_TARGET static ALWAYS_INLINE float avx512_hsum(__m512 v)
-{
-	__m256 lo = _mm512_castps512_ps256(v);
-	__m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-	__m256 s = _mm256_add_ps(lo, hi);
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
 AVX512_TARGET static ALWAYS_INLINE void
@@ -438,7 +408,7 @@ avx512_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t l
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
 AVX512_TARGET static ALWAYS_INLINE __m512 avx512_fp8_widen(__m128i codes16, __m512 scale)
@@ -507,7 +477,7 @@ avx512_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
 /*
@@ -627,7 +597,7 @@ avx512vbmi_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size
 	for (int r = 0; r < MOE_KERN_GROUP; r++)
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
 /* ------------------------------------------------------------------------ */

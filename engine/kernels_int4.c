@@ -29,7 +29,6 @@
 #include "kernels_impl.h"
 #include "model.h"
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /*
  * Input column of stored column @j of a permuted matrix.  A store's
@@ -88,14 +87,6 @@ static ALWAYS_INLINE int q4_zero(const struct moe_q4_matrix *m, size_t row, size
 /* ------------------------------------------------------------------------ */
 /* Scalar reference: 8 emulated lanes, the AVX2 order.                        */
 
-static float sc_hsum8(const float *a)
-{
-	float b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
-	float c0 = b0 + b2, c1 = b1 + b3;
-
-	return c0 + c1;
-}
-
 static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_t nr,
 			       const float *const *xs, size_t nt, float *y, size_t ldy)
 {
@@ -119,24 +110,15 @@ static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_
 						acc[l] = __builtin_fmaf((float)(v - z) * s, x, acc[l]);
 					}
 			}
-			y[c * ldy + r] = sc_hsum8(acc);
+			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
 		}
 }
 
 /* ------------------------------------------------------------------------ */
 /* AVX2: 8 lanes, tiles of up to 4 rows x 2 tokens.                            */
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define Q4_RMAX 4
 #define AVX2_CMAX 2
-
-AVX2_TARGET static ALWAYS_INLINE float avx2_hsum8(__m256 v)
-{
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
 
 /* Lanes l = 0..7: nibble l of the 4 bytes at @p (column k + l of the row). */
 AVX2_TARGET static ALWAYS_INLINE __m256i avx2_nibbles(const uint8_t *p, __m256i shifts)
@@ -207,25 +189,13 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx2_hsum8(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx2_hsum(acc[r][c]);
 }
 
 /* ------------------------------------------------------------------------ */
 /* AVX-512: 16 lanes, tiles of up to 4 rows x 4 tokens.                       */
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 #define AVX512_CMAX 4
-
-AVX512_TARGET static ALWAYS_INLINE float avx512_hsum16(__m512 v)
-{
-	__m256 lo = _mm512_castps512_ps256(v);
-	__m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-	__m256 s = _mm256_add_ps(lo, hi);
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
 
 /* Lanes l = 0..15: nibble l of the 8 bytes at @p in the low 4 bits (the
  * bits above are garbage: the table lookup ignores them).  @sel puts the
@@ -298,7 +268,7 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum16(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
 /*
@@ -392,7 +362,7 @@ avx512_tile_q4i(int R, int C, const struct moe_q4_matrix *m, size_t row0, const 
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum16(_mm512_permutexvar_ps(back, acc[r][c]));
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(_mm512_permutexvar_ps(back, acc[r][c]));
 }
 
 /* ------------------------------------------------------------------------ */

@@ -32,8 +32,8 @@
 
 #include "kernels.h"
 #include "kernels_mxfp4.h"
+#include "kernels_impl.h"
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /*
  * Bytes ahead of the current position each row stream prefetches.  The
@@ -82,14 +82,6 @@ static inline unsigned mx_shift(size_t k)
 
 #define SC_W 8
 
-static float sc_hsum(const float *a)
-{
-	float b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
-	float c0 = b0 + b2, c1 = b1 + b3;
-
-	return c0 + c1;
-}
-
 static void dot_rows_scalar_mxfp4(const uint8_t *W, const uint8_t *S, size_t K, size_t nr,
 				  const float *const *xs, size_t nt, float *y, size_t ldy)
 {
@@ -106,7 +98,7 @@ static void dot_rows_scalar_mxfp4(const uint8_t *W, const uint8_t *S, size_t K, 
 
 				acc[k % SC_W] = __builtin_fmaf(w, x[k], acc[k % SC_W]);
 			}
-			y[c * ldy + r] = sc_hsum(acc);
+			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
 		}
 	}
 }
@@ -123,17 +115,8 @@ static void dot_rows_scalar_mxfp4(const uint8_t *W, const uint8_t *S, size_t K, 
 /* ------------------------------------------------------------------------ */
 /* AVX2 + FMA: 8 lanes per step, two steps a group; tiles of 4 rows x 2.     */
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX2_RMAX 4
 #define AVX2_CMAX 2
-
-AVX2_TARGET static ALWAYS_INLINE float avx2_hsum(__m256 v)
-{
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
 
 /* 8 weights from the broadcast group @q shifted by @sh: vpermps picks the
  * scaled magnitude by the low 3 bits, and bit 3, moved to bit 31, is the
@@ -195,26 +178,14 @@ avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, cons
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx2_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx2_hsum(acc[r][c]);
 }
 
 /* ------------------------------------------------------------------------ */
 /* AVX-512: 16 lanes (one group) per step, tiles of 4 rows x 6.              */
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 #define AVX512_RMAX 4
 #define AVX512_CMAX 6
-
-AVX512_TARGET static ALWAYS_INLINE float avx512_hsum(__m512 v)
-{
-	__m256 lo = _mm512_castps512_ps256(v);
-	__m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-	__m256 s = _mm256_add_ps(lo, hi);
-	__m128 a = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-	__m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-
-	return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
 
 AVX512_TARGET static ALWAYS_INLINE void
 avx512_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, const float *const *xs,
@@ -264,7 +235,7 @@ avx512_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, co
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = avx512_hsum(acc[r][c]);
+			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
 /* ------------------------------------------------------------------------ */
