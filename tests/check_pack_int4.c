@@ -709,6 +709,61 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 }
 END_TEST
 
+/*
+ * A store's permutation is not checked at load: an index past the row
+ * (a damaged or crafted blob) must give a number, never a read outside
+ * the token (here it would be 16 GiB past it).  Every instruction set
+ * clamps to the last column, so the result is that of perm = K - 1 there;
+ * K = 96 and 8208 cover the gathered and the in-register paths.
+ */
+START_TEST(int4_bad_permutation_index_is_clamped)
+{
+	const size_t N = 4, K = _i ? 8208 : 96, G = 16;
+	const uint32_t flags = MOE_Q4_ZEROS | MOE_Q4_PERM;
+	struct moe_q4_layout l;
+	struct moe_q4_matrix m;
+	uint64_t rng = 99;
+	uint8_t *M, *M2;
+	float *x = malloc(sizeof(float) * K), y[4], y2[4];
+	const float *xs[1] = { x };
+	uint32_t *p, *p2;
+
+	moe_q4_layout((uint32_t)G, flags, N, K, &l);
+	M = moe_test_page_alloc(l.bytes);
+	M2 = moe_test_page_alloc(l.bytes);
+	for (size_t i = 0; i < l.bytes; i++)
+		M[i] = (uint8_t)moe_test_rand(&rng);
+	for (size_t i = 0; i < N * (K / G); i++) {
+		uint16_t h = moe_f32_to_f16(0.01f);
+
+		memcpy(M + l.scales + 2 * i, &h, 2);
+	}
+	p = (uint32_t *)(void *)(M + l.perm);
+	for (size_t k = 0; k < K; k++)
+		p[k] = (uint32_t)(K - 1 - k);
+	memcpy(M2, M, l.bytes);
+	p2 = (uint32_t *)(void *)(M2 + l.perm);
+	p[3] = 0xffffffffu;            /* past the row */
+	p[K - 2] = (uint32_t)K;        /* one past */
+	p2[3] = p2[K - 2] = (uint32_t)(K - 1);
+	for (size_t k = 0; k < K; k++)
+		x[k] = (float)(moe_test_randf(&rng) * 2 - 1);
+	for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
+		moe_kern_dot_rows_q4_fn fn = moe_kern_get_q4((enum moe_kern_isa)isa);
+
+		if (!fn)
+			continue;
+		moe_q4_matrix_at(M, (uint32_t)G, flags, N, K, &m);
+		fn(&m, 0, N, xs, 1, y, N);
+		moe_q4_matrix_at(M2, (uint32_t)G, flags, N, K, &m);
+		fn(&m, 0, N, xs, 1, y2, N);
+		ck_assert_msg(memcmp(y, y2, sizeof(y)) == 0, "%s: a bad index is not read as column K - 1",
+			      moe_kern_isa_name((enum moe_kern_isa)isa));
+	}
+	free(x);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("pack_int4");
@@ -725,6 +780,7 @@ int main(void)
 	tcase_add_test(tc, int4_refusals_name_the_culprit);
 	tcase_add_test(tc, int4_store_parameters_are_validated);
 	tcase_add_loop_test(tc, int4_kernels_match_scalar_and_float64, 0, 2);
+	tcase_add_loop_test(tc, int4_bad_permutation_index_is_clamped, 0, 2);
 	suite_add_tcase(s, tc);
 	return moe_test_run_suite(s, "pack_int4");
 }
