@@ -761,6 +761,8 @@ START_TEST(int4_bad_permutation_index_is_clamped)
 			      moe_kern_isa_name((enum moe_kern_isa)isa));
 	}
 	free(x);
+	free(M);
+	free(M2);
 }
 END_TEST
 
