@@ -191,22 +191,9 @@ int moe_model_config_validate(const struct moe_model_config *c, struct moe_err *
 	return 0;
 }
 
-/* Parts of a blob start at multiples of this (model.h). */
-#define PART_ALIGN 64u
-
-static uint64_t align_part(uint64_t n)
-{
-	return (n + PART_ALIGN - 1) / PART_ALIGN * PART_ALIGN;
-}
-
 uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K)
 {
-	return align_part(N * K);
-}
-
-uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K)
-{
-	return align_part(N * (K / 2));
+	return moe_part_align(N * K);
 }
 
 uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
@@ -215,33 +202,10 @@ uint64_t moe_matrix_bytes(enum moe_dtype dt, uint64_t N, uint64_t K)
 
 	assert(dt != MOE_DTYPE_INT4);       /* moe_cfg_matrix_bytes() */
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
-		return align_part(N * K) + align_part(nb * kb * sizeof(float));
+		return moe_part_align(N * K) + moe_part_align(nb * kb * sizeof(float));
 	if (dt == MOE_DTYPE_MXFP4)
-		return moe_mxfp4_scales_offset(N, K) + align_part(N * (K / MOE_MXFP4_BLOCK));
+		return moe_mxfp4_matrix_bytes(N, K);
 	return N * K * moe_dtype_size(dt);
-}
-
-void moe_q4_layout(uint32_t q4_group, uint32_t q4_flags, uint64_t N, uint64_t K,
-		   struct moe_q4_layout *l)
-{
-	uint64_t at;
-
-	l->G = q4_group ? q4_group : K;
-	l->groups = l->G ? K / l->G : 0;
-	at = align_part(N * (K / 2));
-	l->scales = at;
-	at += align_part(N * l->groups * 2);
-	l->zeros = 0;
-	if (q4_flags & MOE_Q4_ZEROS) {
-		l->zeros = at;
-		at += align_part(N * l->groups);
-	}
-	l->perm = 0;
-	if (q4_flags & MOE_Q4_PERM) {
-		l->perm = at;
-		at += align_part(K * sizeof(uint32_t));
-	}
-	l->bytes = at;
 }
 
 uint64_t moe_cfg_matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N,

@@ -13,6 +13,26 @@
 
 #include "dtype.h"
 
+/*
+ * The layout formulas below are inline so that the CUDA kernels use these
+ * very functions (the module links no engine symbol): on the host and the
+ * device alike under nvcc.
+ */
+#ifdef __CUDACC__
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+
+/* Each part of a quantized matrix (codes, scales, ...) starts at a
+ * multiple of this many bytes, zero padded. */
+#define MOE_MATRIX_PART_ALIGN 64u
+
+static inline MOE_HOST_DEVICE uint64_t moe_part_align(uint64_t n)
+{
+	return (n + MOE_MATRIX_PART_ALIGN - 1) / MOE_MATRIX_PART_ALIGN * MOE_MATRIX_PART_ALIGN;
+}
+
 /* Values are stored in .moe files: never renumber. */
 enum moe_arch {
 	MOE_ARCH_MIXTRAL = 0,
@@ -170,7 +190,16 @@ uint64_t moe_matrix_scales_offset(uint64_t N, uint64_t K);
  * zeros to a multiple of 64 bytes, then the E8M0 scales, N * K/32 bytes
  * row-major (one per 32 values along K), zeros to a multiple of 64.  This
  * is the byte offset of the scales. */
-uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K);
+static inline MOE_HOST_DEVICE uint64_t moe_mxfp4_scales_offset(uint64_t N, uint64_t K)
+{
+	return moe_part_align(N * (K / 2));
+}
+
+/* Bytes of one N x K MXFP4 matrix: codes and scales (moe_matrix_bytes()). */
+static inline MOE_HOST_DEVICE uint64_t moe_mxfp4_matrix_bytes(uint64_t N, uint64_t K)
+{
+	return moe_mxfp4_scales_offset(N, K) + moe_part_align(N * (K / MOE_MXFP4_BLOCK));
+}
 
 /*
  * MOE_DTYPE_INT4 (ARCHITECTURE.md 4.1a, moe-store(5)): the optional parts of
@@ -198,8 +227,28 @@ struct moe_q4_layout {
 	uint64_t scales, zeros, perm;     /* byte offsets; 0 for an absent part */
 	uint64_t bytes;                   /* the whole matrix */
 };
-void moe_q4_layout(uint32_t q4_group, uint32_t q4_flags, uint64_t N, uint64_t K,
-		   struct moe_q4_layout *l);
+static inline MOE_HOST_DEVICE void moe_q4_layout(uint32_t q4_group, uint32_t q4_flags, uint64_t N,
+						  uint64_t K, struct moe_q4_layout *l)
+{
+	uint64_t at;
+
+	l->G = q4_group ? q4_group : K;
+	l->groups = l->G ? K / l->G : 0;
+	at = moe_part_align(N * (K / 2));
+	l->scales = at;
+	at += moe_part_align(N * l->groups * 2);
+	l->zeros = 0;
+	if (q4_flags & MOE_Q4_ZEROS) {
+		l->zeros = at;
+		at += moe_part_align(N * l->groups);
+	}
+	l->perm = 0;
+	if (q4_flags & MOE_Q4_PERM) {
+		l->perm = at;
+		at += moe_part_align(K * sizeof(uint32_t));
+	}
+	l->bytes = at;
+}
 
 /* Bytes of one N x K matrix of @dt as a blob of the store @c holds it: as
  * moe_matrix_bytes(), and for MOE_DTYPE_INT4 moe_q4_layout()'s with the

@@ -17,7 +17,6 @@
 extern "C" {
 #include "engine/backend.h"
 }
-#include "layout.cuh"
 
 namespace moe_gpu __attribute__((visibility("hidden"))) {
 
@@ -198,12 +197,12 @@ inline size_t dtype_size(enum moe_dtype t)
 // The store's layout (model.h; the module links no engine symbol, so its
 // formulas are written out here): an N x K matrix is N * K elements, or
 // for FP8 the codes and the float32 scales [ceil(N/128)][ceil(K/128)],
-// each padded to 64 bytes, or for MXFP4 and INT4 layout.cuh's parts (INT4
-// by the store's q4_group and q4_flags); a blob is gate, up, down back to
+// each padded to 64 bytes, or for MXFP4 and INT4 model.h's inline layouts
+// (INT4 by the store's q4_group and q4_flags); a blob is gate, up, down back to
 // back, then with expert biases the floats at a 16-byte boundary.
 inline uint64_t pad64(uint64_t b)
 {
-	return moe_gpad64(b);
+	return moe_part_align(b);
 }
 
 inline uint64_t matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N, uint64_t K)
@@ -211,9 +210,13 @@ inline uint64_t matrix_bytes(const struct moe_model_config *c, enum moe_dtype dt
 	if (dt == MOE_DTYPE_FP8_E4M3_B128)
 		return pad64(N * K) + pad64(((N + 127) / 128) * ((K + 127) / 128) * sizeof(float));
 	if (dt == MOE_DTYPE_MXFP4)
-		return moe_gmx_bytes(N, K);
-	if (dt == MOE_DTYPE_INT4)
-		return moe_gq4_layout(c->q4_group, c->q4_flags, N, K).bytes;
+		return moe_mxfp4_matrix_bytes(N, K);
+	if (dt == MOE_DTYPE_INT4) {
+		struct moe_q4_layout l;
+
+		moe_q4_layout(c->q4_group, c->q4_flags, N, K, &l);
+		return l.bytes;
+	}
 	return N * K * dtype_size(dt);
 }
 

@@ -32,7 +32,6 @@
 #include "engine/act.h"
 #include "engine/model.h"
 #include "engine/router_sel.h"
-#include "layout.cuh"
 
 #define MOE_WARPS 8                 // warps per block of the streaming kernels
 #define MOE_ROWS_PER_WARP 4         // weight rows per warp
@@ -326,7 +325,7 @@ struct moe_mxrow {
 	MOE_ROW_PLAIN_X
 };
 
-// MXFP4: codes, then scales at layout.cuh's offset (K a multiple of 32,
+// MXFP4: codes, then scales at model.h's moe_mxfp4_scales_offset (K a multiple of 32,
 // which the store validates).
 struct moe_mxmat {
 	typedef moe_mxrow Row;
@@ -334,7 +333,7 @@ struct moe_mxmat {
 	uint32_t K;
 	__device__ __forceinline__ moe_mxmat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
 					     uint32_t q4f)
-		: codes(b), scales(b + moe_gmx_scales(N, K_)), K(K_)
+		: codes(b), scales(b + moe_mxfp4_scales_offset(N, K_)), K(K_)
 	{
 		(void)q4g;
 		(void)q4f;
@@ -412,7 +411,7 @@ struct moe_q4row {
 	}
 };
 
-// INT4: the parts where layout.cuh puts them for the store's q4_group and
+// INT4: the parts where model.h's moe_q4_layout puts them for the store's q4_group and
 // q4_flags.
 struct moe_q4mat {
 	typedef moe_q4row Row;
@@ -425,7 +424,9 @@ struct moe_q4mat {
 	__device__ __forceinline__ moe_q4mat(const unsigned char *b, uint32_t N, uint32_t K_, uint32_t q4g,
 					     uint32_t q4f)
 	{
-		moe_gq4 l = moe_gq4_layout(q4g, q4f, N, K_);
+		struct moe_q4_layout l;
+
+		moe_q4_layout(q4g, q4f, N, K_, &l);
 
 		codes = b;
 		scales = reinterpret_cast<const uint16_t *>(b + l.scales);
