@@ -223,24 +223,16 @@ struct sizes {
 	uint64_t experts, routers, shared;
 };
 
-/* The bits per weight of the expert matrices: their bytes in the blob
+/* The bits per weight of an FFN's matrices of dtype @dt and intermediate
+ * size @I (a routed expert's or the shared one's): their bytes in the blob
  * (codes, scales and padding; not gpt_oss's float32 biases, which are no
- * weights of a matrix) over their weights.  MXFP4 at gpt-oss's shapes:
- * 4.25, FP8 at DeepSeek's: 8.002. */
-static double expert_bits_per_weight(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
+ * weights of a matrix) over their weights.  bf16: 16; MXFP4 at gpt-oss's
+ * shapes: 4.25; FP8 at DeepSeek's: 8.002. */
+static double ffn_bits_per_weight(const struct moe_model_config *c, enum moe_dtype dt, uint32_t I)
 {
 	uint64_t H = c->hidden_size, weights = (uint64_t)(c->gated ? 3 : 2) * H * I;
 	uint64_t bytes = (c->gated ? 2 : 1) * moe_cfg_matrix_bytes(c, dt, I, H) +
 			 moe_cfg_matrix_bytes(c, dt, H, I);
-
-	return weights ? 8.0 * (double)bytes / (double)weights : 0.0;
-}
-
-/* Bits per weight of a blob of @bytes holding the FFN of intermediate size
- * @I: 16 for bf16, about 8.002 for FP8 with its block scales. */
-static double blob_bits_per_weight(const struct moe_model_config *c, uint64_t bytes, uint32_t I)
-{
-	uint64_t weights = (uint64_t)(c->gated ? 3 : 2) * c->hidden_size * I;
 
 	return weights ? 8.0 * (double)bytes / (double)weights : 0.0;
 }
@@ -334,10 +326,10 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "expert_stride", (json_int_t)h->expert_stride,
 			 "expert_align", (json_int_t)h->expert_align,
 			 "expert_bits_per_weight",
-			 expert_bits_per_weight(c, c->weight_dtype, c->moe_intermediate_size),
+			 ffn_bits_per_weight(c, c->weight_dtype, c->moe_intermediate_size),
 			 "shared_bytes", (json_int_t)moe_shared_bytes(c),
 			 "shared_bits_per_weight",
-			 blob_bits_per_weight(c, moe_shared_bytes(c), c->shared_intermediate_size),
+			 ffn_bits_per_weight(c, c->shared_dtype, c->shared_intermediate_size),
 			 "sizes", sizes);
 	if (!root)
 		return moectl_fail("inspect: out of memory");
@@ -404,11 +396,11 @@ static void inspect_text(const char *path, const struct moe_store *s)
 	printf("expert blob:  %" PRIu64 " bytes, stride %" PRIu64 ", aligned to %" PRIu64
 	       "; %s, %.3f bits/weight\n", h->expert_bytes, h->expert_stride, h->expert_align,
 	       moe_dtype_name(c->weight_dtype),
-	       expert_bits_per_weight(c, c->weight_dtype, c->moe_intermediate_size));
+	       ffn_bits_per_weight(c, c->weight_dtype, c->moe_intermediate_size));
 	if (c->shared_intermediate_size)
 		printf("shared blob:  %" PRIu64 " bytes; %s, %.3f bits/weight\n", moe_shared_bytes(c),
 		       moe_dtype_name(c->shared_dtype),
-		       blob_bits_per_weight(c, moe_shared_bytes(c), c->shared_intermediate_size));
+		       ffn_bits_per_weight(c, c->shared_dtype, c->shared_intermediate_size));
 	if (has_int4(c)) {
 		char g[32] = "one per row";
 
