@@ -116,7 +116,15 @@ struct moe_store_header {
 	 */
 	uint32_t q4_group;              /* group size along K; 0: one group per row */
 	uint32_t q4_flags;              /* MOE_Q4_* (model.h) */
-	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4 - 3 * 4 - 2 * 4];
+	/*
+	 * The fingerprint of the checkpoint directory pack read (the raw
+	 * bytes of moe_checkpoint_fingerprint(3), big-endian XXH3-128), or
+	 * all zero: none recorded.  Taken from the reserved space with no new
+	 * version: a reader that predates it ignores it, as it did the zero
+	 * bytes there, and the header checksum covers it either way.
+	 */
+	uint8_t source_fingerprint[16];
+	uint8_t reserved[4096 - 8 - 4 - 4 - 8 - 8 - 32 - 20 * 4 - 8 * 7 - 512 - 8 - 4 - 3 * 4 - 2 * 4 - 16];
 };
 _Static_assert(sizeof(struct moe_store_header) == MOE_STORE_HEADER_SIZE, "store header is 4096 bytes");
 /* the offsets moe-store(5) gives: FP8's shared_dtype, then gpt_oss's fields */
@@ -126,7 +134,8 @@ _Static_assert(offsetof(struct moe_store_header, swiglu_alpha) == 728, "swiglu_a
 _Static_assert(offsetof(struct moe_store_header, swiglu_limit) == 732, "swiglu_limit at 732");
 _Static_assert(offsetof(struct moe_store_header, q4_group) == 736, "q4_group at 736");
 _Static_assert(offsetof(struct moe_store_header, q4_flags) == 740, "q4_flags at 740");
-_Static_assert(offsetof(struct moe_store_header, reserved) == 744, "reserved from 744");
+_Static_assert(offsetof(struct moe_store_header, source_fingerprint) == 744, "source_fingerprint at 744");
+_Static_assert(offsetof(struct moe_store_header, reserved) == 760, "reserved from 760");
 
 #define MOE_STORE_LAYER_HAS_SHARED (1u << 0)
 
@@ -244,6 +253,10 @@ int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
 /* Router of layer index @li: router [E*H], bias [E] or NULL, shared gate [H] or NULL. */
 int moe_store_writer_put_router(struct moe_store_writer *w, uint32_t li, const float *router,
 				const float *bias, const float *shared_gate, struct moe_err *err);
+
+/* Record the 16 raw bytes of the source checkpoint's fingerprint (the
+ * header's source_fingerprint; none is recorded unless this is called). */
+void moe_store_writer_set_fingerprint(struct moe_store_writer *w, const uint8_t fingerprint[16]);
 
 /* Shared expert blob (moe_shared_bytes) of layer index @li. */
 int moe_store_writer_put_shared(struct moe_store_writer *w, uint32_t li, const void *blob,

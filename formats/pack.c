@@ -700,6 +700,8 @@ int moe_pack(const char *hf_dir, const char *out, const struct moe_pack_options 
 				  &w, err);
 	if (r < 0)
 		goto out;
+	if (opt && opt->source_fingerprint)
+		moe_store_writer_set_fingerprint(w, opt->source_fingerprint);
 
 	router = malloc(E * H * sizeof(float));
 	bias = malloc(E * sizeof(float));

@@ -21,6 +21,10 @@ struct moe_pack_options {
 	 * routed ones, or neither: the store holds one dtype for each kind).
 	 * NULL or "": nothing. */
 	const char *quantize_skip;
+	/* The 16 raw bytes of @hf_dir's checkpoint fingerprint, recorded in the
+	 * store's header (moe_checkpoint_fingerprint(3): libmoeclient computes
+	 * it, which formats/ may not link); NULL: none recorded. */
+	const uint8_t *source_fingerprint;
 	/* Called as work advances (may be NULL): bytes done, total, and what. */
 	void (*progress)(void *ctx, uint64_t done, uint64_t total, const char *what);
 	void *ctx;

@@ -303,6 +303,11 @@ static int fsync_parent(const char *path)
 	return r;
 }
 
+void moe_store_writer_set_fingerprint(struct moe_store_writer *w, const uint8_t fingerprint[16])
+{
+	memcpy(w->hdr.source_fingerprint, fingerprint, sizeof(w->hdr.source_fingerprint));
+}
+
 int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err)
 {
 	struct moe_store_header *h = &w->hdr;
