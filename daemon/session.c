@@ -252,7 +252,11 @@ static void welcome_fill(struct moed_server *s, struct moe_msg_welcome *w)
 		w->moe_layers[i] = st->layers[i].layer;
 	w->weight_dtype = (uint32_t)m->weight_dtype;
 	w->n_shared_experts = m->n_shared_experts;
-	w->features = MOE_FEAT_CUDA_MAP | (moe_engine_has_device_memory(s->engine) ? MOE_FEAT_DEVICE_MEMORY : 0);
+	w->features = MOE_FEAT_CUDA_MAP | MOE_FEAT_FINGERPRINT |
+		      (moe_engine_has_device_memory(s->engine) ? MOE_FEAT_DEVICE_MEMORY : 0);
+	/* all zero when the store records none; the feature bit tells a client
+	 * that this daemon knows the field (an older one leaves it zero too) */
+	memcpy(w->fingerprint, st->hdr.source_fingerprint, sizeof(w->fingerprint));
 	pthread_mutex_lock(&s->cfg_lock);
 	w->max_tokens = s->cfg->limits.max_tokens_per_request;
 	pthread_mutex_unlock(&s->cfg_lock);

@@ -183,6 +183,39 @@ int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t dtype, con
 int moe_client_stats(struct moe_client *c, char **ret);
 
 /*
+ * Which checkpoint a store was packed from, so that a process that runs the
+ * rest of a model can check that moed serves the same one.  A fingerprint
+ * is 32 lowercase hex digits (XXH3-128 of a canonical stream: config.json,
+ * then each *.safetensors file's name, size, header and 256 evenly spaced
+ * 4 KiB samples of its data; moe_checkpoint_fingerprint(3) defines it).
+ * It is cheap (about 1 MiB read per file) and tells apart any two
+ * checkpoints that differ in config.json, in a file's name, size or
+ * header, or in a sampled byte; one altered only between samples is not
+ * told apart.
+ */
+#define MOE_FINGERPRINT_LEN 33   /* 32 lowercase hex digits and the NUL */
+
+/*
+ * The fingerprint of the checkpoint directory @dir as moectl pack records
+ * it, into @out (set only on success).  Errors: -ENOENT (@dir or its
+ * config.json missing), -ENOTDIR, -EACCES, -ENODATA (no *.safetensors
+ * file: the fingerprint is not defined there), -EINVAL (a *.safetensors
+ * file too short for its header, or a header length past the file or over
+ * 100 MB; NULL arguments), -EFBIG (config.json over 16 MiB), -EIO (a file
+ * changed while read), -ENOMEM.  Reads only; thread-safe; no session
+ * needed.
+ */
+int moe_checkpoint_fingerprint(const char *dir, char out[MOE_FINGERPRINT_LEN]);
+
+/*
+ * The fingerprint of the checkpoint the served store was packed from, into
+ * @out (set only on success).  -ENODATA when there is none to give: the
+ * store records none (packed before fingerprints, or by a writer that had
+ * none), or moed predates fingerprints; -EINVAL for NULL arguments.
+ */
+int moe_client_fingerprint(struct moe_client *c, char out[MOE_FINGERPRINT_LEN]);
+
+/*
  * Hidden states that live in GPU memory (moed on the CUDA backend): no copy
  * through host memory.  moe_client_cuda_register() lets moed map [dev_ptr,
  * dev_ptr + bytes) of the calling process's CUDA memory (cudaMalloc'ed;

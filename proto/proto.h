@@ -47,6 +47,7 @@
 #ifndef MOE_PROTO_H
 #define MOE_PROTO_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "libmoeclient/moeclient.h"
@@ -67,6 +68,8 @@ enum moe_msg_type {
 
 #define MOE_FEAT_CUDA_MAP (1u << 0)       /* the daemon knows MOE_MSG_CUDA_MAP/UNMAP */
 #define MOE_FEAT_DEVICE_MEMORY (1u << 1)  /* ... and its backend maps device memory */
+#define MOE_FEAT_FINGERPRINT (1u << 2)    /* WELCOME's fingerprint is filled (all zero: the
+					   * store records none) */
 
 #define MOE_MAX_REGIONS 16          /* device-memory regions per session (MOE_CUDA_MAX_REGIONS) */
 
@@ -127,10 +130,15 @@ struct moe_msg_welcome {
 					 * 5 int4) */
 	uint32_t n_shared_experts;
 	uint32_t max_tokens;            /* per request */
-	uint32_t reserved1[7];
+	uint8_t fingerprint[16];        /* the store's source_fingerprint (moe-store(5));
+					 * with MOE_FEAT_FINGERPRINT, zero otherwise */
+	uint32_t reserved1[3];
 	uint32_t moe_layers[MOE_INFO_MAX_LAYERS];
 	char message[256];              /* why, when status < 0 */
 };
+/* the fingerprint took four of reserved1's seven words: nothing else moved */
+_Static_assert(offsetof(struct moe_msg_welcome, fingerprint) == 108 &&
+	       offsetof(struct moe_msg_welcome, moe_layers) == 136, "WELCOME layout as before fingerprints");
 
 /* Activation dtypes of a request: the public enum moe_dtype_act of
  * <moeclient.h> (MOE_F32, MOE_BF16), which this protocol carries as it is. */
