@@ -58,8 +58,9 @@ int cmd_info(int argc, char **argv)
 	static const char *const dtypes[] = { "f32", "bf16", "f16", "fp8_e4m3_b128", "mxfp4", "int4" };
 	struct moe_client *c;
 	struct moe_model_info in;
+	char fp[MOE_FINGERPRINT_LEN];
 	const char *dn;
-	bool json;
+	bool json, have_fp;
 	int r = parse_json_flag("info", argc, argv, &json);
 
 	if (r)
@@ -67,6 +68,7 @@ int cmd_info(int argc, char **argv)
 	if (connect_or_fail("info", &c))
 		return 1;
 	moe_client_info(c, &in);
+	have_fp = moe_client_fingerprint(c, fp) == 0;
 	dn = in.weight_dtype < sizeof(dtypes) / sizeof(dtypes[0]) ? dtypes[in.weight_dtype] : "?";
 	if (json) {
 		json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:s,s:i,s:i,s:I}", "model_type", in.model_type,
@@ -84,6 +86,8 @@ int cmd_info(int argc, char **argv)
 		for (uint32_t i = 0; i < in.num_moe_layers; i++)
 			json_array_append_new(layers, json_integer(in.moe_layers[i]));
 		json_object_set_new(o, "moe_layers", layers);
+		/* null: the store records none, or moed predates fingerprints */
+		json_object_set_new(o, "fingerprint", have_fp ? json_string(fp) : json_null());
 		text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
 		printf("%s\n", text ? text : "{}");
 		free(text);
@@ -98,6 +102,7 @@ int cmd_info(int argc, char **argv)
 			printf("%s%u", i ? "," : " ", in.moe_layers[i]);
 		printf("\nrequests: up to %u tokens; this session's arena: %.1f MiB\n", in.max_tokens,
 		       (double)in.arena_bytes / 1048576.0);
+		printf("fingerprint: %s\n", have_fp ? fp : "none");
 	}
 	moe_client_disconnect(c);
 	return 0;

@@ -82,8 +82,10 @@ static int pack_run(const char *dir, const char *out, struct moe_pack_options *p
 	struct moectl_progress prog;
 	struct moe_err err = { 0 };
 	struct moe_store *s = NULL;
-	char size[32];
+	char size[32], why[8192];
+	uint8_t fp[16];
 	double t0;
+	int fr;
 
 	if (optind < argc)
 		return moectl_fail("pack: unexpected argument '%s' (see moectl pack --help)", argv[optind]);
@@ -95,6 +97,12 @@ static int pack_run(const char *dir, const char *out, struct moe_pack_options *p
 		return moectl_fail("pack: --quantize and --dtype cannot be combined "
 				   "(--quantize fp8 chooses the store's dtype)");
 
+	/* the checkpoint's fingerprint, for the store to say what it was packed
+	 * from; one that cannot be taken leaves none and a warning, unless pack
+	 * fails too (then its message, which names the file, is the one) */
+	fr = moectl_fingerprint_raw(dir, fp);
+	if (fr == 0)
+		po->source_fingerprint = fp;
 	moectl_progress_init(&prog, "pack");
 	po->progress = pack_progress;
 	po->ctx = &prog;
@@ -104,6 +112,11 @@ static int pack_run(const char *dir, const char *out, struct moe_pack_options *p
 		return moectl_fail_err(&err);
 	}
 	moectl_progress_done(&prog);
+	if (fr < 0) {
+		moectl_fingerprint_why(dir, fr, why, sizeof(why));
+		fprintf(stderr, "moectl: warning: pack: no fingerprint recorded in %s: %s; a client "
+			"cannot check that it loads the checkpoint moed serves\n", out, why);
+	}
 	if (moe_store_open(out, &s, &err) < 0)
 		return moectl_fail_err(&err);
 	human_size(size, sizeof(size), s->hdr.file_size);
@@ -274,7 +287,7 @@ static int inspect_json(const char *path, const struct moe_store *s)
 	const struct moe_store_header *h = &s->hdr;
 	json_t *root, *layers, *layout, *sizes;
 	struct sizes z;
-	char *text;
+	char *text, fp[33];
 
 	store_sizes(s, &z);
 	layers = json_array();
@@ -333,6 +346,9 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 "sizes", sizes);
 	if (!root)
 		return moectl_fail("inspect: out of memory");
+	/* null: the store records none (packed before fingerprints) */
+	json_object_set_new(root, "fingerprint", moectl_fingerprint_hex(h->source_fingerprint, fp) ?
+			    json_string(fp) : json_null());
 	if (has_int4(c))       /* int4 stores only, so other stores print what they did */
 		json_object_set_new(root, "int4", json_pack("{s:I,s:b,s:b,s:s}",
 			"group_size", (json_int_t)c->q4_group, "zero_points", (c->q4_flags & MOE_Q4_ZEROS) != 0,
@@ -357,7 +373,7 @@ static void inspect_text(const char *path, const struct moe_store *s)
 {
 	const struct moe_model_config *c = &s->cfg;
 	const struct moe_store_header *h = &s->hdr;
-	char a[32], b[32], d[32], e[32], ranges[4096];
+	char a[32], b[32], d[32], e[32], ranges[4096], fp[33];
 	struct sizes z;
 
 	store_sizes(s, &z);
@@ -366,6 +382,7 @@ static void inspect_text(const char *path, const struct moe_store *s)
 	printf("model_type:   %s\n", h->model_type);
 	printf("source:       %s (%s)\n", h->source[0] ? h->source : "?",
 	       h->source_dtype[0] ? h->source_dtype : "?");
+	printf("fingerprint:  %s\n", moectl_fingerprint_hex(h->source_fingerprint, fp) ? fp : "none");
 	printf("hidden_size:  %" PRIu32 "\n", c->hidden_size);
 	printf("experts:      %" PRIu32 " routed, top %" PRIu32 ", intermediate %" PRIu32 "\n",
 	       c->num_experts, c->top_k, c->moe_intermediate_size);

@@ -115,6 +115,7 @@ static const struct {
 	{ "gen-model", cmd_gen_model, "write a random Hugging Face checkpoint" },
 	{ "pack", cmd_pack, "pack a Hugging Face checkpoint into a .moe store" },
 	{ "inspect", cmd_inspect, "describe a store" },
+	{ "fingerprint", cmd_fingerprint, "print a checkpoint's fingerprint" },
 	{ "verify", cmd_verify, "check every checksum of a store" },
 	{ "forward", cmd_forward, "run an MoE layer on a .npy batch" },
 	{ "trace-sim", cmd_trace_sim, "compare cache policies on a routing trace" },
@@ -127,7 +128,7 @@ static void usage(FILE *f)
 {
 	fputs("usage: moectl [--socket PATH] COMMAND [ARGS...]\n\ncommands:\n", f);
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+		fprintf(f, "  %-11s %s\n", commands[i].name, commands[i].summary);
 	fputs("\nmoectl COMMAND --help shows a command's options; see moectl(1).\n", f);
 }
 

@@ -6,6 +6,7 @@
 #define MOECTL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "engine/err.h"
@@ -20,6 +21,7 @@ int cmd_trace_sim(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_fingerprint(int argc, char **argv);
 
 /* Print "moectl: <msg>" on stderr; returns 1 (the exit status). */
 int moectl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -45,6 +47,17 @@ struct moectl_progress {
 void moectl_progress_init(struct moectl_progress *p, const char *label);
 void moectl_progress(void *ctx, uint64_t done, uint64_t total);
 void moectl_progress_done(struct moectl_progress *p);
+
+/*
+ * Checkpoint fingerprints (cmd_fingerprint.c, over libmoeclient's
+ * moe_checkpoint_fingerprint): the 16 raw bytes a store records, into @raw
+ * (0 or its negative errno); a message naming the file at fault for such an
+ * errno, into @buf; the hex form of 16 raw bytes into @out (33 bytes),
+ * false when they are all zero (none recorded).
+ */
+int moectl_fingerprint_raw(const char *dir, uint8_t raw[16]);
+void moectl_fingerprint_why(const char *dir, int r, char *buf, size_t len);
+bool moectl_fingerprint_hex(const uint8_t raw[16], char out[33]);
 
 /* Monotonic clock in seconds. */
 double moectl_now(void);
