@@ -87,7 +87,8 @@ static int hash_config(XXH3_state_t *st, int dfd)
 	char *buf;
 	int fd, r;
 
-	fd = openat(dfd, "config.json", O_RDONLY | O_CLOEXEC);
+	/* O_NONBLOCK: a FIFO in its place must not hang us (then refused below) */
+	fd = openat(dfd, "config.json", O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0)
 		return -errno;
 	if (fstat(fd, &sb) < 0) {
@@ -158,11 +159,15 @@ static int hash_safetensors(XXH3_state_t *st, int dfd, const char *name, unsigne
 	char *hdr = NULL;
 	int fd, r;
 
-	fd = openat(dfd, name, O_RDONLY | O_CLOEXEC);
+	fd = openat(dfd, name, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0)
 		return -errno;
 	if (fstat(fd, &sb) < 0) {
 		r = -errno;
+		goto out;
+	}
+	if (!S_ISREG(sb.st_mode)) {      /* replaced since it was listed */
+		r = -EIO;
 		goto out;
 	}
 	size = (uint64_t)sb.st_size;
@@ -231,10 +236,15 @@ static int list_weights(int dfd, char ***ret, size_t *ret_n)
 		close(fd);
 		return r;
 	}
-	errno = 0;
-	while ((de = readdir(d))) {
+	for (;;) {
 		struct stat sb;
 
+		errno = 0;      /* readdir's NULL is an error only with errno set */
+		de = readdir(d);
+		if (!de) {
+			r = -errno;
+			break;
+		}
 		if (!is_weights_file(de->d_name))
 			continue;
 		/* regular files after symlinks: the Hugging Face cache links them */
@@ -256,10 +266,7 @@ static int list_weights(int dfd, char ***ret, size_t *ret_n)
 			break;
 		}
 		n++;
-		errno = 0;
 	}
-	if (r == 0 && errno)
-		r = -errno;
 	closedir(d);
 	if (r < 0) {
 		while (n)

@@ -224,6 +224,17 @@ START_TEST(names_count_other_files_do_not_links_are_followed)
 	from = moe_test_path_join(d, "sub.safetensors");
 	ck_assert(mkdir(from, 0755) == 0);       /* not a regular file */
 	free(from);
+	/* a dangling link (an unfinished download in the Hugging Face cache),
+	 * listed before and after the real shards */
+	from = moe_test_path_join(d, "a-dangling.safetensors");
+	ck_assert(symlink("/nonexistent/blob", from) == 0);
+	free(from);
+	from = moe_test_path_join(d, "z-dangling.safetensors");
+	ck_assert(symlink("/nonexistent/blob", from) == 0);
+	free(from);
+	from = moe_test_path_join(d, "fifo.safetensors");
+	ck_assert(mkfifo(from, 0644) == 0);
+	free(from);
 	fp_ok(d, now);
 	ck_assert_msg(strcmp(now, base) == 0, "files that do not count changed it: %s, not %s", now, base);
 
@@ -409,6 +420,19 @@ START_TEST(malformed_headers_are_einval)
 }
 END_TEST
 
+START_TEST(a_config_json_that_is_no_file_is_einval)
+{
+	char *d = make_ckpt("fp-fifo"), *p = moe_test_path_join(d, "config.json");
+
+	ck_assert(unlink(p) == 0);
+	ck_assert(mkfifo(p, 0644) == 0);        /* must not hang the call */
+	fp_fails(d, -EINVAL, "config.json a FIFO");
+	free(p);
+	moe_test_rm_rf(d);
+	free(d);
+}
+END_TEST
+
 START_TEST(null_arguments_are_einval)
 {
 	char out[MOE_FINGERPRINT_LEN];
@@ -541,6 +565,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, missing_config_json_is_enoent);
 	tcase_add_test(tc, no_safetensors_is_enodata);
 	tcase_add_test(tc, malformed_headers_are_einval);
+	tcase_add_test(tc, a_config_json_that_is_no_file_is_einval);
 	tcase_add_test(tc, null_arguments_are_einval);
 	suite_add_tcase(s, tc);
 	tcase_set_timeout(td, 240);
