@@ -201,8 +201,8 @@ int moe_client_stats(struct moe_client *c, char **ret);
  * config.json missing), -ENOTDIR, -EACCES, -ENODATA (no *.safetensors
  * file: the fingerprint is not defined there), -EINVAL (a *.safetensors
  * file too short for its header, or a header length past the file or over
- * 100 MB; NULL arguments), -EFBIG (config.json over 16 MiB), -EIO (a file
- * changed while read), -ENOMEM.  Reads only; thread-safe; no session
+ * 100 MB; config.json not a regular file; NULL arguments), -EFBIG
+ * (config.json over 16 MiB), -EIO (a file changed while read), -ENOMEM.  Reads only; thread-safe; no session
  * needed.
  */
 int moe_checkpoint_fingerprint(const char *dir, char out[MOE_FINGERPRINT_LEN]);
