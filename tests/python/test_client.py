@@ -358,6 +358,22 @@ class ClientTest(unittest.TestCase):
             t.join()
         self.assertEqual(bad, [])
 
+    def test_gil_released_while_waiting(self):
+        # a thread sits in moe_client_wait() for 1 s (nothing in flight);
+        # this one must keep running meanwhile
+        c = moed.Client(SOCK)
+        t = threading.Thread(target=c._s.wait, args=(None, 1.0))
+        t.start()
+        time.sleep(0.1)
+        n, end = 0, time.monotonic() + 0.5
+        while time.monotonic() < end:
+            n += 1
+        alive = t.is_alive()
+        t.join()
+        c.close()
+        self.assertTrue(alive, "the waiting thread returned early")
+        self.assertGreater(n, 10000, "this thread barely ran while the other waited in C")
+
     # ------------------------------------------------------------- arena
 
     def test_empty_arrays_are_freed(self):
