@@ -209,6 +209,7 @@ class Session:
         reaped), at most @timeout seconds (None: no limit).  True if so."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cv = self.cv
+        polled = False      # out of time: one last look at the ring, not a wait
         with cv:
             seen = self.reaped
             while True:
@@ -218,14 +219,18 @@ class Session:
                     return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return False
-                if self.reaping:
+                    if polled or self.reaping:
+                        return False
+                    polled = True
+                    ms = 0
+                elif self.reaping:
                     cv.wait(left)
                     continue
+                else:
+                    ms = -1 if left is None else max(1, int(left * 1000 + 0.999))
                 self.reaping = True
                 cv.release()
                 try:
-                    ms = -1 if left is None else max(1, int(left * 1000 + 0.999))
                     rc = self.lib.moe_client_wait(self.h, self.comp_ref, ms)
                     ud, res = self.comp.user_data, self.comp.res
                 finally:
@@ -241,6 +246,7 @@ class Session:
                         if p.remaining == 0:
                             p.keep = ()     # the Request holds its results
                     self.reaped += 1
+                    polled = False      # a completion: look again, the ring may hold more
                 elif rc != -errno.ETIMEDOUT and rc != -errno.EAGAIN:
                     raise self.error(rc, "moe_client_wait")
 

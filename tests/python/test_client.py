@@ -247,12 +247,16 @@ class ClientTest(unittest.TestCase):
         self.assertBits(w, w_w)
 
     def test_done_polls_without_blocking(self):
+        # done() alone (no wait(), no other thread) must see the completion
         r = self.c.submit(rand((2, self.H), 51), self.layers[0])
-        for _ in range(10000):
-            if r.done():
-                break
-        r.wait()
-        self.assertTrue(r.done())
+        deadline = time.monotonic() + 30
+        t0 = time.monotonic()
+        self.assertIsInstance(r.done(), bool)
+        self.assertLess(time.monotonic() - t0, 0.5, "done() blocked")
+        while not r.done():
+            self.assertLess(time.monotonic(), deadline, "done() never saw the completion")
+            time.sleep(0.001)
+        self.assertEqual(r.wait(timeout=0).shape, (2, self.H))
 
     # ------------------------------------------------------------- errors
 
