@@ -44,30 +44,43 @@ if hasattr(os, "register_at_fork"):
 
 
 class Block:
-    """A block of the arena, exposed to numpy as a flat uint8 buffer.
+    """A block of the arena as numpy sees it (__array_interface__): shape
+    and element type given, so that np.asarray(block) is the final array.
 
     numpy arrays made from it keep it alive through their .base chain; a
-    weakref.finalize on it returns the memory to the arena (moe_client_free)
-    once no array uses it."""
+    weak reference (BlockRef) returns the memory to the arena
+    (moe_client_free) once no array uses it.  weakref.finalize would do
+    the same at several times the cost, on every arena call."""
 
     __slots__ = ("__array_interface__", "__weakref__")
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+    def __init__(self, ptr: int, shape: tuple, typestr: str) -> None:
+        self.__array_interface__ = {"shape": shape, "typestr": typestr,
                                     "data": (ptr, False), "version": 3}
+
+
+class BlockRef(weakref.ref):
+    """The weak reference to a Block that frees it: it knows the address."""
+
+    __slots__ = ("ptr",)
 
 
 class Pending:
     """The state of one moed.Request: its pieces in flight and the arrays
     they use (held here so that nothing is freed while moed writes it)."""
 
-    __slots__ = ("remaining", "res", "keep", "where")
+    __slots__ = ("remaining", "res", "keep", "layer", "shape")
 
-    def __init__(self, keep: tuple, where: str) -> None:
+    def __init__(self, keep: tuple, layer: int, shape: tuple) -> None:
         self.remaining = 0
         self.res = 0
         self.keep = keep        # the arrays of the request, until it completes
-        self.where = where      # "layer 3, 5 tokens": for error messages
+        self.layer = layer      # for error messages (made only when needed)
+        self.shape = shape
+
+    @property
+    def where(self) -> str:
+        return f"layer {self.layer}, x {tuple(self.shape)}"
 
 
 class Session:
@@ -86,6 +99,7 @@ class Session:
         self.starts: list[int] = []       # live arena blocks, sorted by address
         self.ends: list[int] = []
         self.freeq: collections.deque[int] = collections.deque()
+        self.refs: dict[int, BlockRef] = {}   # keeps the weak references alive
         # Completion routing (libmoeclient(3): moe_client_wait() hands each
         # completion to whichever thread asks first).  One thread at a time,
         # the reaper, sits in moe_client_wait(); it files what it reaps in
@@ -132,8 +146,9 @@ class Session:
 
     # ---------------------------------------------------------------- arena
 
-    def alloc(self, nbytes: int, what: str) -> Block:
-        """@nbytes of the arena as a Block (64-byte aligned)."""
+    def alloc(self, nbytes: int, shape: tuple, typestr: str, what: str) -> Block:
+        """@nbytes of the arena (64-byte aligned) as a Block of @shape and
+        @typestr; freed when the Block dies."""
         p = c_void_p()
         rc = self.lib.moe_client_alloc(self.h, nbytes, byref(p))
         if rc < 0:
@@ -143,12 +158,14 @@ class Session:
                                 "or connect with a larger arena_bytes")
             raise self.error(rc, what)
         ptr = p.value
-        blk = Block(ptr, nbytes)
+        blk = Block(ptr, shape, typestr)
+        ref = BlockRef(blk, self._block_died)
+        ref.ptr = ptr
         with self.lock:
             i = bisect.bisect(self.starts, ptr)
             self.starts.insert(i, ptr)
             self.ends.insert(i, ptr + nbytes)
-        weakref.finalize(blk, self._finalize_block, ptr)
+            self.refs[ptr] = ref
         return blk
 
     def in_arena(self, ptr: int, nbytes: int) -> bool:
@@ -157,10 +174,11 @@ class Session:
             i = bisect.bisect(self.starts, ptr) - 1
             return i >= 0 and ptr + nbytes <= self.ends[i]
 
-    def _finalize_block(self, ptr: int) -> None:
-        # Runs from the garbage collector, maybe while this very thread holds
-        # self.lock: queue the pointer and free only if the lock is free.
-        self.freeq.append(ptr)
+    def _block_died(self, ref: BlockRef) -> None:
+        # Runs when the last array of a block goes, maybe inside the garbage
+        # collector while this very thread holds self.lock: queue the
+        # pointer and free only if the lock is free.
+        self.freeq.append(ref.ptr)
         self.drain()
 
     def drain(self) -> None:
@@ -176,6 +194,7 @@ class Session:
                     if i >= 0 and self.starts[i] == ptr:
                         del self.starts[i]
                         del self.ends[i]
+                    self.refs.pop(ptr, None)
                     if not self.disconnected:
                         self.lib.moe_client_free(self.h, ptr)
                 if self.closed:

@@ -302,22 +302,25 @@ class Client:
 
     def _arena_array(self, shape, act: int, kind: int, what: str, bf16_np=None):
         n = math.prod(shape)
-        es = _tensors.esize(act)
+        es = 4 if act == MOE_F32 else 2
         if n == 0:
             a = np.empty(shape, np.float32 if act == MOE_F32 else np.uint16)
+        elif act == MOE_F32:
+            a = np.asarray(self._s.alloc(n * es, shape, "<f4", what))
         else:
-            a = np.asarray(self._s.alloc(n * es, what))
+            a = np.asarray(self._s.alloc(n * es, shape, "<u2", what))
         if kind == TORCH:
             torch = _tensors.torch_module()
             if torch is None:
                 import torch  # noqa: F811 -- empty(torch=True) asks for it
             if act == MOE_F32:
-                return torch.from_numpy(a.view(np.float32).reshape(shape))
-            return torch.from_numpy(a.view(np.int16).reshape(shape)).view(torch.bfloat16)
-        if act == MOE_F32:
-            return a.view(np.float32).reshape(shape)
-        dt = bf16_np or _tensors.NP_BF16 or _tensors.NP_U16
-        return a.view(dt).reshape(shape)
+                return torch.from_numpy(a)
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        if act == MOE_BF16:
+            dt = bf16_np or _tensors.NP_BF16
+            if dt is not None and dt != _tensors.NP_U16:
+                return a.view(dt)
+        return a
 
     def _arena_like(self, x, kind: int, act: int, what: str):
         bf = x.dtype if kind == NUMPY and act == MOE_BF16 else None
@@ -411,7 +414,7 @@ class Client:
         if tokens == 0:
             return (y,) + _tensors.new_routing(0, self._top_k, kind) if return_routing else y
         routing = self._arena_routing(tokens, kind) if return_routing else None
-        pend = Pending((x, y, routing), f"layer {layer}, x {tuple(x.shape)}")
+        pend = Pending((x, y, routing), layer, x.shape)
         self._queue(x, kind, act, xp, _tensors.address(y, kind), tokens, layer, routing, pend)
         s.wait(pend, None)
         if pend.res < 0:
@@ -451,7 +454,7 @@ class Client:
                 y = self._arena_like(x, kind, act, "submit: the arena output")
                 yp = _tensors.address(y, kind)
             routing = self._arena_routing(tokens, kind) if return_routing else None
-            pend = Pending((x, y, routing), f"layer {layer}, x {tuple(x.shape)}")
+            pend = Pending((x, y, routing), layer, x.shape)
             self._queue(x, kind, act, xp, yp, tokens, layer, routing, pend)
             return Request(s, pend, copy_to if copy_to is not None else y, y, copy_to, kind, routing)
         finally:
