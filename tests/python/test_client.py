@@ -114,6 +114,8 @@ class ClientTest(unittest.TestCase):
             return
         fp = moed.checkpoint_fingerprint(CKPT)
         self.assertRegex(fp, "^[0-9a-f]{32}$")
+        import pathlib
+        self.assertEqual(moed.checkpoint_fingerprint(pathlib.Path(CKPT)), fp)
         self.assertEqual(self.c.info.fingerprint, fp)
         with self.assertRaises(moed.MoedError) as cm:
             moed.checkpoint_fingerprint(os.path.join(TMP, "no-such-checkpoint"))
@@ -257,6 +259,23 @@ class ClientTest(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, "done() never saw the completion")
             time.sleep(0.001)
         self.assertEqual(r.wait(timeout=0).shape, (2, self.H))
+
+    def test_wait_timeout(self):
+        # a request moed never got: wait() must give up on time, as a
+        # MoedTimeoutError (a TimeoutError), and leave the Client usable
+        from moed._session import Pending
+        p = Pending((), self.layers[0], (1, self.H))
+        p.remaining = 1
+        r = moed.Request(self.c._s, p, None, None, None, 0, None)
+        t0 = time.monotonic()
+        with self.assertRaises(moed.MoedTimeoutError) as cm:
+            r.wait(timeout=0.2)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.19)
+        self.assertIsInstance(cm.exception, TimeoutError)
+        self.assertEqual(cm.exception.code, -errno.ETIMEDOUT)
+        self.assertIn(f"layer {self.layers[0]}", str(cm.exception))
+        self.assertFalse(r.done())
+        self.assertEqual(self.c.forward(rand((1, self.H), 2), self.layers[0]).shape, (1, self.H))
 
     # ------------------------------------------------------------- errors
 
