@@ -114,6 +114,10 @@ class ClientTest(unittest.TestCase):
             return
         fp = moed.checkpoint_fingerprint(CKPT)
         self.assertRegex(fp, "^[0-9a-f]{32}$")
+        j = json.loads(subprocess.run([MOECTL, "inspect", "--json", STORE], capture_output=True,
+                                      text=True, check=True).stdout)
+        if "fingerprint" in j:      # what pack recorded
+            self.assertEqual(j["fingerprint"], fp)
         import pathlib
         self.assertEqual(moed.checkpoint_fingerprint(pathlib.Path(CKPT)), fp)
         self.assertEqual(self.c.info.fingerprint, fp)
