@@ -14,7 +14,8 @@
 #
 # Python: numpy suite: $PYTHON (configure's) if it has numpy, else
 # /usr/bin/python3 if it has; torch suite: $MOED_TEST_PYTHON, else
-# whichever of those has torch.  None: skip (77), saying why.
+# the venv ./bootstrap.sh check makes ($top_builddir/venv), else whichever
+# of those has torch.  None: skip (77), saying why.
 #
 # Environment: MOECTL, MOED, top_builddir, top_srcdir (from make check).
 # Exit 0 pass, 1 fail, 77 skip.
@@ -50,7 +51,7 @@ torch)
 			skip "MOED_TEST_PYTHON=$MOED_TEST_PYTHON lacks numpy or torch"
 		PY=$MOED_TEST_PYTHON
 	else
-		for cand in "${PYTHON:-}" /usr/bin/python3; do
+		for cand in "${top_builddir:-.}/venv/bin/python" "${PYTHON:-}" /usr/bin/python3; do
 			if has_modules "$cand" numpy torch; then PY=$cand; break; fi
 		done
 		[ -n "$PY" ] || skip "no Python with torch: set MOED_TEST_PYTHON to one (see python/README.md)"
@@ -106,6 +107,9 @@ MOED_TEST_MAX_TOKENS=16
 export PYTHONPATH MOED_LIBRARY MOED_TEST_SOCKET MOED_TEST_STORE MOED_TEST_CHECKPOINT MOED_TEST_TMP \
 	MOED_TEST_MAX_TOKENS MOECTL
 unset MOED_SOCKET
+# no __pycache__ in the source tree (read-only under make distcheck)
+PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE
 
 echo "python: $PY ($("$PY" -c 'import sys, numpy; print(sys.version.split()[0], "numpy", numpy.__version__)'))"
 status=0
