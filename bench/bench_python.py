@@ -14,6 +14,9 @@ same machine.  Python rows, each N 1-token calls per round:
   Client.forward torch  a float32 CPU tensor (when torch imports)
   Client.forward arena  an array from Client.empty() (zero copy: submit
                         and wait on the arena)
+  stub: ...             the ctypes floor and Client.forward with the C
+                        call replaced by one that returns at once: the
+                        package's own cost, free of moed's noise
 
 and for each the median and p99 in microseconds, and the median minus the
 C anchor's (the target of issue 12 is <= 10 us for Client.forward).
@@ -161,6 +164,17 @@ def main():
         if torch is not None:
             xt = torch.from_numpy(x.copy())
             rows["Client.forward torch"] = lambda: c.forward(xt, layer)
+        # The package's own cost without moed's noise: moe_client_forward
+        # swapped for a C function that returns at once (labs of a null
+        # handle, given the same prototype: the same ctypes conversions).
+        stub = ctypes.CDLL(None).labs
+        stub.restype, stub.argtypes = fwd.restype, fwd.argtypes
+        cs = moed.Client(sock)
+        cs._fwd, cs._h = stub, 0      # labs(0): 0, success
+        rows["stub: bare ctypes call"] = lambda: stub(0, layer, 0, xp, yp, 1, None, None)
+        rows["stub: Client.forward numpy"] = lambda: cs.forward(x, layer)
+        if torch is not None:
+            rows["stub: Client.forward torch"] = lambda: cs.forward(xt, layer)
         samples = {k: [] for k in rows}
         anchors = []
         for _ in range(a.rounds):
@@ -169,6 +183,7 @@ def main():
                 for k, fn in rows.items():
                     samples[k] += timed(fn, max(a.n // 10, 10))
         c.close()
+        cs.close()
     finally:
         proc.terminate()
         proc.wait()
@@ -184,12 +199,17 @@ def main():
     floor = pct(samples["ctypes floor"])[0]
     print(f"  {'':28} {'p50 us':>9} {'p99 us':>9} {'p50 - C':>9} {'- floor':>9}")
     print(f"  {'C moe_client_forward (anchor)':28} {a50:9.2f} {a99:9.2f} {0:9.2f} {'':>9}")
+    sfloor = pct(samples["stub: bare ctypes call"])[0]
     for k, v in samples.items():
         p50, p99 = pct(v)
         note = "   target <= 10 us" if k.startswith("Client.forward numpy") else ""
-        print(f"  {k:28} {p50:9.2f} {p99:9.2f} {p50 - a50:9.2f} {p50 - floor:9.2f}{note}")
-    print("  (p50 - C: against bench_daemon in its own process; - floor: against a bare ctypes\n"
-          "   call in this one, alternated call block by call block)")
+        if k.startswith("stub"):
+            print(f"  {k:28} {p50:9.2f} {p99:9.2f} {'':>9} {p50 - sfloor:9.2f}")
+        else:
+            print(f"  {k:28} {p50:9.2f} {p99:9.2f} {p50 - a50:9.2f} {p50 - floor:9.2f}{note}")
+    print("  (p50 - C: against bench_daemon in its own process; - floor: against the bare ctypes\n"
+          "   call of the same rows in this one, alternated block by block; stub rows: the C call\n"
+          "   replaced by one that returns at once, i.e. the package's own cost)")
 
 
 if __name__ == "__main__":
