@@ -170,7 +170,8 @@ expect_out 'qwen3_moe'
 
 # SIGTERM: STOPPING=1, exit 0, the socket file gone
 moed_term "$MOED_PID" "$LOG"
-grep -q '^STOPPING=1$' "$NOTES" || fail "no STOPPING=1: $(cat "$NOTES")"
+# the listener writes what it got after moed sent it: wait for the line
+wait_for '^STOPPING=1$' "$NOTES" 5
 [ ! -e "$SOCK" ] || fail "moed left its socket $SOCK behind"
 write_conf 64
 
