@@ -23,7 +23,7 @@ esac
 
 packages="build-essential autoconf automake libtool pkg-config check
   libjansson-dev libxxhash-dev libopenblas-dev zlib1g-dev liburing-dev
-  libsystemd-dev libconfig-dev"
+  libsystemd-dev libconfig-dev python3 python3-numpy"
 missing=
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
