@@ -48,6 +48,20 @@ class Info:
 Tensor = Any  # a numpy.ndarray or a torch.Tensor
 
 
+def _dtype_name(dtype) -> str:
+    """"float32"/"bfloat16" for the ways a caller may spell them: a string,
+    a numpy dtype or type, ml_dtypes.bfloat16, torch.float32/bfloat16."""
+    if isinstance(dtype, str):
+        return dtype
+    t = str(dtype)
+    if t.startswith("torch."):
+        return t[6:]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return t
+
+
 def _fingerprint_str(buf) -> str:
     return bytes(buf).split(b"\0", 1)[0].decode("ascii")
 
@@ -274,8 +288,7 @@ class Client:
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"shape {shape} has a negative dimension")
-        name = getattr(dtype, "name", None) or str(dtype)
-        name = name.replace("torch.", "")
+        name = _dtype_name(dtype)
         if name not in ("float32", "bfloat16"):
             raise TypeError(f"dtype {dtype!r}: the arena holds float32 or bfloat16 tensors")
         act = MOE_F32 if name == "float32" else MOE_BF16

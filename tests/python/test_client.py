@@ -221,6 +221,19 @@ class ClientTest(unittest.TestCase):
         # waiting again gives the same result
         self.assertBits(reqs[2].wait(), want[2])
 
+    def test_submit_beyond_the_ring(self):
+        # a 2-entry ring: pieces and requests wait for room, none is lost
+        layer = self.layers[0]
+        xs = [rand((5 * MAX_TOKENS + 1, self.H), 45)] + [rand((3, self.H), 46 + k) for k in range(4)]
+        want = [self.c.forward(x, layer) for x in xs]
+        with moed.Client(SOCK, sq_entries=2) as c:
+            reqs = [c.submit(x, layer) for x in xs]
+            for k in reversed(range(len(xs))):
+                self.assertBits(reqs[k].wait(timeout=60), want[k], f"request {k}")
+        with self.assertRaises(moed.MoedConnectionError) as cm:
+            moed.Client(SOCK, sq_entries=3)
+        self.assertIn("sq_entries=3", str(cm.exception))
+
     def test_submit_out_and_routing(self):
         x = rand((5, self.H), 50)
         layer = self.layers[-1]
@@ -357,6 +370,22 @@ class ClientTest(unittest.TestCase):
         for t in ts:
             t.join()
         self.assertEqual(bad, [])
+
+    def test_gil_released_while_waiting(self):
+        # a thread sits in moe_client_wait() for 1 s (nothing in flight);
+        # this one must keep running meanwhile
+        c = moed.Client(SOCK)
+        t = threading.Thread(target=c._s.wait, args=(None, 1.0))
+        t.start()
+        time.sleep(0.1)
+        n, end = 0, time.monotonic() + 0.5
+        while time.monotonic() < end:
+            n += 1
+        alive = t.is_alive()
+        t.join()
+        c.close()
+        self.assertTrue(alive, "the waiting thread returned early")
+        self.assertGreater(n, 10000, "this thread barely ran while the other waited in C")
 
     # ------------------------------------------------------------- arena
 
