@@ -52,8 +52,10 @@ def random_checkpoint(path: str, dtype: str) -> None:
     """A small random qwen3_moe model saved by transformers: 4 layers of 32
     experts, hidden 512 (200 MB of experts in float32)."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     cfg = AutoConfig.for_model("qwen3_moe", vocab_size=2048, hidden_size=512, num_hidden_layers=4,
                                num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                                intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
