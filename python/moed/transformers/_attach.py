@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -71,6 +72,16 @@ def _check_shapes(model, arch, blocks, info, where: str) -> None:
             "start moed on the store packed from this model's checkpoint")
 
 
+def _warn_semantics(cfg) -> None:
+    """Where transformers computes otherwise than the model's reference code,
+    which moed follows (docs/ARCHITECTURE.md 4.1), say so once."""
+    if (cfg.model_type == "deepseek_v2" and getattr(cfg, "norm_topk_prob", False)
+            and getattr(cfg, "num_experts_per_tok", 1) > 1):
+        warnings.warn("deepseek_v2 with norm_topk_prob: moed normalises the top-k weights as "
+                      "DeepSeek's code does; transformers 5 does not, so outputs differ from "
+                      "transformers alone", stacklevel=3)
+
+
 def _check_fingerprint(model, client, checkpoint, verify: bool, where: str) -> None:
     if not verify:
         return
@@ -131,6 +142,7 @@ def attach(model: nn.Module, client, *, checkpoint: str | os.PathLike | None = N
         raise ValueError(f"no {arch.block} in the model: nothing for moed to serve")
     info = client.info
     _check_shapes(model, arch, blocks, info, where)
+    _warn_semantics(model.config)
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
     _check_fingerprint(model, client, checkpoint, verify, where)
