@@ -414,6 +414,18 @@ class TestRefusals(unittest.TestCase):
         self.assertEqual(param_bytes(model), full - experts)
         self.assertEqual(greedy(model, ids), want)
 
+    def test_float16_and_training_are_refused(self):
+        verify = fingerprints_supported(self.client)
+        with self.assertRaisesRegex(TypeError, "float32 or bfloat16 .* torch.float16"):
+            mtf.from_pretrained(self.ckpt, self.client, dtype=torch.float16, verify=verify)
+        m = mtf.from_pretrained(self.ckpt, self.client, verify=verify)
+        m.train()
+        with self.assertRaisesRegex(RuntimeError, "layer 0: moed serves the experts for inference"):
+            m(prompt(1))
+        m.eval()
+        with torch.no_grad():
+            m(prompt(1))
+
     def test_bfloat16_model(self):
         m = mtf.from_pretrained(self.ckpt, self.client, dtype=torch.bfloat16,
                                 verify=fingerprints_supported(self.client))

@@ -132,7 +132,9 @@ def attach(model: nn.Module, client, *, checkpoint: str | os.PathLike | None = N
         raise ImportError(f"moed.transformers needs transformers 5 (found "
                           f"{transformers.__version__}); pip install 'transformers>=5'")
     arch = arch_of(model.config)
-    where = f"on {getattr(client, 'socket', None) or 'its socket'}"
+    # the socket, for messages (the package's own session object has it)
+    sock = getattr(client, "socket", None) or getattr(getattr(client, "_s", None), "socket", None)
+    where = f"on {sock}" if sock else "on its socket"
     dtype = getattr(model, "dtype", None)
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"moed takes float32 or bfloat16 hidden states, the model is {dtype}; "
