@@ -84,13 +84,18 @@ def tearDownModule():
         shutil.rmtree(TMP, ignore_errors=True)
 
 
-def make_checkpoint(arch: str, name: str, seed: int, **extra) -> str:
-    """A random model of @arch built and saved by transformers (float32)."""
+def make_checkpoint(arch: str, name: str, seed: int, fused: bool = False, **extra) -> str:
+    """A random model of @arch built and saved by transformers (float32);
+    @fused: in transformers 5's own fused-experts layout
+    (save_original_format=False) instead of the per-expert hub layout."""
     d = os.path.join(TMP, name)
     cfg = AutoConfig.for_model(arch, **{**COMMON, **ARCH_CONFIGS[arch], **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.save_pretrained(d)
+    if fused:
+        model.save_pretrained(d, save_original_format=False)
+    else:
+        model.save_pretrained(d)
     return d
 
 
@@ -178,10 +183,12 @@ class ArchCase:
     """One architecture end to end; subclasses set ARCH."""
 
     ARCH = ""
+    FUSED = False
 
     @classmethod
     def setUpClass(cls):
-        cls.ckpt = make_checkpoint(cls.ARCH, cls.ARCH, seed=1234)
+        cls.ckpt = make_checkpoint(cls.ARCH, cls.ARCH + ("_fused" if cls.FUSED else ""), seed=1234,
+                                   fused=cls.FUSED)
         cls.moed = Moed(pack(cls.ckpt))
         cls.ref = AutoModelForCausalLM.from_pretrained(cls.ckpt, dtype=torch.float32).eval()
         cls.client = moed.Client(cls.moed.socket)
@@ -252,13 +259,18 @@ class ArchCase:
             self.assertLess(rel_l2(g, w), 1e-4)
 
 
-def _arch_class(arch):
-    name = "Test_" + arch
-    return type(name, (ArchCase, unittest.TestCase), {"ARCH": arch})
+def _arch_class(arch, fused=False):
+    name = "Test_" + arch + ("_fused" if fused else "")
+    return type(name, (ArchCase, unittest.TestCase), {"ARCH": arch, "FUSED": fused})
 
 
 for _a in ARCH_CONFIGS:
     globals()["Test_" + _a] = _arch_class(_a)
+# transformers 5's fused layout, as save_pretrained(save_original_format=
+# False) writes it (gpt_oss has only that one): with and without a shared
+# expert, and mixtral's renamed block
+for _a in ("mixtral", "qwen2_moe", "deepseek_v3"):
+    globals()["Test_" + _a + "_fused"] = _arch_class(_a, fused=True)
 del _a
 
 _CHILD = r"""
