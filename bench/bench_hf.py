@@ -158,9 +158,12 @@ def main() -> None:
 
         sock = os.path.join(work, "moed.sock")
         conf = os.path.join(work, "moed.conf")
+        # every expert pinned, so read at start: transformers alone holds the
+        # whole model in memory too, and a cold cache would time the disk
+        pins = ", ".join(f'"{layer}:*"' for layer in range(a.layers))
         with open(conf, "w") as f:
             f.write(f'model = "{store}";\nbackend = "cpu";\n'
-                    f'cache = {{ host_mb = {os.path.getsize(store) // (1 << 20) + 256}; }};\n'
+                    f'cache = {{ host_mb = {os.path.getsize(store) // (1 << 20) + 256}; pin = [ {pins} ]; }};\n'
                     f'socket = {{ path = "{sock}"; mode = "0600"; group = ""; }};\n')
         log = open(os.path.join(work, "moed.log"), "w")
         moed_proc = subprocess.Popen([tool("moed", "MOED", "daemon"), "--config", conf],
