@@ -178,6 +178,14 @@ def main() -> None:
                 if moed_proc.poll() is not None:
                     sys.exit(f"bench_hf: moed exited; see {log.name}")
                 time.sleep(0.1)
+        # moed answers while it still reads the pinned experts: wait until
+        # every one is in (moe_client_stats: the pager's loads)
+        with moed.Client(sock) as c:
+            for _ in range(3000):
+                eng = c.stats().get("engine", {})
+                if eng.get("pager", {}).get("loads", 0) >= eng.get("host_cache", {}).get("pinned", 0):
+                    break
+                time.sleep(0.1)
         for dtype in ("float32", "bfloat16"):
             res[("moed", dtype)] = run_child(ckpt, dtype, sock, a)
         with open(f"/proc/{moed_proc.pid}/status") as f:
