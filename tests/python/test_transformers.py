@@ -17,6 +17,8 @@ MOED_LIBRARY and PYTHONPATH; needs torch and transformers >= 5.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -415,6 +417,39 @@ class TestRefusals(unittest.TestCase):
         self.assertIsInstance(m.model.layers[0].mlp, mtf.MoedBlock)
         # and the model it was packed from passes
         mtf.from_pretrained(self.ckpt, self.client)
+
+    def test_store_without_fingerprint_needs_verify_false(self):
+        if not fingerprints_supported(self.client):
+            self.skipTest("this moed reports no checkpoint fingerprint")
+        try:
+            xxh = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+        except OSError:
+            self.skipTest("no libxxhash to rewrite a store header with")
+        xxh.XXH3_64bits.restype = ctypes.c_uint64
+        xxh.XXH3_64bits.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+        # the store as an older moectl packed it: source_fingerprint (offset
+        # 744, 16 bytes) all zero, header_checksum (offset 24) of the 4096
+        # header bytes with itself zero (moe-store(5))
+        store = os.path.join(TMP, "nofp.moe")
+        shutil.copyfile(self.ckpt + ".moe", store)
+        with open(store, "r+b") as f:
+            hdr = bytearray(f.read(4096))
+            hdr[744:760] = bytes(16)
+            hdr[24:32] = bytes(8)
+            hdr[24:32] = xxh.XXH3_64bits(bytes(hdr), 4096).to_bytes(8, "little")
+            f.seek(0)
+            f.write(hdr)
+        server = Moed(store)
+        try:
+            with moed.Client(server.socket) as c:
+                self.assertIsNone(c.info.fingerprint)
+                with self.assertRaisesRegex(mtf.ModelMismatchError,
+                                            "without a checkpoint fingerprint .* verify=False"):
+                    mtf.from_pretrained(self.ckpt, c)
+                m = mtf.from_pretrained(self.ckpt, c, verify=False)
+                self.assertIsInstance(m.model.layers[0].mlp, mtf.MoedBlock)
+        finally:
+            server.stop()
 
     def test_attach_a_loaded_model_frees_its_experts(self):
         model = AutoModelForCausalLM.from_pretrained(self.ckpt).eval()
