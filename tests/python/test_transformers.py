@@ -22,6 +22,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,13 @@ def pack(ckpt: str) -> str:
     return store
 
 
+def _die_with_parent() -> None:
+    """In a moed child: SIGTERM when the test process dies, however it dies
+    (PR_SET_PDEATHSIG), so that no moed outlives a killed test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
 class Moed:
     """A moed serving @store on a temporary socket, the CPU backend."""
 
@@ -122,7 +130,8 @@ class Moed:
                     f'socket = {{ path = "{self.socket}"; mode = "0600"; group = ""; }};\n'
                     'log = { level = "warning"; };\n')
         with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen([MOED, "--config", conf], stdout=logf, stderr=logf)
+            self.proc = subprocess.Popen([MOED, "--config", conf], stdout=logf, stderr=logf,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
@@ -192,14 +201,20 @@ class ArchCase:
         cls.ckpt = make_checkpoint(cls.ARCH, cls.ARCH + ("_fused" if cls.FUSED else ""), seed=1234,
                                    fused=cls.FUSED)
         cls.moed = Moed(pack(cls.ckpt))
-        cls.ref = AutoModelForCausalLM.from_pretrained(cls.ckpt, dtype=torch.float32).eval()
-        cls.client = moed.Client(cls.moed.socket)
-        verify = fingerprints_supported(cls.client)
-        cls.model = mtf.from_pretrained(cls.ckpt, cls.client, dtype=torch.float32, verify=verify)
+        cls.client = None
+        try:    # tearDownClass does not run when this fails: stop moed here
+            cls.ref = AutoModelForCausalLM.from_pretrained(cls.ckpt, dtype=torch.float32).eval()
+            cls.client = moed.Client(cls.moed.socket)
+            verify = fingerprints_supported(cls.client)
+            cls.model = mtf.from_pretrained(cls.ckpt, cls.client, dtype=torch.float32, verify=verify)
+        except BaseException:
+            cls.tearDownClass()
+            raise
 
     @classmethod
     def tearDownClass(cls):
-        cls.client.close()
+        if cls.client is not None:
+            cls.client.close()
         cls.moed.stop()
 
     def moe_layers(self) -> list:
@@ -373,7 +388,11 @@ class TestRefusals(unittest.TestCase):
     def setUpClass(cls):
         cls.ckpt = make_checkpoint("qwen3_moe", "served", seed=1)
         cls.moed = Moed(pack(cls.ckpt))
-        cls.client = moed.Client(cls.moed.socket)
+        try:
+            cls.client = moed.Client(cls.moed.socket)
+        except BaseException:
+            cls.moed.stop()
+            raise
 
     @classmethod
     def tearDownClass(cls):
