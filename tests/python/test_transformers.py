@@ -298,6 +298,8 @@ g = torch.Generator().manual_seed(seed)
 ids = torch.randint(2, 128, (1, 8), generator=g)
 with moed.Client(sock) as c:
     m = mtf.from_pretrained(ckpt, c, dtype=torch.float32, verify=verify)
+    print("ready", flush=True)
+    sys.stdin.readline()            # all four generate at the same moment
     with torch.no_grad():
         out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
                          min_new_tokens=32, do_sample=False, pad_token_id=0)
@@ -316,9 +318,15 @@ class TestSharedMoed(unittest.TestCase):
                 verify = fingerprints_supported(c)
             seeds = [11, 12, 13, 14]
             procs = [subprocess.Popen([sys.executable, "-c", _CHILD, ckpt, server.socket, str(s),
-                                       "1" if verify else "0"],
+                                       "1" if verify else "0"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for s in seeds]
+            for p in procs:     # each has loaded the model
+                self.assertEqual(p.stdout.readline().strip(), "ready",
+                                 p.stderr.read() if p.poll() is not None else "")
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
             outs = [p.communicate(timeout=300) for p in procs]
         finally:
             server.stop()
