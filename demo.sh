@@ -7,7 +7,9 @@
 # the same model in FP8 as DeepSeek-V3 is released (its bytes per expert and
 # tokens/s against bf16), and run every MoE layer with only a quarter of the
 # model in memory, the rest paged in from the store, with and without
-# prefetching.
+# prefetching; then, where a Python with torch and transformers is found,
+# several Python processes generating with a transformers model whose
+# experts moed serves (examples/python_serve.py).
 #
 #   ./demo.sh                  after a build in the source tree
 #   BUILD_DIR=../build ./demo.sh
@@ -210,5 +212,30 @@ kill "$moed_pid"
 wait "$moed_pid" || die "moed did not stop cleanly (log: $work/moed.log)"
 moed_pid=
 echo "      moed stopped cleanly on SIGTERM"
+
+# The same for Python processes running a Hugging Face transformers model,
+# where a Python with torch and transformers >= 5 is found (python/README.md).
+py=
+for cand in "${MOED_PYTHON:-}" "$BUILD_DIR/venv/bin/python" "$src/build/venv/bin/python" python3; do
+	[ -n "$cand" ] || continue
+	if "$cand" -c 'import sys, torch, transformers
+sys.exit(int(transformers.__version__.split(".")[0]) < 5)' >/dev/null 2>&1; then
+		py=$cand
+		break
+	fi
+done
+if [ -n "$py" ]; then
+	echo "[+] Python: 4 processes run a transformers model (a small random qwen3_moe) and"
+	echo "    generate at once, each without the experts, which one moed serves to all"
+	echo "    (examples/python_serve.py with $py)"
+	run "$work/py.log" env PYTHONPATH="$src/python${PYTHONPATH:+:$PYTHONPATH}" \
+		MOED_LIBRARY="${MOED_LIBRARY:-$BUILD_DIR/libmoeclient/.libs/libmoeclient.so.0}" \
+		MOECTL="$MOECTL" MOED="$MOED" TMPDIR="$work" \
+		"$py" "$src/examples/python_serve.py" --processes 4 --tokens 32
+	sed -n '/processes, /,$p' "$work/py.log" | sed 's/^/      /'
+else
+	echo "[+] Python: skipped: no Python with torch and transformers >= 5 (MOED_PYTHON,"
+	echo "    build/venv, python3); python/README.md says how to make one"
+fi
 echo "done; removing $work"
 

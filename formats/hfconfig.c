@@ -195,12 +195,44 @@ static int parse_mixtral(struct parse_ctx *p)
 	return 0;
 }
 
+/*
+ * The number of routed experts of qwen2_moe and qwen3_moe.  Releases write
+ * "num_experts"; transformers 5's Qwen3MoeConfig maps that name to
+ * "num_local_experts" and so save_pretrained writes the latter, which is
+ * the same field.  Either is accepted; both with different values is a
+ * config no one can serve unambiguously, so it is refused naming both.
+ */
+static int get_qwen_num_experts(struct parse_ctx *p, uint32_t *ret)
+{
+	uint32_t a = 0, b = 0;
+	bool has_a = field(p->root, "num_experts") != NULL;
+	bool has_b = field(p->root, "num_local_experts") != NULL;
+	int r;
+
+	if (!has_a && !has_b)
+		return moe_err_set(p->err, -EINVAL,
+				   "%s: missing field 'num_experts' (or 'num_local_experts', as transformers 5 "
+				   "writes it; required for model_type %s)", p->file, p->type);
+	if (has_a && (r = get_u32(p->root, p->file, p->type, "num_experts", true, 0, &a, p->err)) < 0)
+		return r;
+	if (has_b && (r = get_u32(p->root, p->file, p->type, "num_local_experts", true, 0, &b, p->err)) < 0)
+		return r;
+	if (has_a && has_b && a != b)
+		return moe_err_set(p->err, -EINVAL,
+				   "%s: fields 'num_experts' (%" PRIu32 ") and 'num_local_experts' (%" PRIu32
+				   ") disagree; they name the same number, keep one", p->file, a, b);
+	*ret = has_a ? a : b;
+	return 0;
+}
+
 static int parse_qwen(struct parse_ctx *p, bool shared)
 {
 	struct moe_hf_config *hc = p->hc;
 	struct moe_model_config *c = &hc->cfg;
+	int r;
 
-	U32("num_experts", true, 0, &c->num_experts);
+	if ((r = get_qwen_num_experts(p, &c->num_experts)) < 0)
+		return r;
 	U32("num_experts_per_tok", true, 0, &c->top_k);
 	U32("moe_intermediate_size", true, 0, &c->moe_intermediate_size);
 	U32("decoder_sparse_step", false, 1, &hc->rule.decoder_sparse_step);

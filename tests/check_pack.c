@@ -142,6 +142,38 @@ START_TEST(config_routing_per_architecture)
 }
 END_TEST
 
+/* transformers 5 saves Qwen3MoeConfig's expert count as num_local_experts
+ * (its attribute_map renames num_experts); both names are the same field. */
+START_TEST(config_qwen_reads_num_local_experts)
+{
+	static const char head[] = "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 64,"
+		" \"num_hidden_layers\": 2, \"num_experts_per_tok\": 2, \"moe_intermediate_size\": 32";
+	struct moe_hf_config *hc;
+	struct moe_err err = { 0 };
+	char json[512];
+	int r;
+
+	snprintf(json, sizeof(json), "%s, \"num_local_experts\": 6}", head);
+	r = parse(json, &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(hc->cfg.num_experts, 6);
+	moe_hf_config_free(hc);
+
+	snprintf(json, sizeof(json), "%s, \"num_local_experts\": 6, \"num_experts\": 6}", head);
+	r = parse(json, &hc, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(hc->cfg.num_experts, 6);
+	moe_hf_config_free(hc);
+
+	snprintf(json, sizeof(json), "%s, \"num_local_experts\": 6, \"num_experts\": 8}", head);
+	expect_config_error(json, "fields 'num_experts' (8) and 'num_local_experts' (6) disagree");
+	snprintf(json, sizeof(json), "%s}", head);
+	expect_config_error(json, "missing field 'num_experts' (or 'num_local_experts'");
+	snprintf(json, sizeof(json), "%s, \"num_local_experts\": \"6\"}", head);
+	expect_config_error(json, "field 'num_local_experts' must be an integer");
+}
+END_TEST
+
 /* The MoE fields of GLM-4.5-Air's config.json, as released. */
 #define GLM45_AIR_MOE \
 	" \"hidden_size\": 4096, \"num_hidden_layers\": 46, \"intermediate_size\": 10944," \
@@ -748,6 +780,7 @@ static Suite *pack_suite(void)
 
 	tcase_add_test(tc, config_errors_name_the_field);
 	tcase_add_test(tc, config_routing_per_architecture);
+	tcase_add_test(tc, config_qwen_reads_num_local_experts);
 	tcase_add_test(tc, config_glm4_moe_routes_as_deepseek_v3);
 	tcase_add_test(tc, config_gpt_oss_defaults_and_mxfp4);
 	suite_add_tcase(s, tc);
