@@ -97,16 +97,34 @@ def child(args) -> None:
     ids = torch.randint(1, 1024, (1, 16), generator=torch.Generator().manual_seed(1))
     gen = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
 
+    # the time spent in the MoE blocks (transformers' own, or moed's
+    # MoedBlock): Amdahl's bound on what serving the experts faster can gain
+    in_moe = [0.0, 0.0]                      # total, start of the block running
+
+    def pre(_mod, _inp):
+        in_moe[1] = time.perf_counter()
+
+    def post(_mod, _inp, _out):
+        in_moe[0] += time.perf_counter() - in_moe[1]
+
+    for m in model.modules():
+        name = type(m).__name__
+        if name.endswith("SparseMoeBlock") or name == "MoedBlock":
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+
     def run(n):
+        in_moe[0] = 0.0
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
-        return time.perf_counter() - t, out
+        return time.perf_counter() - t, in_moe[0], out
 
     run(2)                                   # warm up (and moed's cache)
-    t1 = min(run(1)[0] for _ in range(2))
-    tn, out = run(args.tokens + 1)
+    t1, m1, _ = min((run(1) for _ in range(2)), key=lambda r: r[0])
+    tn, mn, out = run(args.tokens + 1)
     print(json.dumps({"tokens_per_s": args.tokens / max(tn - t1, 1e-9), "rss": status("VmRSS"),
+                      "moe_share": (mn - m1) / max(tn - t1, 1e-9),
                       "peak": status("VmHWM"), "base": base, "tokens": out[0, 16:].tolist()}))
     if client:
         client.close()
@@ -204,17 +222,24 @@ def main() -> None:
           f"hidden 2048, 32/4 heads of 128, vocab 1024; bf16 checkpoint; CPU, "
           f"{a.threads or 'default'} torch threads; {a.tokens} decode tokens after a 16-token prompt")
     print(f"# anchor: transformers alone, eager, {anchor_dtype} ({anchor:.2f} tokens/s)")
-    print(f"{'run':<16} {'tokens/s':>9} {'x anchor':>9} {'RSS MiB':>8} {'model MiB':>10} "
-          f"{'RSS/whole':>10} {'same tokens':>12}")
+    print(f"{'run':<16} {'tokens/s':>9} {'x anchor':>9} {'in MoE':>7} {'bound':>6} {'RSS MiB':>8} "
+          f"{'model MiB':>10} {'RSS/whole':>10} {'same tokens':>12}")
     for (how, dtype), r in res.items():
         whole = res[("alone", dtype)]
         model_mib = (r["rss"] - r["base"]) / mib
         same = "-" if how == "alone" else ("yes" if r["tokens"] == whole["tokens"] else "no")
+        # the decode rate with the MoE blocks taking no time at all, over the anchor
+        rest = (1 - min(r["moe_share"], 0.999)) / r["tokens_per_s"]
+        bound = f"{1 / rest / anchor:6.2f}" if how == "alone" else "     -"
         print(f"{how + ' ' + dtype:<16} {r['tokens_per_s']:9.2f} {r['tokens_per_s'] / anchor:9.2f} "
-              f"{r['rss'] / mib:8.0f} {model_mib:10.0f} {r['rss'] / whole['rss']:10.1%} {same:>12}")
+              f"{r['moe_share']:7.0%} {bound} {r['rss'] / mib:8.0f} {model_mib:10.0f} "
+              f"{r['rss'] / whole['rss']:10.1%} {same:>12}")
     print(f"moed (one copy of the experts, for any number of clients): RSS {moed_rss / mib:.0f} MiB")
     print("RSS/whole: the process's RSS over that of transformers alone in the same dtype; "
           "model MiB: RSS less the process's RSS after importing torch and transformers")
+    print("in MoE: share of the decode time spent in the MoE blocks (transformers' own, or the "
+          "moed.transformers block: the request to moed and back); bound: the anchor-relative "
+          "rate that run would reach if its MoE blocks took no time (Amdahl)")
     print("targets: decode >= 3x anchor; client RSS <= 15% of the whole model's")
 
 
