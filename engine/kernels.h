@@ -147,10 +147,16 @@ void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, si
 				 size_t nr, const float *const *xs, size_t nt, float *y, size_t ldy);
 
 /*
- * MOE_DTYPE_INT4 (model.h moe_q4_layout()): one matrix in the store's
- * layout, which is also its resident layout (moe_kern_packed_bytes() and
- * moe_kern_pack_bytes() do not take INT4: its size depends on the store's
- * q4_group and q4_flags, moe_cfg_matrix_bytes()).
+ * MOE_DTYPE_INT4 (model.h moe_q4_layout()): one matrix in its resident
+ * layout, which is the store's (the same size: moe_kern_packed_bytes() and
+ * moe_kern_pack_bytes() do not take INT4, whose size depends on the
+ * store's q4_group and q4_flags, moe_cfg_matrix_bytes()) but for the order
+ * of the codes in each row's whole blocks of 128 values (64 bytes): byte
+ * 4p + j of a block holds its values 32j + p (low nibble) and 32j + 16 + p
+ * (high nibble), p < 16, j < 4, so that a 64-byte load at byte j and the
+ * same shifted by 4 give 16 lanes their own canonical columns
+ * (kernels_int4.c).  The values after a row's last whole block, the
+ * scales, zero points and permutation are as stored.
  */
 struct moe_q4_matrix {
 	const uint8_t *codes;            /* [N][K/2] */
@@ -160,6 +166,12 @@ struct moe_q4_matrix {
 	size_t N, K, G;
 	bool bf16;
 };
+
+/* Bytes [b0, b0 + nb) of the N x K INT4 matrix in the store's layout
+ * (moe_q4_layout()), @src pointing at byte b0, into their places in the
+ * resident matrix @dst (the same size); any split, in any order, gives the
+ * same bytes. */
+void moe_kern_q4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0, uint64_t nb, void *dst);
 
 /* The parts of the N x K INT4 matrix at @m (64-byte aligned). */
 void moe_q4_matrix_at(const void *m, uint32_t q4_group, uint32_t q4_flags, size_t N, size_t K,
