@@ -114,11 +114,15 @@ moe_kern_dot_rows_fp8_fn moe_kern_get_fp8(enum moe_kern_isa isa, bool packed);
  * code bytes back to back (row r at r * K/2) in the resident order below,
  * @S their nr rows of K/32 scale bytes; K must be a multiple of 32.
  * Resident order: rows stay whole (the codes are a quarter of bf16's
- * bytes already), but each group of 16 values (8 bytes) holds the 8 even
- * values' nibbles in bytes 0..3 and the 8 odd values' in bytes 4..7, each
- * half in order, low nibble first, so that one 64-bit broadcast and one
- * variable shift give every 32-bit lane its own value's nibble
- * (kernels_mxfp4.c).  The scales are as stored.
+ * bytes already), but each whole block of 128 values of a row (64 bytes)
+ * holds its values 32j + p (low nibble) and 32j + 16 + p (high nibble) in
+ * byte 4p + j, p < 16, j < 4, so that a 64-byte load at byte j, as it is
+ * and shifted by 4, gives every 32-bit lane its own value's nibble; after
+ * the row's last whole block, each group of 16 values (8 bytes) holds the
+ * 8 even values' nibbles in bytes 0..3 and the 8 odd values' in bytes
+ * 4..7, each half in order, low nibble first, so that one 64-bit
+ * broadcast and one variable shift do the same (kernels_mxfp4.c).  The
+ * scales are as stored.
  */
 typedef void (*moe_kern_dot_rows_mxfp4_fn)(const uint8_t *W, const uint8_t *S, size_t K, size_t nr,
 					   const float *const *xs, size_t nt, float *y, size_t ldy);
