@@ -94,8 +94,11 @@ moe_kern_dot_rows_fn moe_kern_get_packed(enum moe_kern_isa isa);
 
 /*
  * MOE_DTYPE_FP8_E4M3_B128: the same product with w = e4m3(code) * scale,
- * computed in float32 as one rounding of the exact product (the e4m3 value
- * is exact in float32), then the canonical fused multiply-add order.
+ * computed as e4m3(code), exact in float32, times the token scaled by the
+ * block's scale, x[k] * scale rounded once to float32, in the canonical
+ * fused multiply-add order (a tile's rows share their block of 128 rows,
+ * so it scales each token vector once for all of them; a weight scaled
+ * per row cost a multiply per 16 weights and row).
  * @W holds nr rows of K codes (row r at r * ldw, or packed as above);
  * these are rows row0 .. row0 + nr - 1 of their matrix, whose float32
  * scales are @scales [ceil(N/128)][ceil(K/128)].  A NaN code gives NaN.
