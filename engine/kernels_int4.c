@@ -201,6 +201,27 @@ static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_
 }
 
 /*
+ * How far ahead a tile prefetches its rows: the same block of the rows a
+ * whole number of tiles on, at least this many bytes.  A tile reads R short
+ * streams (a row is 1 KB at hidden 2048) that the hardware prefetchers
+ * barely start on; 512 bytes ahead in the row ran into the next row, which
+ * the tile already reads (1.6x at 1 token from memory, one thread).  One
+ * tile ahead is 4 KB at K = 2048 but 1.5 KB at K = 768 (Qwen3-30B-A3B's
+ * down), under the memory latency at 2 threads: there 8 KB took the kernel
+ * from 0.063-0.079 to 0.055-0.060 ns a weight (mean of 300 passes, both
+ * cores streaming), and K = 2048 did not change.
+ */
+#define Q4_PREFETCH_MIN 8192
+
+/* The prefetch distance of a tile of R rows of K values. */
+static inline size_t q4_ahead(int R, size_t K)
+{
+	size_t tile = (size_t)R * (K / 2);
+
+	return tile * ((Q4_PREFETCH_MIN + tile - 1) / tile);
+}
+
+/*
  * The vector tiles below read a whole block of a row as overlapping loads
  * at its bytes 0..3, the last of which reads 3 bytes past the block: the
  * next row's, or after the last row the scales, which follow the codes in
@@ -263,6 +284,7 @@ avx2_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row0,
 	     float *y, size_t ldy)
 {
 	size_t K = m->K, G = m->G, kfull = K / Q4_BLOCK * Q4_BLOCK, g = 0, gnext = 0, k = 0;
+	size_t ahead = q4_ahead(R, K);
 	const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
 	const __m256i fifteen = _mm256_set1_epi32(15);
 	__m256 acc[Q4_RMAX][AVX2_CMAX], s[Q4_RMAX], zs[Q4_RMAX];
@@ -282,8 +304,8 @@ avx2_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row0,
 			gnext += G;
 		}
 #pragma GCC unroll 4
-		for (int r = 0; r < R; r++)     /* one tile ahead, as avx512_tile_q4 says why */
-			_mm_prefetch((const char *)row[r] + k / 2 + (size_t)R * K / 2, _MM_HINT_T0);
+		for (int r = 0; r < R; r++)
+			_mm_prefetch((const char *)row[r] + k / 2 + ahead, _MM_HINT_T0);
 #pragma GCC unroll 16
 		for (int v = 0; v < Q4_BLOCK / 8; v++) {
 			size_t kv = k + 8 * (size_t)v;
@@ -401,19 +423,15 @@ AVX512_TARGET static ALWAYS_INLINE void avx512_q4_group(int R, const struct moe_
  * are read as they are, and the decode is a lookup and half a shift per
  * 16 weights.  The tail is 8 bytes at a time in the store's order.
  * @FAST: G is a multiple of the block and there is no permutation (so no
- * tail either), the groups change at block boundaries only.
- *
- * The prefetch is one tile ahead, the same block of the next R rows: a
- * tile reads R short streams (a row is 1 KB at hidden 2048) that the
- * hardware prefetchers barely start on; 512 bytes ahead in the row ran
- * into the next row, which the tile already reads (1.6x at 1 token from
- * memory, one thread).
+ * tail either), the groups change at block boundaries only.  The
+ * prefetch is q4_ahead()'s.
  */
 AVX512_TARGET static ALWAYS_INLINE void
 avx512_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
 	       float *y, size_t ldy)
 {
 	size_t K = m->K, G = m->G, kfull = K / Q4_BLOCK * Q4_BLOCK, g = 0, gnext = 0, k = 0;
+	size_t ahead = q4_ahead(R, K);
 	const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28,
 						 0, 4, 8, 12, 16, 20, 24, 28);
 	const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -436,7 +454,7 @@ avx512_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row
 		}
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			_mm_prefetch((const char *)row[r] + k / 2 + (size_t)R * K / 2, _MM_HINT_T0);
+			_mm_prefetch((const char *)row[r] + k / 2 + ahead, _MM_HINT_T0);
 #pragma GCC unroll 8
 		for (int v = 0; v < Q4_BLOCK / 16; v++) {
 			size_t kv = k + 16 * (size_t)v;
