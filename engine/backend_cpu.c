@@ -186,8 +186,9 @@ struct expert_job {
 
 /*
  * One N x K matrix of @dt in the resident layout: the packed layout of
- * kernels.h, or for INT4 the store's own (kernels_int4.c says why), whose
- * size depends on the store's q4_group and q4_flags.
+ * kernels.h, or for INT4 the store's own bytes with the codes reordered in
+ * their rows (kernels.h, kernels_int4.c says why), whose size depends on
+ * the store's q4_group and q4_flags.
  */
 static uint64_t res_bytes(const struct moe_model_config *c, enum moe_dtype dt, uint64_t N, uint64_t K)
 {
@@ -201,7 +202,7 @@ static void res_pack_bytes(enum moe_dtype dt, const void *src, size_t N, size_t 
 			   uint64_t nb, void *dst)
 {
 	if (dt == MOE_DTYPE_INT4)
-		memcpy((char *)dst + b0, src, nb);
+		moe_kern_q4_pack_bytes(src, N, K, b0, nb, dst);
 	else
 		moe_kern_pack_bytes(dt, src, N, K, b0, nb, dst);
 }
@@ -257,9 +258,12 @@ static void cpu_blob_prepare(const struct moe_model_config *c, enum moe_dtype dt
 	char *d = dst;
 	int nin = c->gated ? 2 : 1;
 
-	if (dt == MOE_DTYPE_INT4) {     /* the store's layout is the resident one */
-		memcpy(d, s, cpu_matrix_bytes(c, dt, I));
-		return;
+	if (dt == MOE_DTYPE_INT4) {     /* the store's layout, its codes reordered */
+		for (int m = 0; m < nin; m++)
+			moe_kern_q4_pack_bytes(s + m * in_store, I, H, 0, in_store, d + m * in_packed);
+		moe_kern_q4_pack_bytes(s + nin * in_store, H, I, 0, moe_cfg_matrix_bytes(c, dt, H, I),
+				       d + nin * in_packed);
+		return;     /* biases never come with INT4 (moe_model_config_validate) */
 	}
 	for (int m = 0; m < nin; m++)
 		moe_kern_pack(dt, s + m * in_store, I, H, d + m * in_packed);

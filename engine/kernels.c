@@ -110,7 +110,8 @@ static void dot_rows_scalar_1(enum moe_dtype dt, const void *W, size_t ldw, size
 	dot_rows_scalar(dt, 1, W, ldw, K, nr, xs, nt, y, ldy);
 }
 
-/* FP8: the weight is e4m3(code) * scale, one float32 rounding. */
+/* FP8: the weight is e4m3(code), exact, times the token scaled by the
+ * block's scale, x * scale rounded once (kernels.h). */
 static ALWAYS_INLINE void dot_rows_scalar_fp8(int packed, const uint8_t *W, size_t ldw, size_t K,
 					       size_t nr, const float *scales, size_t row0,
 					       const float *const *xs, size_t nt, float *y, size_t ldy)
@@ -133,9 +134,9 @@ static ALWAYS_INLINE void dot_rows_scalar_fp8(int packed, const uint8_t *W, size
 			else
 				base = W + r * ldw;
 			for (size_t k = 0; k < K; k++) {
-				float w = moe_e4m3_to_f32(base[SC_IDX(k)]) * sc[k / MOE_FP8_BLOCK];
+				float w = moe_e4m3_to_f32(base[SC_IDX(k)]), xk = x[k] * sc[k / MOE_FP8_BLOCK];
 
-				acc[k % SC_W] = __builtin_fmaf(w, x[k], acc[k % SC_W]);
+				acc[k % SC_W] = __builtin_fmaf(w, xk, acc[k % SC_W]);
 			}
 #undef SC_IDX
 			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
@@ -265,7 +266,7 @@ avx2_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t ldw
 #define FP8_MAG_MASK 0x7ff00000
 #define FP8_2P120 0x1p120f
 
-AVX2_TARGET static ALWAYS_INLINE __m256 avx2_fp8_widen(__m128i codes8, __m256 scale)
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_fp8_widen(__m128i codes8)
 {
 	__m256i z = _mm256_cvtepi8_epi32(codes8);
 	__m256i b = _mm256_and_si256(_mm256_slli_epi32(z, 20), _mm256_set1_epi32((int)FP8_BITS_MASK));
@@ -273,8 +274,7 @@ AVX2_TARGET static ALWAYS_INLINE __m256 avx2_fp8_widen(__m128i codes8, __m256 sc
 					 _mm256_set1_epi32(FP8_NAN_BITS));
 	__m256 f = _mm256_mul_ps(_mm256_castsi256_ps(b), _mm256_set1_ps(FP8_2P120));
 
-	f = _mm256_or_ps(f, _mm256_castsi256_ps(nan));    /* all ones: a NaN */
-	return _mm256_mul_ps(f, scale);
+	return _mm256_or_ps(f, _mm256_castsi256_ps(nan));    /* all ones: a NaN */
 }
 
 AVX2_TARGET static ALWAYS_INLINE void
@@ -284,12 +284,12 @@ avx2_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K, 
 	size_t kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, k = 0;
 	__m256 acc[AVX2_RMAX][AVX2_CMAX];
 	const uint8_t *row[AVX2_RMAX];
-	const float *sc[AVX2_RMAX];
+	/* the tile's rows share their block of scales (FP8_TILE_ROWS) */
+	const float *sc = scales + row0 / MOE_FP8_BLOCK * kb;
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
 		row[r] = W + (size_t)r * (packed ? MOE_KERN_CHUNK : ldw);
-		sc[r] = scales + (row0 + (size_t)r) / MOE_FP8_BLOCK * kb;
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm256_setzero_ps();
@@ -301,11 +301,10 @@ avx2_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K, 
 			prefetch_span((const char *)row[0] + off + PREFETCH_AHEAD, MOE_KERN_GROUP * 16);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx2_fp8_widen(_mm_loadl_epi64((const __m128i *)(row[r] + off)),
-					      _mm256_broadcast_ss(sc[r] + k / MOE_FP8_BLOCK));
+			w[r] = avx2_fp8_widen(_mm_loadl_epi64((const __m128i *)(row[r] + off)));
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++) {
-			__m256 xv = _mm256_loadu_ps(xs[c] + k);
+			__m256 xv = _mm256_mul_ps(_mm256_loadu_ps(xs[c] + k), _mm256_broadcast_ss(sc + k / MOE_FP8_BLOCK));
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++)
 				acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
@@ -318,12 +317,12 @@ avx2_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K, 
 		for (int r = 0; r < R; r++) {
 			uint8_t t[16] = { 0 };
 			memcpy(t, row[r] + off, K - k);
-			w[r] = avx2_fp8_widen(_mm_loadu_si128((const __m128i *)t),
-					      _mm256_broadcast_ss(sc[r] + k / MOE_FP8_BLOCK));
+			w[r] = avx2_fp8_widen(_mm_loadu_si128((const __m128i *)t));
 		}
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++) {
-			__m256 xv = avx2_load_x_tail(xs[c] + k, K - k);
+			__m256 xv = _mm256_mul_ps(avx2_load_x_tail(xs[c] + k, K - k),
+						  _mm256_broadcast_ss(sc + k / MOE_FP8_BLOCK));
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++)
 				acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
@@ -411,7 +410,7 @@ avx512_tile(enum moe_dtype dt, int packed, int R, int C, const void *W, size_t l
 			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
-AVX512_TARGET static ALWAYS_INLINE __m512 avx512_fp8_widen(__m128i codes16, __m512 scale)
+AVX512_TARGET static ALWAYS_INLINE __m512 avx512_fp8_widen(__m128i codes16)
 {
 	__m512i z = _mm512_cvtepi8_epi32(codes16);
 	__m512i b = _mm512_and_si512(_mm512_slli_epi32(z, 20), _mm512_set1_epi32((int)FP8_BITS_MASK));
@@ -419,8 +418,7 @@ AVX512_TARGET static ALWAYS_INLINE __m512 avx512_fp8_widen(__m128i codes16, __m5
 						 _mm512_set1_epi32(FP8_NAN_BITS));
 	__m512 f = _mm512_mul_ps(_mm512_castsi512_ps(b), _mm512_set1_ps(FP8_2P120));
 
-	f = _mm512_mask_mov_ps(f, nan, _mm512_set1_ps(__builtin_nanf("")));
-	return _mm512_mul_ps(f, scale);
+	return _mm512_mask_mov_ps(f, nan, _mm512_set1_ps(__builtin_nanf("")));
 }
 
 AVX512_TARGET static ALWAYS_INLINE void
@@ -430,12 +428,12 @@ avx512_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K
 	size_t kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, k = 0;
 	__m512 acc[AVX512_RMAX][AVX512_CMAX];
 	const uint8_t *row[AVX512_RMAX];
-	const float *sc[AVX512_RMAX];
+	/* the tile's rows share their block of scales (FP8_TILE_ROWS) */
+	const float *sc = scales + row0 / MOE_FP8_BLOCK * kb;
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
 		row[r] = W + (size_t)r * (packed ? MOE_KERN_CHUNK : ldw);
-		sc[r] = scales + (row0 + (size_t)r) / MOE_FP8_BLOCK * kb;
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm512_setzero_ps();
@@ -447,11 +445,10 @@ avx512_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K
 			prefetch_span((const char *)row[0] + off + PREFETCH_AHEAD, MOE_KERN_GROUP * 16);
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx512_fp8_widen(_mm_loadu_si128((const __m128i *)(row[r] + off)),
-						_mm512_set1_ps(sc[r][k / MOE_FP8_BLOCK]));
+			w[r] = avx512_fp8_widen(_mm_loadu_si128((const __m128i *)(row[r] + off)));
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
-			__m512 xv = _mm512_loadu_ps(xs[c] + k);
+			__m512 xv = _mm512_mul_ps(_mm512_loadu_ps(xs[c] + k), _mm512_set1_ps(sc[k / MOE_FP8_BLOCK]));
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++)
 				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
@@ -463,11 +460,10 @@ avx512_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K
 		size_t off = packed ? PACKED_OFF(k) : k;
 #pragma GCC unroll 4
 		for (int r = 0; r < R; r++)
-			w[r] = avx512_fp8_widen(_mm_maskz_loadu_epi8(m, row[r] + off),
-						_mm512_set1_ps(sc[r][k / MOE_FP8_BLOCK]));
+			w[r] = avx512_fp8_widen(_mm_maskz_loadu_epi8(m, row[r] + off));
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
-			__m512 xv = _mm512_maskz_loadu_ps(m, xs[c] + k);
+			__m512 xv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs[c] + k), _mm512_set1_ps(sc[k / MOE_FP8_BLOCK]));
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++)
 				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
@@ -484,20 +480,25 @@ avx512_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size_t K
  * AVX-512 VBMI: a packed group's 64-byte block (16 codes of each of its 4
  * rows) decoded at once.  e4m3 converts exactly to bfloat16, so two
  * 128-entry byte tables (vpermi2b on the 7 magnitude bits) give each
- * code's bf16 high and low byte, the sign is ORed in, and byte and word
- * unpacks with zeros make float32 (bf16 << 16).  The unpacks work inside
- * 128-bit lanes, so the block's 4-byte units are first transposed (one
- * vpermb), which makes the four results the four rows, each 16 codes in
- * order.  About 18 operations per 64 weights where the shift-and-multiply
- * decode takes about 36.  The values are the same exact e4m3 values, so
- * the products and sums are those of the AVX512 kernel, bit for bit.
+ * code's bf16 high and low byte, the sign is ORed in, and a byte unpack
+ * pairs them into bf16 words; a 32-bit shift left by 16 makes the even
+ * words float32, an AND with 0xffff0000 the odd ones (shifts and ANDs run
+ * beside the shuffles, where word unpacks with zeros would queue on the
+ * one shuffle port with the rest).  The unpacks work inside 128-bit
+ * lanes, so the block's codes are first permuted (one vpermb) so that the
+ * four results are the four rows, each 16 codes in order.  About 10
+ * operations per 64 weights, 5 of them shuffles, where the
+ * shift-and-multiply decode takes about 32.  The values are the same
+ * exact e4m3 values, so the products and sums are those of the AVX512
+ * kernel, bit for bit.
  */
 #define AVX512VBMI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,fma,f16c")))
 
 /* bf16 of e4m3 magnitude m (0..127): high and low bytes; 0x7f is NaN */
 static uint8_t fp8_bf16_hi[128] __attribute__((aligned(64)));
 static uint8_t fp8_bf16_lo[128] __attribute__((aligned(64)));
-/* vpermb index: byte 16L + 4r + i of the result is byte 16r + 4L + i */
+/* vpermb index: byte 16L + 8h + 2i + e of the result is code 4L + i of
+ * row 2h + e, byte 16(2h + e) + 4L + i of the block */
 static uint8_t fp8_transpose[64] __attribute__((aligned(64)));
 
 static void fp8_tables_init(void)
@@ -509,9 +510,10 @@ static void fp8_tables_init(void)
 		fp8_bf16_lo[m] = (uint8_t)b;
 	}
 	for (unsigned L = 0; L < 4; L++)
-		for (unsigned r = 0; r < 4; r++)
+		for (unsigned h = 0; h < 2; h++)
 			for (unsigned i = 0; i < 4; i++)
-				fp8_transpose[16 * L + 4 * r + i] = (uint8_t)(16 * r + 4 * L + i);
+				for (unsigned e = 0; e < 2; e++)
+					fp8_transpose[16 * L + 8 * h + 2 * i + e] = (uint8_t)(16 * (2 * h + e) + 4 * L + i);
 }
 
 AVX512VBMI_TARGET static ALWAYS_INLINE void
@@ -521,15 +523,15 @@ vbmi_fp8_decode4(const uint8_t *p, __m512i tr, __m512i hi0, __m512i hi1, __m512i
 	__m512i c = _mm512_permutexvar_epi8(tr, _mm512_loadu_si512(p));
 	__m512i hi = _mm512_permutex2var_epi8(hi0, c, hi1);
 	__m512i lo = _mm512_permutex2var_epi8(lo0, c, lo1);
-	__m512i z = _mm512_setzero_si512(), u0, u1;
+	__m512i top = _mm512_set1_epi32((int)0xffff0000u), u0, u1;
 
 	hi = _mm512_ternarylogic_epi32(hi, c, _mm512_set1_epi8((char)0x80), 0xf8);  /* hi | (c & 0x80) */
-	u0 = _mm512_unpacklo_epi8(lo, hi);
-	u1 = _mm512_unpackhi_epi8(lo, hi);
-	out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, u0));
-	out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, u0));
-	out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, u1));
-	out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, u1));
+	u0 = _mm512_unpacklo_epi8(lo, hi);      /* bf16 of bytes 16L + 0..7 */
+	u1 = _mm512_unpackhi_epi8(lo, hi);      /* bf16 of bytes 16L + 8..15 */
+	out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(u0, 16));
+	out[1] = _mm512_castsi512_ps(_mm512_and_si512(u0, top));
+	out[2] = _mm512_castsi512_ps(_mm512_slli_epi32(u1, 16));
+	out[3] = _mm512_castsi512_ps(_mm512_and_si512(u1, top));
 }
 
 /* A packed tile of a whole group uses the block decode; anything else is
@@ -540,7 +542,7 @@ avx512vbmi_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size
 {
 	size_t kb = (K + MOE_FP8_BLOCK - 1) / MOE_FP8_BLOCK, k = 0;
 	__m512 acc[MOE_KERN_GROUP][AVX512_CMAX];
-	const float *sc[MOE_KERN_GROUP];
+	const float *sc = scales + row0 / MOE_FP8_BLOCK * kb;     /* shared (FP8_TILE_ROWS) */
 	__m512i tr, hi0, hi1, lo0, lo1;
 
 	if (!packed || R != MOE_KERN_GROUP) {
@@ -554,7 +556,6 @@ avx512vbmi_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size
 	lo1 = _mm512_load_si512(fp8_bf16_lo + 64);
 #pragma GCC unroll 4
 	for (int r = 0; r < MOE_KERN_GROUP; r++) {
-		sc[r] = scales + (row0 + (size_t)r) / MOE_FP8_BLOCK * kb;
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm512_setzero_ps();
@@ -565,12 +566,9 @@ avx512vbmi_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size
 
 		prefetch_span((const char *)blk + PREFETCH_AHEAD, MOE_KERN_GROUP * 16);
 		vbmi_fp8_decode4(blk, tr, hi0, hi1, lo0, lo1, w);
-#pragma GCC unroll 4
-		for (int r = 0; r < MOE_KERN_GROUP; r++)
-			w[r] = _mm512_mul_ps(w[r], _mm512_set1_ps(sc[r][k / MOE_FP8_BLOCK]));
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
-			__m512 xv = _mm512_loadu_ps(xs[c] + k);
+			__m512 xv = _mm512_mul_ps(_mm512_loadu_ps(xs[c] + k), _mm512_set1_ps(sc[k / MOE_FP8_BLOCK]));
 #pragma GCC unroll 4
 			for (int r = 0; r < MOE_KERN_GROUP; r++)
 				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
@@ -583,11 +581,10 @@ avx512vbmi_tile_fp8(int packed, int R, int C, const uint8_t *W, size_t ldw, size
 #pragma GCC unroll 4
 		for (int r = 0; r < MOE_KERN_GROUP; r++)
 			w[r] = avx512_fp8_widen(_mm_maskz_loadu_epi8(m, W + (size_t)r * MOE_KERN_CHUNK +
-								     PACKED_OFF(k)),
-						_mm512_set1_ps(sc[r][k / MOE_FP8_BLOCK]));
+								     PACKED_OFF(k)));
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++) {
-			__m512 xv = _mm512_maskz_loadu_ps(m, xs[c] + k);
+			__m512 xv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xs[c] + k), _mm512_set1_ps(sc[k / MOE_FP8_BLOCK]));
 #pragma GCC unroll 4
 			for (int r = 0; r < MOE_KERN_GROUP; r++)
 				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
@@ -668,7 +665,15 @@ DEFINE_DRIVERS(MOE_DTYPE_F16, f16)
 		default: break;                                                         \
 		}                                                                       \
 	}
-/* FP8 drivers: as DEFINE_DRIVER, with the scales and the first row. */
+/*
+ * FP8 drivers: as DEFINE_DRIVER, with the scales and the first row.  A
+ * tile's rows must lie in one block of 128 rows, whose scales they share
+ * (the tile scales each token once per step, for all its rows): always
+ * so for packed tiles, which start at a multiple of MOE_KERN_GROUP; a
+ * plain tile that would straddle two blocks is done a row at a time
+ * (the order is per row: the same bits).
+ */
+#define FP8_TILE_ROWS(row, R) ((row) % MOE_FP8_BLOCK + (R) <= MOE_FP8_BLOCK)
 #define DEFINE_DRIVER_FP8(isa, TARGET, PACKED, RMAX, CMAX)                               \
 	TARGET static void dot_rows_##isa##_fp8_##PACKED(                                \
 		const uint8_t *W, size_t ldw, size_t K, size_t nr, const float *scales,   \
@@ -679,6 +684,20 @@ DEFINE_DRIVERS(MOE_DTYPE_F16, f16)
 			const float *const *xc = xs + c0;                               \
 			float *yc = y + c0 * ldy;                                       \
 			size_t r = 0;                                                   \
+			for (; r + RMAX <= nr; r += RMAX) {                             \
+				const uint8_t *Wr = W + r * ldw;                        \
+				if (!FP8_TILE_ROWS(row0 + r, RMAX))                     \
+					break;                                          \
+				switch (nc) {                                           \
+				DRIVER_CASES_FP8_##isa(Wr, PACKED, RMAX)                \
+				}                                                       \
+			}                                                               \
+			for (; !PACKED && r < nr && !FP8_TILE_ROWS(row0 + r, RMAX); r++) { \
+				const uint8_t *Wr = W + r * ldw;                        \
+				switch (nc) {                                           \
+				DRIVER_CASES_FP8_##isa(Wr, 0, 1)                        \
+				}                                                       \
+			}                                                               \
 			for (; r + RMAX <= nr; r += RMAX) {                             \
 				const uint8_t *Wr = W + r * ldw;                        \
 				switch (nc) {                                           \

@@ -94,8 +94,11 @@ moe_kern_dot_rows_fn moe_kern_get_packed(enum moe_kern_isa isa);
 
 /*
  * MOE_DTYPE_FP8_E4M3_B128: the same product with w = e4m3(code) * scale,
- * computed in float32 as one rounding of the exact product (the e4m3 value
- * is exact in float32), then the canonical fused multiply-add order.
+ * computed as e4m3(code), exact in float32, times the token scaled by the
+ * block's scale, x[k] * scale rounded once to float32, in the canonical
+ * fused multiply-add order (a tile's rows share their block of 128 rows,
+ * so it scales each token vector once for all of them; a weight scaled
+ * per row cost a multiply per 16 weights and row).
  * @W holds nr rows of K codes (row r at r * ldw, or packed as above);
  * these are rows row0 .. row0 + nr - 1 of their matrix, whose float32
  * scales are @scales [ceil(N/128)][ceil(K/128)].  A NaN code gives NaN.
@@ -114,11 +117,15 @@ moe_kern_dot_rows_fp8_fn moe_kern_get_fp8(enum moe_kern_isa isa, bool packed);
  * code bytes back to back (row r at r * K/2) in the resident order below,
  * @S their nr rows of K/32 scale bytes; K must be a multiple of 32.
  * Resident order: rows stay whole (the codes are a quarter of bf16's
- * bytes already), but each group of 16 values (8 bytes) holds the 8 even
- * values' nibbles in bytes 0..3 and the 8 odd values' in bytes 4..7, each
- * half in order, low nibble first, so that one 64-bit broadcast and one
- * variable shift give every 32-bit lane its own value's nibble
- * (kernels_mxfp4.c).  The scales are as stored.
+ * bytes already), but each whole block of 128 values of a row (64 bytes)
+ * holds its values 32j + p (low nibble) and 32j + 16 + p (high nibble) in
+ * byte 4p + j, p < 16, j < 4, so that a 64-byte load at byte j, as it is
+ * and shifted by 4, gives every 32-bit lane its own value's nibble; after
+ * the row's last whole block, each group of 16 values (8 bytes) holds the
+ * 8 even values' nibbles in bytes 0..3 and the 8 odd values' in bytes
+ * 4..7, each half in order, low nibble first, so that one 64-bit
+ * broadcast and one variable shift do the same (kernels_mxfp4.c).  The
+ * scales are as stored.
  */
 typedef void (*moe_kern_dot_rows_mxfp4_fn)(const uint8_t *W, const uint8_t *S, size_t K, size_t nr,
 					   const float *const *xs, size_t nt, float *y, size_t ldy);
@@ -147,10 +154,16 @@ void moe_kern_dot_rows_packed_at(enum moe_dtype dt, const void *Wp, size_t N, si
 				 size_t nr, const float *const *xs, size_t nt, float *y, size_t ldy);
 
 /*
- * MOE_DTYPE_INT4 (model.h moe_q4_layout()): one matrix in the store's
- * layout, which is also its resident layout (moe_kern_packed_bytes() and
- * moe_kern_pack_bytes() do not take INT4: its size depends on the store's
- * q4_group and q4_flags, moe_cfg_matrix_bytes()).
+ * MOE_DTYPE_INT4 (model.h moe_q4_layout()): one matrix in its resident
+ * layout, which is the store's (the same size: moe_kern_packed_bytes() and
+ * moe_kern_pack_bytes() do not take INT4, whose size depends on the
+ * store's q4_group and q4_flags, moe_cfg_matrix_bytes()) but for the order
+ * of the codes in each row's whole blocks of 128 values (64 bytes): byte
+ * 4p + j of a block holds its values 32j + p (low nibble) and 32j + 16 + p
+ * (high nibble), p < 16, j < 4, so that a 64-byte load at byte j and the
+ * same shifted by 4 give 16 lanes their own canonical columns
+ * (kernels_int4.c).  The values after a row's last whole block, the
+ * scales, zero points and permutation are as stored.
  */
 struct moe_q4_matrix {
 	const uint8_t *codes;            /* [N][K/2] */
@@ -160,6 +173,12 @@ struct moe_q4_matrix {
 	size_t N, K, G;
 	bool bf16;
 };
+
+/* Bytes [b0, b0 + nb) of the N x K INT4 matrix in the store's layout
+ * (moe_q4_layout()), @src pointing at byte b0, into their places in the
+ * resident matrix @dst (the same size); any split, in any order, gives the
+ * same bytes. */
+void moe_kern_q4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0, uint64_t nb, void *dst);
 
 /* The parts of the N x K INT4 matrix at @m (64-byte aligned). */
 void moe_q4_matrix_at(const void *m, uint32_t q4_group, uint32_t q4_flags, size_t N, size_t K,

@@ -12,10 +12,18 @@
  * step for rows too wide for its buffer; the product is the same sum in
  * the same order as over the unpermuted matrix.
  *
- * The resident layout of an INT4 matrix is the store's: its rows of K/2
- * bytes are a quarter of a bf16 row, so a tile of four of them is already
- * a short stream per row; the group interleaving of the wider dtypes is
- * not used.
+ * The resident layout of an INT4 matrix is the store's but for the order
+ * of the nibbles inside each row's 64-byte blocks (kernels.h,
+ * moe_kern_q4_pack_bytes): byte 4p + j of a block holds values 32j + p
+ * (low nibble) and 32j + 16 + p (high) of its 128, so that a 64-byte load
+ * at byte j of the block gives 32-bit lane p value 32j + p in its low 4
+ * bits, and the same shifted right by 4 value 32j + 16 + p: 16 weights for
+ * a table lookup (vpermps) and half a shift, where the store's order took
+ * a broadcast, a variable shift and the lookup, with the tokens put in a
+ * matching lane order per call.  Rows keep their K/2 bytes (a quarter of a
+ * bf16 row, so a tile of four of them is already a short stream per row;
+ * the group interleaving of the wider dtypes is not used) and the values
+ * after the last whole block of a row stay in the store's order.
  */
 #include "config.h"
 
@@ -84,6 +92,84 @@ static ALWAYS_INLINE int q4_zero(const struct moe_q4_matrix *m, size_t row, size
 	return m->zeros ? m->zeros[row * (m->K / m->G) + g] : 8;
 }
 
+/*
+ * The resident layout (kernels.h): value k of a row is in byte q4_byte()
+ * of the row, shifted by q4_shift().  Whole blocks of Q4_BLOCK values (64
+ * bytes) are reordered, so that byte 4p + j holds values 32j + p and
+ * 32j + 16 + p of its block; the rest of the row is as stored (byte k/2,
+ * low nibble first).
+ */
+#define Q4_BLOCK 128
+
+static inline size_t q4_byte(size_t K, size_t k)
+{
+	size_t v = k % Q4_BLOCK;
+
+	if (k >= K / Q4_BLOCK * Q4_BLOCK)
+		return k / 2;
+	return k / Q4_BLOCK * (Q4_BLOCK / 2) + 4 * (v % 16) + v / 32;
+}
+
+static inline unsigned q4_shift(size_t K, size_t k)
+{
+	if (k >= K / Q4_BLOCK * Q4_BLOCK)
+		return 4 * (unsigned)(k & 1);
+	return 4 * (unsigned)(k % 32 / 16);
+}
+
+/* One whole block from the store's order to the resident one: byte
+ * 4p + j gets values 32j + p and 32j + 16 + p, i.e. store bytes 16j + p/2
+ * and 16j + 8 + p/2, their low nibbles for even p, else their high. */
+static void q4_pack_block(const uint8_t *s, uint8_t *d)
+{
+	for (unsigned p = 0; p < 16; p++) {
+		unsigned sh = 4 * (p % 2);
+
+		for (unsigned j = 0; j < 4; j++)
+			d[4 * p + j] = (uint8_t)((s[16 * j + p / 2] >> sh & 15u) |
+						 (s[16 * j + 8 + p / 2] >> sh & 15u) << 4);
+	}
+}
+
+/*
+ * Store bytes [b0, b0 + nb) of an N x K INT4 matrix (its codes, then the
+ * rest as moe_q4_layout() lays it out) to the resident layout: each code
+ * byte's two nibbles go to their places (written nibble by nibble, so
+ * pieces may come in any order), everything after the codes as it is.
+ */
+void moe_kern_q4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0, uint64_t nb, void *dst)
+{
+	uint64_t codes = (uint64_t)N * (K / 2), end = b0 + nb;
+	const uint8_t *s = src;
+	uint8_t *d = dst;
+
+	for (uint64_t j = b0; j < end && j < codes; j++) {
+		uint64_t o = j % (K / 2);
+
+		if (o % (Q4_BLOCK / 2) == 0 && o < K / Q4_BLOCK * (Q4_BLOCK / 2) && end - j >= Q4_BLOCK / 2) {
+			q4_pack_block(s + (j - b0), d + j);     /* a whole block at once */
+			j += Q4_BLOCK / 2 - 1;
+			continue;
+		}
+		uint8_t v = s[j - b0];
+		uint64_t row = j / (K / 2);
+		size_t col = (size_t)(j % (K / 2)) * 2;
+		uint8_t *rd = d + row * (K / 2);
+
+		for (unsigned h = 0; h < 2; h++) {
+			uint8_t *p = rd + q4_byte(K, col + h);
+			unsigned sh = q4_shift(K, col + h);
+
+			*p = (uint8_t)((*p & ~(15u << sh)) | ((v >> (4 * h)) & 15u) << sh);
+		}
+	}
+	if (end > codes) {
+		uint64_t a = b0 > codes ? b0 : codes;
+
+		memcpy(d + a, s + (a - b0), end - a);
+	}
+}
+
 /* ------------------------------------------------------------------------ */
 /* Scalar reference: 8 emulated lanes, the AVX2 order.                        */
 
@@ -104,7 +190,7 @@ static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_
 				for (size_t k = g * G; k < (g + 1) * G; k += 8)
 					for (size_t l = 0; l < 8; l++) {
 						size_t j = k + l;
-						int v = (q[j / 2] >> (4 * (j & 1))) & 15;
+						int v = (q[q4_byte(K, j)] >> q4_shift(K, j)) & 15;
 						float x = xs[c][m->perm ? q4_col(m, j) : j];
 
 						acc[l] = __builtin_fmaf((float)(v - z) * s, x, acc[l]);
@@ -113,6 +199,35 @@ static void dot_rows_q4_scalar(const struct moe_q4_matrix *m, size_t row0, size_
 			y[c * ldy + r] = moe_kern_sc_hsum8(acc);
 		}
 }
+
+/*
+ * How far ahead a tile prefetches its rows: the same block of the rows a
+ * whole number of tiles on, at least this many bytes.  A tile reads R short
+ * streams (a row is 1 KB at hidden 2048) that the hardware prefetchers
+ * barely start on; 512 bytes ahead in the row ran into the next row, which
+ * the tile already reads (1.6x at 1 token from memory, one thread).  One
+ * tile ahead is 4 KB at K = 2048 but 1.5 KB at K = 768 (Qwen3-30B-A3B's
+ * down), under the memory latency at 2 threads: there 8 KB took the kernel
+ * from 0.063-0.079 to 0.055-0.060 ns a weight (mean of 300 passes, both
+ * cores streaming), and K = 2048 did not change.
+ */
+#define Q4_PREFETCH_MIN 8192
+
+/* The prefetch distance of a tile of R rows of K values. */
+static inline size_t q4_ahead(int R, size_t K)
+{
+	size_t tile = (size_t)R * (K / 2);
+
+	return tile * ((Q4_PREFETCH_MIN + tile - 1) / tile);
+}
+
+/*
+ * The vector tiles below read a whole block of a row as overlapping loads
+ * at its bytes 0..3, the last of which reads 3 bytes past the block: the
+ * next row's, or after the last row the scales, which follow the codes in
+ * every INT4 matrix (moe_q4_layout()); they land in bits that the decode
+ * ignores.
+ */
 
 /* ------------------------------------------------------------------------ */
 /* AVX2: 8 lanes, tiles of up to 4 rows x 2 tokens.                            */
@@ -138,51 +253,101 @@ AVX2_TARGET static ALWAYS_INLINE __m256 avx2_load_x(const float *x, const uint32
 	return _mm256_loadu_ps(x + k);
 }
 
+/* A new group @g: s and -z s of each row of the tile. */
+AVX2_TARGET static ALWAYS_INLINE void avx2_q4_group(int R, const struct moe_q4_matrix *m, size_t row0, size_t g,
+						    __m256 *s, __m256 *zs)
+{
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++) {
+		float sr = q4_scale_hw(m, row0 + (size_t)r, g);
+
+		s[r] = _mm256_set1_ps(sr);
+		zs[r] = _mm256_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr);
+	}
+}
+
+/* q s - z s: both products exact, so the one rounding of the fused form
+ * gives (q - z) s exactly */
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_q4_weights(__m256i q, __m256 s, __m256 zs)
+{
+	return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, zs);
+}
+
+/*
+ * Value v = 32j + 16h + 8u + l of a whole block is lane l of the 32 bytes
+ * at its byte 32u + j, shifted right by 4h; the tail is 4 bytes at a time
+ * in the store's order.  Lane l takes the canonical columns.  @FAST: G is
+ * a multiple of the block and there is no permutation (so no tail either).
+ */
 AVX2_TARGET static ALWAYS_INLINE void
-avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
+avx2_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
 	     float *y, size_t ldy)
 {
-	size_t K = m->K, G = m->G;
+	size_t K = m->K, G = m->G, kfull = K / Q4_BLOCK * Q4_BLOCK, g = 0, gnext = 0, k = 0;
+	size_t ahead = q4_ahead(R, K);
 	const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-	__m256 acc[Q4_RMAX][AVX2_CMAX];
+	const __m256i fifteen = _mm256_set1_epi32(15);
+	__m256 acc[Q4_RMAX][AVX2_CMAX], s[Q4_RMAX], zs[Q4_RMAX];
 	const uint8_t *row[Q4_RMAX];
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
 		row[r] = m->codes + (row0 + (size_t)r) * (K / 2);
+		s[r] = zs[r] = _mm256_setzero_ps();
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm256_setzero_ps();
 	}
-	for (size_t g = 0; g < K / G; g++) {
-		__m256 s[Q4_RMAX], zs[Q4_RMAX];
-
-#pragma GCC unroll 4
-		for (int r = 0; r < R; r++) {
-			float sr = q4_scale_hw(m, row0 + (size_t)r, g);
-
-			s[r] = _mm256_set1_ps(sr);
-			zs[r] = _mm256_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr);
-			/* one tile ahead, as avx512_tile_q4i says why */
-			_mm_prefetch((const char *)row[r] + g * G / 2 + (size_t)R * K / 2, _MM_HINT_T0);
+	for (; k < kfull; k += Q4_BLOCK) {
+		if (FAST && k == gnext) {
+			avx2_q4_group(R, m, row0, g++, s, zs);
+			gnext += G;
 		}
-		for (size_t k = g * G; k < (g + 1) * G; k += 8) {
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			_mm_prefetch((const char *)row[r] + k / 2 + ahead, _MM_HINT_T0);
+#pragma GCC unroll 16
+		for (int v = 0; v < Q4_BLOCK / 8; v++) {
+			size_t kv = k + 8 * (size_t)v;
 			__m256 w[Q4_RMAX];
 
+			if (!FAST && kv == gnext) {
+				avx2_q4_group(R, m, row0, g++, s, zs);
+				gnext += G;
+			}
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
-				/* q s - z s: both products exact, so the one rounding
-				 * of the fused form gives (q - z) s exactly */
-				w[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(avx2_nibbles(row[r] + k / 2, shifts)),
+				__m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(row[r] + k / 2 + 32 * (v % 2) +
+											      v / 4));
+
+				w[r] = avx2_q4_weights(_mm256_and_si256(v / 2 % 2 ? _mm256_srli_epi32(b, 4) : b, fifteen),
 						       s[r], zs[r]);
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
-				__m256 xv = avx2_load_x(xs[c], m->perm, k, m->K);
+				__m256 xv = avx2_load_x(xs[c], FAST ? NULL : m->perm, kv, K);
 #pragma GCC unroll 4
 				for (int r = 0; r < R; r++)
 					acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
 			}
+		}
+	}
+	for (; !FAST && k < K; k += 8) {
+		__m256 w[Q4_RMAX];
+
+		if (k == gnext) {
+			avx2_q4_group(R, m, row0, g++, s, zs);
+			gnext += G;
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = avx2_q4_weights(avx2_nibbles(row[r] + k / 2, shifts), s[r], zs[r]);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++) {
+			__m256 xv = avx2_load_x(xs[c], m->perm, k, K);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm256_fmadd_ps(w[r], xv, acc[r][c]);
 		}
 	}
 #pragma GCC unroll 4
@@ -199,7 +364,8 @@ avx2_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const flo
 
 /* Lanes l = 0..15: nibble l of the 8 bytes at @p in the low 4 bits (the
  * bits above are garbage: the table lookup ignores them).  @sel puts the
- * first 4 bytes in lanes 0..7 and the next 4 in lanes 8..15. */
+ * first 4 bytes in lanes 0..7 and the next 4 in lanes 8..15.  For the
+ * values after a row's last whole block, in the store's order. */
 AVX512_TARGET static ALWAYS_INLINE __m512i avx512_nibbles(const uint8_t *p, __m512i sel, __m512i shifts)
 {
 	__m512i b = _mm512_permutexvar_epi32(sel, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)p)));
@@ -216,52 +382,119 @@ AVX512_TARGET static ALWAYS_INLINE __m512 avx512_load_x(const float *x, const ui
 	return _mm512_loadu_ps(x + k);
 }
 
+/* A new group @g: the tables of its 16 weights of each row of the tile,
+ * (q - z) s for q = 0..15, exact (q s - z s in one rounding); s and -z s
+ * are converted 16 groups at a time into @sb and @zb. */
+AVX512_TARGET static ALWAYS_INLINE void avx512_q4_group(int R, const struct moe_q4_matrix *m, size_t row0, size_t g,
+							float (*sb)[16], float (*zb)[16], __m512 *lut)
+{
+	const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+	size_t ng = m->K / m->G;
+
+	if (g % 16 == 0) {
+		__mmask16 mk = (__mmask16)(ng - g >= 16 ? 0xffff : (1u << (ng - g)) - 1);
+
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++) {
+			size_t at = (row0 + (size_t)r) * ng + g;
+			__m256i h = _mm256_maskz_loadu_epi16(mk, m->scales + at);
+			__m512 sv = m->bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+					    : _mm512_cvtph_ps(h);
+			__m512 z = m->zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, m->zeros + at)))
+					    : _mm512_set1_ps(8);
+			/* -z with its sign flipped as -(float)z, so -0 for z = 0 */
+			__m512 nz = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(z),
+									 _mm512_set1_epi32(INT32_MIN)));
+
+			_mm512_store_ps(sb[r], sv);
+			/* -z s: exact (4 and at most 11 significant bits) */
+			_mm512_store_ps(zb[r], _mm512_mul_ps(nz, sv));
+		}
+	}
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+		lut[r] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sb[r][g % 16]), _mm512_set1_ps(zb[r][g % 16]));
+}
+
+/*
+ * A whole block's 8 vectors of a row are the 64-byte loads at its bytes
+ * 0..3, each as it is and shifted right by 4 (the resident layout above),
+ * so every lane holds its canonical column: no lane reorder, the tokens
+ * are read as they are, and the decode is a lookup and half a shift per
+ * 16 weights.  The tail is 8 bytes at a time in the store's order.
+ * @FAST: G is a multiple of the block and there is no permutation (so no
+ * tail either), the groups change at block boundaries only.  The
+ * prefetch is q4_ahead()'s.
+ */
 AVX512_TARGET static ALWAYS_INLINE void
-avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
+avx512_tile_q4(int R, int C, int FAST, const struct moe_q4_matrix *m, size_t row0, const float *const *xs,
 	       float *y, size_t ldy)
 {
-	size_t K = m->K, G = m->G;
+	size_t K = m->K, G = m->G, kfull = K / Q4_BLOCK * Q4_BLOCK, g = 0, gnext = 0, k = 0;
+	size_t ahead = q4_ahead(R, K);
 	const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28,
 						 0, 4, 8, 12, 16, 20, 24, 28);
 	const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-	const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-	__m512 acc[Q4_RMAX][AVX512_CMAX];
+	__m512 acc[Q4_RMAX][AVX512_CMAX], lut[Q4_RMAX];
 	const uint8_t *row[Q4_RMAX];
+	float sb[Q4_RMAX][16] __attribute__((aligned(64))), zb[Q4_RMAX][16] __attribute__((aligned(64)));
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++) {
 		row[r] = m->codes + (row0 + (size_t)r) * (K / 2);
+		lut[r] = _mm512_setzero_ps();
 #pragma GCC unroll 4
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm512_setzero_ps();
 	}
-	for (size_t g = 0; g < K / G; g++) {
-		__m512 lut[Q4_RMAX];
-
-		/* the group's 16 weights of a row, (q - z) s for q = 0..15,
-		 * exact (q s - z s in one rounding): one lookup per lane */
-#pragma GCC unroll 4
-		for (int r = 0; r < R; r++) {
-			float sr = q4_scale_hw(m, row0 + (size_t)r, g);
-
-			lut[r] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sr),
-						 _mm512_set1_ps(-(float)q4_zero(m, row0 + (size_t)r, g) * sr));
+	for (; k < kfull; k += Q4_BLOCK) {
+		if (FAST && k == gnext) {
+			avx512_q4_group(R, m, row0, g++, sb, zb, lut);
+			gnext += G;
 		}
-		for (size_t k = g * G; k < (g + 1) * G; k += 16) {
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			_mm_prefetch((const char *)row[r] + k / 2 + ahead, _MM_HINT_T0);
+#pragma GCC unroll 8
+		for (int v = 0; v < Q4_BLOCK / 16; v++) {
+			size_t kv = k + 16 * (size_t)v;
 			__m512 w[Q4_RMAX];
 
+			if (!FAST && kv == gnext) {
+				avx512_q4_group(R, m, row0, g++, sb, zb, lut);
+				gnext += G;
+			}
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
-				_mm_prefetch((const char *)row[r] + k / 2 + 512, _MM_HINT_T0);
-				w[r] = _mm512_permutexvar_ps(avx512_nibbles(row[r] + k / 2, sel, shifts), lut[r]);
+				__m512i b = _mm512_loadu_si512(row[r] + k / 2 + (size_t)v / 2);
+
+				w[r] = _mm512_permutexvar_ps(v % 2 ? _mm512_srli_epi32(b, 4) : b, lut[r]);
 			}
 #pragma GCC unroll 4
 			for (int c = 0; c < C; c++) {
-				__m512 xv = avx512_load_x(xs[c], m->perm, k, m->K);
+				__m512 xv = avx512_load_x(xs[c], FAST ? NULL : m->perm, kv, K);
 #pragma GCC unroll 4
 				for (int r = 0; r < R; r++)
 					acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
 			}
+		}
+	}
+	for (; !FAST && k < K; k += 16) {
+		__m512 w[Q4_RMAX];
+
+		if (k == gnext) {
+			avx512_q4_group(R, m, row0, g++, sb, zb, lut);
+			gnext += G;
+		}
+#pragma GCC unroll 4
+		for (int r = 0; r < R; r++)
+			w[r] = _mm512_permutexvar_ps(avx512_nibbles(row[r] + k / 2, sel, shifts), lut[r]);
+#pragma GCC unroll 4
+		for (int c = 0; c < C; c++) {
+			__m512 xv = avx512_load_x(xs[c], m->perm, k, K);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++)
+				acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
 		}
 	}
 #pragma GCC unroll 4
@@ -271,105 +504,17 @@ avx512_tile_q4(int R, int C, const struct moe_q4_matrix *m, size_t row0, const f
 			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(acc[r][c]);
 }
 
-/*
- * The 1 to 16 token AVX-512 kernel (the decode of a vector was the cost: a
- * row's 16 weights took two shuffles and a shift for one multiply-add).
- * Lane p of the vectors here holds column 16 i + c(p) with c(2q) = q and
- * c(2q + 1) = 8 + q: one 8-byte broadcast from memory (a load, no shuffle)
- * and one variable shift put nibble c(p) in the low bits of lane p, since an
- * even lane sees the first 4 bytes and an odd lane the next 4.  The tokens
- * are stored in that order once per chunk (px), and each accumulator is put
- * back in the canonical lane order before its horizontal sum, so every lane
- * sums the same columns in the same order as avx512_tile_q4: the same bits.
- */
-
-AVX512_TARGET static ALWAYS_INLINE void
-avx512_tile_q4i(int R, int C, const struct moe_q4_matrix *m, size_t row0, const float *const *px,
-		float *y, size_t ldy)
-{
-	size_t K = m->K, G = m->G, ng = K / G;
-	const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-	const __m512i back = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-	const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-	__m512 acc[Q4_RMAX][AVX512_CMAX];
-	const uint8_t *row[Q4_RMAX];
-	/* s and -z s of 16 groups of each row, converted 16 at a time */
-	float sb[Q4_RMAX][16] __attribute__((aligned(64))), zb[Q4_RMAX][16] __attribute__((aligned(64)));
-
-#pragma GCC unroll 4
-	for (int r = 0; r < R; r++) {
-		row[r] = m->codes + (row0 + (size_t)r) * (K / 2);
-#pragma GCC unroll 4
-		for (int c = 0; c < C; c++)
-			acc[r][c] = _mm512_setzero_ps();
-	}
-	for (size_t g = 0; g < ng; g++) {
-		__m512 lut[Q4_RMAX];
-
-		if (g % 16 == 0) {
-			__mmask16 mk = (__mmask16)(ng - g >= 16 ? 0xffff : (1u << (ng - g)) - 1);
-
-#pragma GCC unroll 4
-			for (int r = 0; r < R; r++) {
-				size_t at = (row0 + (size_t)r) * ng + g;
-				__m256i h = _mm256_maskz_loadu_epi16(mk, m->scales + at);
-				__m512 s = m->bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-						   : _mm512_cvtph_ps(h);
-				__m512 z = m->zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-							      _mm_maskz_loadu_epi8(mk, m->zeros + at)))
-						    : _mm512_set1_ps(8);
-				/* -z with its sign flipped as -(float)z, so -0 for z = 0 */
-				__m512 nz = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(z),
-										 _mm512_set1_epi32(INT32_MIN)));
-
-				_mm512_store_ps(sb[r], s);
-				/* -z s: exact (4 and at most 11 significant bits) */
-				_mm512_store_ps(zb[r], _mm512_mul_ps(nz, s));
-			}
-		}
-		/* the group's 16 weights of a row, (q - z) s for q = 0..15,
-		 * exact (q s - z s in one rounding), as avx512_tile_q4.  The
-		 * prefetch is one tile ahead, the same group of the next R rows:
-		 * a tile reads R short streams (a row is 1 KB at hidden 2048)
-		 * that the hardware prefetchers barely start on; 512 bytes ahead
-		 * in the row ran into the next row, which the tile already
-		 * reads (1.6x at 1 token from memory, one thread). */
-#pragma GCC unroll 4
-		for (int r = 0; r < R; r++) {
-			lut[r] = _mm512_fmadd_ps(iota, _mm512_set1_ps(sb[r][g % 16]), _mm512_set1_ps(zb[r][g % 16]));
-			_mm_prefetch((const char *)row[r] + g * G / 2 + (size_t)R * K / 2, _MM_HINT_T0);
-		}
-		for (size_t k = g * G; k < (g + 1) * G; k += 16) {
-			__m512 w[Q4_RMAX];
-
-#pragma GCC unroll 4
-			for (int r = 0; r < R; r++) {
-				int64_t v;
-
-				memcpy(&v, row[r] + k / 2, sizeof(v));
-				w[r] = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(v), shifts), lut[r]);
-			}
-#pragma GCC unroll 4
-			for (int c = 0; c < C; c++) {
-				__m512 xv = _mm512_load_ps(px[c] + k);
-#pragma GCC unroll 4
-				for (int r = 0; r < R; r++)
-					acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
-			}
-		}
-	}
-#pragma GCC unroll 4
-	for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-		for (int c = 0; c < C; c++)
-			y[(size_t)c * ldy + (size_t)r] = moe_kern_avx512_hsum(_mm512_permutexvar_ps(back, acc[r][c]));
-}
-
 /* ------------------------------------------------------------------------ */
 /* Drivers: chunks of CMAX tokens; rows by fours, then one at a time (a row's
  * result does not depend on its tile: the order is per row and token).      */
 
-#define Q4_CASE(isa, R, C) case C: isa##_tile_q4(R, C, mm, row0 + r, xc, yc + r, ldy); break;
+#define Q4_CASE(isa, R, C)                                                              \
+	case C:                                                                         \
+		if (fast)                                                               \
+			isa##_tile_q4(R, C, 1, mm, row0 + r, xc, yc + r, ldy);          \
+		else                                                                    \
+			isa##_tile_q4(R, C, 0, mm, row0 + r, xc, yc + r, ldy);          \
+		break;
 
 /*
  * With a permutation, a chunk's tokens are gathered once, x[perm[j]] into
@@ -409,6 +554,7 @@ AVX2_TARGET static void dot_rows_q4_avx2(const struct moe_q4_matrix *m, size_t r
 		const struct moe_q4_matrix *mm = q4_gather(m, xs + c0, nc, gx, xg, &plain);
 		const float *const *xc = mm == m ? xs + c0 : xg;
 		float *yc = y + c0 * ldy;
+		bool fast = !mm->perm && mm->G % Q4_BLOCK == 0;
 
 		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
 			switch (nc) { Q4_CASE(avx2, 4, 1) Q4_CASE(avx2, 4, 2) }
@@ -416,34 +562,6 @@ AVX2_TARGET static void dot_rows_q4_avx2(const struct moe_q4_matrix *m, size_t r
 			switch (nc) { Q4_CASE(avx2, 1, 1) Q4_CASE(avx2, 1, 2) }
 	}
 }
-
-/*
- * The tokens of a chunk in the lane order of avx512_tile_q4i, x[perm[j]]
- * with a permutation (the gather of q4_gather folded in): one shuffle per
- * 16 columns, against the rows' decode it saves.
- */
-AVX512_TARGET static void q4_interleave(const struct moe_q4_matrix *m, const float *const *xs, size_t nc,
-					float (*px)[Q4_GATHER_MAX], const float **pxc)
-{
-	const __m512i fwd = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-	const __m512i last = _mm512_set1_epi32((int)(m->K - 1));
-
-	for (size_t c = 0; c < nc; c++) {
-		for (size_t k = 0; k < m->K; k += 16) {
-			__m512 v;
-
-			if (m->perm)
-				v = _mm512_i32gather_ps(_mm512_min_epu32(_mm512_permutexvar_epi32(fwd,
-								_mm512_loadu_si512(m->perm + k)), last), xs[c], 4);
-			else
-				v = _mm512_permutexvar_ps(fwd, _mm512_loadu_ps(xs[c] + k));
-			_mm512_store_ps(px[c] + k, v);
-		}
-		pxc[c] = px[c];
-	}
-}
-
-#define Q4I_CASE(R, C) case C: avx512_tile_q4i(R, C, m, row0 + r, pxc, yc + r, ldy); break;
 
 AVX512_TARGET static void dot_rows_q4_avx512(const struct moe_q4_matrix *m, size_t row0, size_t nr,
 					     const float *const *xs, size_t nt, float *y, size_t ldy)
@@ -453,23 +571,11 @@ AVX512_TARGET static void dot_rows_q4_avx512(const struct moe_q4_matrix *m, size
 	for (size_t c0 = 0; c0 < nt; c0 += AVX512_CMAX) {
 		size_t nc = nt - c0 < AVX512_CMAX ? nt - c0 : AVX512_CMAX, r = 0;
 		const float *xg[AVX512_CMAX];
-		float *yc = y + c0 * ldy;
-
-		if (m->K <= Q4_GATHER_MAX) {
-			const float *pxc[AVX512_CMAX];
-
-			q4_interleave(m, xs + c0, nc, gx, pxc);
-			for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
-				switch (nc) { Q4I_CASE(4, 1) Q4I_CASE(4, 2) Q4I_CASE(4, 3) Q4I_CASE(4, 4) }
-			for (; r < nr; r++)
-				switch (nc) { Q4I_CASE(1, 1) Q4I_CASE(1, 2) Q4I_CASE(1, 3) Q4I_CASE(1, 4) }
-			continue;
-		}
-		/* too wide for the buffer: the canonical lane order, x gathered
-		 * per vector step */
 		struct moe_q4_matrix plain;
 		const struct moe_q4_matrix *mm = q4_gather(m, xs + c0, nc, gx, xg, &plain);
 		const float *const *xc = mm == m ? xs + c0 : xg;
+		float *yc = y + c0 * ldy;
+		bool fast = !mm->perm && mm->G % Q4_BLOCK == 0;
 
 		for (; r + Q4_RMAX <= nr; r += Q4_RMAX)
 			switch (nc) {

@@ -12,14 +12,18 @@
  * crosses a scale block.
  *
  * The decode is a table lookup in a register, on the resident order of
- * kernels.h (each 16-value group's even and odd nibbles apart, done once
- * when the matrix is made resident): a 64-bit broadcast of the group and
- * one variable shift give each 32-bit lane its nibble in its low 4 bits,
- * then vpermps picks the weight from the 16 e2m1 values already times the
- * block's scale (AVX2: 8 magnitudes and a blend on bit 3).  Measured on
- * one core, 2880 x 2880, one token, hot in cache: the store's order with
- * a byte unpack, a widening and an AND per 16 values and the scale
- * multiplied per vector ran at 0.12 ns a weight; this at 0.053.
+ * kernels.h (done once when the matrix is made resident): in a row's whole
+ * blocks of 128 values, byte 4p + j of the 64 holds values 32j + p and
+ * 32j + 16 + p, so a 64-byte load at byte j gives each 32-bit lane p its
+ * value's nibble in its low 4 bits, and the same shifted right by 4 the
+ * next 16 values'; vpermps then picks the weight from the 16 e2m1 values
+ * already times the block's scale (AVX2: 8 magnitudes and a blend on bit
+ * 3).  The values after the last whole block are in groups of 16 with
+ * their even and odd nibbles apart, where a 64-bit broadcast of the group
+ * and one variable shift do the same.  Measured on one core, 2880 x 2880,
+ * one token, hot in cache: the store's order with a byte unpack, a
+ * widening and an AND per 16 values and the scale multiplied per vector
+ * ran at 0.12 ns a weight; the groups of 16 at 0.053; the blocks at 0.045.
  */
 #include "config.h"
 
@@ -64,16 +68,27 @@ static const float e2m1_values[16] __attribute__((aligned(64))) = {
 	-0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f,
 };
 
-/* The resident code byte and shift of value k of a row (kernels.h): a
+/* Values of a whole block of the resident order: 64 bytes. */
+#define MX_BLOCK 128
+
+/* The resident code byte and shift of value k of a row of K (kernels.h):
+ * in a whole block of 128 values, byte 4p + j holds values 32j + p (low
+ * nibble) and 32j + 16 + p (high); after the row's last whole block, a
  * group of 16 values is 8 bytes, the even values' nibbles in bytes 0..3,
  * the odd values' in bytes 4..7, each half in order, low nibble first. */
-static inline size_t mx_byte(size_t k)
+static inline size_t mx_byte(size_t K, size_t k)
 {
+	size_t v = k % MX_BLOCK;
+
+	if (k < K / MX_BLOCK * MX_BLOCK)
+		return k / MX_BLOCK * (MX_BLOCK / 2) + 4 * (v % 16) + v / 32;
 	return k / 16 * 8 + (k & 1) * 4 + (k % 16) / 4;
 }
 
-static inline unsigned mx_shift(size_t k)
+static inline unsigned mx_shift(size_t K, size_t k)
 {
+	if (k < K / MX_BLOCK * MX_BLOCK)
+		return (unsigned)(k % 32 / 16) * 4;
 	return (unsigned)((k % 16) / 2 % 2) * 4;
 }
 
@@ -93,7 +108,7 @@ static void dot_rows_scalar_mxfp4(const uint8_t *W, const uint8_t *S, size_t K, 
 			float acc[SC_W] = { 0 };
 
 			for (size_t k = 0; k < K; k++) {
-				uint8_t code = (uint8_t)(row[mx_byte(k)] >> mx_shift(k)) & 15u;
+				uint8_t code = (uint8_t)(row[mx_byte(K, k)] >> mx_shift(K, k)) & 15u;
 				float w = e2m1_values[code] * e8m0_values[sr[k / MOE_MXFP4_BLOCK]];
 
 				acc[k % SC_W] = __builtin_fmaf(w, x[k], acc[k % SC_W]);
@@ -104,26 +119,34 @@ static void dot_rows_scalar_mxfp4(const uint8_t *W, const uint8_t *S, size_t K, 
 }
 
 /*
- * The vector decode: a group's 8 bytes broadcast as a 64-bit lane put the
- * even half (a) in the even 32-bit lanes and the odd half (b) in the odd
- * ones, so lane i, shifted right by 4 * (i / 2), has value i's nibble in
- * its low 4 bits: vpermps reads only those, from a table of the 16 values
- * already multiplied by the block's scale (exact products: the weights
- * themselves).  Three operations per 16 weights and a row.
+ * The vector decode.  In a whole block, the 64 (AVX2: 32) bytes at byte j
+ * of it put value 32j + l (AVX2: 32j + 8u + l for the load at 32u + j) in
+ * the low 4 bits of lane l, and shifted right by 4 value 32j + 16 + l, so
+ * every lane holds its canonical column.  After the last whole block, a
+ * group's 8 bytes broadcast as a 64-bit lane put the even half (a) in the
+ * even 32-bit lanes and the odd half (b) in the odd ones, so lane i,
+ * shifted right by 4 * (i / 2), has value i's nibble in its low 4 bits.
+ * vpermps reads only those, from a table of the 16 values already
+ * multiplied by the block's scale (exact products: the weights
+ * themselves).  Per 16 weights and a row: a lookup and half a shift in
+ * whole blocks, a broadcast, a shift and a lookup after them.  The loads
+ * at bytes 1..3 of a row's last block read up to 3 bytes past it: the
+ * next row's, or after the last row the scales (moe_kern_packed_bytes()),
+ * into bits the lookup ignores.
  */
 
 /* ------------------------------------------------------------------------ */
-/* AVX2 + FMA: 8 lanes per step, two steps a group; tiles of 4 rows x 2.     */
+/* AVX2 + FMA: 8 lanes per step; tiles of 4 rows x 2.                        */
 
 #define AVX2_RMAX 4
 #define AVX2_CMAX 2
 
-/* 8 weights from the broadcast group @q shifted by @sh: vpermps picks the
- * scaled magnitude by the low 3 bits, and bit 3, moved to bit 31, is the
- * sign (one table a row: the registers hold 4 rows x 2 tokens of sums). */
-AVX2_TARGET static ALWAYS_INLINE __m256 avx2_mx_decode(__m256i q, __m256i sh, __m256 mag)
+/* 8 weights from indices in the low 4 bits of @idx (bits above ignored):
+ * vpermps picks the scaled magnitude by the low 3 bits, and bit 3, moved
+ * to bit 31, is the sign (one table a row: the registers hold 4 rows x 2
+ * tokens of sums). */
+AVX2_TARGET static ALWAYS_INLINE __m256 avx2_mx_lookup(__m256i idx, __m256 mag)
 {
-	__m256i idx = _mm256_srlv_epi32(q, sh);
 	__m256i sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32(INT32_MIN));
 
 	return _mm256_xor_ps(_mm256_permutevar8x32_ps(mag, idx), _mm256_castsi256_ps(sign));
@@ -136,6 +159,7 @@ avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, cons
 	__m256 mpos = _mm256_load_ps(e2m1_values);
 	__m256i sh0 = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
 	__m256i sh1 = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
+	size_t kfull = K / MX_BLOCK * MX_BLOCK;
 	__m256 acc[AVX2_RMAX][AVX2_CMAX];
 
 #pragma GCC unroll 4
@@ -163,11 +187,25 @@ avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, cons
 				xv[c] = _mm256_loadu_ps(xs[c] + k + j);
 #pragma GCC unroll 4
 			for (int r = 0; r < R; r++) {
-				int64_t g;
+				const uint8_t *rw = W + (size_t)r * (K / 2);
+				__m256i idx;
 				__m256 w;
 
-				memcpy(&g, W + (size_t)r * (K / 2) + (k + j) / 16 * 8, sizeof(g));
-				w = avx2_mx_decode(_mm256_set1_epi64x(g), j % 16 ? sh1 : sh0, mag[r]);
+				if (k < kfull) {
+					/* value v = 32i + 16h + 8u + l of the block: the
+					 * load at 32u + i, shifted by 4h */
+					size_t v = k % MX_BLOCK + j;
+					__m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(rw + (k - k % MX_BLOCK) / 2 +
+												       32 * (v / 8 % 2) + v / 32));
+
+					idx = v / 16 % 2 ? _mm256_srli_epi32(b, 4) : b;
+				} else {
+					int64_t g;
+
+					memcpy(&g, rw + (k + j) / 16 * 8, sizeof(g));
+					idx = _mm256_srlv_epi32(_mm256_set1_epi64x(g), j % 16 ? sh1 : sh0);
+				}
+				w = avx2_mx_lookup(idx, mag[r]);
 #pragma GCC unroll 4
 				for (int c = 0; c < C; c++)
 					acc[r][c] = _mm256_fmadd_ps(w, xv[c], acc[r][c]);
@@ -182,10 +220,20 @@ avx2_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, cons
 }
 
 /* ------------------------------------------------------------------------ */
-/* AVX-512: 16 lanes (one group) per step, tiles of 4 rows x 6.              */
+/* AVX-512: 16 lanes per step, tiles of 4 rows x 6.                          */
 
 #define AVX512_RMAX 4
 #define AVX512_CMAX 6
+
+/* A scale block's table of each row: the 16 e2m1 values times its scale. */
+AVX512_TARGET static ALWAYS_INLINE void avx512_mx_tables(int R, const uint8_t *S, size_t K, size_t k, __m512 vals,
+							 __m512 *tab)
+{
+#pragma GCC unroll 4
+	for (int r = 0; r < R; r++)
+		tab[r] = _mm512_mul_ps(vals, _mm512_set1_ps(e8m0_values[S[(size_t)r * (K / MOE_MXFP4_BLOCK) +
+									  k / MOE_MXFP4_BLOCK]]));
+}
 
 AVX512_TARGET static ALWAYS_INLINE void
 avx512_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, const float *const *xs,
@@ -193,24 +241,41 @@ avx512_tile_mxfp4(int R, int C, const uint8_t *W, const uint8_t *S, size_t K, co
 {
 	__m512 vals = _mm512_load_ps(e2m1_values);
 	__m512i sh = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-	__m512 acc[AVX512_RMAX][AVX512_CMAX];
+	size_t kfull = K / MX_BLOCK * MX_BLOCK, k = 0;
+	__m512 acc[AVX512_RMAX][AVX512_CMAX], tab[AVX512_RMAX];
 
 #pragma GCC unroll 4
 	for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
 		for (int c = 0; c < C; c++)
 			acc[r][c] = _mm512_setzero_ps();
-	for (size_t k = 0; k < K; k += MOE_MXFP4_BLOCK) {
-		__m512 tab[AVX512_RMAX];
-
+	for (; k < kfull; k += MX_BLOCK) {
 #pragma GCC unroll 4
-		for (int r = 0; r < R; r++) {
-			tab[r] = _mm512_mul_ps(vals, _mm512_set1_ps(e8m0_values[S[(size_t)r * (K / MOE_MXFP4_BLOCK) +
-									      k / MOE_MXFP4_BLOCK]]));
-			if (k % 128 == 0)
-				_mm_prefetch((const char *)W + (size_t)r * (K / 2) + k / 2 + MX_PREFETCH_AHEAD,
-					     _MM_HINT_T0);
+		for (int r = 0; r < R; r++)
+			_mm_prefetch((const char *)W + (size_t)r * (K / 2) + k / 2 + MX_PREFETCH_AHEAD, _MM_HINT_T0);
+#pragma GCC unroll 8
+		for (int v = 0; v < MX_BLOCK / 16; v++) {
+			__m512 w[AVX512_RMAX];
+
+			if (v % 2 == 0)     /* a new scale block */
+				avx512_mx_tables(R, S, K, k + 16 * (size_t)v, vals, tab);
+#pragma GCC unroll 4
+			for (int r = 0; r < R; r++) {
+				__m512i b = _mm512_loadu_si512(W + (size_t)r * (K / 2) + k / 2 + (size_t)v / 2);
+
+				w[r] = _mm512_permutexvar_ps(v % 2 ? _mm512_srli_epi32(b, 4) : b, tab[r]);
+			}
+#pragma GCC unroll 6
+			for (int c = 0; c < C; c++) {
+				__m512 xv = _mm512_loadu_ps(xs[c] + k + 16 * (size_t)v);
+#pragma GCC unroll 4
+				for (int r = 0; r < R; r++)
+					acc[r][c] = _mm512_fmadd_ps(w[r], xv, acc[r][c]);
+			}
 		}
+	}
+	for (; k < K; k += MOE_MXFP4_BLOCK) {
+		avx512_mx_tables(R, S, K, k, vals, tab);
 #pragma GCC unroll 2
 		for (size_t j = 0; j < MOE_MXFP4_BLOCK; j += 16) {
 			__m512 w[AVX512_RMAX];
@@ -303,10 +368,24 @@ moe_kern_dot_rows_mxfp4_fn moe_kern_get_mxfp4(enum moe_kern_isa isa)
 	return kernels_mxfp4[isa];
 }
 
+/* One whole block from the store's order to the resident one: byte
+ * 4p + j gets values 32j + p and 32j + 16 + p, i.e. store bytes 16j + p/2
+ * and 16j + 8 + p/2, their low nibbles for even p, else their high. */
+static void mx_pack_block(const uint8_t *s, uint8_t *d)
+{
+	for (unsigned p = 0; p < 16; p++) {
+		unsigned sh = 4 * (p % 2);
+
+		for (unsigned j = 0; j < 4; j++)
+			d[4 * p + j] = (uint8_t)((s[16 * j + p / 2] >> sh & 15u) |
+						 (s[16 * j + 8 + p / 2] >> sh & 15u) << 4);
+	}
+}
+
 /* Store bytes [b0, b0 + nb) of an N x K matrix to the resident layout:
- * each code byte's two nibbles go to their halves of the group (written
- * nibble by nibble, so pieces may come in any order), the scales and the
- * padding as they are. */
+ * each code byte's two nibbles go to their places (mx_byte(); a whole
+ * block at once, else nibble by nibble, so pieces may come in any order),
+ * the scales and the padding as they are. */
 void moe_kern_mxfp4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0, uint64_t nb, void *dst)
 {
 	uint64_t codes = (uint64_t)N * (K / 2), end = b0 + nb;
@@ -314,13 +393,22 @@ void moe_kern_mxfp4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0,
 	uint8_t *d = dst;
 
 	for (uint64_t j = b0; j < end && j < codes; j++) {
-		uint8_t v = s[j - b0];
-		uint64_t g = j / 8 * 8, p = j % 8;
-		uint8_t *lo = d + g + p / 2, *hi = d + g + 4 + p / 2;
-		unsigned sh = (unsigned)(p % 2) * 4;
+		uint64_t o = j % (K / 2);
 
-		*lo = (uint8_t)((*lo & ~(15u << sh)) | (v & 15u) << sh);
-		*hi = (uint8_t)((*hi & ~(15u << sh)) | (v >> 4) << sh);
+		if (o % (MX_BLOCK / 2) == 0 && o < K / MX_BLOCK * (MX_BLOCK / 2) && end - j >= MX_BLOCK / 2) {
+			mx_pack_block(s + (j - b0), d + j);     /* a whole block at once */
+			j += MX_BLOCK / 2 - 1;
+			continue;
+		}
+		uint8_t v = s[j - b0];
+		uint8_t *rd = d + (j - o);
+
+		for (unsigned h = 0; h < 2; h++) {
+			uint8_t *p = rd + mx_byte(K, 2 * o + h);
+			unsigned sh = mx_shift(K, 2 * o + h);
+
+			*p = (uint8_t)((*p & ~(15u << sh)) | ((v >> (4 * h)) & 15u) << sh);
+		}
 	}
 	if (end > codes) {
 		uint64_t a = b0 > codes ? b0 : codes;

@@ -209,8 +209,9 @@ template <typename T> struct moe_prow {
 };
 
 // A row of FP8 codes with the scales of its band of 128 rows: w =
-// e4m3(code) * scale, one float32 rounding as in the CPU kernels
-// (kernels.h).  16-byte chunk c, codes 16c .. 16c + 15, lies in column
+// e4m3(code) * scale, one float32 rounding (the CPU kernels round x *
+// scale instead, kernels.h: a rounding apart, inside the self-test's
+// tolerance).  16-byte chunk c, codes 16c .. 16c + 15, lies in column
 // block c / 8 (128 / 16 chunks per block).
 struct moe_frow {
 	static constexpr int N = 16;

@@ -421,6 +421,12 @@ START_TEST(fp8_kernels_match_float64_and_are_tile_invariant)
 						      "%s K=%zu row %zu token %zu: alone %.9g in tile %.9g",
 						      name, K, r, t, (double)one, (double)y[t * N + r]);
 				}
+			/* plain from row 2: a tile of rows 126..129 would straddle
+			 * the two blocks of scales */
+			plain(M + 2 * K, K, K, N - 2, sc, 2, xs, nt, y2, N);
+			for (size_t t = 0; t < nt; t++)
+				ck_assert_msg(memcmp(y + t * N + 2, y2 + t * N, (N - 2) * 4) == 0,
+					      "%s K=%zu: rows from 2 differ", name, K);
 			moe_kern_dot_rows_packed_at(MOE_DTYPE_FP8_E4M3_B128, P, N, K, 0, N, xs, nt, y2, N);
 			if (isa == (int)moe_kern_active())
 				ck_assert_msg(memcmp(y, y2, N * nt * 4) == 0, "%s K=%zu: packed differs", name, K);

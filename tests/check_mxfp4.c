@@ -253,17 +253,19 @@ START_TEST(extreme_scales_and_nan)
 }
 END_TEST
 
-/* The resident layout (kernels.h): scales as stored, each group of 16
- * values with its even values' nibbles in bytes 0..3 and its odd ones' in
- * 4..7; packing in pieces, in any order, gives the bytes of packing it
- * whole; packed_at from any row gives the rows' bits. */
+/* The resident layout (kernels.h): scales as stored; in a row's whole
+ * blocks of 128 values byte 4p + j holds values 32j + p and 32j + 16 + p,
+ * after them each group of 16 values has its even values' nibbles in
+ * bytes 0..3 and its odd ones' in 4..7; packing in pieces, in any order,
+ * gives the bytes of packing it whole; packed_at from any row gives the
+ * rows' bits.  K = 160: a block and a tail of two groups. */
 START_TEST(resident_layout_and_packed_at)
 {
-	const size_t N = 13, K = 96, nt = 3;
+	const size_t N = 13, K = 160, nt = 3;
 	size_t mb = moe_matrix_bytes(MOE_DTYPE_MXFP4, N, K);
 	uint64_t seed = 11;
 	uint8_t *M = random_matrix(N, K, &seed, 0), *P = malloc(mb), *Q = calloc(1, mb);
-	float x[3 * 96], y[13 * 3], y2[13 * 3];
+	float x[3 * 160], y[13 * 3], y2[13 * 3];
 	const float *xs[3] = { x, x + K, x + 2 * K };
 	uint64_t cut[] = { 0, 1, 63, 64, 500, 651, mb };
 
@@ -278,6 +280,8 @@ START_TEST(resident_layout_and_packed_at)
 			unsigned want = M[r * K / 2 + k / 2] >> (k % 2 * 4) & 15u;
 			unsigned got = P[g + k % 2 * 4 + m / 2] >> (m % 2 * 4) & 15u;
 
+			if (k < 128)      /* the block: p = k % 16, j = k / 32, high for k % 32 >= 16 */
+				got = P[r * K / 2 + 4 * (k % 16) + k / 32] >> (k % 32 >= 16 ? 4 : 0) & 15u;
 			ck_assert_msg(got == want, "row %zu value %zu: nibble %u, stored %u", r, k, got, want);
 		}
 	memset(Q, 0xa5, mb);     /* every byte is written */

@@ -617,7 +617,7 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 	for (uint32_t flags = 0; flags <= MOE_Q4_FLAGS_ALL; flags++) {
 		struct moe_q4_layout l;
 		uint64_t rng = 7 + flags;
-		uint8_t *M;
+		uint8_t *M, *R, *R2;
 		struct moe_q4_matrix m;
 		float (*xs_)[8208] = malloc(sizeof(float) * 11 * 8208), y0[5 * 13], y[5 * 13], y1[13];
 		float y11[11 * 13];
@@ -654,7 +654,20 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 				xs_[c][k] = (float)(moe_test_randf(&rng) * 2 - 1);
 			xs[c] = xs_[c];
 		}
-		moe_q4_matrix_at(M, (uint32_t)G, flags, N, K, &m);
+		/* the kernels read the resident layout: packed whole, and in
+		 * pieces of 7 bytes from the end backwards, the same bytes */
+		R = moe_test_page_alloc(l.bytes);
+		R2 = moe_test_page_alloc(l.bytes);
+		moe_kern_q4_pack_bytes(M, N, K, 0, l.bytes, R);
+		for (uint64_t e = l.bytes; e > 0; e = e > 7 ? e - 7 : 0) {
+			uint64_t b = e > 7 ? e - 7 : 0;
+
+			moe_kern_q4_pack_bytes(M + b, N, K, b, e - b, R2);
+		}
+		ck_assert_msg(memcmp(R, R2, l.bytes) == 0, "flags %u: packing in pieces differs", flags);
+		ck_assert_msg(memcmp(R + N * (K / 2), M + N * (K / 2), l.bytes - N * (K / 2)) == 0,
+			      "flags %u: packing changed more than the codes", flags);
+		moe_q4_matrix_at(R, (uint32_t)G, flags, N, K, &m);
 		moe_kern_get_q4(MOE_KERN_SCALAR)(&m, 0, N, xs, 5, y0, N);
 		/* float64 over w[n][perm[j]] = (q - z) * s */
 		for (int c = 0; c < 5; c++)
@@ -704,6 +717,8 @@ START_TEST(int4_kernels_match_scalar_and_float64)
 			}
 		}
 		free(M);
+		free(R);
+		free(R2);
 		free(xs_);
 	}
 }
@@ -723,7 +738,7 @@ START_TEST(int4_bad_permutation_index_is_clamped)
 	struct moe_q4_layout l;
 	struct moe_q4_matrix m;
 	uint64_t rng = 99;
-	uint8_t *M, *M2;
+	uint8_t *M, *M2, *R, *R2;
 	float *x = malloc(sizeof(float) * K), y[4], y2[4];
 	const float *xs[1] = { x };
 	uint32_t *p, *p2;
@@ -748,14 +763,18 @@ START_TEST(int4_bad_permutation_index_is_clamped)
 	p2[3] = p2[K - 2] = (uint32_t)(K - 1);
 	for (size_t k = 0; k < K; k++)
 		x[k] = (float)(moe_test_randf(&rng) * 2 - 1);
+	R = moe_test_page_alloc(l.bytes);     /* the resident layouts */
+	R2 = moe_test_page_alloc(l.bytes);
+	moe_kern_q4_pack_bytes(M, N, K, 0, l.bytes, R);
+	moe_kern_q4_pack_bytes(M2, N, K, 0, l.bytes, R2);
 	for (int isa = 0; isa < MOE_KERN_ISA_COUNT; isa++) {
 		moe_kern_dot_rows_q4_fn fn = moe_kern_get_q4((enum moe_kern_isa)isa);
 
 		if (!fn)
 			continue;
-		moe_q4_matrix_at(M, (uint32_t)G, flags, N, K, &m);
+		moe_q4_matrix_at(R, (uint32_t)G, flags, N, K, &m);
 		fn(&m, 0, N, xs, 1, y, N);
-		moe_q4_matrix_at(M2, (uint32_t)G, flags, N, K, &m);
+		moe_q4_matrix_at(R2, (uint32_t)G, flags, N, K, &m);
 		fn(&m, 0, N, xs, 1, y2, N);
 		ck_assert_msg(memcmp(y, y2, sizeof(y)) == 0, "%s: a bad index is not read as column K - 1",
 			      moe_kern_isa_name((enum moe_kern_isa)isa));
@@ -763,6 +782,8 @@ START_TEST(int4_bad_permutation_index_is_clamped)
 	free(x);
 	free(M);
 	free(M2);
+	free(R);
+	free(R2);
 }
 END_TEST
 
