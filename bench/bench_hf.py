@@ -130,12 +130,26 @@ def child(args) -> None:
         client.close()
 
 
+def child_env() -> dict:
+    """The environment of every configuration, the anchor's included.
+    torch's OpenMP threads (libgomp) spin for about 300000 rounds after
+    each parallel region before they sleep: milliseconds of two cores that
+    moed needs right then, when the client waits for a MoE layer on the
+    same cores.  10000 rounds keep the spin under the time between torch's
+    operators (measured here: moed's runs 1.2-1.3x faster, the anchor no
+    slower).  The caller's own GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
+    env = dict(os.environ)
+    if "OMP_WAIT_POLICY" not in env:
+        env.setdefault("GOMP_SPINCOUNT", "10000")
+    return env
+
+
 def run_child(ckpt: str, dtype: str, socket: str | None, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--checkpoint", ckpt, "--dtype", dtype,
            "--tokens", str(a.tokens), "--threads", str(a.threads)]
     if socket:
         cmd += ["--socket", socket]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if r.returncode:
         sys.exit(f"bench_hf: {' '.join(cmd)} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -221,6 +235,9 @@ def main() -> None:
     print(f"# bench_hf: Qwen3-30B-A3B shapes, {a.layers} layers, {experts} experts of 768, top 8, "
           f"hidden 2048, 32/4 heads of 128, vocab 1024; bf16 checkpoint; CPU, "
           f"{a.threads or 'default'} torch threads; {a.tokens} decode tokens after a 16-token prompt")
+    env = child_env()
+    print(f"# every run: GOMP_SPINCOUNT={env.get('GOMP_SPINCOUNT', '-')} "
+          f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '-')}")
     print(f"# anchor: transformers alone, eager, {anchor_dtype} ({anchor:.2f} tokens/s)")
     print(f"{'run':<16} {'tokens/s':>9} {'x anchor':>9} {'in MoE':>7} {'bound':>6} {'RSS MiB':>8} "
           f"{'model MiB':>10} {'RSS/whole':>10} {'same tokens':>12}")

@@ -34,6 +34,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(HERE)
 
+# Before torch is imported here or in the generating processes: torch's
+# OpenMP threads would otherwise spin for milliseconds after each operator,
+# on the cores moed computes on while a process waits for it
+# (python/README.md, "Run a model").
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 
 def find_tool(name: str, env: str, sub: str) -> str:
     """$ENV, then BUILD_DIR/sub/name, the source tree's build, ./build, $PATH."""
