@@ -23,12 +23,7 @@ set -u
 : "${MOED:=${top_builddir:-.}/daemon/moed}"
 [ -x "$MOED" ] || skip "moed not found at $MOED"
 
-MOED_PID=
-stop_moed() {
-	[ -z "$MOED_PID" ] || { kill "$MOED_PID" 2>/dev/null && sleep 0.2 && kill -9 "$MOED_PID" 2>/dev/null; }
-	moe_cleanup
-}
-trap stop_moed EXIT
+trap moed_stop EXIT
 
 HEX='^[0-9a-f]{32}$'
 
@@ -122,15 +117,7 @@ cache = { host_mb = 64; };
 socket = { path = "$SOCK"; mode = "0600"; group = ""; };
 log = { level = "info"; };
 EOF
-	"$MOED" --config "$T/moed.conf" 2>"$LOG" &
-	MOED_PID=$!
-	n=0
-	while ! "$MOECTL" --socket "$SOCK" info >/dev/null 2>&1; do
-		n=$(( n + 1 ))
-		[ "$n" -lt 100 ] || fail "moed does not answer on $SOCK: $(cat "$LOG")"
-		kill -0 "$MOED_PID" 2>/dev/null || fail "moed exited: $(cat "$LOG")"
-		sleep 0.1
-	done
+	moed_start "$T/moed.conf" "$SOCK" "$LOG"
 }
 
 serve "$T/m.moe"

@@ -19,12 +19,7 @@ set -u
 : "${MOED:=${top_builddir:-.}/daemon/moed}"
 [ -x "$MOED" ] || skip "moed not found at $MOED"
 
-MOED_PID=
-stop_moed() {
-	[ -z "$MOED_PID" ] || { kill "$MOED_PID" 2>/dev/null && sleep 0.2 && kill -9 "$MOED_PID" 2>/dev/null; }
-	moe_cleanup
-}
-trap stop_moed EXIT
+trap moed_stop EXIT
 
 # ---- a model of 2 MoE layers x 8 experts, and moed on it -------------------------
 gen_model "$T/hf" --arch qwen3_moe --layers 2 --hidden 256 --moe-intermediate 64 --experts 8 \
@@ -44,15 +39,7 @@ log = { level = "info"; };
 EOF
 }
 write_conf "" 0
-"$MOED" --config "$T/moed.conf" 2>"$LOG" &
-MOED_PID=$!
-n=0
-while ! "$MOECTL" --socket "$SOCK" info >/dev/null 2>&1; do
-	n=$(( n + 1 ))
-	[ "$n" -lt 100 ] || fail "moed does not answer on $SOCK: $(cat "$LOG")"
-	kill -0 "$MOED_PID" 2>/dev/null || fail "moed exited: $(cat "$LOG")"
-	sleep 0.1
-done
+moed_start "$T/moed.conf" "$SOCK" "$LOG"
 # the model's MoE layers are 0 and 1 (moectl inspect: "2 MoE of 2: 0-1")
 layer=1
 

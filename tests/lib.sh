@@ -113,6 +113,27 @@ $(cat "$2" 2>/dev/null)"
 	done
 }
 
+# moed_start CONF SOCK LOG: moed on CONF in the background (its pid in
+# MOED_PID, its stderr in LOG), once it answers on SOCK; a test that uses it
+# sets `trap moed_stop EXIT` so that no moed outlives the test.
+MOED_PID=
+moed_start() {
+	"$MOED" --config "$1" 2>"$3" &
+	MOED_PID=$!
+	n=0
+	while ! "$MOECTL" --socket "$2" info >/dev/null 2>&1; do
+		n=$(( n + 1 ))
+		[ "$n" -lt 100 ] || fail "moed does not answer on $2: $(cat "$3")"
+		kill -0 "$MOED_PID" 2>/dev/null || fail "moed exited: $(cat "$3")"
+		sleep 0.1
+	done
+}
+
+moed_stop() {
+	[ -z "$MOED_PID" ] || { kill "$MOED_PID" 2>/dev/null && sleep 0.2 && kill -9 "$MOED_PID" 2>/dev/null; }
+	moe_cleanup
+}
+
 moed_term() {
 	kill -TERM "$1"
 	moed_term_rc=0

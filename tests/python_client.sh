@@ -65,12 +65,7 @@ esac
 LIB=${top_builddir:-.}/libmoeclient/.libs/libmoeclient.so.0
 [ -f "$LIB" ] || fail "no $LIB: build libmoeclient first"
 
-MOED_PID=
-stop_moed() {
-	[ -z "$MOED_PID" ] || { kill "$MOED_PID" 2>/dev/null && sleep 0.2 && kill -9 "$MOED_PID" 2>/dev/null; }
-	moe_cleanup
-}
-trap stop_moed EXIT
+trap moed_stop EXIT
 
 # A qwen2_moe model (it has a shared expert): 2 MoE layers of 8 experts, top 2.
 gen_model "$T/hf" --arch qwen2_moe --layers 2 --hidden 64 --moe-intermediate 32 --experts 8 \
@@ -87,15 +82,7 @@ limits = { max_tokens_per_request = 16; };
 socket = { path = "$SOCK"; mode = "0600"; group = ""; };
 log = { level = "info"; };
 CONF
-"$MOED" --config "$T/moed.conf" 2>"$LOG" &
-MOED_PID=$!
-n=0
-while ! "$MOECTL" --socket "$SOCK" info >/dev/null 2>&1; do
-	n=$(( n + 1 ))
-	[ "$n" -lt 100 ] || fail "moed does not answer on $SOCK: $(cat "$LOG")"
-	kill -0 "$MOED_PID" 2>/dev/null || fail "moed exited: $(cat "$LOG")"
-	sleep 0.1
-done
+moed_start "$T/moed.conf" "$SOCK" "$LOG"
 
 PYTHONPATH=${top_srcdir:-.}/python${PYTHONPATH:+:$PYTHONPATH}
 MOED_LIBRARY=$LIB
