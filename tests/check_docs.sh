@@ -44,14 +44,16 @@ if [ -n "$dups" ]; then
 fi
 
 # The files that may cite it: text sources, build files, scripts, man pages,
-# documentation.  Build trees, VCS data and this test (whose comments show
-# the forms) are left out.
+# documentation.  Build trees, VCS data, Python packages installed in the
+# tree (bootstrap.sh's build/venv holds torch and transformers) and this
+# test (whose comments show the forms) are left out.
 list=$(mktemp "${TMPDIR:-/tmp}/moe-docs.XXXXXX") || exit 1
 trap 'rm -f "$list"' EXIT
 trap 'exit 1' INT TERM HUP
 (cd "$top_srcdir" && find . \
 	\( -name .git -o -name .libs -o -name .deps -o -name autom4te.cache \
-	   -o -name _build -o -name _inst -o -name node_modules \) -prune -o \
+	   -o -name _build -o -name _inst -o -name node_modules \
+	   -o -name site-packages -o -name __pycache__ \) -prune -o \
 	-type f \( -name '*.[ch]' -o -name '*.cu' -o -name '*.cuh' -o -name '*.py' \
 	   -o -name '*.sh' -o -name '*.am' -o -name '*.ac' -o -name '*.m4' -o -name '*.in' \
 	   -o -name '*.md' -o -name '*.txt' -o -name '*.map' -o -name '*.conf' \
