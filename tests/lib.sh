@@ -134,6 +134,19 @@ moed_stop() {
 	moe_cleanup
 }
 
+# asan_preload LIB: where LIB comes from an ASan build (configure
+# --enable-asan), a program built without ASan (python) loads it only with
+# the ASan runtime first in the process: preload it, without leak reports
+# (that program's own allocations are not ours to check).  A no-op for
+# other builds.
+asan_preload() {
+	rt=$(ldd "$1" 2>/dev/null | awk '/libasan\.so/ { print $3; exit }')
+	[ -n "$rt" ] || return 0
+	LD_PRELOAD=$rt${LD_PRELOAD:+:$LD_PRELOAD}
+	ASAN_OPTIONS=detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}
+	export LD_PRELOAD ASAN_OPTIONS
+}
+
 moed_term() {
 	kill -TERM "$1"
 	moed_term_rc=0

@@ -86,6 +86,7 @@ moed_start "$T/moed.conf" "$SOCK" "$LOG"
 
 PYTHONPATH=${top_srcdir:-.}/python${PYTHONPATH:+:$PYTHONPATH}
 MOED_LIBRARY=$LIB
+asan_preload "$LIB"
 MOED_TEST_SOCKET=$SOCK
 MOED_TEST_STORE=$T/m.moe
 MOED_TEST_CHECKPOINT=$T/hf

@@ -48,6 +48,7 @@ LIB=${top_builddir:-.}/libmoeclient/.libs/libmoeclient.so.0
 
 PYTHONPATH=${top_srcdir:-.}/python${PYTHONPATH:+:$PYTHONPATH}
 MOED_LIBRARY=$LIB
+asan_preload "$LIB"
 TMPDIR=$T
 export PYTHONPATH MOED_LIBRARY MOECTL MOED TMPDIR
 unset MOED_SOCKET
