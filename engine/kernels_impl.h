@@ -50,4 +50,21 @@ AVX512_TARGET static ALWAYS_INLINE float moe_kern_avx512_hsum(__m512 v)
 /* True if this CPU can run @isa's kernels. */
 bool moe_kern_isa_usable(enum moe_kern_isa isa);
 
+/*
+ * One 64-byte block of 128 4-bit codes (int4 and MXFP4 alike) from the
+ * store's order to the resident one: byte 4p + j gets values 32j + p and
+ * 32j + 16 + p, i.e. store bytes 16j + p/2 and 16j + 8 + p/2, their low
+ * nibbles for even p, else their high.
+ */
+static inline void moe_kern_nibble_block_pack(const uint8_t *s, uint8_t *d)
+{
+	for (unsigned p = 0; p < 16; p++) {
+		unsigned sh = 4 * (p % 2);
+
+		for (unsigned j = 0; j < 4; j++)
+			d[4 * p + j] = (uint8_t)((s[16 * j + p / 2] >> sh & 15u) |
+						 (s[16 * j + 8 + p / 2] >> sh & 15u) << 4);
+	}
+}
+
 #endif

@@ -117,20 +117,6 @@ static inline unsigned q4_shift(size_t K, size_t k)
 	return 4 * (unsigned)(k % 32 / 16);
 }
 
-/* One whole block from the store's order to the resident one: byte
- * 4p + j gets values 32j + p and 32j + 16 + p, i.e. store bytes 16j + p/2
- * and 16j + 8 + p/2, their low nibbles for even p, else their high. */
-static void q4_pack_block(const uint8_t *s, uint8_t *d)
-{
-	for (unsigned p = 0; p < 16; p++) {
-		unsigned sh = 4 * (p % 2);
-
-		for (unsigned j = 0; j < 4; j++)
-			d[4 * p + j] = (uint8_t)((s[16 * j + p / 2] >> sh & 15u) |
-						 (s[16 * j + 8 + p / 2] >> sh & 15u) << 4);
-	}
-}
-
 /*
  * Store bytes [b0, b0 + nb) of an N x K INT4 matrix (its codes, then the
  * rest as moe_q4_layout() lays it out) to the resident layout: each code
@@ -147,7 +133,7 @@ void moe_kern_q4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0, ui
 		uint64_t o = j % (K / 2);
 
 		if (o % (Q4_BLOCK / 2) == 0 && o < K / Q4_BLOCK * (Q4_BLOCK / 2) && end - j >= Q4_BLOCK / 2) {
-			q4_pack_block(s + (j - b0), d + j);     /* a whole block at once */
+			moe_kern_nibble_block_pack(s + (j - b0), d + j);     /* a whole block at once */
 			j += Q4_BLOCK / 2 - 1;
 			continue;
 		}

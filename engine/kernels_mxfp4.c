@@ -368,20 +368,6 @@ moe_kern_dot_rows_mxfp4_fn moe_kern_get_mxfp4(enum moe_kern_isa isa)
 	return kernels_mxfp4[isa];
 }
 
-/* One whole block from the store's order to the resident one: byte
- * 4p + j gets values 32j + p and 32j + 16 + p, i.e. store bytes 16j + p/2
- * and 16j + 8 + p/2, their low nibbles for even p, else their high. */
-static void mx_pack_block(const uint8_t *s, uint8_t *d)
-{
-	for (unsigned p = 0; p < 16; p++) {
-		unsigned sh = 4 * (p % 2);
-
-		for (unsigned j = 0; j < 4; j++)
-			d[4 * p + j] = (uint8_t)((s[16 * j + p / 2] >> sh & 15u) |
-						 (s[16 * j + 8 + p / 2] >> sh & 15u) << 4);
-	}
-}
-
 /* Store bytes [b0, b0 + nb) of an N x K matrix to the resident layout:
  * each code byte's two nibbles go to their places (mx_byte(); a whole
  * block at once, else nibble by nibble, so pieces may come in any order),
@@ -396,7 +382,7 @@ void moe_kern_mxfp4_pack_bytes(const void *src, size_t N, size_t K, uint64_t b0,
 		uint64_t o = j % (K / 2);
 
 		if (o % (MX_BLOCK / 2) == 0 && o < K / MX_BLOCK * (MX_BLOCK / 2) && end - j >= MX_BLOCK / 2) {
-			mx_pack_block(s + (j - b0), d + j);     /* a whole block at once */
+			moe_kern_nibble_block_pack(s + (j - b0), d + j);     /* a whole block at once */
 			j += MX_BLOCK / 2 - 1;
 			continue;
 		}
