@@ -779,7 +779,12 @@ static int check_together(const struct moed_config *c, const char *path,
 
 /* --- the file ----------------------------------------------------------------------- */
 
-/* The whole text file @path, NUL-terminated. */
+/*
+ * The whole text file @path, NUL-terminated.  Opened with O_NONBLOCK so
+ * that a FIFO or a device at the path cannot block the control thread in
+ * open() (a FIFO with no writer does, for good), and refused by fstat
+ * before a byte is read; for a regular file O_NONBLOCK changes nothing.
+ */
 static int read_text(const char *path, char **ret, struct moe_err *err)
 {
 	struct stat st;
@@ -787,7 +792,7 @@ static int read_text(const char *path, char **ret, struct moe_err *err)
 	int64_t n;
 	int fd, r;
 
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 	if (fd < 0) {
 		r = -errno;
 		return moe_err_set(err, r, "%s: %s", path, strerror(-r));
@@ -798,7 +803,9 @@ static int read_text(const char *path, char **ret, struct moe_err *err)
 	} else if (S_ISDIR(st.st_mode)) {
 		r = moe_err_set(err, -EISDIR, "%s: %s", path, strerror(EISDIR));
 	} else if (!S_ISREG(st.st_mode)) {
-		r = moe_err_set(err, -EINVAL, "%s: not a regular file", path);
+		r = moe_err_set(err, -EINVAL, "%s: not a regular file (%s); a configuration file must be one",
+				path, S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISSOCK(st.st_mode) ? "a socket" :
+				S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "not a file");
 	} else if (st.st_size > FILE_MAX) {
 		r = moe_err_set(err, -EINVAL, "%s: %lld bytes is too big for a configuration file (at most %d)",
 				path, (long long)st.st_size, FILE_MAX);
@@ -817,6 +824,54 @@ static int read_text(const char *path, char **ret, struct moe_err *err)
 	free(text);
 	close(fd);
 	return r;
+}
+
+#define INCLUDE_DEPTH 10   /* libconfig 1.5's own limit on nested @include */
+
+/*
+ * libconfig opens @include'd files itself, with a plain fopen() that blocks
+ * for good on a FIFO: so each @include line of @text (and of the files it
+ * names, down to libconfig's depth) is read here first with read_text(),
+ * which refuses what is not a regular file, before libconfig sees the text.
+ * Paths are taken as libconfig 1.5 takes them without an include dir: as
+ * written, relative to the working directory.
+ */
+static int check_includes(const char *file, const char *text, unsigned depth, struct moe_err *err)
+{
+	unsigned line = 1;
+
+	for (const char *p = text; *p; line++) {
+		const char *q = p + strspn(p, " \t");
+		const char *eol = strchr(p, '\n');
+		char name[PATH_MAX], *inc = NULL;
+		size_t n = 0;
+		int r;
+
+		p = eol ? eol + 1 : p + strlen(p);
+		if (strncmp(q, "@include", 8) != 0)
+			continue;
+		q += 8;
+		q += strspn(q, " \t");
+		if (*q != '"')
+			continue;        /* libconfig reports the syntax error */
+		for (q++; *q && *q != '"' && *q != '\n' && n + 1 < sizeof(name); q++) {
+			if (*q == '\\' && q[1])
+				q++;
+			name[n++] = *q;
+		}
+		name[n] = '\0';
+		if (depth >= INCLUDE_DEPTH)
+			return moe_err_set(err, -EINVAL, "%s:%u: @include \"%s\": more than %d nested includes",
+					   file, line, name, INCLUDE_DEPTH);
+		r = read_text(name, &inc, err);
+		if (r < 0)
+			return moe_err_prefix(err, r, "%s:%u: @include", file, line);
+		r = check_includes(name, inc, depth + 1, err);
+		free(inc);
+		if (r < 0)
+			return r;
+	}
+	return 0;
 }
 
 /* Every setting under @root into @c, recording where each was in @seen. */
@@ -891,6 +946,12 @@ int moed_config_load(const char *path, struct moed_config **ret, struct moe_err 
 		return moe_err_set(err, -ENOMEM, "%s: out of memory", path);
 	}
 
+	r = check_includes(path, text, 0, err);
+	if (r < 0) {
+		free(text);
+		moed_config_free(c);
+		return r;
+	}
 	config_init(&cfg);
 	if (!config_read_string(&cfg, text)) {
 		const char *file = config_error_file(&cfg);

@@ -9,6 +9,8 @@
 #  - cache.pin_hot = N after some load: the N busiest experts pinned too;
 #  - a pin naming a layer the model does not have: the reload is refused
 #    with a line naming the pin, and the pins in use stay;
+#  - a FIFO at the configuration path, or @include'd by it: the reload is
+#    refused with a line naming it and moed keeps serving (issue 13, 4);
 #  - moed serves requests throughout.
 #
 # Exit 0 pass, 1 fail, 77 skip.
@@ -98,6 +100,28 @@ grep 'keeping the configuration' "$LOG" | grep -q '999:1' ||
 	fail "a reload with a pin of no layer does not name it: $(cat "$LOG")"
 pinned
 [ "$p" -eq 1 ] || fail "a refused reload changed the pins: $p experts pinned, want 1"
+
+# a FIFO at the configuration path (no writer: an open() without O_NONBLOCK
+# waits for one for good) and a FIFO @include'd: each reload is refused with
+# a line naming it, and the control thread goes on serving
+rm -f "$T/moed.conf"
+mkfifo "$T/moed.conf" || skip "mkfifo failed"
+reload
+grep 'keeping the configuration' "$LOG" | tail -n 1 | grep "$T/moed.conf" | grep -q 'FIFO' ||
+	fail "a reload of a FIFO is not refused by name: $(cat "$LOG")"
+expect_ok "$MOECTL" --socket "$SOCK" info
+rm -f "$T/moed.conf"
+mkfifo "$T/inc.fifo"
+write_conf "\"$layer:3\"" 0
+echo "@include \"$T/inc.fifo\"" >>"$T/moed.conf"
+reload
+grep 'keeping the configuration' "$LOG" | tail -n 1 | grep "inc.fifo" | grep -q 'FIFO' ||
+	fail "a reload that @includes a FIFO is not refused by name: $(cat "$LOG")"
+write_conf "\"$layer:3\"" 0
+reload
+grep "reloaded $T/moed.conf" "$LOG" | tail -n 1 | grep -q . || fail "no reload after the FIFO: $(cat "$LOG")"
+pinned
+[ "$p" -eq 1 ] || fail "the FIFO reloads changed the pins: $p experts pinned, want 1"
 
 # still serving
 expect_ok "$MOECTL" --socket "$SOCK" bench --duration 0.2 --warmup 0 --layer "$layer"
