@@ -534,6 +534,11 @@ int moe_engine_open(const char *store_path, const struct moe_engine_options *opt
 	r = moe_store_open(store_path, &e->store, err);
 	if (r < 0)
 		goto fail;
+	if (opt && opt->verify_open) {
+		r = moe_store_verify_all(e->store, err);
+		if (r < 0)
+			goto fail;
+	}
 	e->cfg = &e->store->cfg;
 	e->layers = calloc(e->store->hdr.num_moe_layers, sizeof(*e->layers));
 	if (!e->layers) {
@@ -682,6 +687,15 @@ char *moe_engine_stats_json(struct moe_engine *e)
 		"verify_cpu_ns", (json_int_t)st.pager.verify_cpu_ns,
 		"max_inflight_bytes", (json_int_t)st.pager.max_inflight,
 		"staging_bytes", (json_int_t)st.pager.staging_bytes));
+	{
+		struct moe_store_health h;
+
+		moe_pager_store_health(e->pager, false, &h);
+		json_object_set_new(root, "store", json_pack("{s:s,s:I,s:I,s:I,s:s}",
+			"state", moe_store_state_name(h.state), "read_errors", (json_int_t)h.read_errors,
+			"checksum_errors", (json_int_t)h.checksum_errors, "reopens", (json_int_t)h.reopens,
+			"why", h.why));
+	}
 	json_object_set_new(root, "total", layer_json(&st.total));
 	layers = json_array();
 	for (uint32_t i = 0; i < L; i++) {
@@ -711,11 +725,29 @@ int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err
 	return r;
 }
 
+void moe_engine_store_health(struct moe_engine *e, bool check, struct moe_store_health *h)
+{
+	moe_pager_store_health(e->pager, check, h);
+}
+
+int moe_engine_reopen_store(struct moe_engine *e, bool verify, struct moe_err *err)
+{
+	/* the store's descriptor first (routers, shared experts), verified;
+	 * the pager's then, checked to be the same file */
+	int r = moe_store_reopen(e->store, verify, err);
+
+	return r < 0 ? r : moe_pager_reopen(e->pager, err);
+}
+
 int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32_t layer,
 			    uint32_t expert, uint32_t count)
 {
 	int li = moe_store_layer_index(e->store, layer);
 
+	if (f == MOE_FAULT_OPEN) {
+		moe_pager_inject(e->pager, f, 0, 0, count);
+		return 0;
+	}
 	if (li < 0 || expert >= e->cfg->num_experts)
 		return -EINVAL;
 	moe_pager_inject(e->pager, f, (uint32_t)li, expert, count);

@@ -52,6 +52,8 @@ struct moe_engine_options {
 	uint32_t pin_hot;      /* also keep the N experts with the most observed load
 				* pinned (re-chosen every 64 forwards) */
 	bool prefetch;         /* predict layer L+1's experts after routing L */
+	bool verify_open;      /* check every checksum of the store at open and at
+				* moe_engine_reopen_store() (store.verify = "open") */
 	struct moe_pager_options pager;
 	moe_log_fn log;        /* log lines (pager warnings, failed reads, the
 				* backend's failed device calls); may be NULL */
@@ -130,8 +132,9 @@ void moe_engine_get_stats(struct moe_engine *e, struct moe_engine_stats *st,
 			  struct moe_engine_layer_stats *layers);
 
 /* The same figures as a JSON object (what moed's stats command serves):
- * "host_cache", "pager", "total" and "layers" (one object per MoE layer
- * with its "layer" number).  A malloc'ed string, or NULL without memory. */
+ * "host_cache", "pager", "store" (its health: "state", "read_errors",
+ * "checksum_errors", "reopens", "why"), "total" and "layers" (one object
+ * per MoE layer with its "layer" number).  A malloc'ed string, or NULL without memory. */
 char *moe_engine_stats_json(struct moe_engine *e);
 
 /* Write a routing trace (moe-trace(5)) of every forward from now on to
@@ -139,9 +142,29 @@ char *moe_engine_stats_json(struct moe_engine *e);
 int moe_engine_trace(struct moe_engine *e, const char *path, struct moe_err *err);
 
 /* Fault injection for tests: the next @count reads of expert @expert of
- * checkpoint layer @layer fail (I/O error or checksum mismatch). */
+ * checkpoint layer @layer fail (I/O error, short read or checksum
+ * mismatch), or with MOE_FAULT_OPEN the next @count reopens of the store
+ * (moe_pager_inject). */
 int moe_engine_inject_fault(struct moe_engine *e, enum moe_pager_fault f, uint32_t layer,
 			    uint32_t expert, uint32_t count);
+
+/*
+ * The store's health (pager.h): with @check, the open file is compared
+ * with its header and its path first.  Safe from any thread, during a
+ * forward too.
+ */
+void moe_engine_store_health(struct moe_engine *e, bool check, struct moe_store_health *h);
+
+/*
+ * Recovery of a store that changed or was damaged under the engine: when
+ * the file at the store's path is the same store again, whole (with
+ * @verify: every checksum), the engine reads from it from now on and the
+ * health is ok again.  The experts in memory stay (their checksums are
+ * the file's).  moe_store_reopen()'s and moe_pager_reopen()'s errors; on
+ * error the state is unchanged.  Safe from any thread, during a forward
+ * too (a read in flight ends on the old file).
+ */
+int moe_engine_reopen_store(struct moe_engine *e, bool verify, struct moe_err *err);
 
 /*
  * Tokens routed to each expert of @layer since open, into counts[E].

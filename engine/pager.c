@@ -107,6 +107,9 @@ struct moe_pager {
 	enum moe_pager_fault fault;
 	uint32_t fault_li, fault_expert, fault_count;
 
+	struct moe_store_health health;  /* under the lock */
+	uint32_t bad_since_ok;           /* read and checksum failures since the state was ok */
+
 	struct moe_pager_stats st;
 	uint64_t busy_since;
 };
@@ -135,9 +138,91 @@ static const char *blob_name(const struct moe_pager_load *ld, char *buf, size_t 
 	return buf;
 }
 
-static void job_fail(struct moe_pager *p, struct pjob *j, int code, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-static void job_fail(struct moe_pager *p, struct pjob *j, int code, const char *fmt, ...)
+const char *moe_store_state_name(enum moe_store_state st)
+{
+	switch (st) {
+	case MOE_STORE_OK:
+		return "ok";
+	case MOE_STORE_CHANGED:
+		return "changed";
+	case MOE_STORE_DAMAGED:
+		return "damaged";
+	}
+	return "unknown";
+}
+
+/*
+ * Under the lock: is the open file still the one the header describes, at
+ * the path?  Fills @why and returns true if not.  A file replaced under
+ * the path (a new pack renamed over it) still reads right through the open
+ * descriptor, but the path no longer names what moed serves: said too.
+ */
+static bool store_file_changed(struct moe_pager *p, char *why, size_t len)
+{
+	const struct moe_store *s = p->store;
+	struct stat fs, ps;
+
+	if (fstat(p->fd, &fs) < 0)
+		return false;
+	if ((uint64_t)fs.st_size != s->hdr.file_size) {
+		snprintf(why, len, "the open file is %" PRIu64 " bytes, its header says %" PRIu64
+			 " (truncated or rewritten under moed)", (uint64_t)fs.st_size, s->hdr.file_size);
+		return true;
+	}
+	if (stat(s->path, &ps) < 0) {
+		snprintf(why, len, "the path no longer exists (%s)", strerror(errno));
+		return true;
+	}
+	if (fs.st_nlink == 0 || ps.st_dev != fs.st_dev || ps.st_ino != fs.st_ino) {
+		snprintf(why, len, "the path names another file now (the open one was replaced or removed)");
+		return true;
+	}
+	return false;
+}
+
+/* Under the lock: the state leaves ok, said once. */
+static void store_state_set(struct moe_pager *p, enum moe_store_state st, const char *why)
+{
+	const char *path = p->store->path;
+
+	p->health.state = st;
+	snprintf(p->health.why, sizeof(p->health.why), "%s", why);
+	if (st == MOE_STORE_CHANGED)
+		plog(p, 3, "%s: the store changed under moed: %s; experts not in memory cannot be read "
+		     "(requests that need them fail with EIO) until the file is whole again and the store "
+		     "is reopened (moed: SIGHUP)", path, why);
+	else
+		plog(p, 3, "%s: the store is damaged: %" PRIu64 " failed reads and %" PRIu64 " checksum "
+		     "mismatches (%s); requests that need those experts fail with EIO; check the disk "
+		     "(moectl verify), repack, then reopen the store (moed: SIGHUP)", path,
+		     p->health.read_errors, p->health.checksum_errors, why);
+}
+
+/* Under the lock: a read of the store failed (@checksum: a mismatch). */
+static void store_failure(struct moe_pager *p, bool checksum, const char *msg)
+{
+	char why[256];
+
+	if (checksum)
+		p->health.checksum_errors++;
+	else
+		p->health.read_errors++;
+	p->bad_since_ok++;
+	if (p->health.state != MOE_STORE_OK)
+		return;
+	if (store_file_changed(p, why, sizeof(why)))
+		store_state_set(p, MOE_STORE_CHANGED, why);
+	else if (p->bad_since_ok >= MOE_PAGER_DAMAGED_AFTER)
+		store_state_set(p, MOE_STORE_DAMAGED, msg);
+}
+
+/* Why a load failed: FAIL_OTHER (the ring, closing), or the store's fault. */
+enum fail_kind { FAIL_OTHER, FAIL_READ, FAIL_CHECKSUM };
+
+static void job_fail(struct moe_pager *p, struct pjob *j, enum fail_kind kind, int code,
+		     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void job_fail(struct moe_pager *p, struct pjob *j, enum fail_kind kind, int code,
+		     const char *fmt, ...)
 {
 	char why[192], name[32];
 	va_list ap;
@@ -150,7 +235,11 @@ static void job_fail(struct moe_pager *p, struct pjob *j, int code, const char *
 	j->err = code;
 	snprintf(j->ld->msg, sizeof(j->ld->msg), "%s: layer %" PRIu32 " %s: %s", p->store->path,
 		 p->store->layers[j->ld->li].layer, blob_name(j->ld, name, sizeof(name)), why);
-	plog(p, 3, "%s", j->ld->msg);
+	if (kind != FAIL_OTHER)
+		store_failure(p, kind == FAIL_CHECKSUM, j->ld->msg);
+	/* once the store is known bad, one line said so: each failure is a
+	 * debug line, not an error per request */
+	plog(p, kind != FAIL_OTHER && p->health.state != MOE_STORE_OK ? 7 : 3, "%s", j->ld->msg);
 }
 
 /* ---------------------------------------------------------------- both threads */
@@ -255,7 +344,7 @@ static void *verify_thread(void *arg)
 			uint64_t got = XXH3_64bits_digest(j->st);
 
 			if (got != j->sum)
-				job_fail(p, j, -EIO,
+				job_fail(p, j, FAIL_CHECKSUM, -EIO,
 					 "checksum mismatch (stored %016" PRIx64 ", read %016" PRIx64 ") in %" PRIu64
 					 " bytes at offset %" PRIu64, j->sum, got, j->bytes, j->off);
 			job_finish(p, j);
@@ -325,7 +414,7 @@ static struct pjob *pick_job(struct moe_pager *p)
 			p->queue_tail = prev;
 		j->started = true;
 		j->ld->submit_ns = moe_now_ns();
-		if (p->fault && p->fault_count && j->ld->li == p->fault_li &&
+		if (p->fault && p->fault != MOE_FAULT_OPEN && p->fault_count && j->ld->li == p->fault_li &&
 		    j->ld->expert == p->fault_expert) {
 			j->fault = p->fault;
 			p->fault_count--;
@@ -381,6 +470,8 @@ static void complete(struct moe_pager *p, uint32_t si, int res)
 
 	if (j->fault == MOE_FAULT_IO && s->chunk == 0 && res > 0)
 		res = -EIO;
+	if (j->fault == MOE_FAULT_SHORT && s->chunk == 0 && res > 0)
+		res = s->got ? 0 : (res + 1) / 2;    /* half, then the end of the file */
 	if (res > 0 && (uint32_t)res < s->len - s->got) {
 		/* a short read: ask for the rest */
 		s->got += (uint32_t)res;
@@ -399,10 +490,10 @@ static void complete(struct moe_pager *p, uint32_t si, int res)
 		uint64_t at = j->off + (uint64_t)s->chunk * p->chunk;
 
 		if (res == 0)
-			job_fail(p, j, -EIO, "the store ends early (a read of %u bytes at offset %" PRIu64
+			job_fail(p, j, FAIL_READ, -EIO, "the store ends early (a read of %u bytes at offset %" PRIu64
 				 " returned nothing): truncated file?", s->len, at);
 		else
-			job_fail(p, j, -EIO, "a read of %u bytes at offset %" PRIu64 " failed: %s", s->len,
+			job_fail(p, j, FAIL_READ, -EIO, "a read of %u bytes at offset %" PRIu64 " failed: %s", s->len,
 				 at, strerror(-res));
 	} else {
 		p->st.bytes += s->len;
@@ -454,7 +545,7 @@ static void pager_break(struct moe_pager *p, int err)
 		int32_t busy = a->processing ? a->slot_of[a->next_process] : -1;
 
 		if (!a->err)
-			job_fail(p, a, -EIO, "the io_uring ring failed: %s", strerror(-err));
+			job_fail(p, a, FAIL_OTHER, -EIO, "the io_uring ring failed: %s", strerror(-err));
 		/* reads in flight in a dead ring never come back: drop them; the
 		 * chunk the verify thread holds is its to give back, and it then
 		 * finishes the job (job_failed_progress) */
@@ -671,6 +762,58 @@ void moe_pager_inject(struct moe_pager *p, enum moe_pager_fault f, uint32_t li, 
 	pthread_mutex_unlock(&p->lock);
 }
 
+void moe_pager_store_health(struct moe_pager *p, bool check, struct moe_store_health *h)
+{
+	char why[256];
+
+	pthread_mutex_lock(&p->lock);
+	if (check && p->health.state == MOE_STORE_OK && store_file_changed(p, why, sizeof(why)))
+		store_state_set(p, MOE_STORE_CHANGED, why);
+	*h = p->health;
+	pthread_mutex_unlock(&p->lock);
+}
+
+int moe_pager_reopen(struct moe_pager *p, struct moe_err *err)
+{
+	const char *path = p->store->path;
+	struct stat a, b;
+	bool fault = false;
+	int fd;
+
+	pthread_mutex_lock(&p->lock);
+	if (p->fault == MOE_FAULT_OPEN && p->fault_count) {
+		p->fault_count--;
+		fault = true;
+	}
+	pthread_mutex_unlock(&p->lock);
+	if (fault)
+		return moe_err_set(err, -EIO, "%s: cannot open for paging: %s (injected fault)", path,
+				   strerror(EIO));
+	fd = moe_store_open_file(path, p->direct ? O_DIRECT : 0, err);
+	if (fd < 0)
+		return moe_err_prefix(err, fd, "cannot open for paging");
+	if (fstat(fd, &a) < 0 || fstat(p->store->fd, &b) < 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+		close(fd);
+		return moe_err_set(err, -ESTALE, "%s: the file changed again while it was reopened; try again",
+				   path);
+	}
+	/* atomic: every read from here on goes to the new file */
+	if (dup3(fd, p->fd, O_CLOEXEC) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return moe_err_set(err, r, "%s: dup3: %s", path, strerror(-r));
+	}
+	close(fd);
+	pthread_mutex_lock(&p->lock);
+	p->health.state = MOE_STORE_OK;
+	p->health.why[0] = '\0';
+	p->health.reopens++;
+	p->bad_since_ok = 0;
+	pthread_mutex_unlock(&p->lock);
+	return 0;
+}
+
 void moe_pager_get_stats(struct moe_pager *p, struct moe_pager_stats *st)
 {
 	clockid_t cid;
@@ -697,7 +840,7 @@ static int open_store(struct moe_pager *p, struct moe_err *err)
 
 	p->align = MOE_STORE_MIN_ALIGN;
 	if (!p->opt.buffered) {
-		p->fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+		p->fd = moe_store_open_file(path, O_DIRECT, NULL);
 		if (p->fd >= 0) {
 #ifdef STATX_DIOALIGN
 			struct statx sx;
@@ -722,16 +865,16 @@ static int open_store(struct moe_pager *p, struct moe_err *err)
 				p->direct = true;
 				return 0;
 			}
-		} else if (errno != EINVAL) {
-			return moe_err_set(err, -errno, "%s: cannot open for paging: %s", path, strerror(errno));
+		} else if (p->fd != -EINVAL) {
+			return moe_err_set(err, p->fd, "%s: cannot open for paging: %s", path, strerror(-p->fd));
 		} else {
 			plog(p, 5, "%s: the filesystem refuses O_DIRECT: reading experts through the page cache",
 			     path);
 		}
 	}
-	p->fd = open(path, O_RDONLY | O_CLOEXEC);
+	p->fd = moe_store_open_file(path, 0, err);
 	if (p->fd < 0)
-		return moe_err_set(err, -errno, "%s: cannot open for paging: %s", path, strerror(errno));
+		return moe_err_prefix(err, p->fd, "cannot open for paging");
 	if (fstat(p->fd, &sb) == 0)
 		posix_fadvise(p->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	return 0;
@@ -940,7 +1083,7 @@ void moe_pager_close(struct moe_pager *p)
 	pthread_mutex_lock(&p->lock);
 	while ((j = p->active)) {
 		if (!j->err)
-			job_fail(p, j, -ECANCELED, "cancelled: the pager is closing");
+			job_fail(p, j, FAIL_OTHER, -ECANCELED, "cancelled: the pager is closing");
 		job_finish(p, j);
 	}
 	pthread_mutex_unlock(&p->lock);

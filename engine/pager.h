@@ -37,9 +37,39 @@
  * (chunks arrive in order; @len stops at the blob's unpadded size). */
 typedef void (*moe_pager_sink_fn)(void *ctx, const void *chunk, uint64_t off, uint64_t len);
 
-/* Fault injection (tests): fail the next @count reads of blob (@li,
- * @expert) with an I/O error or a checksum mismatch. */
-enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM };
+/*
+ * Fault injection (tests), one per stage of a read: the next @count loads
+ * of blob (@li, @expert) fail with an I/O error (MOE_FAULT_IO), a short
+ * read that then meets the end of the file (MOE_FAULT_SHORT: the read
+ * resumes once, as after any short read, and gets nothing) or a checksum
+ * mismatch (MOE_FAULT_CHECKSUM); or the next @count opens of the store's
+ * file by moe_pager_reopen() fail with -EIO (MOE_FAULT_OPEN; @li and
+ * @expert unused).  Each gives -EIO to the loads concerned and no other.
+ */
+enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM, MOE_FAULT_SHORT,
+		       MOE_FAULT_OPEN };
+
+/*
+ * The store's health as the pager sees it (ARCHITECTURE.md 2.4).  A store
+ * truncated, grown or replaced under moed is CHANGED (the open file's size
+ * is not the header's, or the path names another file now); one whose
+ * reads fail or whose checksums do not match MOE_PAGER_DAMAGED_AFTER times
+ * while the file looks unchanged is DAMAGED.  The state changes once, with
+ * one log line, until moe_pager_reopen() finds the file whole again.
+ */
+enum moe_store_state { MOE_STORE_OK = 0, MOE_STORE_CHANGED, MOE_STORE_DAMAGED };
+#define MOE_PAGER_DAMAGED_AFTER 4u  /* failures before an unchanged file counts as damaged */
+
+struct moe_store_health {
+	enum moe_store_state state;
+	uint64_t read_errors;       /* reads that failed or ended early (since open) */
+	uint64_t checksum_errors;   /* blobs whose checksum did not match (since open) */
+	uint64_t reopens;           /* successful moe_pager_reopen() calls */
+	char why[256];              /* what made the state (empty when ok) */
+};
+
+/* "ok", "changed", "damaged" */
+const char *moe_store_state_name(enum moe_store_state st);
 
 /*
  * The pager's bounds and defaults: the one definition that moe_pager_open(),
@@ -133,7 +163,23 @@ int moe_pager_wait(struct moe_pager *p, struct moe_pager_load *ld, struct moe_er
  */
 int moe_pager_wait_any(struct moe_pager *p, struct moe_pager_load *const *lds, uint32_t n);
 
-/* Fault injection for tests. */
+/*
+ * The store's health into @h.  With @check, first compare the open file
+ * with the header and the path (fstat, stat: cheap enough for once a
+ * second), which can turn the state CHANGED before a read fails.
+ */
+void moe_pager_store_health(struct moe_pager *p, bool check, struct moe_store_health *h);
+
+/*
+ * Reopen the store's path for paging after moe_store_reopen() verified
+ * the file there and gave it to the store (the pager's file must be that
+ * same file, else -ESTALE), swap it in atomically (dup3: a read in flight
+ * ends on the old file, the next goes to the new one) and set the state
+ * back to ok.  On error (message naming the path) nothing changes.
+ */
+int moe_pager_reopen(struct moe_pager *p, struct moe_err *err);
+
+/* Fault injection for tests (enum moe_pager_fault). */
 void moe_pager_inject(struct moe_pager *p, enum moe_pager_fault f, uint32_t li, uint32_t expert,
 		      uint32_t count);
 

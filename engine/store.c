@@ -360,6 +360,30 @@ static int validate_layout(struct moe_store *s, struct moe_err *err)
 	return 0;
 }
 
+int moe_store_open_file(const char *path, int flags, struct moe_err *err)
+{
+	struct stat st;
+	int fd, r;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY | flags);
+	if (fd < 0)
+		return moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		r = moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
+	} else if (!S_ISREG(st.st_mode)) {
+		r = moe_err_set(err, -EINVAL, "%s: not a regular file (%s); a store must be one", path,
+				S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" :
+				S_ISSOCK(st.st_mode) ? "a socket" : "a device");
+	} else if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+		/* io_uring fails a read of an O_NONBLOCK file that would wait */
+		r = moe_err_set(err, -errno, "%s: fcntl: %s", path, strerror(errno));
+	} else {
+		return fd;
+	}
+	close(fd);
+	return r;
+}
+
 int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err)
 {
 	struct moe_store *s;
@@ -373,17 +397,13 @@ int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err
 		free(s);
 		return moe_err_set(err, -ENOMEM, "%s: out of memory", path);
 	}
-	s->fd = open(path, O_RDONLY | O_CLOEXEC);
+	s->fd = moe_store_open_file(path, 0, err);
 	if (s->fd < 0) {
-		r = moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
+		r = s->fd;
 		goto fail;
 	}
 	if (fstat(s->fd, &st) < 0) {
 		r = moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
-		goto fail;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		r = moe_err_set(err, -EINVAL, "%s: not a regular file", path);
 		goto fail;
 	}
 	size = (uint64_t)st.st_size;
@@ -731,4 +751,66 @@ uint64_t moe_store_blob_count(const struct moe_store *s)
 	uint64_t per_layer = 1 + (uint64_t)s->cfg.num_experts + (s->cfg.shared_intermediate_size ? 1 : 0);
 
 	return per_layer * s->hdr.num_moe_layers;
+}
+
+struct first_bad {
+	char msg[MOE_ERR_MSG_MAX];
+	int n;
+};
+
+static void note_bad(void *ctx, const char *msg)
+{
+	struct first_bad *b = ctx;
+
+	if (b->n++ == 0)
+		snprintf(b->msg, sizeof(b->msg), "%s", msg);
+}
+
+int moe_store_verify_all(const struct moe_store *s, struct moe_err *err)
+{
+	struct first_bad b = { .n = 0 };
+	int r = moe_store_verify(s, note_bad, NULL, &b, err);
+
+	if (r < 0)
+		return r;
+	if (r > 0)
+		return moe_err_set(err, -EIO, "%s (%d damaged blob%s of %" PRIu64 "; moectl verify lists them)",
+				   b.msg, r, r == 1 ? "" : "s", moe_store_blob_count(s));
+	return 0;
+}
+
+int moe_store_reopen(struct moe_store *s, bool verify, struct moe_err *err)
+{
+	uint64_t nsums = (uint64_t)s->hdr.num_moe_layers * s->cfg.num_experts;
+	struct moe_store *n;
+	int r;
+
+	r = moe_store_open(s->path, &n, err);
+	if (r < 0)
+		return r;
+	/* the same store, byte for byte in what describes it: then every expert
+	 * the engine holds in memory is still the file's, and nothing but the
+	 * descriptor needs to change */
+	if (memcmp(&n->hdr, &s->hdr, sizeof(s->hdr)) != 0 ||
+	    memcmp(n->layers, s->layers, s->hdr.num_moe_layers * sizeof(*s->layers)) != 0 ||
+	    memcmp(n->expert_sums, s->expert_sums, nsums * sizeof(*s->expert_sums)) != 0) {
+		moe_store_close(n);
+		return moe_err_set(err, -ESTALE, "%s: the file there now is another store (its header or tables "
+				   "differ from the one in use): restart to serve it", s->path);
+	}
+	if (verify) {
+		r = moe_store_verify_all(n, err);
+		if (r < 0) {
+			moe_store_close(n);
+			return r;
+		}
+	}
+	/* atomic for every thread that reads through s->fd */
+	if (dup3(n->fd, s->fd, O_CLOEXEC) < 0) {
+		r = moe_err_set(err, -errno, "%s: dup3: %s", s->path, strerror(errno));
+		moe_store_close(n);
+		return r;
+	}
+	moe_store_close(n);
+	return 0;
 }

@@ -171,6 +171,14 @@ struct moe_store {
  */
 int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err);
 
+/*
+ * Open @path read-only with @flags (O_DIRECT, or 0) added, for a store: a
+ * FIFO or device there is refused naming the path (opened with O_NONBLOCK
+ * first, so that nothing at the path can make open() wait).  The fd, or a
+ * negative errno.
+ */
+int moe_store_open_file(const char *path, int flags, struct moe_err *err);
+
 /* Close a store; NULL is fine. */
 void moe_store_close(struct moe_store *s);
 
@@ -236,6 +244,23 @@ int moe_store_verify(const struct moe_store *s,
 		     void (*on_bad)(void *ctx, const char *msg),
 		     void (*progress)(void *ctx, uint64_t done, uint64_t total),
 		     void *ctx, struct moe_err *err);
+
+/*
+ * Every checksum, as moe_store_verify(), as one result: 0, or -EIO naming
+ * the first damaged blob (layer and expert) and how many there are, or
+ * the read error.  store.verify = "open" (moed.conf(5)).
+ */
+int moe_store_verify_all(const struct moe_store *s, struct moe_err *err);
+
+/*
+ * Open the file now at s->path and, if it is the store @s describes (the
+ * same header, layer table and expert checksums) and whole (moe_store_open's
+ * checks; with @verify, every checksum too), make s->fd refer to it,
+ * atomically (dup3).  For a store truncated or damaged under a running
+ * reader and then written whole again.  -ESTALE if the file holds another
+ * store; moe_store_open's errors otherwise; @s is unchanged on error.
+ */
+int moe_store_reopen(struct moe_store *s, bool verify, struct moe_err *err);
 
 /* Writer (formats/storewrite.c, not in the engine: moed never writes a
  * store), used by pack and the tests.  Offsets are all computed at open. */

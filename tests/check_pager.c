@@ -6,9 +6,14 @@
  *  - a forward over every layer with a host budget smaller than one layer
  *    gives the same bits as with every expert resident, under each policy,
  *    with and without prefetching;
- *  - an injected I/O error or checksum mismatch fails exactly the forwards
- *    that need the expert, with -EIO and a message and a log line naming
- *    layer and expert, and the next forward reads it again and succeeds.
+ *  - an injected I/O error, short read or checksum mismatch fails exactly
+ *    the forwards that need the expert, with -EIO and a message and a log
+ *    line naming layer and expert, and the next forward reads it again and
+ *    succeeds;
+ *  - the store's health: repeated failures make it "damaged", a file
+ *    truncated under the engine "changed", each with one error line; a
+ *    reopen of the file made whole again (an injected open failure first)
+ *    makes it ok with the same bits; another store at the path is refused.
  * Descriptors are counted here; leaked memory and buffers are what the ASan
  * (LeakSanitizer) run of this suite looks for.  Not valgrind: its 3.19
  * holds its big lock across io_uring_enter, so a second thread never runs.
@@ -21,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "engine/engine.h"
 #include "engine/err.h"
@@ -382,6 +388,260 @@ START_TEST(a_checksum_mismatch_fails_only_the_forwards_that_need_the_expert)
 }
 END_TEST
 
+START_TEST(a_short_read_fails_only_the_forwards_that_need_the_expert)
+{
+	fault_case(MOE_FAULT_SHORT, "short read");
+}
+END_TEST
+
+/* ------------------------------------------------------------ the store's health */
+
+/* Lines of logbuf at @level that contain @needle. */
+static int log_lines(int level, const char *needle)
+{
+	char tag[8];
+	int n = 0;
+
+	snprintf(tag, sizeof(tag), "<%d>", level);
+	for (const char *l = logbuf; *l;) {
+		const char *eol = strchr(l, '\n');
+		size_t len = eol ? (size_t)(eol - l) : strlen(l);
+		char line[1024];
+
+		snprintf(line, sizeof(line), "%.*s", (int)len, l);
+		n += strncmp(line, tag, strlen(tag)) == 0 && strstr(line, needle) != NULL;
+		l += len + (eol != NULL);
+	}
+	return n;
+}
+
+/*
+ * Of MoE layer @L: a batch @xa of @na tokens of which one routes to expert
+ * @X, and one token @xb that does not, with their outputs from a fully
+ * resident engine.
+ */
+struct xcase {
+	float *xa, *xb, *want_a, *want_b;
+	size_t na;
+};
+
+static void xcase_make(const struct moe_test_model *m, uint32_t L, uint32_t X, struct xcase *c)
+{
+	struct moe_err err = {0};
+	struct moe_engine *ref = engine_open(m, 0, NULL, false);
+	int32_t *ids = malloc(sizeof(int32_t) * 8 * m->k);
+
+	c->na = 8;
+	c->xa = c->xb = NULL;
+	c->want_a = malloc(sizeof(float) * c->na * m->H);
+	c->want_b = malloc(sizeof(float) * m->H);
+	ck_assert(ids && c->want_a && c->want_b);
+	for (uint64_t seed = 100; seed < 2000 && (!c->xa || !c->xb); seed++) {
+		bool has = false;
+		float *cand = random_tokens(c->na, m->H, seed);
+
+		ck_assert(moe_engine_forward(ref, L, cand, c->na, c->want_a, ids, NULL, 0, &err) == 0);
+		for (uint32_t i = 0; i < c->na * m->k; i++)
+			has |= ids[i] == (int32_t)X;
+		if (!c->xa && has) {
+			c->xa = cand;
+		} else if (!c->xb && !has) {
+			c->xb = cand;     /* its first token alone does not need X */
+		} else {
+			free(cand);
+		}
+	}
+	ck_assert_msg(c->xa && c->xb, "no tokens found that route (not) to expert %u", X);
+	ck_assert(moe_engine_forward(ref, L, c->xa, c->na, c->want_a, NULL, NULL, 0, &err) == 0);
+	ck_assert(moe_engine_forward(ref, L, c->xb, 1, c->want_b, NULL, NULL, 0, &err) == 0);
+	moe_engine_close(ref);
+	free(ids);
+}
+
+static void xcase_free(struct xcase *c)
+{
+	free(c->xa);
+	free(c->xb);
+	free(c->want_a);
+	free(c->want_b);
+}
+
+/* A needs X: -EIO; B does not: the right bits. */
+static void expect_a_fails_b_runs(struct moe_engine *e, const struct moe_test_model *m, uint32_t L,
+				  const struct xcase *c, const char *when)
+{
+	struct moe_err err = {0};
+	float *out = malloc(sizeof(float) * c->na * m->H);
+	int rc;
+
+	ck_assert_ptr_nonnull(out);
+	rc = moe_engine_forward(e, L, c->xa, c->na, out, NULL, NULL, 0, &err);
+	ck_assert_msg(rc == -EIO, "%s: a forward that needs the bad expert gave %d (%s)", when, rc, err.msg);
+	rc = moe_engine_forward(e, L, c->xb, 1, out, NULL, NULL, 0, &err);
+	ck_assert_msg(rc == 0, "%s: a forward that does not need the bad expert failed: %s", when, err.msg);
+	ck_assert_msg(memcmp(out, c->want_b, sizeof(float) * m->H) == 0, "%s: wrong bits", when);
+	free(out);
+}
+
+static void expect_a_runs(struct moe_engine *e, const struct moe_test_model *m, uint32_t L,
+			  const struct xcase *c, const char *when)
+{
+	struct moe_err err = {0};
+	float *out = malloc(sizeof(float) * c->na * m->H);
+	int rc;
+
+	ck_assert_ptr_nonnull(out);
+	rc = moe_engine_forward(e, L, c->xa, c->na, out, NULL, NULL, 0, &err);
+	ck_assert_msg(rc == 0, "%s: %d %s", when, rc, err.msg);
+	ck_assert_msg(memcmp(out, c->want_a, sizeof(float) * c->na * m->H) == 0, "%s: not bit-identical", when);
+	free(out);
+}
+
+/*
+ * The same fault MOE_PAGER_DAMAGED_AFTER times on an unchanged file: each
+ * forward that needs the expert fails, the store turns "damaged" once
+ * with one error line (the failures after it are debug lines), and a
+ * reopen makes it ok again with the same bits.
+ */
+static void damaged_case(enum moe_pager_fault f)
+{
+	struct moe_test_model m;
+	struct moe_store_health h;
+	struct moe_err err = {0};
+	struct xcase c;
+	uint32_t L;
+
+	model_make(&m);
+	L = m.layers[m.nl - 1];
+	xcase_make(&m, L, 5, &c);
+	struct moe_engine *e = engine_open(&m, 0, NULL, false);
+	logbuf[0] = '\0';
+	ck_assert_int_eq(moe_engine_inject_fault(e, f, L, 5, MOE_PAGER_DAMAGED_AFTER + 2), 0);
+	for (uint32_t i = 0; i < MOE_PAGER_DAMAGED_AFTER + 2; i++) {
+		expect_a_fails_b_runs(e, &m, L, &c, "injected");
+		moe_engine_store_health(e, true, &h);
+		ck_assert_msg(h.state == (i + 1 < MOE_PAGER_DAMAGED_AFTER ? MOE_STORE_OK : MOE_STORE_DAMAGED),
+			      "after %u failures the store is %s", i + 1, moe_store_state_name(h.state));
+	}
+	ck_assert_uint_eq(f == MOE_FAULT_CHECKSUM ? h.checksum_errors : h.read_errors, MOE_PAGER_DAMAGED_AFTER + 2);
+	ck_assert_msg(log_lines(3, "the store is damaged") == 1, "not one line says so: %s", logbuf);
+	ck_assert_msg(log_lines(3, "layer") == MOE_PAGER_DAMAGED_AFTER, "errors logged: %s", logbuf);
+	ck_assert_msg(strstr(h.why, "expert 5"), "why: %s", h.why);
+	ck_assert_int_eq(moe_engine_reopen_store(e, true, &err), 0);
+	moe_engine_store_health(e, true, &h);
+	ck_assert_int_eq(h.state, MOE_STORE_OK);
+	ck_assert_uint_eq(h.reopens, 1);
+	expect_a_runs(e, &m, L, &c, "after the reopen");
+	moe_engine_close(e);
+	xcase_free(&c);
+	moe_test_model_free(&m);
+}
+
+START_TEST(repeated_checksum_mismatches_make_the_store_damaged_once)
+{
+	damaged_case(MOE_FAULT_CHECKSUM);
+}
+END_TEST
+
+START_TEST(repeated_read_errors_make_the_store_damaged_once)
+{
+	damaged_case(MOE_FAULT_IO);
+}
+END_TEST
+
+/*
+ * A store truncated under the engine (its last expert gone): the state is
+ * "changed" with one error line, forwards that need the lost expert fail
+ * with -EIO and others run; the file written whole again (in place) and
+ * reopened: ok, and the same bits as before.
+ */
+START_TEST(a_store_truncated_under_the_engine_recovers_on_reopen)
+{
+	struct moe_test_model m;
+	struct moe_store_health h;
+	struct moe_err err = {0};
+	struct xcase c;
+	uint64_t len;
+	uint8_t *whole;
+	uint32_t L;
+	FILE *f;
+
+	model_make(&m);
+	L = m.layers[m.nl - 1];
+	xcase_make(&m, L, m.E - 1, &c);
+	whole = (uint8_t *)moe_test_slurp(m.store, &len);
+	ck_assert_ptr_nonnull(whole);
+	int fds = count_fds();
+	struct moe_engine *e = engine_open(&m, 0, NULL, false);
+	const struct moe_store *s = moe_engine_store(e);
+
+	logbuf[0] = '\0';
+	ck_assert(truncate(m.store, (off_t)(len - s->hdr.expert_stride)) == 0);
+	expect_a_fails_b_runs(e, &m, L, &c, "truncated");
+	expect_a_fails_b_runs(e, &m, L, &c, "truncated, again");
+	moe_engine_store_health(e, true, &h);
+	ck_assert_str_eq(moe_store_state_name(h.state), "changed");
+	ck_assert_msg(strstr(h.why, "truncated"), "why: %s", h.why);
+	ck_assert_uint_ge(h.read_errors, 2);
+	ck_assert_msg(log_lines(3, m.store) == 1, "not one error line: %s", logbuf);
+
+	/* not whole yet: the reopen is refused and nothing changes */
+	ck_assert_int_eq(moe_engine_reopen_store(e, false, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, "truncated store"), "%s", err.msg);
+	moe_engine_store_health(e, false, &h);
+	ck_assert_int_eq(h.state, MOE_STORE_CHANGED);
+
+	/* an injected failure to open: refused, nothing changes */
+	f = fopen(m.store, "r+");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fwrite(whole, 1, len, f), len);
+	ck_assert_int_eq(fclose(f), 0);
+	ck_assert_int_eq(moe_engine_inject_fault(e, MOE_FAULT_OPEN, 0, 0, 1), 0);
+	ck_assert_int_eq(moe_engine_reopen_store(e, true, &err), -EIO);
+	ck_assert_msg(strstr(err.msg, m.store) && strstr(err.msg, "open"), "%s", err.msg);
+	moe_engine_store_health(e, false, &h);
+	ck_assert_int_eq(h.state, MOE_STORE_CHANGED);
+
+	/* whole again: reopened, verified, the same bits */
+	ck_assert_int_eq(moe_engine_reopen_store(e, true, &err), 0);
+	moe_engine_store_health(e, true, &h);
+	ck_assert_int_eq(h.state, MOE_STORE_OK);
+	ck_assert_str_eq(h.why, "");
+	expect_a_runs(e, &m, L, &c, "after the reopen");
+	moe_engine_close(e);
+	ck_assert_int_eq(count_fds(), fds);
+	free(whole);
+	xcase_free(&c);
+	moe_test_model_free(&m);
+}
+END_TEST
+
+/* A file of another store at the path is not taken for the one in use. */
+START_TEST(reopen_refuses_another_store)
+{
+	struct moe_test_model m, other;
+	struct moe_err err = {0};
+	char cmd[8300];
+
+	model_make(&m);
+	struct moe_engine *e = engine_open(&m, 0, NULL, false);
+	struct moe_gen_options opt;
+	char why[512];
+
+	moe_test_gen_small(MOE_ARCH_DEEPSEEK_V3, MOE_DTYPE_BF16, &opt);
+	moe_test_gen_grouped(&opt);
+	opt.seed = 77;
+	ck_assert_msg(moe_test_model_make(&other, "pager2", &opt, NULL, why, sizeof(why)) == 0, "%s", why);
+	snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", other.store, m.store);
+	ck_assert_int_eq(system(cmd), 0);
+	ck_assert_int_eq(moe_engine_reopen_store(e, false, &err), -ESTALE);
+	ck_assert_msg(strstr(err.msg, "another store"), "%s", err.msg);
+	moe_engine_close(e);
+	moe_test_model_free(&other);
+	moe_test_model_free(&m);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("pager");
@@ -395,6 +655,11 @@ static Suite *suite(void)
 	tcase_add_test(tc, a_budget_below_the_fixed_part_is_refused);
 	tcase_add_test(tc, an_io_error_fails_only_the_forwards_that_need_the_expert);
 	tcase_add_test(tc, a_checksum_mismatch_fails_only_the_forwards_that_need_the_expert);
+	tcase_add_test(tc, a_short_read_fails_only_the_forwards_that_need_the_expert);
+	tcase_add_test(tc, repeated_checksum_mismatches_make_the_store_damaged_once);
+	tcase_add_test(tc, repeated_read_errors_make_the_store_damaged_once);
+	tcase_add_test(tc, a_store_truncated_under_the_engine_recovers_on_reopen);
+	tcase_add_test(tc, reopen_refuses_another_store);
 	suite_add_tcase(s, tc);
 	return s;
 }
