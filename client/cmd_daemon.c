@@ -220,6 +220,14 @@ int cmd_stats(int argc, char **argv)
 		printf("pager: %.0f blobs, %.1f MiB read, %.0f MB/s while busy, %.0f failed, stall %.1f ms\n",
 		       num(pg, "loads"), num(pg, "bytes") / 1048576.0, busy > 0 ? num(pg, "bytes") / busy / 1e6 : 0.0,
 		       num(pg, "failed"), num(tot, "stall_ns") / 1e6);
+		json_t *sto = json_object_get(eng, "store");
+		const char *why = json_string_value(json_object_get(sto, "why"));
+
+		if (sto)
+			printf("store: %s, %.0f failed reads, %.0f checksum mismatches, %.0f reopens%s%s\n",
+			       json_string_value(json_object_get(sto, "state")), num(sto, "read_errors"),
+			       num(sto, "checksum_errors"), num(sto, "reopens"), why && why[0] ? ": " : "",
+			       why ? why : "");
 	}
 	arr = json_object_get(root, "expert_load");
 	for (size_t i = 0; i < json_array_size(arr); i++)

@@ -74,6 +74,7 @@ struct setting {
 
 static const char *const backends[] = { "auto", "cpu", "cuda", NULL };
 static const char *const policies[] = { "auto", "freq", "lru", NULL };
+static const char *const verify_modes[] = { "off", "open", NULL };
 static const char *const level_names[8] = {
 	"emerg", "alert", "crit", "err", "warning", "notice", "info", "debug",
 };
@@ -101,6 +102,7 @@ static const struct setting settings[] = {
 	{ "pager.chunk_kb", K_U32, OFF(pager.chunk_kb), .min = MOE_PAGER_CHUNK_KB_MIN,
 	  .max = MOE_PAGER_CHUNK_KB_MAX, .step = MOE_PAGER_CHUNK_KB_STEP, .def = MOE_PAGER_CHUNK_KB_DEFAULT },
 	{ "pager.prefetch", K_BOOL, OFF(pager.prefetch), .def = true },
+	{ "store.verify", K_CHOICE, OFF(store.verify), .choices = verify_modes, .def_s = "off", .live = true },
 	{ "batch.window_us", K_U32, OFF(batch.window_us), .max = 1000000, .live = true },
 	{ "batch.max_tokens", K_U32, OFF(batch.max_tokens), .min = 1, .max = 1 << 20, .def = 8192,
 	  .live = true },
@@ -1133,6 +1135,7 @@ void moed_config_engine_options(const struct moed_config *c, struct moe_engine_o
 	eo->pin = (const char *const *)c->cache.pin;
 	eo->pin_hot = c->cache.pin_hot;
 	eo->prefetch = c->pager.prefetch;
+	eo->verify_open = strcmp(c->store.verify, "open") == 0;
 	eo->pager.queue_depth = c->pager.queue_depth;
 	eo->pager.chunk_kb = c->pager.chunk_kb;
 }

@@ -63,6 +63,9 @@ struct moed_config {
 		bool prefetch;         /* predict layer L+1's experts */
 	} pager;
 	struct {
+		char *verify;          /* "off" | "open": every checksum at open and reopen */
+	} store;
+	struct {
 		uint32_t window_us;    /* wait this long to gather tokens, 0..1000000 */
 		uint32_t max_tokens;   /* tokens per batch, 1..1048576 */
 	} batch;

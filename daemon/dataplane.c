@@ -328,6 +328,22 @@ static void finish(struct moed_server *s, struct req *r0, struct req *r1, int re
 }
 
 /*
+ * The level of a failed request's line: a debug line when it failed for
+ * a store already known to be changed or damaged (the engine said so once,
+ * and `moectl stats` and the notify STATUS say so), so that a store
+ * truncated under moed does not cost a line per request.
+ */
+static int fail_level(struct moed_server *s, int r)
+{
+	struct moe_store_health h;
+
+	if (r != -EIO)
+		return MOED_LOG_ERR;
+	moe_engine_store_health(s->engine, false, &h);
+	return h.state == MOE_STORE_OK ? MOED_LOG_ERR : MOED_LOG_DEBUG;
+}
+
+/*
  * Run the requests of one layer, in batches of at most batch.max_tokens
  * tokens.  When a batch fails (an expert that cannot be read), its
  * requests run one by one, so that exactly those that need the expert
@@ -354,13 +370,14 @@ static void run_layer(struct moed_server *s, struct req *r0, struct req *r1, uin
 				moe_err_clear(&err);
 				r = run_batch(s, q, q + 1, &err);
 				if (r < 0)
-					log_error("client %u: layer %u: %s", q->c->id, q->sqe.layer,
-						  err.msg[0] ? err.msg : strerror(-r));
+					moed_log(fail_level(s, r), "client %u: layer %u: %s", q->c->id,
+						 q->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
 				finish(s, q, q + 1, r);
 			}
 		} else {
 			if (r < 0)
-				log_error("layer %u: %s", r0->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
+				moed_log(fail_level(s, r), "layer %u: %s", r0->sqe.layer,
+					 err.msg[0] ? err.msg : strerror(-r));
 			finish(s, r0, e, r);
 		}
 		r0 = e;

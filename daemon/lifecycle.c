@@ -160,12 +160,41 @@ static int pins_apply(struct moed_server *s, const struct moed_config *n, struct
 }
 
 /*
+ * SIGHUP, the store's part: a store that changed or was damaged under moed
+ * (engine/pager.h) is reopened if the file at its path is the same store
+ * and whole again, verified (header and tables; with store.verify =
+ * "open" every checksum) before the engine reads from it; one line says
+ * which.  A healthy store is left alone.
+ */
+static void store_recover(struct moed_server *s)
+{
+	const char *path = moe_engine_store(s->engine)->path;
+	struct moe_store_health h;
+	struct moe_err err = { 0 };
+	bool verify;
+
+	moe_engine_store_health(s->engine, true, &h);
+	if (h.state == MOE_STORE_OK)
+		return;
+	pthread_mutex_lock(&s->cfg_lock);
+	verify = strcmp(s->cfg->store.verify, "open") == 0;
+	pthread_mutex_unlock(&s->cfg_lock);
+	if (moe_engine_reopen_store(s->engine, verify, &err) < 0) {
+		log_error("reload: the store is %s and cannot be reopened: %s", moe_store_state_name(h.state),
+			  err.msg);
+		return;
+	}
+	log_notice("reload: %s is whole again (%s): reopened, every expert can be read", path,
+		   verify ? "every checksum verified" : "header and tables verified");
+}
+
+/*
  * SIGHUP: read the file again with the command line over it.  All or
  * nothing: a file with an error, or pins the model refuses, change
  * nothing.  Otherwise every live setting of the table (conf.c) takes the
  * new value at once, and those that need a restart are named.
  */
-static void reload(struct moed_server *s)
+static void reload_config(struct moed_server *s)
 {
 	struct moe_err err = { 0 };
 	struct moed_config *n;
@@ -211,10 +240,17 @@ static void reload(struct moed_server *s)
 	notify("READY=1");
 }
 
+static void reload(struct moed_server *s)
+{
+	reload_config(s);
+	store_recover(s);
+}
+
 static void status_tick(struct moed_server *s)
 {
 	time_t now = time(NULL);
-	char msg[256];
+	struct moe_store_health h;
+	char msg[1024];
 
 	stats_deliver(s, false);      /* no snapshot in time: the latest one */
 	/* a session that never says HELLO does not keep its socket */
@@ -228,9 +264,18 @@ static void status_tick(struct moed_server *s)
 		s->tps_tokens = 0;
 		s->tps_t0 = t;
 	}
-	snprintf(msg, sizeof(msg), "STATUS=Serving %s (%s), %u clients, %.0f tokens/s",
-		 moe_engine_store(s->engine)->hdr.model_type, moe_engine_store(s->engine)->path,
-		 atomic_load(&s->live_clients), s->tps);
+	/* a store changed under moed is found here within a second, even
+	 * before a read of it fails */
+	moe_engine_store_health(s->engine, true, &h);
+	if (h.state == MOE_STORE_OK)
+		snprintf(msg, sizeof(msg), "STATUS=Serving %s (%s), %u clients, %.0f tokens/s",
+			 moe_engine_store(s->engine)->hdr.model_type, moe_engine_store(s->engine)->path,
+			 atomic_load(&s->live_clients), s->tps);
+	else
+		snprintf(msg, sizeof(msg), "STATUS=Serving %s (%s), %u clients, %.0f tokens/s; store %s: %s "
+			 "(SIGHUP reopens it once whole)", moe_engine_store(s->engine)->hdr.model_type,
+			 moe_engine_store(s->engine)->path, atomic_load(&s->live_clients), s->tps,
+			 moe_store_state_name(h.state), h.why);
 	notify(msg);
 #ifdef HAVE_SYSTEMD
 	uint64_t usec;

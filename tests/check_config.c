@@ -83,6 +83,7 @@ static const char every_setting[] =
 	"  policy = \"lru\";\n"
 	"};\n"
 	"pager = { queue_depth = 64; chunk_kb = 2048; prefetch = false; };\n"
+	"store = { verify = \"open\"; };\n"
 	"batch = { window_us = 250; max_tokens = 16384; };\n"
 	"limits = { max_clients = 8; max_tokens_per_request = 4096; segment_mb = 256; };\n"
 	"log = { level = \"debug\"; };\n";
@@ -217,7 +218,7 @@ static const struct {
 	  ":2: unknown setting 'cache.hots_mb' (cache has gpu_mb, host_mb, pin, pin_hot, policy)" },
 	{ "# c\nmodle = \"x\";\n",
 	  ":2: unknown setting 'modle' (known: model, backend, threads, socket, access, cache, pager, "
-	  "batch, limits, log)" },
+	  "store, batch, limits, log)" },
 	{ "log = { level = \"info\"; file = \"x\"; };\n", ":1: unknown setting 'log.file' (log has level)" },
 	/* wrong types */
 	{ "pager = { prefetch = 1; };\n", ":1: pager.prefetch: expected true or false, not an integer" },
@@ -512,6 +513,7 @@ START_TEST(dump_has_every_setting_and_reads_back)
 		"pager.queue_depth = 64\n",
 		"pager.chunk_kb = 2048\n",
 		"pager.prefetch = false\n",
+		"store.verify = \"open\"\n",
 		"batch.window_us = 250\n",
 		"batch.max_tokens = 16384\n",
 		"limits.max_clients = 8\n",

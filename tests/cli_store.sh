@@ -1,0 +1,128 @@
+#!/bin/sh
+# SPDX-License-Identifier: MIT
+#
+# A store that changes under a running moed (issue 13: finding 3b, Deliver
+# 4 and 5), through the daemon as a user sees it:
+#  - the store truncated (its last expert gone): requests that need that
+#    expert fail, the others get the same bits as in process; the log says
+#    so in one line however many requests fail; `moectl stats` shows the
+#    state "changed" and the failed reads;
+#  - SIGHUP while it is still short: the reopen is refused by name;
+#  - written whole again and SIGHUP: the state is ok and the request that
+#    failed gets the same bits as in process;
+#  - store.verify = "open": a store with one flipped byte in an expert is
+#    refused at start with a line naming layer and expert; "off" starts.
+#
+# Exit 0 pass, 1 fail, 77 skip.
+
+set -u
+. "${top_srcdir:-.}/tests/lib.sh"
+
+: "${MOED:=${top_builddir:-.}/daemon/moed}"
+[ -x "$MOED" ] || skip "moed not found at $MOED"
+
+trap moed_stop EXIT
+
+gen_model "$T/hf" --arch qwen3_moe --layers 2 --hidden 256 --moe-intermediate 64 --experts 8 \
+	--top-k 2 --vocab 64
+expect_ok "$MOECTL" pack "$T/hf" -o "$T/m.moe"
+cp "$T/m.moe" "$T/whole.moe"
+# the last expert of the last MoE layer is the file's last expert_stride bytes
+L=1
+X=7
+stride=$(od -An -t u8 -j 160 -N 8 "$T/m.moe" | tr -d ' ')
+size=$(wc -c <"$T/m.moe")
+
+# seeds: A routes its token to expert X of layer L, B does not
+A=
+B=
+seed=1
+while [ -z "$A" ] || [ -z "$B" ]; do
+	[ "$seed" -le 200 ] || fail "no seeds with and without expert $X in 200"
+	expect_ok "$MOECTL" forward --model "$T/m.moe" --layer $L --random-input 1 --seed $seed --stats
+	if grep -q "^  expert $X |#" "$T/out"; then
+		[ -n "$A" ] || A=$seed
+	else
+		[ -n "$B" ] || B=$seed
+	fi
+	seed=$(( seed + 1 ))
+done
+for s in "$A" "$B"; do
+	expect_ok "$MOECTL" forward --model "$T/m.moe" --layer $L --random-input 1 --seed "$s" \
+		--output "$T/want$s.npy"
+done
+
+SOCK=$T/moed.sock
+LOG=$T/moed.log
+write_conf() {
+	cat >"$T/moed.conf" <<EOC
+model = "$1";
+backend = "cpu";
+cache = { host_mb = 64; };
+socket = { path = "$SOCK"; mode = "0600"; group = ""; };
+store = { verify = "$2"; };
+log = { level = "info"; };
+EOC
+}
+write_conf "$T/m.moe" off
+moed_start "$T/moed.conf" "$SOCK" "$LOG"
+fwd() {
+	run "$MOECTL" --socket "$SOCK" forward --layer $L --random-input 1 --seed "$1" --output "$T/got.npy"
+}
+
+# ---- truncated under moed ----------------------------------------------------------
+truncate -s $(( size - stride )) "$T/m.moe" || fail "truncate"
+i=0
+while [ $i -lt 20 ]; do
+	fwd "$A"
+	[ "$rc" -ne 0 ] || fail "a request that needs the lost expert succeeded"
+	expect_msg 'Input/output error'       # EIO, as moe_client_forward(3) says
+	fwd "$B"
+	[ "$rc" -eq 0 ] || fail "a request that does not need the lost expert failed"
+	cmp -s "$T/got.npy" "$T/want$B.npy" || fail "moed's output differs from the in-process run's"
+	i=$(( i + 1 ))
+done
+n=$(grep -c 'moed: error: ' "$LOG")
+[ "$n" -eq 1 ] || fail "$n error lines for 20 failed requests, want 1: $(cat "$LOG")"
+grep 'moed: error: ' "$LOG" | grep "$T/m.moe" | grep -q 'changed under moed' ||
+	fail "the line does not say the store changed: $(cat "$LOG")"
+expect_ok "$MOECTL" --socket "$SOCK" stats
+expect_out '^store: changed, [1-9][0-9]* failed reads, 0 checksum mismatches, 0 reopens: .*truncated'
+expect_ok "$MOECTL" --socket "$SOCK" stats --json
+expect_out '"store": *\{ *"state": *"changed", *"read_errors": *[1-9]'
+
+# ---- SIGHUP while still short: refused -----------------------------------------------
+kill -HUP "$MOED_PID"
+wait_for 'cannot be reopened.*truncated store' "$LOG"
+fwd "$A"
+[ "$rc" -ne 0 ] || fail "a request that needs the lost expert succeeded after a refused reopen"
+
+# ---- whole again, SIGHUP: ok, the same bits ------------------------------------------
+cat "$T/whole.moe" >"$T/m.moe"
+kill -HUP "$MOED_PID"
+wait_for 'is whole again' "$LOG"
+fwd "$A"
+[ "$rc" -eq 0 ] || fail "the request that failed fails after the reopen: $(cat "$T/err")"
+cmp -s "$T/got.npy" "$T/want$A.npy" || fail "after the reopen moed's output differs from the in-process run's"
+expect_ok "$MOECTL" --socket "$SOCK" stats
+expect_out '^store: ok, [1-9][0-9]* failed reads, 0 checksum mismatches, 1 reopens$'
+moed_term "$MOED_PID" "$LOG"
+MOED_PID=
+
+# ---- store.verify = "open": a flipped byte in expert 3 of layer 0 ----------------------
+lto=$(od -An -t u8 -j 168 -N 8 "$T/m.moe" | tr -d ' ')
+eo=$(od -An -t u8 -j $(( lto + 56 )) -N 8 "$T/m.moe" | tr -d ' ')
+off=$(( eo + 3 * stride + 100 ))
+b=$(od -An -t u1 -j $off -N 1 "$T/m.moe" | tr -d ' ')
+# shellcheck disable=SC2059
+printf "\\$(printf %o $(( b ^ 90 )))" | dd of="$T/m.moe" bs=1 seek=$off conv=notrunc 2>/dev/null
+write_conf "$T/m.moe" open
+run timeout 60 "$MOED" --config "$T/moed.conf"
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "moed served a damaged store with store.verify = \"open\" (exit $rc)"
+expect_msg 'layer 0 expert 3: checksum mismatch'
+expect_msg 'moectl verify'
+write_conf "$T/m.moe" off
+moed_start "$T/moed.conf" "$SOCK" "$LOG"
+moed_term "$MOED_PID" "$LOG"
+MOED_PID=
+exit 0
