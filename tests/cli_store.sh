@@ -11,7 +11,10 @@
 #  - written whole again and SIGHUP: the state is ok and the request that
 #    failed gets the same bits as in process;
 #  - store.verify = "open": a store with one flipped byte in an expert is
-#    refused at start with a line naming layer and expert; "off" starts.
+#    refused at start with a line naming layer and expert; with "off" moed
+#    serves it, the requests that need that expert fail (a checksum
+#    mismatch) and the others do not, and after 4 failures the store is
+#    "damaged", said in one line and in stats.
 #
 # Exit 0 pass, 1 fail, 77 skip.
 
@@ -121,8 +124,42 @@ run timeout 60 "$MOED" --config "$T/moed.conf"
 [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "moed served a damaged store with store.verify = \"open\" (exit $rc)"
 expect_msg 'layer 0 expert 3: checksum mismatch'
 expect_msg 'moectl verify'
+
+# ---- the same store with store.verify = "off": moed serves it; requests that
+# need expert 3 of layer 0 fail (a checksum mismatch, through the daemon),
+# others do not; after 4 the store is "damaged", said once, and the
+# failures after it add no error line
+C=
+D=
+seed=1
+while [ -z "$C" ] || [ -z "$D" ]; do
+	[ "$seed" -le 200 ] || fail "no seeds with and without expert 3 of layer 0 in 200"
+	expect_ok "$MOECTL" forward --model "$T/whole.moe" --layer 0 --random-input 1 --seed $seed --stats
+	if grep -q "^  expert 3 |#" "$T/out"; then
+		[ -n "$C" ] || C=$seed
+	else
+		[ -n "$D" ] || D=$seed
+	fi
+	seed=$(( seed + 1 ))
+done
+expect_ok "$MOECTL" forward --model "$T/whole.moe" --layer 0 --random-input 1 --seed "$D" --output "$T/wantD.npy"
 write_conf "$T/m.moe" off
 moed_start "$T/moed.conf" "$SOCK" "$LOG"
+L=0
+i=0
+while [ $i -lt 8 ]; do
+	fwd "$C"
+	[ "$rc" -ne 0 ] || fail "a request that needs the damaged expert succeeded"
+	fwd "$D"
+	[ "$rc" -eq 0 ] || fail "a request that does not need the damaged expert failed"
+	cmp -s "$T/got.npy" "$T/wantD.npy" || fail "moed's output differs from the in-process run's"
+	i=$(( i + 1 ))
+	[ $i -ne 4 ] || n4=$(grep -c 'moed: error: ' "$LOG")
+done
+[ "$(grep -c 'the store is damaged' "$LOG")" -eq 1 ] || fail "not one line says the store is damaged: $(cat "$LOG")"
+[ "$(grep -c 'moed: error: ' "$LOG")" -eq "$n4" ] || fail "failures after 'damaged' are still error lines: $(cat "$LOG")"
+expect_ok "$MOECTL" --socket "$SOCK" stats
+expect_out '^store: damaged, 0 failed reads, 8 checksum mismatches, 0 reopens: .*layer 0 expert 3'
 moed_term "$MOED_PID" "$LOG"
 MOED_PID=
 exit 0
