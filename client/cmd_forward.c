@@ -82,7 +82,8 @@ static void usage(FILE *f)
 	      "  --stats-json FILE    write the cache and pager figures as JSON (- for stdout)\n"
 	      "  --inject-fault KIND:L:E[:N]\n"
 	      "                       testing: fail the next N (default 1) reads of expert E\n"
-	      "                       of layer L; KIND io or checksum\n"
+	      "                       of layer L; KIND io, short (a short read, then the\n"
+	      "                       end of the file) or checksum\n"
 	      "  -h, --help           this text\n"
 	      "\n"
 	      "At least one of --output, --routing-out, --stats or --save-input is needed.\n", f);
@@ -236,11 +237,12 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 			unsigned long long l, x, cnt = 1;
 			int got = sscanf(optarg, "%15[a-z]:%llu:%llu:%llu", kind, &l, &x, &cnt);
 
-			if (got < 3 || (strcmp(kind, "io") && strcmp(kind, "checksum")) || l > UINT32_MAX ||
-			    x > UINT32_MAX || cnt == 0 || cnt > UINT32_MAX)
-				return moectl_fail("forward: --inject-fault wants io:L:E[:N] or checksum:L:E[:N], not '%s'",
-						   optarg);
-			a->fault = strcmp(kind, "io") ? MOE_FAULT_CHECKSUM : MOE_FAULT_IO;
+			if (got < 3 || (strcmp(kind, "io") && strcmp(kind, "checksum") && strcmp(kind, "short")) ||
+			    l > UINT32_MAX || x > UINT32_MAX || cnt == 0 || cnt > UINT32_MAX)
+				return moectl_fail("forward: --inject-fault wants io:L:E[:N], short:L:E[:N] or "
+						   "checksum:L:E[:N], not '%s'", optarg);
+			a->fault = !strcmp(kind, "io") ? MOE_FAULT_IO : !strcmp(kind, "short") ? MOE_FAULT_SHORT
+											 : MOE_FAULT_CHECKSUM;
 			a->fault_layer = l;
 			a->fault_expert = x;
 			a->fault_count = cnt;

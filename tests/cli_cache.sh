@@ -79,6 +79,10 @@ expect_fail "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 4 --al
 	--host-cache-mb "$budget" --inject-fault checksum:2:7
 expect_one_line
 expect_msg 'layer 2 expert 7: checksum mismatch'
+expect_fail "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 4 --all-experts --stats \
+	--inject-fault short:2:7
+expect_one_line
+expect_msg 'layer 2 expert 7: the store ends early'
 # a fault on an expert no token needs changes nothing
 expect_ok "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 24 --output "$T/one.npy" \
 	--routing-out "$T/r.npz"
