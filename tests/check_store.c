@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "formats/genmodel.h"
@@ -358,6 +359,21 @@ START_TEST(rejects_truncated_store)
 }
 END_TEST
 
+/* A FIFO at the store's path: refused at once, not waited on in open()
+ * for a writer that never comes (issue 13, finding 4: moed opens what
+ * its configuration names) */
+START_TEST(rejects_a_fifo_without_waiting)
+{
+	char *dir = moe_test_tmpdir("store"), *path = moe_test_path_join(dir, "fifo.moe");
+
+	ck_assert(mkfifo(path, 0600) == 0);
+	expect_open_fails(path, -EINVAL, "not a regular file (a FIFO)");
+	moe_test_rm_rf(dir);
+	free(path);
+	free(dir);
+}
+END_TEST
+
 START_TEST(rejects_trailing_data)
 {
 	char *path = synth_path("store");
@@ -698,6 +714,7 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, rejects_flipped_header_checksum);
 	tcase_add_test(tc, rejects_truncated_store);
 	tcase_add_test(tc, rejects_trailing_data);
+	tcase_add_test(tc, rejects_a_fifo_without_waiting);
 	tcase_add_test(tc, rejects_layer_table_corruption);
 	tcase_add_test(tc, rejects_misaligned_layer_with_good_checksums);
 	tcase_add_test(tc, rejects_tables_outside_file);
