@@ -24,7 +24,8 @@ set -u
 : "${MOED:=${top_builddir:-.}/daemon/moed}"
 [ -x "$MOED" ] || skip "moed not found at $MOED"
 
-trap moed_stop EXIT
+NL_PID=
+trap 'moed_stop; [ -z "$NL_PID" ] || kill "$NL_PID" 2>/dev/null' EXIT
 
 gen_model "$T/hf" --arch qwen3_moe --layers 2 --hidden 256 --moe-intermediate 64 --experts 8 \
 	--top-k 2 --vocab 64
@@ -67,6 +68,24 @@ store = { verify = "$2"; };
 log = { level = "info"; };
 EOC
 }
+# the notify STATUS too, where moed has sd_notify and the stand-in is built
+NOTIFY_LISTEN=${top_builddir:-.}/tests/notify_listen
+NOTES=
+if grep -q 'HAVE_SYSTEMD 1' "${top_builddir:-.}/config.h" 2>/dev/null && [ -x "$NOTIFY_LISTEN" ]; then
+	NOTES=$T/notify.txt
+	"$NOTIFY_LISTEN" "$T/notify.sock" 120 >"$NOTES" &
+	NL_PID=$!
+	n=0
+	while [ ! -S "$T/notify.sock" ]; do
+		n=$(( n + 1 ))
+		[ "$n" -lt 50 ] || fail "notify_listen did not bind $T/notify.sock"
+		sleep 0.1
+	done
+	NOTIFY_SOCKET=$T/notify.sock
+	export NOTIFY_SOCKET
+else
+	echo "no sd_notify here: not checking the STATUS line" >&2
+fi
 write_conf "$T/m.moe" off
 moed_start "$T/moed.conf" "$SOCK" "$LOG"
 fwd() {
@@ -93,6 +112,7 @@ expect_ok "$MOECTL" --socket "$SOCK" stats
 expect_out '^store: changed, [1-9][0-9]* failed reads, 0 checksum mismatches, 0 reopens: .*truncated'
 expect_ok "$MOECTL" --socket "$SOCK" stats --json
 expect_out '"store": *\{ *"state": *"changed", *"read_errors": *[1-9]'
+[ -z "$NOTES" ] || wait_for '^STATUS=Serving .*; store changed: .*truncated' "$NOTES" 3
 
 # ---- SIGHUP while still short: refused -----------------------------------------------
 kill -HUP "$MOED_PID"
@@ -109,6 +129,11 @@ fwd "$A"
 cmp -s "$T/got.npy" "$T/want$A.npy" || fail "after the reopen moed's output differs from the in-process run's"
 expect_ok "$MOECTL" --socket "$SOCK" stats
 expect_out '^store: ok, [1-9][0-9]* failed reads, 0 checksum mismatches, 1 reopens$'
+if [ -n "$NOTES" ]; then
+	sleep 1.5       # a status tick after the reopen
+	grep '^STATUS=' "$NOTES" | tail -n 1 | grep -q 'store' && fail "STATUS still names the store: $(tail -n 3 "$NOTES")"
+fi
+unset NOTIFY_SOCKET
 moed_term "$MOED_PID" "$LOG"
 MOED_PID=
 
