@@ -131,7 +131,7 @@ expect_ok "$MOECTL" --socket "$SOCK" stats
 expect_out '^store: ok, [1-9][0-9]* failed reads, 0 checksum mismatches, 1 reopens$'
 if [ -n "$NOTES" ]; then
 	sleep 1.5       # a status tick after the reopen
-	grep '^STATUS=' "$NOTES" | tail -n 1 | grep -q 'store' && fail "STATUS still names the store: $(tail -n 3 "$NOTES")"
+	grep '^STATUS=' "$NOTES" | tail -n 1 | grep -q '; store ' && fail "STATUS still names the store: $(tail -n 3 "$NOTES")"
 fi
 unset NOTIFY_SOCKET
 moed_term "$MOED_PID" "$LOG"
