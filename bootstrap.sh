@@ -31,7 +31,7 @@ esac
 
 packages="build-essential autoconf automake libtool pkg-config check
   libjansson-dev libxxhash-dev libopenblas-dev zlib1g-dev liburing-dev
-  libsystemd-dev libconfig-dev python3 python3-numpy python3-venv"
+  libsystemd-dev libconfig-dev python3 python3-numpy python3-venv groff-base"
 missing=
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"

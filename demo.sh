@@ -5,7 +5,7 @@
 # into a .moe store, run one of its MoE layers on batches of 1, 16 and 256
 # random tokens, compare with the same layer computing every expert, serve
 # the same model in FP8 as DeepSeek-V3 is released (its bytes per expert and
-# tokens/s against bf16), and run every MoE layer with only a quarter of the
+# tokens/s against bf16), and run every MoE layer with only a third of the
 # model in memory, the rest paged in from the store, with and without
 # prefetching; then, where a Python with torch and transformers is found,
 # several Python processes generating with a transformers model whose
@@ -14,7 +14,7 @@
 #   ./demo.sh                  after a build in the source tree
 #   BUILD_DIR=../build ./demo.sh
 #   DEMO_DIR=/scratch ./demo.sh  where the temporary files go (default /tmp);
-#                                about 1.7 GB, removed at the end
+#                                about 1.8 GB, removed at the end
 #
 # Exits non-zero if any step fails.
 

@@ -24,29 +24,50 @@
 #define HIST_WIDTH 30      /* characters of the longest bar */
 #define HIST_TOP 8         /* busiest experts shown per layer */
 
-static int connect_or_fail(const char *cmd, struct moe_client **ret)
-{
-	const char *path = getenv("MOED_SOCKET");
-	int r = moe_client_connect(NULL, NULL, ret);
+static const char info_help[] =
+	"usage: moectl [--socket PATH] info [--json]\n"
+	"\n"
+	"What moed serves: the model's type, shapes and weight dtype, its MoE layers\n"
+	"(the checkpoint's layer numbers), the backend, the fingerprint of the\n"
+	"checkpoint the store was packed from, and this session's limits (tokens per\n"
+	"request: limits.max_tokens, less what the session's arena cannot hold).\n"
+	"\n"
+	"  --json             one JSON object instead of text\n"
+	"  -s, --socket PATH  moed's socket (default $MOED_SOCKET, else " MOE_DEFAULT_SOCKET ")\n"
+	"  -h, --help         this text\n"
+	"\n"
+	"Exit status: 0, or 3 cannot reach moed, 4 refused (see moectl(1)).\n";
 
-	if (r < 0)
-		return moectl_fail("%s: cannot connect to moed at %s: %s", cmd,
-				   path && *path ? path : MOE_DEFAULT_SOCKET, moe_strerror(r));
-	return 0;
-}
+static const char stats_help[] =
+	"usage: moectl [--socket PATH] stats [--json]\n"
+	"\n"
+	"moed's figures since it started: uptime, clients, requests, errors, batches,\n"
+	"tokens and tokens/s; latency percentiles; per layer, the expert load (the\n"
+	"busiest experts as a histogram, with max/mean); the expert cache (hits,\n"
+	"misses, evictions per tier) and the pager (bytes read, stalls).\n"
+	"\n"
+	"  --json             moed's JSON object as it sends it (its fields: moectl(1), stats)\n"
+	"  -s, --socket PATH  moed's socket (default $MOED_SOCKET, else " MOE_DEFAULT_SOCKET ")\n"
+	"  -h, --help         this text\n"
+	"\n"
+	"Exit status: 0, or 3 cannot reach moed, 4 refused (see moectl(1)).\n";
 
-/* --json or nothing: returns 0/1 (error printed) or -1 for --help. */
-static int parse_json_flag(const char *cmd, int argc, char **argv, bool *json)
+/* --json or nothing: returns 0, an exit status (error printed), or -1
+ * after --help. */
+static int parse_json_flag(const char *cmd, const char *help, int argc, char **argv, bool *json)
 {
 	*json = false;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--json")) {
 			*json = true;
 		} else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-			printf("usage: moectl %s [--json]\n", cmd);
+			fputs(help, stdout);
 			return -1;
+		} else if (argv[i][0] == '-') {
+			return moectl_unknown(cmd, "option", argv[i], (const char *const[]){ "json", "help", "socket" },
+					      3);
 		} else {
-			return moectl_fail("%s: unknown argument '%s' (see moectl %s --help)", cmd, argv[i], cmd);
+			return moectl_usage(cmd, "unexpected argument '%s'", argv[i]);
 		}
 	}
 	return 0;
@@ -61,12 +82,12 @@ int cmd_info(int argc, char **argv)
 	char fp[MOE_FINGERPRINT_LEN];
 	const char *dn;
 	bool json, have_fp;
-	int r = parse_json_flag("info", argc, argv, &json);
+	int r = parse_json_flag("info", info_help, argc, argv, &json);
 
 	if (r)
 		return r < 0 ? 0 : r;
-	if (connect_or_fail("info", &c))
-		return 1;
+	if ((r = moectl_connect("info", &c)) != 0)
+		return r;
 	moe_client_info(c, &in);
 	have_fp = moe_client_fingerprint(c, fp) == 0;
 	dn = in.weight_dtype < sizeof(dtypes) / sizeof(dtypes[0]) ? dtypes[in.weight_dtype] : "?";
@@ -168,16 +189,16 @@ int cmd_stats(int argc, char **argv)
 	char *text = NULL;
 	json_t *root, *eng, *lat, *arr;
 	bool json;
-	int r = parse_json_flag("stats", argc, argv, &json);
+	int r = parse_json_flag("stats", stats_help, argc, argv, &json);
 
 	if (r)
 		return r < 0 ? 0 : r;
-	if (connect_or_fail("stats", &c))
-		return 1;
+	if ((r = moectl_connect("stats", &c)) != 0)
+		return r;
 	r = moe_client_stats(c, &text);
 	moe_client_disconnect(c);
 	if (r < 0)
-		return moectl_fail("stats: %s", moe_strerror(r));
+		return moectl_failx(moectl_status_of(r), "stats: %s", moe_strerror(r));
 	if (json) {
 		printf("%s\n", text);
 		free(text);
@@ -364,7 +385,7 @@ int cmd_bench(int argc, char **argv)
 	struct bench_shared *sh;
 	size_t shlen;
 	pid_t pids[BENCH_MAX_CLIENTS];
-	int o, status = 0;
+	int o, r, status = 0;
 
 	optind = 1;
 	opterr = 0;
@@ -409,18 +430,16 @@ int cmd_bench(int argc, char **argv)
 		case 'h':
 			bench_usage(stdout);
 			return 0;
-		case ':':
-			return moectl_fail("bench: %s needs a value", argv[optind - 1]);
 		default:
-			return moectl_fail("bench: unknown option '%s' (see moectl bench --help)", argv[optind - 1]);
+			return moectl_getopt_error("bench", o, argc, argv, opts);
 		}
 	}
 	if (optind < argc)
-		return moectl_fail("bench: unexpected argument '%s'", argv[optind]);
+		return moectl_usage("bench", "unexpected argument '%s'", argv[optind]);
 	if (duration <= 0)
 		return moectl_fail("bench: --duration must be above 0");
-	if (connect_or_fail("bench", &c))
-		return 1;
+	if ((r = moectl_connect("bench", &c)) != 0)
+		return r;
 	moe_client_info(c, &info);
 	if (layer == UINT64_MAX)
 		layer = info.num_moe_layers ? info.moe_layers[0] : 0;
@@ -472,7 +491,7 @@ int cmd_bench(int argc, char **argv)
 	float *all = malloc((ns ? ns : 1) * sizeof(float));
 	if (!all) {
 		munmap(sh, shlen);
-		return moectl_fail("bench: out of memory");
+		return moectl_failx(MOECTL_INTERNAL, "bench: out of memory");
 	}
 	ns = 0;
 	for (uint64_t i = 0; i < clients; i++) {
@@ -496,8 +515,9 @@ int cmd_bench(int argc, char **argv)
 		printf("latency per request: p50 %.1f us, p90 %.1f us, p99 %.1f us, max %.1f us\n", p50, p90, p99, mx);
 	}
 	if (errs)
-		moectl_fail("bench: %" PRIu64 " requests failed, the first with: %s", errs, moe_strerror(first_error));
+		status = moectl_failx(moectl_status_of(first_error), "bench: %" PRIu64
+				      " requests failed, the first with: %s", errs, moe_strerror(first_error));
 	free(all);
 	munmap(sh, shlen);
-	return status || errs ? 1 : 0;
+	return status;
 }

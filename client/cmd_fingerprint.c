@@ -166,17 +166,15 @@ int cmd_fingerprint(int argc, char **argv)
 		} else if (!strcmp(argv[i], "--") && i + 1 < argc && !dir) {
 			dir = argv[++i];
 		} else if (argv[i][0] == '-') {
-			return moectl_fail("fingerprint: unknown option '%s' (see moectl fingerprint --help)",
-					   argv[i]);
+			return moectl_unknown("fingerprint", "option", argv[i], (const char *const[]){ "help" }, 1);
 		} else if (dir) {
-			return moectl_fail("fingerprint: unexpected argument '%s' (see moectl fingerprint --help)",
-					   argv[i]);
+			return moectl_usage("fingerprint", "unexpected argument '%s'", argv[i]);
 		} else {
 			dir = argv[i];
 		}
 	}
 	if (!dir)
-		return moectl_fail("fingerprint: missing HF_DIR (see moectl fingerprint --help)");
+		return moectl_usage("fingerprint", "missing HF_DIR");
 	r = moe_checkpoint_fingerprint(dir, hex);
 	if (r < 0) {
 		moectl_fingerprint_why(dir, r, why, sizeof(why));

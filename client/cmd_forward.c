@@ -305,25 +305,21 @@ static int parse_args(int argc, char **argv, struct fwd_args *a)
 		case 'h':
 			usage(stdout);
 			return -1;
-		case ':':
-			return moectl_fail("forward: %s needs a value", argv[optind - 1]);
 		default:
-			return moectl_fail("forward: unknown option '%s' (see moectl forward --help)",
-					   argv[optind - 1]);
+			return moectl_getopt_error("forward", c, argc, argv, long_opts);
 		}
 	}
 	if (optind < argc)
-		return moectl_fail("forward: unexpected argument '%s' (see moectl forward --help)",
-				   argv[optind]);
+		return moectl_usage("forward", "unexpected argument '%s'", argv[optind]);
 	if (!a->model && (a->host_mb || a->gpu_mb || a->policy || a->npins || a->pin_hot || a->prefetch || a->queue_depth ||
 			  a->chunk_kb || a->trace_out || a->stats_json || a->fault || a->all_experts || a->threads ||
 			  a->backend))
 		return moectl_fail("forward: the cache, pager, backend and timing options go with --model; "
 				   "through moed they are moed's (moed.conf(5))");
 	if (!a->have_layer)
-		return moectl_fail("forward: --layer L is required");
+		return moectl_usage("forward", "--layer L is required");
 	if (!a->input == !a->have_random)
-		return moectl_fail("forward: give exactly one of --input IN.npy and --random-input T");
+		return moectl_usage("forward", "give exactly one of --input IN.npy and --random-input T");
 	if (!a->output && !a->routing_out && !a->stats && !a->save_input && !a->stats_json)
 		return moectl_fail("forward: nothing to do: give --output, --routing-out, --stats or --save-input");
 	if (a->save_input && !a->have_random)
@@ -375,7 +371,7 @@ static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_inpu
 		n = in->tokens * hidden;
 		in->x = malloc(n * sizeof(float));
 		if (!in->x)
-			return moectl_fail("forward: out of memory for %" PRIu64 " input tokens", in->tokens);
+			return moectl_failx(MOECTL_INTERNAL, "forward: out of memory for %" PRIu64 " input tokens", in->tokens);
 		random_fill(in->x, n, a->seed, a->bf16);
 		return 0;
 	}
@@ -427,7 +423,7 @@ static int load_input(const struct fwd_args *a, uint32_t hidden, struct fwd_inpu
 	in->x = malloc((n ? n : 1) * sizeof(float));
 	if (!in->x) {
 		moe_npy_free(&arr);
-		return moectl_fail("forward: out of memory for %" PRIu64 " input tokens", in->tokens);
+		return moectl_failx(MOECTL_INTERNAL, "forward: out of memory for %" PRIu64 " input tokens", in->tokens);
 	}
 	for (uint64_t i = 0; i < n; i++)
 		in->x[i] = moe_bf16_to_f32(((const uint16_t *)arr.data)[i]);
@@ -448,7 +444,7 @@ static int write_array(const struct fwd_args *a, const char *path, const struct 
 	else {
 		b = malloc((n ? n : 1) * sizeof(*b));
 		if (!b)
-			return moectl_fail("forward: out of memory for the output");
+			return moectl_failx(MOECTL_INTERNAL, "forward: out of memory for the output");
 		for (uint64_t i = 0; i < n; i++)
 			b[i] = moe_f32_to_bf16(data[i]);
 		r = moe_npy_write(path, MOE_NPY_BF16, in->ndim, in->shape, b, &err);
@@ -497,7 +493,7 @@ static int print_load(const struct fwd_args *a, struct moe_engine *e, uint32_t l
 	if (!counts || !rows) {
 		free(counts);
 		free(rows);
-		return moectl_fail("forward: out of memory");
+		return moectl_failx(MOECTL_INTERNAL, "forward: out of memory");
 	}
 	r = moe_engine_expert_load(e, layer, counts);
 	if (r < 0) {
@@ -661,13 +657,16 @@ static void print_cache(struct moe_engine *e, bool per_layer)
 	free(ls);
 }
 
-/* The error of a libmoeclient call, with what was being done. */
+/* The error of a libmoeclient call, with what was being done; returns the
+ * exit status. */
 static int client_fail(const char *what, int r)
 {
-	const char *path = getenv("MOED_SOCKET");
+	const char *path = getenv("MOED_SOCKET"), *why = moe_client_last_error();
 
-	return moectl_fail("forward: %s (moed at %s): %s", what, path && *path ? path : MOE_DEFAULT_SOCKET,
-			   moe_strerror(r));
+	if (*why)
+		return moectl_failx(moectl_status_of(r), "forward: %s: %s", what, why);
+	return moectl_failx(moectl_status_of(r), "forward: %s (moed at %s): %s", what,
+			    path && *path ? path : MOE_DEFAULT_SOCKET, moe_strerror(r));
 }
 
 /* forward through moed: the same bits as --model. */
@@ -683,9 +682,8 @@ static int forward_daemon(const struct fwd_args *a)
 	double first = 0, rest = 0;
 	int r, status = 1;
 
-	r = moe_client_connect(NULL, NULL, &c);
-	if (r < 0)
-		return client_fail("cannot connect", r);
+	if ((r = moectl_connect("forward", &c)) != 0)
+		return r;
 	moe_client_info(c, &info);
 	if (load_input(a, info.hidden_size, &in))
 		goto out;
@@ -701,7 +699,7 @@ static int forward_daemon(const struct fwd_args *a)
 		w = malloc((nk ? nk : 1) * sizeof(*w));
 	}
 	if (!out || !x || (a->bf16 && !b16) || (a->routing_out && (!ids || !w))) {
-		moectl_fail("forward: out of memory for %" PRIu64 " tokens", in.tokens);
+		moectl_failx(MOECTL_INTERNAL, "forward: out of memory for %" PRIu64 " tokens", in.tokens);
 		goto out;
 	}
 	for (uint64_t rep = 0; rep < a->repeat; rep++) {
@@ -729,7 +727,7 @@ static int forward_daemon(const struct fwd_args *a)
 				char what[64];
 
 				snprintf(what, sizeof(what), "layer %u", layer);
-				client_fail(what, r);
+				status = client_fail(what, r);
 				goto out;
 			}
 			if (a->all_layers) {
@@ -846,7 +844,7 @@ int cmd_forward(int argc, char **argv)
 		w = malloc((nk ? nk : 1) * sizeof(*w));
 	}
 	if (!out || (a.routing_out && (!ids || !w))) {
-		moectl_fail("forward: out of memory for %" PRIu64 " tokens", in.tokens);
+		moectl_failx(MOECTL_INTERNAL, "forward: out of memory for %" PRIu64 " tokens", in.tokens);
 		goto out;
 	}
 

@@ -148,6 +148,18 @@ static int find_opt(const char *a, const char **ret_val, enum gen_opt *ret_id, b
 	return -ENOENT;
 }
 
+/* An unknown option: the usage error, with the nearest of ours. */
+static int gen_unknown(const char *arg)
+{
+	const char *names[sizeof(gen_opts) / sizeof(gen_opts[0])];
+	size_t n = 0;
+
+	for (size_t i = 0; i < sizeof(gen_opts) / sizeof(gen_opts[0]); i++)
+		if (!strncmp(gen_opts[i].name, "--", 2))
+			names[n++] = gen_opts[i].name + 2;
+	return moectl_unknown("gen-model", "option", arg, names, n);
+}
+
 static int parse_u32(const char *opt, const char *s, uint32_t min, uint32_t max, uint32_t *ret)
 {
 	uint64_t v;
@@ -302,14 +314,13 @@ int cmd_gen_model(int argc, char **argv)
 		bool arg;
 
 		if (find_opt(argv[i], &val, &id, &arg) < 0)
-			return moectl_fail("gen-model: unknown option '%s' (see moectl gen-model --help)",
-					   argv[i]);
+			return gen_unknown(argv[i]);
 		if (!arg && val)
 			return moectl_fail("gen-model: %.*s takes no value", (int)(strchr(argv[i], '=') - argv[i]),
 					   argv[i]);
 		if (arg && !val) {
 			if (i + 1 >= argc)
-				return moectl_fail("gen-model: %s needs a value", argv[i]);
+				return moectl_usage("gen-model", "%s needs a value", argv[i]);
 			val = argv[++i];
 		}
 		if (id == O_HELP) {
@@ -337,7 +348,7 @@ int cmd_gen_model(int argc, char **argv)
 	} else if (arch_s) {
 		moe_gen_defaults(arch, &o);
 	} else {
-		return moectl_fail("gen-model: --arch or --preset is required (see moectl gen-model --help)");
+		return moectl_usage("gen-model", "--arch or --preset is required");
 	}
 
 	/* Pass 2: every other option, in order. */
@@ -356,7 +367,7 @@ int cmd_gen_model(int argc, char **argv)
 			return 1;
 	}
 	if (!dir)
-		return moectl_fail("gen-model: missing -o DIR");
+		return moectl_usage("gen-model", "missing -o DIR");
 
 	moectl_progress_init(&prog, "gen");
 	t0 = moectl_now();

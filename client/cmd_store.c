@@ -16,17 +16,6 @@
 #include "formats/pack.h"
 #include "engine/store.h"
 
-/* getopt_long with our own messages: one "moectl: ..." line, exit 1. */
-static int bad_option(const char *cmd, int argc, char **argv)
-{
-	const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "?";
-
-	if (optopt && optopt != '?' && strncmp(arg, "--", 2))
-		return moectl_fail("%s: unknown option or missing value: '-%c' (see moectl %s --help)",
-				   cmd, optopt, cmd);
-	return moectl_fail("%s: unknown option or missing value: '%s' (see moectl %s --help)",
-			   cmd, arg, cmd);
-}
 
 static void human_size(char *buf, size_t len, uint64_t n)
 {
@@ -88,11 +77,11 @@ static int pack_run(const char *dir, const char *out, struct moe_pack_options *p
 	int fr;
 
 	if (optind < argc)
-		return moectl_fail("pack: unexpected argument '%s' (see moectl pack --help)", argv[optind]);
+		return moectl_usage("pack", "unexpected argument '%s'", argv[optind]);
 	if (!dir)
-		return moectl_fail("pack: missing HF_DIR (see moectl pack --help)");
+		return moectl_usage("pack", "missing HF_DIR");
 	if (!out)
-		return moectl_fail("pack: missing -o STORE (see moectl pack --help)");
+		return moectl_usage("pack", "missing -o STORE");
 	if (po->dtype >= 0 && po->quantize)
 		return moectl_fail("pack: --quantize and --dtype cannot be combined "
 				   "(--quantize fp8 chooses the store's dtype)");
@@ -149,7 +138,7 @@ int cmd_pack(int argc, char **argv)
 	optind = 1;
 	opterr = 0;
 	/* GNU getopt permutes: options may come before or after HF_DIR */
-	while ((c = getopt_long(argc, argv, "ho:", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":ho:", opts, NULL)) != -1) {
 		switch (c) {
 		case 'o':
 			out = optarg;
@@ -175,7 +164,7 @@ int cmd_pack(int argc, char **argv)
 
 			if (asprintf(&s2, "%s%s%s", skip ? skip : "", skip ? "," : "", optarg) < 0) {
 				free(skip);
-				return moectl_fail("pack: out of memory");
+				return moectl_failx(MOECTL_INTERNAL, "pack: out of memory");
 			}
 			free(skip);
 			skip = s2;
@@ -185,7 +174,7 @@ int cmd_pack(int argc, char **argv)
 			pack_usage(stdout);
 			return free(skip), 0;
 		default:
-			return free(skip), bad_option("pack", argc, argv);
+			return free(skip), moectl_getopt_error("pack", c, argc, argv, opts);
 		}
 	}
 	po.quantize_skip = skip;
@@ -345,7 +334,7 @@ static int inspect_json(const char *path, const struct moe_store *s)
 			 ffn_bits_per_weight(c, c->shared_dtype, c->shared_intermediate_size),
 			 "sizes", sizes);
 	if (!root)
-		return moectl_fail("inspect: out of memory");
+		return moectl_failx(MOECTL_INTERNAL, "inspect: out of memory");
 	/* null: the store records none (packed before fingerprints) */
 	json_object_set_new(root, "fingerprint", moectl_fingerprint_hex(h->source_fingerprint, fp) ?
 			    json_string(fp) : json_null());
@@ -363,7 +352,7 @@ static int inspect_json(const char *path, const struct moe_store *s)
 	text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
 	json_decref(root);
 	if (!text)
-		return moectl_fail("inspect: out of memory");
+		return moectl_failx(MOECTL_INTERNAL, "inspect: out of memory");
 	puts(text);
 	free(text);
 	return 0;
@@ -464,15 +453,16 @@ static int parse_store_args(const char *cmd, int argc, char **argv, bool allow_j
 			if (i + 1 < argc && !path)
 				path = argv[++i];
 		} else if (argv[i][0] == '-') {
-			return moectl_fail("%s: unknown option '%s' (see moectl %s --help)", cmd, argv[i], cmd);
+			return moectl_unknown(cmd, "option", argv[i],
+					      (const char *const[]){ "help", "json" }, allow_json ? 2 : 1);
 		} else if (path) {
-			return moectl_fail("%s: unexpected argument '%s' (see moectl %s --help)", cmd, argv[i], cmd);
+			return moectl_usage(cmd, "unexpected argument '%s'", argv[i]);
 		} else {
 			path = argv[i];
 		}
 	}
 	if (!path)
-		return moectl_fail("%s: missing STORE (see moectl %s --help)", cmd, cmd);
+		return moectl_usage(cmd, "missing STORE");
 	*ret_path = path;
 	*ret_json = json;
 	return -1;      /* go on */
@@ -509,7 +499,7 @@ static void verify_usage(FILE *f)
 	      "\n"
 	      "Check every checksum of the .moe store STORE: header, tables, every router\n"
 	      "region, shared expert and expert blob.  Prints \"OK: N blobs verified\", or one\n"
-	      "line per bad blob on stderr and exits with status 1.\n"
+	      "line per bad blob on stderr and exits with status 5.\n"
 	      "\n"
 	      "  -h, --help  show this help\n", f);
 }
@@ -562,5 +552,5 @@ int cmd_verify(int argc, char **argv)
 	if (r == 0)
 		printf("OK: %" PRIu64 " blobs verified\n", moe_store_blob_count(s));
 	moe_store_close(s);
-	return r == 0 ? 0 : 1;
+	return r == 0 ? 0 : MOECTL_IO;
 }

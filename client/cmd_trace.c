@@ -89,7 +89,7 @@ static int print_json(const char *path, const struct moe_trace *t, size_t batche
 		    : NULL;
 	json_decref(root);
 	if (!text)
-		return moectl_fail("trace-sim: out of memory");
+		return moectl_failx(MOECTL_INTERNAL, "trace-sim: out of memory");
 	puts(text);
 	free(text);
 	return 0;
@@ -180,19 +180,16 @@ int cmd_trace_sim(int argc, char **argv)
 		case 'h':
 			usage(stdout);
 			return 0;
-		case ':':
-			return moectl_fail("trace-sim: %s needs a value", argv[optind - 1]);
 		default:
-			return moectl_fail("trace-sim: unknown option '%s' (see moectl trace-sim --help)",
-					   argv[optind - 1]);
+			return moectl_getopt_error("trace-sim", c, argc, argv, opts);
 		}
 	}
 	path = optind < argc ? argv[optind++] : NULL;
 	if (optind < argc)
-		return moectl_fail("trace-sim: unexpected argument '%s' (see moectl trace-sim --help)",
+		return moectl_usage("trace-sim", "unexpected argument '%s'",
 				   argv[optind]);
 	if (!path)
-		return moectl_fail("trace-sim: missing TRACE (see moectl trace-sim --help)");
+		return moectl_usage("trace-sim", "missing TRACE");
 	if (have_slots && fraction > 0)
 		return moectl_fail("trace-sim: give at most one of --slots and --fraction");
 
@@ -200,7 +197,7 @@ int cmd_trace_sim(int argc, char **argv)
 		return moectl_fail_err(&err);
 	used = calloc((size_t)t->n_layers * t->n_experts, 1);
 	if (!used) {
-		moectl_fail("%s: out of memory", path);
+		moectl_failx(MOECTL_INTERNAL, "%s: out of memory", path);
 		goto out;
 	}
 	for (size_t i = 0; i < t->n; i++) {

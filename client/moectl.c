@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <getopt.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -14,6 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/suggest.h"
+#include "libmoeclient/moeclient.h"
 #include "moectl.h"
 
 int moectl_fail(const char *fmt, ...)
@@ -25,12 +28,117 @@ int moectl_fail(const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fputc('\n', stderr);
-	return 1;
+	return MOECTL_BAD_INPUT;
+}
+
+int moectl_failx(int status, const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("moectl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return status;
+}
+
+int moectl_usage(const char *cmd, const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, cmd ? "moectl: %s: " : "moectl: ", cmd);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, cmd ? " (see moectl %s --help)\n" : " (see moectl --help)\n", cmd);
+	return MOECTL_USAGE;
+}
+
+int moectl_unknown(const char *cmd, const char *what, const char *arg, const char *const *names, size_t n)
+{
+	const char *word = arg, *eq = strchr(arg, '=');
+	char buf[64];
+	const char *near;
+
+	while (*word == '-')
+		word++;
+	if (eq && (size_t)(eq - word) < sizeof(buf) && eq > word) {
+		memcpy(buf, word, (size_t)(eq - word));
+		buf[eq - word] = '\0';
+		word = buf;
+	}
+	near = *word ? moe_suggest(word, names, n) : NULL;
+	if (near)
+		return moectl_usage(cmd, "unknown %s '%s'; did you mean '%s%s'?", what, arg,
+				    arg[0] == '-' ? "--" : "", near);
+	return moectl_usage(cmd, "unknown %s '%s'", what, arg);
+}
+
+int moectl_getopt_error(const char *cmd, int o, int argc, char **argv, const struct option *opts)
+{
+	const char *names[64], *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "?";
+	char shortopt[3] = { '-', (char)optopt, 0 };
+	size_t n = 0;
+
+	/* a short option's letter is in optopt, and argv[optind - 1] may hold
+	 * several of them ("-xh") */
+	if (optopt && strncmp(arg, "--", 2))
+		arg = shortopt;
+	if (o == ':')
+		return moectl_usage(cmd, "%s needs a value", arg);
+	for (; opts && opts[n].name && n < sizeof(names) / sizeof(names[0]); n++)
+		names[n] = opts[n].name;
+	return moectl_unknown(cmd, "option", arg, names, n);
 }
 
 int moectl_fail_err(const struct moe_err *err)
 {
-	return moectl_fail("%s", err->msg[0] ? err->msg : strerror(-err->code));
+	int status = err->code == -EIO ? MOECTL_IO : err->code == -ENOMEM ? MOECTL_INTERNAL : MOECTL_BAD_INPUT;
+
+	return moectl_failx(status, "%s", err->msg[0] ? err->msg : strerror(-err->code));
+}
+
+int moectl_status_of(int code)
+{
+	switch (-code) {
+	case 0:
+		return MOECTL_OK;
+	case ECONNRESET:
+	case EPIPE:
+	case ESHUTDOWN:
+	case ENOENT:
+	case ECONNREFUSED:
+	case ETIMEDOUT:
+	case MOE_E_PROTO:
+		return MOECTL_UNREACHABLE;
+	case EACCES:
+	case EPERM:
+	case EUSERS:
+		return MOECTL_REFUSED;
+	case EIO:
+	case MOE_E_CHECKSUM:
+		return MOECTL_IO;
+	case ENOMEM:
+		return MOECTL_INTERNAL;
+	default:
+		return MOECTL_BAD_INPUT;
+	}
+}
+
+int moectl_connect(const char *cmd, struct moe_client **ret)
+{
+	int r = moe_client_connect(NULL, NULL, ret);
+	const char *why;
+
+	if (r == 0)
+		return 0;
+	why = moe_client_last_error();
+	if (!*why)
+		why = moe_strerror(r);
+	if (r == -E2BIG || r == -ENOSPC)      /* the arena moed would not give */
+		return moectl_failx(MOECTL_REFUSED, "%s: %s", cmd, why);
+	return moectl_failx(moectl_status_of(r), "%s: %s", cmd, why);
 }
 
 void moectl_log(void *ctx, int level, const char *msg)
@@ -129,41 +237,82 @@ static void usage(FILE *f)
 	fputs("usage: moectl [--socket PATH] COMMAND [ARGS...]\n\ncommands:\n", f);
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		fprintf(f, "  %-11s %s\n", commands[i].name, commands[i].summary);
-	fputs("\nmoectl COMMAND --help shows a command's options; see moectl(1).\n", f);
+	fputs("\noptions (before or after the command):\n"
+	      "  -s, --socket PATH  moed's socket (default $MOED_SOCKET, else " MOE_DEFAULT_SOCKET ")\n"
+	      "  -h, --help         this text; moectl COMMAND --help shows a command's options\n"
+	      "  -V, --version      moectl's version\n"
+	      "\nExit status: 0 success, 1 bad input, 2 usage, 3 cannot reach moed, 4 refused,\n"
+	      "5 I/O error or checksum mismatch, 6 internal error; see moectl(1).\n", f);
+}
+
+/* --socket PATH / --socket=PATH / -s PATH at @i: sets MOED_SOCKET and
+ * returns how many words it took, 0 when argv[i] is not one, -1 when the
+ * path is missing. */
+static int socket_option(int argc, char **argv, int i)
+{
+	if (!strcmp(argv[i], "--socket") || !strcmp(argv[i], "-s")) {
+		if (i + 1 >= argc || !argv[i + 1][0])
+			return -1;
+		setenv("MOED_SOCKET", argv[i + 1], 1);
+		return 2;
+	}
+	if (!strncmp(argv[i], "--socket=", 9)) {
+		if (!argv[i][9])
+			return -1;
+		setenv("MOED_SOCKET", argv[i] + 9, 1);
+		return 1;
+	}
+	return 0;
 }
 
 int main(int argc, char **argv)
 {
-	int i = 1;
+	const char *names[sizeof(commands) / sizeof(commands[0])];
+	const size_t ncmd = sizeof(commands) / sizeof(commands[0]);
+	int i = 1, n;
 
 	/* Global options before the command. */
 	while (i < argc && argv[i][0] == '-') {
 		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
 			usage(stdout);
 			return 0;
-		} else if (!strcmp(argv[i], "--version")) {
+		} else if (!strcmp(argv[i], "--version") || !strcmp(argv[i], "-V")) {
 			printf("moectl %s\n", PACKAGE_VERSION);
 			return 0;
-		} else if (!strcmp(argv[i], "--socket")) {
-			if (i + 1 >= argc)
-				return moectl_fail("--socket needs a path");
-			setenv("MOED_SOCKET", argv[i + 1], 1);
-			i += 2;
-		} else if (!strncmp(argv[i], "--socket=", 9)) {
-			setenv("MOED_SOCKET", argv[i] + 9, 1);
-			i++;
+		} else if ((n = socket_option(argc, argv, i)) != 0) {
+			if (n < 0)
+				return moectl_failx(MOECTL_USAGE, "--socket needs a path (see moectl --help)");
+			i += n;
 		} else {
-			usage(stderr);
-			return moectl_fail("unknown option '%s'", argv[i]);
+			static const char *const globals[] = { "socket", "help", "version" };
+
+			return moectl_unknown(NULL, "option", argv[i], globals, 3);
 		}
 	}
 	if (i >= argc) {
 		usage(stderr);
-		return 2;
+		return MOECTL_USAGE;
 	}
-	for (size_t c = 0; c < sizeof(commands) / sizeof(commands[0]); c++)
+	/* ... and after it: moectl info --socket PATH.  None of the commands
+	 * has an option of that name, so taking it out cannot take theirs
+	 * (the short -s only before the command: it is too short to be sure). */
+	for (int j = i + 1; j < argc;) {
+		if (!strcmp(argv[j], "--"))
+			break;
+		n = strcmp(argv[j], "-s") ? socket_option(argc, argv, j) : 0;   /* -s only before */
+		if (n < 0)
+			return moectl_failx(MOECTL_USAGE, "%s: --socket needs a path (see moectl --help)", argv[i]);
+		if (n == 0) {
+			j++;
+			continue;
+		}
+		memmove(argv + j, argv + j + n, (size_t)(argc - j - n + 1) * sizeof(*argv));
+		argc -= n;
+	}
+	for (size_t c = 0; c < ncmd; c++) {
 		if (!strcmp(argv[i], commands[c].name))
 			return commands[c].fn(argc - i, argv + i);
-	usage(stderr);
-	return moectl_fail("unknown command '%s'", argv[i]);
+		names[c] = commands[c].name;
+	}
+	return moectl_unknown(NULL, "command", argv[i], names, ncmd);
 }

@@ -23,11 +23,61 @@ int cmd_stats(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_fingerprint(int argc, char **argv);
 
-/* Print "moectl: <msg>" on stderr; returns 1 (the exit status). */
+/*
+ * moectl's exit statuses (moectl(1), EXIT STATUS): what a script can tell
+ * apart without parsing the message.
+ */
+enum moectl_status {
+	MOECTL_OK = 0,
+	MOECTL_BAD_INPUT = 1,      /* a file, an option's value, a tensor, a layer */
+	MOECTL_USAGE = 2,          /* an unknown command or option, a missing argument */
+	MOECTL_UNREACHABLE = 3,    /* no moed at the socket, or it went away */
+	MOECTL_REFUSED = 4,        /* the socket's permissions or moed refused this user */
+	MOECTL_IO = 5,             /* an I/O error, a checksum mismatch */
+	MOECTL_INTERNAL = 6,       /* out of memory, or a bug */
+};
+
+/* Print "moectl: <msg>" on stderr; returns MOECTL_BAD_INPUT. */
 int moectl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* Print "moectl: <err->msg>" on stderr; returns 1. */
+/* The same with another status. */
+int moectl_failx(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A usage error: the message, then "(see moectl CMD --help)"; returns
+ * MOECTL_USAGE.  @cmd NULL: moectl's own (global options, commands). */
+int moectl_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/*
+ * An unknown option @arg of command @cmd: a usage error that suggests the
+ * nearest of the @n names in @names (long options without their dashes,
+ * or subcommands) when one is close; returns MOECTL_USAGE.
+ */
+int moectl_unknown(const char *cmd, const char *what, const char *arg, const char *const *names, size_t n);
+
+/*
+ * getopt_long's ':' (a value missing) or '?' (an unknown option) for
+ * command @cmd, whose options are @opts: the usage error, with the nearest
+ * option when one is close; returns MOECTL_USAGE.
+ */
+struct option;
+int moectl_getopt_error(const char *cmd, int o, int argc, char **argv, const struct option *opts);
+
+/* Print "moectl: <err->msg>" on stderr; returns the status for err->code
+ * (-EIO: MOECTL_IO, -ENOMEM: MOECTL_INTERNAL, else MOECTL_BAD_INPUT). */
 int moectl_fail_err(const struct moe_err *err);
+
+/* The status for a libmoeclient error code of a call to a daemon that was
+ * reachable (connect's are moectl_connect's). */
+int moectl_status_of(int code);
+
+/*
+ * Connect to moed ($MOED_SOCKET, which --socket sets, or the default) for
+ * command @cmd; on failure print libmoeclient's explanation (the socket,
+ * the cause and the fix, or moed's reason) and return the exit status
+ * (MOECTL_UNREACHABLE, MOECTL_REFUSED, ...), else 0.
+ */
+struct moe_client;
+int moectl_connect(const char *cmd, struct moe_client **ret);
 
 /* The engine's log callback: warnings as "moectl: warning: <msg>" on stderr. */
 void moectl_log(void *ctx, int level, const char *msg);

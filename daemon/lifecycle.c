@@ -326,12 +326,12 @@ static void tick_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 
 int moed_server_run(struct moed_server *s)
 {
-	int r;
+	int r, status = MOED_EXIT_OK;
 
 	r = pthread_create(&s->data_thread, NULL, dataplane_main, s);
 	if (r) {
 		log_error("cannot start the data thread: %s", strerror(r));
-		return 1;
+		return MOED_EXIT_INTERNAL;
 	}
 	s->data_ok = true;
 	log_info("serving %s (%s, %u MoE layers, backend %s) on %s", s->cfg->model,
@@ -345,6 +345,7 @@ int moed_server_run(struct moed_server *s)
 		r = moed_loop_run_once(s->loop, -1);
 		if (r < 0) {
 			log_error("epoll_wait: %s", strerror(-r));
+			status = MOED_EXIT_INTERNAL;
 			break;
 		}
 	}
@@ -352,7 +353,7 @@ int moed_server_run(struct moed_server *s)
 	dataplane_wake(s);
 	pthread_join(s->data_thread, NULL);
 	s->data_ok = false;
-	return 0;
+	return status;
 }
 
 int moed_server_new(struct moed_config *cfg, const char *config_path, const struct moed_override *ov,

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "conf.h"
+#include "engine/suggest.h"
 #include "log.h"
 #include "server.h"
 
@@ -51,6 +52,28 @@ static const struct option long_opts[] = {
 	{ NULL, 0, NULL, 0 },
 };
 
+/* getopt_long's '?': the option, and the nearest of ours when one is close. */
+static int unknown_option(int argc, char **argv)
+{
+	const char *names[sizeof(long_opts) / sizeof(long_opts[0])], *arg, *word, *near;
+	char shortopt[3] = { '-', (char)optopt, 0 }, buf[64];
+	size_t n = 0;
+
+	arg = optind > 0 && optind <= argc ? argv[optind - 1] : "?";
+	if (optopt && strncmp(arg, "--", 2))
+		arg = shortopt;
+	for (; long_opts[n].name; n++)
+		names[n] = long_opts[n].name;
+	snprintf(buf, sizeof(buf), "%s", arg + strspn(arg, "-"));
+	buf[strcspn(buf, "=")] = '\0';
+	word = buf;
+	near = strlen(word) > 1 ? moe_suggest(word, names, n) : NULL;
+	if (near)
+		fprintf(stderr, "moed: unknown option '%s'; did you mean '--%s'? (see moed --help)\n", arg, near);
+	else
+		fprintf(stderr, "moed: unknown option '%s' (see moed --help)\n", arg);
+	return MOED_EXIT_USAGE;
+}
 
 int main(int argc, char **argv)
 {
@@ -61,7 +84,7 @@ int main(int argc, char **argv)
 	struct moed_config *cfg = NULL;
 	struct moed_server *srv = NULL;
 	struct moe_err err = { 0 };
-	int c, r, status = 1;
+	int c, r, status;
 
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":c:m:s:b:l:o:hV", long_opts, NULL)) != -1) {
@@ -81,11 +104,11 @@ int main(int argc, char **argv)
 
 			if (!eq || eq == optarg) {
 				fprintf(stderr, "moed: --set wants NAME=VALUE, not '%s'\n", optarg);
-				return 2;
+				return MOED_EXIT_USAGE;
 			}
 			if (nov == sizeof(ov) / sizeof(ov[0])) {
 				fprintf(stderr, "moed: too many --set options\n");
-				return 2;
+				return MOED_EXIT_USAGE;
 			}
 			*eq = '\0';
 			ov[nov++] = (struct moed_override){ optarg, eq + 1 };
@@ -102,20 +125,19 @@ int main(int argc, char **argv)
 			return 0;
 		case ':':
 			fprintf(stderr, "moed: %s needs a value\n", argv[optind - 1]);
-			return 2;
+			return MOED_EXIT_USAGE;
 		default:
-			fprintf(stderr, "moed: unknown option '%s' (see moed --help)\n", argv[optind - 1]);
-			return 2;
+			return unknown_option(argc, argv);
 		}
 		if (nov == sizeof(ov) / sizeof(ov[0])) {
 			fprintf(stderr, "moed: too many options\n");
-			return 2;
+			return MOED_EXIT_USAGE;
 		}
 		ov[nov++] = (struct moed_override){ name, optarg };
 	}
 	if (optind < argc) {
 		fprintf(stderr, "moed: unexpected argument '%s' (see moed --help)\n", argv[optind]);
-		return 2;
+		return MOED_EXIT_USAGE;
 	}
 
 	if (!config_path)
@@ -128,14 +150,14 @@ int main(int argc, char **argv)
 	}
 	if (r < 0) {
 		fprintf(stderr, "moed: %s\n", err.msg);
-		return 1;
+		return moed_exit_status(r);
 	}
 	for (size_t i = 0; i < nov; i++) {
 		r = moed_config_set(cfg, ov[i].name, ov[i].value, &err);
 		if (r < 0) {
 			fprintf(stderr, "moed: command line: %s\n", err.msg);
 			moed_config_free(cfg);
-			return 1;
+			return moed_exit_status(r);
 		}
 	}
 	if (check) {
@@ -151,7 +173,7 @@ int main(int argc, char **argv)
 	r = moed_server_new(cfg, config_path, ov, nov, &srv, &err);   /* takes cfg */
 	if (r < 0) {
 		log_error("%s", err.msg);
-		return 1;
+		return moed_exit_status(r);
 	}
 	status = moed_server_run(srv);
 	moed_server_free(srv);

@@ -7,6 +7,7 @@
 #ifndef MOED_SERVER_H
 #define MOED_SERVER_H
 
+#include <errno.h>
 #include "conf.h"
 #include "engine/err.h"
 
@@ -28,6 +29,24 @@ struct moed_override {
  */
 int moed_server_new(struct moed_config *cfg, const char *config_path, const struct moed_override *ov,
 		    size_t nov, struct moed_server **ret, struct moe_err *err);
+
+/*
+ * moed's exit statuses (moed(8), EXIT STATUS): the numbers moectl uses for
+ * the same kinds of failure.
+ */
+enum moed_exit {
+	MOED_EXIT_OK = 0,
+	MOED_EXIT_CONFIG = 1,      /* the configuration or the store is wrong */
+	MOED_EXIT_USAGE = 2,       /* the command line is wrong */
+	MOED_EXIT_IO = 5,          /* the store cannot be read, or fails its checksums */
+	MOED_EXIT_INTERNAL = 6,    /* out of memory, a thread or the event loop failed */
+};
+
+/* The status for a failure with @code (a negative errno) while starting. */
+static inline int moed_exit_status(int code)
+{
+	return code == -EIO ? MOED_EXIT_IO : code == -ENOMEM ? MOED_EXIT_INTERNAL : MOED_EXIT_CONFIG;
+}
 
 /* Serve until SIGTERM or SIGINT; returns the exit status (0 after a clean
  * stop). */

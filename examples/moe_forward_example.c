@@ -57,8 +57,16 @@ int main(int argc, char **argv)
 	int r, status = 1;
 
 	r = moe_client_connect(argc > 1 ? argv[1] : NULL, NULL, &c);
-	if (r < 0)
-		return fail("connect", r);
+	if (r < 0) {
+		/* the same choice as moe_client_connect() makes, to name it */
+		const char *path = argc > 1 ? argv[1] : getenv("MOED_SOCKET");
+
+		fprintf(stderr, "moe_forward_example: cannot connect to moed at %s: %s\n",
+			path && *path ? path : "/run/moed/moed.sock", moe_strerror(r));
+		fprintf(stderr, "moe_forward_example: is moed running? (systemctl start moed.socket, "
+			"or give its socket as the argument or in MOED_SOCKET)\n");
+		return 1;
+	}
 	moe_client_info(c, &info);
 	printf("model %s on %s: hidden %u, %u experts, top-%u, %u of %u layers MoE\n", info.model_type,
 	       info.backend, info.hidden_size, info.num_experts, info.top_k, info.num_moe_layers,

@@ -71,4 +71,13 @@ int client_session_state(struct moe_client *c);
 int client_wait_for(struct moe_client *c, uint64_t want, struct moe_completion *ret, int timeout_ms);
 int client_submit_sync(struct moe_client *c, const struct moe_request *q, struct moe_sqe *raw, uint64_t *tag);
 
+/* lasterr.c: the thread's last error text (moe_client_last_error).
+ * client_error() sets it and returns @r; client_error_connect() words a
+ * failed connect to @path, with moed's @refusal when it sent one;
+ * client_error_layer() names the served layers. */
+int client_error(int r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int client_error_connect(const char *path, int r, const char *refusal);
+int client_error_layer(const struct moe_client *c, uint32_t layer);
+void client_error_clear(void);
+
 #endif

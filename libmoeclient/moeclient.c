@@ -204,13 +204,13 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	int segfd = -1, r;
 
 	if (!ret)
-		return -EINVAL;
+		return client_error(-EINVAL, "moe_client_connect: no place for the handle (ret is NULL)");
 	if (!socket_path)
 		socket_path = getenv("MOED_SOCKET");
 	if (!socket_path || !*socket_path)
 		socket_path = MOE_DEFAULT_SOCKET;
 	if (strlen(socket_path) >= sizeof(a.sun_path))
-		return -ENAMETOOLONG;
+		return client_error_connect(socket_path, -ENAMETOOLONG, NULL);
 	strcpy(a.sun_path, socket_path);
 	if (opt) {
 		hello.arena_bytes = opt->arena_bytes;
@@ -218,7 +218,7 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	}
 	c = calloc(1, sizeof(*c));
 	if (!c)
-		return -ENOMEM;
+		return client_error(-ENOMEM, "moe_client_connect: out of memory");
 	pthread_mutex_init(&c->sq_lock, NULL);
 	pthread_mutex_init(&c->cq_lock, NULL);
 	pthread_mutex_init(&c->arena_lock, NULL);
@@ -299,10 +299,18 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	c->spin_ns = client_spin();
 	c->nfree = c->capfree = 1;
 	*ret = c;
+	client_error_clear();
 	return 0;
 fail:
 	if (segfd >= 0)
 		close(segfd);
+	if (c->w && c->w->status < 0) {
+		/* moed's own reason, as its log has it */
+		c->w->message[sizeof(c->w->message) - 1] = '\0';
+		client_error_connect(socket_path, r, c->w->message);
+	} else {
+		client_error_connect(socket_path, r, NULL);
+	}
 	client_free(c);
 	return r;
 }

@@ -47,6 +47,18 @@ enum moe_error {
  */
 const char *moe_strerror(int err);
 
+/*
+ * Why the calling thread's last failed moe_client_connect(),
+ * moe_client_submit() or moe_client_forward() failed, in words for a
+ * person: for a connect, the socket, the cause and what to do (start moed,
+ * join the socket's group, ...), or moed's own reason when it refused the
+ * client; for a layer that is not served, the layers that are.  Those
+ * three calls set it or, when the status says all there is, empty it;
+ * other calls leave it alone.  One text per thread, valid until that
+ * thread's next such call.  Never NULL.
+ */
+const char *moe_client_last_error(void);
+
 /* The library's version as MAJOR * 10000 + MINOR * 100 + PATCH. */
 int moe_version(void);
 

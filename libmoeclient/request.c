@@ -70,7 +70,7 @@ static int submit_locked(struct moe_client *c, const struct moe_request *q, uint
 	if (q->tokens == 0 || q->tokens > c->w->max_tokens)
 		return -E2BIG;
 	if (!client_is_moe_layer(c, q->layer))
-		return -MOE_E_LAYER;
+		return client_error_layer(c, q->layer);
 	es = q->dtype == MOE_F32 ? 4 : 2;
 	bytes = q->tokens * H * es;
 	if (!in_arena(c, q->input, bytes) || !in_arena(c, q->output, bytes) ||
@@ -119,6 +119,7 @@ MOE_EXPORT int moe_client_submit(struct moe_client *c, const struct moe_request 
 {
 	int r;
 
+	client_error_clear();
 	if (!c || !req)
 		return -EINVAL;
 	if (req->user_data & TAG_SYNC)
@@ -294,10 +295,11 @@ MOE_EXPORT int moe_client_forward(struct moe_client *c, uint32_t layer, uint32_t
 	float *aw = NULL;
 	int r = 0;
 
+	client_error_clear();
 	if (!c || !input || !output || (weights && !ids) || (dtype != MOE_F32 && dtype != MOE_BF16))
 		return -EINVAL;
 	if (!client_is_moe_layer(c, layer))
-		return -MOE_E_LAYER;
+		return client_error_layer(c, layer);
 	H = c->w->hidden_size;
 	k = c->w->top_k;
 	es = dtype == MOE_F32 ? 4 : 2;

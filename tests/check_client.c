@@ -1255,6 +1255,15 @@ START_TEST(the_example_program_runs_against_moed)
 	ck_assert_msg(text && strstr(text, "deepseek_v3"), "the example did not print the model:\n%s",
 		      text ? text : "");
 	free(text);
+
+	/* without a daemon it names the socket it tried and what to do */
+	r = moe_test_sh(out, "MOED_SOCKET='%s/none.sock' '%s' 2>&1", D.m.dir, prog);
+	text = moe_test_slurp(out, NULL);
+	ck_assert_msg(r != 0, "%s exited 0 without a daemon:\n%s", prog, text ? text : "");
+	ck_assert_msg(text && strstr(text, "none.sock") && strstr(text, "moed.socket"),
+		      "the example's connect error names neither the socket nor the fix:\n%s",
+		      text ? text : "");
+	free(text);
 }
 END_TEST
 

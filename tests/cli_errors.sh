@@ -164,7 +164,7 @@ printf 'CORRUPT!' | dd of="$T/blob.moe" bs=1 seek=$((size - 100)) conv=notrunc 2
 expect_ok "$MOECTL" inspect "$T/blob.moe"
 bad "blob\.moe: layer 1 expert 7: checksum mismatch \(stored [0-9a-f]{16}, computed [0-9a-f]{16}\)" \
 	"$MOECTL" verify "$T/blob.moe"
-[ "$rc" -eq 1 ] || fail "verify exit status $rc, expected 1"
+[ "$rc" -eq 5 ] || fail "verify exit status $rc, expected 5 (a checksum mismatch)"
 [ ! -s "$T/out" ] || fail "verify printed OK for a damaged store"
 
 exit 0

@@ -375,7 +375,7 @@ ok "$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --all-experts --
 [ "$(npy_shape "$d/dense.npy")" = "(4, $H)" ] || fail "--all-experts output shape"
 cmp -s "$d/dense.npy" "$d/out.npy" && fail "--all-experts gives the same output as top-k routing"
 
-refuses "cannot connect (moed at $d/no.sock)" \
+refuses "cannot connect to moed at $d/no.sock: no such socket" \
 	"$MOECTL" --socket "$d/no.sock" forward --layer 1 --input "$d/in.npy" --output "$d/o.npy"
 refuses "is float32 but --dtype bf16" \
 	"$MOECTL" forward --model "$S" --layer 1 --input "$d/in.npy" --output "$d/o.npy" --dtype bf16

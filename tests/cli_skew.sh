@@ -131,7 +131,7 @@ for v in -1 -0.5 nan NaN inf 11 1e9 abc 1x ""; do
 	expect_one_line
 done
 expect_fail "$MOECTL" gen-model --arch qwen3_moe -o "$T/bad" --router-skew
-expect_msg "^moectl: gen-model: --router-skew needs a value$"
+expect_msg "^moectl: gen-model: --router-skew needs a value \(see moectl gen-model --help\)$"
 [ ! -e "$T/bad" ] || fail "a refused gen-model created its output directory"
 
 expect_ok "$MOECTL" gen-model --help

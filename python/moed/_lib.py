@@ -104,6 +104,7 @@ _PROTOTYPES = {
 _OPTIONAL = {
     "moe_checkpoint_fingerprint": (c_int, [c_char_p, POINTER(c_char * MOE_FINGERPRINT_LEN)]),
     "moe_client_fingerprint": (c_int, [c_void_p, POINTER(c_char * MOE_FINGERPRINT_LEN)]),
+    "moe_client_last_error": (c_char_p, []),
 }
 
 _lock = threading.Lock()
@@ -131,6 +132,15 @@ class Library:
         self.free = libc.free
         self.free.restype = None
         self.free.argtypes = [c_void_p]
+
+    def last_error(self) -> str:
+        """moe_client_last_error(): why this thread's last failed connect,
+        submit or forward failed, in words; "" when the library is older or
+        has nothing to add.  ctypes calls run on the calling thread, so it
+        describes the call just made here."""
+        if self.moe_client_last_error is None:
+            return ""
+        return (self.moe_client_last_error() or b"").decode("utf-8", "replace")
 
     def strerror(self, code: int) -> str:
         return self.moe_strerror(code).decode("utf-8", "replace")

@@ -85,6 +85,11 @@ def checkpoint_fingerprint(path: Union[str, "os.PathLike[str]"]) -> str:
 
 def _connect_error(lib, rc: int, path: str, arena_bytes: int, sq_entries: int) -> MoedError:
     msg = lib.strerror(rc)
+    text = lib.last_error()
+    # the library words the socket, the cause and the fix, or moed's own
+    # reason for a refusal; the arguments that are Python's are ours to name
+    if text and rc not in (-errno.EINVAL, -errno.E2BIG, -errno.ENOSPC):
+        return MoedConnectionError(rc, text)
     if rc in (-errno.ENOENT, -errno.ECONNREFUSED):
         hint = (f"no moed listens at {path}: start moed (moed --socket {path} --model STORE) "
                 "or set MOED_SOCKET (or Client(socket=...)) to the socket it listens on")
