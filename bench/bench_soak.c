@@ -273,7 +273,8 @@ static bool moed_alive(struct run *R)
 	return !R->moed_died;
 }
 
-/* Tend the children for @ms, or until @done(R) holds: whether it did. */
+/* Tend the children (and watch moed) for @ms, or until @done(R) holds:
+ * whether it did. */
 static bool tend_until(struct run *R, bool stopping, int ms, bool (*done)(const struct run *))
 {
 	uint64_t end = moe_now_ns() + (uint64_t)ms * 1000000u;
@@ -282,11 +283,21 @@ static bool tend_until(struct run *R, bool stopping, int ms, bool (*done)(const 
 		tend(R, stopping);
 		if (done && done(R))
 			return true;
-		if (!moed_alive(R))
-			return false;
+		moed_alive(R);
 		moe_test_sleep_ms(TICK_MS);
 	}
 	return done == NULL;
+}
+
+/* SIGKILL and reap the children still there (after a failure). */
+static void kill_kids(struct run *R)
+{
+	for (int i = 0; i < R->nkids; i++)
+		if (R->kids[i] > 0) {
+			kill(R->kids[i], SIGKILL);
+			waitpid(R->kids[i], NULL, 0);
+			R->kids[i] = 0;
+		}
 }
 
 static bool all_ready(const struct run *R)
@@ -326,6 +337,42 @@ static uint64_t acts_total(struct soak_board *b)
 	return n;
 }
 
+/* A short name of error kind @i: "EINVAL", "MOE_E_LAYER", or the number. */
+static const char *kind_name(int i, char *buf, size_t len)
+{
+	static const char *const moe[] = { "MOE_E_PROTO", "MOE_E_LAYER", "MOE_E_CHECKSUM" };
+	const char *n = NULL;
+
+	if (i >= SOAK_ERRNO_KINDS && (size_t)(i - SOAK_ERRNO_KINDS) < sizeof(moe) / sizeof(moe[0]))
+		return moe[i - SOAK_ERRNO_KINDS];
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+	if (i > 0 && i < SOAK_ERRNO_KINDS)
+		n = strerrorname_np(i);
+#endif
+	if (n)
+		return n;
+	snprintf(buf, len, "%d", soak_code(i));
+	return buf;
+}
+
+/* "EFAULT 12, EINVAL 3" or "none" (to the end of a row). */
+static void print_kinds_short(struct soak_counters *k)
+{
+	char buf[16];
+	bool any = false;
+
+	for (int i = 0; i < SOAK_KINDS; i++) {
+		uint64_t n = ld(&k->err[i]);
+
+		if (n) {
+			printf("%s%s %" PRIu64, any ? ", " : " ", kind_name(i, buf, sizeof(buf)), n);
+			any = true;
+		}
+	}
+	if (!any)
+		printf(" none");
+}
+
 static void print_kinds(const char *title, struct soak_counters *k)
 {
 	bool any = false;
@@ -336,10 +383,14 @@ static void print_kinds(const char *title, struct soak_counters *k)
 
 		if (!n)
 			continue;
-		if (i == 0)
+		if (i == 0) {
 			printf("\n  %10" PRIu64 "  (a code that is not an error number)", n);
-		else
-			printf("\n  %10" PRIu64 "  %d %s", n, soak_code(i), moe_strerror(soak_code(i)));
+		} else {
+			char buf[16];
+
+			printf("\n  %10" PRIu64 "  %-14s %5d  %s", n, kind_name(i, buf, sizeof(buf)), soak_code(i),
+			       moe_strerror(soak_code(i)));
+		}
 		any = true;
 	}
 	printf("%s\n", any ? "" : " none");
@@ -379,6 +430,13 @@ static void row(struct run *R, double t, struct row_state *prev, struct moe_clie
 	       acts_total(b), ld(&b->refused), (double)(now.f.loads - prev->f.loads) / dt,
 	       dh + dm ? 100.0 * (double)dh / (double)(dh + dm) : 0.0, (double)now.s.rss_kb / 1024.0, now.s.fds,
 	       now.s.threads, cpu_pct(&prev->s, &now.s));
+	printf("%7s errors by kind: clients", "");
+	print_kinds_short(&b->good);
+	printf("; stalling client");
+	print_kinds_short(&b->stall);
+	printf("; hostile client (expected)");
+	print_kinds_short(&b->hostile);
+	printf("\n");
 	fflush(stdout);
 	*prev = now;
 }
@@ -521,16 +579,17 @@ int main(int argc, char **argv)
 
 	/* the end: the clients stop; the stalling one holds a full ring */
 	atomic_store(&R.b->stop, 1);
-	if (!tend_until(&R, true, FINISH_MS, others_gone))
+	if (!R.moed_died && !tend_until(&R, true, FINISH_MS, others_gone) && !R.moed_died)
 		soak_fail(R.b, "driver", "%d clients did not finish within %d s of the end", live_kids(&R) - 1,
 			  FINISH_MS / 1000);
-	if (!tend_until(&R, true, FINISH_MS, holding))
+	if (!R.moed_died && !tend_until(&R, true, FINISH_MS, holding) && !R.moed_died)
 		soak_fail(R.b, "driver", "the stalling client did not fill its rings within %d s", FINISH_MS / 1000);
-	if (holding(&R) && R.kids[R.o.clients] > 0)
+	if (!R.moed_died && holding(&R) && R.kids[R.o.clients] > 0)
 		cpu_stalled = idle_cpu(&R, R.o.idle, true);
 	atomic_store(&R.b->quit, 1);
-	if (!tend_until(&R, true, FINISH_MS, none_left))
+	if (!tend_until(&R, true, R.moed_died ? 5000 : FINISH_MS, none_left) && !R.moed_died)
 		soak_fail(R.b, "driver", "the stalling client did not finish within %d s", FINISH_MS / 1000);
+	kill_kids(&R);
 	f_end = figures_get(stats);
 	moe_client_disconnect(stats);
 
@@ -554,7 +613,8 @@ int main(int argc, char **argv)
 		uint64_t wrong = ld(&b->good.wrong) + ld(&b->stall.wrong);
 		uint64_t errs = ld(&b->good.errors) + ld(&b->stall.errors);
 		bool cpu_bad = R.o.max_idle_cpu >= 0 && (cpu_idle > R.o.max_idle_cpu || cpu_stalled > R.o.max_idle_cpu);
-		bool fd_bad = fds_end < 0 || fds_end > s0.fds;
+		bool fd_bad = !R.moed_died && (fds_end < 0 || fds_end > s0.fds);
+		char cs[64] = "not measured", ci[64] = "not measured";
 		uint64_t h = f_end.hits, m = f_end.misses;
 		double secs = (double)(moe_now_ns() - t0) * 1e-9;
 
@@ -584,18 +644,27 @@ int main(int argc, char **argv)
 			printf("| moed: requests / errors / expert loads from the store / host-cache hit rate (%" PRIu64
 			       " slots) | %" PRIu64 " / %" PRIu64 " / %" PRIu64 " / %.1f%% |\n", f_end.slots,
 			       f_end.requests, f_end.errors, f_end.loads, h + m ? 100.0 * (double)h / (double)(h + m) : 0);
-		printf("| moed RSS: start / peak / end | %.1f / %.1f / %.1f MB |\n", (double)s0.rss_kb / 1024,
-		       (double)speak.rss_kb / 1024, (double)s_end.rss_kb / 1024);
-		printf("| moed descriptors: start / peak / end | %d / %d / %d%s |\n", s0.fds, speak.fds, fds_end,
-		       fd_bad ? " (LEAK?)" : "");
-		printf("| moed threads: start / end | %d / %d |\n", s0.threads, s_end.threads);
-		printf("| moed CPU, idle, one client stalled on a full ring | %.1f%% of a core over %.0f s |\n",
-		       cpu_stalled, R.o.idle);
-		printf("| moed CPU, idle, no client | %.1f%% of a core over %.0f s |\n", cpu_idle, R.o.idle);
+		if (!R.moed_died) {
+			printf("| moed RSS: start / peak / end | %.1f / %.1f / %.1f MB |\n", (double)s0.rss_kb / 1024,
+			       (double)speak.rss_kb / 1024, (double)s_end.rss_kb / 1024);
+			printf("| moed descriptors: start / peak / end | %d / %d / %d%s |\n", s0.fds, speak.fds,
+			       fds_end, fd_bad ? " (not given back)" : "");
+			printf("| moed threads: start / end | %d / %d |\n", s0.threads, s_end.threads);
+		} else {
+			printf("| moed | DIED during the run (RSS peak %.1f MB, %d descriptors at most) |\n",
+			       (double)speak.rss_kb / 1024, speak.fds);
+		}
+		if (cpu_stalled >= 0)
+			snprintf(cs, sizeof(cs), "%.1f%% of a core over %.1f s", cpu_stalled, R.o.idle);
+		if (cpu_idle >= 0)
+			snprintf(ci, sizeof(ci), "%.1f%% of a core over %.1f s", cpu_idle, R.o.idle);
+		printf("| moed CPU, idle, one client stalled on a full ring | %s |\n", cs);
+		printf("| moed CPU, idle, no client | %s |\n", ci);
 		printf("| verdict | %s |\n\n", ok ? "PASS" : "FAIL");
 		print_kinds("errors by kind, well-behaved clients (must be none)", &b->good);
 		print_kinds("errors by kind, stalling client (must be none)", &b->stall);
-		print_kinds("errors by kind, hostile client (what moed answered: expected)", &b->hostile);
+		print_kinds("errors by kind, hostile client (what moed answered, expected; ECONNRESET: it hung up)",
+			    &b->hostile);
 		if (!ok) {
 			printf("FAIL:");
 			if (b->have_why)
