@@ -420,6 +420,8 @@ static void row(struct run *R, double t, struct row_state *prev, struct moe_clie
 	now.requests = ld(&b->good.requests) + ld(&b->stall.requests);
 	now.tokens = ld(&b->good.tokens) + ld(&b->stall.tokens);
 	now.f = figures_get(stats);
+	if (!now.f.ok)
+		now.f = prev->f;     /* no figures this time: a row of zeros, not of garbage */
 	dt = (double)(now.s.t_ns - prev->s.t_ns) * 1e-9;
 	dh = now.f.hits - prev->f.hits;
 	dm = now.f.misses - prev->f.misses;

@@ -529,11 +529,15 @@ static int stall_once(struct sess *s, uint64_t *rng, bool full, bool hold)
 		n = fill_rings(s, q, nq);
 	} else {
 		n = submit_all(s, q, nq);
-		for (int i = 0; n >= 0 && i < 16; i++, n++)
-			if ((r = moe_client_nop(s->c, nq + (uint64_t)n)) < 0) {
+		for (int i = 0; n >= 0 && i < 16; i++) {
+			r = moe_client_nop(s->c, nq + (uint64_t)n);
+			if (r < 0) {
 				sess_error(s, r, "an empty request");
 				n = r;
+			} else {
+				n++;
 			}
+		}
 	}
 	if (n >= 0) {
 		atomic_store(&b->stall_inflight, (uint64_t)n);
