@@ -30,14 +30,24 @@ expect_ok "$MOECTL" pack "$T/hf" -o "$T/m.moe"
 gen_model "$T/hf2" $args --seed 8
 expect_ok "$MOECTL" pack "$T/hf2" -o "$T/other.moe"
 
-cat >"$T/moed.conf" <<EOF
+# one uid runs every client: where moed limits each uid (issue 13's
+# admission), this one may hold every session and connect them all at once
+admission=
+conf() {
+	cat >"$T/moed.conf" <<EOF
 model = "$T/m.moe";
 backend = "cpu";
 socket = { path = "$T/s.sock"; group = ""; };
 cache = { host_mb = 1; };
-limits = { max_clients = 16; segment_mb = 4; };
+limits = { max_clients = 16; segment_mb = 4; $admission };
 log = { level = "warning"; };
 EOF
+}
+conf
+expect_ok "$MOED" --check-config --config "$T/moed.conf"
+! grep -q '^limits.max_clients_per_uid ' "$T/out" || admission="max_clients_per_uid = 16;"
+! grep -q '^limits.max_pending_per_uid ' "$T/out" || admission="$admission max_pending_per_uid = 16;"
+conf
 moed_start "$T/moed.conf" "$T/s.sock" "$T/moed.log"
 trap moed_stop EXIT
 
