@@ -29,9 +29,9 @@
  * Exit 0 when every answer was right, no well-behaved or stalling client
  * saw an error, the hostile client got only the answers the protocol
  * allows, moed lived, gave back every descriptor, and idled within
- * --max-idle-cpu percent of a core; 1 otherwise; 2 for bad arguments.
- * Timing-free otherwise; never part of make check (tests/bench_soak.sh
- * runs a few seconds of it).
+ * --max-idle-cpu percent of a core (its one bound on time); 1 otherwise;
+ * 2 for bad arguments.  The long run is never part of make check:
+ * tests/bench_soak.sh runs two seconds of it there, without that bound.
  */
 #include "config.h"
 
