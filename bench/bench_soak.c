@@ -249,7 +249,8 @@ static void tend(struct run *R, bool stopping)
 			continue;
 		R->child_failures++;
 		if (WIFSIGNALED(st))
-			soak_fail(R->b, "driver", "%s ended by signal %d (%s)", name, WTERMSIG(st), strsignal(WTERMSIG(st)));
+			soak_fail(R->b, "driver", "%s ended by signal %d (%s)", name, WTERMSIG(st),
+				  strsignal(WTERMSIG(st)));
 		else
 			soak_fail(R->b, "driver", "%s exited with status %d%s", name, WEXITSTATUS(st),
 				  stopping ? "" : " before the end of the run");
@@ -535,7 +536,8 @@ int main(int argc, char **argv)
 	memset(R.b, 0, sizeof(*R.b));
 	signal(SIGPIPE, SIG_IGN);
 	if (proc_sample(R.o.pid, &s0) < 0 || s0.fds < 0) {
-		fprintf(stderr, "bench_soak: cannot read /proc/%d: is moed running there, as this user?\n", (int)R.o.pid);
+		fprintf(stderr, "bench_soak: cannot read /proc/%d: is moed running there, as this user?\n",
+			(int)R.o.pid);
 		return 1;
 	}
 	speak = s0;
@@ -645,7 +647,8 @@ int main(int argc, char **argv)
 		if (f_end.ok)
 			printf("| moed: requests / errors / expert loads from the store / host-cache hit rate (%" PRIu64
 			       " slots) | %" PRIu64 " / %" PRIu64 " / %" PRIu64 " / %.1f%% |\n", f_end.slots,
-			       f_end.requests, f_end.errors, f_end.loads, h + m ? 100.0 * (double)h / (double)(h + m) : 0);
+			       f_end.requests, f_end.errors, f_end.loads,
+			       h + m ? 100.0 * (double)h / (double)(h + m) : 0);
 		if (!R.moed_died) {
 			printf("| moed RSS: start / peak / end | %.1f / %.1f / %.1f MB |\n", (double)s0.rss_kb / 1024,
 			       (double)speak.rss_kb / 1024, (double)s_end.rss_kb / 1024);

@@ -314,12 +314,12 @@ static void act_bad_sqes(struct hostile *h, bool layers)
 			continue;
 		}
 		seen[x] = true;
-		if (bad[x] && cq[i].res >= 0)
-			unexpected(h, "moed accepted a descriptor the contract refuses: {opcode %u, flags 0x%x, layer %u, "
-				   "dtype %u, tokens %" PRIu64 ", in_off %" PRIu64 ", out_off %" PRIu64 ", ids_off %"
-				   PRIu64 ", weights_off %" PRIu64 "}", q[x].opcode, q[x].flags, q[x].layer,
+		if (bad[x] && cq[i].res >= 0) {
+			unexpected(h, "moed accepted a descriptor the contract refuses: {opcode %u, flags 0x%x, "
+				   "layer %u, dtype %u, tokens %" PRIu64 ", in_off %" PRIu64 ", out_off %" PRIu64
+				   ", ids_off %" PRIu64 ", weights_off %" PRIu64 "}", q[x].opcode, q[x].flags, q[x].layer,
 				   q[x].dtype, q[x].tokens, q[x].in_off, q[x].out_off, q[x].ids_off, q[x].weights_off);
-		else if (!bad[x] && cq[i].res < 0) {
+		} else if (!bad[x] && cq[i].res < 0) {
 			unexpected(h, "a well-formed descriptor in the hostile session failed: %s",
 				   moe_strerror(cq[i].res));
 		} else if (bad[x]) {

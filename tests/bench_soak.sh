@@ -62,7 +62,8 @@ expect_out '^\| wrong results \| 0 \|$'
 expect_out '^\| verdict \| PASS \|$'
 # it did check requests, stall and attack, and moed paged
 grep -Eq '^\| requests checked bit for bit \| [1-9][0-9]* ' "$T/out" || fail "no request was checked: $(cat "$T/out")"
-grep -Eq '^\| stalls: rings full / SIGSTOP \| [1-9][0-9]* / ' "$T/out" || fail "the client never stalled: $(cat "$T/out")"
+grep -Eq '^\| stalls: rings full / SIGSTOP \| [1-9][0-9]* / ' "$T/out" ||
+	fail "the client never stalled: $(cat "$T/out")"
 grep -Eq '^\| hostile: refused [^|]*\| [1-9][0-9]* / [0-9]+ / [0-9]+ / 0 \|$' "$T/out" ||
 	fail "no hostile action was refused: $(cat "$T/out")"
 grep -Eq 'host-cache hit rate [^|]*\| [0-9]+ / [0-9]+ / [1-9][0-9]* /' "$T/out" ||
