@@ -336,6 +336,30 @@ int moe_test_recv_all(int fd, void *buf, size_t len, int *pass_fd, int timeout_m
 	return 0;
 }
 
+bool moe_test_wait_hangup(int fd, int timeout_ms)
+{
+	uint64_t end = moe_test_now_ms() + (uint64_t)timeout_ms;
+
+	for (;;) {
+		char buf[4096];
+		int pass = -1, r;
+		int64_t left = (int64_t)(end - moe_test_now_ms());
+
+		if (left <= 0)
+			return false;
+		/* a byte at a time would do; recv_all() with a short length
+		 * also takes the descriptors off the socket */
+		r = moe_test_recv_all(fd, buf, 1, &pass, (int)left);
+		if (pass >= 0)
+			close(pass);
+		if (r == -ETIMEDOUT)
+			return false;
+		if (r < 0)
+			return true;
+		(void)recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+	}
+}
+
 int moe_test_hello_exchange(int fd, const struct moe_msg_hello *h, struct moe_msg_welcome *w, int *segfd)
 {
 	struct {

@@ -103,6 +103,10 @@ int moe_test_send_all(int fd, const void *buf, size_t len);
  */
 int moe_test_recv_all(int fd, void *buf, size_t len, int *pass_fd, int timeout_ms);
 
+/* Read and drop whatever the peer sends on @fd (closing descriptors passed
+ * along) until it hangs up: true if it does within @timeout_ms. */
+bool moe_test_wait_hangup(int fd, int timeout_ms);
+
 /* Send the HELLO @h and read the WELCOME into @w (5 s each way): 0 (see
  * w->status) or -errno; the segment's descriptor as moe_test_recv_all(). */
 int moe_test_hello_exchange(int fd, const struct moe_msg_hello *h, struct moe_msg_welcome *w, int *segfd);
