@@ -73,7 +73,8 @@ static void kick(struct client *c, const char *why)
 	if (c->kicked)
 		return;
 	c->kicked = true;
-	log_warning("client %u (pid %d): %s: disconnecting it", c->id, (int)c->pid, why);
+	moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client %u (pid %d, uid %u): %s: disconnecting it",
+		       c->id, (int)c->pid, (unsigned)c->uid, why);
 	__atomic_store_n(&c->seg.hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
 	shutdown(c->fd, SHUT_RDWR);
 }
@@ -369,14 +370,17 @@ static void run_layer(struct moed_server *s, struct req *r0, struct req *r1, uin
 			for (struct req *q = r0; q < e; q++) {
 				moe_err_clear(&err);
 				r = run_batch(s, q, q + 1, &err);
+				/* one line per failed request would flood the log
+				 * while a damaged store fails every one of them */
 				if (r < 0)
-					log_error("client %u: layer %u: %s", q->c->id, q->sqe.layer,
-						  err.msg[0] ? err.msg : strerror(-r));
+					moed_log_event(MOED_EVENT_REQUEST, MOED_LOG_ERR, "client %u: layer %u: %s",
+						       q->c->id, q->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
 				finish(s, q, q + 1, r);
 			}
 		} else {
 			if (r < 0)
-				log_error("layer %u: %s", r0->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
+				moed_log_event(MOED_EVENT_REQUEST, MOED_LOG_ERR, "layer %u: %s", r0->sqe.layer,
+					       err.msg[0] ? err.msg : strerror(-r));
 			finish(s, r0, e, r);
 		}
 		r0 = e;
