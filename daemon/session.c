@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Sessions, on the control thread: accept a connection and check the
- * peer's credentials (access.uids, access.gids), read its control
- * messages, answer HELLO with a sealed memfd segment and hand the session
- * to the data thread, pass STATS and the CUDA messages on (stats.c,
+ * peer's credentials (access.uids, access.gids) and its uid's share (the
+ * connections waiting for HELLO, the sessions: limits.*_per_uid), read
+ * its control messages, answer HELLO with a sealed memfd segment and hand
+ * the session to the data thread, pass STATS and the CUDA messages on (stats.c,
  * cudaipc.c), queue and send the answers without blocking, and end the
  * session when its socket closes or it breaks the protocol.
  */
