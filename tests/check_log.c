@@ -24,9 +24,11 @@ static int saved = -1;
 /* stderr into a fresh file in the test's folder. */
 static void capture(void)
 {
+	char *dir = moe_test_tmpdir("log");
 	int fd;
 
-	snprintf(path, sizeof(path), "%s/log", moe_test_tmpdir("log"));
+	snprintf(path, sizeof(path), "%s/log", dir);
+	free(dir);
 	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
 	ck_assert_int_ge(fd, 0);
 	fflush(stderr);
