@@ -103,6 +103,7 @@ static const char *const event_names[MOED_EVENT_COUNT] = {
 	[MOED_EVENT_PROTOCOL] = "protocol",
 	[MOED_EVENT_REQUEST] = "request_error",
 	[MOED_EVENT_STORE] = "store",
+	[MOED_EVENT_SESSION] = "session",
 };
 
 struct window {

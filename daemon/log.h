@@ -58,6 +58,8 @@ enum moed_event {
 	MOED_EVENT_PROTOCOL,    /* "protocol": a peer that broke the protocol */
 	MOED_EVENT_REQUEST,     /* "request_error": a request the engine failed */
 	MOED_EVENT_STORE,       /* "store": the store failed a read or a check */
+	MOED_EVENT_SESSION,     /* "session": a session began or ended (two per session;
+				 * a peer may connect in a loop) */
 	MOED_EVENT_COUNT
 };
 

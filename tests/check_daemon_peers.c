@@ -338,7 +338,7 @@ static int refused_client(void *p)
  */
 START_TEST(peers_cannot_flood_the_log)
 {
-	enum { JUNK = 600, REFUSED = 300, BURST = 5 };
+	enum { JUNK = 600, REFUSED = 300, SESSIONS = 100, BURST = 5 };
 	static const uint8_t junk[16] = "GET / HTTP/1.0\r\n";
 	struct moe_client *c;
 	struct moe_test_model m;
@@ -372,6 +372,11 @@ START_TEST(peers_cannot_flood_the_log)
 	} else {
 		fprintf(stderr, "SKIP: the refused-uid part of peers_cannot_flood_the_log needs root\n");
 	}
+	/* whole sessions in a loop: two lines each (begun, ended) */
+	for (int i = 0; i < SESSIONS; i++) {
+		ck_assert_int_eq(moe_client_connect(d.sock, NULL, &c), 0);
+		moe_client_disconnect(c);
+	}
 	/* moed logged each before it closed the connection: all are in the log */
 	secs = (double)(moe_test_now_ms() - t0) / 1e3;
 	bound = BURST * ((int)secs + 2);
@@ -386,6 +391,15 @@ START_TEST(peers_cannot_flood_the_log)
 	ck_assert_int_eq(moe_client_connect(d.sock, NULL, &c), 0);
 	got = wait_event_count(c, "protocol", JUNK, 10000);
 	moed_assert(&d, got == JUNK, "stats events.protocol is %lld after %d junk connections", got, JUNK);
+	/* every session begun and ended, and this one begun */
+	got = wait_event_count(c, "session", 2 * SESSIONS + 1, 10000);
+	moed_assert(&d, got == 2 * SESSIONS + 1, "stats events.session is %lld after %d sessions and this one", got,
+		    SESSIONS);
+	secs = (double)(moe_test_now_ms() - t0) / 1e3;
+	bound = BURST * ((int)secs + 2);
+	lines = log_count(&d, "): connected, ");
+	moed_assert(&d, lines >= 1 && lines <= bound, "%d sessions in %.1f s: %d 'connected' lines (want 1..%d)",
+		    SESSIONS + 1, secs, lines, bound);
 	if (root) {
 		got = wait_event_count(c, "refused", REFUSED, 10000);
 		moed_assert(&d, got == REFUSED, "stats events.refused is %lld after %d refusals", got, REFUSED);

@@ -118,6 +118,7 @@ START_TEST(interval_zero_writes_all_and_level_still_filters)
 	ck_assert_int_eq(lines_with("loud"), 1);
 	ck_assert_uint_eq(moed_log_event_count(MOED_EVENT_NO_HELLO) - n0, 31);
 	ck_assert_str_eq(moed_log_event_name(MOED_EVENT_REQUEST), "request_error");
+	ck_assert_str_eq(moed_log_event_name(MOED_EVENT_SESSION), "session");
 	ck_assert_str_eq(moed_log_event_name(MOED_EVENT_COUNT), "?");
 	moed_log_set_ratelimit(10, 5000);
 	release();
