@@ -219,6 +219,22 @@ int cmd_stats(int argc, char **argv)
 		printf("latency in moed (taken to completed), last %.0f requests: p50 %.1f us, p90 %.1f us, "
 		       "p99 %.1f us, max %.1f us\n", num(lat, "samples"), num(lat, "p50_us"), num(lat, "p90_us"),
 		       num(lat, "p99_us"), num(lat, "max_us"));
+	{
+		/* what peers made moed say (refusals, drops, bad requests): the
+		 * log keeps the first few of each interval, these are all */
+		json_t *ev = json_object_get(root, "events"), *v;
+		const char *k;
+		bool any = false;
+
+		json_object_foreach(ev, k, v)
+			any |= json_number_value(v) > 0;
+		if (any) {
+			printf("events:");
+			json_object_foreach(ev, k, v)
+				printf(" %s %.0f", k, json_number_value(v));
+			printf("\n");
+		}
+	}
 	arr = json_object_get(root, "clients");
 	for (size_t i = 0; i < json_array_size(arr); i++) {
 		json_t *cl = json_array_get(arr, i);

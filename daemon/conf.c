@@ -110,7 +110,15 @@ static const struct setting settings[] = {
 	{ "limits.max_tokens_per_request", K_U32, OFF(limits.max_tokens_per_request), .min = 1,
 	  .max = 1 << 20, .def = 8192, .live = true },
 	{ "limits.segment_mb", K_U32, OFF(limits.segment_mb), .min = 1, .max = 65536, .def = 64 },
+	{ "limits.max_clients_per_uid", K_U32, OFF(limits.max_clients_per_uid), .max = 1024, .live = true },
+	{ "limits.max_pending_per_uid", K_U32, OFF(limits.max_pending_per_uid), .min = 1, .max = 1024, .def = 8,
+	  .live = true },
+	{ "limits.hello_timeout_ms", K_U32, OFF(limits.hello_timeout_ms), .min = 100, .max = 60000, .def = 2000,
+	  .live = true },
 	{ "log.level", K_LEVEL, OFF(log.level), .max = 7, .def = 6, .live = true },
+	{ "log.ratelimit_burst", K_U32, OFF(log.ratelimit_burst), .max = 1000000, .def = 10, .live = true },
+	{ "log.ratelimit_interval_ms", K_U32, OFF(log.ratelimit_interval_ms), .max = 3600000, .def = 5000,
+	  .live = true },
 };
 
 #define N_SETTINGS (sizeof(settings) / sizeof(settings[0]))
@@ -1396,6 +1404,16 @@ void moed_config_apply_live(struct moed_config *running, struct moed_config *fro
 	for (size_t i = 0; i < N_SETTINGS; i++)
 		if (settings[i].live)
 			swap_value(running, from, &settings[i]);
+}
+
+uint32_t moed_config_clients_per_uid(const struct moed_config *c)
+{
+	/* one user may hold all but an eighth of the sessions: most of them,
+	 * and still room for another allowed user to connect */
+	if (c->limits.max_clients_per_uid)
+		return c->limits.max_clients_per_uid < c->limits.max_clients ? c->limits.max_clients_per_uid
+										 : c->limits.max_clients;
+	return c->limits.max_clients - c->limits.max_clients / 8;
 }
 
 bool moed_config_is_live(const char *name)

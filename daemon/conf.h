@@ -73,9 +73,15 @@ struct moed_config {
 		uint32_t max_clients;             /* 1..1024 */
 		uint32_t max_tokens_per_request;  /* 1..batch.max_tokens */
 		uint32_t segment_mb;              /* client shared segment, 1..65536 */
+		uint32_t max_clients_per_uid;     /* 0..1024, 0: max_clients less an eighth
+						   * (moed_config_clients_per_uid) */
+		uint32_t max_pending_per_uid;     /* connections waiting for HELLO, 1..1024 */
+		uint32_t hello_timeout_ms;        /* for the HELLO, 100..60000 */
 	} limits;
 	struct {
 		int level;     /* syslog priority, 0 (emerg) .. 7 (debug) */
+		uint32_t ratelimit_burst;        /* lines per class and interval, 0..1000000 */
+		uint32_t ratelimit_interval_ms;  /* 0 (no limit)..3600000 */
 	} log;
 };
 
@@ -141,6 +147,11 @@ int moed_config_diff(const struct moed_config *a, const struct moed_config *b, b
  * nothing.  The caller keeps @running's readers out meanwhile.
  */
 void moed_config_apply_live(struct moed_config *running, struct moed_config *from);
+
+/* The sessions one uid may hold: limits.max_clients_per_uid, or when that
+ * is 0, limits.max_clients less an eighth (rounded down); never more than
+ * limits.max_clients. */
+uint32_t moed_config_clients_per_uid(const struct moed_config *c);
 
 /* A reload applies this setting to the running daemon (moed.conf(5), RELOAD);
  * false for settings that need a restart and for unknown names. */

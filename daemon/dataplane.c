@@ -43,11 +43,27 @@ void dataplane_wake(struct moed_server *s)
 	moe_futex_wake((uint32_t *)&s->wake_word, 1);
 }
 
+/* Has @c submitted what the daemon can take?  A submission whose
+ * completion has no room is not work until the client advances cq_head
+ * (proto.h, "A full completion ring"): counting it made the data thread
+ * spin on a stopped client.  A corrupt cq_head counts, so that take()
+ * ends the session. */
 static bool has_work(struct client *c)
 {
 	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
 
-	return tail != c->sq_head;
+	if (tail == c->sq_head)
+		return false;
+	return c->cq_tail - __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE) != c->seg.cq_entries;
+}
+
+/* Submissions waiting for room in @c's completion ring? */
+static bool cq_stalled(struct client *c)
+{
+	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
+
+	return tail != c->sq_head &&
+	       c->cq_tail - __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE) == c->seg.cq_entries;
 }
 
 /* End @c's session from the data side: the control thread sees the socket
@@ -57,7 +73,8 @@ static void kick(struct client *c, const char *why)
 	if (c->kicked)
 		return;
 	c->kicked = true;
-	log_warning("client %u (pid %d): %s: disconnecting it", c->id, (int)c->pid, why);
+	moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client %u (pid %d, uid %u): %s: disconnecting it",
+		       c->id, (int)c->pid, (unsigned)c->uid, why);
 	__atomic_store_n(&c->seg.hdr->daemon_state, MOE_SEG_CLOSED, __ATOMIC_RELEASE);
 	shutdown(c->fd, SHUT_RDWR);
 }
@@ -369,15 +386,17 @@ static void run_layer(struct moed_server *s, struct req *r0, struct req *r1, uin
 			for (struct req *q = r0; q < e; q++) {
 				moe_err_clear(&err);
 				r = run_batch(s, q, q + 1, &err);
+				/* one line per failed request would flood the log
+				 * while a damaged store fails every one of them */
 				if (r < 0)
-					moed_log(fail_level(s, r), "client %u: layer %u: %s", q->c->id,
-						 q->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
+					moed_log_event(MOED_EVENT_REQUEST, fail_level(s, r), "client %u: layer %u: %s",
+						       q->c->id, q->sqe.layer, err.msg[0] ? err.msg : strerror(-r));
 				finish(s, q, q + 1, r);
 			}
 		} else {
 			if (r < 0)
-				moed_log(fail_level(s, r), "layer %u: %s", r0->sqe.layer,
-					 err.msg[0] ? err.msg : strerror(-r));
+				moed_log_event(MOED_EVENT_REQUEST, fail_level(s, r), "layer %u: %s", r0->sqe.layer,
+					       err.msg[0] ? err.msg : strerror(-r));
 			finish(s, r0, e, r);
 		}
 		r0 = e;
@@ -428,7 +447,9 @@ static void data_sleep(struct moed_server *s, uint32_t own)
 			wv[n++] = (struct futex_waitv){
 				.val = __atomic_load_n(&c->seg.hdr->daemon_futex, __ATOMIC_ACQUIRE),
 				.uaddr = (uintptr_t)&c->seg.hdr->daemon_futex, .flags = FUTEX_32 };
-		__atomic_store_n(&c->seg.hdr->daemon_wait, 1, __ATOMIC_RELAXED);
+		/* a stalled client is asked to kick when it frees room too */
+		__atomic_store_n(&c->seg.hdr->daemon_wait,
+				 MOE_DAEMON_WAIT_SQ | (cq_stalled(c) ? MOE_DAEMON_WAIT_CQ : 0), __ATOMIC_RELAXED);
 	}
 	atomic_thread_fence(memory_order_seq_cst);
 	for (struct client *c = s->clients; c && !work; c = c->next)

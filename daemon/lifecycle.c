@@ -235,6 +235,7 @@ static void reload_config(struct moed_server *s)
 	moed_config_apply_live(s->cfg, n);
 	pthread_mutex_unlock(&s->cfg_lock);
 	moed_log_set_level(s->cfg->log.level);
+	moed_log_set_ratelimit(s->cfg->log.ratelimit_burst, s->cfg->log.ratelimit_interval_ms);
 	moed_config_free(n);
 	log_info("reloaded %s", s->config_path);
 	notify("READY=1");
@@ -248,13 +249,14 @@ static void reload(struct moed_server *s)
 
 static void status_tick(struct moed_server *s)
 {
-	time_t now = time(NULL);
 	struct moe_store_health h;
 	char msg[1024];
 
 	stats_deliver(s, false);      /* no snapshot in time: the latest one */
 	/* a session that never says HELLO does not keep its socket */
-	session_expire_greetings(s, now);
+	session_expire_greetings(s);
+	/* the summaries of rate-limited messages whose interval is over */
+	moed_log_events_flush();
 
 	uint64_t t = moe_now_ns();
 	double dt = (double)(t - s->tps_t0) / 1e9;

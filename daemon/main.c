@@ -169,6 +169,7 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	moed_log_set_level(cfg->log.level);
+	moed_log_set_ratelimit(cfg->log.ratelimit_burst, cfg->log.ratelimit_interval_ms);
 
 	r = moed_server_new(cfg, config_path, ov, nov, &srv, &err);   /* takes cfg */
 	if (r < 0) {

@@ -74,7 +74,7 @@ struct client {
 	pid_t pid;                       /* fixed: SO_PEERCRED at accept */
 	uid_t uid;                       /* fixed */
 	gid_t gid;                       /* fixed */
-	time_t accepted;                 /* fixed: for the HELLO timeout */
+	uint64_t accepted_ns;            /* fixed: for the HELLO timeout (moe_now_ns) */
 
 	/* control: the message being read (the largest kind) */
 	uint8_t in[sizeof(struct moe_msg_header) +
@@ -119,7 +119,8 @@ struct client {
 	bool dev_taken;                  /* data: a device request taken this pass */
 
 	struct client *next;             /* lock s->lock while in s->incoming; then data, in s->clients */
-	struct client *ctl_next;         /* control: in s->greeting, before HELLO */
+	struct client *ctl_next;         /* control: in s->greeting before HELLO, in
+					  * s->sessions after it */
 };
 
 /* A request taken from a ring, checked, waiting for its batch (data). */
@@ -158,8 +159,10 @@ struct moed_server {
 	int spare_fd;                    /* control: given up to accept and drop a connection at EMFILE */
 	uint32_t next_id;                /* control */
 	uint32_t nclients;               /* control: sessions welcomed and not yet ended */
-	struct client *greeting;         /* control: sessions that have not said HELLO */
+	struct client *greeting;         /* control: sessions that have not said HELLO,
+					  * the newest first */
 	uint32_t ngreeting;              /* control */
+	struct client *sessions;         /* control: the welcomed ones, for the per-uid quota */
 
 	/* between the threads */
 	pthread_mutex_t lock;            /* guards incoming, the stats snapshot and pins_req */
@@ -241,8 +244,9 @@ void session_free(struct moed_server *s, struct client *c);
  * session must end (-ENOBUFS for a client that asks and never reads). */
 int session_reply(struct moed_server *s, struct client *c, uint32_t type, const void *payload, size_t len);
 
-/* Drop the sessions that have not said HELLO in time (the status tick). */
-void session_expire_greetings(struct moed_server *s, time_t now);
+/* Drop the sessions that have not said HELLO within limits.hello_timeout_ms
+ * (the status tick, and each accept). */
+void session_expire_greetings(struct moed_server *s);
 
 /* ------------------------------------------------------------------ stats.c */
 

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Sessions, on the control thread: accept a connection and check the
- * peer's credentials (access.uids, access.gids), read its control
- * messages, answer HELLO with a sealed memfd segment and hand the session
- * to the data thread, pass STATS and the CUDA messages on (stats.c,
+ * peer's credentials (access.uids, access.gids) and its uid's share (the
+ * connections waiting for HELLO, the sessions: limits.*_per_uid), read
+ * its control messages, answer HELLO with a sealed memfd segment and hand
+ * the session to the data thread, pass STATS and the CUDA messages on (stats.c,
  * cudaipc.c), queue and send the answers without blocking, and end the
  * session when its socket closes or it breaks the protocol.
  */
@@ -25,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/clock.h"
 #include "engine/engine.h"
 #include "libmoeclient/moeclient.h"
 #include "proto/proto.h"
@@ -34,7 +36,6 @@
 
 #define SQ_ENTRIES_DEFAULT 64u      /* requests a client may have queued */
 #define SQ_ENTRIES_MAX 4096u        /* the most a HELLO may ask for */
-#define HELLO_TIMEOUT_S 10          /* a session that has not said HELLO by then is dropped */
 
 void session_free(struct moed_server *s, struct client *c)
 {
@@ -49,9 +50,9 @@ void session_free(struct moed_server *s, struct client *c)
 	free(c->out);
 	if (c->welcomed) {
 		atomic_fetch_sub(&s->live_clients, 1);
-		log_info("client %u (pid %d, uid %u): session ended after %" PRIu64 " requests, %" PRIu64
-			 " tokens, %" PRIu64 " errors", c->id, (int)c->pid, (unsigned)c->uid, c->requests,
-			 c->tokens, c->errors);
+		moed_log_event(MOED_EVENT_SESSION, MOED_LOG_INFO, "client %u (pid %d, uid %u): session ended after "
+			       "%" PRIu64 " requests, %" PRIu64 " tokens, %" PRIu64 " errors", c->id, (int)c->pid,
+			       (unsigned)c->uid, c->requests, c->tokens, c->errors);
 	}
 	free(c);
 }
@@ -354,6 +355,40 @@ static void greeting_remove(struct moed_server *s, struct client *c)
 		}
 }
 
+/* Welcomed sessions of @uid (the per-uid quota; at most limits.max_clients). */
+static uint32_t sessions_of(struct moed_server *s, uid_t uid)
+{
+	uint32_t n = 0;
+
+	for (struct client *c = s->sessions; c; c = c->ctl_next)
+		n += c->uid == uid;
+	return n;
+}
+
+static void sessions_remove(struct moed_server *s, struct client *c)
+{
+	for (struct client **pp = &s->sessions; *pp; pp = &(*pp)->ctl_next)
+		if (*pp == c) {
+			*pp = c->ctl_next;
+			return;
+		}
+}
+
+/* Connections of @uid waiting for their HELLO, and the oldest of them in
+ * *@oldest (the list has the newest first). */
+static uint32_t greeting_of(struct moed_server *s, uid_t uid, struct client **oldest)
+{
+	uint32_t n = 0;
+
+	*oldest = NULL;
+	for (struct client *c = s->greeting; c; c = c->ctl_next)
+		if (c->uid == uid) {
+			n++;
+			*oldest = c;
+		}
+	return n;
+}
+
 /* A HELLO arrived in full: answer it and hand the session over. */
 static int hello(struct moed_server *s, struct client *c, const struct moe_msg_hello *h)
 {
@@ -366,7 +401,8 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 	if (h->version != MOE_PROTO_VERSION) {
 		refuse(c->fd, -MOE_E_PROTO, "protocol version %u is not supported (moed speaks %u)",
 		       h->version, MOE_PROTO_VERSION);
-		log_warning("client pid %d: protocol version %u refused", (int)c->pid, h->version);
+		moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): protocol version %u "
+			       "refused", (int)c->pid, (unsigned)c->uid, h->version);
 		free(w);
 		return -MOE_E_PROTO;
 	}
@@ -376,15 +412,29 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 	if (full) {
 		refuse(c->fd, -EUSERS, "moed serves its maximum of %u clients (limits.max_clients)",
 		       s->cfg->limits.max_clients);
-		log_warning("client pid %d refused: limits.max_clients (%u) reached", (int)c->pid,
-			    s->cfg->limits.max_clients);
+		moed_log_event(MOED_EVENT_LIMIT, MOED_LOG_WARNING, "client pid %d (uid %u) refused: "
+			       "limits.max_clients (%u) reached", (int)c->pid, (unsigned)c->uid,
+			       s->cfg->limits.max_clients);
+		free(w);
+		return -EUSERS;
+	}
+	/* one user may not hold every session (the control thread alone
+	 * writes the live limits: no cfg_lock to read them here) */
+	uint32_t per_uid = moed_config_clients_per_uid(s->cfg);
+	if (sessions_of(s, c->uid) >= per_uid) {
+		refuse(c->fd, -EUSERS, "uid %u holds its maximum of %u sessions (limits.max_clients_per_uid in %s): "
+		       "end one of them, or raise the limit", (unsigned)c->uid, per_uid,
+		       s->config_path ? s->config_path : "moed.conf");
+		moed_log_event(MOED_EVENT_LIMIT, MOED_LOG_WARNING, "client pid %d (uid %u) refused: "
+			       "limits.max_clients_per_uid (%u) reached", (int)c->pid, (unsigned)c->uid, per_uid);
 		free(w);
 		return -EUSERS;
 	}
 	fd = segment_make(s, c, h, why, sizeof(why));
 	if (fd < 0) {
 		refuse(c->fd, fd, "%s", why);
-		log_warning("client pid %d: no segment: %s", (int)c->pid, why);
+		moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): no segment: %s",
+			       (int)c->pid, (unsigned)c->uid, why);
 		free(w);
 		return fd;
 	}
@@ -400,10 +450,12 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 		return r;
 	c->welcomed = true;
 	greeting_remove(s, c);
+	c->ctl_next = s->sessions;
+	s->sessions = c;
 	s->nclients++;
 	atomic_fetch_add(&s->live_clients, 1);
-	log_info("client %u (pid %d, uid %u): connected, %" PRIu64 " MiB segment", c->id, (int)c->pid,
-		 (unsigned)c->uid, (uint64_t)(c->seg.bytes >> 20));
+	moed_log_event(MOED_EVENT_SESSION, MOED_LOG_INFO, "client %u (pid %d, uid %u): connected, %" PRIu64
+		       " MiB segment", c->id, (int)c->pid, (unsigned)c->uid, (uint64_t)(c->seg.bytes >> 20));
 	pthread_mutex_lock(&s->lock);
 	c->next = s->incoming;
 	s->incoming = c;
@@ -434,16 +486,11 @@ void session_accept(struct moed_loop *l, int lfd, void *data, unsigned mask)
 			if (fd >= 0)
 				close(fd);
 			s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-			log_warning("out of file descriptors: a connection was dropped");
+			moed_log_event(MOED_EVENT_LIMIT, MOED_LOG_WARNING,
+				       "out of file descriptors: a connection was dropped");
 		} else if (errno != EAGAIN && errno != EINTR) {
 			log_warning("accept: %s", strerror(errno));
 		}
-		return;
-	}
-	if (s->ngreeting >= 2 * s->cfg->limits.max_clients + 16) {
-		/* connections that have not said HELLO are bounded too */
-		close(fd);
-		log_warning("too many connections waiting to say HELLO: one was dropped");
 		return;
 	}
 	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
@@ -457,10 +504,32 @@ void session_accept(struct moed_loop *l, int lfd, void *data, unsigned mask)
 	if (!ok) {
 		refuse(fd, -EACCES, "uid %u (gid %u) is not allowed by access.uids/access.gids in %s",
 		       (unsigned)cred.uid, (unsigned)cred.gid, s->config_path ? s->config_path : "the configuration");
-		log_warning("client pid %d (uid %u, gid %u) refused: not in access.uids or access.gids",
-			    (int)cred.pid, (unsigned)cred.uid, (unsigned)cred.gid);
+		moed_log_event(MOED_EVENT_REFUSED, MOED_LOG_WARNING, "client pid %d (uid %u, gid %u) refused: not in "
+			       "access.uids or access.gids", (int)cred.pid, (unsigned)cred.uid, (unsigned)cred.gid);
 		close(fd);
 		return;
+	}
+	/* connections that have not said HELLO: the expired ones go first;
+	 * then a uid over its own limit loses its oldest (not the new one,
+	 * which is likelier to be a client about to say HELLO, and never
+	 * another uid's), so that one user's idle connections cannot lock
+	 * the others out; a cap on them all stays as the last resort */
+	session_expire_greetings(s);
+	{
+		struct client *oldest;
+		uint32_t pending = greeting_of(s, cred.uid, &oldest);
+
+		if (pending >= s->cfg->limits.max_pending_per_uid && oldest) {
+			moed_log_event(MOED_EVENT_LIMIT, MOED_LOG_WARNING, "uid %u has %u connections waiting to say "
+				       "HELLO (limits.max_pending_per_uid): dropping its oldest (pid %d)",
+				       (unsigned)cred.uid, pending, (int)oldest->pid);
+			session_end(s, oldest);
+		} else if (s->ngreeting >= 2 * s->cfg->limits.max_clients + 16) {
+			close(fd);
+			moed_log_event(MOED_EVENT_LIMIT, MOED_LOG_WARNING, "too many connections waiting to say HELLO "
+				       "(%u): one of uid %u was dropped", s->ngreeting, (unsigned)cred.uid);
+			return;
+		}
 	}
 	c = calloc(1, sizeof(*c));
 	if (!c) {
@@ -474,7 +543,7 @@ void session_accept(struct moed_loop *l, int lfd, void *data, unsigned mask)
 	c->uid = cred.uid;
 	c->gid = cred.gid;
 	c->id = ++s->next_id;
-	c->accepted = time(NULL);
+	c->accepted_ns = moe_now_ns();
 	if (moed_loop_add(l, fd, MOED_LOOP_READABLE, client_event, c) < 0) {
 		close(fd);
 		pthread_mutex_destroy(&c->rlock);
@@ -497,6 +566,7 @@ void session_end(struct moed_server *s, struct client *c)
 		session_free(s, c);
 		return;
 	}
+	sessions_remove(s, c);
 	s->nclients--;
 	atomic_store(&c->dead, true);
 	dataplane_wake(s);
@@ -523,7 +593,8 @@ static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 
 		if (c->in_len >= sizeof(*h)) {
 			if (h->magic != MOE_MSG_MAGIC || h->len > sizeof(c->in) - sizeof(*h)) {
-				log_warning("client pid %d: not the moed protocol: dropping it", (int)c->pid);
+				moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): not "
+					       "the moed protocol: dropping it", (int)c->pid, (unsigned)c->uid);
 				session_end(s, c);
 				return;
 			}
@@ -550,7 +621,8 @@ static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 			struct moe_msg_hello hello_msg = { 0 };
 
 			if (c->welcomed || h->len != sizeof(hello_msg)) {
-				log_warning("client pid %d: unexpected HELLO: dropping it", (int)c->pid);
+				moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): "
+					       "unexpected HELLO: dropping it", (int)c->pid, (unsigned)c->uid);
 				session_end(s, c);
 				return;
 			}
@@ -576,8 +648,9 @@ static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 			int r;
 
 			if (!c->welcomed || h->len != (is_map ? sizeof(map) : sizeof(unmap))) {
-				log_warning("client pid %d: unexpected %s message: dropping it", (int)c->pid,
-					    is_map ? "CUDA_MAP" : "CUDA_UNMAP");
+				moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): "
+					       "unexpected %s message: dropping it", (int)c->pid, (unsigned)c->uid,
+					       is_map ? "CUDA_MAP" : "CUDA_UNMAP");
 				session_end(s, c);
 				return;
 			}
@@ -595,19 +668,24 @@ static void client_event(struct moed_loop *l, int fd, void *data, unsigned mask)
 			break;
 		}
 		default:
-			log_warning("client pid %d: unknown message type %u: dropping it", (int)c->pid, h->type);
+			moed_log_event(MOED_EVENT_PROTOCOL, MOED_LOG_WARNING, "client pid %d (uid %u): unknown "
+				       "message type %u: dropping it", (int)c->pid, (unsigned)c->uid, h->type);
 			session_end(s, c);
 			return;
 		}
 	}
 }
 
-void session_expire_greetings(struct moed_server *s, time_t now)
+void session_expire_greetings(struct moed_server *s)
 {
+	uint64_t now = moe_now_ns(), limit = (uint64_t)s->cfg->limits.hello_timeout_ms * 1000000u;
+
 	for (struct client *c = s->greeting, *next; c; c = next) {
 		next = c->ctl_next;
-		if (now - c->accepted > HELLO_TIMEOUT_S) {
-			log_warning("client pid %d: no HELLO in %d s: dropping it", (int)c->pid, HELLO_TIMEOUT_S);
+		if (now - c->accepted_ns > limit) {
+			moed_log_event(MOED_EVENT_NO_HELLO, MOED_LOG_WARNING, "client pid %d (uid %u): no HELLO in "
+				       "%u ms (limits.hello_timeout_ms): dropping it", (int)c->pid, (unsigned)c->uid,
+				       s->cfg->limits.hello_timeout_ms);
 			session_end(s, c);
 		}
 	}

@@ -25,6 +25,7 @@
 #include "engine/clock.h"
 #include "engine/engine.h"
 #include "proto/proto.h"
+#include "log.h"
 #include "server_impl.h"
 
 #define STATS_WAIT_MS 2000          /* how long a request waits for a fresh snapshot */
@@ -137,6 +138,16 @@ void stats_snapshot(struct moed_server *s)
 		json_object_set_new(lat, "max_us", json_real((double)sorted[n - 1] / 1e3));
 	}
 	json_object_set_new(root, "latency", lat);
+	{
+		/* what peers made moed say, every one, also those the log
+		 * left out (log.h, rate-limited messages) */
+		json_t *ev = json_object();
+
+		for (int i = 0; i < MOED_EVENT_COUNT; i++)
+			json_object_set_new(ev, moed_log_event_name((enum moed_event)i),
+					    json_integer((json_int_t)moed_log_event_count((enum moed_event)i)));
+		json_object_set_new(root, "events", ev);
+	}
 	for (struct client *c = s->clients; c; c = c->next)
 		json_array_append_new(clients, json_pack("{s:i,s:i,s:i,s:I,s:I,s:I}", "id", (int)c->id,
 							 "pid", (int)c->pid, "uid", (int)c->uid,

@@ -165,7 +165,15 @@ static int reap(struct moe_client *c)
 
 		c->stash[c->nstash++] = (struct moe_completion){ e->user_data, e->res };
 	}
-	__atomic_store_n(&c->seg.hdr->cq_head, head, __ATOMIC_RELEASE);
+	if (head != c->seg.hdr->cq_head) {
+		__atomic_store_n(&c->seg.hdr->cq_head, head, __ATOMIC_RELEASE);
+		/* moed may sleep on a full completion ring: room now (proto.h) */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&c->seg.hdr->daemon_wait, __ATOMIC_RELAXED) & MOE_DAEMON_WAIT_CQ) {
+			__atomic_fetch_add(&c->seg.hdr->daemon_futex, 1, __ATOMIC_RELEASE);
+			moe_futex_wake(&c->seg.hdr->daemon_futex, 1);
+		}
+	}
 	return 0;
 }
 

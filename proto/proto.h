@@ -43,6 +43,15 @@
  * producer publishes, issues a full fence, and if the flag is set
  * increments the futex word and FUTEX_WAKEs it.  So an idle side costs
  * nothing and a busy one no system call per request.
+ *
+ * A full completion ring: the daemon takes a submission only when its
+ * completion has room, so a client that stops reading its completions
+ * (stopped, in a debugger) has submissions the daemon cannot take.  The
+ * daemon does not count them as work (it would spin on them); it sleeps
+ * with MOE_DAEMON_WAIT_CQ set in daemon_wait as well, and a client that
+ * advances cq_head issues a full fence and, if that bit is set, kicks
+ * daemon_futex as after a submission.  A client that does not kick is
+ * still served, within the daemon's sleep slice (a second).
  */
 #ifndef MOE_PROTO_H
 #define MOE_PROTO_H
@@ -196,7 +205,8 @@ struct moe_seg_header {
 	_Alignas(64) uint32_t cq_tail;  /* daemon: next CQE it fills */
 	_Alignas(64) uint32_t cq_head;  /* client: CQEs it has consumed */
 
-	/* the daemon sleeps on daemon_futex when daemon_wait is set */
+	/* the daemon sleeps on daemon_futex when daemon_wait is set
+	 * (MOE_DAEMON_WAIT_*) */
 	_Alignas(64) uint32_t daemon_futex;
 	uint32_t daemon_wait;
 	/* the client sleeps on client_futex when client_wait is set */
@@ -205,6 +215,11 @@ struct moe_seg_header {
 	_Alignas(64) uint32_t daemon_state; /* MOE_SEG_* set by the daemon */
 };
 _Static_assert(sizeof(struct moe_seg_header) <= MOE_SEG_HEADER_SIZE, "segment header fits its page");
+
+/* daemon_wait: why the daemon may sleep */
+#define MOE_DAEMON_WAIT_SQ 1u       /* for submissions: kick after one */
+#define MOE_DAEMON_WAIT_CQ 2u       /* ... and for room in the completion ring:
+				     * kick after advancing cq_head */
 
 #define MOE_SEG_SERVING 0
 #define MOE_SEG_CLOSED 1            /* the daemon stopped serving this segment */

@@ -88,8 +88,9 @@ static const char every_setting[] =
 	"pager = { queue_depth = 64; chunk_kb = 2048; prefetch = false; };\n"
 	"store = { verify = \"open\"; };\n"
 	"batch = { window_us = 250; max_tokens = 16384; };\n"
-	"limits = { max_clients = 8; max_tokens_per_request = 4096; segment_mb = 256; };\n"
-	"log = { level = \"debug\"; };\n";
+	"limits = { max_clients = 8; max_tokens_per_request = 4096; segment_mb = 256;\n"
+	"           max_clients_per_uid = 3; max_pending_per_uid = 4; hello_timeout_ms = 700; };\n"
+	"log = { level = \"debug\"; ratelimit_burst = 3; ratelimit_interval_ms = 60000; };\n";
 
 START_TEST(defaults_are_those_of_the_man_page)
 {
@@ -120,6 +121,12 @@ START_TEST(defaults_are_those_of_the_man_page)
 	ck_assert_uint_eq(c->limits.max_tokens_per_request, 8192);
 	ck_assert_uint_eq(c->limits.segment_mb, 64);
 	ck_assert_int_eq(c->log.level, 6);
+	ck_assert_uint_eq(c->limits.max_clients_per_uid, 0);
+	ck_assert_uint_eq(moed_config_clients_per_uid(c), 56);     /* all but an eighth */
+	ck_assert_uint_eq(c->limits.max_pending_per_uid, 8);
+	ck_assert_uint_eq(c->limits.hello_timeout_ms, 2000);
+	ck_assert_uint_eq(c->log.ratelimit_burst, 10);
+	ck_assert_uint_eq(c->log.ratelimit_interval_ms, 5000);
 	moed_config_free(c);
 	moed_config_free(NULL);
 }
@@ -183,7 +190,13 @@ START_TEST(every_setting_is_read)
 	ck_assert_uint_eq(c->limits.max_clients, 8);
 	ck_assert_uint_eq(c->limits.max_tokens_per_request, 4096);
 	ck_assert_uint_eq(c->limits.segment_mb, 256);
+	ck_assert_uint_eq(c->limits.max_clients_per_uid, 3);
+	ck_assert_uint_eq(moed_config_clients_per_uid(c), 3);
+	ck_assert_uint_eq(c->limits.max_pending_per_uid, 4);
+	ck_assert_uint_eq(c->limits.hello_timeout_ms, 700);
 	ck_assert_int_eq(c->log.level, 7);
+	ck_assert_uint_eq(c->log.ratelimit_burst, 3);
+	ck_assert_uint_eq(c->log.ratelimit_interval_ms, 60000);
 	moed_config_free(c);
 }
 END_TEST
@@ -222,7 +235,8 @@ static const struct {
 	{ "# c\nmodle = \"x\";\n",
 	  ":2: unknown setting 'modle' (known: model, backend, threads, socket, access, cache, pager, "
 	  "store, batch, limits, log)" },
-	{ "log = { level = \"info\"; file = \"x\"; };\n", ":1: unknown setting 'log.file' (log has level)" },
+	{ "log = { level = \"info\"; file = \"x\"; };\n", ":1: unknown setting 'log.file' (log has level, ratelimit_burst, "
+	  "ratelimit_interval_ms)" },
 	/* wrong types */
 	{ "pager = { prefetch = 1; };\n", ":1: pager.prefetch: expected true or false, not an integer" },
 	{ "pager = { prefetch = \"yes\"; };\n", ":1: pager.prefetch: expected true or false, not a string" },
@@ -522,7 +536,12 @@ START_TEST(dump_has_every_setting_and_reads_back)
 		"limits.max_clients = 8\n",
 		"limits.max_tokens_per_request = 4096\n",
 		"limits.segment_mb = 256\n",
+		"limits.max_clients_per_uid = 3\n",
+		"limits.max_pending_per_uid = 4\n",
+		"limits.hello_timeout_ms = 700\n",
 		"log.level = \"debug\"\n",
+		"log.ratelimit_burst = 3\n",
+		"log.ratelimit_interval_ms = 60000\n",
 	};
 	struct moed_config *c, *d = defaults();
 	struct moe_err err = { 0 };
@@ -631,7 +650,9 @@ START_TEST(diff_tells_reloadable_settings_from_restart_ones)
 {
 	static const char *const live[] = {
 		"log.level", "access.uids", "access.gids", "batch.window_us", "batch.max_tokens",
-		"limits.max_tokens_per_request", "cache.pin", "cache.pin_hot",
+		"limits.max_tokens_per_request", "cache.pin", "cache.pin_hot", "limits.max_clients_per_uid",
+		"limits.max_pending_per_uid", "limits.hello_timeout_ms", "log.ratelimit_burst",
+		"log.ratelimit_interval_ms",
 	};
 	static const char *const restart[] = {
 		"model", "backend", "threads", "socket.path", "socket.mode", "socket.group",

@@ -460,6 +460,12 @@ uint32_t moe_test_raw_reap(struct moe_test_raw *r, struct moe_cqe *out, uint32_t
 		while (head != tail && got < n)
 			out[got++] = r->cq[head++ & (r->cq_entries - 1)];
 		__atomic_store_n(&r->hdr->cq_head, head, __ATOMIC_RELEASE);
+		/* room in the completion ring: wake moed if it waits for that (proto.h) */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&r->hdr->daemon_wait, __ATOMIC_RELAXED) & MOE_DAEMON_WAIT_CQ) {
+			__atomic_fetch_add(&r->hdr->daemon_futex, 1, __ATOMIC_RELEASE);
+			moe_futex_wake(&r->hdr->daemon_futex, 1);
+		}
 		if (got == n || moe_test_now_ms() > end)
 			break;
 		usleep(CQ_POLL_US);

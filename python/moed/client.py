@@ -97,7 +97,8 @@ def _connect_error(lib, rc: int, path: str, arena_bytes: int, sq_entries: int) -
         hint = (f"{path} refuses user {os.getuid()}: the socket's mode/group or moed's access "
                 "lists (moed.conf(5), access) decide who may connect")
     elif rc == -errno.EUSERS:
-        hint = f"moed at {path} serves its maximum of clients (limits.max_clients)"
+        hint = (f"moed at {path} serves its maximum of clients (limits.max_clients), or this "
+                "user's (limits.max_clients_per_uid): end a session or raise the limit in moed.conf")
     elif rc in (-errno.E2BIG, -errno.ENOSPC):
         hint = (f"arena_bytes={arena_bytes} does not fit moed's limits.segment_mb; ask for "
                 "less (0: moed's default)")
