@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "moectl.h"
+#include "formats/outfile.h"
 
 int moectl_fail(const char *fmt, ...)
 {
@@ -161,6 +162,8 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	/* a store or output being written is removed on ^C, not left behind */
+	moe_outfile_catch_signals();
 	for (size_t c = 0; c < sizeof(commands) / sizeof(commands[0]); c++)
 		if (!strcmp(argv[i], commands[c].name))
 			return commands[c].fn(argc - i, argv + i);
