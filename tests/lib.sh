@@ -140,6 +140,14 @@ moed_stop() {
 # (that program's own allocations are not ours to check).  A no-op for
 # other builds.
 asan_preload() {
+	# the same for a ThreadSanitizer build (configure --enable-tsan): only
+	# the instrumented library's accesses are checked, python's are not seen
+	rt=$(ldd "$1" 2>/dev/null | awk '/libtsan\.so/ { print $3; exit }')
+	if [ -n "$rt" ]; then
+		LD_PRELOAD=$rt${LD_PRELOAD:+:$LD_PRELOAD}
+		export LD_PRELOAD
+		return 0
+	fi
 	rt=$(ldd "$1" 2>/dev/null | awk '/libasan\.so/ { print $3; exit }')
 	[ -n "$rt" ] || return 0
 	LD_PRELOAD=$rt${LD_PRELOAD:+:$LD_PRELOAD}
