@@ -6,9 +6,11 @@
 
 #include <getopt.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -43,7 +45,8 @@ static void pack_usage(FILE *f)
 	      "Pack the MoE layers of the Hugging Face checkpoint in HF_DIR (config.json and\n"
 	      "model.safetensors or its shards) into the .moe store STORE (see moe-store(5)).\n"
 	      "\n"
-	      "  -o, --output STORE   the store to write (written as STORE.tmp, then renamed)\n"
+	      "  -o, --output STORE   the store to write (written under a temporary name\n"
+	      "                       in its directory, then renamed into place)\n"
 	      "  --dtype DTYPE        convert the expert weights to bf16, f16 or f32, FP8\n"
 	      "                       ones dequantized (default: keep the checkpoint's\n"
 	      "                       dtype, FP8 included)\n"
@@ -61,8 +64,19 @@ static void pack_usage(FILE *f)
 
 static void pack_progress(void *ctx, uint64_t done, uint64_t total, const char *what)
 {
+	static bool stalled;
+	const char *stall;
+
 	(void)what;
 	moectl_progress(ctx, done, total);
+	/* For tests/cli_pack.sh: stop mid-store, so that a test can send a
+	 * signal to a pack that has written part of its output. */
+	stall = getenv("MOECTL_PACK_TEST_STALL");
+	if (stall && !stalled && done > 0 && done < total) {
+		stalled = true;
+		fprintf(stderr, "moectl: pack: stalled for a test\n");
+		sleep((unsigned)atoi(stall));
+	}
 }
 
 /* The rest of pack, options parsed. */

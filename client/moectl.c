@@ -17,6 +17,7 @@
 
 #include "engine/suggest.h"
 #include "libmoeclient/moeclient.h"
+#include "formats/outfile.h"
 #include "moectl.h"
 
 int moectl_fail(const char *fmt, ...)
@@ -309,6 +310,8 @@ int main(int argc, char **argv)
 		memmove(argv + j, argv + j + n, (size_t)(argc - j - n + 1) * sizeof(*argv));
 		argc -= n;
 	}
+	/* a store or output being written is removed on ^C, not left behind */
+	moe_outfile_catch_signals();
 	for (size_t c = 0; c < ncmd; c++) {
 		if (!strcmp(argv[i], commands[c].name))
 			return commands[c].fn(argc - i, argv + i);

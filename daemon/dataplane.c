@@ -338,7 +338,7 @@ static void finish(struct moed_server *s, struct req *r0, struct req *r1, int re
 		if (res == 0) {
 			q->c->tokens += q->sqe.tokens;
 			s->total_tokens += q->sqe.tokens;
-			s->tps_tokens += q->sqe.tokens;
+			atomic_fetch_add_explicit(&s->tps_tokens, q->sqe.tokens, memory_order_relaxed);
 		}
 		record_latency(s, t1 - q->t0);
 	}
@@ -523,7 +523,7 @@ void *dataplane_main(void *arg)
 {
 	struct moed_server *s = arg;
 
-	s->started_ns = s->tps_t0 = moe_now_ns();
+	s->started_ns = moe_now_ns();
 	atomic_store(&s->heartbeat, s->started_ns);
 	while (!atomic_load(&s->stop)) {
 		uint32_t batch_max, own = atomic_load(&s->wake_word);

@@ -262,8 +262,9 @@ static void status_tick(struct moed_server *s)
 	double dt = (double)(t - s->tps_t0) / 1e9;
 
 	if (dt > 0) {
-		s->tps = (double)s->tps_tokens / dt;   /* a racy read of a counter: fine for a status line */
-		s->tps_tokens = 0;
+		uint64_t n = atomic_exchange_explicit(&s->tps_tokens, 0, memory_order_relaxed);
+
+		atomic_store_explicit(&s->tps, (double)n / dt, memory_order_relaxed);
 		s->tps_t0 = t;
 	}
 	/* a store changed under moed is found here within a second, even
@@ -272,11 +273,12 @@ static void status_tick(struct moed_server *s)
 	if (h.state == MOE_STORE_OK)
 		snprintf(msg, sizeof(msg), "STATUS=Serving %s (%s), %u clients, %.0f tokens/s",
 			 moe_engine_store(s->engine)->hdr.model_type, moe_engine_store(s->engine)->path,
-			 atomic_load(&s->live_clients), s->tps);
+			 atomic_load(&s->live_clients), atomic_load_explicit(&s->tps, memory_order_relaxed));
 	else
 		snprintf(msg, sizeof(msg), "STATUS=Serving %s (%s), %u clients, %.0f tokens/s; store %s: %s "
 			 "(SIGHUP reopens it once whole)", moe_engine_store(s->engine)->hdr.model_type,
-			 moe_engine_store(s->engine)->path, atomic_load(&s->live_clients), s->tps,
+			 moe_engine_store(s->engine)->path, atomic_load(&s->live_clients),
+			 atomic_load_explicit(&s->tps, memory_order_relaxed),
 			 moe_store_state_name(h.state), h.why);
 	notify(msg);
 #ifdef HAVE_SYSTEMD
@@ -330,6 +332,8 @@ int moed_server_run(struct moed_server *s)
 {
 	int r, status = MOED_EXIT_OK;
 
+	/* before the data thread: the status tick's alone from here on */
+	s->tps_t0 = moe_now_ns();
 	r = pthread_create(&s->data_thread, NULL, dataplane_main, s);
 	if (r) {
 		log_error("cannot start the data thread: %s", strerror(r));

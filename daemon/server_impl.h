@@ -209,11 +209,13 @@ struct moed_server {
 	uint64_t total_requests, total_tokens, total_errors, total_batches;
 	uint64_t started_ns;             /* fixed once the data thread started */
 	/* tokens per second over the last status period: the data thread adds
-	 * to tps_tokens, the control thread's status tick reads and resets it
-	 * and writes tps and tps_t0 (racy by design: a status line may be off
-	 * by one batch) */
-	double tps;
-	uint64_t tps_tokens, tps_t0;
+	 * to tps_tokens, the control thread's status tick takes it (an atomic
+	 * exchange: no batch lost between read and reset) and writes tps,
+	 * which the data thread's stats snapshot reads; tps_t0 is the control
+	 * thread's alone */
+	_Atomic double tps;
+	_Atomic uint64_t tps_tokens;
+	uint64_t tps_t0;
 };
 
 /* ------------------------------------------------------------------ dataplane.c (data thread) */

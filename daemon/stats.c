@@ -126,7 +126,7 @@ void stats_snapshot(struct moed_server *s)
 	json_object_set_new(root, "tokens", json_integer((json_int_t)s->total_tokens));
 	json_object_set_new(root, "errors", json_integer((json_int_t)s->total_errors));
 	json_object_set_new(root, "batches", json_integer((json_int_t)s->total_batches));
-	json_object_set_new(root, "tokens_per_s", json_real(s->tps));
+	json_object_set_new(root, "tokens_per_s", json_real(atomic_load_explicit(&s->tps, memory_order_relaxed)));
 	lat = json_object();
 	if (sorted && n) {
 		memcpy(sorted, s->lat, n * sizeof(uint64_t));

@@ -27,6 +27,21 @@
 
 #define CUDA_MODULE "moe-backend-cuda.so"
 
+/* ThreadSanitizer keeps the atexit handlers a module registers (the CUDA
+ * runtime's, which unregister its kernels) in a list of its own that
+ * dlclose() does not empty, and calls them at exit into the unmapped
+ * module: under TSan a module stays mapped (RTLD_NODELETE). */
+#if defined(__SANITIZE_THREAD__)
+#define MODULE_NODELETE RTLD_NODELETE
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MODULE_NODELETE RTLD_NODELETE
+#endif
+#endif
+#ifndef MODULE_NODELETE
+#define MODULE_NODELETE 0
+#endif
+
 static int backend_start(const struct moe_backend_ops *ops, void *handle,
 			 const struct moe_backend_options *opt, struct moe_backend **ret,
 			 struct moe_err *err)
@@ -90,7 +105,7 @@ static int cuda_open(const struct moe_backend_options *opt, struct moe_backend *
 	if (!dir || !*dir)
 		dir = MOE_BACKEND_DIR;
 	snprintf(path, sizeof(path), "%s/%s", dir, CUDA_MODULE);
-	h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+	h = dlopen(path, RTLD_NOW | RTLD_LOCAL | MODULE_NODELETE);
 	if (!h)
 		return moe_err_set(err, -ENODEV, "CUDA backend not available: %s", dlerror());
 	r = module_ops(h, path, &ops, err);

@@ -267,7 +267,8 @@ int moe_store_reopen(struct moe_store *s, bool verify, struct moe_err *err);
 struct moe_store_writer;
 
 /*
- * Create @path (written as @path.tmp, renamed by finish) for @cfg with the
+ * Create @path (written under a temporary of its own in the same directory,
+ * renamed into place by finish: see formats/outfile.h) for @cfg with the
  * MoE layers @layers[0..n_layers).  @source is recorded as information.
  */
 int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
@@ -291,8 +292,10 @@ int moe_store_writer_put_shared(struct moe_store_writer *w, uint32_t li, const v
 int moe_store_writer_put_expert(struct moe_store_writer *w, uint32_t li, uint32_t expert,
 				const void *blob, struct moe_err *err);
 
-/* Write the tables and header, fsync, rename into place.  Fails with -EINVAL
- * if any part was not put.  Frees @w in every case. */
+/* Write the tables and header, fsync, rename into place, fsync the
+ * directory, then open the store now at the path as moed would (header,
+ * tables, size).  Fails with -EINVAL if any part was not put.  Frees @w in
+ * every case. */
 int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err);
 
 /* Give up: remove the temporary file and free @w; NULL is fine. */

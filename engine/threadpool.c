@@ -32,19 +32,22 @@ struct moe_threadpool {
 	pthread_cond_t wake;          /* workers sleep here */
 	pthread_cond_t done_cv;       /* the caller sleeps here */
 	atomic_uint_fast64_t generation; /* bumped per job (release) */
-	bool stop;
+	atomic_bool stop;                /* a worker that woke for a job reads it unlocked */
 
 	/*
 	 * Jobs alternate between two slots (generation & 1).  A task is claimed
 	 * by a CAS on `ticket` = generation << 32 | next task index, so a worker
 	 * that wakes late for an old generation can never claim a task of the
 	 * current one, nor read a slot that is being rewritten: a successful
-	 * CAS proves its job is still the current one.
+	 * CAS proves its job is still the current one.  Only n_tasks is read
+	 * before that proof (by a worker that has claimed nothing yet, so the
+	 * caller may already be rewriting the slot two jobs on): it is atomic,
+	 * and a stale value is harmless, as the CAS then fails.
 	 */
 	struct pool_job {
 		moe_task_fn fn;
 		void *ctx;
-		size_t n_tasks;
+		atomic_size_t n_tasks;
 	} jobs[2];
 	atomic_uint_fast64_t ticket;
 	atomic_size_t done;           /* tasks of the current job finished */
@@ -58,7 +61,7 @@ struct worker_arg {
 
 static void run_tasks(struct moe_threadpool *p, uint64_t gen, uint32_t worker)
 {
-	const struct pool_job *job = &p->jobs[gen & 1];
+	struct pool_job *job = &p->jobs[gen & 1];
 	size_t finished = 0, n_tasks = 0;
 	uint64_t t;
 
@@ -66,7 +69,7 @@ static void run_tasks(struct moe_threadpool *p, uint64_t gen, uint32_t worker)
 		t = atomic_load_explicit(&p->ticket, memory_order_acquire);
 		if ((uint32_t)(t >> 32) != (uint32_t)gen)
 			break;
-		n_tasks = job->n_tasks;
+		n_tasks = atomic_load_explicit(&job->n_tasks, memory_order_relaxed);
 		if ((t & 0xffffffffu) >= n_tasks)
 			break;
 		if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1,
@@ -105,12 +108,12 @@ static void *worker_main(void *arg)
 			pthread_mutex_lock(&p->lock);
 			atomic_fetch_add(&p->sleepers, 1);
 			/* seq_cst pairs with the caller's bump-then-read-sleepers */
-			while ((g = atomic_load(&p->generation)) == seen && !p->stop)
+			while ((g = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop))
 				pthread_cond_wait(&p->wake, &p->lock);
 			atomic_fetch_sub(&p->sleepers, 1);
 			pthread_mutex_unlock(&p->lock);
 		}
-		if (p->stop)
+		if (atomic_load(&p->stop))
 			return NULL;
 		seen = g;
 		run_tasks(p, g, id);
@@ -167,7 +170,7 @@ void moe_threadpool_free(struct moe_threadpool *p)
 	if (!p)
 		return;
 	pthread_mutex_lock(&p->lock);
-	p->stop = true;
+	atomic_store(&p->stop, true);
 	atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
 	pthread_cond_broadcast(&p->wake);
 	pthread_mutex_unlock(&p->lock);
@@ -199,7 +202,7 @@ void moe_threadpool_run(struct moe_threadpool *p, size_t n_tasks, moe_task_fn fn
 
 	job->fn = fn;
 	job->ctx = ctx;
-	job->n_tasks = n_tasks;
+	atomic_store_explicit(&job->n_tasks, n_tasks, memory_order_relaxed);
 	atomic_store_explicit(&p->done, 0, memory_order_relaxed);
 	atomic_store_explicit(&p->ticket, gen << 32, memory_order_release);
 	/* seq_cst: either a worker going to sleep sees the new generation, or

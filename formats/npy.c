@@ -36,6 +36,7 @@
 
 #include "engine/io.h"
 #include "npy.h"
+#include "formats/outfile.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "npy.c reads and writes little-endian data in place: port it before using a big-endian host"
@@ -131,74 +132,39 @@ static uint32_t crc32_update(uint32_t crc, const void *buf, uint64_t len)
 	return crc;
 }
 
-/* An output file written as PATH.tmp and renamed into place on commit. */
+/* An output file written under a temporary of its own and renamed into
+ * place on commit (formats/outfile.h). */
 struct out_file {
-	int fd;
+	struct moe_outfile f;
 	const char *path;   /* the caller's */
-	char *tmp;          /* PATH.tmp, ours */
 };
 
 static int out_open(struct out_file *o, const char *path, struct moe_err *err)
 {
-	size_t n = strlen(path);
-
-	o->fd = -1;
-	o->path = NULL;
-	o->tmp = malloc(n + 5);
-	if (!o->tmp)
-		return moe_err_set(err, -ENOMEM, "%s: out of memory", path);
-	memcpy(o->tmp, path, n);
-	memcpy(o->tmp + n, ".tmp", 5);
 	o->path = path;
-	o->fd = open(o->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (o->fd < 0) {
-		int r = -errno;
-
-		free(o->tmp);
-		o->tmp = NULL;
-		return moe_err_set(err, r, "%s: cannot create %s.tmp: %s", path, path, strerror(-r));
-	}
-	return 0;
+	return moe_outfile_open(&o->f, path, err);
 }
 
 static void out_abort(struct out_file *o)
 {
-	if (o->fd >= 0)
-		close(o->fd);
-	if (o->tmp)
-		unlink(o->tmp);
-	free(o->tmp);
-	o->fd = -1;
-	o->tmp = NULL;
+	moe_outfile_abort(&o->f);
 }
 
 static int out_write(struct out_file *o, const void *buf, uint64_t len, struct moe_err *err)
 {
-	int r = write_full(o->fd, buf, len);
+	int r = write_full(o->f.fd, buf, len);
 
 	if (r < 0)
 		return moe_err_set(err, r, "%s: write failed: %s", o->path, strerror(-r));
 	return 0;
 }
 
-/* Close and rename into place; frees @o in every case.  No fsync: outputs
- * are results a caller can recompute, and rename alone already keeps a
- * reader from seeing a half-written file. */
+/* Rename into place; ends @o in every case.  No fsync: outputs are results
+ * a caller can recompute, and the rename alone already keeps a reader from
+ * seeing a half-written file. */
 static int out_commit(struct out_file *o, struct moe_err *err)
 {
-	int r = 0;
-
-	if (close(o->fd) < 0)
-		r = moe_err_set(err, -errno, "%s: write failed: %s", o->path, strerror(errno));
-	o->fd = -1;
-	if (r == 0 && rename(o->tmp, o->path) < 0)
-		r = moe_err_set(err, -errno, "%s: cannot rename %s.tmp into place: %s", o->path,
-				o->path, strerror(errno));
-	if (r < 0)
-		unlink(o->tmp);
-	free(o->tmp);
-	o->tmp = NULL;
-	return r;
+	return moe_outfile_commit(&o->f, false, err);
 }
 
 /* ---- the header dict ------------------------------------------------------ */

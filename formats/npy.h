@@ -40,7 +40,8 @@ int moe_npy_read(const char *path, struct moe_npy *ret, struct moe_err *err);
 
 /*
  * Write an array as a version 1.0 .npy (header padded to 64 bytes, as numpy
- * does; bfloat16 as '<u2'); written to @path.tmp and renamed.
+ * does; bfloat16 as '<u2'); written under a temporary of its own and
+ * renamed into place (formats/outfile.h).
  */
 int moe_npy_write(const char *path, enum moe_npy_type type, uint32_t ndim,
 		  const uint64_t *shape, const void *data, struct moe_err *err);
@@ -68,8 +69,8 @@ struct moe_npz_entry {
 
 /*
  * Write an uncompressed .npz (zip, stored, CRC-32 from zlib), as np.savez,
- * via @path.tmp and rename.  Zip64 is not written: an archive of 4 GiB or
- * more is refused with -EFBIG before anything is written.
+ * via a temporary of its own and rename.  Zip64 is not written: an archive
+ * of 4 GiB or more is refused with -EFBIG before anything is written.
  */
 int moe_npz_write(const char *path, const struct moe_npz_entry *entries, uint32_t n,
 		  struct moe_err *err);

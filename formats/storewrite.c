@@ -3,7 +3,9 @@
  * The .moe store's writer, used by pack (moectl) and the tests.  moed only
  * reads stores: the format's definition and its reader are engine/store.c;
  * this file lays a store out, checksums what it is given and renames the
- * finished file into place.
+ * finished file into place (formats/outfile.c: a temporary of its own, so
+ * concurrent packs to one path cannot mix), then opens the result as moed
+ * would before it says the store is written.
  */
 #include "config.h"
 
@@ -22,11 +24,12 @@
 #include "engine/checked.h"
 #include "engine/io.h"
 #include "engine/store.h"
+#include "formats/outfile.h"
 
 struct moe_store_writer {
-	int fd;
+	int fd;                          /* out.fd: the temporary */
+	struct moe_outfile out;
 	char *path;                      /* final name */
-	char *tmp_path;                  /* path.tmp, renamed by finish */
 	struct moe_model_config cfg;
 	struct moe_store_header hdr;
 	struct moe_store_layer *layers;
@@ -40,12 +43,8 @@ void moe_store_writer_abort(struct moe_store_writer *w)
 {
 	if (!w)
 		return;
-	if (w->fd >= 0) {
-		close(w->fd);
-		unlink(w->tmp_path);
-	}
+	moe_outfile_abort(&w->out);
 	free(w->path);
-	free(w->tmp_path);
 	free(w->layers);
 	free(w->expert_sums);
 	free(w->put_router);
@@ -129,16 +128,17 @@ int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
 	if (!w)
 		return moe_err_set(err, -ENOMEM, "%s: out of memory", path);
 	w->fd = -1;
+	w->out.fd = -1;
+	w->out.dirfd = -1;
+	w->out.slot = -1;
 	w->cfg = *cfg;
 	w->path = strdup(path);
-	if (asprintf(&w->tmp_path, "%s.tmp", path) < 0)
-		w->tmp_path = NULL;
 	w->layers = calloc(n_layers, sizeof(*w->layers));
 	w->expert_sums = calloc(n_sums, sizeof(*w->expert_sums));
 	w->put_router = calloc(n_layers, 1);
 	w->put_shared = calloc(n_layers, 1);
 	w->put_expert = calloc(n_sums, 1);
-	if (!w->path || !w->tmp_path || !w->layers || !w->expert_sums || !w->put_router ||
+	if (!w->path || !w->layers || !w->expert_sums || !w->put_router ||
 	    !w->put_shared || !w->put_expert) {
 		moe_store_writer_abort(w);
 		return moe_err_set(err, -ENOMEM, "%s: out of memory", path);
@@ -155,16 +155,16 @@ int moe_store_writer_open(const char *path, const struct moe_model_config *cfg,
 		return r;
 	}
 
-	w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (w->fd < 0) {
-		r = moe_err_set(err, -errno, "%s: cannot create: %s", w->tmp_path, strerror(errno));
+	r = moe_outfile_open(&w->out, path, err);
+	if (r < 0) {
 		moe_store_writer_abort(w);
 		return r;
 	}
+	w->fd = w->out.fd;
 	/* Sized up front: padding reads as zeros, and a full disk shows now
 	 * rather than after an hour of packing (where the filesystem allocates). */
 	if (ftruncate(w->fd, (off_t)w->hdr.file_size) < 0) {
-		r = moe_err_set(err, -errno, "%s: cannot size to %" PRIu64 " bytes: %s", w->tmp_path,
+		r = moe_err_set(err, -errno, "%s: cannot size to %" PRIu64 " bytes: %s", w->path,
 				w->hdr.file_size, strerror(errno));
 		moe_store_writer_abort(w);
 		return r;
@@ -187,7 +187,7 @@ static int writer_put(struct moe_store_writer *w, const char *what, uint32_t li,
 	int r = moe_pwrite_full(w->fd, buf, len, off);
 
 	if (r < 0)
-		return moe_err_set(err, r, "%s: layer %" PRIu32 " %s: %s", w->tmp_path,
+		return moe_err_set(err, r, "%s: layer %" PRIu32 " %s: %s", w->path,
 				   w->layers[li].layer, what, strerror(-r));
 	return 0;
 }
@@ -278,34 +278,30 @@ int moe_store_writer_put_expert(struct moe_store_writer *w, uint32_t li, uint32_
 	return 0;
 }
 
-/* fsync the directory holding @path so that the rename is durable. */
-static int fsync_parent(const char *path)
-{
-	char *dir = strdup(path), *slash;
-	int fd, r = 0;
-
-	if (!dir)
-		return -ENOMEM;
-	slash = strrchr(dir, '/');
-	if (!slash)
-		strcpy(dir, ".");
-	else if (slash == dir)
-		dir[1] = '\0';
-	else
-		*slash = '\0';
-	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd >= 0) {
-		if (fsync(fd) < 0 && errno != EINVAL)
-			r = -errno;
-		close(fd);
-	}
-	free(dir);
-	return r;
-}
-
 void moe_store_writer_set_fingerprint(struct moe_store_writer *w, const uint8_t fingerprint[16])
 {
 	memcpy(w->hdr.source_fingerprint, fingerprint, sizeof(w->hdr.source_fingerprint));
+}
+
+/*
+ * The store now at w->path, checked as moed opens it: header, tables and
+ * size.  It is ours, or a concurrent writer's whose rename came after ours;
+ * either way whole, since every writer renames only a finished file.  The
+ * blobs' checksums are not read back: our temporary was ours alone and
+ * fsync succeeded, so that would cost a read of the whole store to catch
+ * only a failing disk, which `moectl verify` is for.
+ */
+static int check_written(struct moe_store_writer *w, struct moe_err *err)
+{
+	struct moe_store *s = NULL;
+	int r;
+
+	r = moe_store_open(w->path, &s, err);
+	if (r < 0)
+		return moe_err_prefix(err, r, "the store just written fails the check moed makes "
+				      "(pack it again)");
+	moe_store_close(s);
+	return 0;
 }
 
 int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err)
@@ -345,33 +341,14 @@ int moe_store_writer_finish(struct moe_store_writer *w, struct moe_err *err)
 	/* the header last: a store cut short by a crash has no valid header */
 	if (r == 0)
 		r = moe_pwrite_full(w->fd, h, sizeof(*h), 0);
-	if (r == 0 && fsync(w->fd) < 0)
-		r = -errno;
 	if (r < 0) {
-		r = moe_err_set(err, r, "%s: %s", w->tmp_path, strerror(-r));
-		goto fail;
-	}
-	if (close(w->fd) < 0) {
-		w->fd = -1;
-		r = moe_err_set(err, -errno, "%s: %s", w->tmp_path, strerror(errno));
-		unlink(w->tmp_path);
+		r = moe_err_set(err, r, "%s: %s", w->path, strerror(-r));
 		goto fail;
 	}
 	w->fd = -1;
-	if (rename(w->tmp_path, w->path) < 0) {
-		r = moe_err_set(err, -errno, "%s: cannot rename to %s: %s", w->tmp_path, w->path,
-				strerror(errno));
-		unlink(w->tmp_path);
-		goto fail;
-	}
-	r = fsync_parent(w->path);
-	if (r < 0) {
-		moe_err_set(err, r, "%s: syncing the directory: %s", w->path, strerror(-r));
-		unlink(w->path);
-		goto fail;
-	}
-	moe_store_writer_abort(w);      /* fd is closed: only frees */
-	return 0;
+	r = moe_outfile_commit(&w->out, true, err);
+	if (r == 0)
+		r = check_written(w, err);
 fail:
 	moe_store_writer_abort(w);
 	return r;

@@ -699,6 +699,8 @@ START_TEST(pack_failure_leaves_nothing)
 	ck_assert_int_eq(r, -EINVAL);
 	ck_assert_msg(strstr(err.msg, "has shape [32, 64], expected [16, 64]"), "%s", err.msg);
 	ck_assert(!moe_test_exists(out) && !moe_test_exists(tmp));
+	/* nor a temporary of its own (".out.moe.XXXXXXXX") */
+	ck_assert_int_eq(moe_test_sh(NULL, "ls -A '%s' | grep -q '^\\.out\\.moe\\.'", dir), 1);
 	free(out);
 	free(tmp);
 	free(dir);

@@ -3,11 +3,13 @@
  * The .moe store (store.c): a synthetic model written here round-trips,
  * huge experts are 2 MiB aligned, every kind of damage, byte by byte, is
  * refused with a message that says what, and the writer refuses an
- * incomplete store.  Packing real checkpoints into stores is check_pack's.
+ * incomplete store, leaves no temporary behind and lets two writers of one
+ * path both finish whole.  Packing real checkpoints into stores is check_pack's.
  */
 #include "config.h"
 
 #include <check.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -67,42 +69,52 @@ static void fill_f32(float *buf, uint64_t n, uint64_t seed)
 		buf[i] = (float)moe_test_randf(&st);
 }
 
-static void write_synth(const char *path, const struct moe_model_config *c)
+/* Put every part of the synthetic store into @w, its contents from @seed
+ * (0: the one roundtrip_synthetic expects). */
+static void put_synth(struct moe_store_writer *w, const struct moe_model_config *c, uint64_t seed)
 {
-	struct moe_store_writer *w;
 	struct moe_err err = { 0 };
 	uint64_t E = c->num_experts, H = c->hidden_size;
 	float *router = malloc(E * H * 4), *bias = malloc(E * 4), *sg = malloc(H * 4);
 	uint8_t *blob = malloc(moe_expert_bytes(c)), *shared = malloc(moe_shared_bytes(c) + 1);
 	int r;
 
-	r = moe_store_writer_open(path, c, SYNTH_N, synth_layers, "/synthetic", "bf16", &w, &err);
-	ck_assert_msg(r == 0, "writer_open: %s", err.msg);
 	for (uint32_t li = 0; li < SYNTH_N; li++) {
-		fill_f32(router, E * H, li * 1000);
-		fill_f32(bias, E, li * 1000 + 1);
-		fill_f32(sg, H, li * 1000 + 2);
+		fill_f32(router, E * H, seed + li * 1000);
+		fill_f32(bias, E, seed + li * 1000 + 1);
+		fill_f32(sg, H, seed + li * 1000 + 2);
 		r = moe_store_writer_put_router(w, li, router, c->has_bias ? bias : NULL,
 						c->shared_gate ? sg : NULL, &err);
 		ck_assert_msg(r == 0, "put_router: %s", err.msg);
 		if (c->shared_intermediate_size) {
-			fill(shared, moe_shared_bytes(c), li * 1000 + 3);
+			fill(shared, moe_shared_bytes(c), seed + li * 1000 + 3);
 			r = moe_store_writer_put_shared(w, li, shared, &err);
 			ck_assert_msg(r == 0, "put_shared: %s", err.msg);
 		}
 		for (uint32_t j = 0; j < E; j++) {
-			fill(blob, moe_expert_bytes(c), li * 1000 + 10 + j);
+			fill(blob, moe_expert_bytes(c), seed + li * 1000 + 10 + j);
 			r = moe_store_writer_put_expert(w, li, j, blob, &err);
 			ck_assert_msg(r == 0, "put_expert: %s", err.msg);
 		}
 	}
-	r = moe_store_writer_finish(w, &err);
-	ck_assert_msg(r == 0, "finish: %s", err.msg);
 	free(router);
 	free(bias);
 	free(sg);
 	free(blob);
 	free(shared);
+}
+
+static void write_synth(const char *path, const struct moe_model_config *c)
+{
+	struct moe_store_writer *w;
+	struct moe_err err = { 0 };
+	int r;
+
+	r = moe_store_writer_open(path, c, SYNTH_N, synth_layers, "/synthetic", "bf16", &w, &err);
+	ck_assert_msg(r == 0, "writer_open: %s", err.msg);
+	put_synth(w, c, 0);
+	r = moe_store_writer_finish(w, &err);
+	ck_assert_msg(r == 0, "finish: %s", err.msg);
 }
 
 static char *synth_path(const char *tag)
@@ -658,32 +670,67 @@ START_TEST(blob_corruption_is_caught)
 }
 END_TEST
 
+/* Entries of @dir besides . and ..; *@hidden (may be NULL): how many are
+ * a writer's temporaries of x.moe (".x.moe.XXXXXXXX"). */
+static int dir_entries(const char *dir, int *hidden)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	int n = 0;
+
+	ck_assert_ptr_nonnull(d);
+	if (hidden)
+		*hidden = 0;
+	while ((e = readdir(d))) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		n++;
+		if (hidden && !strncmp(e->d_name, ".x.moe.", 7) && strlen(e->d_name) == 15)
+			(*hidden)++;
+	}
+	closedir(d);
+	return n;
+}
+
+/* Both ways the writer makes its temporary: O_TMPFILE (no name until the
+ * rename) and, where a filesystem lacks it, a name of its own. */
+static void set_named(int named)
+{
+	if (named)
+		ck_assert_int_eq(setenv("MOE_OUTFILE_NAMED", "1", 1), 0);
+	else
+		ck_assert_int_eq(unsetenv("MOE_OUTFILE_NAMED"), 0);
+}
+
 START_TEST(writer_refuses_incomplete_store)
 {
-	char *dir = moe_test_tmpdir("store"), *path, *tmp;
+	int named = _i;
+	char *dir = moe_test_tmpdir("store"), *path;
 	struct moe_model_config c;
 	struct moe_store_writer *w;
 	struct moe_err err = { 0 };
 	float *router;
-	int r;
+	int r, hidden;
 
+	set_named(named);
 	synth_config(&c);
 	ck_assert(asprintf(&path, "%s/x.moe", dir) > 0);
-	ck_assert(asprintf(&tmp, "%s/x.moe.tmp", dir) > 0);
 	router = calloc((uint64_t)c.num_experts * c.hidden_size + 64, 4);
 	r = moe_store_writer_open(path, &c, SYNTH_N, synth_layers, NULL, NULL, &w, &err);
 	ck_assert_msg(r == 0, "%s", err.msg);
-	ck_assert(moe_test_exists(tmp));
+	/* the temporary: a hidden name, or none at all */
+	ck_assert_int_eq(dir_entries(dir, &hidden), named);
+	ck_assert_int_eq(hidden, named);
 	ck_assert_int_eq(moe_store_writer_put_router(w, 0, router, router, NULL, &err), 0);
 	r = moe_store_writer_finish(w, &err);
 	ck_assert_int_eq(r, -EINVAL);
 	ck_assert_msg(strstr(err.msg, "layer 1: shared expert was not written"), "%s", err.msg);
-	ck_assert(!moe_test_exists(path) && !moe_test_exists(tmp));
+	ck_assert_int_eq(dir_entries(dir, NULL), 0);
 
 	r = moe_store_writer_open(path, &c, SYNTH_N, synth_layers, NULL, NULL, &w, &err);
 	ck_assert_int_eq(r, 0);
 	moe_store_writer_abort(w);
-	ck_assert(!moe_test_exists(path) && !moe_test_exists(tmp));
+	ck_assert_int_eq(dir_entries(dir, NULL), 0);
 	moe_store_writer_abort(NULL);
 	moe_store_close(NULL);
 
@@ -694,9 +741,88 @@ START_TEST(writer_refuses_incomplete_store)
 		r = moe_store_writer_open(path, &c, 2, bad, NULL, NULL, &w, &err);
 		ck_assert_int_eq(r, -EINVAL);
 	}
+	/* a directory that is not there: named in the message */
+	free(path);
+	ck_assert(asprintf(&path, "%s/no/x.moe", dir) > 0);
+	r = moe_store_writer_open(path, &c, SYNTH_N, synth_layers, NULL, NULL, &w, &err);
+	ck_assert_int_eq(r, -ENOENT);
+	ck_assert_msg(strstr(err.msg, "cannot open its directory") && strstr(err.msg, "/no"), "%s", err.msg);
+	set_named(0);
 	free(router);
 	free(path);
-	free(tmp);
+	free(dir);
+}
+END_TEST
+
+/* Whether @path opens and every checksum in it holds; its source into @source. */
+static bool store_whole(const char *path, char *source, size_t len)
+{
+	struct moe_store *s;
+	struct moe_err err = { 0 };
+	int bad;
+
+	if (moe_store_open(path, &s, &err) < 0) {
+		fprintf(stderr, "%s\n", err.msg);
+		return false;
+	}
+	bad = moe_store_verify(s, NULL, NULL, NULL, &err);
+	snprintf(source, len, "%s", s->hdr.source);
+	moe_store_close(s);
+	return bad == 0;
+}
+
+/*
+ * Two writers of one path at once (two packs to one output): each has a
+ * temporary of its own, so both succeed and the store at the path is
+ * always one of them whole, the last renamed.  A file named like the old
+ * fixed temporary (x.moe.tmp) is somebody else's and stays as it was.
+ */
+START_TEST(two_writers_of_one_path)
+{
+	int named = _i;
+	char *dir = moe_test_tmpdir("store"), *path, *other, *got;
+	struct moe_model_config c;
+	struct moe_store_writer *w1, *w2;
+	struct moe_err err = { 0 };
+	char source[64];
+	uint64_t len;
+	int r, hidden;
+
+	set_named(named);
+	synth_config(&c);
+	ck_assert(asprintf(&path, "%s/x.moe", dir) > 0);
+	ck_assert(asprintf(&other, "%s/x.moe.tmp", dir) > 0);
+	ck_assert(moe_test_sh(NULL, "printf 'not a store' > '%s'", other) == 0);
+
+	r = moe_store_writer_open(path, &c, SYNTH_N, synth_layers, "/one", "bf16", &w1, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	r = moe_store_writer_open(path, &c, SYNTH_N, synth_layers, "/two", "bf16", &w2, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_int_eq(dir_entries(dir, &hidden), 1 + 2 * named);
+	ck_assert_int_eq(hidden, 2 * named);
+	put_synth(w1, &c, 0);
+	put_synth(w2, &c, 7);
+
+	r = moe_store_writer_finish(w1, &err);
+	ck_assert_msg(r == 0, "first writer: %s", err.msg);
+	ck_assert(store_whole(path, source, sizeof(source)));
+	ck_assert_str_eq(source, "/one");
+	r = moe_store_writer_finish(w2, &err);
+	ck_assert_msg(r == 0, "second writer: %s", err.msg);
+	ck_assert(store_whole(path, source, sizeof(source)));
+	ck_assert_str_eq(source, "/two");
+
+	/* the store and the bystander, no temporary */
+	ck_assert_int_eq(dir_entries(dir, &hidden), 2);
+	ck_assert_int_eq(hidden, 0);
+	got = moe_test_slurp(other, &len);
+	ck_assert_ptr_nonnull(got);
+	ck_assert_uint_eq(len, 11);
+	ck_assert_int_eq(memcmp(got, "not a store", 11), 0);
+	set_named(0);
+	free(got);
+	free(other);
+	free(path);
 	free(dir);
 }
 END_TEST
@@ -724,7 +850,8 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, rejects_expert_bias_or_clamp_outside_gpt_oss);
 	tcase_add_test(tc, rejects_expert_biases_with_fp8_weights);
 	tcase_add_test(tc, blob_corruption_is_caught);
-	tcase_add_test(tc, writer_refuses_incomplete_store);
+	tcase_add_loop_test(tc, writer_refuses_incomplete_store, 0, 2);
+	tcase_add_loop_test(tc, two_writers_of_one_path, 0, 2);
 	suite_add_tcase(s, tc);
 	return s;
 }

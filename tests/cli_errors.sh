@@ -126,10 +126,12 @@ bad "oss/config\.json: expert biases \(gpt_oss\) with fp8 weights are not suppor
 	"$MOECTL" pack "$T/oss" -o "$T/x.moe"
 
 # nothing is left behind by a failed pack
-[ ! -e "$T/x.moe" ] && [ ! -e "$T/x.moe.tmp" ] || fail "a failed pack left $T/x.moe(.tmp)"
+[ ! -e "$T/x.moe" ] || fail "a failed pack left $T/x.moe"
+ls -A "$T" | grep -q '^\.x\.moe\.' && fail "a failed pack left its temporary: $(ls -A "$T" | grep '^\.x\.moe\.')"
 
 # an output directory that does not exist
-bad "$T/no/such/dir/x\.moe\.tmp: cannot create: No such file or directory" "$MOECTL" pack "$T/good" -o "$T/no/such/dir/x.moe"
+bad "$T/no/such/dir/x\.moe: cannot open its directory $T/no/such/dir: No such file or directory" \
+	"$MOECTL" pack "$T/good" -o "$T/no/such/dir/x.moe"
 
 # --- stores ---------------------------------------------------------------------------
 expect_ok "$MOECTL" pack "$T/good" -o "$T/good.moe"

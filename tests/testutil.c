@@ -444,3 +444,20 @@ char *moe_test_pack_to(const char *dir, int dtype, struct moe_store **ret)
 	ck_assert_msg(r == 0, "open %s: %s", out, err.msg);
 	return out;
 }
+
+unsigned moe_test_slow(void)
+{
+	const char *e = getenv("MOE_TEST_SLOW");
+	unsigned tsan = 0;
+
+	if (e && atoi(e) > 0)
+		return (unsigned)atoi(e);
+#if defined(__SANITIZE_THREAD__)
+	tsan = 1;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+	tsan = 1;
+#endif
+#endif
+	return tsan ? 10 : 1;
+}

@@ -123,4 +123,12 @@ int moe_test_plant_negative_bias(const char *dir, uint32_t layer, char *why, siz
  */
 int moe_test_mix_checkpoint(const char *dir, const char *bf16_dir, bool shared, char *why, size_t why_len);
 
+/*
+ * How many times slower than a plain build the code under test runs, for
+ * the tests' time limits to scale by: 10 in a ThreadSanitizer build (it
+ * costs 5-15x; moed and the tests are built alike), 1 otherwise;
+ * $MOE_TEST_SLOW, a whole number, overrides.
+ */
+unsigned moe_test_slow(void);
+
 #endif
