@@ -68,6 +68,7 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
+#include "engine/rng.h"
 #include "proto/proto.h"
 
 #ifndef MOE_LIBFUZZER
@@ -77,7 +78,6 @@
 #include "formats/genmodel.h"
 #include "libmoeclient/moeclient.h"
 #include "formats/pack.h"
-#include "engine/rng.h"
 #include "testutil.h"
 #endif
 
