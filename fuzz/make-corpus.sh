@@ -17,7 +17,8 @@ moectl=$bld/client/moectl
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-mkdir -p "$out/store" "$out/safetensors" "$out/hfconfig" "$out/npy" "$out/trace" "$out/conf"
+mkdir -p "$out/store" "$out/safetensors" "$out/hfconfig" "$out/npy" "$out/trace" "$out/conf" \
+	"$out/checkpoint"
 
 # write_at FILE OFFSET: zero 8 bytes at OFFSET (the store harness fills a
 # zero checksum or file_size in; see fuzz_store.c)
@@ -44,7 +45,7 @@ gen dsv2 --arch deepseek_v2 --layers 2 --first-dense 1 --hidden 16 --moe-interme
 	--intermediate 16 --experts 4 --top-k 2 --groups 2 --topk-group 1 --topk-method group_limited_greedy
 gen glm --arch glm4_moe --layers 2 --first-dense 1 --hidden 16 --moe-intermediate 8 \
 	--intermediate 16 --experts 4 --top-k 2 --groups 2 --topk-group 1 --mtp-layers 0
-gen fp8 --arch deepseek_v3 --layers 2 --first-dense 1 --hidden 16 --moe-intermediate 8 \
+gen fp8 --arch deepseek_v3 --layers 1 --first-dense 0 --hidden 16 --moe-intermediate 8 \
 	--intermediate 16 --experts 4 --top-k 2 --groups 2 --topk-group 1 --mtp-layers 0 --quant fp8 --quant-skip shared
 gen mxfp4 --arch gpt_oss --layers 1 --hidden 32 --moe-intermediate 32 --experts 2 --top-k 1 --quant mxfp4
 gen gptq --arch qwen3_moe --layers 1 --hidden 32 --moe-intermediate 32 --experts 2 --top-k 1 \
@@ -67,6 +68,24 @@ printf '\002\0\0\0\0\0\0\0{}' >"$out/safetensors/no-tensors.safetensors"
 h='{"__metadata__":{"format":"pt"},"e":{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]},"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
 printf "\\$(printf %03o ${#h})\\0\\0\\0\\0\\0\\0\\0%s\\1\\2\\3\\4" "$h" >"$out/safetensors/empty-tensor.safetensors"
 printf '\377\377\0\0\0\0\0\0{}' >"$out/safetensors/header-past-end.safetensors"
+
+# --- whole checkpoints for the checkpoint harness: config.json, SEP,
+# --- model.safetensors (fuzz_checkpoint.c); and one as an index with two
+# --- shards, the second holding no tensor
+sep='
+@@moe-fuzz@@
+'
+for m in qwen3 mxfp4 fp8 gptq ct qwen2; do
+	{ cat "$tmp/$m/config.json"; printf '%s' "$sep"; cat "$tmp/$m/model.safetensors"; } \
+		>"$out/checkpoint/$m.ckpt"
+done
+st=$tmp/qwen3/model.safetensors
+hlen=$(od -An -t u8 -N8 "$st" | tr -d ' ')
+names=$(head -c $((8 + hlen)) "$st" | tail -c "$hlen" | grep -o '"[^"]*":{"dtype"' | sed 's/:{"dtype"//')
+map=$(for n in $names; do printf '%s: "model-00001-of-00002.safetensors", ' "$n"; done)
+{ cat "$tmp/qwen3/config.json"; printf '%s' "$sep"; cat "$st"; printf '%s' "$sep"
+  printf '{"metadata": {"total_size": 0}, "weight_map": {%s}}' "${map%, }"; printf '%s' "$sep"
+  printf '\002\0\0\0\0\0\0\0{}'; } >"$out/checkpoint/qwen3-sharded.ckpt"
 
 for m in qwen3 dsv3 gptoss; do
 	"$moectl" pack "$tmp/$m" -o "$tmp/$m.moe" >/dev/null

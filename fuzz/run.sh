@@ -17,7 +17,7 @@
 set -u
 src=${top_srcdir:-.}
 bld=${top_builddir:-.}
-targets=${*:-store safetensors hfconfig npy trace conf proto}
+targets=${*:-store safetensors hfconfig npy trace conf checkpoint proto}
 
 if [ -n "${FUZZ_MISSING:-}" ]; then
 	echo "SKIP: fuzz harnesses not built: $FUZZ_MISSING"
@@ -26,7 +26,7 @@ fi
 for t in $targets; do
 	if [ ! -x "$bld/fuzz/fuzz_$t" ]; then
 		echo "FAIL: $bld/fuzz/fuzz_$t is missing (make check builds it; targets:" \
-			"store safetensors hfconfig npy trace conf proto)" >&2
+			"store safetensors hfconfig npy trace conf checkpoint proto)" >&2
 		exit 1
 	fi
 done
@@ -81,7 +81,9 @@ for t in $targets; do
 		grep -v '^#[0-9]\|^stat::' "$work/$t.log" | tail -40 >&2
 		bad=1
 	else
-		echo "ok: fuzz_$t: ${runs:-?} inputs in ${secs} s, $(ls "$new" | wc -l) new in ${FUZZ_OUT:+$new}${FUZZ_OUT:-the scratch corpus}"
+		where="$new"
+		[ -n "${FUZZ_OUT:-}" ] || where="the scratch corpus"
+		echo "ok: fuzz_$t: ${runs:-?} inputs in ${secs} s, $(ls "$new" | wc -l) new in $where"
 	fi
 done
 exit $bad
