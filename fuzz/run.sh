@@ -15,8 +15,9 @@
 # kept as fuzz/artifacts/TARGET-* in the build directory, and the end of
 # libFuzzer's report is printed.  Reproduce: fuzz/fuzz_TARGET FILE.
 set -u
-src=${top_srcdir:-.}
-bld=${top_builddir:-.}
+# absolute: each target runs in a scratch directory
+src=$(cd "${top_srcdir:-.}" && pwd) || exit 1
+bld=$(cd "${top_builddir:-.}" && pwd) || exit 1
 targets=${*:-store safetensors hfconfig npy trace conf checkpoint proto}
 
 if [ -n "${FUZZ_MISSING:-}" ]; then
