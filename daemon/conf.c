@@ -819,6 +819,64 @@ static int read_text(const char *path, char **ret, struct moe_err *err)
 	return r;
 }
 
+/*
+ * libconfig opens and reads an @include'd file itself, and its scanner
+ * exit()s on a read error ("input in flex scanner failed"): an @include of
+ * a directory ended moed, on a SIGHUP reload too, and a FIFO blocked it.
+ * So every @include in @text (libconfig's syntax: at the start of a line,
+ * a quoted name with \\ and \" escapes, relative to the working directory)
+ * that names something which exists must be a regular file; the files it
+ * names are checked the same way, as deep as libconfig nests.  A missing
+ * file is left to libconfig, which reports it.  stat(), not open(): a
+ * FIFO is refused without blocking.  Found by fuzz/fuzz_conf.c.
+ */
+#define INCLUDE_DEPTH 10   /* libconfig's own limit on nested includes */
+
+static int check_includes(const char *file, const char *text, int depth, struct moe_err *err)
+{
+	unsigned line = 1;
+
+	for (const char *p = text; *p; line++) {
+		const char *eol = strchr(p, '\n'), *q = p;
+		const char *end = eol ? eol : p + strlen(p);
+		char name[PATH_MAX];
+		struct stat st;
+		size_t k = 0;
+		char *inc;
+		int r;
+
+		while (q < end && (*q == ' ' || *q == '\t'))
+			q++;
+		if (end - q > 9 && !strncmp(q, "@include", 8) && (q[8] == ' ' || q[8] == '\t')) {
+			for (q += 8; q < end && (*q == ' ' || *q == '\t'); q++)
+				;
+			if (q < end && *q == '"') {
+				for (q++; q < end && *q != '"' && k < sizeof(name) - 1; q++) {
+					if (*q == '\\' && q + 1 < end && (q[1] == '\\' || q[1] == '"'))
+						q++;
+					name[k++] = *q;
+				}
+				name[k] = '\0';
+				if (q < end && *q == '"' && stat(name, &st) == 0) {
+					if (!S_ISREG(st.st_mode))
+						return moe_err_set(err, -EINVAL, "%s:%u: @include \"%s\": not a regular file",
+								   file, line, name);
+					if (depth < INCLUDE_DEPTH && read_text(name, &inc, NULL) == 0) {
+						r = check_includes(name, inc, depth + 1, err);
+						free(inc);
+						if (r < 0)
+							return r;
+					}
+				}
+			}
+		}
+		if (!eol)
+			break;
+		p = eol + 1;
+	}
+	return 0;
+}
+
 /* Every setting under @root into @c, recording where each was in @seen. */
 static int load_tree(struct moed_config *c, const config_setting_t *root, const char *path,
 		     const config_setting_t **seen, struct moe_err *err)
@@ -879,6 +937,11 @@ int moed_config_load(const char *path, struct moed_config **ret, struct moe_err 
 	r = read_text(path, &text, err);
 	if (r < 0)
 		return r;
+	r = check_includes(path, text, 0, err);
+	if (r < 0) {
+		free(text);
+		return r;
+	}
 	r = moed_config_defaults(&c, err);
 	if (r < 0) {
 		free(text);
