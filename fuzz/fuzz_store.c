@@ -77,10 +77,11 @@ static void read_all(const struct moe_store *s, const char *path)
 	void *buf;
 	int r;
 
-	/* sizes the open checked against the file, so bounded by the input */
-	router = malloc((size_t)c->num_experts * c->hidden_size * sizeof(float));
-	bias = malloc((size_t)c->num_experts * sizeof(float));
-	gate = malloc((size_t)c->hidden_size * sizeof(float));
+	/* sizes the open checked against the file, so bounded by the input
+	 * (+ 1: malloc(0) may return NULL) */
+	router = malloc((size_t)c->num_experts * c->hidden_size * sizeof(float) + 1);
+	bias = malloc((size_t)c->num_experts * sizeof(float) + 1);
+	gate = malloc((size_t)c->hidden_size * sizeof(float) + 1);
 	buf = malloc(s->hdr.expert_bytes > shared ? s->hdr.expert_bytes : shared ? shared : 1);
 	if (!router || !bias || !gate || !buf)
 		abort();
