@@ -523,6 +523,7 @@ START_TEST(includes_of_directories_fifos_and_devices_are_refused)
 		      "%s", err.msg);
 	unlink(fifo);
 	free(fifo);
+	free(top);
 
 	/* a regular file is still read, and a missing one is libconfig's error */
 	inc = write_file(dir, "inc.conf", "cache = { host_mb = 2048; };\n");
