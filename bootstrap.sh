@@ -29,9 +29,12 @@ demo|check) ;;
 *) echo "usage: $0 demo|check" >&2; exit 2 ;;
 esac
 
+# clang and libclang-rt-14-dev: the fuzz harnesses (clang only recommends
+# its fuzzer runtime, and recommendations are not installed here)
 packages="build-essential autoconf automake libtool pkg-config check
   libjansson-dev libxxhash-dev libopenblas-dev zlib1g-dev liburing-dev
-  libsystemd-dev libconfig-dev python3 python3-numpy python3-venv groff-base"
+  libsystemd-dev libconfig-dev python3 python3-numpy python3-venv groff-base
+  clang libclang-rt-14-dev"
 missing=
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"

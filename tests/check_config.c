@@ -494,6 +494,78 @@ START_TEST(included_files_are_named_in_errors)
 }
 END_TEST
 
+/*
+ * libconfig reads an @include'd file itself and exit()s on a read error
+ * (flex's "input in flex scanner failed"): an @include of a directory
+ * ended moed, on SIGHUP too, and a FIFO blocked it.  Such includes are
+ * refused with the file and line, here and in included files.  Found by
+ * fuzz/fuzz_conf.c; the input is fuzz/corpus/conf/include-directory.conf.
+ */
+START_TEST(includes_of_directories_fifos_and_devices_are_refused)
+{
+	char *dir = moe_test_tmpdir("conf"), *inc, *top, *fifo, text[4200];
+	struct moed_config *c = NULL;
+	struct moe_err err = { 0 };
+	int r;
+
+	snprintf(text, sizeof(text), "threads = 2;\n  @include \"%s\"\n", dir);
+	top = write_file(dir, "top.conf", text);
+	r = moed_config_load(top, &c, &err);
+	ck_assert_int_eq(r, -EISDIR);
+	ck_assert_msg(strstr(err.msg, "top.conf:2: @include") && strstr(err.msg, dir) &&
+		      strstr(err.msg, "Is a directory"), "%s", err.msg);
+	free(top);
+
+	/* in an included file: that file and its line are named */
+	snprintf(text, sizeof(text), "# included\n@include \"/dev/null\"\n");
+	inc = write_file(dir, "inc.conf", text);
+	snprintf(text, sizeof(text), "@include \"%s\"\nthreads = 2;\n", inc);
+	top = write_file(dir, "top.conf", text);
+	moe_err_clear(&err);
+	r = moed_config_load(top, &c, &err);
+	ck_assert_int_eq(r, -EINVAL);
+	ck_assert_msg(strstr(err.msg, "inc.conf:2: @include") && strstr(err.msg, "/dev/null: not a regular file"),
+		      "%s", err.msg);
+	free(top);
+	free(inc);
+
+	/* a FIFO is refused without being opened (which would block) */
+	if (asprintf(&fifo, "%s/fifo", dir) < 0)
+		abort();
+	ck_assert_msg(mkfifo(fifo, 0600) == 0, "%s: %s", fifo, strerror(errno));
+	snprintf(text, sizeof(text), "@include \"%s\"\n", fifo);
+	top = write_file(dir, "top.conf", text);
+	moe_err_clear(&err);
+	r = moed_config_load(top, &c, &err);
+	ck_assert_int_eq(r, -EINVAL);
+	ck_assert_msg(strstr(err.msg, "top.conf:1: @include") && strstr(err.msg, "not a regular file"),
+		      "%s", err.msg);
+	unlink(fifo);
+	free(fifo);
+	free(top);
+
+	/* a regular file is still read, and a missing one is named with the
+	 * line that includes it */
+	inc = write_file(dir, "inc.conf", "cache = { host_mb = 2048; };\n");
+	snprintf(text, sizeof(text), "@include \"%s\"\n# @include \"%s\" in a comment is not one\n", inc, dir);
+	top = write_file(dir, "top.conf", text);
+	r = moed_config_load(top, &c, &err);
+	ck_assert_msg(r == 0, "%s", err.msg);
+	ck_assert_uint_eq(c->cache.host_mb, 2048);
+	moed_config_free(c);
+	free(top);
+	snprintf(text, sizeof(text), "@include \"%s/missing.conf\"\n", dir);
+	top = write_file(dir, "top.conf", text);
+	moe_err_clear(&err);
+	r = moed_config_load(top, &c, &err);
+	ck_assert_int_eq(r, -ENOENT);
+	ck_assert_msg(strstr(err.msg, "top.conf:1: @include") && strstr(err.msg, "missing.conf"), "%s", err.msg);
+	free(top);
+	free(inc);
+	free(dir);
+}
+END_TEST
+
 START_TEST(comments_and_strings_do_not_confuse_the_integer_scan)
 {
 	struct moe_err err = { 0 };
@@ -820,6 +892,7 @@ static Suite *config_suite(void)
 	tcase_add_test(tc, bad_files_name_file_line_and_setting);
 	tcase_add_test(tc, unreadable_files_give_their_errno_and_name);
 	tcase_add_test(tc, included_files_are_named_in_errors);
+	tcase_add_test(tc, includes_of_directories_fifos_and_devices_are_refused);
 	tcase_add_test(tc, comments_and_strings_do_not_confuse_the_integer_scan);
 	tcase_add_test(tc, syntax_errors_at_a_string_are_refused_before_libconfig);
 	suite_add_tcase(s, tc);

@@ -33,8 +33,10 @@
  * message): 0, the rest is sent as a new connection's first bytes; 1, the
  * rest goes into the ring as descriptors (64 bytes each, at most a ring);
  * 2 and 3, the same with the rest XORed onto a good HELLO or good
- * descriptors (an input of zeros is a good one).  Build moed with
- * --enable-asan so that a memory error in moed ends it, then:
+ * descriptors (an input of zeros is a good one).  The tree builds it as
+ * fuzz/fuzz_proto when configure finds clang's fuzzer runtime, and
+ * fuzz/run.sh runs it in make check and make fuzz (fuzz/README.md).  Build
+ * moed with --enable-asan so that a memory error in moed ends it.  By hand:
  *
  *   B=/path/to/build S=/path/to/source
  *   clang -g -O1 -fsanitize=fuzzer,address -DMOE_LIBFUZZER -I$B -I$S/libmoeclient -I$S/tests \
@@ -68,6 +70,7 @@
 #include <unistd.h>
 
 #include "daemonutil.h"
+#include "engine/rng.h"
 #include "proto/proto.h"
 
 #ifndef MOE_LIBFUZZER
@@ -77,7 +80,6 @@
 #include "formats/genmodel.h"
 #include "libmoeclient/moeclient.h"
 #include "formats/pack.h"
-#include "engine/rng.h"
 #include "testutil.h"
 #endif
 
