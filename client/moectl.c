@@ -20,28 +20,35 @@
 #include "formats/outfile.h"
 #include "moectl.h"
 
+static int vfail(int status, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
+static int vfail(int status, const char *fmt, va_list ap)
+{
+	fputs("moectl: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	return status;
+}
+
 int moectl_fail(const char *fmt, ...)
 {
 	va_list ap;
+	int r;
 
-	fputs("moectl: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	r = vfail(MOECTL_BAD_INPUT, fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
-	return MOECTL_BAD_INPUT;
+	return r;
 }
 
 int moectl_failx(int status, const char *fmt, ...)
 {
 	va_list ap;
+	int r;
 
-	fputs("moectl: ", stderr);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	r = vfail(status, fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
-	return status;
+	return r;
 }
 
 int moectl_usage(const char *cmd, const char *fmt, ...)
