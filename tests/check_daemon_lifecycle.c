@@ -87,13 +87,15 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 	struct stat st;
 	struct moe_test_model m;
 	struct moe_test_moed d;
-	uint64_t t_term, rng = 5;
+	uint64_t t_term, t_spawn, rng = 5;
+	long long round_ns = 0;
 	char why[512];
 	int rc;
 
 	model_make(&m, "daemon-term");
 	moed_config(&d, &m, NULL, "limits = { segment_mb = 16; };");
 	moed_start(&d);
+	t_spawn = now_ns();
 	for (int i = 0; i < N; i++) {
 		args[i] = (struct client_arg){ .m = &m, .sock = d.sock, .b = b, .id = i };
 		pids[i] = spawn(term_client, &args[i]);
@@ -113,6 +115,17 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 	moe_test_sleep_ms(20);
 	t_term = now_ns();
 	kill(d.pid, SIGTERM);
+	/* moed finishes the batch it is computing before it stops: allow
+	 * twice the longest a client's round has taken so far (connect
+	 * included, so an overestimate), which a loaded machine stretches,
+	 * on top of the second that is the point of the test */
+	for (int i = 0; i < N; i++) {
+		unsigned long long n = atomic_load(&b->rounds[i]);
+		long long per = (long long)(t_term - t_spawn) / (long long)(n ? n : 1);
+
+		if (2 * per > round_ns)
+			round_ns = 2 * per;
+	}
 	for (int i = 0; i < N; i++)
 		assert_child_ok(pids[i], "a waiting client");
 	for (int i = 0; i < N; i++) {
@@ -121,8 +134,9 @@ START_TEST(sigterm_while_clients_wait_gives_them_an_error_quickly)
 
 		moed_assert(&d, err == -ESHUTDOWN || err == -ECONNRESET, "client %d: got %d (%s) after SIGTERM, "
 			    "not -ESHUTDOWN or -ECONNRESET", i, err, moe_strerror(err));
-		moed_assert(&d, dt < 1000000000ll * moe_test_slow(), "client %d: its error came %.3f s after "
-			    "SIGTERM (at most %u s)", i, (double)dt / 1e9, moe_test_slow());
+		moed_assert(&d, dt < 1000000000ll * moe_test_slow() + round_ns, "client %d: its error came %.3f s "
+			    "after SIGTERM (at most %.3f s: %u s and two rounds of %.3f s)", i, (double)dt / 1e9,
+			    (1e9 * moe_test_slow() + (double)round_ns) / 1e9, moe_test_slow(), (double)round_ns / 2e9);
 		fprintf(stderr, "sigterm: client %d got %s %.1f ms after SIGTERM, %llu rounds before\n", i,
 			moe_strerror(err), (double)dt / 1e6, (unsigned long long)atomic_load(&b->rounds[i]));
 	}
