@@ -935,25 +935,28 @@ START_TEST(cli_gen_model_help_and_errors)
 
 	static const struct {
 		const char *args, *msg;
+		int status;          /* moectl(1): 1 bad input, 2 usage */
 	} bad[] = {
-		{ "--arch mixtral --top-k 9 -o %s/m", "top_k 9" },
-		{ "--arch deepseek_v3 --experts 16 --groups 3 -o %s/m", "n_group 3" },
-		{ "--arch llama -o %s/m", "unknown architecture 'llama'" },
-		{ "--preset huge -o %s/m", "unknown preset 'huge'" },
-		{ "--arch mixtral", "missing -o" },
-		{ "--arch mixtral --layers x -o %s/m", "--layers: expected a number" },
-		{ "--arch mixtral --bogus -o %s/m", "unknown option '--bogus'" },
-		{ "--preset tiny -o %s/m", "needs --arch" },
-		{ "--arch olmoe --preset mixtral-8x7b -o %s/m", "conflicts" },
-		{ "-o %s/m", "--arch or --preset is required" },
-		{ "--arch mixtral --intermediate 64 -o %s/m", "no dense layers" },
-		{ "--arch qwen3_moe --dtype f8 -o %s/m", "unknown dtype 'f8'" },
+		{ "--arch mixtral --top-k 9 -o %s/m", "top_k 9", 1 },
+		{ "--arch deepseek_v3 --experts 16 --groups 3 -o %s/m", "n_group 3", 1 },
+		{ "--arch llama -o %s/m", "unknown architecture 'llama'", 1 },
+		{ "--preset huge -o %s/m", "unknown preset 'huge'", 1 },
+		{ "--arch mixtral", "missing -o", 2 },
+		{ "--arch mixtral --layers x -o %s/m", "--layers: expected a number", 1 },
+		{ "--arch mixtral --bogus -o %s/m", "unknown option '--bogus'", 2 },
+		{ "--preset tiny -o %s/m", "needs --arch", 1 },
+		{ "--arch olmoe --preset mixtral-8x7b -o %s/m", "conflicts", 1 },
+		{ "-o %s/m", "--arch or --preset is required", 2 },
+		{ "--arch mixtral --intermediate 64 -o %s/m", "no dense layers", 1 },
+		{ "--arch qwen3_moe --dtype f8 -o %s/m", "unknown dtype 'f8'", 1 },
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		char args[256];
+		int r;
 
 		snprintf(args, sizeof(args), bad[i].args, dir);
-		ck_assert_msg(moe_test_sh(out, "'%s' gen-model %s", m, args) == 1, "%s: not exit 1", args);
+		r = moe_test_sh(out, "'%s' gen-model %s", m, args);
+		ck_assert_msg(r == bad[i].status, "%s: exit %d, not %d", args, r, bad[i].status);
 		s = moe_test_slurp(out, NULL);
 		ck_assert_msg(strstr(s, bad[i].msg) != NULL, "%s: output '%s' lacks '%s'", args, s, bad[i].msg);
 		/* One line, prefixed. */

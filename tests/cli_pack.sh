@@ -89,6 +89,9 @@ $(cat "$T/p1.out" "$T/p2.out")"
 
 	# --- a signal mid-pack: no temporary, no store, a failing exit ---------------
 	for sig in $sigs; do
+		# the redirection happens in the background child: without this,
+		# wait_for could read the last round's line before it truncates
+		rm -f "$T/sig.out"
 		if [ "$sig" = INT ]; then
 			MOECTL_PACK_TEST_STALL=60 with_sigint "$MOECTL" pack "$T/a" -o "$D/x.moe" >"$T/sig.out" 2>&1 &
 		else
@@ -117,6 +120,7 @@ done
 # SIGKILL cannot be caught: an unnamed temporary goes with the process
 unset MOE_OUTFILE_NAMED
 D=$T/tmpfile
+rm -f "$T/sig.out"
 MOECTL_PACK_TEST_STALL=60 "$MOECTL" pack "$T/a" -o "$D/x.moe" >"$T/sig.out" 2>&1 &
 p=$!
 wait_for 'stalled for a test' "$T/sig.out"
