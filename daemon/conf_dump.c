@@ -190,6 +190,13 @@ static void swap_value(struct moed_config *a, struct moed_config *b, const struc
 	memcpy(tmp, FIELD(a, k, unsigned char), n);
 	memcpy(FIELD(a, k, unsigned char), FIELD(b, k, unsigned char), n);
 	memcpy(FIELD(b, k, unsigned char), tmp, n);
+	{
+		/* where the value came from goes with it */
+		char *o = a->origin[k - conf_settings];
+
+		a->origin[k - conf_settings] = b->origin[k - conf_settings];
+		b->origin[k - conf_settings] = o;
+	}
 	if (k->kind == K_PINS || k->kind == K_UIDS || k->kind == K_GIDS) {
 		size_t t = *COUNT(a, k);
 
@@ -220,4 +227,24 @@ bool moed_config_is_live(const char *name)
 	const struct setting *k = conf_find_setting(name);
 
 	return k && k->live;
+}
+
+const char *moed_config_origin(const struct moed_config *c, const char *name)
+{
+	const struct setting *k = conf_find_setting(name);
+
+	return k ? c->origin[k - conf_settings] : NULL;
+}
+
+bool moed_config_is_default(const struct moed_config *c, const char *name)
+{
+	const struct setting *k = conf_find_setting(name);
+	struct moed_config *d;
+	bool r;
+
+	if (!k || moed_config_defaults(&d, NULL) < 0)
+		return false;
+	r = same(c, d, k);
+	moed_config_free(d);
+	return r;
 }

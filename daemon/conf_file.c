@@ -202,6 +202,29 @@ static int check_includes(const char *file, const char *text, unsigned depth, st
 	return 0;
 }
 
+/* Record where @k's value came from: @s in @path, or the command line. */
+static int set_origin(struct moed_config *c, const struct setting *k, const config_setting_t *s,
+		      const char *path, struct moe_err *err)
+{
+	char buf[PATH_MAX + 16];
+	char **o = &c->origin[k - conf_settings];
+	char *dup;
+
+	if (path && s) {
+		const char *file = config_setting_source_file(s);
+
+		snprintf(buf, sizeof(buf), "%s:%u", file ? file : path, (unsigned)config_setting_source_line(s));
+	} else {
+		snprintf(buf, sizeof(buf), "the command line");
+	}
+	dup = strdup(buf);
+	if (!dup)
+		return moe_err_set(err, -ENOMEM, "%s: out of memory", k->name);
+	free(*o);
+	*o = dup;
+	return 0;
+}
+
 /* Every setting under @root into @c, recording where each was in @seen. */
 static int load_tree(struct moed_config *c, const config_setting_t *root, const char *path,
 		     const config_setting_t **seen, struct moe_err *err)
@@ -229,6 +252,8 @@ static int load_tree(struct moed_config *c, const config_setting_t *root, const 
 							   at, full, name, list);
 				}
 				r = conf_apply(c, k, e, path, err);
+				if (r == 0)
+					r = set_origin(c, k, e, path, err);
 				if (r < 0)
 					return r;
 				seen[k - conf_settings] = e;
@@ -242,6 +267,8 @@ static int load_tree(struct moed_config *c, const config_setting_t *root, const 
 			return moe_err_set(err, -EINVAL, "%sunknown setting '%s' (known: %s)", at, name, list);
 		}
 		r = conf_apply(c, k, s, path, err);
+		if (r == 0)
+			r = set_origin(c, k, s, path, err);
 		if (r < 0)
 			return r;
 		seen[k - conf_settings] = s;
@@ -374,6 +401,8 @@ int moed_config_set(struct moed_config *c, const char *name, const char *value, 
 	r = conf_check_together(c, NULL, NULL, err);
 	if (r < 0 && k->kind == K_U32)
 		*FIELD(c, k, uint32_t) = old;   /* only numbers take part in those checks */
+	if (r == 0)
+		r = set_origin(c, k, NULL, NULL, err);
 out:
 	config_destroy(&cfg);
 	free(b.p);
@@ -386,7 +415,7 @@ int moed_config_defaults(struct moed_config **ret, struct moe_err *err)
 {
 	struct moed_config *c = calloc(1, sizeof(*c));
 
-	if (!c)
+	if (!c || !(c->origin = calloc(CONF_N_SETTINGS, sizeof(*c->origin))))
 		goto oom;
 	for (size_t i = 0; i < CONF_N_SETTINGS; i++) {
 		const struct setting *k = &conf_settings[i];
@@ -449,6 +478,9 @@ void moed_config_free(struct moed_config *c)
 			free(*FIELD(c, k, uint32_t *));
 		}
 	}
+	for (size_t i = 0; c->origin && i < CONF_N_SETTINGS; i++)
+		free(c->origin[i]);
+	free(c->origin);
 	free(c->path);
 	free(c);
 }
