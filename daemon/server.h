@@ -59,7 +59,7 @@ enum moed_exit {
 /* The status for a failure with @code (a negative errno) while starting. */
 static inline int moed_exit_status(int code)
 {
-	return code == -EIO ? MOED_EXIT_IO : code == -ENOMEM ? MOED_EXIT_INTERNAL : MOED_EXIT_CONFIG;
+	return code == -EIO || code == -EBADMSG ? MOED_EXIT_IO : code == -ENOMEM ? MOED_EXIT_INTERNAL : MOED_EXIT_CONFIG;
 }
 
 /* Serve until SIGTERM or SIGINT; returns the exit status (0 after a clean
