@@ -860,7 +860,7 @@ int cmd_forward(int argc, char **argv)
 		else
 			r = moe_engine_forward(e, (uint32_t)a.layer, in.x, in.tokens, out, ids, w, flags, &err);
 		if (r < 0) {
-			moectl_fail_err(&err);
+			status = moectl_fail_err(&err);   /* 5 for a read or checksum failure */
 			goto out;
 		}
 		dt = moectl_now() - t0;

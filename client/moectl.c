@@ -102,7 +102,8 @@ int moectl_getopt_error(const char *cmd, int o, int argc, char **argv, const str
 
 int moectl_fail_err(const struct moe_err *err)
 {
-	int status = err->code == -EIO ? MOECTL_IO : err->code == -ENOMEM ? MOECTL_INTERNAL : MOECTL_BAD_INPUT;
+	int status = err->code == -EIO || err->code == -EBADMSG ? MOECTL_IO :
+		     err->code == -ENOMEM ? MOECTL_INTERNAL : MOECTL_BAD_INPUT;
 
 	return moectl_failx(status, "%s", err->msg[0] ? err->msg : strerror(-err->code));
 }
@@ -125,6 +126,7 @@ int moectl_status_of(int code)
 	case EUSERS:
 		return MOECTL_REFUSED;
 	case EIO:
+	case EBADMSG:            /* the engine's checksum mismatch, in process */
 	case MOE_E_CHECKSUM:
 		return MOECTL_IO;
 	case ENOMEM:

@@ -83,6 +83,9 @@ struct moed_config {
 		uint32_t ratelimit_burst;        /* lines per class and interval, 0..1000000 */
 		uint32_t ratelimit_interval_ms;  /* 0 (no limit)..3600000 */
 	} log;
+	/* Where each setting got its value (moed_config_origin), by the
+	 * table's order; NULL entries: defaults. */
+	char **origin;
 };
 
 /*
@@ -147,6 +150,18 @@ int moed_config_diff(const struct moed_config *a, const struct moed_config *b, b
  * nothing.  The caller keeps @running's readers out meanwhile.
  */
 void moed_config_apply_live(struct moed_config *running, struct moed_config *from);
+
+/*
+ * Where setting @name got its value in @c: "FILE:LINE" (of the file or of
+ * an @include'd one), "the command line" (moed_config_set), or NULL when
+ * it has its default (or @name is unknown): for errors found after the
+ * load (moed --check-config, the start) that must name the line.
+ */
+const char *moed_config_origin(const struct moed_config *c, const char *name);
+
+/* Whether setting @name of @c has its built-in default value (whether or
+ * not a file restates it); false for unknown names. */
+bool moed_config_is_default(const struct moed_config *c, const char *name);
 
 /* The sessions one uid may hold: limits.max_clients_per_uid, or when that
  * is 0, limits.max_clients less an eighth (rounded down); never more than

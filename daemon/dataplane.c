@@ -83,6 +83,10 @@ static void complete(struct moed_server *s, struct client *c, uint64_t user_data
 {
 	struct moe_cqe *e = &c->seg.cq[c->cq_tail & (c->seg.cq_entries - 1)];
 
+	/* the engine's "an expert failed its checksum" (engine.h), which the
+	 * client's API names apart from a failed read (moe_client_submit(3)) */
+	if (res == -EBADMSG)
+		res = -MOE_E_CHECKSUM;
 	e->user_data = user_data;
 	e->res = res;
 	e->flags = 0;
@@ -354,7 +358,7 @@ static int fail_level(struct moed_server *s, int r)
 {
 	struct moe_store_health h;
 
-	if (r != -EIO)
+	if (r != -EIO && r != -EBADMSG)
 		return MOED_LOG_ERR;
 	moe_engine_store_health(s->engine, false, &h);
 	return h.state == MOE_STORE_OK ? MOED_LOG_ERR : MOED_LOG_DEBUG;

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -67,10 +68,17 @@ static int listen_setup(struct moed_server *s, struct moe_err *err)
 		return 0;
 	}
 #endif
-	if (strlen(c->socket.path) >= sizeof(a.sun_path))
-		return moe_err_set(err, -ENAMETOOLONG, "socket path %s is longer than %zu bytes", c->socket.path,
+	char why[PATH_MAX + 160];
+	const char *path = s->socket_path;
+
+	r = moed_socket_place(c, true, s->socket_path, sizeof(s->socket_path), why, sizeof(why), err);
+	if (r < 0)
+		return r;
+	if (strlen(path) >= sizeof(a.sun_path))
+		return moe_err_set(err, -ENAMETOOLONG, "socket path %s is longer than %zu bytes", path,
 				   sizeof(a.sun_path) - 1);
-	strcpy(a.sun_path, c->socket.path);
+	log_info("socket %s: %s", path, why);
+	strcpy(a.sun_path, path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return moe_err_set(err, -errno, "socket: %s", strerror(errno));
@@ -84,34 +92,42 @@ static int listen_setup(struct moed_server *s, struct moe_err *err)
 		if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0) {
 			close(probe);
 			close(fd);
-			return moe_err_set(err, -EADDRINUSE, "%s: another moed is serving this socket", c->socket.path);
+			return moe_err_set(err, -EADDRINUSE, "%s: another moed is serving this socket", path);
 		}
 		if (probe >= 0)
 			close(probe);
-		if (lstat(c->socket.path, &st) == 0 && S_ISSOCK(st.st_mode))
-			unlink(c->socket.path);
+		if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+			unlink(path);
 		r = bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ? -errno : 0;
 	}
 	if (r < 0) {
 		close(fd);
-		return moe_err_set(err, r, "%s: bind: %s", c->socket.path, strerror(-r));
+		return moe_err_set(err, r, "%s: bind: %s; set socket.path (or moed --socket PATH) to a "
+				   "place this user may create it", path, strerror(-r));
 	}
 	s->unlink_socket = true;
-	if (chmod(c->socket.path, c->socket.mode) < 0)
-		log_warning("%s: chmod %o: %s", c->socket.path, c->socket.mode, strerror(errno));
+	if (chmod(path, c->socket.mode) < 0)
+		log_warning("%s: chmod %o: %s", path, c->socket.mode, strerror(errno));
 	if (c->socket.group && c->socket.group[0]) {
 		struct group *g = getgrnam(c->socket.group);
+		const char *o = moed_config_origin(c, "socket.group");
 
-		if (!g)
-			log_warning("%s: group %s does not exist: the socket keeps its group", c->socket.path,
-				    c->socket.group);
-		else if (chown(c->socket.path, (uid_t)-1, g->gr_gid) < 0)
-			log_warning("%s: chown to group %s: %s", c->socket.path, c->socket.group, strerror(errno));
+		/* the shipped default group applies where the package made it;
+		 * only a group someone chose is worth a warning when missing */
+		if (!g && moed_config_is_default(c, "socket.group"))
+			log_debug("%s: no group %s (the default socket.group): the socket keeps its group",
+				  path, c->socket.group);
+		else if (!g)
+			log_warning("%s%ssocket.group: group %s does not exist: %s keeps its group; create "
+				    "it (groupadd %s) or set socket.group", o ? o : "", o ? ": " : "",
+				    c->socket.group, path, c->socket.group);
+		else if (chown(path, (uid_t)-1, g->gr_gid) < 0)
+			log_warning("%s: chown to group %s: %s", path, c->socket.group, strerror(errno));
 	}
 	if (listen(fd, 128) < 0) {
 		r = -errno;
 		close(fd);
-		return moe_err_set(err, r, "%s: listen: %s", c->socket.path, strerror(-r));
+		return moe_err_set(err, r, "%s: listen: %s", path, strerror(-r));
 	}
 	s->listen_fd = fd;
 	return 0;
@@ -343,7 +359,7 @@ int moed_server_run(struct moed_server *s)
 	log_info("serving %s (%s, %u MoE layers, backend %s) on %s", s->cfg->model,
 		 moe_engine_store(s->engine)->hdr.model_type, moe_engine_store(s->engine)->hdr.num_moe_layers,
 		 moe_engine_backend(s->engine)->ops->name,
-		 s->socket_activated ? "the socket systemd passed (socket activation)" : s->cfg->socket.path);
+		 s->socket_activated ? "the socket systemd passed (socket activation)" : s->socket_path);
 	notify("READY=1");
 	status_tick(s);
 	s->running = true;
@@ -411,8 +427,16 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 	eo.log = moed_log_engine;
 	notify("EXTEND_TIMEOUT_USEC=60000000");
 	r = moe_engine_open(cfg->model, &eo, &s->engine, err);
-	if (r < 0)
+	if (r < 0) {
+		/* name the setting (and its line) that chose the store */
+		const char *o = moed_config_origin(cfg, "model");
+
+		if (o)
+			moe_err_prefix(err, r, "%s: model", o);
+		else
+			moe_err_prefix(err, r, "model (the default; set it in moed.conf or with moed -m STORE)");
 		goto fail;
+	}
 	s->mc = moe_engine_config(s->engine);
 	{
 		const struct moe_backend *be = moe_engine_backend(s->engine);
@@ -493,7 +517,7 @@ void moed_server_free(struct moed_server *s)
 	if (s->listen_fd >= 0 && !s->socket_activated)
 		close(s->listen_fd);
 	if (s->unlink_socket)
-		unlink(s->cfg->socket.path);
+		unlink(s->socket_path);
 	moed_loop_free(s->loop);
 	if (s->sigfd >= 0)
 		close(s->sigfd);

@@ -7,12 +7,15 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "conf.h"
+#include "engine/store.h"
 #include "engine/suggest.h"
 #include "log.h"
 #include "server.h"
@@ -73,6 +76,54 @@ static int unknown_option(int argc, char **argv)
 	else
 		fprintf(stderr, "moed: unknown option '%s' (see moed --help)\n", arg);
 	return MOED_EXIT_USAGE;
+}
+
+/* "moed: FILE:LINE: NAME: " (or without the place for a default) and @msg. */
+static void check_failed(const struct moed_config *c, const char *name, const char *msg)
+{
+	const char *o = moed_config_origin(c, name);
+
+	fprintf(stderr, "moed: %s%s%s%s: %s\n", o ? o : "", o ? ": " : "", name,
+		o ? "" : " (the default)", msg);
+}
+
+/*
+ * What --check-config checks beyond the file's syntax and values, that the
+ * start would otherwise find one at a time: the store opens and is one,
+ * the socket has a place, a configured group exists (users and groups of
+ * access.* were resolved by the load).  Each failure names the setting and
+ * where it was set.  Returns how many failed.
+ */
+static int check_runtime(const struct moed_config *c)
+{
+	char place[PATH_MAX], why[PATH_MAX + 160], msg[1024];
+	struct moe_err err = { 0 };
+	struct moe_store *st;
+	int failed = 0;
+
+	if (moe_store_open(c->model, &st, &err) < 0) {
+		check_failed(c, "model", err.msg);
+		failed++;
+	} else {
+		moe_store_close(st);
+	}
+	if (moed_socket_place(c, false, place, sizeof(place), why, sizeof(why), &err) < 0) {
+		check_failed(c, "socket.path", err.msg);
+		failed++;
+	} else {
+		printf("# socket (unless systemd passes one): %s: %s\n", place, why);
+	}
+	if (c->socket.group[0] && !getgrnam(c->socket.group)) {
+		if (moed_config_is_default(c, "socket.group")) {
+			printf("# socket.group: no group %s here: the socket keeps its group\n", c->socket.group);
+		} else {
+			snprintf(msg, sizeof(msg), "group %s does not exist: create it (groupadd %s) or set "
+				 "socket.group", c->socket.group, c->socket.group);
+			check_failed(c, "socket.group", msg);
+			failed++;
+		}
+	}
+	return failed;
 }
 
 int main(int argc, char **argv)
@@ -161,12 +212,17 @@ int main(int argc, char **argv)
 		}
 	}
 	if (check) {
+		int failed = check_runtime(cfg);
 		char *dump = moed_config_dump(cfg);
 
-		printf("# %s: OK\n%s", config_path ? config_path : "built-in defaults", dump ? dump : "");
+		if (failed)
+			fprintf(stderr, "moed: %s: %d problem%s\n", config_path ? config_path : "built-in defaults",
+				failed, failed > 1 ? "s" : "");
+		else
+			printf("# %s: OK\n%s", config_path ? config_path : "built-in defaults", dump ? dump : "");
 		free(dump);
 		moed_config_free(cfg);
-		return 0;
+		return failed ? MOED_EXIT_CONFIG : 0;
 	}
 	moed_log_set_level(cfg->log.level);
 	moed_log_set_ratelimit(cfg->log.ratelimit_burst, cfg->log.ratelimit_interval_ms);

@@ -31,6 +31,20 @@ int moed_server_new(struct moed_config *cfg, const char *config_path, const stru
 		    size_t nov, struct moed_server **ret, struct moe_err *err);
 
 /*
+ * Where the socket goes when moed binds it itself (not socket-activated):
+ * socket.path when it is set to other than the default; else
+ * $RUNTIME_DIRECTORY/moed.sock (systemd's RuntimeDirectory=); else, as
+ * root, /run/moed/moed.sock with /run/moed created (0755); else the default
+ * when /run/moed is writable; else $XDG_RUNTIME_DIR/moed.sock.  Without
+ * @create (a check) /run/moed is not made, only looked at.  The path
+ * into @buf (@len bytes), the reason, for the log, into @why.  Errors:
+ * -ENAMETOOLONG, -EACCES (nowhere), or mkdir's, with a message that says
+ * to set socket.path.
+ */
+int moed_socket_place(const struct moed_config *c, bool create, char *buf, size_t len, char *why,
+		      size_t wlen, struct moe_err *err);
+
+/*
  * moed's exit statuses (moed(8), EXIT STATUS): the numbers moectl uses for
  * the same kinds of failure.
  */
@@ -45,7 +59,7 @@ enum moed_exit {
 /* The status for a failure with @code (a negative errno) while starting. */
 static inline int moed_exit_status(int code)
 {
-	return code == -EIO ? MOED_EXIT_IO : code == -ENOMEM ? MOED_EXIT_INTERNAL : MOED_EXIT_CONFIG;
+	return code == -EIO || code == -EBADMSG ? MOED_EXIT_IO : code == -ENOMEM ? MOED_EXIT_INTERNAL : MOED_EXIT_CONFIG;
 }
 
 /* Serve until SIGTERM or SIGINT; returns the exit status (0 after a clean

@@ -155,6 +155,7 @@ struct moed_server {
 	int listen_fd;
 	bool socket_activated;           /* fixed */
 	bool unlink_socket;              /* fixed: we bound it, so remove it at exit */
+	char socket_path[108];           /* fixed: what we bound (moed_socket_place) */
 	int sigfd, timerfd;
 	int spare_fd;                    /* control: given up to accept and drop a connection at EMFILE */
 	uint32_t next_id;                /* control */

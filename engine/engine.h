@@ -117,9 +117,10 @@ const struct moe_backend *moe_engine_backend(const struct moe_engine *e);
  * Run MoE layer @layer (the checkpoint's number) on @n tokens x[n][H]
  * float32, writing out[n][H].  @ids and @w (n*k each, may be NULL) receive
  * the routing.  Errors: -ENOENT for a layer that is not an MoE layer of the
- * model (message says which are), -EIO for an expert that cannot be read
- * or fails its checksum (message names layer and expert; the next forward
- * that needs it reads it again), -ENOMEM.
+ * model (message says which are), -EIO for an expert that cannot be read,
+ * -EBADMSG for one that fails its checksum (the message names layer and
+ * expert; the next forward that needs it reads it again; moed completes
+ * such a request with -MOE_E_CHECKSUM), -ENOMEM.
  */
 int moe_engine_forward(struct moe_engine *e, uint32_t layer, const float *x, size_t n,
 		       float *out, int32_t *ids, float *w, unsigned flags, struct moe_err *err);

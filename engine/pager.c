@@ -189,11 +189,11 @@ static void store_state_set(struct moe_pager *p, enum moe_store_state st, const 
 	snprintf(p->health.why, sizeof(p->health.why), "%s", why);
 	if (st == MOE_STORE_CHANGED)
 		plog(p, 3, "%s: the store changed under moed: %s; experts not in memory cannot be read "
-		     "(requests that need them fail with EIO) until the file is whole again and the store "
+		     "(requests that need them fail) until the file is whole again and the store "
 		     "is reopened (moed: SIGHUP)", path, why);
 	else
 		plog(p, 3, "%s: the store is damaged: %" PRIu64 " failed reads and %" PRIu64 " checksum "
-		     "mismatches (%s); requests that need those experts fail with EIO; check the disk "
+		     "mismatches (%s); requests that need those experts fail; check the disk "
 		     "(moectl verify), repack, then reopen the store (moed: SIGHUP)", path,
 		     p->health.read_errors, p->health.checksum_errors, why);
 }
@@ -344,7 +344,7 @@ static void *verify_thread(void *arg)
 			uint64_t got = XXH3_64bits_digest(j->st);
 
 			if (got != j->sum)
-				job_fail(p, j, FAIL_CHECKSUM, -EIO,
+				job_fail(p, j, FAIL_CHECKSUM, -EBADMSG,
 					 "checksum mismatch (stored %016" PRIx64 ", read %016" PRIx64 ") in %" PRIu64
 					 " bytes at offset %" PRIu64, j->sum, got, j->bytes, j->off);
 			job_finish(p, j);

@@ -44,7 +44,8 @@ typedef void (*moe_pager_sink_fn)(void *ctx, const void *chunk, uint64_t off, ui
  * resumes once, as after any short read, and gets nothing) or a checksum
  * mismatch (MOE_FAULT_CHECKSUM); or the next @count opens of the store's
  * file by moe_pager_reopen() fail with -EIO (MOE_FAULT_OPEN; @li and
- * @expert unused).  Each gives -EIO to the loads concerned and no other.
+ * @expert unused).  Each gives -EIO to the loads concerned and no other,
+ * but a checksum mismatch, which gives -EBADMSG (as a real one does).
  */
 enum moe_pager_fault { MOE_FAULT_NONE = 0, MOE_FAULT_IO, MOE_FAULT_CHECKSUM, MOE_FAULT_SHORT,
 		       MOE_FAULT_OPEN };
@@ -105,7 +106,8 @@ struct moe_pager_load {
 	moe_pager_sink_fn sink;
 	void *sink_ctx;
 	/* set by the pager */
-	int status;                 /* MOE_PAGER_PENDING, 0, or -EIO/-ENOMEM */
+	int status;                 /* MOE_PAGER_PENDING, 0, or -EIO, -EBADMSG (a checksum
+				     * mismatch), -ENOMEM */
 	uint64_t submit_ns, done_ns;  /* CLOCK_MONOTONIC */
 	char msg[256];              /* why it failed (names layer and expert) */
 	void *priv;                 /* pager-internal */

@@ -360,6 +360,22 @@ static int validate_layout(struct moe_store *s, struct moe_err *err)
 	return 0;
 }
 
+/* Whether the directory @dirfd holds a checkpoint (config.json and
+ * .safetensors files): what a user passes as the store before packing it. */
+static bool is_checkpoint_dir(int dirfd)
+{
+	return faccessat(dirfd, "config.json", F_OK, 0) == 0 &&
+	       (faccessat(dirfd, "model.safetensors", F_OK, 0) == 0 ||
+		faccessat(dirfd, "model.safetensors.index.json", F_OK, 0) == 0);
+}
+
+/* Whether the first bytes of a file, @n of @b, are a .safetensors header:
+ * a little-endian length, then the JSON's '{'. */
+static bool is_safetensors(const unsigned char *b, size_t n)
+{
+	return n >= 9 && b[8] == '{' && b[6] == 0 && b[7] == 0;
+}
+
 int moe_store_open_file(const char *path, int flags, struct moe_err *err)
 {
 	struct stat st;
@@ -370,6 +386,9 @@ int moe_store_open_file(const char *path, int flags, struct moe_err *err)
 		return moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
 	if (fstat(fd, &st) < 0) {
 		r = moe_err_set(err, -errno, "%s: %s", path, strerror(errno));
+	} else if (S_ISDIR(st.st_mode) && is_checkpoint_dir(fd)) {
+		r = moe_err_set(err, -EINVAL, "%s: a Hugging Face checkpoint, not a store: pack it first: "
+				"moectl pack %s -o STORE.moe", path, path);
 	} else if (!S_ISREG(st.st_mode)) {
 		r = moe_err_set(err, -EINVAL, "%s: not a regular file (%s); a store must be one", path,
 				S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" :
@@ -418,7 +437,11 @@ int moe_store_open(const char *path, struct moe_store **ret, struct moe_err *err
 		goto fail;
 	}
 	if ((size_t)n < sizeof(s->hdr.magic) || memcmp(s->hdr.magic, MOE_STORE_MAGIC, 8)) {
-		r = moe_err_set(err, -EINVAL, "%s: not a .moe store (bad magic)", path);
+		if (is_safetensors((const unsigned char *)&s->hdr, (size_t)n))
+			r = moe_err_set(err, -EINVAL, "%s: a .safetensors file of a checkpoint, not a store: "
+					"pack its checkpoint directory first: moectl pack DIR -o STORE.moe", path);
+		else
+			r = moe_err_set(err, -EINVAL, "%s: not a .moe store (bad magic)", path);
 		goto fail;
 	}
 	if ((size_t)n >= 12 && (s->hdr.version < MOE_STORE_VERSION_MIN ||

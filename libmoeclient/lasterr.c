@@ -81,7 +81,9 @@ int client_error_connect(const char *path, int r, const char *refusal)
 		return client_error(r, "cannot connect to moed at %s: no such socket; moed is not running "
 				    "or serves another socket: start moed (systemctl start moed.socket, "
 				    "or moed --socket PATH) or name the socket it serves ($MOED_SOCKET, or "
-				    "the program's socket option)", path);
+				    "the program's socket option; without either, %s, then "
+				    "$XDG_RUNTIME_DIR/moed.sock, where a moed started by hand puts it)", path,
+				    MOE_DEFAULT_SOCKET);
 	case ECONNREFUSED:
 		if (stat(path, &st) == 0 && !S_ISSOCK(st.st_mode))
 			return client_error(r, "cannot connect to moed at %s: not a socket; moed's socket is "

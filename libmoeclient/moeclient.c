@@ -10,10 +10,12 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -192,6 +194,25 @@ static uint64_t client_spin(void)
 	return cpus >= 4 ? SPIN_NS : 0;
 }
 
+/*
+ * The socket when none was named: MOE_DEFAULT_SOCKET, unless it is absent
+ * and $XDG_RUNTIME_DIR/moed.sock exists, which is where a moed started by
+ * hand by this user (not root, no systemd) puts it (moed(8), SOCKET).
+ */
+static const char *default_socket(char *buf, size_t len)
+{
+	const char *xdg = getenv("XDG_RUNTIME_DIR");
+	struct stat st;
+	int n;
+
+	if (lstat(MOE_DEFAULT_SOCKET, &st) == 0 || errno != ENOENT || !xdg || xdg[0] != '/')
+		return MOE_DEFAULT_SOCKET;
+	n = snprintf(buf, len, "%s/moed.sock", xdg);
+	if (n < 0 || (size_t)n >= len || lstat(buf, &st) < 0)
+		return MOE_DEFAULT_SOCKET;
+	return buf;
+}
+
 MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_client_options *opt,
 				  struct moe_client **ret)
 {
@@ -199,6 +220,7 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	struct moe_msg_hello hello = { .version = MOE_PROTO_VERSION };
 	struct moe_msg_header h;
 	struct moe_client *c;
+	char xdg_path[sizeof(a.sun_path)];
 	size_t seg_bytes;
 	void *seg;
 	int segfd = -1, r;
@@ -208,7 +230,7 @@ MOE_EXPORT int moe_client_connect(const char *socket_path, const struct moe_clie
 	if (!socket_path)
 		socket_path = getenv("MOED_SOCKET");
 	if (!socket_path || !*socket_path)
-		socket_path = MOE_DEFAULT_SOCKET;
+		socket_path = default_socket(xdg_path, sizeof(xdg_path));
 	if (strlen(socket_path) >= sizeof(a.sun_path))
 		return client_error_connect(socket_path, -ENAMETOOLONG, NULL);
 	strcpy(a.sun_path, socket_path);

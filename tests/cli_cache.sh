@@ -75,10 +75,12 @@ expect_fail "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 4 --al
 	--inject-fault io:2:7
 expect_one_line
 expect_msg 'layer 2 expert 7'
+[ "$rc" -eq 5 ] || fail "moectl forward exit $rc for a failed read, not 5 (moectl(1))"
 expect_fail "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 4 --all-experts --stats \
 	--host-cache-mb "$budget" --inject-fault checksum:2:7
 expect_one_line
 expect_msg 'layer 2 expert 7: checksum mismatch'
+[ "$rc" -eq 5 ] || fail "moectl forward exit $rc for a checksum mismatch, not 5 (moectl(1))"
 expect_fail "$MOECTL" forward --model "$T/m.moe" --layer 2 --random-input 4 --all-experts --stats \
 	--inject-fault short:2:7
 expect_one_line

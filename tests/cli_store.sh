@@ -175,6 +175,10 @@ i=0
 while [ $i -lt 8 ]; do
 	fwd "$C"
 	[ "$rc" -ne 0 ] || fail "a request that needs the damaged expert succeeded"
+	# a checksum mismatch reaches the client as such (MOE_E_CHECKSUM), not
+	# as an I/O error; moectl's status for it is 5 (moectl(1))
+	expect_msg 'Expert weights failed their checksum'
+	[ "$rc" -eq 5 ] || fail "moectl exit $rc for a checksum mismatch, not 5: $(cat "$T/err")"
 	fwd "$D"
 	[ "$rc" -eq 0 ] || fail "a request that does not need the damaged expert failed"
 	cmp -s "$T/got.npy" "$T/wantD.npy" || fail "moed's output differs from the in-process run's"
