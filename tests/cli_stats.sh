@@ -7,6 +7,8 @@
 #  - the `moectl stats` that asks is not a connected client, nor listed;
 #  - moectl's --json (stats, info) is one style: indented, reals at ten
 #    significant digits at most (no 7.9694761649999997);
+#  - the log: sessions' connect/disconnect at debug level only, every
+#    line stamped with the time (stderr is not the journal);
 #  - `moectl info` says why its token limit is what it is: the arena's
 #    capacity (limits.segment_mb small) or limits.max_tokens_per_request.
 #
@@ -80,6 +82,13 @@ for m in re.finditer(r'(?<![\w."])-?(\d+)\.(\d+)(?:[eE][-+]?\d+)?', text):
 	digits = (m.group(1) + m.group(2)).lstrip("0")
 	assert len(digits) <= 10, "too many digits: " + m.group(0)
 EOP
+# logs: sessions come and go at debug level (log.level is info here), and
+# stderr, a file and not the journal, has each line stamped
+grep -q '): connected, ' "$LOG" && fail "a session's connect logged at info level: $(cat "$LOG")"
+grep -q 'session ended after' "$LOG" && fail "a session's end logged at info level: $(cat "$LOG")"
+grep -q 'moed: ' "$LOG" || fail "moed logged nothing at all"
+grep -Ev '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z moed: ' "$LOG" >"$T/bare" &&
+	fail "log lines without a time: $(cat "$T/bare")"
 moed_term "$MOED_PID" "$LOG"
 MOED_PID=
 
