@@ -109,7 +109,7 @@ int cmd_info(int argc, char **argv)
 		json_object_set_new(o, "moe_layers", layers);
 		/* null: the store records none, or moed predates fingerprints */
 		json_object_set_new(o, "fingerprint", have_fp ? json_string(fp) : json_null());
-		text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+		text = json_dumps(o, MOECTL_JSON_FLAGS);
 		printf("%s\n", text ? text : "{}");
 		free(text);
 		json_decref(o);
@@ -121,8 +121,18 @@ int cmd_info(int argc, char **argv)
 		       in.num_hidden_layers, in.num_moe_layers);
 		for (uint32_t i = 0; i < in.num_moe_layers; i++)
 			printf("%s%u", i ? "," : " ", in.moe_layers[i]);
-		printf("\nrequests: up to %u tokens; this session's arena: %.1f MiB\n", in.max_tokens,
-		       (double)in.arena_bytes / 1048576.0);
+		/* moed lowers limits.max_tokens_per_request to what the session's
+		 * arena holds (float32 in and out and the routing, per token,
+		 * daemon/session.c): say which of the two this figure is */
+		uint64_t per = 2ull * in.hidden_size * 4 + 2ull * in.top_k * 4;
+
+		if (per && in.max_tokens == in.arena_bytes / per)
+			printf("\nrequests: up to %u tokens (the most this session's arena of %.1f MiB holds at %" PRIu64
+			       " bytes a token; limits.max_tokens_per_request may be higher)\n", in.max_tokens,
+			       (double)in.arena_bytes / 1048576.0, per);
+		else
+			printf("\nrequests: up to %u tokens (limits.max_tokens_per_request); this session's arena: "
+			       "%.1f MiB\n", in.max_tokens, (double)in.arena_bytes / 1048576.0);
 		printf("fingerprint: %s\n", have_fp ? fp : "none");
 	}
 	moe_client_disconnect(c);
@@ -156,7 +166,8 @@ static void print_load(json_t *layer)
 		idle += cnt[i] == 0;
 		order[i] = (uint32_t)i;
 	}
-	printf("layer %d: %" PRIu64 " tokens routed", (int)num(layer, "layer"), total);
+		/* each token goes to top_k experts: these are token-expert pairs */
+	printf("layer %d: %" PRIu64 " token-expert pairs routed", (int)num(layer, "layer"), total);
 	if (!total) {
 		printf("\n");
 		free(cnt);
@@ -199,15 +210,20 @@ int cmd_stats(int argc, char **argv)
 	moe_client_disconnect(c);
 	if (r < 0)
 		return moectl_failx(moectl_status_of(r), "stats: %s", moe_strerror(r));
-	if (json) {
-		printf("%s\n", text);
-		free(text);
-		return 0;
-	}
 	root = json_loads(text, 0, NULL);
 	free(text);
 	if (!root)
 		return moectl_fail("stats: moed sent figures that are not JSON");
+	if (json) {
+		/* in moectl's one JSON style, not moed's compact wire form */
+		text = json_dumps(root, MOECTL_JSON_FLAGS);
+		json_decref(root);
+		if (!text)
+			return moectl_failx(MOECTL_INTERNAL, "stats: out of memory");
+		printf("%s\n", text);
+		free(text);
+		return 0;
+	}
 	printf("moed: %s (%s), up %.0f s, %d clients connected\n",
 	       json_string_value(json_object_get(root, "model")), json_string_value(json_object_get(root, "store")),
 	       num(root, "uptime_s"), (int)num(root, "clients_connected"));
@@ -517,12 +533,19 @@ int cmd_bench(int argc, char **argv)
 	qsort(all, ns, sizeof(float), cmp_float);
 	double p50 = ns ? all[ns / 2] : 0, p90 = ns ? all[ns * 9 / 10] : 0, p99 = ns ? all[ns * 99 / 100] : 0;
 	double mx = ns ? all[ns - 1] : 0, tps = (double)toks / duration;
-	if (json)
-		printf("{\"clients\": %" PRIu64 ", \"tokens_per_request\": %" PRIu64 ", \"layer\": %" PRIu64
-		       ", \"duration_s\": %.3f, \"requests\": %" PRIu64 ", \"errors\": %" PRIu64
-		       ", \"tokens_per_s\": %.1f, \"latency_us\": {\"p50\": %.2f, \"p90\": %.2f, \"p99\": %.2f, "
-		       "\"max\": %.2f}}\n", clients, tokens, layer, duration, reqs, errs, tps, p50, p90, p99, mx);
-	else {
+	if (json) {
+		/* in moectl's one JSON style, as info and stats --json */
+		json_t *res = json_pack("{s:I,s:I,s:I,s:f,s:I,s:I,s:f,s:{s:f,s:f,s:f,s:f}}",
+					"clients", (json_int_t)clients, "tokens_per_request", (json_int_t)tokens,
+					"layer", (json_int_t)layer, "duration_s", duration,
+					"requests", (json_int_t)reqs, "errors", (json_int_t)errs, "tokens_per_s", tps,
+					"latency_us", "p50", p50, "p90", p90, "p99", p99, "max", mx);
+		char *text = res ? json_dumps(res, MOECTL_JSON_FLAGS) : NULL;
+
+		printf("%s\n", text ? text : "{}");
+		free(text);
+		json_decref(res);
+	} else {
 		printf("moed bench: %" PRIu64 " client%s x %" PRIu64 "-token requests to layer %" PRIu64
 		       " (%s), %.1f s after %.1f s of warm-up\n", clients, clients > 1 ? "s" : "", tokens, layer,
 		       info.model_type, duration, warmup);

@@ -363,7 +363,7 @@ static int inspect_json(const char *path, const struct moe_store *s)
 		json_object_set_new(root, "swiglu_alpha", json_real(float_for_json(c->swiglu_alpha)));
 		json_object_set_new(root, "swiglu_limit", json_real(float_for_json(c->swiglu_limit)));
 	}
-	text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15));
+	text = json_dumps(root, MOECTL_JSON_FLAGS);
 	json_decref(root);
 	if (!text)
 		return moectl_failx(MOECTL_INTERNAL, "inspect: out of memory");

@@ -85,7 +85,7 @@ static int print_json(const char *path, const struct moe_trace *t, size_t batche
 			 "accesses", (json_int_t)accesses,
 			 "distinct", (json_int_t)distinct,
 			 "results", results);
-	text = root ? json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6))
+	text = root ? json_dumps(root, MOECTL_JSON_FLAGS)
 		    : NULL;
 	json_decref(root);
 	if (!text)

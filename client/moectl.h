@@ -37,6 +37,14 @@ enum moectl_status {
 	MOECTL_INTERNAL = 6,       /* out of memory, or a bug */
 };
 
+/*
+ * The one style of moectl's JSON outputs (info, stats, trace, bench
+ * --json): indented for a reader, keys in moed's order, and reals at ten
+ * significant digits, so that 7.969476165 does not come out as
+ * 7.9694761649999997 (jansson's default is 17).
+ */
+#define MOECTL_JSON_FLAGS (JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10))
+
 /* Print "moectl: <msg>" on stderr; returns MOECTL_BAD_INPUT. */
 int moectl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -54,10 +54,23 @@ static void vlog(int level, const char *fmt, va_list ap)
 		return;
 	if (journal < 0)
 		journal = on_journal();
-	if (journal)
+	if (journal) {
+		/* the journal stamps each line itself, and reads the <level> */
 		n = snprintf(line, sizeof(line), "<%d>", level);
-	else
-		n = snprintf(line, sizeof(line), "moed: %s: ", names[level & 7]);
+	} else {
+		/* a file or a terminal has no time of its own: UTC, to the
+		 * millisecond, ISO 8601, so that lines sort and compare across
+		 * hosts and the daylight-saving change */
+		struct timespec ts;
+		struct tm tm;
+		char when[32] = "";
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		if (gmtime_r(&ts.tv_sec, &tm))
+			strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+		n = snprintf(line, sizeof(line), "%s.%03ldZ moed: %s: ", when, ts.tv_nsec / 1000000L,
+			     names[level & 7]);
+	}
 	vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
 	n = (int)strlen(line);
 	line[n++] = '\n';

@@ -104,6 +104,8 @@ struct client {
 	atomic_bool dead;                /* atomic (seq_cst): the control socket closed, the control
 					  * thread is done with it; the data thread frees it */
 	bool kicked;                     /* data: the data thread ended the session */
+	atomic_bool asked_stats;         /* atomic: it sent STATS; with no requests of its own it is
+					  * an observer (moectl stats), not a client the stats count */
 
 	/* data: figures (read by the stats snapshot, on the data thread too,
 	 * and by the session's last log line, after the data thread let go) */

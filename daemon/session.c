@@ -50,7 +50,10 @@ void session_free(struct moed_server *s, struct client *c)
 	free(c->out);
 	if (c->welcomed) {
 		atomic_fetch_sub(&s->live_clients, 1);
-		moed_log_event(MOED_EVENT_SESSION, MOED_LOG_INFO, "client %u (pid %d, uid %u): session ended after "
+		/* a session's coming and going is routine (debug); one whose
+		 * requests failed still says so at info level */
+		moed_log_event(MOED_EVENT_SESSION, c->errors ? MOED_LOG_INFO : MOED_LOG_DEBUG,
+			       "client %u (pid %d, uid %u): session ended after "
 			       "%" PRIu64 " requests, %" PRIu64 " tokens, %" PRIu64 " errors", c->id, (int)c->pid,
 			       (unsigned)c->uid, c->requests, c->tokens, c->errors);
 	}
@@ -454,7 +457,7 @@ static int hello(struct moed_server *s, struct client *c, const struct moe_msg_h
 	s->sessions = c;
 	s->nclients++;
 	atomic_fetch_add(&s->live_clients, 1);
-	moed_log_event(MOED_EVENT_SESSION, MOED_LOG_INFO, "client %u (pid %d, uid %u): connected, %" PRIu64
+	moed_log_event(MOED_EVENT_SESSION, MOED_LOG_DEBUG, "client %u (pid %d, uid %u): connected, %" PRIu64
 		       " MiB segment", c->id, (int)c->pid, (unsigned)c->uid, (uint64_t)(c->seg.bytes >> 20));
 	pthread_mutex_lock(&s->lock);
 	c->next = s->incoming;

@@ -78,6 +78,7 @@ void stats_deliver(struct moed_server *s, bool all)
 
 void stats_request(struct moed_server *s, struct client *c)
 {
+	atomic_store(&c->asked_stats, true);
 	if (!c->stats_waiting++) {
 		c->stats_since = moe_now_ns();
 		c->stats_next = s->stats_waiters;
@@ -105,6 +106,12 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* A session that asked for the figures and sent no request (data thread). */
+static bool is_observer(const struct client *c)
+{
+	return atomic_load(&c->asked_stats) && !c->requests;
+}
+
 /* The stats snapshot, on the data thread (the engine is its alone). */
 void stats_snapshot(struct moed_server *s)
 {
@@ -121,7 +128,15 @@ void stats_snapshot(struct moed_server *s)
 	json_object_set_new(root, "model", json_string(st->hdr.model_type));
 	json_object_set_new(root, "store", json_string(st->path));
 	json_object_set_new(root, "uptime_s", json_real(up));
-	json_object_set_new(root, "clients_connected", json_integer(atomic_load(&s->live_clients)));
+	{
+		/* whoever asks for the figures (moectl stats) is no client of
+		 * the model's: neither counted nor listed */
+		int live = (int)atomic_load(&s->live_clients);
+
+		for (struct client *c = s->clients; c; c = c->next)
+			live -= is_observer(c) && !atomic_load(&c->dead);
+		json_object_set_new(root, "clients_connected", json_integer(live > 0 ? live : 0));
+	}
 	json_object_set_new(root, "requests", json_integer((json_int_t)s->total_requests));
 	json_object_set_new(root, "tokens", json_integer((json_int_t)s->total_tokens));
 	json_object_set_new(root, "errors", json_integer((json_int_t)s->total_errors));
@@ -149,11 +164,13 @@ void stats_snapshot(struct moed_server *s)
 		json_object_set_new(root, "events", ev);
 	}
 	for (struct client *c = s->clients; c; c = c->next)
-		json_array_append_new(clients, json_pack("{s:i,s:i,s:i,s:I,s:I,s:I}", "id", (int)c->id,
-							 "pid", (int)c->pid, "uid", (int)c->uid,
-							 "requests", (json_int_t)c->requests,
-							 "tokens", (json_int_t)c->tokens,
-							 "errors", (json_int_t)c->errors));
+		if (!is_observer(c))
+			json_array_append_new(clients, json_pack("{s:i,s:i,s:i,s:I,s:I,s:I}", "id",
+								 (int)c->id,
+								 "pid", (int)c->pid, "uid", (int)c->uid,
+								 "requests", (json_int_t)c->requests,
+								 "tokens", (json_int_t)c->tokens,
+								 "errors", (json_int_t)c->errors));
 	json_object_set_new(root, "clients", clients);
 	for (uint32_t i = 0; counts && i < st->hdr.num_moe_layers; i++) {
 		json_t *arr = json_array();
@@ -170,7 +187,8 @@ void stats_snapshot(struct moed_server *s)
 		if (e)
 			json_object_set_new(root, "engine", e);
 	}
-	text = json_dumps(root, JSON_PRESERVE_ORDER | JSON_COMPACT);
+	/* ten significant digits: no 7.9694761649999997 (jansson's default is 17) */
+	text = json_dumps(root, JSON_PRESERVE_ORDER | JSON_COMPACT | JSON_REAL_PRECISION(10));
 	json_decref(root);
 	free(eng);
 	free(sorted);

@@ -354,7 +354,7 @@ START_TEST(peers_cannot_flood_the_log)
 	moed_config(&d, &m, "mode = \"0666\";",
 		    "limits = { segment_mb = 8; };\n"
 		    "access = { uids = [ 12345 ]; gids = [ ]; };\n"
-		    "log = { ratelimit_burst = 5; ratelimit_interval_ms = 1000; };");
+		    "log = { level = \"debug\"; ratelimit_burst = 5; ratelimit_interval_ms = 1000; };");
 	moed_start(&d);
 	t0 = moe_test_now_ms();
 	for (int i = 0; i < JUNK; i++) {

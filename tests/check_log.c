@@ -10,6 +10,7 @@
 
 #include <check.h>
 #include <fcntl.h>
+#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +126,37 @@ START_TEST(interval_zero_writes_all_and_level_still_filters)
 }
 END_TEST
 
+/* stderr not the journal: each line stamped in UTC; on the journal, the
+ * <level> prefix alone (the journal stamps it) */
+START_TEST(timestamps_unless_on_the_journal)
+{
+	char line[4096];
+	regex_t re;
+	FILE *f;
+	int stamped = 0, bare = 0;
+
+	ck_assert_int_eq(regcomp(&re, "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{3}Z "
+				 "moed: warning: plain line\n$", REG_EXTENDED | REG_NOSUB), 0);
+	capture();
+	moed_log(MOED_LOG_WARNING, "plain line");
+	moed_log_set_journal(1);
+	moed_log(MOED_LOG_WARNING, "journal line");
+	moed_log_set_journal(0);
+	fflush(stderr);
+	f = fopen(path, "r");
+	ck_assert_ptr_nonnull(f);
+	while (fgets(line, sizeof(line), f)) {
+		stamped += regexec(&re, line, 0, NULL, 0) == 0;
+		bare += strcmp(line, "<4>journal line\n") == 0;
+	}
+	fclose(f);
+	regfree(&re);
+	release();
+	ck_assert_int_eq(stamped, 1);
+	ck_assert_int_eq(bare, 1);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("log");
@@ -132,6 +164,7 @@ static Suite *suite(void)
 
 	tcase_add_test(tc, a_burst_then_a_summary_and_exact_counts);
 	tcase_add_test(tc, interval_zero_writes_all_and_level_still_filters);
+	tcase_add_test(tc, timestamps_unless_on_the_journal);
 	suite_add_tcase(s, tc);
 	return s;
 }
