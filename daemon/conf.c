@@ -279,3 +279,25 @@ const char *moed_config_log_level_name(int level)
 {
 	return level >= 0 && level < 8 ? level_names[level] : "?";
 }
+
+const char *conf_skip(const char *p, bool string, unsigned *line)
+{
+	if (p[0] == '#' || p[0] == '@' || (p[0] == '/' && p[1] == '/')) {
+		while (*p && *p != '\n')
+			p++;
+	} else if (p[0] == '/' && p[1] == '*') {
+		for (p += 2; *p && !(p[0] == '*' && p[1] == '/'); p++)
+			*line += *p == '\n';
+		if (*p)
+			p += 2;
+	} else if (string && p[0] == '"') {
+		for (p++; *p && *p != '"'; p++) {
+			if (*p == '\\' && p[1])
+				p++;
+			*line += *p == '\n';
+		}
+		if (*p)
+			p++;
+	}
+	return p;
+}

@@ -96,7 +96,7 @@ int conf_check_strings(const char *file, const char *text, struct moe_err *err)
 {
 	char nest[NEST_MAX], prev = ';';    /* ';': the start, as after a setting */
 	unsigned line = 1, depth = 0;
-	const char *p = text;
+	const char *p = text, *q;
 
 	while (*p) {
 		char ch = *p;
@@ -106,14 +106,8 @@ int conf_check_strings(const char *file, const char *text, struct moe_err *err)
 			p++;
 		} else if (isspace((unsigned char)ch)) {
 			p++;
-		} else if (ch == '#' || ch == '@' || (ch == '/' && p[1] == '/')) {
-			while (*p && *p != '\n')
-				p++;
-		} else if (ch == '/' && p[1] == '*') {
-			for (p += 2; *p && !(p[0] == '*' && p[1] == '/'); p++)
-				line += *p == '\n';
-			if (*p)
-				p += 2;
+		} else if ((q = conf_skip(p, false, &line)) != p) {
+			p = q;           /* a comment, an @include line */
 		} else if (ch == '"') {
 			bool value_start = prev == '=' || prev == ':' || prev == '[' || prev == '(' ||
 					   (prev == ',' && depth && nest[depth - 1] != '{');
@@ -121,13 +115,7 @@ int conf_check_strings(const char *file, const char *text, struct moe_err *err)
 			if (!value_start && prev != '"')
 				return moe_err_set(err, -EINVAL, "%s:%u: syntax error (a string where a setting "
 						   "name or a value's end is expected)", file, line);
-			for (p++; *p && *p != '"'; p++) {
-				if (*p == '\\' && p[1])
-					p++;
-				line += *p == '\n';
-			}
-			if (*p)
-				p++;
+			p = conf_skip(p, true, &line);
 			prev = '"';
 		} else if (strchr("[({", ch)) {
 			if (depth < NEST_MAX)

@@ -89,6 +89,15 @@ const char *conf_range(const struct setting *k, char *buf, size_t len);
 bool conf_integer_kind(const struct setting *k);
 bool conf_string_kind(const struct setting *k);
 
+/*
+ * The lexical pieces of libconfig's text that the scanners step over
+ * (conf.c): a comment (#, // or a C block comment) or an @include line at
+ * @p, and with @string a quoted string (escapes included).  Returns where
+ * the piece ends, @p itself when none starts there; adds its newlines to
+ * *@line.
+ */
+const char *conf_skip(const char *p, bool string, unsigned *line);
+
 /* conf_value.c */
 int conf_scan_integers(const char *file, const char *text, const struct setting *only,
 		       struct moe_err *err);

@@ -94,22 +94,8 @@ int conf_scan_integers(const char *file, const char *text, const struct setting 
 		if (*p == '\n') {
 			line++;
 			p++;
-		} else if (*p == '#' || *p == '@' || (p[0] == '/' && p[1] == '/')) {
-			while (*p && *p != '\n')
-				p++;
-		} else if (p[0] == '/' && p[1] == '*') {
-			for (p += 2; *p && !(p[0] == '*' && p[1] == '/'); p++)
-				line += *p == '\n';
-			if (*p)
-				p += 2;
-		} else if (*p == '"') {
-			for (p++; *p && *p != '"'; p++) {
-				if (*p == '\\' && p[1])
-					p++;
-				line += *p == '\n';
-			}
-			if (*p)
-				p++;
+		} else if ((q = conf_skip(p, true, &line)) != p) {
+			p = q;           /* a comment, an @include line, a string */
 		} else if (isalpha((unsigned char)*p) || *p == '*') {
 			for (q = p; isalnum((unsigned char)*q) || *q == '-' || *q == '_' || *q == '*'; q++)
 				;
