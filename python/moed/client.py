@@ -16,7 +16,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import _lib, _tensors
-from ._lib import MOE_BF16, MOE_DEFAULT_SOCKET, MOE_F32, MOE_FINGERPRINT_LEN
+from ._lib import MOE_BF16, MOE_F32, MOE_FINGERPRINT_LEN
 from ._session import Pending, Session
 from ._tensors import NUMPY, TORCH
 from .errors import MOE_E_LAYER, MOE_E_PROTO, MoedConnectionError, MoedError, MoedTimeoutError
@@ -167,7 +167,8 @@ class Client:
     """A session with moed over libmoeclient.
 
     Client(socket=None, *, arena_bytes=0, sq_entries=0) connects to
-    @socket (None: $MOED_SOCKET, else /run/moed/moed.sock) and maps the
+    @socket (None: $MOED_SOCKET, else libmoeclient's default, which is
+    /run/moed/moed.sock or, for a moed run by hand, $XDG_RUNTIME_DIR/moed.sock) and maps the
     session's arena; @arena_bytes and @sq_entries as moe_client_connect(3)
     (0: moed's defaults).  Raises MoedConnectionError (a MoedError and a
     ConnectionError) naming the socket when that fails.
@@ -185,11 +186,14 @@ class Client:
             raise ValueError(f"sq_entries={sq_entries!r}: 0 or a power of two up to 4096")
         lib = _lib.load()
         if socket is None:
-            socket = os.environ.get("MOED_SOCKET") or MOE_DEFAULT_SOCKET
-        path = os.fspath(socket)
+            socket = os.environ.get("MOED_SOCKET") or None
+        # None lets libmoeclient choose, as for any program: its default,
+        # or $XDG_RUNTIME_DIR/moed.sock where a moed run by hand is
+        path = os.fspath(socket) if socket is not None else "the default socket (moe_client_connect(3))"
         opt = _lib.ClientOptions(arena_bytes, sq_entries)
         h = c_void_p()
-        rc = lib.moe_client_connect(os.fsencode(path), byref(opt), byref(h))
+        rc = lib.moe_client_connect(os.fsencode(socket) if socket is not None else None, byref(opt),
+                                    byref(h))
         if rc < 0:
             raise _connect_error(lib, rc, path, arena_bytes, sq_entries)
         s = Session(lib, h.value, path)
