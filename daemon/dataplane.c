@@ -43,6 +43,18 @@ void dataplane_wake(struct moed_server *s)
 	moe_futex_wake((uint32_t *)&s->wake_word, 1);
 }
 
+/* Submissions of @c not yet taken. */
+static bool sq_pending(struct client *c)
+{
+	return __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE) != c->sq_head;
+}
+
+/* No room in @c's completion ring until the client advances cq_head. */
+static bool cq_full(struct client *c)
+{
+	return c->cq_tail - __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE) == c->seg.cq_entries;
+}
+
 /* Has @c submitted what the daemon can take?  A submission whose
  * completion has no room is not work until the client advances cq_head
  * (proto.h, "A full completion ring"): counting it made the data thread
@@ -50,20 +62,13 @@ void dataplane_wake(struct moed_server *s)
  * ends the session. */
 static bool has_work(struct client *c)
 {
-	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
-
-	if (tail == c->sq_head)
-		return false;
-	return c->cq_tail - __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE) != c->seg.cq_entries;
+	return sq_pending(c) && !cq_full(c);
 }
 
 /* Submissions waiting for room in @c's completion ring? */
 static bool cq_stalled(struct client *c)
 {
-	uint32_t tail = __atomic_load_n(&c->seg.hdr->sq_tail, __ATOMIC_ACQUIRE);
-
-	return tail != c->sq_head &&
-	       c->cq_tail - __atomic_load_n(&c->seg.hdr->cq_head, __ATOMIC_ACQUIRE) == c->seg.cq_entries;
+	return sq_pending(c) && cq_full(c);
 }
 
 /* End @c's session from the data side: the control thread sees the socket
