@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "engine/clock.h"
 #include "log.h"
 
 static int max_level = MOED_LOG_INFO;
@@ -132,14 +133,6 @@ static _Atomic uint64_t event_counts[MOED_EVENT_COUNT];
 static uint32_t rl_burst = RL_BURST_DEFAULT;        /* lock rl_lock */
 static uint64_t rl_interval_ns = (uint64_t)RL_INTERVAL_MS_DEFAULT * 1000000u;  /* lock rl_lock */
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 void moed_log_set_ratelimit(uint32_t burst, uint32_t interval_ms)
 {
 	pthread_mutex_lock(&rl_lock);
@@ -189,7 +182,7 @@ bool moed_log_event_ratelimit(enum moed_event ev, int level)
 		pthread_mutex_unlock(&rl_lock);
 		return true;
 	}
-	uint64_t now = mono_ns();
+	uint64_t now = moe_now_ns();
 
 	window_roll(ev, w, now);
 	if (!w->start_ns)
@@ -218,7 +211,7 @@ void moed_log_event(enum moed_event ev, int level, const char *fmt, ...)
 
 void moed_log_events_flush(void)
 {
-	uint64_t now = mono_ns();
+	uint64_t now = moe_now_ns();
 
 	pthread_mutex_lock(&rl_lock);
 	for (int ev = 0; ev < MOED_EVENT_COUNT; ev++)
